@@ -1,0 +1,41 @@
+"""Command line: ``python -m pixelfly_lab <command>``.
+
+Each command lives in its own module, which defines ``add_arguments(parser)`` and
+``run(args) -> int``; this file only dispatches, so importing it stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "reproduce": ("pixelfly_lab.reproduce", "regenerate every figure and table, with a report"),
+    "bench": ("pixelfly_lab.bench", "layer speed: sparse layers against dense nn.Linear"),
+    "train": ("pixelfly_lab.train", "train a small sparse model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pixelfly_lab",
+        description="pixelfly_lab: a lab bench for Pixelated Butterfly sparse training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue  # that part of the toolkit is not in this checkout
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)

@@ -1,0 +1,340 @@
+"""Sparsity patterns at a parameter budget, and the Pixelfly budget -> hyper-parameter plan.
+
+A :class:`Pattern` is what a layer needs to know about its weight's structure: a block layout
+(which (block_size x block_size) blocks of the (out, in) weight are stored), a low-rank rank,
+or a Monarch block count, plus the exact budget it uses:
+
+    budget = (nnz(S) + rank * (in + out) + monarch parameters) / (in * out)
+
+i.e. the fraction of a dense layer's parameters (= its matmul FLOPs). Every pattern built by
+:func:`make_pattern` stays within the budget it is given; deterministic baselines take *exactly*
+the largest number of blocks the budget allows, ranked by a per-block score.
+
+Baselines follow the papers they come from: local (banded) and global attention (Longformer,
+Beltagy et al. 2020), BigBird = local + global + random (Zaheer et al. 2020), strided (Sparse
+Transformer, Child et al. 2019), Monarch (Dao et al. 2022), and the sparse + low-rank
+combination of Scatterbrain (Chen et al. 2021) and Pixelfly (Dao, Chen et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .masks import _check_int, flat_block_butterfly_layout, layout_to_mask
+
+__all__ = ["Pattern", "PixelflyPlan", "PATTERN_NAMES", "LOWRANK_SHARE", "make_pattern", "plan_pixelfly",
+           "monarch_params", "check_budget"]
+
+# Share of a sparse + low-rank budget reserved for the low-rank term before the sparse part is
+# chosen. 0.15 is what the released Pixelfly configuration spends on it: at 1024 -> 4096,
+# (butterfly_size 16, n_factors 2) uses 0.1875 of the weight and rank 32 another 0.039 (17%).
+# The low-rank rank then fills whatever the sparse part's block granularity leaves over.
+LOWRANK_SHARE = 0.15
+
+_SPARSE_NAMES = ("random", "local", "global", "bigbird", "strided", "blockdiag", "butterfly")
+PATTERN_NAMES = (("dense", "lowrank") + _SPARSE_NAMES + ("pixelfly", "monarch")
+                 + tuple(f"{name}+lowrank" for name in _SPARSE_NAMES if name != "butterfly"))
+
+
+@dataclass(frozen=True)
+class PixelflyPlan:
+    """Hyper-parameters of a Pixelfly layer and the budget they use (<= the budget asked)."""
+
+    butterfly_size: int
+    n_factors: int
+    block_size: int
+    rank: int
+    budget: float  # exact fraction of the dense parameters used, low-rank included
+
+
+@dataclass(frozen=True, eq=False)
+class Pattern:
+    """The structure of one (out_features, in_features) weight.
+
+    Attributes:
+        name: pattern name as given to :func:`make_pattern`.
+        layout: bool (out_features / block_size, in_features / block_size) of stored blocks, or
+            None when there is no sparse part ('lowrank', 'monarch'); all True for 'dense'.
+        rank: rank of the low-rank term U V^T (0 = none).
+        nblocks: Monarch block count (0 = not Monarch).
+        plan: the Pixelfly plan for 'pixelfly' and 'butterfly', else None.
+    """
+
+    name: str
+    out_features: int
+    in_features: int
+    block_size: int
+    layout: torch.Tensor | None = None
+    rank: int = 0
+    nblocks: int = 0
+    plan: PixelflyPlan | None = None
+    requested_budget: float = field(default=1.0)
+
+    @property
+    def sparse_params(self) -> int:
+        """Stored entries of the sparse part: nnz blocks * block_size^2."""
+        return 0 if self.layout is None else int(self.layout.sum()) * self.block_size ** 2
+
+    @property
+    def params(self) -> int:
+        """Weight parameters (no bias): sparse + low-rank + Monarch."""
+        lowrank = self.rank * (self.in_features + self.out_features)
+        monarch = monarch_params(self.out_features, self.in_features, self.nblocks) if self.nblocks else 0
+        return self.sparse_params + lowrank + monarch
+
+    @property
+    def budget(self) -> float:
+        """Exact fraction of a dense layer's parameters used."""
+        return self.params / (self.in_features * self.out_features)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.name == "dense"
+
+    def mask(self) -> torch.Tensor | None:
+        """bool (out_features, in_features) support of the sparse part, or None."""
+        return None if self.layout is None else layout_to_mask(self.layout, self.block_size)
+
+    def __repr__(self) -> str:
+        parts = [f"{self.name!r}", f"{self.out_features}x{self.in_features}", f"block={self.block_size}"]
+        if self.layout is not None:
+            parts.append(f"blocks={int(self.layout.sum())}/{self.layout.numel()}")
+        if self.rank:
+            parts.append(f"rank={self.rank}")
+        if self.nblocks:
+            parts.append(f"nblocks={self.nblocks}")
+        parts.append(f"budget={self.budget:.4f}")
+        return f"Pattern({', '.join(parts)})"
+
+
+def check_budget(budget) -> float:
+    """Validate a budget: a real number in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a number in (0, 1], got {type(budget).__name__}")
+    if not (0.0 < float(budget) <= 1.0) or math.isnan(budget):
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    return float(budget)
+
+
+def _check_shape(out_features, in_features, block_size) -> None:
+    _check_int("out_features", out_features)
+    _check_int("in_features", in_features)
+    _check_int("block_size", block_size)
+    for name, size in (("out_features", out_features), ("in_features", in_features)):
+        if size % block_size:
+            raise ValueError(f"{name}={size} is not divisible by block_size={block_size}")
+
+
+def monarch_params(out_features: int, in_features: int, nblocks: int) -> int:
+    """Parameters of a Monarch weight M = P L P^T R with nblocks blocks in L and R.
+
+    R is block-diagonal with nblocks (in/nblocks x in/nblocks) blocks and L with nblocks
+    (out/nblocks x in/nblocks) blocks: (in^2 + out * in) / nblocks parameters.
+    """
+    return (in_features * in_features + out_features * in_features) // nblocks
+
+
+def _butterfly_candidates(out_features, in_features, block_size):
+    """Every (butterfly_size, n_factors) the layout allows, with its exact nnz."""
+    size = 2
+    while out_features % size == 0 and in_features % size == 0:
+        for n_factors in range(1, size.bit_length()):
+            layout = flat_block_butterfly_layout(out_features, in_features, size, n_factors, block_size)
+            yield size, n_factors, int(layout.sum()) * block_size ** 2
+        size *= 2
+
+
+def _best_butterfly(out_features, in_features, block_size, max_params):
+    """The densest flat block butterfly with at most max_params entries.
+
+    Ties (equal nnz) go to fewer factors, then the smaller butterfly_size: fewer, larger dense
+    rectangles per block row make faster GEMMs. Returns (butterfly_size, n_factors, nnz) or None.
+    """
+    best = None
+    for size, n_factors, nnz in _butterfly_candidates(out_features, in_features, block_size):
+        if nnz <= max_params and (best is None or (nnz, -n_factors, -size) > (best[2], -best[1], -best[0])):
+            best = (size, n_factors, nnz)
+    return best
+
+
+def plan_pixelfly(out_features: int, in_features: int, budget: float, block_size: int = 32) -> PixelflyPlan:
+    """Map a parameter budget to Pixelfly hyper-parameters (the paper's workflow, Figure 1).
+
+    Rule: reserve ``LOWRANK_SHARE`` (15%) of the budget for the low-rank term; give the sparse part
+    the densest flat block butterfly (over every butterfly_size dividing both dimensions and every
+    n_factors) whose exact block count fits in the other 85%; then let the low-rank rank fill all
+    that is left: rank = floor((budget * in * out - nnz) / (in + out)). The plan therefore never
+    exceeds the budget and leaves less than one rank's worth (in + out parameters) unused beyond
+    the block granularity. Why 15%: it is the share the released configuration spends on
+    low-rank, and the paper's ablation finds most of the accuracy in the sparse part.
+
+    The released configuration (butterfly_size 16, n_factors 2, block 32, rank 32) is what
+    budget 0.2266 (= (0.1875 * 4096 * 1024 + 32 * 5120) / (4096 * 1024)) gives at 1024 -> 4096
+    or 4096 -> 1024; at 768 -> 3072 budget 0.25 gives (16, 2, 32) with rank 25.
+
+    Args:
+        out_features, in_features: weight shape, divisible by ``block_size``.
+        budget: fraction of dense parameters in (0, 1].
+        block_size: hardware block edge; 32 matches the released code and GPU tiles.
+
+    Returns:
+        :class:`PixelflyPlan`.
+
+    Raises:
+        ValueError: when even the sparsest layout exceeds the budget (the message gives the
+            smallest budget that works).
+    """
+    budget = check_budget(budget)
+    _check_shape(out_features, in_features, block_size)
+    total = budget * in_features * out_features
+    best = _best_butterfly(out_features, in_features, block_size, (1.0 - LOWRANK_SHARE) * total)
+    if best is None:
+        best = _best_butterfly(out_features, in_features, block_size, total)
+    if best is None:
+        smallest = min(nnz for *_, nnz in _butterfly_candidates(out_features, in_features, block_size))
+        raise ValueError(
+            f"budget={budget} is too small for a pixelfly layout of {out_features}x{in_features} at "
+            f"block_size={block_size}; the sparsest needs budget >= {smallest / (in_features * out_features):.4f}"
+        )
+    size, n_factors, nnz = best
+    rank = int((total - nnz) // (in_features + out_features))
+    rank = min(rank, min(in_features, out_features))
+    used = (nnz + rank * (in_features + out_features)) / (in_features * out_features)
+    return PixelflyPlan(size, n_factors, block_size, rank, used)
+
+
+def _take_best_blocks(score: torch.Tensor, k: int, chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """Layout with the k lowest-score blocks (ties broken by row-major index), added to chosen."""
+    layout = torch.zeros_like(score, dtype=torch.bool) if chosen is None else chosen.clone()
+    k_new = max(0, min(k - int(layout.sum()), int((~layout).sum())))
+    if k_new:
+        free_score = score.masked_fill(layout, float("inf")).flatten().double()
+        # stable sort: equal scores keep row-major order, so layouts are deterministic
+        order = torch.sort(free_score, stable=True).indices[:k_new]
+        layout.view(-1)[order] = True
+    return layout
+
+
+def _block_grid(R: int, C: int):
+    """Normalised block centres (i + 0.5)/R, (j + 0.5)/C as (R, 1) and (1, C) tensors."""
+    rows = (torch.arange(R, dtype=torch.float64)[:, None] + 0.5) / R
+    cols = (torch.arange(C, dtype=torch.float64)[None, :] + 0.5) / C
+    return rows, cols
+
+
+def _sparse_layout(name, R, C, k, seed):
+    rows, cols = _block_grid(R, C)
+    diagonal = (rows - cols).abs()                       # local: distance to the (stretched) diagonal
+    border = torch.minimum(rows.expand(R, C), cols.expand(R, C))   # global: distance to top/left
+    generator = torch.Generator().manual_seed(seed)
+    random = torch.rand(R, C, generator=generator, dtype=torch.float64)
+    if name == "random":
+        return _take_best_blocks(random, k)
+    if name == "local":
+        return _take_best_blocks(diagonal, k)
+    if name == "global":
+        return _take_best_blocks(border, k)
+    if name == "bigbird":  # a third each of local, global and random blocks (Zaheer et al. 2020)
+        layout = _take_best_blocks(diagonal, k // 3)
+        layout = _take_best_blocks(border, 2 * k // 3, layout)
+        return _take_best_blocks(random, k, layout)
+    if name == "strided":  # Sparse Transformer: a local band plus every stride-th diagonal
+        stride = max(2, math.isqrt(C))
+        i = torch.arange(R)[:, None] * C // R
+        j = torch.arange(C)[None, :]
+        on_stride = ((j - i) % stride == stride - 1).double()
+        layout = _take_best_blocks(diagonal, k // 2)
+        return _take_best_blocks(diagonal + 2.0 * (1.0 - on_stride), k, layout)
+    raise AssertionError(name)
+
+
+def _blockdiag_layout(R, C, budget):
+    """Block-diagonal with g groups (density 1/g): the smallest g dividing R and C with 1/g <= budget."""
+    for groups in range(1, math.gcd(R, C) + 1):
+        if math.gcd(R, C) % groups == 0 and 1.0 / groups <= budget + 1e-12:
+            r = torch.arange(R)[:, None] // (R // groups)
+            c = torch.arange(C)[None, :] // (C // groups)
+            return r == c
+    raise ValueError(f"budget={budget} is too small for a block-diagonal layout with "
+                     f"{R}x{C} blocks (at least {1 / math.gcd(R, C):.4f})")
+
+
+def make_pattern(name: str, out_features: int, in_features: int, budget: float = 1.0,
+                 block_size: int = 32, seed: int = 0) -> Pattern:
+    """A named sparsity pattern for an (out_features, in_features) weight within ``budget``.
+
+    Args:
+        name: one of :data:`PATTERN_NAMES`: 'dense' (ignores the budget, uses 1.0), 'lowrank',
+            'random', 'local', 'global', 'bigbird', 'strided', 'blockdiag', 'butterfly' (flat
+            block butterfly alone), 'pixelfly' (flat block butterfly + low-rank), 'monarch', or a
+            sparse name with '+lowrank' (sparse part in 85% of the budget, the rank fills the rest).
+        out_features, in_features: weight shape, divisible by ``block_size``.
+        budget: fraction of dense parameters in (0, 1].
+        block_size: block edge of the layout (1 = unstructured).
+        seed: seeds the random blocks ('random', 'bigbird'); other patterns are deterministic.
+
+    Returns:
+        :class:`Pattern` with ``pattern.budget <= budget``.
+
+    Example:
+        >>> p = make_pattern('pixelfly', 4096, 1024, 0.25, block_size=32)
+        >>> p.budget <= 0.25
+        True
+    """
+    if not isinstance(name, str) or name not in PATTERN_NAMES:
+        raise ValueError(f"unknown pattern name {name!r}; known: {', '.join(PATTERN_NAMES)}")
+    budget = check_budget(budget)
+    _check_shape(out_features, in_features, block_size)
+    _check_int("seed", seed, 0)
+    common = dict(name=name, out_features=out_features, in_features=in_features,
+                  block_size=block_size, requested_budget=budget)
+    R, C = out_features // block_size, in_features // block_size
+    total = budget * in_features * out_features
+
+    if name == "dense":
+        return Pattern(layout=torch.ones(R, C, dtype=torch.bool), **common)
+    if name == "lowrank":
+        rank = min(int(total // (in_features + out_features)), min(in_features, out_features))
+        if rank < 1:
+            raise ValueError(f"budget={budget} is too small for rank 1 at {out_features}x{in_features} "
+                             f"(needs {(in_features + out_features) / (in_features * out_features):.4f})")
+        return Pattern(rank=rank, **common)
+    if name == "monarch":
+        g = math.gcd(in_features, out_features)
+        for nblocks in range(1, g + 1):
+            if g % nblocks == 0 and monarch_params(out_features, in_features, nblocks) <= total:
+                return Pattern(nblocks=nblocks, **common)
+        raise ValueError(f"budget={budget} is too small for a Monarch {out_features}x{in_features}")
+    if name == "pixelfly":
+        plan = plan_pixelfly(out_features, in_features, budget, block_size)
+        layout = flat_block_butterfly_layout(out_features, in_features, plan.butterfly_size,
+                                             plan.n_factors, block_size)
+        return Pattern(layout=layout, rank=plan.rank, plan=plan, **common)
+
+    base, plus_lowrank = name.removesuffix("+lowrank"), name.endswith("+lowrank")
+    sparse_total = (1.0 - LOWRANK_SHARE) * total if plus_lowrank else total
+    if base == "butterfly":
+        best = _best_butterfly(out_features, in_features, block_size, sparse_total)
+        if best is None:
+            raise ValueError(f"budget={budget} is too small for a flat block butterfly of "
+                             f"{out_features}x{in_features} at block_size={block_size}")
+        size, n_factors, nnz = best
+        layout = flat_block_butterfly_layout(out_features, in_features, size, n_factors, block_size)
+        plan = PixelflyPlan(size, n_factors, block_size, 0, nnz / (in_features * out_features))
+        return Pattern(layout=layout, plan=plan, **common)
+    if base == "blockdiag":
+        layout = _blockdiag_layout(R, C, sparse_total / (in_features * out_features))
+    else:
+        k = int(sparse_total // block_size ** 2)
+        if k < 1:
+            raise ValueError(f"budget={budget} is too small for one {block_size}x{block_size} block "
+                             f"of {out_features}x{in_features}")
+        layout = _sparse_layout(base, R, C, k, seed)
+    rank = 0
+    if plus_lowrank:
+        nnz = int(layout.sum()) * block_size ** 2
+        rank = min(int((total - nnz) // (in_features + out_features)), min(in_features, out_features))
+    return Pattern(layout=layout, rank=rank, **common)

@@ -1,0 +1,10 @@
+"""Shared test settings: a hypothesis profile sized for a 2-core CI machine."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") or os.environ.get("PIXELFLY_QUICK") else "dev")
