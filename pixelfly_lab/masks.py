@@ -229,9 +229,21 @@ def flat_block_butterfly_layout(
         groups = butterfly_size >> n_factors
         support = (support.reshape(butterfly_size, groups, 1 << n_factors)
                    .transpose(1, 2).reshape(butterfly_size, butterfly_size))
-    mask = (support.repeat_interleave(out_features // butterfly_size, 0)           # step 3
-                   .repeat_interleave(in_features // butterfly_size, 1))
-    if global_size:                                                                # step 4
-        mask[:global_size, :] = True
-        mask[:, :global_size] = True
-    return mask_to_layout(mask, block_size)                                         # step 5
+    # Steps 3 and 5 without materialising the (out, in) element mask: block row I covers the
+    # cell rows its elements fall in, so it is kept at (I, J) iff some covered cell pair is in S.
+    rows = _cells_covered(out_features, butterfly_size, block_size)                # (R, size)
+    cols = _cells_covered(in_features, butterfly_size, block_size)                 # (C, size)
+    layout = (rows.double() @ support.double() @ cols.double().T) > 0             # steps 3 + 5
+    if global_size:                                                                # step 4 (+5)
+        layout[: -(-global_size // block_size), :] = True
+        layout[:, : -(-global_size // block_size)] = True
+    return layout
+
+
+def _cells_covered(features: int, butterfly_size: int, block_size: int) -> torch.Tensor:
+    """bool (features / block_size, butterfly_size): which stretched cells each block overlaps."""
+    cell = features // butterfly_size
+    start = torch.arange(0, features, block_size)
+    first, last = start // cell, (start + block_size - 1) // cell
+    index = torch.arange(butterfly_size)
+    return (index[None, :] >= first[:, None]) & (index[None, :] <= last[:, None])
