@@ -1,0 +1,485 @@
+"""Triton GPU kernels for the block-sparse linear y = x W^T + bias, and Pixelfly's y = x S^T + (x V) U^T + bias.
+
+W (out_features, in_features) is stored as ``values`` (nnz, b, b) in the row-major order of a
+bool ``layout`` (out/b, in/b): values[k] = W[i*b:(i+1)*b, j*b:(j+1)*b] for the k-th True (i, j).
+Three kernels cover the forward and both gradients (Gray, Radford, Kingma, "GPU kernels for
+block-sparse weights", 2017; the Pixelfly paper's Sec. 4, Dao, Chen et al., ICLR 2022,
+https://arxiv.org/abs/2112.00029):
+
+* dense x sparse ("dsd"), forward:  y[:, i] = sum_{j: layout[i, j]} x[:, j] @ values[k]^T
+  (block columns of y, x are written [:, i] for [:, i*b:(i+1)*b]);
+* the same kernel on the transposed layout, input gradient:  dx[:, j] = sum_{i: layout[i, j]} dy[:, i] @ values[k];
+* sampled dense-dense ("sdd"), weight gradient, only the layout's blocks:  dvalues[k] = dy[:, i]^T @ x[:, j].
+
+One program owns one (BLOCK_M x b) output tile and walks the block row's fixed list of blocks
+(fan-in), so every output element is written exactly once, with no atomics; the low-rank term
+(x V) U^T (and (dy U) V^T in the backward) and the bias are added in the same program's epilogue.
+Accumulation is in float32 (float64 for float64 inputs); float32 inputs use TF32 when
+``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmuls do.
+
+Triton is imported here at module level, so nothing else in the package imports this module at
+import time. Off a GPU the kernels run under ``TRITON_INTERPRET=1`` (set before triton is
+imported), which executes them in numpy on CPU tensors: that is how the tests check them. The
+interpreter computes bfloat16 dots wrongly, so bfloat16 is only checked on a GPU.
+
+Example (on a CUDA machine):
+    >>> layout = torch.tensor([[True, False], [True, True]])
+    >>> values = torch.randn(3, 64, 64, device='cuda')
+    >>> y = block_sparse_matmul_triton(torch.randn(8, 128, device='cuda'), values, layout)  # (8, 128)
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["BLOCK_SIZES", "DTYPES", "LayoutTables", "layout_tables", "block_sparse_matmul_triton",
+           "pixelfly_matmul_triton", "dsd_matmul", "sdd_matmul"]
+
+BLOCK_SIZES = (16, 32, 64, 128)  # tl.dot needs tiles >= 16; above 128 a block no longer fits a tile
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: exact tests only
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MAX_LOWRANK_TILE = 64  # the low-rank rank is walked in chunks of at most 64 columns
+
+
+# ----------------------------------------------------------------------------- index tables
+
+@dataclass(frozen=True)
+class LayoutTables:
+    """Index tables of one layout, on one device (int32).
+
+    Attributes:
+        shape: (R, C) = (out/b, in/b).
+        nnz: number of stored blocks.
+        row_ptr (R+1,), row_cols (nnz,): CSR; block row i holds blocks k = row_ptr[i] .. row_ptr[i+1]-1
+            (row-major order, so k is the position) in columns row_cols[k]. Forward.
+        col_ptr (C+1,), col_rows (nnz,), col_blocks (nnz,): CSC; block column j holds blocks
+            col_blocks[t] in rows col_rows[t] for t in col_ptr[j] .. col_ptr[j+1]-1. Input gradient.
+        block_rows (nnz,): the row i of block k (its column is row_cols[k]). Weight gradient.
+        max_row_fanin, max_col_fanin: largest blocks per block row / column (part of the tuning key).
+    """
+
+    shape: tuple[int, int]
+    nnz: int
+    row_ptr: torch.Tensor
+    row_cols: torch.Tensor
+    col_ptr: torch.Tensor
+    col_rows: torch.Tensor
+    col_blocks: torch.Tensor
+    block_rows: torch.Tensor
+    max_row_fanin: int
+    max_col_fanin: int
+
+
+def _pointers(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+@functools.lru_cache(maxsize=128)
+def _tables_from_bytes(data: bytes, shape: tuple[int, int], device: str) -> LayoutTables:
+    R, C = shape
+    layout = torch.frombuffer(bytearray(data), dtype=torch.bool).reshape(R, C)
+    rows, cols = layout.nonzero(as_tuple=True)            # row-major: the k-th pair is block k
+    csc = torch.sort(cols * R + rows, stable=True).indices  # blocks ordered by (column, row)
+    row_counts, col_counts = layout.sum(1), layout.sum(0)
+    tables = dict(row_ptr=_pointers(row_counts), row_cols=cols, col_ptr=_pointers(col_counts),
+                  col_rows=rows[csc], col_blocks=csc, block_rows=rows)
+    tables = {name: t.to(device=device, dtype=torch.int32) for name, t in tables.items()}
+    return LayoutTables(shape=(R, C), nnz=len(rows), max_row_fanin=max(row_counts.tolist(), default=0),
+                        max_col_fanin=max(col_counts.tolist(), default=0), **tables)
+
+
+# id(layout) -> (weak reference, version, device, tables): repeated calls with the same layout tensor
+# (a layer's buffer) find their tables without reading the layout back from the GPU.
+_BY_TENSOR: dict[tuple[int, str], tuple] = {}
+
+
+def layout_tables(layout: torch.Tensor, device: torch.device | str | None = None) -> LayoutTables:
+    """The layout's index tables on ``device`` (default: the layout's), built once per layout.
+
+    Cached twice: by tensor identity and version (no device sync on a hit), and by content (a
+    new tensor with a known layout reuses its tables).
+
+    Args:
+        layout: bool (R, C).
+        device: where the tables live (the device of the tensors they index).
+
+    Returns:
+        :class:`LayoutTables`.
+    """
+    if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool or layout.dim() != 2:
+        raise TypeError(f"layout must be a 2-D bool tensor, got {getattr(layout, 'dtype', type(layout))} "
+                        f"of shape {tuple(getattr(layout, 'shape', ()))}")
+    device = str(torch.device(device) if device is not None else layout.device)
+    key = (id(layout), device)
+    hit = _BY_TENSOR.get(key)
+    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+        return hit[2]
+    data = layout.detach().cpu().contiguous().numpy().tobytes()
+    tables = _tables_from_bytes(data, tuple(layout.shape), device)
+    ref = weakref.ref(layout, lambda _, key=key: _BY_TENSOR.pop(key, None))
+    _BY_TENSOR[key] = (ref, layout._version, tables)
+    return tables
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _dsd_kernel(a_ptr, v_ptr, out_ptr, bias_ptr, e_ptr, f_ptr, ptr_ptr, idx_ptr, blk_ptr,
+                M, RANK, stride_am, stride_ak, stride_om, stride_on, stride_em, stride_er,
+                stride_fn, stride_fr, v_stride_r, v_stride_c, M_KEY, N_OUT, MAX_FANIN,
+                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BLK: tl.constexpr,
+                PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """out[m, n-block] = sum_t a[m, idx[t]-block] @ tile(v[blk[t]]) (+ e[m] @ f[n-block]^T) (+ bias)."""
+    pid_n = tl.program_id(0)  # output block column: fastest, so neighbours share the rows of a
+    pid_m = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_b = tl.arange(0, BLOCK)
+    mask_m = offs_m < M
+    a_rows = a_ptr + offs_m[:, None] * stride_am
+    # the b x b tile of block k: v[k, r * v_stride_r + c * v_stride_c] (transposed or not)
+    v_tile = offs_b[:, None] * v_stride_r + offs_b[None, :] * v_stride_c
+    acc = tl.zeros((BLOCK_M, BLOCK), dtype=ACC_DTYPE)
+    start = tl.load(ptr_ptr + pid_n).to(tl.int64)  # int64 loop: k * b * b cannot overflow
+    end = tl.load(ptr_ptr + pid_n + 1).to(tl.int64)
+    for t in range(start, end):
+        j = tl.load(idx_ptr + t).to(tl.int64)
+        if HAS_BLK:
+            k = tl.load(blk_ptr + t).to(tl.int64)
+        else:
+            k = t
+        a = tl.load(a_rows + (j * BLOCK + offs_b)[None, :] * stride_ak, mask=mask_m[:, None], other=0.0)
+        v = tl.load(v_ptr + k * BLOCK * BLOCK + v_tile)
+        acc = tl.dot(a, v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    offs_n = pid_n * BLOCK + offs_b
+    if HAS_LOWRANK:  # + e[m, :] @ f[n, :]^T, the rank walked in BLOCK_R chunks
+        for r0 in range(0, RANK, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < RANK
+            e = tl.load(e_ptr + offs_m[:, None] * stride_em + offs_r[None, :] * stride_er,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            f = tl.load(f_ptr + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fn,
+                        mask=mask_r[:, None], other=0.0)
+            acc = tl.dot(e, f, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n).to(ACC_DTYPE)[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+@triton.jit
+def _sdd_kernel(g_ptr, x_ptr, out_ptr, rows_ptr, cols_ptr, M, CHUNK, NNZ,
+                stride_gm, stride_gn, stride_xm, stride_xk, M_KEY,
+                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+                ACC_DTYPE: tl.constexpr):
+    """out[s, k] = g[rows s-chunk, i-block]^T @ x[rows s-chunk, j-block] for block k = (i, j)."""
+    k = tl.program_id(0)
+    split = tl.program_id(1)
+    i = tl.load(rows_ptr + k).to(tl.int64)
+    j = tl.load(cols_ptr + k).to(tl.int64)
+    offs_b = tl.arange(0, BLOCK)
+    g_cols = g_ptr + (i * BLOCK + offs_b)[None, :] * stride_gn
+    x_cols = x_ptr + (j * BLOCK + offs_b)[None, :] * stride_xk
+    m_start = split * CHUNK
+    m_end = tl.minimum(M, m_start + CHUNK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = (offs_m < m_end)[:, None]
+        g = tl.load(g_cols + offs_m[:, None] * stride_gm, mask=mask_m, other=0.0)
+        x = tl.load(x_cols + offs_m[:, None] * stride_xm, mask=mask_m, other=0.0)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    out = out_ptr + (split * NNZ + k).to(tl.int64) * BLOCK * BLOCK + offs_b[:, None] * BLOCK + offs_b[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty))
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose pipelined tiles cannot fit in shared memory (~200 KiB on H100/H200)."""
+    block = kwargs["BLOCK"]
+    size = named_args["a_ptr" if "a_ptr" in named_args else "g_ptr"].element_size()
+    kept = [c for c in configs
+            if c.num_stages * (c.kwargs["BLOCK_M"] * block * 2 + block * block) * size <= 160 * 1024]
+    return kept or configs[:1]
+
+
+# Tuning: a handful of tile heights, warps and pipeline depths; keyed by the rounded row count, the
+# shape and the fan-in. Short benchmark runs keep first-call tuning to ~0.1 s per config.
+_TUNE = dict(prune_configs_by={"early_config_prune": _prune},
+             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles))
+_DSD_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+                for bm, w, s in itertools.product((64, 128), (4, 8), (3, 4))]
+_SDD_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+                for bm, w, s in itertools.product((32, 64, 128), (4, 8), (3, 4))]
+_dsd_tuned = triton.autotune(_DSD_CONFIGS, key=["M_KEY", "N_OUT", "MAX_FANIN", "RANK"], **_TUNE)(_dsd_kernel)
+_sdd_tuned = triton.autotune(_SDD_CONFIGS, key=["M_KEY", "NNZ", "CHUNK"], **_TUNE)(_sdd_kernel)
+
+
+def _use_autotune(autotune: bool | None) -> bool:
+    """Autotune on a GPU by default; the interpreter (and explicit False) uses one fixed config."""
+    return (not _INTERPRET) if autotune is None else bool(autotune) and not _INTERPRET
+
+
+def _precision(dtype: torch.dtype) -> tuple[str, object]:
+    if dtype == torch.float64:
+        return "ieee", tl.float64
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee", tl.float32
+    return "tf32", tl.float32  # ignored by tl.dot for 16-bit inputs
+
+
+def _fixed_config(block: int) -> dict:
+    return dict(BLOCK_M=64 if block <= 64 else 32, num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, transpose: bool = False,
+               bias: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+               out: torch.Tensor | None = None, autotune: bool | None = None) -> torch.Tensor:
+    """Dense times block-sparse, one launch: out = a W^T (transpose=False) or a W (transpose=True).
+
+    Args:
+        a: (M, in) for a W^T, (M, out) for a W; any strides.
+        values: (nnz, b, b) contiguous, same dtype as ``a``.
+        tables: :func:`layout_tables` of the layout, on a's device.
+        transpose: False: forward product; True: input gradient.
+        bias: (N,) added to every row, or None.
+        lowrank: (e, f) with e (M, r), f (N, r): adds e f^T (the fused low-rank term), or None.
+        out: (M, N) result buffer (every element is written), or None to allocate.
+        autotune: None (auto: on a GPU, not under the interpreter), True or False.
+
+    Returns:
+        out (M, N), N = R*b (forward) or C*b (input gradient).
+    """
+    M = a.shape[0]
+    block = values.shape[-1]
+    R, C = tables.shape
+    if transpose:  # dx[:, j] = sum_i dy[:, i] @ values[k]: walk the columns of the layout
+        n_blocks, ptr, idx, blk, fanin = C, tables.col_ptr, tables.col_rows, tables.col_blocks, tables.max_col_fanin
+        v_strides = (block, 1)
+    else:          # y[:, i] = sum_j x[:, j] @ values[k]^T: walk the rows
+        n_blocks, ptr, idx, blk, fanin = R, tables.row_ptr, tables.row_cols, tables.row_cols, tables.max_row_fanin
+        v_strides = (1, block)
+    N = n_blocks * block
+    if out is None:
+        out = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    if M == 0:
+        return out
+    e, f = lowrank if lowrank is not None else (a, a)  # dummies, never read
+    rank = e.shape[1] if lowrank is not None else 0
+    precision, acc_dtype = _precision(a.dtype)
+    args = (a, values, out, bias if bias is not None else a, e, f, ptr, idx, blk,
+            M, rank, a.stride(0), a.stride(1), out.stride(0), out.stride(1), e.stride(0), e.stride(1),
+            f.stride(0), f.stride(1), *v_strides, triton.next_power_of_2(M), N, fanin)
+    meta = dict(BLOCK=block, BLOCK_R=min(_MAX_LOWRANK_TILE, max(16, triton.next_power_of_2(max(rank, 1)))),
+                HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank is not None and rank > 0, HAS_BLK=transpose,
+                PRECISION=precision, ACC_DTYPE=acc_dtype)
+    if _use_autotune(autotune):
+        _dsd_tuned[lambda META: (n_blocks, triton.cdiv(M, META["BLOCK_M"]))](*args, **meta)
+    else:
+        config = _fixed_config(block)
+        _dsd_kernel[(n_blocks, triton.cdiv(M, config["BLOCK_M"]))](*args, **meta, **config)
+    return out
+
+
+def _split_count(M: int, nnz: int, device: torch.device) -> int:
+    """How many row chunks the weight gradient's reduction is split into.
+
+    One program per block leaves most of the GPU idle when nnz is small and M large, so the rows
+    are split until there are about two programs per multiprocessor, keeping >= 512 rows a chunk.
+    """
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, max(nnz, 1)), M // 512))
+
+
+def sdd_matmul(g: torch.Tensor, x: torch.Tensor, tables: LayoutTables, block: int, *, split: int | None = None,
+               out: torch.Tensor | None = None, autotune: bool | None = None) -> torch.Tensor:
+    """Sampled dense-dense product: the layout's blocks of g^T x, i.e. the weight gradient.
+
+    Args:
+        g: (M, R*b) output gradient.
+        x: (M, C*b) layer input, same dtype.
+        tables: :func:`layout_tables` of the layout.
+        block: block size b.
+        split: chunks the M reduction is split into (default: enough programs to fill the GPU);
+            with split > 1, float32 partial sums are added up by torch.
+        out: (nnz, b, b) result buffer (every element is written), or None to allocate.
+        autotune: as in :func:`dsd_matmul`.
+
+    Returns:
+        out (nnz, b, b): out[k] = g[:, i-block]^T @ x[:, j-block] for the k-th block (i, j).
+    """
+    M = g.shape[0]
+    nnz = tables.nnz
+    if out is None:
+        out = torch.empty(nnz, block, block, device=g.device, dtype=g.dtype)
+    if nnz == 0:
+        return out
+    if M == 0:
+        return out.zero_()
+    split = _split_count(M, nnz, g.device) if split is None else split
+    chunk = triton.cdiv(triton.cdiv(M, split), 128) * 128  # whole tiles for every BLOCK_M
+    split = triton.cdiv(M, chunk)
+    partial = out if split == 1 else torch.empty(split, nnz, block, block, device=g.device,
+                                                 dtype=torch.promote_types(g.dtype, torch.float32))
+    precision, acc_dtype = _precision(g.dtype)
+    args = (g, x, partial, tables.block_rows, tables.row_cols, M, chunk, nnz,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), triton.next_power_of_2(M))
+    meta = dict(BLOCK=block, PRECISION=precision, ACC_DTYPE=acc_dtype)
+    if _use_autotune(autotune):
+        _sdd_tuned[(nnz, split)](*args, **meta)
+    else:
+        _sdd_kernel[(nnz, split)](*args, **meta, **_fixed_config(block))
+    if split > 1:
+        torch.sum(partial, dim=0, out=out) if out.dtype == partial.dtype else out.copy_(partial.sum(0))
+    return out
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _BlockSparseMatmul(torch.autograd.Function):
+    """y = x W^T + bias with W given by (values, layout); optional fused low-rank (x V) U^T."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, values, bias, u, v, tables):
+        x2 = _flat(x)
+        lowrank = None
+        if u is not None:
+            t = x2 @ v                                   # (M, r): V^T x for every row
+            lowrank = (t, u)
+        y = dsd_matmul(x2, values, tables, bias=bias, lowrank=lowrank)
+        ctx.tables = tables
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2, values, u, v, lowrank[0] if lowrank else None)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x2, values, u, v, t = ctx.saved_tensors
+        tables = ctx.tables
+        g = _flat(dy).to(x2.dtype)
+        dx = dvalues = dbias = du = dv = None
+        s = g @ u if u is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[4]) else None
+        if ctx.needs_input_grad[0]:                      # dx = g W + (g U) V^T
+            dx = dsd_matmul(g, values, tables, transpose=True,
+                            lowrank=(s, v) if s is not None else None)
+            dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dvalues = sdd_matmul(g, x2, tables, values.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = g.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
+        if u is not None and ctx.needs_input_grad[3]:  # dU = g^T (x V)
+            du = g.T @ t
+        if u is not None and ctx.needs_input_grad[4]:  # dV = x^T (g U)
+            dv = x2.T @ s
+        return dx, dvalues, dbias, du, dv, None
+
+
+def _check(x, values, layout, bias, u, v) -> tuple[LayoutTables, torch.dtype]:
+    """Validate the arguments; returns the layout's tables and the compute dtype."""
+    for name, t in (("x", x), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (x.is_cuda or _INTERPRET):
+        raise ValueError(f"x must be a CUDA tensor for the Triton kernels (got device {x.device}); "
+                         "set TRITON_INTERPRET=1 before importing triton to run them on CPU")
+    if values.dim() != 3 or values.shape[1] != values.shape[2] or values.shape[1] not in BLOCK_SIZES:
+        raise ValueError(f"values must have shape (nnz, b, b) with b in {BLOCK_SIZES}, got {tuple(values.shape)}")
+    tables = layout_tables(layout, x.device)
+    block = values.shape[-1]
+    R, C = tables.shape
+    if values.shape[0] != tables.nnz:
+        raise ValueError(f"values holds {values.shape[0]} blocks but layout has {tables.nnz} True entries")
+    if x.dim() < 1 or x.shape[-1] != C * block:
+        raise ValueError(f"x must have shape (..., {C * block}) for a layout of {C} block columns of "
+                         f"{block}, got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (R * block,):
+        raise ValueError(f"bias must have shape ({R * block},), got {tuple(bias.shape)}")
+    if (u is None) != (v is None):
+        raise ValueError("u and v must be given together")
+    if u is not None:
+        if u.dim() != 2 or v.dim() != 2 or u.shape != (R * block, u.shape[1]) or v.shape != (C * block, u.shape[1]):
+            raise ValueError(f"u must be (out_features={R * block}, r) and v (in_features={C * block}, r) "
+                             f"with the same r, got {tuple(u.shape)} and {tuple(v.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        dtype = x.dtype
+        for name, t in (("values", values), ("bias", bias), ("u", u), ("v", v)):
+            if t is not None and t.dtype != dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; cast them or use torch.autocast")
+    if dtype not in DTYPES:
+        raise TypeError(f"x has dtype {dtype}; the Triton kernels support {DTYPES}")
+    return tables, dtype
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)  # differentiable: gradients come back in t's dtype
+
+
+@torch.compiler.disable  # torch.compile runs around this call (a graph break), not through it
+def block_sparse_matmul_triton(x: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse linear y = x W^T + bias on the GPU, differentiable in x, values and bias.
+
+    Args:
+        x: (..., in_features), on CUDA (or CPU under TRITON_INTERPRET=1).
+        values: (nnz, b, b), b in 16, 32, 64, 128; the k-th block is the k-th True entry of
+            ``layout`` in row-major order: values[k] = W[i*b:(i+1)*b, j*b:(j+1)*b].
+        layout: bool (out_features/b, in_features/b), on any device; its index tables are built
+            once and cached.
+        bias: (out_features,) or None.
+
+    Returns:
+        y (..., out_features), y = x W^T + bias, in x's dtype (the autocast dtype under torch.autocast).
+
+    The math: y[:, i-block] = sum_{j: layout[i, j]} x[:, j-block] @ values[k]^T, computed in float32
+    (TF32 if allowed) for float32/float16/bfloat16 inputs; gradients dx = dy W and
+    dvalues[k] = dy[:, i-block]^T x[:, j-block] (only the layout's blocks are computed).
+
+    Example:
+        >>> y = block_sparse_matmul_triton(x, values, layout, bias)   # like F.linear(x, W, bias)
+    """
+    tables, dtype = _check(x, values, layout, bias, None, None)
+    return _BlockSparseMatmul.apply(_cast(x, dtype), _cast(values, dtype).contiguous(), _cast(bias, dtype),
+                                    None, None, tables)
+
+
+@torch.compiler.disable
+def pixelfly_matmul_triton(x: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, u: torch.Tensor,
+                           v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixelfly linear y = x S^T + (x V) U^T + bias with the low-rank term fused into the sparse kernels.
+
+    t = x V (M, r) is one dense matmul; its product with U^T is added inside the block-sparse
+    kernel's epilogue, so y is written once (and likewise dx = dy S + (dy U) V^T in the backward),
+    saving a full read and write of y and of dx against adding the low-rank term separately.
+
+    Args:
+        x, values, layout, bias: as in :func:`block_sparse_matmul_triton` (S is the sparse weight).
+        u: (out_features, r), v: (in_features, r): the low-rank term U V^T.
+
+    Returns:
+        y (..., out_features).
+
+    Example:
+        >>> y = pixelfly_matmul_triton(x, values, layout, u, v, bias)
+    """
+    tables, dtype = _check(x, values, layout, bias, u, v)
+    return _BlockSparseMatmul.apply(_cast(x, dtype), _cast(values, dtype).contiguous(), _cast(bias, dtype),
+                                    _cast(u, dtype), _cast(v, dtype), tables)

@@ -1,0 +1,246 @@
+"""Triton block-sparse kernels against the dense reference x @ W.T, values and gradients.
+
+Without a GPU the kernels run in Triton's interpreter (numpy, CPU tensors, toy sizes):
+TRITON_INTERPRET=1 must be set before triton is imported, so it is set here, before anything
+imports triton or pixelfly_lab.triton_kernels. The interpreter computes bfloat16 dots wrongly, so
+bfloat16 is checked only by the CUDA tests, which are skipped when no GPU is present.
+"""
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pixelfly_lab import triton_kernels as tk  # noqa: E402
+
+if not CUDA and not tk._INTERPRET:
+    pytest.skip("no GPU, and triton_kernels was imported before TRITON_INTERPRET=1 was set",
+                allow_module_level=True)
+
+DEVICE = "cuda" if CUDA else "cpu"
+# relative Frobenius error bounds against a float64 reference computed from the same inputs
+TOL = {torch.float64: 1e-12, torch.float32: 5e-3 if CUDA else 1e-5, torch.float16: 3e-3,
+       torch.bfloat16: 2e-2}
+
+
+def dense_weight(values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """The reference: W (R*b, C*b) with values[k] at the k-th True entry of layout (row-major)."""
+    R, C = layout.shape
+    b = values.shape[-1]
+    blocks = values.new_zeros(R, C, b, b).index_put((layout.to(values.device),), values)
+    return blocks.permute(0, 2, 1, 3).reshape(R * b, C * b)
+
+
+def random_layout(R: int, C: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    layout = torch.rand(R, C, generator=generator) < density
+    if R > 1:
+        layout[R - 1] = False  # one empty block row: its output is bias (+ low rank) only
+    layout[0, 0] = True        # never empty
+    return layout
+
+
+def make_case(dtype, block, *, R=3, C=4, rows=(2, 19), rank=0, bias=True, seed=0):
+    """Random inputs of one case, all requiring grad: (x, values, layout, bias, u, v)."""
+    g = torch.Generator().manual_seed(seed)
+    layout = random_layout(R, C, 0.5, g)
+    nnz = int(layout.sum())
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+        return t.to(device=DEVICE, dtype=dtype).requires_grad_()
+
+    x = rand(*rows, C * block)
+    values = rand(nnz, block, block, scale=block ** -0.5)
+    b = rand(R * block) if bias else None
+    u, v = (rand(R * block, rank, scale=rank ** -0.5), rand(C * block, rank)) if rank else (None, None)
+    return x, values, layout, b, u, v
+
+
+def reference(x, values, layout, bias=None, u=None, v=None):
+    y = x @ dense_weight(values, layout).T
+    if u is not None:
+        y = y + (x @ v) @ u.T
+    return y if bias is None else y + bias
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def check_against_reference(x, values, layout, bias, u, v, tol):
+    """Values and every gradient of the Triton path against the float64 dense reference."""
+    inputs = [t for t in (x, values, bias, u, v) if t is not None]
+    if u is None:
+        y = tk.block_sparse_matmul_triton(x, values, layout, bias)
+    else:
+        y = tk.pixelfly_matmul_triton(x, values, layout, u, v, bias)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.device)
+    grads = torch.autograd.grad(y, inputs, dy.to(y.dtype))
+
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    args = dict(zip(["x", "values", "bias", "u", "v"], [x, values, bias, u, v]))
+    it = iter(ref_inputs)
+    ref_args = {k: (next(it) if t is not None else None) for k, t in args.items()}
+    y_ref = reference(ref_args["x"], ref_args["values"], layout, ref_args["bias"], ref_args["u"], ref_args["v"])
+    ref_grads = torch.autograd.grad(y_ref, ref_inputs, dy)
+
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < tol
+    for name, got, want in zip([k for k, t in args.items() if t is not None], grads, ref_grads):
+        assert got.dtype == args[name].dtype and got.shape == want.shape, name
+        assert rel_err(got, want) < tol, name
+
+
+@pytest.mark.parametrize("dtype,block", [(torch.float64, 16), (torch.float64, 32), (torch.float64, 64),
+                                         (torch.float64, 128), (torch.float32, 16), (torch.float32, 32),
+                                         (torch.float16, 16), (torch.float16, 64)])
+def test_block_sparse_matches_dense(dtype, block):
+    check_against_reference(*make_case(dtype, block), tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,rank", [(torch.float64, 5), (torch.float64, 70), (torch.float32, 3),
+                                        (torch.float16, 8)])
+def test_pixelfly_fused_lowrank_matches_dense(dtype, rank):
+    # rank 70 > 64 walks the low-rank term in two masked chunks
+    check_against_reference(*make_case(dtype, 16, rank=rank), tol=TOL[dtype])
+
+
+def test_no_bias_and_leading_dims():
+    x, values, layout, _, _, _ = make_case(torch.float64, 16, rows=(2, 3, 5), bias=False)
+    check_against_reference(x, values, layout, None, None, None, tol=TOL[torch.float64])
+
+
+def test_empty_layout_gives_bias_only():
+    layout = torch.zeros(2, 2, dtype=torch.bool)
+    x = torch.randn(5, 32, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    values = torch.zeros(0, 16, 16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(32, dtype=torch.float64, device=DEVICE)
+    y = tk.block_sparse_matmul_triton(x, values, layout, bias)
+    assert torch.equal(y, bias.expand(5, 32))
+    dx, dvalues = torch.autograd.grad(y.sum(), [x, values])
+    assert torch.equal(dx, torch.zeros_like(x)) and dvalues.shape == (0, 16, 16)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_every_output_element_written(split):
+    """Launchers into NaN-filled buffers: no NaN survives, and the results match the reference."""
+    x, values, layout, bias, u, v = [t.detach() if t is not None else None
+                                     for t in make_case(torch.float64, 16, rows=(300,), rank=4)]
+    tables = tk.layout_tables(layout, x.device)
+    W = dense_weight(values, layout)
+    nan = float("nan")
+    y = tk.dsd_matmul(x, values, tables, bias=bias, lowrank=(x @ v, u), out=torch.full((300, 48), nan, dtype=x.dtype))
+    torch.testing.assert_close(y, x @ W.T + bias + (x @ v) @ u.T)
+    g = torch.randn(300, 48, dtype=x.dtype)
+    dx = tk.dsd_matmul(g, values, tables, transpose=True, out=torch.full_like(x, nan))
+    torch.testing.assert_close(dx, g @ W)
+    # split > 1 reduces float32/64 partial sums over row chunks (300 rows, chunks of 128)
+    dvalues = tk.sdd_matmul(g, x, tables, 16, split=split, out=torch.full_like(values, nan))
+    expected = (g.T @ x).reshape(3, 16, 4, 16).permute(0, 2, 1, 3)[layout]  # the layout's blocks of dW
+    torch.testing.assert_close(dvalues, expected)
+
+
+@settings(max_examples=6, deadline=None)
+@given(R=st.integers(1, 4), C=st.integers(1, 4), block=st.sampled_from([16, 32]), rows=st.integers(1, 70),
+       rank=st.sampled_from([0, 3]), seed=st.integers(0, 2 ** 16))
+def test_random_shapes_match_dense(R, C, block, rows, rank, seed):
+    check_against_reference(*make_case(torch.float64, block, R=R, C=C, rows=(rows,), rank=rank, seed=seed),
+                            tol=TOL[torch.float64])
+
+
+@settings(max_examples=30, deadline=None)
+@given(R=st.integers(1, 6), C=st.integers(1, 6), density=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 16))
+def test_layout_tables_describe_the_layout(R, C, density, seed):
+    layout = torch.rand(R, C, generator=torch.Generator().manual_seed(seed)) < density
+    t = tk.layout_tables(layout)
+    rows, cols = layout.nonzero(as_tuple=True)
+    assert t.shape == (R, C) and t.nnz == len(rows)
+    assert t.row_ptr.tolist() == [0] + layout.sum(1).cumsum(0).tolist()
+    assert t.row_cols.tolist() == cols.tolist() and t.block_rows.tolist() == rows.tolist()
+    assert t.col_ptr.tolist() == [0] + layout.sum(0).cumsum(0).tolist()
+    for j in range(C):  # column j's entries: its blocks k, rows ascending
+        ks = t.col_blocks[t.col_ptr[j]:t.col_ptr[j + 1]].long()
+        assert (cols[ks] == j).all() and t.col_rows[t.col_ptr[j]:t.col_ptr[j + 1]].tolist() == rows[ks].tolist()
+        assert t.col_rows[t.col_ptr[j]:t.col_ptr[j + 1]].tolist() == sorted(rows[ks].tolist())
+    assert sorted(t.col_blocks.tolist()) == list(range(t.nnz))
+    assert t.max_row_fanin == max(layout.sum(1).tolist()) and t.max_col_fanin == max(layout.sum(0).tolist())
+
+
+def test_layout_tables_cache():
+    layout = torch.tensor([[True, False], [True, True]])
+    first = tk.layout_tables(layout)
+    assert tk.layout_tables(layout) is first
+    assert tk.layout_tables(layout.clone()) is first  # same content: same tables
+    layout[0, 1] = True                                # in-place change: new tables
+    assert tk.layout_tables(layout).nnz == 4
+
+
+@pytest.mark.skipif(not hasattr(torch, "get_autocast_dtype"), reason="needs torch.get_autocast_dtype")
+def test_autocast_float16():
+    """Under autocast the kernels compute in the autocast dtype; gradients return in the parameters' dtype."""
+    x, values, layout, bias, _, _ = make_case(torch.float32, 16)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = tk.block_sparse_matmul_triton(x, values, layout, bias)
+    assert y.dtype == torch.float16
+    grads = torch.autograd.grad(y.float().sum(), [x, values, bias])
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    half = [t.detach().half().double().requires_grad_() for t in (x, values, bias)]
+    y_ref = reference(half[0], half[1], layout, half[2])
+    assert rel_err(y, y_ref) < TOL[torch.float16]
+    for got, want in zip(grads, torch.autograd.grad(y_ref.sum(), half)):
+        assert rel_err(got, want) < TOL[torch.float16]
+
+
+def test_bad_input_names_the_argument():
+    x, values, layout, bias, _, _ = [t.detach() if isinstance(t, torch.Tensor) else t
+                                     for t in make_case(torch.float32, 16)]
+    with pytest.raises(ValueError, match="values"):
+        tk.block_sparse_matmul_triton(x, values[1:], layout)
+    with pytest.raises(ValueError, match="values"):
+        tk.block_sparse_matmul_triton(x, values[:, :8, :8], layout)
+    with pytest.raises(ValueError, match="x must have shape"):
+        tk.block_sparse_matmul_triton(x[..., :16], values, layout)
+    with pytest.raises(ValueError, match="bias"):
+        tk.block_sparse_matmul_triton(x, values, layout, bias[:-1])
+    with pytest.raises(TypeError, match="layout"):
+        tk.block_sparse_matmul_triton(x, values, layout.int())
+    with pytest.raises(TypeError, match="values has dtype"):
+        tk.block_sparse_matmul_triton(x, values.double(), layout)
+    with pytest.raises(ValueError, match="u must be"):
+        tk.pixelfly_matmul_triton(x, values, layout, torch.ones(5, 2), torch.ones(64, 2))
+
+
+def test_package_import_does_not_import_triton():
+    code = "import sys, pixelfly_lab, pixelfly_lab.cli; assert 'triton' not in sys.modules, 'triton imported'"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", tk.BLOCK_SIZES)
+def test_cuda_all_blocks_and_dtypes(dtype, block):
+    """On a GPU: every block size and dtype, tuned kernels, several programs per block row."""
+    check_against_reference(*make_case(dtype, block, R=4, C=6, rows=(3, 200), rank=8), tol=TOL[dtype])
+    check_against_reference(*make_case(dtype, block, R=4, C=6, rows=(1000,)), tol=TOL[dtype])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_autocast_bfloat16():
+    x, values, layout, bias, u, v = make_case(torch.float32, 64, rows=(256,), rank=8)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = tk.pixelfly_matmul_triton(x, values, layout, u, v, bias)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().sum(), [x, values, bias, u, v])
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert rel_err(y, reference(x.double(), values.double(), layout, bias.double(), u.double(), v.double())) < 2e-2
