@@ -1,0 +1,473 @@
+"""Structured linear layers: masked, block-sparse, low-rank, Pixelfly (sparse + low-rank), Monarch.
+
+Every layer computes y = x W^T + bias like ``nn.Linear`` for a structured W, and gives that W as
+a dense (out_features, in_features) tensor through ``dense_weight()``, the oracle every fast path
+is tested against. ``weight_params`` counts the stored weight entries (bias excluded) and
+``budget`` = weight_params / (in_features * out_features), the quantity
+:func:`pixelfly_lab.patterns.make_pattern` budgets. ``ButterflyLinear`` lives in
+:mod:`pixelfly_lab.butterfly` (also importable from here).
+
+Papers: Pixelfly = flat block butterfly + low-rank (Dao, Chen et al., ICLR 2022,
+arXiv 2112.00029); Monarch M = P L P^T R (Dao et al., ICML 2022, arXiv 2204.00595).
+
+Example:
+    >>> layer = PixelflyLinear(1024, 4096, butterfly_size=16, n_factors=2, rank=32, block_size=32)
+    >>> round(layer.budget, 4)
+    0.2266
+    >>> layer(torch.randn(8, 1024)).shape
+    torch.Size([8, 4096])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import (BACKENDS, block_sparse_matmul, blocks_to_dense, check_input_width,
+                      sparse_lowrank_matmul)
+from .masks import _check_int, flat_block_butterfly_layout, layout_to_mask
+from .patterns import Pattern, PixelflyPlan, plan_pixelfly
+
+__all__ = ["StructuredLinear", "MaskedLinear", "BlockSparseLinear", "LowRankLinear",
+           "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear", "ButterflyLinear",
+           "layer_from_pattern"]
+
+
+def __getattr__(name):  # ButterflyLinear lives in butterfly.py, which imports this module
+    if name == "ButterflyLinear":
+        from .butterfly import ButterflyLinear
+        return ButterflyLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_divides(name: str, value: int, in_features: int, out_features: int) -> None:
+    if in_features % value or out_features % value:
+        raise ValueError(f"{name}={value} must divide in_features={in_features} and "
+                         f"out_features={out_features}")
+
+
+def _uniform_(tensor: torch.Tensor, bound) -> torch.Tensor:
+    """In place U(-bound, bound); ``bound`` may be a tensor broadcast against ``tensor``."""
+    with torch.no_grad():
+        return tensor.uniform_(-1.0, 1.0).mul_(bound)
+
+
+class StructuredLinear(nn.Module):
+    """Base class: y = x W^T + bias with W structured; subclasses define W.
+
+    Subclasses implement ``_forward(x)``, ``dense_weight()`` and ``weight_params``; ``forward``
+    checks the input width first, so every layer rejects a wrong width the same way.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = _check_int("in_features", in_features)
+        self.out_features = _check_int("out_features", out_features)
+
+    def _init_bias(self, bias: bool, factory: dict) -> None:
+        """Bias like nn.Linear's: U(-1/sqrt(in), 1/sqrt(in)), or None."""
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+            _uniform_(self.bias, 1.0 / math.sqrt(self.in_features))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_width(x, self.in_features, type(self).__name__)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense weight W, (out_features, in_features): y = x W^T + bias."""
+        raise NotImplementedError
+
+    @property
+    def weight_params(self) -> int:
+        """Stored weight entries, bias excluded (what a parameter budget counts)."""
+        raise NotImplementedError
+
+    @property
+    def budget(self) -> float:
+        """weight_params / (in_features * out_features): the fraction of a dense layer used."""
+        return self.weight_params / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={getattr(self, 'bias', None) is not None}, budget={self.budget:.4f}")
+
+
+class MaskedLinear(StructuredLinear):
+    """Dense storage times a fixed element mask: the slow, obviously correct reference.
+
+    W = weight * mask. Off-mask entries start at zero and receive zero gradient, so optimisers
+    with decoupled weight decay (AdamW) keep them at zero.
+
+    Args:
+        in_features, out_features: sizes.
+        mask: bool (out_features, in_features).
+        bias: learn a bias.
+
+    Init: each row r of the kept entries ~ U(-a, a) * sqrt(in / nnz_r) with a = 1/sqrt(in), so
+    every output has the variance it would have in a dense nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(f"mask must be a tensor of shape (out_features, in_features)="
+                             f"{(out_features, in_features)}, got {tuple(getattr(mask, 'shape', ()))}")
+        self.register_buffer("mask", mask.to(device=device, dtype=torch.bool))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        nnz_row = self.mask.sum(1, keepdim=True).clamp(min=1)
+        _uniform_(self.weight, (in_features / nnz_row).sqrt() / math.sqrt(in_features))
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+        self._init_bias(bias, factory)
+
+    def _forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    def dense_weight(self):
+        return self.weight * self.mask
+
+    @property
+    def weight_params(self):
+        return int(self.mask.sum())
+
+
+class BlockSparseLinear(StructuredLinear):
+    """y = x W^T + bias with W stored as its nonzero (b x b) blocks on a fixed block layout.
+
+    Args:
+        in_features, out_features: sizes, divisible by ``block_size``.
+        layout: bool (out_features / block_size, in_features / block_size).
+        block_size: block edge b.
+        bias: learn a bias.
+        backend: kernel backend ('auto', 'torch', 'reference', 'triton'; see
+            :mod:`pixelfly_lab.kernels`); an attribute, changeable at any time.
+
+    Attributes:
+        values: Parameter (nnz, b, b), block k = the k-th True entry of ``layout`` (row-major).
+        layout, block_size, backend.
+
+    Init (as the released Pixelfly code): blocks ~ U(-1/sqrt(in), 1/sqrt(in)) like a dense
+    layer, then block row i scaled by sqrt(C / nnz_i) (C blocks per row, nnz_i kept), so each
+    output's variance matches nn.Linear's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, layout: torch.Tensor, block_size: int,
+                 bias: bool = True, backend: str = "auto", device=None, dtype=None):
+        super().__init__(in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.block_size = _check_int("block_size", block_size)
+        _check_divides("block_size", block_size, in_features, out_features)
+        shape = (out_features // block_size, in_features // block_size)
+        if not isinstance(layout, torch.Tensor) or tuple(layout.shape) != shape:
+            raise ValueError(f"layout must be a tensor of shape (out/b, in/b)={shape}, "
+                             f"got {tuple(getattr(layout, 'shape', ()))}")
+        self.register_buffer("layout", layout.to(device=device, dtype=torch.bool))
+        self.backend = backend
+        nnz = int(self.layout.sum())
+        self.values = nn.Parameter(torch.empty(nnz, block_size, block_size, **factory))
+        row_of_block = self.layout.nonzero()[:, 0]
+        nnz_row = self.layout.sum(1)[row_of_block].to(self.values.dtype)
+        scale = (shape[1] / nnz_row).sqrt() / math.sqrt(in_features)
+        _uniform_(self.values, scale[:, None, None])
+        self._init_bias(bias, factory)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def _forward(self, x):
+        return block_sparse_matmul(x, self.values, self.layout, self.bias, backend=self.backend)
+
+    def dense_weight(self):
+        return blocks_to_dense(self.values, self.layout)
+
+    def mask(self) -> torch.Tensor:
+        """bool (out_features, in_features): the element support of W."""
+        return layout_to_mask(self.layout, self.block_size)
+
+    @property
+    def weight_params(self):
+        return self.values.numel()
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, block_size={self.block_size}, "
+                f"blocks={int(self.layout.sum())}/{self.layout.numel()}, backend={self.backend!r}")
+
+
+class LowRankLinear(StructuredLinear):
+    """y = x V U^T + bias: W = U V^T with U (out_features, rank), V (in_features, rank).
+
+    Init: the best rank-r approximation (truncated SVD) of an nn.Linear initialisation
+    W0 = A diag(s) B^T, split evenly: U = A_r diag(sqrt(s_r)), V = B_r diag(sqrt(s_r)).
+    Exact SVD up to 2048 features on the short side; above that torch.svd_lowrank (randomised,
+    a few power iterations), which is accurate for the top singular vectors and far cheaper.
+
+    Attributes:
+        u: Parameter (out_features, rank); v: Parameter (in_features, rank).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.rank = _check_int("rank", rank)
+        if rank > min(in_features, out_features):
+            raise ValueError(f"rank must be <= min(in_features, out_features)="
+                             f"{min(in_features, out_features)}, got {rank}")
+        self.u = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.v = nn.Parameter(torch.empty(in_features, rank, **factory))
+        with torch.no_grad():
+            w0 = _uniform_(torch.empty(out_features, in_features, dtype=torch.float64),
+                           1.0 / math.sqrt(in_features))
+            if min(in_features, out_features) <= 2048:
+                a, s, bh = torch.linalg.svd(w0, full_matrices=False)
+                b_vec = bh.T
+            else:
+                a, s, b_vec = torch.svd_lowrank(w0, q=rank + 16, niter=4)
+            root = s[:rank].sqrt()
+            self.u.copy_(a[:, :rank] * root)
+            self.v.copy_(b_vec[:, :rank] * root)
+        self._init_bias(bias, factory)
+
+    def _forward(self, x):
+        return F.linear(x @ self.v, self.u, self.bias)
+
+    def dense_weight(self):
+        return self.u @ self.v.T
+
+    @property
+    def weight_params(self):
+        return self.rank * (self.in_features + self.out_features)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, rank={self.rank}"
+
+
+class SparseLowRankLinear(StructuredLinear):
+    """y = x (S + U V^T)^T + bias: a block-sparse part plus a low-rank part (Scatterbrain/Pixelfly).
+
+    Args:
+        in_features, out_features: sizes.
+        layout: bool block layout of S; block_size: its block edge.
+        rank: rank of U V^T (0 = none, then ``lowrank`` is None).
+        bias: learn a bias (held here; the sub-modules have none).
+        gating: the released Pixelfly code's mix y = (1 - g) S x + g U V^T x + bias with
+            g = sigmoid(w^T x + c) per row of x (``gate`` = nn.Linear(in_features, 1)).
+            A gated layer is not linear in x, so it has no dense_weight().
+        backend: kernel backend of the sparse part (see :class:`BlockSparseLinear`).
+
+    Sub-modules: ``sparse`` (BlockSparseLinear, no bias), ``lowrank`` (LowRankLinear, no bias).
+    Ungated, both run in one fused kernel call (:func:`pixelfly_lab.kernels.sparse_lowrank_matmul`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, layout: torch.Tensor, block_size: int,
+                 rank: int = 0, bias: bool = True, gating: bool = False, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.sparse = BlockSparseLinear(in_features, out_features, layout, block_size, bias=False,
+                                        backend=backend, **factory)
+        self.lowrank = (LowRankLinear(in_features, out_features, rank, bias=False, **factory)
+                        if _check_int("rank", rank, 0) else None)
+        self.gate = nn.Linear(in_features, 1, **factory) if gating else None
+        self._init_bias(bias, factory)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lowrank is None else self.lowrank.rank
+
+    @property
+    def backend(self) -> str:
+        return self.sparse.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.sparse.backend = value
+
+    def _forward(self, x):
+        if self.gate is None:
+            u, v = (None, None) if self.lowrank is None else (self.lowrank.u, self.lowrank.v)
+            return sparse_lowrank_matmul(x, self.sparse.values, self.sparse.layout, u, v, self.bias,
+                                         backend=self.backend)
+        g = torch.sigmoid(self.gate(x))
+        y = (1 - g) * self.sparse(x)
+        if self.lowrank is not None:
+            y = y + g * self.lowrank(x)
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self):
+        if self.gate is not None:
+            raise RuntimeError("a gated layer mixes S and U V^T by an input-dependent gate, so it "
+                               "has no dense weight; build it with gating=False")
+        weight = self.sparse.dense_weight()
+        return weight if self.lowrank is None else weight + self.lowrank.dense_weight()
+
+    @property
+    def weight_params(self):
+        """Sparse blocks + low-rank factors (the gate's in_features + 1 are not counted)."""
+        return self.sparse.weight_params + (0 if self.lowrank is None else self.lowrank.weight_params)
+
+    def extra_repr(self):
+        return f"{StructuredLinear.extra_repr(self)}, rank={self.rank}, gating={self.gate is not None}"
+
+
+class PixelflyLinear(SparseLowRankLinear):
+    """Pixelfly: flat block butterfly S + low-rank U V^T (Dao, Chen et al. 2022, Sec. 4).
+
+    Give either the hyper-parameters or a budget (mapped by
+    :func:`pixelfly_lab.patterns.plan_pixelfly`, which never exceeds it):
+
+        PixelflyLinear(1024, 4096, butterfly_size=16, n_factors=2, rank=32, block_size=32)
+        PixelflyLinear(1024, 4096, budget=0.25, block_size=32)
+
+    Args:
+        in_features, out_features: sizes, divisible by butterfly_size and block_size.
+        butterfly_size, n_factors: the flat butterfly (n_factors factors of strides 1..2^(n-1)).
+        rank: low-rank rank (default 0 with explicit hyper-parameters).
+        block_size: hardware block edge; 32 matches the released code and GPU tiles.
+        budget: fraction of dense parameters, instead of the three above.
+        shuffle, global_size: layout options of
+            :func:`pixelfly_lab.masks.flat_block_butterfly_layout`.
+        bias, gating, backend: as :class:`SparseLowRankLinear`.
+
+    Attributes:
+        plan: the :class:`pixelfly_lab.patterns.PixelflyPlan` used (budget = exact fraction).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, butterfly_size: int | None = None,
+                 n_factors: int | None = None, rank: int | None = None, block_size: int = 32,
+                 budget: float | None = None, shuffle: bool = False, global_size: int = 0,
+                 bias: bool = True, gating: bool = False, backend: str = "auto", device=None, dtype=None):
+        if budget is not None:
+            if butterfly_size is not None or n_factors is not None or rank is not None:
+                raise ValueError("give either budget or (butterfly_size, n_factors, rank), not both")
+            plan = plan_pixelfly(out_features, in_features, budget, block_size)
+            butterfly_size, n_factors, rank = plan.butterfly_size, plan.n_factors, plan.rank
+        elif butterfly_size is None or n_factors is None:
+            raise ValueError("give budget=..., or butterfly_size=... and n_factors=... (and rank=...)")
+        rank = 0 if rank is None else rank
+        layout = flat_block_butterfly_layout(out_features, in_features, butterfly_size, n_factors,
+                                             block_size, shuffle=shuffle, global_size=global_size)
+        super().__init__(in_features, out_features, layout, block_size, rank, bias=bias, gating=gating,
+                         backend=backend, device=device, dtype=dtype)
+        self.butterfly_size, self.n_factors = butterfly_size, n_factors
+        self.shuffle, self.global_size = shuffle, global_size
+        self.plan = PixelflyPlan(butterfly_size, n_factors, block_size, rank, self.budget)
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, butterfly_size={self.butterfly_size}, "
+                f"n_factors={self.n_factors}, block_size={self.sparse.block_size}"
+                + (f", shuffle=True" if self.shuffle else "")
+                + (f", global_size={self.global_size}" if self.global_size else ""))
+
+
+class MonarchLinear(StructuredLinear):
+    """Monarch: W = P L P^T R, two block-diagonal factors and the reshape-transpose permutation.
+
+    With nb = nblocks, m = in_features / nb, s = out_features / nb:
+
+    * R = blockdiag(R_0..R_{nb-1}), R_k (m, m): u[k*m + i] = sum_j R_k[i, j] x[k*m + j];
+    * P^T regroups u: group d of L's input is u[c*nb + d] for c = 0..m-1 (view u as (m, nb),
+      transpose to (nb, m));
+    * L = blockdiag(L_0..L_{nb-1}), L_d (s, m), acting on group d;
+    * P places row e of block d at output e*nb + d (view the (nb, s) result as (s, nb)).
+
+    Parameters: nb*m*m + nb*s*m = (in^2 + out*in) / nb, equal to
+    :func:`pixelfly_lab.patterns.monarch_params`. Forward = two batched matmuls (Dao et al. 2022).
+
+    Init: R_k entries with variance 1/m (U(-sqrt(3/m), sqrt(3/m)): R preserves the input's
+    variance), L_d like nn.Linear with fan-in m, so the output variance matches a dense layer's.
+
+    Attributes:
+        r_blocks: Parameter (nb, m, m); l_blocks: Parameter (nb, s, m).
+    """
+
+    def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.nblocks = _check_int("nblocks", nblocks)
+        _check_divides("nblocks", nblocks, in_features, out_features)
+        m, s = in_features // nblocks, out_features // nblocks
+        self.r_blocks = nn.Parameter(_uniform_(torch.empty(nblocks, m, m, **factory), math.sqrt(3.0 / m)))
+        self.l_blocks = nn.Parameter(_uniform_(torch.empty(nblocks, s, m, **factory), 1.0 / math.sqrt(m)))
+        self._init_bias(bias, factory)
+
+    def _forward(self, x):
+        nb, m = self.nblocks, self.in_features // self.nblocks
+        batch = x.shape[:-1]
+        xb = x.reshape(-1, nb, m).transpose(0, 1)                       # (nb, N, m)
+        u = torch.bmm(xb, self.r_blocks.transpose(1, 2))                # (nb, N, m): R_k per block
+        u = u.transpose(0, 1).reshape(-1, m, nb).permute(2, 0, 1)       # P^T: (nb, N, m), group d
+        w = torch.bmm(u, self.l_blocks.transpose(1, 2))                 # (nb, N, s): L_d per group
+        y = w.permute(1, 2, 0).reshape(*batch, self.out_features)       # P: row e of block d -> e*nb + d
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self):
+        """P L P^T R built from block_diag and index permutations (independent of the bmm path)."""
+        nb, m, s = self.nblocks, self.in_features // self.nblocks, self.out_features // self.nblocks
+        left = torch.block_diag(*self.l_blocks)                          # (out, in)
+        right = torch.block_diag(*self.r_blocks)                         # (in, in)
+        d, c = torch.meshgrid(torch.arange(nb), torch.arange(m), indexing="ij")
+        q = (c * nb + d).flatten()              # (P^T u)[d*m + c] = u[c*nb + d]
+        e, d2 = torch.meshgrid(torch.arange(s), torch.arange(nb), indexing="ij")
+        p = (d2 * s + e).flatten()              # (P y)[e*nb + d] = y[d*s + e]
+        dev = left.device
+        return left[p.to(dev)] @ right[q.to(dev)]
+
+    @property
+    def weight_params(self):
+        return self.r_blocks.numel() + self.l_blocks.numel()
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, nblocks={self.nblocks}"
+
+
+def layer_from_pattern(pattern: Pattern, bias: bool = True, backend: str = "auto",
+                       device=None, dtype=None) -> nn.Module:
+    """The layer that implements ``pattern`` (from :func:`pixelfly_lab.patterns.make_pattern`).
+
+    dense -> nn.Linear; Monarch -> MonarchLinear(nblocks); low-rank only -> LowRankLinear;
+    layout without rank -> BlockSparseLinear; 'pixelfly' -> PixelflyLinear; any other layout
+    with a rank -> SparseLowRankLinear. The layer's weight_params equal ``pattern.params``.
+
+    Example:
+        >>> from pixelfly_lab.patterns import make_pattern
+        >>> layer_from_pattern(make_pattern('pixelfly', 256, 128, 0.3, block_size=16))
+        PixelflyLinear(...)
+    """
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a pixelfly_lab.patterns.Pattern, got {type(pattern).__name__}")
+    p, factory = pattern, {"device": device, "dtype": dtype}
+    if p.is_dense:
+        return nn.Linear(p.in_features, p.out_features, bias=bias, **factory)
+    if p.nblocks:
+        return MonarchLinear(p.in_features, p.out_features, p.nblocks, bias=bias, **factory)
+    if p.layout is None:
+        return LowRankLinear(p.in_features, p.out_features, p.rank, bias=bias, **factory)
+    if p.rank == 0:
+        return BlockSparseLinear(p.in_features, p.out_features, p.layout, p.block_size, bias=bias,
+                                 backend=backend, **factory)
+    if p.name == "pixelfly" and p.plan is not None:
+        return PixelflyLinear(p.in_features, p.out_features, butterfly_size=p.plan.butterfly_size,
+                              n_factors=p.plan.n_factors, rank=p.rank, block_size=p.block_size,
+                              bias=bias, backend=backend, **factory)
+    return SparseLowRankLinear(p.in_features, p.out_features, p.layout, p.block_size, p.rank,
+                               bias=bias, backend=backend, **factory)
