@@ -27,11 +27,14 @@ Backends (``backend=``):
   column runs) and each block's gradient is one slice of one GEMM. When in_features >
   out_features the grouping is taken over the transposed layout instead, so that the cheap side
   (the narrower one) is the one gathered or scattered; see :func:`plan_for`.
-* ``'triton'``: ``pixelfly_lab.triton_kernels.block_sparse_matmul_triton`` for CUDA tensors
-  (imported lazily, only when used).
-* ``'auto'`` (default): 'triton' for CUDA inputs when triton imports, else 'torch'; but
-  'reference' inside torch.func transforms (vmap/grad/jacrev), which the custom autograd
-  Function of the 'torch' path does not support.
+* ``'triton'``: ``pixelfly_lab.triton_kernels`` (``block_sparse_matmul_triton``, and
+  ``pixelfly_matmul_triton`` with the low-rank term fused) for CUDA tensors, or on the CPU under
+  ``TRITON_INTERPRET=1``; imported lazily, only when used.
+* ``'auto'`` (default): 'triton' for CUDA inputs when triton imports and supports the block size
+  and dtype, else 'torch'; but 'reference' inside torch.func transforms (vmap/grad/jacrev), which
+  the custom autograd Function of the 'torch' path does not support.
+
+Under ``torch.autocast`` the 'torch' and 'reference' paths compute in the autocast dtype.
 
 Example:
     >>> layout = torch.tensor([[True, False], [True, True]])
@@ -44,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +78,8 @@ def _check_operands(x, values, layout, bias, u=None, v=None) -> int:
     if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"values must have shape (nnz_blocks, b, b), got "
                          f"{tuple(getattr(values, 'shape', ()))}")
-    if isinstance(x, torch.Tensor) and x.dtype != values.dtype:
+    if (isinstance(x, torch.Tensor) and x.dtype != values.dtype
+            and not torch.is_autocast_enabled(x.device.type)):
         raise TypeError(f"x has dtype {x.dtype} but values has dtype {values.dtype}")
     nnz, b = values.shape[0], values.shape[1]
     if nnz != int(layout.sum()):
@@ -357,36 +362,52 @@ def _in_functorch_transform() -> bool:
         return False
 
 
-def _triton_function():
-    """The Triton entry point, or None when it cannot be imported here."""
+def _triton_module():
+    """pixelfly_lab.triton_kernels, or None when it (or triton) cannot be imported here."""
     try:
-        from .triton_kernels import block_sparse_matmul_triton
+        from . import triton_kernels
     except ImportError:
         return None
-    return block_sparse_matmul_triton
+    return triton_kernels
 
 
-def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
+def _triton_runs_here(x: torch.Tensor) -> bool:
+    """CUDA tensors, or any tensor when Triton's CPU interpreter is on (TRITON_INTERPRET=1)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(x: torch.Tensor, backend: str = "auto", block_size: int | None = None) -> str:
     """The backend that ``backend`` means for input ``x``: 'torch', 'reference' or 'triton'.
 
-    'auto' picks 'reference' inside torch.func transforms, 'triton' for CUDA tensors when
-    ``pixelfly_lab.triton_kernels`` imports, else 'torch'. Asking for 'triton' on a CPU tensor or
-    without triton raises a ValueError.
+    'auto' picks 'reference' inside torch.func transforms; 'triton' for CUDA tensors when
+    ``pixelfly_lab.triton_kernels`` imports and supports the block size and dtype; else 'torch'
+    (which also runs on CUDA, as plain PyTorch). Asking for 'triton' where it cannot run raises
+    a ValueError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if _in_functorch_transform():
             return "reference"
-        if x.is_cuda and _triton_function() is not None:
-            return "triton"
+        if x.is_cuda and (module := _triton_module()) is not None:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            if (block_size is None or block_size in module.BLOCK_SIZES) and dtype in module.DTYPES:
+                return "triton"
         return "torch"
     if backend == "triton":
-        if not x.is_cuda:
-            raise ValueError("backend='triton' needs CUDA tensors; use 'auto' or 'torch' on the CPU")
-        if _triton_function() is None:
+        if not _triton_runs_here(x):
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'auto' or "
+                             "'torch' on the CPU")
+        if _triton_module() is None:
             raise ValueError("backend='triton' asked for but pixelfly_lab.triton_kernels (triton) does not import")
     return backend
+
+
+def _triton(x, values, layout, bias, u, v):
+    module = _triton_module()
+    if u is None:
+        return module.block_sparse_matmul_triton(x, values, layout, bias)
+    return module.pixelfly_matmul_triton(x, values, layout, u, v, bias)
 
 
 def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
@@ -414,12 +435,17 @@ def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.T
     """
     b = _check_operands(x, values, layout, bias, u, v)
     out_features = layout.shape[0] * b
-    chosen = resolve_backend(x, backend)
+    chosen = resolve_backend(x, backend, b)
+    if chosen == "triton":  # the Triton kernels handle autocast themselves
+        return _triton(x, values, layout, bias, u, v)
+    if torch.is_autocast_enabled(x.device.type):
+        # compute in the autocast dtype, as F.linear would; the GEMMs below then see one dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, values, bias, u, v = (t if t is None else t.to(dtype) for t in (x, values, bias, u, v))
+        with torch.autocast(x.device.type, enabled=False):
+            return sparse_lowrank_matmul(x, values, layout, u, v, bias, backend=chosen)
     if chosen == "reference":
         return _reference(x, values, layout, bias, u, v)
-    if chosen == "triton":
-        y = _triton_function()(x, values, layout, bias)
-        return y if u is None else y + (x @ v) @ u.T
     batch = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y = _BlockSparseLowRank.apply(x2, values, bias, u, v, plan_for(layout, b), out_features)

@@ -1,5 +1,6 @@
 """Block-sparse matmul: every fast path against the dense reference, values and gradients."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -156,3 +157,37 @@ def test_importing_the_package_does_not_import_triton():
     code = ("import sys, pixelfly_lab.kernels, pixelfly_lab.layers, pixelfly_lab.butterfly; "
             "assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cpu_autocast_computes_in_the_autocast_dtype():
+    layout, b = LAYOUTS["butterfly_expanding"]
+    x, values, bias, u, v = (t.detach().float() for t in _operands(layout, b, rank=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse_lowrank_matmul(x, values, layout, u, v, bias, backend="torch")
+    assert y.dtype == torch.bfloat16
+    want = sparse_lowrank_matmul(x, values, layout, u, v, bias, backend="reference")
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.1)
+
+
+TRITON_DISPATCH = """
+import os; os.environ['TRITON_INTERPRET'] = '1'
+import torch
+from pixelfly_lab.layers import PixelflyLinear
+torch.manual_seed(0)
+layer = PixelflyLinear(32, 64, butterfly_size=4, n_factors=1, rank=2, block_size=16)
+x = torch.randn(4, 32, requires_grad=True)
+out = {}
+for backend in ('triton', 'reference'):
+    layer.backend = backend
+    y = layer(x)
+    out[backend] = (y, torch.autograd.grad(y.square().sum(), [x, *layer.parameters()]))
+torch.testing.assert_close(out['triton'][0], out['reference'][0], rtol=1e-4, atol=1e-4)
+for got, want in zip(out['triton'][1], out['reference'][1]):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_backend_dispatch_under_the_interpreter():
+    # a subprocess: TRITON_INTERPRET must be set before triton is first imported
+    subprocess.run([sys.executable, "-c", TRITON_DISPATCH], check=True)
