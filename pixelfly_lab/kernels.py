@@ -31,8 +31,9 @@ Backends (``backend=``):
   ``pixelfly_matmul_triton`` with the low-rank term fused) for CUDA tensors, or on the CPU under
   ``TRITON_INTERPRET=1``; imported lazily, only when used.
 * ``'auto'`` (default): 'triton' for CUDA inputs when triton imports and supports the block size
-  and dtype, else 'torch'; but 'reference' inside torch.func transforms (vmap/grad/jacrev), which
-  the custom autograd Function of the 'torch' path does not support.
+  and dtype, else 'torch'; but 'reference' for small products (below :data:`AUTO_MIN_MACS`
+  multiply-adds, where per-call overhead dominates) and inside torch.func transforms
+  (vmap/grad/jacrev), which the custom autograd Function of the 'torch' path does not support.
 
 Under ``torch.autocast`` the 'torch' and 'reference' paths compute in the autocast dtype.
 
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BACKENDS", "block_sparse_matmul", "sparse_lowrank_matmul", "blocks_to_dense",
+__all__ = ["BACKENDS", "AUTO_MIN_MACS", "block_sparse_matmul", "sparse_lowrank_matmul", "blocks_to_dense",
            "dense_to_blocks", "check_input_width", "resolve_backend", "plan_for"]
 
 BACKENDS = ("auto", "torch", "reference", "triton")
@@ -376,13 +377,22 @@ def _triton_runs_here(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(x: torch.Tensor, backend: str = "auto", block_size: int | None = None) -> str:
+# Below this many multiply-adds of the dense product (rows of x * in * out) 'auto' uses the
+# reference: one dense GEMM beats a dozen small ones plus their per-call overhead. Measured on a
+# 2-core CPU at one thread: the grouped path wins from about 1e8 (512 x 256 -> 1024), loses at
+# 3e7 (128 x 256 -> 1024), and is 4-5x slower on tiny layers (128 x 64 -> 256).
+AUTO_MIN_MACS = 2 ** 26
+
+
+def resolve_backend(x: torch.Tensor, backend: str = "auto", block_size: int | None = None,
+                    out_features: int | None = None) -> str:
     """The backend that ``backend`` means for input ``x``: 'torch', 'reference' or 'triton'.
 
     'auto' picks 'reference' inside torch.func transforms; 'triton' for CUDA tensors when
-    ``pixelfly_lab.triton_kernels`` imports and supports the block size and dtype; else 'torch'
-    (which also runs on CUDA, as plain PyTorch). Asking for 'triton' where it cannot run raises
-    a ValueError.
+    ``pixelfly_lab.triton_kernels`` imports and supports the block size and dtype; 'reference'
+    when the dense product is small (x.numel() * out_features < :data:`AUTO_MIN_MACS`); else
+    'torch' (which also runs on CUDA, as plain PyTorch). Asking for 'triton' where it cannot run
+    raises a ValueError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -393,6 +403,8 @@ def resolve_backend(x: torch.Tensor, backend: str = "auto", block_size: int | No
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             if (block_size is None or block_size in module.BLOCK_SIZES) and dtype in module.DTYPES:
                 return "triton"
+        if out_features is not None and x.numel() * out_features < AUTO_MIN_MACS:
+            return "reference"
         return "torch"
     if backend == "triton":
         if not _triton_runs_here(x):
@@ -435,7 +447,7 @@ def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.T
     """
     b = _check_operands(x, values, layout, bias, u, v)
     out_features = layout.shape[0] * b
-    chosen = resolve_backend(x, backend, b)
+    chosen = resolve_backend(x, backend, b, out_features)
     if chosen == "triton":  # the Triton kernels handle autocast themselves
         return _triton(x, values, layout, bias, u, v)
     if torch.is_autocast_enabled(x.device.type):

@@ -131,6 +131,8 @@ def test_auto_uses_the_reference_under_torch_func():
 def test_backend_resolution_on_cpu():
     x = torch.zeros(2, 4)
     assert resolve_backend(x, "auto") == "torch"
+    assert resolve_backend(x, "auto", 2, out_features=8) == "reference"          # tiny: one dense GEMM
+    assert resolve_backend(torch.zeros(1).expand(4096, 1024), "auto", 32, 4096) == "torch"
     assert resolve_backend(x, "reference") == "reference"
     with pytest.raises(ValueError, match="CUDA"):
         resolve_backend(x, "triton")
