@@ -159,6 +159,8 @@ def approximate(matrix: torch.Tensor, pattern: str | Pattern, budget: float | No
 
 def _approximate(matrix, pattern, budget, block_size, seed, lowrank_share, max_iter, tol, fit_steps):
     if isinstance(pattern, Pattern):
+        if lowrank_share is not None:
+            raise ValueError("lowrank_share applies to pattern names; a ready Pattern already fixes its rank")
         if (pattern.out_features, pattern.in_features) != tuple(matrix.shape):
             raise ValueError(f"pattern is for {pattern.out_features}x{pattern.in_features}, "
                              f"matrix is {tuple(matrix.shape)}")

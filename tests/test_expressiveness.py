@@ -308,6 +308,8 @@ def test_approximate_refuses_bad_options_and_patterns():
         approximate(a, "pixelfly", 0.5, lowrank_share=1.5)
     with pytest.raises(ValueError, match="lowrank_share applies"):
         approximate(a, "local", 0.5, lowrank_share=0.5)
+    with pytest.raises(ValueError, match="ready Pattern"):
+        approximate(a, make_pattern("pixelfly", 16, 16, 0.5, block_size=4), lowrank_share=0.5)
     with pytest.raises(ValueError, match="pattern is for"):
         approximate(a, make_pattern("local", 32, 16, 0.5, block_size=4))
     with pytest.raises(ValueError, match="pattern uses budget"):
