@@ -11,9 +11,14 @@ https://arxiv.org/abs/2112.00029):
 * the same kernel on the transposed layout, input gradient:  dx[:, j] = sum_{i: layout[i, j]} dy[:, i] @ values[k];
 * sampled dense-dense ("sdd"), weight gradient, only the layout's blocks:  dvalues[k] = dy[:, i]^T @ x[:, j].
 
-One program owns one (BLOCK_M x b) output tile and walks the block row's fixed list of blocks
-(fan-in), so every output element is written exactly once, with no atomics; the low-rank term
-(x V) U^T (and (dy U) V^T in the backward) and the bias are added in the same program's epilogue.
+One dsd program owns a (BLOCK_M x GROUP*b) output tile and walks the fixed list of input blocks
+(the fan-in) that its GROUP output blocks share, so every output element is written exactly once,
+with no atomics; the low-rank term (x V) U^T (and (dy U) V^T in the backward) and the bias are
+added in the same program's epilogue. GROUP > 1 uses the structure of the flat block butterfly:
+stretched to hardware blocks it repeats every block row (and column) several times, and the
+repeated rows can share one input tile (less traffic, wider tensor-core tiles). One sdd program
+owns GROUP blocks of one block column, reducing over the rows (optionally split into chunks).
+Tile sizes, GROUP, warps and pipeline depth are autotuned per shape.
 Accumulation is in float32 (float64 for float64 inputs); float32 inputs use TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmuls do.
 
@@ -64,6 +69,13 @@ class LayoutTables:
             col_blocks[t] in rows col_rows[t] for t in col_ptr[j] .. col_ptr[j+1]-1. Input gradient.
         block_rows (nnz,): the row i of block k (its column is row_cols[k]). Weight gradient.
         max_row_fanin, max_col_fanin: largest blocks per block row / column (part of the tuning key).
+        row_group, col_group: the largest power of two G (<= 16) such that every aligned run of G
+            block rows (columns) has the same set of blocks. One program can then compute G output
+            blocks side by side from one tile of its input: a flat block butterfly stretched to
+            blocks repeats each row (column) out/(butterfly_size*b) (in/(butterfly_size*b)) times.
+        group_leads, group_fanin (nnz / row_group,): the blocks of the first row of every run of
+            row_group rows, and that row's block count F; block g rows below lead k is k + g*F.
+            Weight gradient, several blocks of one column per program.
     """
 
     shape: tuple[int, int]
@@ -76,6 +88,22 @@ class LayoutTables:
     block_rows: torch.Tensor
     max_row_fanin: int
     max_col_fanin: int
+    row_group: int
+    col_group: int
+    group_leads: torch.Tensor
+    group_fanin: torch.Tensor
+
+
+def _group(layout: torch.Tensor, limit: int = 16) -> int:
+    """Largest power of two G <= limit dividing R with layout[G*q : G*q + G] all equal rows, for every q."""
+    R = layout.shape[0]
+    group = 1
+    while layout.numel() and 2 * group <= limit and R % (2 * group) == 0:
+        runs = layout.reshape(R // (2 * group), 2 * group, -1)
+        if not bool((runs == runs[:, :1]).all()):
+            break
+        group *= 2
+    return group
 
 
 def _pointers(counts: torch.Tensor) -> torch.Tensor:
@@ -85,18 +113,24 @@ def _pointers(counts: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=128)
 def _tables_from_bytes(data: bytes, shape: tuple[int, int], device: str) -> LayoutTables:
     R, C = shape
-    layout = torch.frombuffer(bytearray(data), dtype=torch.bool).reshape(R, C)
+    layout = (torch.frombuffer(bytearray(data), dtype=torch.bool) if data else torch.zeros(0, dtype=torch.bool))
+    layout = layout.reshape(R, C)
     rows, cols = layout.nonzero(as_tuple=True)            # row-major: the k-th pair is block k
     csc = torch.sort(cols * R + rows, stable=True).indices  # blocks ordered by (column, row)
     row_counts, col_counts = layout.sum(1), layout.sum(0)
-    tables = dict(row_ptr=_pointers(row_counts), row_cols=cols, col_ptr=_pointers(col_counts),
-                  col_rows=rows[csc], col_blocks=csc, block_rows=rows)
+    row_ptr = _pointers(row_counts)
+    row_group = _group(layout)
+    lead_rows = rows % row_group == 0   # blocks in the first row of a run
+    tables = dict(row_ptr=row_ptr, row_cols=cols, col_ptr=_pointers(col_counts), col_rows=rows[csc],
+                  col_blocks=csc, block_rows=rows, group_leads=lead_rows.nonzero().flatten(),
+                  group_fanin=row_counts[rows[lead_rows]])
     tables = {name: t.to(device=device, dtype=torch.int32) for name, t in tables.items()}
     return LayoutTables(shape=(R, C), nnz=len(rows), max_row_fanin=max(row_counts.tolist(), default=0),
-                        max_col_fanin=max(col_counts.tolist(), default=0), **tables)
+                        max_col_fanin=max(col_counts.tolist(), default=0), row_group=row_group,
+                        col_group=_group(layout.T), **tables)
 
 
-# id(layout) -> (weak reference, version, device, tables): repeated calls with the same layout tensor
+# (id(layout), device) -> (weak reference, version, tables): repeated calls with the same layout tensor
 # (a layer's buffer) find their tables without reading the layout back from the GPU.
 _BY_TENSOR: dict[tuple[int, str], tuple] = {}
 
@@ -134,32 +168,42 @@ def layout_tables(layout: torch.Tensor, device: torch.device | str | None = None
 @triton.jit
 def _dsd_kernel(a_ptr, v_ptr, out_ptr, bias_ptr, e_ptr, f_ptr, ptr_ptr, idx_ptr, blk_ptr,
                 M, RANK, stride_am, stride_ak, stride_om, stride_on, stride_em, stride_er,
-                stride_fn, stride_fr, v_stride_r, v_stride_c, M_KEY, N_OUT, MAX_FANIN,
-                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BLK: tl.constexpr,
+                stride_fn, stride_fr, v_stride_r, v_stride_c, M_KEY, N_OUT, MAX_FANIN, MAX_GROUP,
+                BLOCK: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, TRANSPOSE: tl.constexpr,
                 PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """out[m, n-block] = sum_t a[m, idx[t]-block] @ tile(v[blk[t]]) (+ e[m] @ f[n-block]^T) (+ bias)."""
-    pid_n = tl.program_id(0)  # output block column: fastest, so neighbours share the rows of a
+    """out[m, n-blocks] = sum_t a[m, idx[t]-block] @ [tile of each of the GROUP blocks] (+ e f^T) (+ bias).
+
+    One program: BLOCK_M rows of GROUP consecutive output blocks (layout rows, or columns when
+    TRANSPOSE), which share one list of input blocks: the first one's (ptr, idx) entries.
+    """
+    pid_n = tl.program_id(0)  # output block group: fastest, so neighbours share the rows of a
     pid_m = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_b = tl.arange(0, BLOCK)
+    offs_c = tl.arange(0, GROUP * BLOCK)   # output columns of the program: (block g, column c)
     mask_m = offs_m < M
     a_rows = a_ptr + offs_m[:, None] * stride_am
-    # the b x b tile of block k: v[k, r * v_stride_r + c * v_stride_c] (transposed or not)
-    v_tile = offs_b[:, None] * v_stride_r + offs_b[None, :] * v_stride_c
-    acc = tl.zeros((BLOCK_M, BLOCK), dtype=ACC_DTYPE)
-    start = tl.load(ptr_ptr + pid_n).to(tl.int64)  # int64 loop: k * b * b cannot overflow
-    end = tl.load(ptr_ptr + pid_n + 1).to(tl.int64)
+    start = tl.load(ptr_ptr + pid_n * GROUP).to(tl.int64)  # int64 loop: k * b * b cannot overflow
+    end = tl.load(ptr_ptr + pid_n * GROUP + 1).to(tl.int64)
+    if TRANSPOSE:  # block g of the group is the next one in the same layout row: k + g
+        g_stride = BLOCK * BLOCK
+    else:          # the group's rows each hold end - start blocks, stored one row after another
+        g_stride = (end - start) * BLOCK * BLOCK
+    # (b x GROUP*b) tile for entry t: column (g, c) = block g's tile, v[k_g, r*v_stride_r + c*v_stride_c]
+    v_tile = (offs_b[:, None] * v_stride_r + (offs_c % BLOCK)[None, :] * v_stride_c
+              + (offs_c // BLOCK)[None, :] * g_stride)
+    acc = tl.zeros((BLOCK_M, GROUP * BLOCK), dtype=ACC_DTYPE)
     for t in range(start, end):
         j = tl.load(idx_ptr + t).to(tl.int64)
-        if HAS_BLK:
+        if TRANSPOSE:
             k = tl.load(blk_ptr + t).to(tl.int64)
         else:
             k = t
         a = tl.load(a_rows + (j * BLOCK + offs_b)[None, :] * stride_ak, mask=mask_m[:, None], other=0.0)
         v = tl.load(v_ptr + k * BLOCK * BLOCK + v_tile)
         acc = tl.dot(a, v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    offs_n = pid_n * BLOCK + offs_b
+    offs_n = pid_n * GROUP * BLOCK + offs_c
     if HAS_LOWRANK:  # + e[m, :] @ f[n, :]^T, the rank walked in BLOCK_R chunks
         for r0 in range(0, RANK, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -176,54 +220,113 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, bias_ptr, e_ptr, f_ptr, ptr_ptr, idx_ptr,
 
 
 @triton.jit
-def _sdd_kernel(g_ptr, x_ptr, out_ptr, rows_ptr, cols_ptr, M, CHUNK, NNZ,
+def _sdd_kernel(g_ptr, x_ptr, out_ptr, leads_ptr, fanin_ptr, rows_ptr, cols_ptr, M, CHUNK, NNZ, MAX_GROUP,
                 stride_gm, stride_gn, stride_xm, stride_xk, M_KEY,
-                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
                 ACC_DTYPE: tl.constexpr):
-    """out[s, k] = g[rows s-chunk, i-block]^T @ x[rows s-chunk, j-block] for block k = (i, j)."""
-    k = tl.program_id(0)
+    """out[s, k_g] = g[rows of chunk s, (i+g)-block]^T @ x[rows of chunk s, j-block], g < GROUP.
+
+    Program p computes GROUP blocks of one block column j in consecutive rows i..i+GROUP-1 (their
+    runs of MAX_GROUP equal rows, described by leads/fanin, are cut into MAX_GROUP / GROUP parts).
+    """
+    p = tl.program_id(0)
     split = tl.program_id(1)
+    parts = MAX_GROUP // GROUP
+    fanin = tl.load(fanin_ptr + p // parts).to(tl.int64)
+    k = tl.load(leads_ptr + p // parts).to(tl.int64) + (p % parts) * GROUP * fanin  # first block
     i = tl.load(rows_ptr + k).to(tl.int64)
     j = tl.load(cols_ptr + k).to(tl.int64)
     offs_b = tl.arange(0, BLOCK)
-    g_cols = g_ptr + (i * BLOCK + offs_b)[None, :] * stride_gn
+    offs_r = tl.arange(0, GROUP * BLOCK)  # rows of the GROUP blocks, stacked: (g, r)
+    g_cols = g_ptr + (i * BLOCK + offs_r)[None, :] * stride_gn
     x_cols = x_ptr + (j * BLOCK + offs_b)[None, :] * stride_xk
     m_start = split * CHUNK
     m_end = tl.minimum(M, m_start + CHUNK)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
+    acc = tl.zeros((GROUP * BLOCK, BLOCK), dtype=ACC_DTYPE)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = (offs_m < m_end)[:, None]
         g = tl.load(g_cols + offs_m[:, None] * stride_gm, mask=mask_m, other=0.0)
         x = tl.load(x_cols + offs_m[:, None] * stride_xm, mask=mask_m, other=0.0)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    out = out_ptr + (split * NNZ + k).to(tl.int64) * BLOCK * BLOCK + offs_b[:, None] * BLOCK + offs_b[None, :]
+    block_k = split * NNZ + k + (offs_r // BLOCK) * fanin  # block g of the group: k + g * fanin
+    out = out_ptr + block_k[:, None] * BLOCK * BLOCK + (offs_r % BLOCK)[:, None] * BLOCK + offs_b[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty))
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose pipelined tiles cannot fit in shared memory (~200 KiB on H100/H200)."""
-    block = kwargs["BLOCK"]
-    size = named_args["a_ptr" if "a_ptr" in named_args else "g_ptr"].element_size()
-    kept = [c for c in configs
-            if c.num_stages * (c.kwargs["BLOCK_M"] * block * 2 + block * block) * size <= 160 * 1024]
-    return kept or configs[:1]
+_SMEM_LIMIT = 200 * 1024  # bytes of shared memory a config may plan for (H100/H200 allow 227 KiB)
+_MAX_TILE_N = 256         # widest output tile (GROUP * b) one program computes
+_MAX_ACC_PER_THREAD = 128  # fp32 accumulator registers per thread a config may use
 
 
-# Tuning: a handful of tile heights, warps and pipeline depths; keyed by the rounded row count, the
-# shape and the fan-in. Short benchmark runs keep first-call tuning to ~0.1 s per config.
-_TUNE = dict(prune_configs_by={"early_config_prune": _prune},
-             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles))
-_DSD_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-                for bm, w, s in itertools.product((64, 128), (4, 8), (3, 4))]
-_SDD_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-                for bm, w, s in itertools.product((32, 64, 128), (4, 8), (3, 4))]
-_dsd_tuned = triton.autotune(_DSD_CONFIGS, key=["M_KEY", "N_OUT", "MAX_FANIN", "RANK"], **_TUNE)(_dsd_kernel)
-_sdd_tuned = triton.autotune(_SDD_CONFIGS, key=["M_KEY", "NNZ", "CHUNK"], **_TUNE)(_sdd_kernel)
+def _fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages: int, size: int) -> bool:
+    """Whether the pipelined tiles fit in shared memory and the accumulator in registers.
+
+    dsd per stage: a (BLOCK_M x b) input tile + a (b x GROUP*b) weight tile; accumulator BLOCK_M x GROUP*b.
+    sdd per stage: (BLOCK_M x GROUP*b) of g + (BLOCK_M x b) of x; accumulator GROUP*b x b.
+    """
+    width = group * block
+    if kernel == "dsd":
+        per_stage, acc = block_m * block + block * width, block_m * width
+    else:
+        per_stage, acc = block_m * (width + block), width * block
+    return (stages * per_stage * size <= _SMEM_LIMIT and width <= _MAX_TILE_N
+            and acc <= _MAX_ACC_PER_THREAD * 32 * warps)
+
+
+def _fixed_config(kernel: str, block: int, size: int, max_group: int = 1) -> dict:
+    """The config when not autotuning: the widest group, then the tallest tile and deepest pipeline that fit."""
+    group = max_group
+    while group >= 1:
+        for block_m, stages, warps in itertools.product((64, 32, 16), (3, 2, 1), (4, 8)):
+            if _fits(kernel, block, group, block_m, warps, stages, size):
+                return dict(BLOCK_M=block_m, GROUP=group, num_warps=warps, num_stages=stages)
+        group //= 2
+    raise ValueError(f"no {kernel} kernel config fits block size {block} with {size}-byte elements")
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        """Keep the configs that fit (and whose group the layout allows); at least the fixed config."""
+        block = kwargs["BLOCK"]
+        size = named_args["a_ptr" if kernel == "dsd" else "g_ptr"].element_size()
+        max_group = min(named_args["MAX_GROUP"], max(1, _MAX_TILE_N // block))
+        kept = [c for c in configs if c.kwargs["GROUP"] <= max_group
+                and _fits(kernel, block, c.kwargs["GROUP"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages, size)]
+        if not kept:
+            fixed = _fixed_config(kernel, block, size, max_group)
+            kept = [triton.Config({k: v for k, v in fixed.items() if k in ("BLOCK_M", "GROUP")},
+                                  num_warps=fixed["num_warps"], num_stages=fixed["num_stages"])]
+        return kept
+    return prune
+
+
+# Tuning: tile height, output group width, warps and pipeline depth; keyed by the rounded row
+# count, the shape, fan-in and group. Short benchmark runs (2 + 10 ms a config, against triton's
+# default 25 + 100) keep the first call of a new shape to about a second beyond compiling.
+_BENCH = dict(do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=2, rep=10, quantiles=quantiles))
+# (BLOCK_M, GROUP, num_warps, num_stages); few enough that tuning a new shape costs seconds of compiling.
+_DSD_CONFIGS = [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=st)
+                for bm, g, w, st in ((64, 1, 4, 3), (64, 1, 4, 4), (128, 1, 4, 3), (128, 1, 8, 3),
+                                     (64, 2, 4, 3), (128, 2, 8, 3), (64, 4, 8, 3), (128, 4, 8, 3),
+                                     (64, 8, 8, 3))]
+_SDD_CONFIGS = [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=st)
+                for bm, g, w, st in ((32, 1, 4, 3), (64, 1, 4, 3), (64, 1, 8, 3), (128, 1, 8, 3),
+                                     (64, 2, 8, 3), (64, 4, 8, 3), (128, 4, 8, 3))]
+_dsd_tuned = triton.autotune(_DSD_CONFIGS, key=["M_KEY", "N_OUT", "MAX_FANIN", "MAX_GROUP", "RANK"],
+                             prune_configs_by={"early_config_prune": _pruner("dsd")}, **_BENCH)(_dsd_kernel)
+_sdd_tuned = triton.autotune(_SDD_CONFIGS, key=["M_KEY", "NNZ", "CHUNK", "MAX_GROUP"],
+                             prune_configs_by={"early_config_prune": _pruner("sdd")}, **_BENCH)(_sdd_kernel)
+
+
+# Default of the launchers' ``autotune`` argument: None = autotune on a GPU, never under the
+# interpreter. Set False to run one fixed config (e.g. correctness sweeps, where tuning every
+# dtype and block size would cost minutes of compiling).
+AUTOTUNE: bool | None = None
 
 
 def _use_autotune(autotune: bool | None) -> bool:
-    """Autotune on a GPU by default; the interpreter (and explicit False) uses one fixed config."""
+    autotune = AUTOTUNE if autotune is None else autotune
     return (not _INTERPRET) if autotune is None else bool(autotune) and not _INTERPRET
 
 
@@ -233,10 +336,6 @@ def _precision(dtype: torch.dtype) -> tuple[str, object]:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee", tl.float32
     return "tf32", tl.float32  # ignored by tl.dot for 16-bit inputs
-
-
-def _fixed_config(block: int) -> dict:
-    return dict(BLOCK_M=64 if block <= 64 else 32, num_warps=4, num_stages=3)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -254,7 +353,8 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
         bias: (N,) added to every row, or None.
         lowrank: (e, f) with e (M, r), f (N, r): adds e f^T (the fused low-rank term), or None.
         out: (M, N) result buffer (every element is written), or None to allocate.
-        autotune: None (auto: on a GPU, not under the interpreter), True or False.
+        autotune: None (module default :data:`AUTOTUNE`: tune on a GPU, not under the
+            interpreter), True or False (one fixed config).
 
     Returns:
         out (M, N), N = R*b (forward) or C*b (input gradient).
@@ -263,11 +363,12 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
     block = values.shape[-1]
     R, C = tables.shape
     if transpose:  # dx[:, j] = sum_i dy[:, i] @ values[k]: walk the columns of the layout
-        n_blocks, ptr, idx, blk, fanin = C, tables.col_ptr, tables.col_rows, tables.col_blocks, tables.max_col_fanin
-        v_strides = (block, 1)
+        n_blocks, ptr, idx, blk = C, tables.col_ptr, tables.col_rows, tables.col_blocks
+        fanin, max_group, v_strides = tables.max_col_fanin, tables.col_group, (block, 1)
     else:          # y[:, i] = sum_j x[:, j] @ values[k]^T: walk the rows
-        n_blocks, ptr, idx, blk, fanin = R, tables.row_ptr, tables.row_cols, tables.row_cols, tables.max_row_fanin
-        v_strides = (1, block)
+        n_blocks, ptr, idx, blk = R, tables.row_ptr, tables.row_cols, tables.row_cols
+        fanin, max_group, v_strides = tables.max_row_fanin, tables.row_group, (1, block)
+    max_group = min(max_group, max(1, _MAX_TILE_N // block))
     N = n_blocks * block
     if out is None:
         out = torch.empty(M, N, device=a.device, dtype=a.dtype)
@@ -278,19 +379,19 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
     precision, acc_dtype = _precision(a.dtype)
     args = (a, values, out, bias if bias is not None else a, e, f, ptr, idx, blk,
             M, rank, a.stride(0), a.stride(1), out.stride(0), out.stride(1), e.stride(0), e.stride(1),
-            f.stride(0), f.stride(1), *v_strides, triton.next_power_of_2(M), N, fanin)
+            f.stride(0), f.stride(1), *v_strides, triton.next_power_of_2(M), N, fanin, max_group)
     meta = dict(BLOCK=block, BLOCK_R=min(_MAX_LOWRANK_TILE, max(16, triton.next_power_of_2(max(rank, 1)))),
-                HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank is not None and rank > 0, HAS_BLK=transpose,
+                HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank is not None and rank > 0, TRANSPOSE=transpose,
                 PRECISION=precision, ACC_DTYPE=acc_dtype)
     if _use_autotune(autotune):
-        _dsd_tuned[lambda META: (n_blocks, triton.cdiv(M, META["BLOCK_M"]))](*args, **meta)
+        _dsd_tuned[lambda META: (n_blocks // META["GROUP"], triton.cdiv(M, META["BLOCK_M"]))](*args, **meta)
     else:
-        config = _fixed_config(block)
-        _dsd_kernel[(n_blocks, triton.cdiv(M, config["BLOCK_M"]))](*args, **meta, **config)
+        config = _fixed_config("dsd", block, a.element_size(), max_group)
+        _dsd_kernel[(n_blocks // config["GROUP"], triton.cdiv(M, config["BLOCK_M"]))](*args, **meta, **config)
     return out
 
 
-def _split_count(M: int, nnz: int, device: torch.device) -> int:
+def _split_count(M: int, programs: int, device: torch.device) -> int:
     """How many row chunks the weight gradient's reduction is split into.
 
     One program per block leaves most of the GPU idle when nnz is small and M large, so the rows
@@ -299,7 +400,7 @@ def _split_count(M: int, nnz: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, max(nnz, 1)), M // 512))
+    return max(1, min(triton.cdiv(2 * sms, max(programs, 1)), M // 512))
 
 
 def sdd_matmul(g: torch.Tensor, x: torch.Tensor, tables: LayoutTables, block: int, *, split: int | None = None,
@@ -327,19 +428,22 @@ def sdd_matmul(g: torch.Tensor, x: torch.Tensor, tables: LayoutTables, block: in
         return out
     if M == 0:
         return out.zero_()
-    split = _split_count(M, nnz, g.device) if split is None else split
+    max_group = tables.row_group  # the leads table's runs; configs use GROUP <= that (and tile width)
+    fewest_programs = nnz // min(max_group, max(1, _MAX_TILE_N // block))
+    split = _split_count(M, fewest_programs, g.device) if split is None else split
     chunk = triton.cdiv(triton.cdiv(M, split), 128) * 128  # whole tiles for every BLOCK_M
     split = triton.cdiv(M, chunk)
     partial = out if split == 1 else torch.empty(split, nnz, block, block, device=g.device,
                                                  dtype=torch.promote_types(g.dtype, torch.float32))
     precision, acc_dtype = _precision(g.dtype)
-    args = (g, x, partial, tables.block_rows, tables.row_cols, M, chunk, nnz,
-            g.stride(0), g.stride(1), x.stride(0), x.stride(1), triton.next_power_of_2(M))
+    args = (g, x, partial, tables.group_leads, tables.group_fanin, tables.block_rows, tables.row_cols, M, chunk,
+            nnz, max_group, g.stride(0), g.stride(1), x.stride(0), x.stride(1), triton.next_power_of_2(M))
     meta = dict(BLOCK=block, PRECISION=precision, ACC_DTYPE=acc_dtype)
     if _use_autotune(autotune):
-        _sdd_tuned[(nnz, split)](*args, **meta)
+        _sdd_tuned[lambda META: (nnz // META["GROUP"], split)](*args, **meta)
     else:
-        _sdd_kernel[(nnz, split)](*args, **meta, **_fixed_config(block))
+        config = _fixed_config("sdd", block, g.element_size(), min(max_group, max(1, _MAX_TILE_N // block)))
+        _sdd_kernel[(nnz // config["GROUP"], split)](*args, **meta, **config)
     if split > 1:
         torch.sum(partial, dim=0, out=out) if out.dtype == partial.dtype else out.copy_(partial.sum(0))
     return out

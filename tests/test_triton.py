@@ -49,10 +49,11 @@ def random_layout(R: int, C: int, density: float, generator: torch.Generator) ->
     return layout
 
 
-def make_case(dtype, block, *, R=3, C=4, rows=(2, 19), rank=0, bias=True, seed=0):
+def make_case(dtype, block, *, R=3, C=4, rows=(2, 19), rank=0, bias=True, seed=0, layout=None):
     """Random inputs of one case, all requiring grad: (x, values, layout, bias, u, v)."""
     g = torch.Generator().manual_seed(seed)
-    layout = random_layout(R, C, 0.5, g)
+    layout = random_layout(R, C, 0.5, g) if layout is None else layout
+    R, C = layout.shape
     nnz = int(layout.sum())
 
     def rand(*shape, scale=1.0):
@@ -115,6 +116,34 @@ def test_pixelfly_fused_lowrank_matches_dense(dtype, rank):
     check_against_reference(*make_case(dtype, 16, rank=rank), tol=TOL[dtype])
 
 
+def repeated_layout():
+    """Block rows repeated in runs of 4 and columns in runs of 2, one run of rows empty."""
+    base = torch.tensor([[True, False, True], [False, False, False]])
+    return torch.kron(base.int(), torch.ones(4, 2, dtype=torch.int)).bool()
+
+
+@pytest.mark.parametrize("dtype,block,rank", [(torch.float64, 16, 3), (torch.float16, 16, 0),
+                                              (torch.float32, 64, 5), (torch.float64, 128, 0)])
+def test_grouped_programs_match_dense(dtype, block, rank):
+    """Layouts whose rows/columns repeat: one program computes several output blocks.
+
+    At block 128 a tile holds only 2 of the 4 repeated rows, so each run is split in two programs.
+    """
+    layout = repeated_layout()
+    tables = tk.layout_tables(layout)
+    assert (tables.row_group, tables.col_group) == (4, 2)
+    check_against_reference(*make_case(dtype, block, rank=rank, layout=layout), tol=TOL[dtype])
+
+
+def test_flat_block_butterfly_layout_matches_dense():
+    from pixelfly_lab.masks import flat_block_butterfly_layout
+
+    layout = flat_block_butterfly_layout(256, 128, 4, 1, 16)  # each cell stretched to 4 x 2 blocks
+    tables = tk.layout_tables(layout)
+    assert (tables.row_group, tables.col_group) == (8, 4)
+    check_against_reference(*make_case(torch.float64, 16, rows=(33,), rank=2, layout=layout), tol=1e-12)
+
+
 def test_no_bias_and_leading_dims():
     x, values, layout, _, _, _ = make_case(torch.float64, 16, rows=(2, 3, 5), bias=False)
     check_against_reference(x, values, layout, None, None, None, tol=TOL[torch.float64])
@@ -174,6 +203,20 @@ def test_layout_tables_describe_the_layout(R, C, density, seed):
         assert t.col_rows[t.col_ptr[j]:t.col_ptr[j + 1]].tolist() == sorted(rows[ks].tolist())
     assert sorted(t.col_blocks.tolist()) == list(range(t.nnz))
     assert t.max_row_fanin == max(layout.sum(1).tolist()) and t.max_col_fanin == max(layout.sum(0).tolist())
+    for group, lay in ((t.row_group, layout), (t.col_group, layout.T)):  # runs of equal rows
+        n = lay.shape[0]
+        assert n % group == 0 and all(torch.equal(lay[q], lay[q - q % group]) for q in range(n))
+        if 2 * group <= 16 and n % (2 * group) == 0:
+            assert any(not torch.equal(lay[q], lay[q - q % (2 * group)]) for q in range(n))
+
+
+@settings(max_examples=20, deadline=None)
+@given(R=st.integers(1, 4), C=st.integers(1, 4), gr=st.sampled_from([1, 2, 4]), gc=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2 ** 16))
+def test_layout_tables_find_repeated_rows(R, C, gr, gc, seed):
+    base = torch.rand(R, C, generator=torch.Generator().manual_seed(seed)) < 0.5
+    t = tk.layout_tables(torch.kron(base.int(), torch.ones(gr, gc, dtype=torch.int)).bool())
+    assert t.row_group % gr == 0 and t.col_group % gc == 0
 
 
 def test_layout_tables_cache():
