@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .claims import Claim
 
-__all__ = ["EXPERIMENTS", "Experiment", "reproduce", "add_arguments", "run"]
+__all__ = ["EXPERIMENTS", "Experiment", "reproduce", "load_results", "show_experiment", "add_arguments", "run"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,30 @@ def _load_record(folder: Path) -> dict | None:
         return json.loads((folder / "claims.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def load_results(out="results") -> dict[str, dict]:
+    """The records of every experiment found under ``out`` ({name: record}), in report order."""
+    out = Path(out)
+    return {e.name: rec for e in EXPERIMENTS if (rec := _load_record(out / e.name))}
+
+
+def show_experiment(out, name: str) -> None:
+    """Display one experiment's claims and figures in a notebook (IPython.display)."""
+    from IPython.display import Image, Markdown, display
+
+    if name not in {e.name for e in EXPERIMENTS}:
+        raise ValueError(f"unknown experiment name {name!r}; known: {', '.join(e.name for e in EXPERIMENTS)}")
+    record = _load_record(Path(out) / name)
+    if record is None:
+        display(Markdown(f"*`{name}` has no results in `{out}` yet: run `make reproduce` "
+                         f"(or `python -m pixelfly_lab reproduce --only {name}`).*"))
+        return
+    for claim in record["claims"]:
+        display(Markdown(f"**Claim:** {claim['claim']}  \n**Measured:** {claim['measured']}  \n"
+                         f"**Verdict:** {_verdict(claim['held'])}"))
+        if claim.get("figure"):
+            display(Image(filename=str(Path(out) / name / claim["figure"])))
 
 
 def _verdict(held) -> str:
