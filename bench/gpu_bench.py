@@ -38,6 +38,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch  # does not import triton: TRITON_INTERPRET can still be set below
+
 START = time.perf_counter()
 
 # (label, in_features, out_features, tokens): GPT-2 at batch 8 x 1024 positions, Mixer-B/16 at
@@ -76,8 +78,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
-    import torch
-
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA GPU visible to torch; use --smoke on a CPU machine", file=sys.stderr)
         return 2
@@ -85,20 +85,20 @@ def main(argv=None) -> int:
 
     device = "cpu" if args.smoke else "cuda"
     torch.manual_seed(0)
-    print(environment(torch, device), flush=True)
+    print(environment(device), flush=True)
     failures = []
     if not args.skip_check:
-        checks = correctness(torch, tk, device, args.smoke)
+        checks = correctness(tk, device, args.smoke)
         failures = [c for c in checks if not c.ok]
         print(f"\ncorrectness: {len(checks) - len(failures)}/{len(checks)} checks passed", flush=True)
         for c in failures:
             print(f"  FAILED {c.name}: rel err {c.err:.2e} >= {c.tol:.0e}", flush=True)
-    speed_table(torch, tk, device, args)
+    speed_table(tk, device, args)
     print(f"\ntotal {time.perf_counter() - START:.0f} s", flush=True)
     return 1 if failures else 0
 
 
-def environment(torch, device) -> str:
+def environment(device) -> str:
     import triton
 
     parts = [f"torch {torch.__version__}", f"triton {triton.__version__}"]
@@ -112,7 +112,7 @@ def environment(torch, device) -> str:
 
 # ----------------------------------------------------------------------------- part 1
 
-def dense_weight(torch, values, layout):
+def dense_weight(values, layout):
     """W (R*b, C*b) holding values[k] at the k-th True entry of layout (row-major)."""
     R, C = layout.shape
     b = values.shape[-1]
@@ -124,7 +124,7 @@ def rel_err(a, ref) -> float:
     return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
 
 
-def correctness(torch, tk, device, smoke):
+def correctness(tk, device, smoke):
     """Every kernel, dtype and block size against the float64 dense reference."""
     dtypes = ((torch.float64, torch.float32, torch.float16) if smoke
               else (torch.float32, torch.float16, torch.bfloat16))
@@ -140,20 +140,26 @@ def correctness(torch, tk, device, smoke):
         for block in blocks:
             started = time.perf_counter()
             grouped = blocks.index(block) % 2 == 0  # alternate: one program per block, or per two
-            case = checks_one(torch, tk, device, dtype, block, R, C, M, rank, tol[dtype], grouped)
+            try:
+                case = checks_one(tk, device, dtype, block, R, C, M, rank, tol[dtype], grouped)
+            except Exception as err:  # e.g. a kernel that does not compile: record it, go on
+                case = [Check(f"{str(dtype)[6:]} block {block}: {type(err).__name__}: {err}"[:300], float("inf"), 0.0)]
             checks += case
             bad = [c.name for c in case if not c.ok]
             print(f"  {str(dtype)[6:]:8s} block {block:3d}{' grouped' if grouped else '        '}: "
                   f"{len(case) - len(bad)}/{len(case)} ok, "
                   f"worst rel err {max(c.err for c in case):.1e} ({time.perf_counter() - started:.1f} s)"
                   + (f"  FAILED: {bad}" if bad else ""), flush=True)
-    checks.append(check_autocast(torch, tk, device, 16 if smoke else 64, R, C, M, rank))
+    try:
+        checks.append(check_autocast(tk, device, 16 if smoke else 64, R, C, M, rank))
+    except Exception as err:
+        checks.append(Check(f"autocast: {type(err).__name__}: {err}"[:300], float("inf"), 0.0))
     print(f"  autocast: rel err {checks[-1].err:.1e} ({'ok' if checks[-1].ok else 'FAILED'})", flush=True)
     tk.AUTOTUNE = None
     return checks
 
 
-def random_operands(torch, device, dtype, block, R, C, M, rank, seed=0, grouped=False):
+def random_operands(device, dtype, block, R, C, M, rank, seed=0, grouped=False):
     """Random operands on a random layout; grouped: every block row and column repeated twice
     (as in a stretched flat block butterfly), so that programs compute two output blocks each."""
     g = torch.Generator().manual_seed(seed)
@@ -173,12 +179,12 @@ def random_operands(torch, device, dtype, block, R, C, M, rank, seed=0, grouped=
                 dy=rand(M, R * block)), layout
 
 
-def checks_one(torch, tk, device, dtype, block, R, C, M, rank, tol, grouped):
-    ops, layout = random_operands(torch, device, dtype, block, R, C, M, rank, grouped=grouped)
+def checks_one(tk, device, dtype, block, R, C, M, rank, tol, grouped):
+    ops, layout = random_operands(device, dtype, block, R, C, M, rank, grouped=grouped)
     R, C = layout.shape
     x, values, bias, u, v, dy = (ops[k] for k in ("x", "values", "bias", "u", "v", "dy"))
     d = {k: t.double() for k, t in ops.items()}
-    W = dense_weight(torch, d["values"], layout)
+    W = dense_weight(d["values"], layout)
     tables = tk.layout_tables(layout, device)
     nan = float("nan")
     out = []
@@ -205,7 +211,7 @@ def checks_one(torch, tk, device, dtype, block, R, C, M, rank, tol, grouped):
             y = tk.block_sparse_matmul_triton(leaves[0], leaves[1], layout, leaves[2])
         grads = torch.autograd.grad(y, leaves, dy)
         ref = [t.detach().double().requires_grad_() for t in leaves]
-        y_ref = ref[0] @ dense_weight(torch, ref[1], layout).T + ref[2]
+        y_ref = ref[0] @ dense_weight(ref[1], layout).T + ref[2]
         if fused:
             y_ref = y_ref + (ref[0] @ ref[4]) @ ref[3].T
         ref_grads = torch.autograd.grad(y_ref, ref, d["dy"])
@@ -216,10 +222,10 @@ def checks_one(torch, tk, device, dtype, block, R, C, M, rank, tol, grouped):
     return out
 
 
-def check_autocast(torch, tk, device, block, R, C, M, rank) -> Check:
+def check_autocast(tk, device, block, R, C, M, rank) -> Check:
     """float32 parameters under autocast: output in the autocast dtype, gradients in float32."""
     low = torch.float16 if device == "cpu" else torch.bfloat16  # the interpreter mishandles bf16 dots
-    ops, layout = random_operands(torch, device, torch.float32, block, R, C, M, rank, seed=1)
+    ops, layout = random_operands(device, torch.float32, block, R, C, M, rank, seed=1)
     leaves = [ops[k].clone().requires_grad_() for k in ("x", "values", "bias", "u", "v")]
     with torch.autocast(device, dtype=low):
         y = tk.pixelfly_matmul_triton(leaves[0], leaves[1], layout, leaves[3], leaves[4], leaves[2])
@@ -227,13 +233,13 @@ def check_autocast(torch, tk, device, block, R, C, M, rank) -> Check:
     if y.dtype != low or any(g.dtype != torch.float32 for g in grads):
         return Check(f"autocast {low}: dtypes {y.dtype}, {[g.dtype for g in grads]}", float("inf"), 1.0)
     d = [t.detach().double() for t in leaves]
-    y_ref = d[0] @ dense_weight(torch, d[1], layout).T + d[2] + (d[0] @ d[4]) @ d[3].T
+    y_ref = d[0] @ dense_weight(d[1], layout).T + d[2] + (d[0] @ d[4]) @ d[3].T
     return Check(f"autocast {low} output", rel_err(y, y_ref), 3e-3 if low == torch.float16 else 2e-2)
 
 
 # ----------------------------------------------------------------------------- part 2
 
-def timer(torch, device, reps):
+def timer(device, reps):
     """Median milliseconds of fn() over reps calls, after two warm-up calls (which autotune)."""
     def measure(fn) -> float:
         fn()
@@ -256,7 +262,7 @@ def timer(torch, device, reps):
     return measure
 
 
-def time_method(measure, torch, forward, inputs, dy):
+def time_method(measure, forward, inputs, dy):
     """(forward, backward, forward+backward) milliseconds of y = forward() with grads to inputs."""
     fwd = measure(forward)
     y = forward()
@@ -278,7 +284,7 @@ class Method:
     note: str = ""
 
 
-def methods_for(torch, tk, device, dtype, d_in, d_out, budget, block, x):
+def methods_for(tk, device, dtype, d_in, d_out, budget, block, x):
     """{name: Method} for one (shape, budget, block)."""
     import torch.nn.functional as F
     from pixelfly_lab.masks import flat_block_butterfly_layout
@@ -296,7 +302,7 @@ def methods_for(torch, tk, device, dtype, d_in, d_out, budget, block, x):
     bias = param(d_out, scale=0.1)
     u, v = (param(d_out, rank, scale=rank ** -0.5), param(d_in, rank, scale=d_in ** -0.5)) if rank else (None, None)
     layout_dev = layout.to(device)
-    W = dense_weight(torch, values.detach().float(), layout_dev)
+    W = dense_weight(values.detach().float(), layout_dev)
     W_lr = W if not rank else W + u.detach().float() @ v.detach().float().T
     s_density = nnz * block * block / (d_in * d_out)
     ms = {}
@@ -318,7 +324,7 @@ def methods_for(torch, tk, device, dtype, d_in, d_out, budget, block, x):
                                       note=f"backend {layer_backend(layer, x)}")
     except Exception as err:  # the layer API is another module's: report, don't stop
         ms["pixelfly layer"] = Method(plan.budget, note=f"{type(err).__name__}: {err}"[:80])
-    ms["S only (torch BSR)"] = bsr_method(torch, F, W.to(dtype), block, x, bias, s_density)
+    ms["S only (torch BSR)"] = bsr_method(F, W.to(dtype), block, x, bias, s_density)
     try:
         from pixelfly_lab.layers import MonarchLinear
         pattern = make_pattern("monarch", d_out, d_in, budget)
@@ -339,7 +345,7 @@ def layer_backend(layer, x) -> str:
         return str(getattr(layer, "backend", "?"))
 
 
-def bsr_method(torch, F, W, block, x, bias, density) -> Method:
+def bsr_method(F, W, block, x, bias, density) -> Method:
     """torch's BSR matmul on the same sparse weight: the first formulation this torch runs."""
     try:
         with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta state"
@@ -364,18 +370,18 @@ def bsr_method(torch, F, W, block, x, bias, density) -> Method:
     return Method(density, note="no BSR matmul for this dtype and device")
 
 
-def reference_grads(torch, x, dy, operands):
+def reference_grads(x, dy, operands):
     """float32 autograd of the dense reference: (gradients, the leaves they belong to)."""
     values, layout, u, v = operands
     leaves = [t for t in (x, values, u, v) if t is not None]
     ref = [t.detach().float().requires_grad_() for t in leaves]
-    y_ref = ref[0] @ dense_weight(torch, ref[1], layout).T
+    y_ref = ref[0] @ dense_weight(ref[1], layout).T
     if u is not None:
         y_ref = y_ref + (ref[0] @ ref[3]) @ ref[2].T
     return torch.autograd.grad(y_ref, ref, dy.float()), leaves
 
 
-def speed_table(torch, tk, device, args):
+def speed_table(tk, device, args):
     import pandas as pd
 
     smoke = args.smoke
@@ -383,7 +389,7 @@ def speed_table(torch, tk, device, args):
     blocks = args.blocks or ([16] if smoke else [64, 128])
     reps = args.reps or (2 if smoke else 20)
     dtype = torch.float32 if smoke else torch.bfloat16
-    measure = timer(torch, device, reps)
+    measure = timer(device, reps)
     rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +404,7 @@ def speed_table(torch, tk, device, args):
             dy = torch.randn(tokens, d_out, generator=g, device=device).to(dtype)
             dense = torch.nn.Linear(d_in, d_out, device=device, dtype=dtype)
             base = dict(shape=label, d_in=d_in, d_out=d_out, tokens=tokens)
-            d_fwd, d_bwd, d_both = time_method(measure, torch, lambda: dense(x), [x, *dense.parameters()], dy)
+            d_fwd, d_bwd, d_both = time_method(measure, lambda: dense(x), [x, *dense.parameters()], dy)
             rows.append(dict(base, budget=1.0, block=0, method="dense nn.Linear", density=1.0, fwd_ms=d_fwd,
                              bwd_ms=d_bwd, fwdbwd_ms=d_both, speedup=1.0, flop_limit=1.0, of_limit=1.0,
                              max_rel_err=0.0, note=""))
@@ -409,15 +415,19 @@ def speed_table(torch, tk, device, args):
                         print(f"  deadline reached: skipping {label} budget {budget} block {block}", flush=True)
                         continue
                     try:
-                        ms = methods_for(torch, tk, device, dtype, d_in, d_out, budget, block, x)
-                    except ValueError as err:
+                        ms = methods_for(tk, device, dtype, d_in, d_out, budget, block, x)
+                    except ValueError as err:  # the budget is too small for this block size
                         print(f"  {label} budget {budget} block {block}: skipped ({err})"[:160], flush=True)
+                        continue
+                    except Exception as err:
+                        print(f"  {label} budget {budget} block {block}: FAILED to set up: "
+                              f"{type(err).__name__}: {err}"[:300], flush=True)
                         continue
                     for name, method in ms.items():
                         row = dict(base, budget=budget, block=block, method=name, density=method.density,
                                    note=method.note)
                         if method.forward is not None:
-                            row.update(measure_row(torch, measure, method, x, dy, d_both))
+                            row.update(measure_row(measure, method, x, dy, d_both))
                         rows.append(row)
                         print_row(row)
                     pd.DataFrame(rows).to_csv(out, index=False)
@@ -429,7 +439,7 @@ def speed_table(torch, tk, device, args):
     print(f"table written to {out}", flush=True)
 
 
-def measure_row(torch, measure, m: Method, x, dy, dense_both) -> dict:
+def measure_row(measure, m: Method, x, dy, dense_both) -> dict:
     """Times and errors of one method."""
     row = {}
     try:
@@ -439,11 +449,11 @@ def measure_row(torch, measure, m: Method, x, dy, dense_both) -> dict:
             y_ref = y_ref + m.bias.detach().float()
         errors = [rel_err(y, y_ref)]
         if m.operands is not None:
-            want, leaves = reference_grads(torch, x, dy, m.operands)
+            want, leaves = reference_grads(x, dy, m.operands)
             errors += [rel_err(a, b) for a, b in zip(torch.autograd.grad(y, leaves, dy), want)]
         row["max_rel_err"] = max(errors)
         if m.inputs:
-            f, b, both = time_method(measure, torch, m.forward, m.inputs, dy)
+            f, b, both = time_method(measure, m.forward, m.inputs, dy)
         else:
             f, b, both = measure(m.forward), float("nan"), float("nan")
         row.update(fwd_ms=f, bwd_ms=b, fwdbwd_ms=both, speedup=dense_both / both, flop_limit=1 / m.density,
