@@ -2,6 +2,10 @@
 
 Dao, Chen, Liang, Yang, Song, Rudra, Re. "Pixelated Butterfly: Simple and Efficient Sparse
 Training for Neural Network Models." ICLR 2022. https://arxiv.org/abs/2112.00029
+
+The package reads in dependency order: masks -> patterns -> kernels/layers -> sparsify/models
+-> train; expressiveness and ntk beside them; reproduce ties the experiments together.
+Triton is never imported here (see :mod:`pixelfly_lab.triton_kernels`, loaded on first CUDA use).
 """
 
 from .masks import (
@@ -14,13 +18,43 @@ from .masks import (
     mask_to_layout,
 )
 from .patterns import PATTERN_NAMES, Pattern, PixelflyPlan, make_pattern, plan_pixelfly
+from .kernels import block_sparse_matmul, sparse_lowrank_matmul
+from .layers import (
+    BlockSparseLinear,
+    ButterflyLinear,
+    LowRankLinear,
+    MaskedLinear,
+    MonarchLinear,
+    PixelflyLinear,
+    SparseLowRankLinear,
+    layer_from_pattern,
+)
+from .sparsify import sparsify
+from .targets import TARGET_KINDS, target_matrix
+from .expressiveness import Approximation, approximate, expressiveness_table
+from .ntk import empirical_ntk, kernel_distance, spectra
+from .data import DATASETS, load_data
+from .models import MODEL_NAMES, build_model
+from .train import TrainConfig, train
+from .reproduce import reproduce
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # masks
+    # masks and patterns
     "butterfly_factor_mask", "butterfly_product_mask", "flat_butterfly_mask", "block_butterfly_mask",
     "flat_block_butterfly_layout", "layout_to_mask", "mask_to_layout",
-    # patterns
     "Pattern", "PixelflyPlan", "PATTERN_NAMES", "make_pattern", "plan_pixelfly",
+    # kernels, layers, whole models
+    "block_sparse_matmul", "sparse_lowrank_matmul",
+    "MaskedLinear", "BlockSparseLinear", "LowRankLinear", "SparseLowRankLinear", "PixelflyLinear",
+    "MonarchLinear", "ButterflyLinear", "layer_from_pattern", "sparsify",
+    # expressiveness
+    "TARGET_KINDS", "target_matrix", "Approximation", "approximate", "expressiveness_table",
+    # neural tangent kernel
+    "empirical_ntk", "kernel_distance", "spectra",
+    # training
+    "DATASETS", "load_data", "MODEL_NAMES", "build_model", "TrainConfig", "train",
+    # everything at once
+    "reproduce",
 ]
