@@ -69,7 +69,7 @@ SIZES = {
 
 # Module-name patterns (fnmatch) of the layers the paper sparsifies, per model family.
 SPARSIFY_WHERE = {
-    "mlp": ("layers.*",),
+    "mlp": ("layers.[1-9]*",),  # hidden-to-hidden; the input layer stays dense like a patch embedding
     "mixer": ("blocks.*.channel.fc1", "blocks.*.channel.fc2"),
     "vit": ("blocks.*.mlp.fc1", "blocks.*.mlp.fc2", "blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.v"),
     "gpt": ("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"),

@@ -41,11 +41,14 @@ def layer_weights(model: nn.Module, include=("*",)) -> dict[str, torch.Tensor]:
         include: fnmatch patterns of module names to keep.
 
     Returns:
-        {module name: (out_features, in_features) float64 tensor}.
+        {module name: (out_features, in_features) float64 tensor}; a structured layer counts once,
+        as a whole, not also through its parts.
     """
     model = getattr(model, "module", model)
     weights = {}
     for name, module in model.named_modules():
+        if any(name.startswith(f"{taken}.") for taken in weights):
+            continue  # a part of a layer already taken whole (PixelflyLinear's sparse and low-rank terms)
         if name and any(fnmatch.fnmatchcase(name, p) for p in include):
             with torch.no_grad():
                 weight = _layer_weight(module)
@@ -149,6 +152,7 @@ def plot_spectra(spectra: dict, ax=None, title: str = "Singular-value spectra"):
         ax.plot((torch.arange(len(s)) + 0.5).numpy() / len(s), s.numpy(),
                 label=f"{label} (eff. rank {effective_rank(s):.0f})")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=max(ax.get_ylim()[0], 1e-6))  # below ~1e-7 s_1 is float32 rounding, not structure
     ax.set_xlabel("singular value index i / n")
     ax.set_ylabel("s_i / s_1")
     ax.set_title(title)

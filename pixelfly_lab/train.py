@@ -11,13 +11,14 @@ with gradient-norm clipping, bf16 autocast on CUDA, a progress bar and an evalua
 epoch. Into ``config.out`` it writes
 
 * ``history.csv``: one row per step (event 'step': lr, train_loss, grad_norm, step_time) and
-  per evaluation (event 'eval': train_loss over the epoch, test_loss and test_accuracy, or
-  val_loss and perplexity, or test_mse);
+  per evaluation (event 'eval', after each epoch and every ``eval_every`` steps: train_loss
+  since the previous evaluation, test_loss and test_accuracy, or val_loss and perplexity, or
+  test_mse);
 * ``ranks.csv``: effective and stable rank of the sparsified weights at each evaluation;
 * ``summary.json``: final metrics, params, density, seconds, throughput, world_size, the config,
   versions and device;
 * ``checkpoint.pt``: written atomically (temporary file, then rename) every
-  ``checkpoint_every`` steps and after each epoch; ``resume=True`` continues from it and gives
+  ``checkpoint_every`` steps and after each evaluation; ``resume=True`` continues from it and gives
   the same parameters, bit for bit on CPU, as the run that was never interrupted.
 
 Determinism: the model's initial weights depend on ``seed`` only, and the order of the
@@ -47,7 +48,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -79,6 +80,7 @@ class TrainConfig:
     block_size: int = 16          # 16 divides every width of the tiny/small/base presets; 32 for GPT-2 on GPU
     data_dir: str | None = None   # cifar10: the local folder holding cifar-10-batches-py
     context: int = 64             # chars: characters per training window
+    data_options: dict = field(default_factory=dict)  # other loader options, e.g. {"max_len": 64} for listops
     max_train: int | None = None  # keep only the first examples of each split (quick runs)
     max_test: int | None = None
     # --- optimisation
@@ -95,7 +97,8 @@ class TrainConfig:
     amp: bool = True              # bf16 autocast on CUDA (no effect on CPU, where fp32 is as fast)
     out: str = "runs/train"       # output folder (history.csv, ranks.csv, summary.json, checkpoint.pt)
     resume: bool = False          # continue from out/checkpoint.pt when it exists
-    checkpoint_every: int = 0     # steps between checkpoints; 0: after each epoch only
+    eval_every: int = 0           # steps between evaluations (also checkpointed); 0: at each epoch's end only
+    checkpoint_every: int = 0     # steps between checkpoints; 0: after each evaluation only
     max_steps: int | None = None  # stop after this many steps in all (a smoke test, or a planned pause);
     #                               the schedule still spans all epochs, so resume finishes the same run
     track_rank: bool = True       # effective rank of the sparsified weights at each evaluation
@@ -116,6 +119,7 @@ class TrainConfig:
             _check_int(name, getattr(self, name))
         _check_int("seed", self.seed, 0)
         _check_int("checkpoint_every", self.checkpoint_every, 0)
+        _check_int("eval_every", self.eval_every, 0)
         for name in ("max_train", "max_test", "max_steps"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
@@ -126,6 +130,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if not isinstance(self.data_options, dict):
+            raise TypeError(f"data_options must be a dict of loader options, got {type(self.data_options).__name__}")
         if self.data == "cifar10" and not self.data_dir:
             raise ValueError("data='cifar10' needs data_dir: the local folder that holds cifar-10-batches-py")
 
@@ -289,6 +295,59 @@ def _device_name(device: torch.device) -> str:
 # ---------------------------------------------------------------- the loop
 
 
+def _load_data(config: TrainConfig):
+    options = dict(config.data_options)
+    if config.data == "chars":
+        options["context"] = config.context
+    if config.data == "cifar10":
+        options["root"] = config.data_dir
+    return load_data(config.data, seed=config.seed, max_train=config.max_train, max_test=config.max_test,
+                     **options)
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and sparse blocks (dim >= 2), none on biases and norms."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+def _batch_index(config: TrainConfig, n_train: int, step: int, steps_per_epoch: int, d: _Dist) -> torch.Tensor:
+    """This rank's examples for ``step``: its share of the step's global batch in epoch order.
+
+    The order of epoch e is a permutation seeded by (seed, e) alone, so that a resumed run, or a
+    run on another number of ranks, sees the same global batches.
+    """
+    epoch, batch = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+    return order[batch * config.batch_size:(batch + 1) * config.batch_size][d.rank::d.world]
+
+
+def _summary(config, data, model, metrics, history, d, device, *, step, total_steps, seconds, step_seconds,
+             examples) -> dict:
+    fingerprints = [_fingerprint(model)]
+    if d.world > 1:
+        import torch.distributed as dist
+
+        fingerprints = [None] * d.world
+        dist.all_gather_object(fingerprints, _fingerprint(model))
+    unit, per_example = ("tokens", data.x_train.shape[1]) if data.task == "lm" else ("examples", 1)
+    step_times = [row["step_time"] for row in history if row["event"] == "step"]
+    params, report = count_params(model), model.report
+    return {
+        **metrics, "completed": step >= total_steps, "epochs": config.epochs, "steps": step,
+        "total_steps": total_steps, "params": params, "dense_params": model.dense_params,
+        "density": params / model.dense_params,
+        "sparsified_layers": int(report["replaced"].sum()) if len(report) else 0,
+        "sparsified_budget": report.attrs.get("budget", 1.0), "seconds": seconds,
+        f"{unit}_per_second": examples * per_example / step_seconds if step_seconds else None,
+        "median_step_time": float(torch.tensor(step_times).median()) if step_times else None,
+        "world_size": d.world, "ranks_agree": len(set(fingerprints)) == 1, "rank_fingerprints": fingerprints,
+        "config": asdict(config), "versions": _versions(), "device": _device_name(device),
+    }
+
+
 def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     """Train one model as ``config`` says; write history.csv, ranks.csv, summary.json, checkpoint.pt.
 
@@ -305,9 +364,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     d, device = _setup(config.device)
     try:
-        data = load_data(config.data, seed=config.seed, max_train=config.max_train, max_test=config.max_test,
-                         **({"context": config.context} if config.data == "chars" else {}),
-                         **({"root": config.data_dir} if config.data == "cifar10" else {}))
+        data = _load_data(config)
         steps_per_epoch = len(data.x_train) // config.batch_size
         if steps_per_epoch < 1:
             raise ValueError(f"batch_size={config.batch_size} exceeds the {len(data.x_train)} training examples")
@@ -315,13 +372,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by the world size {d.world}")
         total_steps = config.epochs * steps_per_epoch
         model = build_model(config.model, data, size=config.size, pattern=config.pattern, budget=config.budget,
-                            block_size=config.block_size, seed=config.seed)
-        dense_params, params = model.dense_params, count_params(model)
-        model.to(device)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                            block_size=config.block_size, seed=config.seed).to(device)
+        optimizer = _optimizer(model, config)
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         history, ranks, step, elapsed = [], [], 0, 0.0
@@ -339,8 +391,10 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
                     else contextlib.nullcontext)
         x_train, y_train = data.x_train.to(device), data.y_train.to(device)
         x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-        tracked = SPARSIFY_WHERE[config.model]
-        local_batch = config.batch_size // d.world
+        started, step_seconds, examples = time.perf_counter(), 0.0, 0
+
+        def evaluate() -> dict:
+            return _evaluate(model, x_test, y_test, data.task, d, autocast, 4 * config.batch_size)
 
         def checkpoint() -> None:
             if d.rank == 0:
@@ -351,16 +405,14 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
                 _write_tables(out, history, ranks)
             _barrier(d)
 
-        started, step_seconds, examples = time.perf_counter(), 0.0, 0
         bar = tqdm(total=total_steps, initial=step, disable=not config.progress or d.rank > 0,
                    desc=f"{config.model}/{config.data}/{config.pattern}", unit="step")
-        epoch_losses = [row["train_loss"] for row in history
-                        if row["event"] == "step" and row["epoch"] == step // steps_per_epoch]
+        last_eval = max([row["step"] for row in history if row["event"] == "eval"], default=0)
+        window = [row["train_loss"] for row in history if row["event"] == "step" and row["step"] > last_eval]
+        saved_step = step  # the latest checkpoint's step (the one resumed from, or none yet)
         net.train()
         while step < total_steps and (config.max_steps is None or step < config.max_steps):
-            epoch, batch = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
-            index = order[batch * config.batch_size:(batch + 1) * config.batch_size][d.rank::d.world].to(device)
+            index = _batch_index(config, len(x_train), step, steps_per_epoch, d).to(device)
             lr = lr_at(step, total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -375,56 +427,39 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - tick
-            step_seconds += seconds
-            examples += config.batch_size
-            step += 1
-            loss_value = float(_all_sum(loss.detach().float().reshape(1), d)) / d.world
+            step_seconds, examples, step = step_seconds + seconds, examples + config.batch_size, step + 1
+            loss_value = float(_all_sum(loss.detach().float().reshape(1), d)) / d.world  # mean over ranks
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"the training loss became {loss_value} at step {step}; lower lr")
+            epoch = (step - 1) // steps_per_epoch
             history.append({"event": "step", "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_value,
                             "grad_norm": float(grad_norm), "step_time": seconds})
-            epoch_losses.append(loss_value)
+            window.append(loss_value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if step % steps_per_epoch == 0:  # end of an epoch: evaluate
-                metrics = _evaluate(model, x_test, y_test, data.task, d, autocast, 4 * config.batch_size)
+            if step % steps_per_epoch == 0 or (config.eval_every and step % config.eval_every == 0):
+                metrics = evaluate()
                 history.append({"event": "eval", "epoch": epoch, "step": step,
-                                "train_loss": sum(epoch_losses) / len(epoch_losses), **metrics})
-                epoch_losses = []
+                                "train_loss": sum(window) / len(window), **metrics})
+                window = []
                 if config.track_rank and d.rank == 0:
-                    for row in weight_ranks(model, tracked).to_dict("records"):
+                    for row in weight_ranks(model, SPARSIFY_WHERE[config.model]).to_dict("records"):
                         ranks.append({"epoch": epoch, "step": step, **row})
                 if d.rank == 0:
                     scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                    bar.write(f"epoch {epoch + 1}/{config.epochs}: {scores}")
+                    bar.write(f"epoch {epoch + 1}/{config.epochs}, step {step}: {scores}")
+            if history[-1]["event"] == "eval" or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoint()
-            elif config.checkpoint_every and step % config.checkpoint_every == 0:
-                checkpoint()
+                saved_step = step
         bar.close()
-        if step % steps_per_epoch:  # stopped by max_steps inside an epoch
+        if step != saved_step:  # stopped by max_steps between checkpoints
             checkpoint()
-        completed = step >= total_steps
-        last_eval = [row for row in history if row["event"] == "eval" and row["step"] == step]
-        metrics = ({k: v for k, v in last_eval[-1].items() if k not in ("event", "epoch", "step", "train_loss")}
-                   if last_eval else _evaluate(model, x_test, y_test, data.task, d, autocast, 4 * config.batch_size))
-        fingerprints = [_fingerprint(model)]
-        if d.world > 1:
-            import torch.distributed as dist
-
-            fingerprints = [None] * d.world
-            dist.all_gather_object(fingerprints, _fingerprint(model))
-        unit = "tokens" if data.task == "lm" else "examples"
-        per_example = data.x_train.shape[1] if data.task == "lm" else 1
-        step_times = [row["step_time"] for row in history if row["event"] == "step"]
-        summary = {
-            **metrics, "completed": completed, "epochs": config.epochs, "steps": step, "total_steps": total_steps,
-            "params": params, "dense_params": dense_params, "density": params / dense_params,
-            "sparsified_layers": len(model.report), "seconds": elapsed + time.perf_counter() - started,
-            f"{unit}_per_second": examples * per_example / step_seconds if step_seconds else None,
-            "median_step_time": float(torch.tensor(step_times).median()) if step_times else None,
-            "world_size": d.world, "ranks_agree": len(set(fingerprints)) == 1, "rank_fingerprints": fingerprints,
-            "config": asdict(config), "versions": _versions(), "device": _device_name(device),
-        }
+        evals = [row for row in history if row["event"] == "eval" and row["step"] == step]
+        metrics = ({k: v for k, v in evals[-1].items() if k not in ("event", "epoch", "step", "train_loss")}
+                   if evals else evaluate())
+        summary = _summary(config, data, model, metrics, history, d, device, step=step, total_steps=total_steps,
+                           seconds=elapsed + time.perf_counter() - started, step_seconds=step_seconds,
+                           examples=examples)
         if d.rank == 0:
             _write_tables(out, history, ranks)
             _atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
@@ -463,17 +498,33 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
     parser.add_argument("--data-dir", default=None, help="cifar10: folder holding cifar-10-batches-py")
     parser.add_argument("--context", type=int, default=defaults.context, help="chars: window length")
+    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE", dest="data_options",
+                        help="a loader option, repeatable, e.g. --data-option max_len=64 (listops)")
     parser.add_argument("--max-train", type=int, default=None, help="keep the first N training examples")
     parser.add_argument("--max-test", type=int, default=None, help="keep the first N test examples")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N steps (resume later)")
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--data-option wants KEY=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def run(args) -> int:
     names = {f.name for f in fields(TrainConfig)}
     options = {k: v for k, v in vars(args).items() if k in names}
+    options["data_options"] = dict(_parse_option(text) for text in args.data_options)
     result = train(TrainConfig(**options, amp=not args.no_amp, progress=not args.no_progress))
     if int(os.environ.get("RANK", "0")) == 0:
         keys = [k for k in ("test_accuracy", "test_loss", "val_loss", "perplexity", "test_mse", "density",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pixelfly_lab.data import load_data, make_listops, make_mnist1d, make_teacher
+from pixelfly_lab.rank import layer_weights
 from pixelfly_lab.models import (MODEL_NAMES, SPARSIFY_WHERE, Attention, build_model, count_params, default_patch,
                                  patchify)
 
@@ -153,12 +154,13 @@ def test_sparsified_where_the_paper_does(datasets, name, data_name):
     data = datasets[data_name]
     dense = build_model(name, data, seed=3).double()
     sparse = build_model(name, data, pattern="pixelfly", budget=0.25, block_size=16, seed=3).double()
-    replaced = {n for n, m in sparse.named_modules() if hasattr(m, "dense_weight")}
+    replaced = set(sparse.report.name[sparse.report.replaced])
     expected = {n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear)
                 and any(fnmatch.fnmatchcase(n, p) for p in SPARSIFY_WHERE[name])
                 and m.in_features % 16 == 0 and m.out_features % 16 == 0}
-    assert replaced == expected and len(sparse.report) == len(expected)
+    assert replaced == expected and all(hasattr(sparse.get_submodule(n), "dense_weight") for n in replaced)
     assert count_params(sparse) < sparse.dense_params == count_params(dense)
+    assert set(layer_weights(sparse, SPARSIFY_WHERE[name])) == expected  # whole layers, not their parts
     for n in replaced:  # each replaced layer keeps the budget
         assert sparse.get_submodule(n).budget <= 0.25 + 1e-12
     # oracle: the dense model carrying the sparse layers' dense weights computes the same outputs
@@ -170,3 +172,39 @@ def test_sparsified_where_the_paper_does(datasets, name, data_name):
             oracle.get_submodule(n).bias.copy_(sparse.get_submodule(n).bias)
     x = data.x_train[:4] if data.kind == "tokens" else data.x_train[:4].double()
     torch.testing.assert_close(sparse(x), oracle(x), rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- rank.py: oracles with known spectra
+
+
+def test_effective_and_stable_rank_oracles():
+    from pixelfly_lab.rank import effective_rank, singular_values, stable_rank
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    assert effective_rank(q) == pytest.approx(16.0, rel=1e-12) and stable_rank(q) == pytest.approx(16.0)
+    u, v = torch.randn(16, 1, dtype=torch.float64), torch.randn(1, 10, dtype=torch.float64)
+    assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6) and stable_rank(u @ v) == pytest.approx(1.0)
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)  # p = (1/2, 1/4, 1/8, 1/8)
+    entropy = 0.5 * math.log(2) + 0.25 * math.log(4) + 2 * 0.125 * math.log(8)
+    assert effective_rank(s) == pytest.approx(math.exp(entropy)) and stable_rank(s) == pytest.approx(22 / 16)
+    assert effective_rank(torch.zeros(3, 3)) == 0.0
+    torch.testing.assert_close(singular_values(torch.diag(torch.tensor([1.0, 3.0, 2.0]))),
+                               torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="2-D"):
+        singular_values(torch.ones(3))
+
+
+@pytest.mark.skipif(not HAS_SPARSIFY, reason="pixelfly_lab.sparsify is not in this checkout")
+def test_weight_ranks_use_the_dense_weight(datasets):
+    from pixelfly_lab.rank import weight_ranks, weight_spectra
+
+    model = build_model("mlp", datasets["digits"], pattern="lowrank", budget=0.25)
+    table = weight_ranks(model).set_index("layer")
+    assert list(table.index) == ["layers.0", "layers.1", "head"]
+    rank = model.layers[1].rank
+    s = torch.linalg.svdvals(model.layers[1].dense_weight().double())
+    assert (s[rank:] < 1e-5 * s[0]).all()  # a rank-r weight: the oracle for the dense_weight path
+    assert table.loc["layers.1", "effective_rank"] <= rank + 1e-3
+    spectra = weight_spectra(model, ["layers.1"])
+    assert len(spectra) == 256 and spectra.normalised.iloc[0] == 1.0

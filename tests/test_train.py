@@ -20,6 +20,15 @@ TINY = dict(model="mlp", data="teacher", max_train=128, max_test=64, batch_size=
             progress=False, device="cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread each, so that `pytest -n 2` on two cores does not oversubscribe them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _params(path: Path) -> dict:
     return torch.load(path / CHECKPOINT, weights_only=True)["model"]
 
@@ -52,7 +61,7 @@ def test_outputs_and_determinism(tmp_path):
     assert summary["steps"] == 12 and summary["config"]["data"] == "teacher"
     history = pd.read_csv(tmp_path / "a" / "history.csv")
     assert (history.event == "step").sum() == 12 and (history.event == "eval").sum() == 3
-    assert set(pd.read_csv(tmp_path / "a" / "ranks.csv").layer) == {"layers.0", "layers.1"}
+    assert set(pd.read_csv(tmp_path / "a" / "ranks.csv").layer) == {"layers.1"}  # the layer a pattern would take
     _same_history(a.history, b.history)
     assert a.summary["rank_fingerprints"] == b.summary["rank_fingerprints"]
     c = train(TrainConfig(**{**TINY, "seed": 1}, out=str(tmp_path / "c")))
@@ -60,12 +69,14 @@ def test_outputs_and_determinism(tmp_path):
     assert a.history.train_loss.iloc[-1] < a.history.train_loss.iloc[0]  # it learns
 
 
-@pytest.mark.parametrize("stop_at", [4, 6])  # at an epoch's end, and inside an epoch
-def test_resume_equals_uninterrupted(tmp_path, stop_at):
-    whole = train(TrainConfig(**TINY, out=str(tmp_path / "whole")))
-    first = train(TrainConfig(**TINY, out=str(tmp_path / "parts"), max_steps=stop_at))
+@pytest.mark.parametrize("stop_at, eval_every", [(4, 0), (6, 0), (7, 3)])  # epoch end, inside an epoch
+def test_resume_equals_uninterrupted(tmp_path, stop_at, eval_every):
+    config = {**TINY, "eval_every": eval_every}
+    whole = train(TrainConfig(**config, out=str(tmp_path / "whole")))
+    assert (whole.history.event == "eval").sum() == (3 if not eval_every else 6)  # steps 3 4 6 8 9 12
+    first = train(TrainConfig(**config, out=str(tmp_path / "parts"), max_steps=stop_at))
     assert not first.summary["completed"] and first.summary["steps"] == stop_at
-    rest = train(TrainConfig(**TINY, out=str(tmp_path / "parts"), resume=True))
+    rest = train(TrainConfig(**config, out=str(tmp_path / "parts"), resume=True))
     assert rest.summary["completed"]
     for key, value in _params(tmp_path / "whole").items():
         assert torch.equal(value, _params(tmp_path / "parts")[key]), key
@@ -104,7 +115,13 @@ def test_command_line(tmp_path, capsys):
     code = main(["train", "--model", "mlp", "--data", "teacher", "--max-train", "64", "--max-test", "32",
                  "--batch-size", "32", "--epochs", "1", "--out", str(tmp_path / "cli"), "--no-progress"])
     assert code == 0 and "test_mse" in capsys.readouterr().out
-    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["config"]["epochs"] == 1
+    config = json.loads((tmp_path / "cli" / "summary.json").read_text())["config"]
+    assert config["epochs"] == 1 and config["data_options"] == {}
+    main(["train", "--model", "mlp", "--data", "teacher", "--data-option", "n_train=40", "--data-option", "d_in=16",
+          "--data-option", "noise=0.5", "--epochs", "1", "--batch-size", "20", "--out", str(tmp_path / "opt"),
+          "--no-progress"])
+    config = json.loads((tmp_path / "opt" / "summary.json").read_text())["config"]
+    assert config["data_options"] == {"n_train": 40, "d_in": 16, "noise": 0.5}
     for bad in (["--model", "cnn"], ["--data", "imagenet"], ["--pattern", "swiss"]):
         with pytest.raises(SystemExit):
             main(["train", *bad])
@@ -132,9 +149,36 @@ def test_missing_cifar_directory(tmp_path):
 def test_sparse_training_and_resume(tmp_path):
     config = {**TINY, "pattern": "pixelfly", "budget": 0.25}
     whole = train(TrainConfig(**config, out=str(tmp_path / "whole")))
-    assert whole.summary["density"] < 0.6 and whole.summary["sparsified_layers"] == 2
+    assert whole.summary["density"] < 0.6 and whole.summary["sparsified_layers"] == 1
     assert whole.ranks.effective_rank.notna().all()
     train(TrainConfig(**config, out=str(tmp_path / "parts"), max_steps=5))
     train(TrainConfig(**config, out=str(tmp_path / "parts"), resume=True))
     for key, value in _params(tmp_path / "whole").items():
         assert torch.equal(value, _params(tmp_path / "parts")[key]), key
+
+
+def test_study_helpers_make_tables_and_figures(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pixelfly_lab.claims import save_figure
+    from pixelfly_lab.data import make_teacher
+    from pixelfly_lab.rank import singular_values
+    from pixelfly_lab.training_study import (compare_patterns, plot_curves, plot_parity, plot_ranks,
+                                             plot_step_times, step_speed)
+
+    patterns = ["dense", "lowrank"] if HAS_SPARSIFY else ["dense"]
+    runs = compare_patterns(patterns, seeds=(0, 1), **{**TINY, "epochs": 1})
+    assert list(runs.summary.pattern) == [p for p in patterns for _ in (0, 1)]
+    assert set(runs.models) == {(p, s) for p in patterns for s in (0, 1)}
+    speed = step_speed("mlp", make_teacher(n_train=64, n_test=8), patterns, batch_size=16, steps=2, warmup=1, rounds=1)
+    assert list(speed.pattern) == patterns and (speed.step_time > 0).all() and speed.speedup[0] == 1.0
+    spectra = {p: singular_values(runs.models[p, 0].layers[1].weight if p == "dense"
+                                  else runs.models[p, 0].layers[1].dense_weight()) for p in patterns}
+    figures = [plot_curves(runs.history, "test_mse", "teacher"), plot_parity(runs.summary, "test_mse", "teacher"),
+               plot_ranks(runs.ranks, "layers.1", spectra, "teacher"), plot_step_times({"mlp": speed})]
+    for i, fig in enumerate(figures):
+        for ax in fig.axes:
+            assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+        save_figure(fig, tmp_path, f"f{i}")
+        assert (tmp_path / f"f{i}.png").stat().st_size > 1000 and (tmp_path / f"f{i}.pdf").is_file()
