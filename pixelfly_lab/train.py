@@ -14,7 +14,8 @@ epoch. Into ``config.out`` it writes
   per evaluation (event 'eval', after each epoch and every ``eval_every`` steps: train_loss
   since the previous evaluation, test_loss and test_accuracy, or val_loss and perplexity, or
   test_mse);
-* ``ranks.csv``: effective and stable rank of the sparsified weights at each evaluation;
+* ``ranks.csv``: effective and stable rank of chosen weights (default: those the pattern
+  sparsifies) at each evaluation;
 * ``summary.json``: final metrics, params, density, seconds, throughput, world_size, the config,
   versions and device;
 * ``checkpoint.pt``: written atomically (temporary file, then rename) every
@@ -101,7 +102,8 @@ class TrainConfig:
     checkpoint_every: int = 0     # steps between checkpoints; 0: after each evaluation only
     max_steps: int | None = None  # stop after this many steps in all (a smoke test, or a planned pause);
     #                               the schedule still spans all epochs, so resume finishes the same run
-    track_rank: bool = True       # effective rank of the sparsified weights at each evaluation
+    track_rank: bool = True       # effective rank of chosen weights at each evaluation (ranks.csv)
+    rank_layers: list | None = None  # fnmatch globs of those layers; None: where the pattern goes (SPARSIFY_WHERE)
     progress: bool = True         # tqdm progress bar on rank 0
 
     def __post_init__(self):
@@ -130,6 +132,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if self.rank_layers is not None and (isinstance(self.rank_layers, str) or not all(
+                isinstance(g, str) for g in self.rank_layers)):
+            raise TypeError(f"rank_layers must be a list of glob strings, got {self.rank_layers!r}")
         if not isinstance(self.data_options, dict):
             raise TypeError(f"data_options must be a dict of loader options, got {type(self.data_options).__name__}")
         if self.data == "cifar10" and not self.data_dir:
@@ -443,9 +448,10 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
                                 "train_loss": sum(window) / len(window), **metrics})
                 window = []
                 if config.track_rank and d.rank == 0:
-                    for row in weight_ranks(model, SPARSIFY_WHERE[config.model]).to_dict("records"):
+                    chosen = config.rank_layers or SPARSIFY_WHERE[config.model]
+                    for row in weight_ranks(model, chosen).to_dict("records"):
                         ranks.append({"epoch": epoch, "step": step, **row})
-                if d.rank == 0:
+                if config.progress and d.rank == 0:
                     scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                     bar.write(f"epoch {epoch + 1}/{config.epochs}, step {step}: {scores}")
             if history[-1]["event"] == "eval" or (config.checkpoint_every and step % config.checkpoint_every == 0):
@@ -505,6 +511,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N steps (resume later)")
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
+    parser.add_argument("--rank-layers", nargs="+", metavar="GLOB", default=None,
+                        help="layers whose effective rank ranks.csv tracks (default: the sparsified ones)")
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -64,7 +64,8 @@ def test_outputs_and_determinism(tmp_path):
     assert set(pd.read_csv(tmp_path / "a" / "ranks.csv").layer) == {"layers.1"}  # the layer a pattern would take
     _same_history(a.history, b.history)
     assert a.summary["rank_fingerprints"] == b.summary["rank_fingerprints"]
-    c = train(TrainConfig(**{**TINY, "seed": 1}, out=str(tmp_path / "c")))
+    c = train(TrainConfig(**{**TINY, "seed": 1, "rank_layers": ["layers.*", "head"]}, out=str(tmp_path / "c")))
+    assert set(c.ranks.layer) == {"layers.0", "layers.1", "head"} and len(c.ranks) == 9
     assert c.summary["rank_fingerprints"] != a.summary["rank_fingerprints"]
     assert a.history.train_loss.iloc[-1] < a.history.train_loss.iloc[0]  # it learns
 
@@ -131,9 +132,12 @@ def test_bad_config():
     for field, value, message in [("model", "cnn", "unknown model"), ("data", "imagenet", "unknown data"),
                                   ("pattern", "swiss", "unknown pattern"), ("budget", 0.0, "budget"),
                                   ("budget", 1.5, "budget"), ("epochs", 0, "epochs"), ("lr", -1.0, "lr"),
-                                  ("device", "tpu", "unknown device"), ("warmup", 2.0, "warmup")]:
+                                  ("device", "tpu", "unknown device"), ("warmup", 2.0, "warmup"),
+                                  ("grad_clip", -1.0, "grad_clip"), ("max_steps", 0, "max_steps")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**{field: value})
+    with pytest.raises(TypeError, match="rank_layers"):
+        TrainConfig(rank_layers="layers.*")
     with pytest.raises(ValueError, match="data_dir"):
         TrainConfig(data="cifar10")
     with pytest.raises(ValueError, match="batch_size=64 exceeds"):
@@ -165,13 +169,14 @@ def test_study_helpers_make_tables_and_figures(tmp_path):
     from pixelfly_lab.data import make_teacher
     from pixelfly_lab.rank import singular_values
     from pixelfly_lab.training_study import (compare_patterns, plot_curves, plot_parity, plot_ranks,
-                                             plot_step_times, step_speed)
+                                             plot_step_times, speed_claims, step_speed)
 
     patterns = ["dense", "lowrank"] if HAS_SPARSIFY else ["dense"]
     runs = compare_patterns(patterns, seeds=(0, 1), **{**TINY, "epochs": 1})
     assert list(runs.summary.pattern) == [p for p in patterns for _ in (0, 1)]
     assert set(runs.models) == {(p, s) for p in patterns for s in (0, 1)}
-    speed = step_speed("mlp", make_teacher(n_train=64, n_test=8), patterns, batch_size=16, steps=2, warmup=1, rounds=1)
+    teacher = make_teacher(n_train=64, n_test=8)
+    speed = step_speed("mlp", teacher, patterns, batch_size=16, steps=2, warmup=1, rounds=1)
     assert list(speed.pattern) == patterns and (speed.step_time > 0).all() and speed.speedup[0] == 1.0
     spectra = {p: singular_values(runs.models[p, 0].layers[1].weight if p == "dense"
                                   else runs.models[p, 0].layers[1].dense_weight()) for p in patterns}
@@ -182,3 +187,8 @@ def test_study_helpers_make_tables_and_figures(tmp_path):
             assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
         save_figure(fig, tmp_path, f"f{i}")
         assert (tmp_path / f"f{i}.png").stat().st_size > 1000 and (tmp_path / f"f{i}.pdf").is_file()
+    if HAS_SPARSIFY:  # the GPU speed claim's code path, at toy sizes on the CPU
+        claims = speed_claims(tmp_path, "cpu", size="tiny", vocab=128, context=32, image=32, patch=16, batches=(2, 2),
+                              block_size=16)
+        assert len(claims) == 1 and type(claims[0].held) is bool and (tmp_path / "gpu_step_time.csv").is_file()
+        json.dumps(claims[0].to_dict())  # the report stores claims as JSON
