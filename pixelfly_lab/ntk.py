@@ -58,7 +58,8 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-from .ntk_structured import contract_jacobians, contract_term, structured_features, structured_rules
+from .ntk_structured import (contract_jacobians, contract_term, feature_numel, structured_features,
+                             structured_rules)
 
 __all__ = ["METHODS", "DISTANCE_METRICS", "empirical_ntk", "kernel_distance", "spectra"]
 
@@ -368,7 +369,7 @@ def _structured_into(prob: _Problem, rules: list, kernel, chunk_size) -> None:
     """Add the rules' parameters' kernel; their features are small, so cached when they fit."""
     features = structured_features(prob, rules)
     terms = [term for rule in rules for term in rule.terms]
-    per_example = sum(left.numel() + right.numel() for left, right in features(prob.x1[:1]))
+    per_example = feature_numel(features(prob.x1[:1]))
     # the largest Gram stack a block contracts, per pair of examples
     per_pair = max((t.layout.shape[0] + t.layout.shape[1]) * (1 if prob.trace else prob.n_out ** 2)
                    for t in terms)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
-__all__ = ["contract_jacobians", "structured_rules", "structured_features", "contract_term"]
+__all__ = ["contract_jacobians", "structured_rules", "structured_features", "feature_numel", "contract_term"]
 
 
 def contract_jacobians(ja: torch.Tensor, jb: torch.Tensor, trace: bool) -> torch.Tensor:
@@ -171,7 +171,12 @@ def _probe_outputs(prob, modules: list) -> dict:
 
 
 def structured_features(prob, rules: list):
-    """features(x): per term of every rule, (left (c, O, S, out_t), right (c, S, in_t)).
+    """features(x) for a chunk: per term of every rule, its factors or its Jacobian.
+
+    Without extra axes (S = 1) a term's features are (left (c, O, 1, out_t), right (c, 1, in_t)),
+    contracted as Gram matrices. A weight shared over S > 1 positions gets its factored
+    Jacobian sum_s left_s (x) right_s (c, O, P_t) instead, built once here: its Gram form would
+    cost S^2 (O out_t + in_t) per pair against O out_t in_t, more for the sizes of the models here.
 
     A zero "tap" is added to each rule's output; d f / d tap is the output cotangent g, so one
     vmap(jacrev) over the taps gives every g without differentiating any weight.
@@ -199,7 +204,9 @@ def structured_features(prob, rules: list):
         c, feats = len(x), []
         for rule, a, g in zip(rules, inputs, grads):
             a, g = a.reshape(c, -1, a.shape[-1]), g.reshape(c, prob.n_out, -1, g.shape[-1])
-            feats += [(term.left(a, g), term.right(a, g)) for term in rule.terms]
+            for term in rule.terms:
+                left, right = term.left(a, g), term.right(a, g)
+                feats.append((left, right) if a.shape[1] == 1 else _direct_jacobian(term, left, right))
         return feats
 
     return features
@@ -215,6 +222,15 @@ def _direct_jacobian(term: _Term, left: torch.Tensor, right: torch.Tensor) -> to
     return (jac.transpose(-1, -2) if term.transposed else jac).reshape(c, n_out, -1)
 
 
+def _term_jacobian(term: _Term, feature) -> torch.Tensor:
+    return feature if isinstance(feature, torch.Tensor) else _direct_jacobian(term, *feature)
+
+
+def feature_numel(features: list) -> int:
+    """Elements held by a chunk's features."""
+    return sum(f.numel() if isinstance(f, torch.Tensor) else f[0].numel() + f[1].numel() for f in features)
+
+
 def _verified(prob, rules: list) -> list:
     """Keep the rules whose rebuilt gradient matches autograd's on the first example."""
     x0 = prob.x1[:1]
@@ -228,10 +244,10 @@ def _verified(prob, rules: list) -> list:
     kept = []
     for rule in rules:
         error = norm = 0.0
-        for term, (left, right) in zip(rule.terms, [next(feats) for _ in rule.terms]):
+        for term in rule.terms:
             true = grads[id(named[term.param])]
             true = torch.zeros_like(named[term.param]) if true is None else true
-            error += float((weights @ _direct_jacobian(term, left, right)[0] - true.reshape(-1)).square().sum())
+            error += float((weights @ _term_jacobian(term, next(feats))[0] - true.reshape(-1)).square().sum())
             norm += float(true.square().sum())
         tol = 1e-9 if prob.dtype == torch.float64 else 1e-3
         if math.sqrt(error) <= tol * (1.0 + math.sqrt(norm)):
@@ -244,10 +260,9 @@ def _verified(prob, rules: list) -> list:
 
 def contract_term(term: _Term, fa, fb, trace: bool) -> torch.Tensor:
     """One term's kernel block: sum over its stored blocks (r, c) of G_r * A_c (Gram matrices)."""
+    if isinstance(fa, torch.Tensor):     # weight shared over extra axes: its factored Jacobian
+        return contract_jacobians(fa, fb, trace)
     (left_a, right_a), (left_b, right_b) = fa, fb
-    if left_a.shape[2] > 1:     # weight shared over an extra axis: contract the factored Jacobian
-        return contract_jacobians(_direct_jacobian(term, left_a, right_a),
-                                   _direct_jacobian(term, left_b, right_b), trace)
     (bo, bi), (ca, n_out), cb = term.block, left_a.shape[:2], left_b.shape[0]
     left_a, left_b = left_a.reshape(ca, n_out, -1, bo), left_b.reshape(cb, n_out, -1, bo)
     gram_g = (torch.einsum("aorw,borw->rab", left_a, left_b) if trace
