@@ -360,7 +360,7 @@ def _read_cifar_batch(path: Path):
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def load_cifar10(root: str | Path) -> TaskData:
+def load_cifar10(root: str | Path | None = None) -> TaskData:
     """CIFAR-10 from a local folder in its standard python format (no download).
 
     Args:

@@ -326,7 +326,10 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
         report).
 
     Example:
-        >>> model = build_model("gpt", load_data("chars", context=32), size="tiny")
+        >>> from pixelfly_lab.data import load_data
+        >>> model = build_model("gpt", load_data("chars", context=32), pattern="pixelfly", budget=0.25)
+        >>> model(torch.zeros(2, 32, dtype=torch.long)).shape  # (batch, context, vocabulary)
+        torch.Size([2, 32, 76])
     """
     if not isinstance(name, str) or name not in MODEL_NAMES:
         raise ValueError(f"unknown model name {name!r}; known: {', '.join(MODEL_NAMES)}")

@@ -143,7 +143,7 @@ def test_cifar10_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing data_batch_1"):
         load_cifar10(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="needs root"):
-        load_cifar10(None)
+        load_data("cifar10")
     folder = tmp_path / "cifar-10-batches-py"
     _write_cifar(folder)
     (folder / "data_batch_3").unlink()
