@@ -3,14 +3,17 @@
 Nothing is downloaded. Every loader returns a :class:`TaskData`: train and test tensors plus what
 a model builder needs to know (task, input kind, number of outputs, vocabulary size).
 
-| name | source | x (one example) | y | task |
+| name | x (one example) | y | task | source |
 |---|---|---|---|---|
-| digits | scikit-learn's 8x8 digits (1797 images) | (1, 8, 8) float | class 0-9 | classification |
-| mnist1d | generated in the style of MNIST-1D (Greydanus 2020, arXiv 2011.14439) | (1, 40) float | class 0-9 | classification |
-| listops | generated ListOps (Nangia & Bowman 2018; Long Range Arena, Tay et al. 2020) | (max_len,) tokens | value 0-9 | classification |
-| teacher | generated: a random two-layer tanh network plus noise | (d_in,) float | (d_out,) float | regression |
-| chars | ``data/shakespeare.txt`` (public domain, see data/README.md) | (context,) tokens | next characters | lm |
-| cifar10 | the user's local ``cifar-10-batches-py`` folder (Krizhevsky 2009) | (3, 32, 32) float | class 0-9 | classification |
+| digits | (1, 8, 8) float | class 0-9 | classification | scikit-learn's 8x8 digits (1797 images) |
+| mnist1d | (1, 40) float | class 0-9 | classification | generated, MNIST-1D style (Greydanus 2020) |
+| listops | (max_len,) tokens | value 0-9 | classification | generated ListOps (Nangia & Bowman 2018; LRA) |
+| teacher | (d_in,) float | (d_out,) float | regression | generated: random two-layer tanh net + noise |
+| chars | (context,) tokens | next tokens | lm | ``data/shakespeare.txt`` (public domain) |
+| cifar10 | (3, 32, 32) float | class 0-9 | classification | the user's ``cifar-10-batches-py`` folder |
+
+References: MNIST-1D, arXiv 2011.14439; Long Range Arena (Tay et al. 2020), arXiv 2011.04006;
+CIFAR-10 (Krizhevsky 2009); the corpus' source and licence are in data/README.md.
 
 Generated sets are deterministic functions of ``seed``; float inputs are standardised with the
 training split's statistics.
