@@ -33,9 +33,10 @@ chromium:
 reproduce: $(STAMP)
 	$(PY) -m pixelfly_lab reproduce --quick --out results
 
-# The whole suite, notebooks included (PIXELFLY_QUICK=1 shrinks their work).
+# The whole suite, notebooks included (PIXELFLY_QUICK=1 shrinks their work). One thread per
+# process: xdist runs two processes, and oversubscribed cores slow small matmuls 5x.
 test: $(TSTAMP) chromium
-	PIXELFLY_QUICK=1 $(PY) -m pytest -n 2 -q
+	PIXELFLY_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -18,6 +18,7 @@ combination of Scatterbrain (Chen et al. 2021) and Pixelfly (Dao, Chen et al. 20
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -137,14 +138,18 @@ def monarch_params(out_features: int, in_features: int, nblocks: int) -> int:
     return (in_features * in_features + out_features * in_features) // nblocks
 
 
-def _butterfly_candidates(out_features, in_features, block_size):
-    """Every (butterfly_size, n_factors) the layout allows, with its exact nnz."""
+@functools.lru_cache(maxsize=256)
+def _butterfly_candidates(out_features, in_features, block_size) -> tuple[tuple[int, int, int], ...]:
+    """Every (butterfly_size, n_factors, exact nnz) the layout allows; cached per shape because
+    models repeat shapes and every candidate builds a layout."""
+    candidates = []
     size = 2
     while out_features % size == 0 and in_features % size == 0:
         for n_factors in range(1, size.bit_length()):
             layout = flat_block_butterfly_layout(out_features, in_features, size, n_factors, block_size)
-            yield size, n_factors, int(layout.sum()) * block_size ** 2
+            candidates.append((size, n_factors, int(layout.sum()) * block_size ** 2))
         size *= 2
+    return tuple(candidates)
 
 
 def _best_butterfly(out_features, in_features, block_size, max_params):

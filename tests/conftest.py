@@ -2,9 +2,14 @@
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") or os.environ.get("PIXELFLY_QUICK") else "dev")
+
+# One torch thread per test process: pytest-xdist already runs one process per core, and more
+# threads than cores make small matmuls several times slower on a 2-core machine.
+torch.set_num_threads(1)
