@@ -212,3 +212,28 @@ def test_backend_is_overridable_per_layer_and_repr_says_so():
     assert "backend='reference'" in repr(layer) and "butterfly_size=8" in repr(layer)
     with pytest.raises(ValueError, match="backend"):
         layer.backend = "cuda-magic"
+
+
+def test_bench_table_and_figure_in_process():
+    from pixelfly_lab.bench import BenchConfig, plot_speed, speed_table
+
+    config = BenchConfig(shapes=((64, 128),), rows=16, budgets=(0.5, 0.01), block_sizes=(16,),
+                         peers=("monarch", "masked", "bsr"), repeats=1, warmup=0, allocator="default")
+    table = speed_table(config, progress=False, isolate=False)
+    dense = table[table["layer"] == "nn.Linear"].iloc[0]
+    assert dense["speedup_forward_backward"] == 1.0 and dense["budget"] == 1.0
+    assert {"Pixelfly released", "Pixelfly", "Monarch", "Masked dense", "torch BSR"} <= set(table["layer"])
+    skipped = table["note"].str.startswith("skipped")                                # budget 0.01 cannot be met
+    assert skipped.any() and table.loc[skipped, "forward_ms"].isna().all()
+    assert table.loc[(table["layer"] == "torch BSR") & ~skipped, "forward_ms"].notna().all()  # forward works
+    fig = plot_speed(table)
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+
+
+def test_bench_command_writes_csv_and_figure(tmp_path):
+    from pixelfly_lab.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--shapes", "64x128", "--rows", "16",
+                                      "--budgets", "0.5", "--block-sizes", "16", "--repeats", "1", "--peers"])
+    assert args._run(args) == 0
+    assert {"speed.csv", "speed.png", "speed.pdf"} <= {p.name for p in tmp_path.iterdir()}
