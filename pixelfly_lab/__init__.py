@@ -36,7 +36,6 @@ from .ntk import empirical_ntk, kernel_distance, spectra
 from .data import DATASETS, load_data
 from .models import MODEL_NAMES, build_model
 from .train import TrainConfig, train
-from .reproduce import reproduce
 
 __version__ = "0.1.0"
 
@@ -55,6 +54,6 @@ __all__ = [
     "empirical_ntk", "kernel_distance", "spectra",
     # training
     "DATASETS", "load_data", "MODEL_NAMES", "build_model", "TrainConfig", "train",
-    # everything at once
-    "reproduce",
 ]
+# Not re-exported: pixelfly_lab.reproduce.reproduce (a function named like its module would hide
+# the module from `from pixelfly_lab import reproduce`).
