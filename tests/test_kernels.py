@@ -133,7 +133,9 @@ def test_auto_uses_the_reference_under_torch_func():
     torch.testing.assert_close(ys, block_sparse_matmul(x, values, layout, bias))
 
 
-def test_backend_resolution_on_cpu():
+def test_backend_resolution_on_cpu(monkeypatch):
+    # test_triton.py turns the interpreter on for its whole process; this test is about plain CPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.zeros(2, 4)
     assert resolve_backend(x, "auto") == "torch"
     assert resolve_backend(x, "auto", 2, out_features=8) == "reference"          # tiny: one dense GEMM
