@@ -128,6 +128,7 @@ def main(argv=None) -> int:
              for w, n, methods in grid for m in methods]
     rows = [measure(spec, args.mem_cap) for spec in tqdm(specs, desc="ntk bench", unit="run")]
     table = pd.DataFrame(rows)
+    table["params"] = table.groupby("width")["params"].transform("max").astype("Int64")   # OOM rows too
     cols = [c for c in ("width", "params", "n", "method", "status", "seconds", "peak_mib", "trace_sum")
             if c in table]
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):

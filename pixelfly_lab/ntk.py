@@ -313,7 +313,7 @@ def _plan_groups(prob: _Problem, names: list, chunk_size: int | None):
     Cached: every example's Jacobian of one parameter group stays resident and is computed
     once, so a group holds budget / (N O) parameters. Streamed: only two chunks of examples are
     alive, so a group holds budget / (2 c O), but every block recomputes its x2 chunk. When the
-    whole Jacobian fits, cached with one group is the plain vmap(jacrev) recipe.
+    whole Jacobian fits, cached with one group and one chunk is the plain vmap(jacrev) recipe.
     """
     n1, n2, n_out = len(prob.x1), len(prob.x2), prob.n_out
     n_params = sum(prob.base[name].numel() for name in names)
@@ -326,7 +326,8 @@ def _plan_groups(prob: _Problem, names: list, chunk_size: int | None):
     cached = _param_groups(prob, names, max(1, usable // (n_eval * n_out)))
     streamed = _param_groups(prob, names, max(1, usable // (2 * chunk * n_out)))
     if n_eval * _computed(prob, cached) <= stream_evals * _computed(prob, streamed):
-        return chunk, cached, True
+        # everything resident anyway: one chunk makes one GEMM per tensor, as the recipe does
+        return chunk_size or max(n1, n2), cached, True
     return chunk, streamed, False
 
 

@@ -289,7 +289,13 @@ def _closest_sparse(frame: pd.DataFrame, family: str, metric: str) -> pd.Series:
 def experiment_ntk(out: Path, *, quick: bool, device: str) -> list[Claim]:
     """``reproduce`` experiment 'ntk': distances, spectra and the distance-accuracy picture."""
     cfg = replace(QUICK if quick else NTKStudyConfig(), device=device)
-    frame = ntk_study(cfg, progress=False)
+    threads = torch.get_num_threads()
+    if quick and device == "cpu":
+        torch.set_num_threads(1)   # tiny models: a second thread only waits on the first (as 'training')
+    try:
+        frame = ntk_study(cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     save_table(frame, out, "ntk_distances")
     save_table(frame.attrs["spectra"], out, "ntk_spectra")
     init_png = save_figure(plot_distance_at_init(frame), out, "ntk_distance_init")
