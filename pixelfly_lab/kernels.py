@@ -16,25 +16,14 @@ Backends (``backend=``):
 
 * ``'reference'``: ``F.linear(x, blocks_to_dense(values, layout) + U V^T, bias)``; obviously
   correct, made of differentiable, vmappable torch ops (torch.func works through it).
-* ``'torch'``: the fast CPU path. Block rows that share the same set of nonzero block columns
-  (a flat block butterfly has only butterfly_size distinct sets, each spanning
-  out_features / butterfly_size rows) form one GEMM: their input columns are gathered (a
-  zero-copy slice when they are one contiguous run, as in block-diagonal layouts) and multiplied
-  by the group's blocks packed as one dense matrix. The low-rank term rides along as r extra
-  columns of every group's gathered input (z = x V) and r extra rows of its packed weight (U^T),
-  so no second full-size output pass is made. The rows of x are swept in chunks of
-  :data:`CHUNK_ROWS`, so gathered inputs and output slices stay in cache. The backward pass
-  reuses the grouping in the same sweep: dX in "scatter" form (each group's product added into
-  its column runs) and dS_g = gy_g^T [x gathered]; gy U and gy^T [z, 1] (dU and the bias
-  gradient) ride in those GEMMs as extra columns, because GEMMs with only r = 32 output columns
-  run at about half the efficiency of the block GEMMs on a CPU. When in_features > out_features
-  the grouping is taken over the transposed layout instead, so that the narrower side is the
-  one gathered or scattered; see :func:`plan_for`.
-
+* ``'torch'``: the fast CPU path (:mod:`pixelfly_lab.torch_kernels`). Block rows that read the
+  same block columns form one dense GEMM over their gathered inputs (a flat block butterfly has
+  butterfly_size such groups; block-diagonal layouts need no gather at all), the low-rank term
+  rides in the same GEMMs as extra columns, and rows are swept in cache-sized chunks.
   Measured on a 2-core AMD EPYC with MKL, one thread, float32, x (4096, 1024) -> 4096, the
-  released Pixelfly configuration (16, 2, rank 32, block 32, budget 0.227): forward 3.5-3.9x
-  and forward+backward ~3x faster than nn.Linear (FLOP limit 4.4x): these GEMMs, 256 output
-  columns wide, run at ~85% of a large dense GEMM's rate. ``python -m pixelfly_lab bench``.
+  released Pixelfly configuration (16, 2, rank 32, block 32, budget 0.227): forward ~3.5x and
+  forward+backward ~3x faster than nn.Linear (FLOP limit 4.4x; the group GEMMs, 256 output
+  columns wide, run at ~85% of a large dense GEMM's rate). ``python -m pixelfly_lab bench``.
 * ``'triton'``: ``pixelfly_lab.triton_kernels`` (``block_sparse_matmul_triton``, and
   ``pixelfly_matmul_triton`` with the low-rank term fused) for CUDA tensors, or on the CPU under
   ``TRITON_INTERPRET=1``; imported lazily, only when used.
@@ -57,11 +46,11 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+
+from .torch_kernels import BlockSparseLowRankFunction, plan_for
 
 __all__ = ["BACKENDS", "AUTO_MIN_MACS", "block_sparse_matmul", "sparse_lowrank_matmul", "blocks_to_dense",
            "dense_to_blocks", "check_input_width", "resolve_backend", "plan_for"]
@@ -146,308 +135,6 @@ def _reference(x, values, layout, bias, u, v):
     if u is not None:
         weight = weight + u @ v.T
     return F.linear(x, weight, bias)
-
-
-# ----------------------------------------------------------------------------- the plan
-
-@dataclass(frozen=True)
-class _Group:
-    """Consecutive plan rows [r0, r1) sharing the nonzero column ``runs``: one GEMM."""
-
-    r0: int                                  # element offsets of the rows
-    r1: int
-    runs: tuple[tuple[int, int], ...]        # element column runs [c0, c1), in order
-    vidx: torch.Tensor                       # long (rows_in_group, k): storage index of each block
-
-    @property
-    def width(self) -> int:
-        """Columns the group reads: k * b."""
-        return sum(c1 - c0 for c0, c1 in self.runs)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How the 'torch' path cuts a layout into GEMMs (cached per layout; see :func:`plan_for`).
-
-    Attributes:
-        transposed: False: rows are W's block rows, x is gathered, y written slice by slice
-            ("gather" forward). True: rows are W's block columns (the plan of layout^T), x is read
-            in slices and each product added into y's column runs ("scatter" forward).
-        groups: maximal runs of consecutive plan rows with identical nonzero column sets.
-        block_size: b.
-        covers_once: the groups' column runs tile all columns exactly once (a block-diagonal
-            layout), so "scatter" products are written instead of added onto zeros.
-    """
-
-    transposed: bool
-    groups: tuple[_Group, ...]
-    block_size: int
-    covers_once: bool
-
-    def packed(self, values: torch.Tensor, g: _Group, transpose: bool = False) -> torch.Tensor:
-        """M_g: the group's blocks as one dense (rows*b, k*b) matrix of W (of W^T if the plan is
-        transposed); with ``transpose``, M_g^T as a contiguous (k*b, rows*b) matrix, the fast right
-        operand of a GEMM."""
-        n_rows, k = g.vidx.shape
-        b = self.block_size
-        blocks = values.index_select(0, g.vidx.flatten().to(values.device)).view(n_rows, k, b, b)
-        if transpose:
-            order, shape = ((1, 2, 0, 3) if self.transposed else (1, 3, 0, 2)), (k * b, n_rows * b)
-        else:
-            order, shape = ((0, 3, 1, 2) if self.transposed else (0, 2, 1, 3)), (n_rows * b, k * b)
-        return blocks.permute(*order).reshape(shape)
-
-    def store_grad(self, grad: torch.Tensor, grad_m: torch.Tensor, g: _Group) -> None:
-        """Inverse of :meth:`packed` for a gradient: write M_g's gradient into grad (nnz, b, b)."""
-        n_rows, k = g.vidx.shape
-        b = self.block_size
-        order = (0, 2, 3, 1) if self.transposed else (0, 2, 1, 3)
-        blocks = grad_m.reshape(n_rows, b, k, b).permute(*order).reshape(n_rows * k, b, b)
-        grad.index_copy_(0, g.vidx.flatten().to(grad.device), blocks)
-
-
-def _runs(cols: list[int]) -> list[tuple[int, int]]:
-    """Sorted ints -> maximal runs [start, stop) of consecutive values."""
-    runs: list[tuple[int, int]] = []
-    for c in cols:
-        if runs and runs[-1][1] == c:
-            runs[-1] = (runs[-1][0], c + 1)
-        else:
-            runs.append((c, c + 1))
-    return runs
-
-
-def _build_plan(layout: torch.Tensor, block_size: int, transposed: bool) -> Plan:
-    storage = torch.full(layout.shape, -1, dtype=torch.long)
-    nz = layout.nonzero()
-    storage[nz[:, 0], nz[:, 1]] = torch.arange(len(nz))
-    if transposed:
-        layout, storage = layout.T, storage.T
-    b = block_size
-    col_sets = [row.nonzero().flatten().tolist() for row in layout]
-    groups, start = [], 0
-    for i in range(1, len(col_sets) + 1):
-        if i == len(col_sets) or col_sets[i] != col_sets[start]:
-            cols = col_sets[start]
-            vidx = storage[start:i][:, cols] if cols else torch.empty(i - start, 0, dtype=torch.long)
-            runs = tuple((c0 * b, c1 * b) for c0, c1 in _runs(cols))
-            groups.append(_Group(start * b, i * b, runs, vidx.contiguous()))
-            start = i
-    runs = sorted(run for g in groups for run in g.runs)
-    covers_once = (bool(runs) and runs[0][0] == 0 and runs[-1][1] == layout.shape[1] * b
-                   and all(a[1] == c[0] for a, c in zip(runs, runs[1:])))
-    return Plan(transposed, tuple(groups), block_size, covers_once)
-
-
-_PLAN_CACHE: dict[tuple, Plan] = {}
-_PLAN_CACHE_SIZE = 256  # layouts of a whole model fit; cleared wholesale when exceeded
-
-
-def plan_for(layout: torch.Tensor, block_size: int) -> Plan:
-    """The cached GEMM plan of ``layout`` for the 'torch' path.
-
-    Orientation: gathering (or scattering) costs one pass over N * (sum over groups of the
-    group's column width) elements, so the plan groups the rows of whichever of layout and
-    layout^T makes that sum smaller; for a flat block butterfly this is the narrower side of the
-    weight (the input side of an expanding 1024 -> 4096 layer, the output side of 4096 -> 1024).
-    Fewer groups (fewer, larger GEMMs) break ties.
-    """
-    cpu_layout = layout.detach().to("cpu", torch.bool)
-    key = (tuple(cpu_layout.shape), block_size, cpu_layout.numpy().tobytes())
-    plan = _PLAN_CACHE.get(key)
-    if plan is None:
-        candidates = [_build_plan(cpu_layout, block_size, transposed) for transposed in (False, True)]
-        plan = min(candidates, key=lambda p: (sum(g.vidx.shape[1] for g in p.groups), len(p.groups)))
-        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = plan
-    return plan
-
-
-# ----------------------------------------------------------------------------- the fast path
-
-# Rows of x handled per sweep over the groups. A chunk's gathered inputs, output slices and
-# gradient slices then stay in cache between the copies and the GEMMs that use them; on a 2-core
-# CPU this made the forward ~20% faster than whole-batch GEMMs (512 x 1024 floats = 2 MB of x).
-CHUNK_ROWS = 512
-
-
-def _chunks(n: int):
-    return [slice(c, min(c + CHUNK_ROWS, n)) for c in range(0, n, CHUNK_ROWS)] or [slice(0, 0)]
-
-
-def _gather(a: torch.Tensor, runs, extra: torch.Tensor | None) -> torch.Tensor:
-    """a's columns over ``runs`` side by side (a view when one run and no extra), then ``extra``."""
-    pieces = [a[:, c0:c1] for c0, c1 in runs]
-    if extra is not None:
-        pieces.append(extra)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-
-
-def _right_operands(values, plan: Plan, extra_w=None, transpose: bool = False):
-    """Per group: M_g^T (transpose) or M_g, with extra_w's rows of the group appended (as rows
-    of M_g^T, columns of M_g): the low-rank factor riding in the block GEMM. None for empty groups."""
-    rights = []
-    for g in plan.groups:
-        parts = [plan.packed(values, g, transpose)] if g.runs else []
-        if extra_w is not None:
-            lr = extra_w[g.r0:g.r1]
-            parts.append(lr.T if transpose else lr)
-        rights.append(None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 0 if transpose else 1))
-    return rights
-
-
-def _scatter(out_rows: torch.Tensor, product: torch.Tensor, runs, write: bool) -> int:
-    """Add (or write) product's leading columns into out_rows' column runs; return columns used."""
-    offset = 0
-    for c0, c1 in runs:
-        part = product[:, offset:offset + c1 - c0]
-        if write:
-            out_rows[:, c0:c1].copy_(part)
-        else:
-            out_rows[:, c0:c1].add_(part)
-        offset += c1 - c0
-    return offset
-
-
-def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None):
-    """out[:, rows_g] = [a[:, runs_g], extra] @ rights[g] (+ bias[rows_g]), chunk by chunk."""
-    out = a.new_empty(a.shape[0], width)
-    for rows in _chunks(a.shape[0]):
-        a_c, extra_c = a[rows], None if extra is None else extra[rows]
-        for g, right in zip(plan.groups, rights):
-            target = out[rows, g.r0:g.r1]
-            if right is None:   # block rows with nothing stored and no low-rank term
-                target.copy_(bias[g.r0:g.r1].expand_as(target)) if bias is not None else target.zero_()
-            elif bias is None:
-                torch.mm(_gather(a_c, g.runs, extra_c), right, out=target)
-            else:
-                torch.addmm(bias[g.r0:g.r1], _gather(a_c, g.runs, extra_c), right, out=target)
-    return out
-
-
-def _scatter_forward(a, plan: Plan, rights, width: int, init=None):
-    """out[:, runs_g] += a[:, rows_g] @ rights[g] onto ``init`` (else zeros), chunk by chunk."""
-    write = init is None and plan.covers_once          # every column written exactly once
-    out = init if init is not None else (a.new_empty if write else a.new_zeros)(a.shape[0], width)
-    for rows in _chunks(a.shape[0]):
-        for g, right in zip(plan.groups, rights):
-            if right is not None:
-                _scatter(out[rows], a[rows, g.r0:g.r1] @ right, g.runs, write)
-    return out
-
-
-def _init_output(rows: int, width: int, z=None, w=None, bias=None):
-    """(rows, width) = z @ w^T + bias, what scattered products are added onto (None: zeros)."""
-    if z is not None:
-        return torch.addmm(bias, z, w.T) if bias is not None else z @ w.T
-    if bias is not None:
-        return bias.expand(rows, width).clone()
-    return None
-
-
-def _grad_accumulators(plan: Plan, like: torch.Tensor, extra_cols: int):
-    """Per group a zero (rows*b, k*b + extra_cols) buffer for dM_g (and the extra columns)."""
-    return [like.new_zeros(g.r1 - g.r0, g.width + extra_cols) for g in plan.groups]
-
-
-def _unpack_grads(plan: Plan, values, grads, extra_cols: int):
-    """Blocks' gradient (nnz, b, b) and the extra columns' (plan rows * b, extra_cols) or None."""
-    grad_values = values.new_zeros(values.shape)
-    grad_extra = grads[0].new_empty(plan.groups[-1].r1, extra_cols) if extra_cols else None
-    for g, grad_m in zip(plan.groups, grads):
-        if g.runs:
-            plan.store_grad(grad_values, grad_m[:, :g.width], g)
-        if extra_cols:
-            grad_extra[g.r0:g.r1] = grad_m[:, g.width:]
-    return grad_values, grad_extra
-
-
-class _BlockSparseLowRank(torch.autograd.Function):
-    """y = x W^T + (x V) U^T + bias with W block-sparse; the 'torch' backend."""
-
-    @staticmethod
-    def forward(ctx, x2, values, bias, u, v, plan: Plan, out_features: int):
-        z = x2 @ v if u is not None else None
-        if plan.transposed:
-            init = _init_output(x2.shape[0], out_features, z, u, bias)
-            y = _scatter_forward(x2, plan, _right_operands(values, plan), out_features, init)
-        else:
-            y = _gather_forward(x2, plan, _right_operands(values, plan, u, transpose=True), out_features, z, bias)
-        ctx.plan, ctx.has_bias = plan, bias is not None
-        ctx.save_for_backward(x2, values, u, v, z)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x2, values, u, v, z = ctx.saved_tensors
-        plan: Plan = ctx.plan
-        gy = gy.contiguous()
-        need_x, need_values, need_bias, need_u, need_v = ctx.needs_input_grad[:5]
-        need_bias = need_bias and ctx.has_bias
-        grad_x = grad_values = grad_bias = grad_u = grad_v = None
-        # dX = gy S + (gy U) V^T, dU = gy^T z, dV = x^T (gy U), dbias = gy^T 1, dS_g = (row side)^T
-        # (gathered column side). One sweep over row chunks computes dX and dS together, so each
-        # chunk of gy is reused from cache; the low-rank factor on the plan's row side rides in the
-        # group GEMMs as extra columns (r-column GEMMs alone run at half the efficiency).
-        if plan.transposed:      # rows of the plan = W's block columns; gy is the gathered side
-            gz = gy @ u if u is not None and (need_x or need_v) else None
-            lowrank_cols = 0 if gz is None else gz.shape[1]
-            rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
-            grad_x = gy.new_empty(x2.shape) if need_x else None
-            grads = _grad_accumulators(plan, gy, lowrank_cols) if need_values or need_v else None
-            for rows in _chunks(gy.shape[0]):
-                gy_c, gz_c = gy[rows], None if gz is None else gz[rows]
-                for i, g in enumerate(plan.groups):
-                    left = _gather(gy_c, g.runs, gz_c) if g.runs or gz_c is not None else None
-                    if need_x:
-                        if left is None:
-                            grad_x[rows, g.r0:g.r1] = 0
-                        else:
-                            torch.mm(left, rights[i], out=grad_x[rows, g.r0:g.r1])
-                    if grads is not None and left is not None:
-                        grads[i].addmm_(x2[rows, g.r0:g.r1].T, left)
-            if grads is not None:
-                grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
-                grad_v = grad_v if need_v else None
-            if need_u:
-                grad_u = gy.T @ z
-        else:                    # rows of the plan = W's block rows; x is the gathered side
-            lowrank = u is not None and (need_x or need_v)
-            rights = _right_operands(values, plan, u if lowrank else None) if need_x or lowrank else None
-            write = plan.covers_once
-            grad_x = (gy.new_empty if write else gy.new_zeros)(x2.shape) if need_x else None
-            gz = gy.new_zeros(gy.shape[0], u.shape[1]) if lowrank else None
-            # with a low-rank term the bias gradient is one more column of the dS GEMMs: [z, 1]
-            fold_bias = z is not None and need_bias
-            if fold_bias:
-                z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-            extra_cols = z.shape[1] if z is not None and (need_u or fold_bias) else 0
-            grads = _grad_accumulators(plan, gy, extra_cols) if need_values or extra_cols else None
-            for rows in _chunks(gy.shape[0]):
-                x_c, z_c = x2[rows], None if z is None else z[rows]
-                for i, g in enumerate(plan.groups):
-                    gy_g = gy[rows, g.r0:g.r1]
-                    if rights is not None and rights[i] is not None:
-                        product = gy_g @ rights[i]
-                        used = _scatter(grad_x[rows], product, g.runs, write) if need_x else g.width
-                        if lowrank:
-                            gz[rows] += product[:, used:]
-                    if grads is not None and (g.runs or extra_cols):
-                        grads[i].addmm_(gy_g.T, _gather(x_c, g.runs, z_c if extra_cols else None))
-            if need_x and lowrank:
-                grad_x.addmm_(gz, v.T)
-            if grads is not None:
-                grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
-                if extra_cols:   # columns: U's gradient, then (folded) the bias's
-                    grad_u = grad_z[:, :u.shape[1]] if need_u else None
-                    grad_bias = grad_z[:, -1] if fold_bias else None
-            if need_v:
-                grad_v = x2.T @ gz
-        if need_bias and grad_bias is None:
-            grad_bias = gy.sum(0)
-        return grad_x, grad_values, grad_bias, grad_u, grad_v, None, None
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -557,7 +244,7 @@ def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.T
         return _reference(x, values, layout, bias, u, v)
     batch = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = _BlockSparseLowRank.apply(x2, values, bias, u, v, plan_for(layout, b), out_features)
+    y = BlockSparseLowRankFunction.apply(x2, values, bias, u, v, plan_for(layout, b), out_features)
     return y.reshape(*batch, out_features)
 
 
