@@ -272,27 +272,35 @@ def plot_speed(table: pd.DataFrame):
 
     shapes = list(dict.fromkeys(zip(table["in_features"], table["out_features"])))
     fig, axes = plt.subplots(2, len(shapes), figsize=(4.6 * len(shapes), 7.5), squeeze=False)
-    budgets = sorted(b for b in table["budget"].unique() if b < 1)
+    budgets = sorted(b for b in table["budget"].dropna().unique() if b < 1)
+    layers = table[table["layer"] != "nn.Linear"].dropna(subset=["budget"])
+
+    def label_of(layer, block, backend):
+        return layer + (f" b{block}" if block else "") + (f" [{backend}]" if backend != "-" else "")
+    labels = list(dict.fromkeys(label_of(*key) for key in zip(layers["layer"], layers["block_size"], layers["backend"])))
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}  # one colour in every panel
     for col, (in_f, out_f) in enumerate(shapes):
-        part = table[(table["in_features"] == in_f) & (table["out_features"] == out_f)]
+        part = layers[(layers["in_features"] == in_f) & (layers["out_features"] == out_f)]
         for row, mode in enumerate(("forward", "forward_backward")):
             ax = axes[row][col]
-            for (layer, block, backend), group in part[part["layer"] != "nn.Linear"].groupby(
-                    ["layer", "block_size", "backend"], sort=False):
-                group = group.sort_values("budget").dropna(subset=[f"speedup_{mode}"])
+            for (layer, block, backend), group in part.groupby(["layer", "block_size", "backend"], sort=False):
+                # peers planned at different budgets can land on one budget: keep the first
+                group = group.dropna(subset=[f"speedup_{mode}"]).drop_duplicates("budget").sort_values("budget")
                 if group.empty:
                     continue
-                label = layer + (f" b{block}" if block else "") + (f" [{backend}]" if backend != "-" else "")
-                style = "*" if layer == "Pixelfly released" else "o-"
-                ax.plot(group["budget"], group[f"speedup_{mode}"], style, label=label,
-                        markersize=12 if style == "*" else 4)
+                label = label_of(layer, block, backend)
+                star = layer == "Pixelfly released"
+                ax.plot(group["budget"], group[f"speedup_{mode}"], "*" if star else "o-", label=label,
+                        color=colors[label], markersize=12 if star else 4)
             if budgets:
                 ax.plot(budgets, [1 / b for b in budgets], "k--", linewidth=1, label="FLOP limit 1/budget")
             ax.axhline(1.0, color="grey", linewidth=1)
             ax.set_yscale("log")
             ax.set_xlabel("budget (fraction of dense parameters)")
             ax.set_ylabel(f"speed-up over nn.Linear ({mode.replace('_', '+')})")
-            ax.set_title(f"{in_f} -> {out_f}, {int(part['rows'].iloc[0])} rows, {mode.replace('_', '+')}")
+            n_rows = int(table.loc[(table["in_features"] == in_f) & (table["out_features"] == out_f), "rows"].iloc[0])
+            ax.set_title(f"{in_f} -> {out_f}, {n_rows} rows, {mode.replace('_', '+')}")
     handles = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
