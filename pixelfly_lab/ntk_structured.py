@@ -154,13 +154,14 @@ def structured_rules(prob) -> list:
     if not rules:
         return []
     calls = _probe_outputs(prob, [rule.module for rule in rules])
-    return _verified(prob, [rule for rule in rules if len(calls[id(rule.module)]) == 1])
+    # the taps need one call per forward, with the input passed positionally
+    return _verified(prob, [rule for rule in rules if [n for _, n in calls[id(rule.module)]] == [1]])
 
 
 def _probe_outputs(prob, modules: list) -> dict:
-    """id(module) -> the output shapes of its calls in one forward of the first example."""
+    """id(module) -> (output shape, number of positional inputs) of each call in one forward."""
     shapes = {id(m): [] for m in modules}
-    hooks = [m.register_forward_hook(lambda m, i, o: shapes[id(m)].append(o.shape)) for m in modules]
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes[id(m)].append((o.shape, len(i)))) for m in modules]
     try:
         with torch.no_grad():
             prob.model(prob.x1[:1])
@@ -192,7 +193,7 @@ def structured_features(prob, rules: list):
         return prob.forward_one(prob.base, x), tuple(state["inputs"])
 
     shapes = _probe_outputs(prob, [r.module for r in rules])
-    deltas = tuple(torch.zeros(shapes[id(r.module)][0], dtype=prob.dtype, device=prob.x1.device) for r in rules)
+    deltas = tuple(torch.zeros(shapes[id(r.module)][0][0], dtype=prob.dtype, device=prob.x1.device) for r in rules)
 
     def features(x):
         handles = [r.module.register_forward_hook(hook) for r in rules]

@@ -174,6 +174,23 @@ def test_rule_that_does_not_hold_falls_back():
     torch.testing.assert_close(kernel, empirical_ntk(model, x, method="loop"), **TOL)
 
 
+def test_modules_called_twice_or_by_keyword_fall_back():
+    """The taps need one positional call per forward; other uses go through Jacobian contraction."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.fc(input=torch.tanh(self.fc(x))))
+
+    torch.manual_seed(0)
+    model, x = Twice().double(), _inputs((4,), 4, 1)
+    ref = empirical_ntk(model, x, method="loop")
+    torch.testing.assert_close(empirical_ntk(model, x, method="structured"), ref, **TOL)
+
+
 def test_float32_is_close_to_float64():
     model64, x64 = MODELS["pixelfly"][0](), _inputs((6,), 6, 1)
     model32 = copy.deepcopy(model64).float()
