@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,9 +100,14 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     args = ["--model", "mlp", "--data", "teacher", "--max-train", "128", "--max-test", "64", "--batch-size", "32",
             "--epochs", "2", "--lr", "1e-2", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pixelfly_lab", "train", *args, "--out", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, timeout=240, env=env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pixelfly_lab", "train", *args, "--out", str(tmp_path / "ddp")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    if run.returncode and "terminate called without an active exception" in run.stderr:
+        # gloo's teardown can abort one rank on a heavily loaded machine (seen once in ~10 runs,
+        # never unloaded); that is torch's, not the training's: run once more from scratch
+        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["completed"]
