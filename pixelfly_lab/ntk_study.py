@@ -34,6 +34,7 @@ from .claims import Claim, save_figure, save_table
 from .data import load_data
 from .models import build_model, count_params
 from .ntk import DISTANCE_METRICS, empirical_ntk, kernel_distance, spectra
+from .threads import num_threads
 
 __all__ = ["STUDY_PATTERNS", "NTKStudyConfig", "QUICK", "ntk_study", "method_table", "plot_kernel",
            "plot_distance_at_init", "plot_distance_over_training", "plot_distance_vs_accuracy", "plot_spectra",
@@ -289,13 +290,8 @@ def _closest_sparse(frame: pd.DataFrame, family: str, metric: str) -> pd.Series:
 def experiment_ntk(out: Path, *, quick: bool, device: str) -> list[Claim]:
     """``reproduce`` experiment 'ntk': distances, spectra and the distance-accuracy picture."""
     cfg = replace(QUICK if quick else NTKStudyConfig(), device=device)
-    threads = torch.get_num_threads()
-    if quick and device == "cpu":
-        torch.set_num_threads(1)   # tiny models: a second thread only waits on the first (as 'training')
-    try:
+    with num_threads(1 if quick and device == "cpu" else None):  # tiny models: see pixelfly_lab.threads
         frame = ntk_study(cfg, progress=False)
-    finally:
-        torch.set_num_threads(threads)
     save_table(frame, out, "ntk_distances")
     save_table(frame.attrs["spectra"], out, "ntk_spectra")
     init_png = save_figure(plot_distance_at_init(frame), out, "ntk_distance_init")

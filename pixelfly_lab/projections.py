@@ -25,9 +25,10 @@ Example:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
+
+from .threads import num_threads
 
 __all__ = ["few_threads", "relative_error", "truncated_svd", "topk_mask", "topk_block_layout", "sparse_plus_lowrank",
            "monarch_dense", "monarch_project"]
@@ -40,21 +41,12 @@ __all__ = ["few_threads", "relative_error", "truncated_svd", "topk_mask", "topk_
 SMALL_MATRIX = 512 * 512
 
 
-@contextmanager
 def few_threads(numel: int = 0):
     """Run the block on one torch thread when the matrices have at most SMALL_MATRIX entries.
 
     Restores the previous thread count on exit; nested uses are free.
     """
-    before = torch.get_num_threads()
-    if before == 1 or numel > SMALL_MATRIX:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return num_threads(1 if numel <= SMALL_MATRIX else None)
 
 
 def relative_error(target: torch.Tensor, approx: torch.Tensor) -> float:

@@ -32,6 +32,7 @@ from .data import TaskData, load_data
 from .models import build_model, count_params
 from .rank import layer_weights, singular_values
 from .train import TrainConfig, _loss, train
+from .threads import num_threads
 
 __all__ = ["run_training_study", "Comparison", "compare_patterns", "step_speed", "plot_curves", "plot_parity",
            "plot_ranks", "plot_step_times", "speed_claims"]
@@ -299,15 +300,8 @@ def speed_claims(out: Path, device: str = "cuda", *, size: str = "gpt2-small", v
 
 def run_training_study(out: Path, *, quick: bool, device: str) -> list[Claim]:
     """The 'training' experiment of ``python -m pixelfly_lab reproduce`` (see the module docstring)."""
-    threads = torch.get_num_threads()
-    if quick and device == "cpu":
-        # The quick models are tiny: a second thread buys nothing, and costs several times over
-        # when the cores are shared with other work (threads waiting on each other at every op).
-        torch.set_num_threads(1)
-    try:
+    with num_threads(1 if quick and device == "cpu" else None):  # tiny models: see pixelfly_lab.threads
         return _run_training_study(Path(out), quick, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_training_study(out: Path, quick: bool, device: str) -> list[Claim]:
