@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Plan", "plan_for", "CHUNK_ROWS", "BlockSparseLowRankFunction"]
+__all__ = ["Plan", "plan_for", "CHUNK_ROWS", "sparse_lowrank_forward", "sparse_lowrank_backward",
+           "BlockSparseLowRankFunction"]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -246,8 +247,127 @@ def _unpack_grads(plan: Plan, values, grads, extra_cols: int):
     return grad_values, grad_extra
 
 
+def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                           u: torch.Tensor | None, v: torch.Tensor | None, plan: Plan,
+                           out_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = x2 W^T + (x2 V) U^T + bias with W block-sparse on ``plan``'s layout; no autograd.
+
+    Args:
+        x2: (N, in_features), contiguous rows.
+        values: (nnz, b, b), W's blocks in row-major layout order (see :mod:`pixelfly_lab.kernels`).
+        bias: (out_features,) or None.
+        u: (out_features, r) or None; v: (in_features, r) or None (both or neither).
+        plan: :func:`plan_for` of the layout and block size.
+        out_features: rows of W.
+
+    Returns:
+        (y (N, out_features), z = x2 V (N, r) or None): z is what :func:`sparse_lowrank_backward`
+        needs besides the inputs.
+
+    Example:
+        >>> layout = torch.eye(2, dtype=torch.bool)
+        >>> y, z = sparse_lowrank_forward(torch.randn(3, 8), torch.randn(2, 4, 4), None, None, None,
+        ...                               plan_for(layout, 4), 8)
+        >>> y.shape, z
+        (torch.Size([3, 8]), None)
+    """
+    z = x2 @ v if u is not None else None
+    if plan.transposed:
+        init = _init_output(x2.shape[0], out_features, z, u, bias)
+        y = _scatter_forward(x2, plan, _right_operands(values, plan), out_features, init)
+    else:
+        y = _gather_forward(x2, plan, _right_operands(values, plan, u, transpose=True), out_features, z, bias)
+    return y, z
+
+
+def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor,
+                            u: torch.Tensor | None, v: torch.Tensor | None, z: torch.Tensor | None,
+                            plan: Plan, needs_input_grad: tuple[bool, bool, bool, bool, bool],
+                            has_bias: bool):
+    """Gradients of :func:`sparse_lowrank_forward` for the output gradient ``gy`` (N, out).
+
+    dX = gy S + (gy U) V^T, dS_g = (row side)^T (gathered column side) on the layout's blocks,
+    dU = gy^T z, dV = x2^T (gy U), dbias = gy^T 1.
+
+    Args:
+        gy: (N, out_features). x2, values, u, v: the forward's inputs; z: its second output.
+        plan: the forward's plan.
+        needs_input_grad: which of (x2, values, bias, u, v) need a gradient.
+        has_bias: whether the forward had a bias.
+
+    Returns:
+        (grad_x2, grad_values, grad_bias, grad_u, grad_v), None where not needed.
+    """
+    gy = gy.contiguous()
+    need_x, need_values, need_bias, need_u, need_v = needs_input_grad
+    need_bias = need_bias and has_bias
+    grad_x = grad_values = grad_bias = grad_u = grad_v = None
+    # dX = gy S + (gy U) V^T, dU = gy^T z, dV = x^T (gy U), dbias = gy^T 1, dS_g = (row side)^T
+    # (gathered column side). One sweep over row chunks computes dX and dS together, so each
+    # chunk of gy is reused from cache; the low-rank factor on the plan's row side rides in the
+    # group GEMMs as extra columns (r-column GEMMs alone run at half the efficiency).
+    if plan.transposed:      # rows of the plan = W's block columns; gy is the gathered side
+        gz = gy @ u if u is not None and (need_x or need_v) else None
+        lowrank_cols = 0 if gz is None else gz.shape[1]
+        rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
+        grad_x = gy.new_empty(x2.shape) if need_x else None
+        grads = _grad_accumulators(plan, gy, lowrank_cols) if need_values or need_v else None
+        for rows in _chunks(gy.shape[0]):
+            gy_c, gz_c = gy[rows], None if gz is None else gz[rows]
+            for i, g in enumerate(plan.groups):
+                left = _gather(gy_c, g.runs, gz_c) if g.runs or gz_c is not None else None
+                if need_x:
+                    if left is None:
+                        grad_x[rows, g.r0:g.r1] = 0
+                    else:
+                        torch.mm(left, rights[i], out=grad_x[rows, g.r0:g.r1])
+                if grads is not None and left is not None:
+                    grads[i].addmm_(x2[rows, g.r0:g.r1].T, left)
+        if grads is not None:
+            grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
+            grad_v = grad_v if need_v else None
+        if need_u:
+            grad_u = gy.T @ z
+    else:                    # rows of the plan = W's block rows; x is the gathered side
+        lowrank = u is not None and (need_x or need_v)
+        rights = _right_operands(values, plan, u if lowrank else None) if need_x or lowrank else None
+        write = plan.covers_once
+        grad_x = (gy.new_empty if write else gy.new_zeros)(x2.shape) if need_x else None
+        gz = gy.new_zeros(gy.shape[0], u.shape[1]) if lowrank else None
+        # with a low-rank term the bias gradient is one more column of the dS GEMMs: [z, 1]
+        fold_bias = z is not None and need_bias
+        if fold_bias:
+            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        extra_cols = z.shape[1] if z is not None and (need_u or fold_bias) else 0
+        grads = _grad_accumulators(plan, gy, extra_cols) if need_values or extra_cols else None
+        for rows in _chunks(gy.shape[0]):
+            x_c, z_c = x2[rows], None if z is None else z[rows]
+            for i, g in enumerate(plan.groups):
+                gy_g = gy[rows, g.r0:g.r1]
+                if rights is not None and rights[i] is not None:
+                    product = gy_g @ rights[i]
+                    used = _scatter(grad_x[rows], product, g.runs, write) if need_x else g.width
+                    if lowrank:
+                        gz[rows] += product[:, used:]
+                if grads is not None and (g.runs or extra_cols):
+                    grads[i].addmm_(gy_g.T, _gather(x_c, g.runs, z_c if extra_cols else None))
+        if need_x and lowrank:
+            grad_x.addmm_(gz, v.T)
+        if grads is not None:
+            grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
+            if extra_cols:   # columns: U's gradient, then (folded) the bias's
+                grad_u = grad_z[:, :u.shape[1]] if need_u else None
+                grad_bias = grad_z[:, -1] if fold_bias else None
+        if need_v:
+            grad_v = x2.T @ gz
+    if need_bias and grad_bias is None:
+        grad_bias = gy.sum(0)
+    return grad_x, grad_values, grad_bias, grad_u, grad_v
+
+
 class BlockSparseLowRankFunction(torch.autograd.Function):
-    """y = x W^T + (x V) U^T + bias with W block-sparse; the 'torch' backend.
+    """y = x W^T + (x V) U^T + bias with W block-sparse; the 'torch' backend's autograd wrapper
+    around :func:`sparse_lowrank_forward` and :func:`sparse_lowrank_backward`.
 
     apply(x2 (N, in), values (nnz, b, b), bias or None, u (out, r) or None, v (in, r) or None,
     plan, out_features) -> y (N, out). First-order only (once_differentiable); not usable under
@@ -256,12 +376,7 @@ class BlockSparseLowRankFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, values, bias, u, v, plan: Plan, out_features: int):
-        z = x2 @ v if u is not None else None
-        if plan.transposed:
-            init = _init_output(x2.shape[0], out_features, z, u, bias)
-            y = _scatter_forward(x2, plan, _right_operands(values, plan), out_features, init)
-        else:
-            y = _gather_forward(x2, plan, _right_operands(values, plan, u, transpose=True), out_features, z, bias)
+        y, z = sparse_lowrank_forward(x2, values, bias, u, v, plan, out_features)
         ctx.plan, ctx.has_bias = plan, bias is not None
         ctx.save_for_backward(x2, values, u, v, z)
         return y
@@ -270,69 +385,6 @@ class BlockSparseLowRankFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):
         x2, values, u, v, z = ctx.saved_tensors
-        plan: Plan = ctx.plan
-        gy = gy.contiguous()
-        need_x, need_values, need_bias, need_u, need_v = ctx.needs_input_grad[:5]
-        need_bias = need_bias and ctx.has_bias
-        grad_x = grad_values = grad_bias = grad_u = grad_v = None
-        # dX = gy S + (gy U) V^T, dU = gy^T z, dV = x^T (gy U), dbias = gy^T 1, dS_g = (row side)^T
-        # (gathered column side). One sweep over row chunks computes dX and dS together, so each
-        # chunk of gy is reused from cache; the low-rank factor on the plan's row side rides in the
-        # group GEMMs as extra columns (r-column GEMMs alone run at half the efficiency).
-        if plan.transposed:      # rows of the plan = W's block columns; gy is the gathered side
-            gz = gy @ u if u is not None and (need_x or need_v) else None
-            lowrank_cols = 0 if gz is None else gz.shape[1]
-            rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
-            grad_x = gy.new_empty(x2.shape) if need_x else None
-            grads = _grad_accumulators(plan, gy, lowrank_cols) if need_values or need_v else None
-            for rows in _chunks(gy.shape[0]):
-                gy_c, gz_c = gy[rows], None if gz is None else gz[rows]
-                for i, g in enumerate(plan.groups):
-                    left = _gather(gy_c, g.runs, gz_c) if g.runs or gz_c is not None else None
-                    if need_x:
-                        if left is None:
-                            grad_x[rows, g.r0:g.r1] = 0
-                        else:
-                            torch.mm(left, rights[i], out=grad_x[rows, g.r0:g.r1])
-                    if grads is not None and left is not None:
-                        grads[i].addmm_(x2[rows, g.r0:g.r1].T, left)
-            if grads is not None:
-                grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
-                grad_v = grad_v if need_v else None
-            if need_u:
-                grad_u = gy.T @ z
-        else:                    # rows of the plan = W's block rows; x is the gathered side
-            lowrank = u is not None and (need_x or need_v)
-            rights = _right_operands(values, plan, u if lowrank else None) if need_x or lowrank else None
-            write = plan.covers_once
-            grad_x = (gy.new_empty if write else gy.new_zeros)(x2.shape) if need_x else None
-            gz = gy.new_zeros(gy.shape[0], u.shape[1]) if lowrank else None
-            # with a low-rank term the bias gradient is one more column of the dS GEMMs: [z, 1]
-            fold_bias = z is not None and need_bias
-            if fold_bias:
-                z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-            extra_cols = z.shape[1] if z is not None and (need_u or fold_bias) else 0
-            grads = _grad_accumulators(plan, gy, extra_cols) if need_values or extra_cols else None
-            for rows in _chunks(gy.shape[0]):
-                x_c, z_c = x2[rows], None if z is None else z[rows]
-                for i, g in enumerate(plan.groups):
-                    gy_g = gy[rows, g.r0:g.r1]
-                    if rights is not None and rights[i] is not None:
-                        product = gy_g @ rights[i]
-                        used = _scatter(grad_x[rows], product, g.runs, write) if need_x else g.width
-                        if lowrank:
-                            gz[rows] += product[:, used:]
-                    if grads is not None and (g.runs or extra_cols):
-                        grads[i].addmm_(gy_g.T, _gather(x_c, g.runs, z_c if extra_cols else None))
-            if need_x and lowrank:
-                grad_x.addmm_(gz, v.T)
-            if grads is not None:
-                grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
-                if extra_cols:   # columns: U's gradient, then (folded) the bias's
-                    grad_u = grad_z[:, :u.shape[1]] if need_u else None
-                    grad_bias = grad_z[:, -1] if fold_bias else None
-            if need_v:
-                grad_v = x2.T @ gz
-        if need_bias and grad_bias is None:
-            grad_bias = gy.sum(0)
-        return grad_x, grad_values, grad_bias, grad_u, grad_v, None, None
+        grads = sparse_lowrank_backward(gy, x2, values, u, v, z, ctx.plan, tuple(ctx.needs_input_grad[:5]),
+                                        ctx.has_bias)
+        return (*grads, None, None)
