@@ -381,22 +381,29 @@ class PixelflyLinear(SparseLowRankLinear):
 class MonarchLinear(StructuredLinear):
     """Monarch: W = P L P^T R, two block-diagonal factors and the reshape-transpose permutation.
 
-    With nb = nblocks, m = in_features / nb, s = out_features / nb:
+    With nb = nblocks, middle width mid = min(in_features, out_features) (as the authors'
+    MonarchLinear), m = in_features / nb, q = mid / nb, s = out_features / nb:
 
-    * R = blockdiag(R_0..R_{nb-1}), R_k (m, m): u[k*m + i] = sum_j R_k[i, j] x[k*m + j];
-    * P^T regroups u: group d of L's input is u[c*nb + d] for c = 0..m-1 (view u as (m, nb),
-      transpose to (nb, m));
-    * L = blockdiag(L_0..L_{nb-1}), L_d (s, m), acting on group d;
+    * R = blockdiag(R_0..R_{nb-1}), R_k (q, m): u[k*q + i] = sum_j R_k[i, j] x[k*m + j];
+    * P^T regroups the mid-vector u: group d of L's input is u[c*nb + d] for c = 0..q-1 (view u
+      as (q, nb), transpose to (nb, q));
+    * L = blockdiag(L_0..L_{nb-1}), L_d (s, q), acting on group d;
     * P places row e of block d at output e*nb + d (view the (nb, s) result as (s, nb)).
 
-    Parameters: nb*m*m + nb*s*m = (in^2 + out*in) / nb, equal to
-    :func:`pixelfly_lab.patterns.monarch_params`. Forward = two batched matmuls (Dao et al. 2022).
+    Parameters: nb*q*m + nb*s*q = mid * (in + out) / nb, i.e. (in^2 + out*in)/nb when in < out
+    and (out*in + out^2)/nb when in >= out, equal to :func:`pixelfly_lab.patterns.monarch_params`.
+    Forward = two batched matmuls (Dao et al. 2022).
 
-    Init: R_k entries with variance 1/m (U(-sqrt(3/m), sqrt(3/m)): R preserves the input's
-    variance), L_d like nn.Linear with fan-in m, so the output variance matches a dense layer's.
+    Init: R_k entries with variance 1/m (U(-sqrt(3/m), sqrt(3/m)): each entry of u has the
+    input's variance), L_d like nn.Linear with fan-in q, so the output variance matches a dense
+    layer's.
 
     Attributes:
-        r_blocks: Parameter (nb, m, m); l_blocks: Parameter (nb, s, m).
+        r_blocks: Parameter (nb, q, m); l_blocks: Parameter (nb, s, q).
+
+    Example:
+        >>> MonarchLinear(4096, 1024, nblocks=4).weight_params == (1024 * 4096 + 1024 ** 2) // 4
+        True
     """
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool = True,
@@ -406,31 +413,33 @@ class MonarchLinear(StructuredLinear):
         self.nblocks = _check_int("nblocks", nblocks)
         _check_divides("nblocks", nblocks, in_features, out_features)
         m, s = in_features // nblocks, out_features // nblocks
-        self.r_blocks = nn.Parameter(_uniform_(torch.empty(nblocks, m, m, **factory), math.sqrt(3.0 / m)))
-        self.l_blocks = nn.Parameter(_uniform_(torch.empty(nblocks, s, m, **factory), 1.0 / math.sqrt(m)))
+        q = min(in_features, out_features) // nblocks
+        self.r_blocks = nn.Parameter(_uniform_(torch.empty(nblocks, q, m, **factory), math.sqrt(3.0 / m)))
+        self.l_blocks = nn.Parameter(_uniform_(torch.empty(nblocks, s, q, **factory), 1.0 / math.sqrt(q)))
         self._init_bias(bias, factory)
 
     def _forward(self, x):
         nb, m = self.nblocks, self.in_features // self.nblocks
+        q = self.r_blocks.shape[1]
         batch = x.shape[:-1]
         xb = x.reshape(-1, nb, m).transpose(0, 1)                       # (nb, N, m)
-        u = torch.bmm(xb, self.r_blocks.transpose(1, 2))                # (nb, N, m): R_k per block
-        u = u.transpose(0, 1).reshape(-1, m, nb).permute(2, 0, 1)       # P^T: (nb, N, m), group d
+        u = torch.bmm(xb, self.r_blocks.transpose(1, 2))                # (nb, N, q): R_k per block
+        u = u.transpose(0, 1).reshape(-1, q, nb).permute(2, 0, 1)       # P^T: (nb, N, q), group d
         w = torch.bmm(u, self.l_blocks.transpose(1, 2))                 # (nb, N, s): L_d per group
         y = w.permute(1, 2, 0).reshape(*batch, self.out_features)       # P: row e of block d -> e*nb + d
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self):
         """P L P^T R built from block_diag and index permutations (independent of the bmm path)."""
-        nb, m, s = self.nblocks, self.in_features // self.nblocks, self.out_features // self.nblocks
-        left = torch.block_diag(*self.l_blocks)                          # (out, in)
-        right = torch.block_diag(*self.r_blocks)                         # (in, in)
-        d, c = torch.meshgrid(torch.arange(nb), torch.arange(m), indexing="ij")
-        q = (c * nb + d).flatten()              # (P^T u)[d*m + c] = u[c*nb + d]
+        nb, s, q = self.l_blocks.shape
+        left = torch.block_diag(*self.l_blocks)                          # (out, mid)
+        right = torch.block_diag(*self.r_blocks)                         # (mid, in)
+        d, c = torch.meshgrid(torch.arange(nb), torch.arange(q), indexing="ij")
+        perm_mid = (c * nb + d).flatten()       # (P^T u)[d*q + c] = u[c*nb + d]
         e, d2 = torch.meshgrid(torch.arange(s), torch.arange(nb), indexing="ij")
-        p = (d2 * s + e).flatten()              # (P y)[e*nb + d] = y[d*s + e]
+        perm_out = (d2 * s + e).flatten()       # (P y)[e*nb + d] = y[d*s + e]
         dev = left.device
-        return left[p.to(dev)] @ right[q.to(dev)]
+        return left[perm_out.to(dev)] @ right[perm_mid.to(dev)]
 
     @property
     def weight_params(self):

@@ -109,14 +109,14 @@ def sparse_plus_lowrank(matrix: torch.Tensor, project_sparse, rank: int, max_ite
     return sparse, low, history
 
 
-def _monarch_index(in_features: int, nblocks: int):
-    """For every middle index t = kk * q + qq (q = in / nblocks): its L block j = t mod nblocks,
+def _monarch_index(mid: int, nblocks: int):
+    """For every middle index t = kk * q + qq (q = mid / nblocks): its L block j = t mod nblocks,
     L column r = t // nblocks, R block kk, R row qq, and its rank slot within the (j, kk) group."""
-    q = in_features // nblocks
-    t = torch.arange(in_features)
+    q = mid // nblocks
+    t = torch.arange(mid)
     j, kk = t % nblocks, t // q
     slot, seen = torch.empty_like(t), {}
-    for idx in range(in_features):
+    for idx in range(mid):
         key = (int(j[idx]), int(kk[idx]))
         slot[idx] = seen.get(key, 0)
         seen[key] = slot[idx].item() + 1
@@ -126,23 +126,24 @@ def _monarch_index(in_features: int, nblocks: int):
 def monarch_dense(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """Dense Monarch matrix M = P L P^T R (Dao et al. 2022), the convention of monarch_params.
 
-    R = blockdiag(right) acts first on x; the middle vector z = R x is regrouped by the
-    reshape-transpose permutation so that L's block j reads z[t] for t = j (mod nblocks), at
-    column t // nblocks; L's block j writes output rows s * nblocks + j. Entry-wise,
+    R = blockdiag(right) maps x to the middle vector z = R x of width mid = min(in, out) (the
+    authors' MonarchLinear); z is regrouped by the reshape-transpose permutation so that L's
+    block j reads z[t] for t = j (mod nblocks), at column t // nblocks; L's block j writes
+    output rows s * nblocks + j. Entry-wise,
 
         M[s * nb + j, c] = sum_{t = j mod nb} left[j, s, t // nb] * R[t, c].
 
     Args:
-        left: (nblocks, out / nblocks, in / nblocks) blocks of L.
-        right: (nblocks, in / nblocks, in / nblocks) blocks of R.
+        left: (nblocks, out / nblocks, mid / nblocks) blocks of L.
+        right: (nblocks, mid / nblocks, in / nblocks) blocks of R.
 
     Returns:
         (out, in) tensor.
     """
     nblocks, s, q = left.shape
-    if right.shape != (nblocks, q, q):
-        raise ValueError(f"right must have shape {(nblocks, q, q)} to match left {tuple(left.shape)}, "
-                         f"got {tuple(right.shape)}")
+    if right.dim() != 3 or right.shape[:2] != (nblocks, q):
+        raise ValueError(f"right must have shape ({nblocks}, {q}, in / {nblocks}) to match left "
+                         f"{tuple(left.shape)}, got {tuple(right.shape)}")
     eye = torch.eye(nblocks, dtype=left.dtype, device=left.device)
     # (s, j, r, j'): left[j, s, r] where j' == j, i.e. row s*nb + j, middle column r*nb + j
     left_dense = torch.einsum("jsr,jk->sjrk", left, eye).reshape(s * nblocks, q * nblocks)
@@ -154,28 +155,30 @@ def monarch_project(matrix: torch.Tensor, nblocks: int) -> tuple[torch.Tensor, t
 
     By :func:`monarch_dense`, the sub-matrix of M on rows {s * nb + j} and the columns of R's
     block kk is a sum of one outer product per middle index t = j (mod nb) inside block kk,
-    and different (j, kk) use disjoint t. So M is exactly "every such sub-block has rank <= its
-    number of t's", and the projection is the truncated SVD of every sub-block of A (Monarch,
-    Thm 1 / Alg. 1: for in = out = nb^2 each sub-block is rank one).
+    and different (j, kk) use disjoint t and disjoint parameters. So M is exactly "every such
+    sub-block has rank <= its number of t's", and the projection is the truncated SVD of every
+    sub-block of A (Monarch, Thm 1 / Alg. 1: for in = out = nb^2 each sub-block is rank one).
+    The middle width is min(in, out), as in :func:`pixelfly_lab.patterns.monarch_params`.
 
     Args:
         matrix: (out, in), both divisible by ``nblocks``.
 
     Returns:
-        (left, right) for :func:`monarch_dense`.
+        (left, right) for :func:`monarch_dense`: (nb, out/nb, mid/nb) and (nb, mid/nb, in/nb).
     """
     out_features, in_features = matrix.shape
     if out_features % nblocks or in_features % nblocks:
         raise ValueError(f"nblocks={nblocks} must divide both sides of matrix {tuple(matrix.shape)}")
-    s, q = out_features // nblocks, in_features // nblocks
-    blocks = matrix.reshape(s, nblocks, nblocks, q).permute(1, 2, 0, 3)   # (j, kk, s, pp)
+    mid = min(out_features, in_features)
+    s, p, q = out_features // nblocks, in_features // nblocks, mid // nblocks
+    blocks = matrix.reshape(s, nblocks, nblocks, p).permute(1, 2, 0, 3)   # (j, kk, s, pp)
     u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)              # batched over (j, kk)
     root = sv.sqrt().to(matrix.dtype)
-    j, r, kk, qq, slot = _monarch_index(in_features, nblocks)
-    keep = slot < sv.shape[-1]          # groups with more t's than min(s, q) leave the rest zero
+    j, r, kk, qq, slot = _monarch_index(mid, nblocks)
+    keep = slot < sv.shape[-1]          # groups with more t's than min(s, p) leave the rest zero
     j, r, kk, qq, slot = j[keep], r[keep], kk[keep], qq[keep], slot[keep]
     left = matrix.new_zeros(nblocks, s, q)
-    right = matrix.new_zeros(nblocks, q, q)
+    right = matrix.new_zeros(nblocks, q, p)
     left[j, :, r] = u[j, kk, :, slot] * root[j, kk, slot][:, None]
     right[kk, qq, :] = vh[j, kk, slot, :] * root[j, kk, slot][:, None]
     return left, right

@@ -192,18 +192,18 @@ def _monarch_reference(a, nblocks):
     """Slow Monarch projection error: for each (L block j, R block kk) sub-matrix, the tail of its
     singular values beyond the number of middle indices t = j (mod nb) inside block kk."""
     out, inn = a.shape
-    q = inn // nblocks
+    p, q = inn // nblocks, min(out, inn) // nblocks     # R block kk: columns of width p, q middle rows
     tail = 0.0
     for j in range(nblocks):
         for kk in range(nblocks):
             count = sum(1 for t in range(kk * q, (kk + 1) * q) if t % nblocks == j)
-            s = torch.linalg.svdvals(a[j::nblocks, kk * q:(kk + 1) * q])
+            s = torch.linalg.svdvals(a[j::nblocks, kk * p:(kk + 1) * p])
             tail += s[count:].square().sum().item()
     return math.sqrt(tail) / torch.linalg.norm(a).item()
 
 
 @pytest.mark.parametrize("shape, nblocks", [((16, 16), 4), ((32, 16), 4), ((16, 32), 4), ((24, 36), 6),
-                                            ((32, 32), 8), ((32, 32), 2)])
+                                            ((32, 32), 8), ((32, 32), 2), ((16, 64), 4), ((64, 16), 4)])
 @pytest.mark.parametrize("dtype", [F64, torch.complex128])
 def test_monarch_projection_error_matches_the_blockwise_reference(shape, nblocks, dtype):
     a = randn(*shape, seed=7, dtype=dtype)
@@ -214,13 +214,18 @@ def test_monarch_projection_error_matches_the_blockwise_reference(shape, nblocks
     torch.testing.assert_close(monarch_dense(left2, right2), monarch_dense(left, right))
 
 
-def test_monarch_dense_matches_monarch_linear_values_and_gradients():
-    layer = MonarchLinear(24, 36, nblocks=6, bias=False, dtype=F64)
+@pytest.mark.parametrize("in_f, out_f", [(24, 36), (36, 36), (36, 24)])
+def test_monarch_dense_matches_monarch_linear_values_and_gradients(in_f, out_f):
+    layer = MonarchLinear(in_f, out_f, nblocks=6, bias=False, dtype=F64)
     mine = monarch_dense(layer.l_blocks, layer.r_blocks)
     torch.testing.assert_close(mine, layer.dense_weight(), rtol=0, atol=1e-14)
-    x = randn(5, 24)
+    x = randn(5, in_f)
     torch.testing.assert_close(x @ mine.T, layer(x))
-    probe = randn(36, 24, seed=3)
+    # the projection of a Monarch matrix recovers it, with the layer's factor shapes
+    left, right = monarch_project(mine.detach(), 6)
+    assert left.shape == layer.l_blocks.shape and right.shape == layer.r_blocks.shape
+    torch.testing.assert_close(monarch_dense(left, right), mine.detach())
+    probe = randn(out_f, in_f, seed=3)
     grads = torch.autograd.grad((mine * probe).sum(), [layer.l_blocks, layer.r_blocks])
     reference = torch.autograd.grad((layer.dense_weight() * probe).sum(), [layer.l_blocks, layer.r_blocks])
     for g, r in zip(grads, reference):

@@ -82,26 +82,33 @@ def test_weight_stays_on_its_pattern_after_adamw_with_weight_decay(name):
         assert layer.weight[~layer.mask].abs().max() == 0
 
 
-def test_monarch_dense_weight_matches_definition():
+@pytest.mark.parametrize("in_f, out_f, nb", [(6, 9, 3), (12, 12, 3), (16, 8, 4), (24, 6, 3)])
+def test_monarch_dense_weight_is_the_factor_product_with_the_authors_parameter_count(in_f, out_f, nb):
+    # in < out, in == out, in > out: middle width min(in, out), as the authors' MonarchLinear
     torch.manual_seed(0)
-    nb, in_f, out_f = 3, 6, 9
     layer = MonarchLinear(in_f, out_f, nb, dtype=F64)
-    m, s = in_f // nb, out_f // nb
-    right = torch.zeros(in_f, in_f, dtype=F64)
-    left = torch.zeros(out_f, in_f, dtype=F64)
+    mid = min(in_f, out_f)
+    m, q, s = in_f // nb, mid // nb, out_f // nb
+    assert tuple(layer.r_blocks.shape) == (nb, q, m) and tuple(layer.l_blocks.shape) == (nb, s, q)
+    authors = (in_f ** 2 + out_f * in_f) // nb if in_f < out_f else (out_f * in_f + out_f ** 2) // nb
+    assert layer.weight_params == monarch_params(out_f, in_f, nb) == authors
+    right = torch.zeros(mid, in_f, dtype=F64)
+    left = torch.zeros(out_f, mid, dtype=F64)
     for k in range(nb):
-        right[k * m:(k + 1) * m, k * m:(k + 1) * m] = layer.r_blocks[k].detach()
-        left[k * s:(k + 1) * s, k * m:(k + 1) * m] = layer.l_blocks[k].detach()
-    p_mid = torch.zeros(in_f, in_f, dtype=F64)      # P^T: position d*m + c takes u[c*nb + d]
+        right[k * q:(k + 1) * q, k * m:(k + 1) * m] = layer.r_blocks[k].detach()
+        left[k * s:(k + 1) * s, k * q:(k + 1) * q] = layer.l_blocks[k].detach()
+    p_mid = torch.zeros(mid, mid, dtype=F64)        # P^T: position d*q + c takes u[c*nb + d]
     for d in range(nb):
-        for c in range(m):
-            p_mid[d * m + c, c * nb + d] = 1
+        for c in range(q):
+            p_mid[d * q + c, c * nb + d] = 1
     p_out = torch.zeros(out_f, out_f, dtype=F64)    # P: row e of block d goes to e*nb + d
     for d in range(nb):
         for e in range(s):
             p_out[e * nb + d, d * s + e] = 1
-    torch.testing.assert_close(layer.dense_weight().detach(), p_out @ left @ p_mid @ right)
-    assert layer.weight_params == monarch_params(out_f, in_f, nb)
+    weight = p_out @ left @ p_mid @ right
+    torch.testing.assert_close(layer.dense_weight().detach(), weight)
+    x = torch.randn(5, in_f, dtype=F64)
+    torch.testing.assert_close(layer(x), x @ weight.T + layer.bias.detach())
 
 
 def test_lowrank_init_is_a_balanced_truncated_svd():

@@ -78,6 +78,20 @@ def test_blockdiag_and_lowrank_and_monarch():
     assert mo.nblocks == 8 and mo.params == monarch_params(64, 64, 8) == 2 * 64 * 64 // 8
 
 
+@pytest.mark.parametrize("out_f, in_f", [(4096, 1024), (1024, 4096), (256, 256), (64, 256)])
+def test_monarch_params_follow_the_authors_layer(out_f, in_f):
+    # the authors' MonarchLinear: (in^2 + out*in)/nb when in < out, (out*in + out^2)/nb when in >= out
+    for nb in (2, 4, 8):
+        authors = (in_f ** 2 + out_f * in_f) if in_f < out_f else (out_f * in_f + out_f ** 2)
+        assert monarch_params(out_f, in_f, nb) == authors // nb
+    pattern = make_pattern("monarch", out_f, in_f, 0.25)
+    assert pattern.budget <= 0.25
+    assert monarch_params(out_f, in_f, pattern.nblocks) == pattern.params
+    # the fewest blocks that fit: half as many blocks would not
+    half = pattern.nblocks // 2
+    assert half == 0 or monarch_params(out_f, in_f, half) > 0.25 * out_f * in_f
+
+
 @given(shape=shapes, budget=budgets, block=block_sizes)
 def test_plan_never_exceeds_and_fills_the_budget(shape, budget, block):
     out_f, in_f = shape
