@@ -1,0 +1,118 @@
+"""block_sparse_attention: the gathered fast path against the dense masked softmax, values and gradients."""
+
+import pytest
+import torch
+
+from pixelfly_lab.block_attention import _plan, block_attention_reference, block_sparse_attention
+from pixelfly_lab.masks import flat_butterfly_mask, layout_to_mask
+
+
+def uneven_layout(n_blocks: int, seed: int = 0) -> torch.Tensor:
+    """Random blocks + the diagonal + a global row and a global column: fan-in from 1 to n_blocks."""
+    g = torch.Generator().manual_seed(seed)
+    layout = torch.rand(n_blocks, n_blocks, generator=g) < 0.25
+    layout |= torch.eye(n_blocks, dtype=torch.bool)
+    layout[1] = True
+    layout[:, 2] = True
+    return layout
+
+
+def qkv(B=2, H=3, T=24, D=5, Dv=None, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, H, T, D), (B, H, T, D), (B, H, T, Dv or D)]
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+LAYOUTS = {"uneven": lambda R: uneven_layout(R), "butterfly": lambda R: flat_butterfly_mask(R, 2),
+           "dense": lambda R: torch.ones(R, R, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
+def test_values_and_gradients_equal_reference(causal, layout_name):
+    block_size, T = 4, 32
+    layout = LAYOUTS[layout_name](T // block_size)
+    q, k, v = qkv(T=T, Dv=7)
+    out = block_sparse_attention(q, k, v, layout, block_size, causal=causal, scale=0.7)
+    ref = block_attention_reference(q, k, v, layout, block_size, causal=causal, scale=0.7)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    fast = torch.autograd.grad(out, (q, k, v), grad)
+    slow = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_reference_is_softmax_over_kept_entries():
+    # oracle independent of the code under test: explicit per-row softmax over the kept set
+    layout = uneven_layout(4, seed=3)
+    q, k, v = (t.detach() for t in qkv(B=1, H=1, T=8, D=3))
+    mask = torch.tril(layout_to_mask(layout, 2))
+    out = block_sparse_attention(q, k, v, layout, 2, causal=True)
+    for i in range(8):
+        kept = mask[i].nonzero().flatten()
+        weights = torch.softmax(q[0, 0, i] @ k[0, 0, kept].T / 3 ** 0.5, 0)
+        torch.testing.assert_close(out[0, 0, i], weights @ v[0, 0, kept], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck(causal):
+    q, k, v = qkv(B=1, H=2, T=12, D=3)
+    layout = uneven_layout(4, seed=1)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: block_sparse_attention(q, k, v, layout, 3, causal=causal), (q, k, v))
+
+
+def test_plan_buckets_rows_by_fan_in_and_never_pads_to_dense():
+    layout = uneven_layout(8)
+    plan = _plan(layout, 4, False, torch.device("cpu"))
+    fan_in = layout.sum(1)
+    seen = torch.cat([bucket.rows for bucket in plan.buckets]).sort().values
+    assert torch.equal(seen, torch.arange(8))
+    for bucket in plan.buckets:
+        assert (fan_in[bucket.rows] == bucket.cols.shape[1]).all()     # no padded blocks
+        assert layout[bucket.rows[:, None], bucket.cols].all()
+
+
+def test_float32_and_bfloat16_close_to_float64():
+    q, k, v = qkv(T=32)
+    layout = flat_butterfly_mask(8, 2)
+    ref = block_attention_reference(q, k, v, layout, 4, causal=True)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        out = block_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout, 4, causal=True)
+        assert out.dtype == dtype
+        assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_compiles_without_graph_break():
+    q, k, v = (t.detach().float() for t in qkv(T=16))
+    layout = flat_butterfly_mask(4, 1)
+    fn = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, layout, 4, causal=True),
+                       backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), block_sparse_attention(q, k, v, layout, 4, causal=True))
+
+
+def test_bad_input_names_the_argument():
+    q, k, v = (t.detach() for t in qkv(T=16))
+    layout = torch.eye(4, dtype=torch.bool)
+    cases = [
+        ((q, k, v, torch.zeros(4, 4, dtype=torch.bool), 4), {}, "layout rows"),
+        ((q, k, v, torch.eye(4, dtype=torch.bool).roll(1, 1), 4), {"causal": True}, "diagonal"),
+        ((q[:, :, :15], k[:, :, :15], v[:, :, :15], layout, 4), {}, "multiple of block_size"),
+        ((q, k, v, torch.eye(8, dtype=torch.bool), 4), {}, "layout must have shape"),
+        ((q, k, v, layout.int(), 4), {}, "layout must be a bool"),
+        ((q, k[:, :1], v, layout, 4), {}, "k must have the shape"),
+        ((q, k, v[:, :, :8], layout, 4), {}, "v must have shape"),
+        ((q, k.float(), v, layout, 4), {}, "k has dtype"),
+        ((q[0], k[0], v[0], layout, 4), {}, "q must have shape"),
+        ((q, k, v, layout, 4), {"scale": -1.0}, "scale"),
+        ((q, k, v, layout, 4), {"backend": "cuda"}, "backend"),
+        ((q, k, v, layout, 4), {"backend": "triton"}, "backend='triton'"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            block_sparse_attention(*args, **kwargs)
+    with pytest.raises(TypeError, match="block_size"):
+        block_sparse_attention(q, k, v, layout, 4.0)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        block_sparse_attention(q.numpy(), k, v, layout, 4)
