@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -261,14 +262,15 @@ def _torch_backward(grad_out, q, k, v, out, lse, plan: _Plan, block_size: int, s
 
 # ------------------------------------------------------------------------- dispatch + autograd
 
-def _use_triton(q: torch.Tensor) -> bool:
+def _use_triton(q: torch.Tensor, block_size: int) -> bool:
+    """'auto' picks Triton for CUDA tensors when it is installed and the block fits a tile."""
     if not q.is_cuda:
         return False
     try:
-        import triton  # noqa: F401
+        from .triton_attention import BLOCK_SIZES
     except ImportError:
         return False
-    return True
+    return block_size in BLOCK_SIZES
 
 
 def _forward_impl(q, k, v, layout, block_size, causal, scale, backend):
@@ -383,9 +385,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         return block_attention_reference(q, k, v, layout, block_size, causal=causal, scale=scale)
     block_size, scale = _check_inputs(q, k, v, layout, block_size, causal, scale)
     if backend == "auto":
-        backend = "triton" if _use_triton(q) else "torch"
-    elif backend == "triton" and not q.is_cuda:
-        raise ValueError("backend='triton' needs CUDA tensors (q is on the CPU)")
+        backend = "triton" if _use_triton(q, block_size) else "torch"
+    elif backend == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError("backend='triton' needs CUDA tensors (q is on the CPU; TRITON_INTERPRET=1 "
+                         "runs the kernels on CPU tensors, for tests)")
     if _custom_op is not None:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return _attention_fwd_op(q, k, v, layout, block_size, causal, scale, backend)[0]

@@ -1,5 +1,10 @@
 """block_sparse_attention: the gathered fast path against the dense masked softmax, values and gradients."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -116,3 +121,29 @@ def test_bad_input_names_the_argument():
         block_sparse_attention(q, k, v, layout, 4.0)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         block_sparse_attention(q.numpy(), k, v, layout, 4)
+
+
+def test_triton_kernels_in_the_interpreter():
+    # TRITON_INTERPRET=1 must be set before triton is imported: run in a fresh interpreter
+    pytest.importorskip("triton")
+    code = r'''
+import torch
+from pixelfly_lab.block_attention import block_sparse_attention, block_attention_reference
+from tests.test_block_attention import qkv, uneven_layout
+for causal in (False, True):
+    q, k, v = qkv(B=1, H=2, T=64, D=12, Dv=20)
+    layout = uneven_layout(4, seed=2)
+    out = block_sparse_attention(q, k, v, layout, 16, causal=causal, backend="triton")
+    ref = block_attention_reference(q, k, v, layout, 16, causal=causal)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+print("ok")
+'''
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "ok"
