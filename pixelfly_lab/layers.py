@@ -471,12 +471,12 @@ def layer_from_pattern(pattern: Pattern, bias: bool = True, backend: str = "auto
         return MonarchLinear(p.in_features, p.out_features, p.nblocks, bias=bias, **factory)
     if p.layout is None:
         return LowRankLinear(p.in_features, p.out_features, p.rank, bias=bias, **factory)
-    if p.rank == 0:
-        return BlockSparseLinear(p.in_features, p.out_features, p.layout, p.block_size, bias=bias,
-                                 backend=backend, **factory)
-    if p.name == "pixelfly" and p.plan is not None:
+    if p.name == "pixelfly" and p.plan is not None:   # a Pixelfly layer even when its plan has rank 0
         return PixelflyLinear(p.in_features, p.out_features, butterfly_size=p.plan.butterfly_size,
                               n_factors=p.plan.n_factors, rank=p.rank, block_size=p.block_size,
                               bias=bias, backend=backend, **factory)
+    if p.rank == 0:
+        return BlockSparseLinear(p.in_features, p.out_features, p.layout, p.block_size, bias=bias,
+                                 backend=backend, **factory)
     return SparseLowRankLinear(p.in_features, p.out_features, p.layout, p.block_size, p.rank,
                                bias=bias, backend=backend, **factory)

@@ -26,14 +26,28 @@ import torch
 
 from .masks import _check_int, flat_block_butterfly_layout, layout_to_mask
 
-__all__ = ["Pattern", "PixelflyPlan", "PATTERN_NAMES", "LOWRANK_SHARE", "make_pattern", "plan_pixelfly",
-           "monarch_params", "check_budget"]
+__all__ = ["Pattern", "PixelflyPlan", "PATTERN_NAMES", "LOWRANK_SHARE", "MIN_RANK", "make_pattern",
+           "plan_pixelfly", "monarch_params", "check_budget"]
 
-# Share of a sparse + low-rank budget reserved for the low-rank term before the sparse part is
-# chosen. 0.15 is what the released Pixelfly configuration spends on it: at 1024 -> 4096,
-# (butterfly_size 16, n_factors 2) uses 0.1875 of the weight and rank 32 another 0.039 (17%).
-# The low-rank rank then fills whatever the sparse part's block granularity leaves over.
+# Share of a sparse + low-rank budget reserved for the low-rank term of the 'X+lowrank' baselines
+# before their sparse part is chosen. 0.15 is what the released Pixelfly configuration spends on
+# it: at 1024 -> 4096, (butterfly_size 16, n_factors 2) uses 0.1875 of the weight and rank 32
+# another 0.039 (17%). The rank then fills whatever the block granularity leaves over.
 LOWRANK_SHARE = 0.15
+
+# plan_pixelfly's low-rank floor: the plan keeps at least this rank (or what half the budget
+# buys, if less) before choosing its sparse layout. A fixed share of the budget gave rank 1-2 at
+# widths 64-256 (15% of 0.25 * 64 * 64 parameters is 1.2 ranks of 64 + 64); 8 is the smallest
+# rank that captured most of the low-rank energy of the attention-like targets of the
+# expressiveness study at n = 64..256, and at 1024 <-> 4096 it leaves the released
+# configuration (rank 32) unchanged.
+MIN_RANK = 8
+# plan_pixelfly's "near-equal" tolerance: layouts storing at least this fraction of the densest
+# admissible layout's entries count as equal, and the fastest of them is taken (the rank fills
+# the difference, so every candidate uses the same total budget). At budget 0.2 and 4096x1024
+# this picks (16, 2) over the denser-by-nothing (32, 4): measured on one thread, (32, 4) ran
+# 2.6x faster than dense and (16, 2) 3.1x (issue 16).
+NEAR_EQUAL_SPARSE = 0.8
 
 _SPARSE_NAMES = ("random", "local", "global", "bigbird", "strided", "blockdiag", "butterfly")
 PATTERN_NAMES = (("dense", "lowrank") + _SPARSE_NAMES + ("pixelfly", "monarch")
@@ -149,45 +163,80 @@ def monarch_params(out_features: int, in_features: int, nblocks: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _butterfly_candidates(out_features, in_features, block_size) -> tuple[tuple[int, int, int], ...]:
-    """Every (butterfly_size, n_factors, exact nnz) the layout allows; cached per shape because
-    models repeat shapes and every candidate builds a layout."""
-    candidates = []
+    """Every distinct flat block butterfly layout of the shape as (butterfly_size, n_factors, nnz).
+
+    Coarsening to blocks can merge layouts: at 256x256 with block 32, (16, 2) keeps exactly the
+    blocks of (8, 1), a block diagonal. Each distinct layout is named by its fewest factors,
+    then its smallest butterfly_size, so n_factors is the number of factors the layout really
+    has. Cached per shape because models repeat shapes and every candidate builds a layout.
+    """
+    named = []
     size = 2
     while out_features % size == 0 and in_features % size == 0:
         for n_factors in range(1, size.bit_length()):
             layout = flat_block_butterfly_layout(out_features, in_features, size, n_factors, block_size)
-            candidates.append((size, n_factors, int(layout.sum()) * block_size ** 2))
+            named.append((n_factors, size, layout))
         size *= 2
+    candidates, seen = [], set()
+    for n_factors, size, layout in sorted(named, key=lambda c: (c[0], c[1])):
+        key = layout.numpy().tobytes()
+        if key not in seen:
+            seen.add(key)
+            candidates.append((size, n_factors, int(layout.sum()) * block_size ** 2))
     return tuple(candidates)
 
 
+def _admissible(out_features, in_features, block_size, max_params):
+    """Layouts with at most max_params entries; only those with >= 2 factors when any fits.
+
+    One factor is a block diagonal (no released configuration uses it): it is taken only when
+    no layout with two or more factors fits at all.
+    """
+    fits = [c for c in _butterfly_candidates(out_features, in_features, block_size) if c[2] <= max_params]
+    several = [c for c in fits if c[1] >= 2]
+    return several or fits
+
+
 def _best_butterfly(out_features, in_features, block_size, max_params):
-    """The densest flat block butterfly with at most max_params entries.
+    """The densest admissible flat block butterfly with at most max_params entries.
 
     Ties (equal nnz) go to fewer factors, then the smaller butterfly_size: fewer, larger dense
     rectangles per block row make faster GEMMs. Returns (butterfly_size, n_factors, nnz) or None.
     """
-    best = None
-    for size, n_factors, nnz in _butterfly_candidates(out_features, in_features, block_size):
-        if nnz <= max_params and (best is None or (nnz, -n_factors, -size) > (best[2], -best[1], -best[0])):
-            best = (size, n_factors, nnz)
-    return best
+    fits = _admissible(out_features, in_features, block_size, max_params)
+    return min(fits, key=lambda c: (-c[2], c[1], c[0]), default=None)
 
 
 def plan_pixelfly(out_features: int, in_features: int, budget: float, block_size: int = 32) -> PixelflyPlan:
     """Map a parameter budget to Pixelfly hyper-parameters (the paper's workflow, Figure 1).
 
-    Rule: reserve ``LOWRANK_SHARE`` (15%) of the budget for the low-rank term; give the sparse part
-    the densest flat block butterfly (over every butterfly_size dividing both dimensions and every
-    n_factors) whose exact block count fits in the other 85%; then let the low-rank rank fill all
-    that is left: rank = floor((budget * in * out - nnz) / (in + out)). The plan therefore never
-    exceeds the budget and leaves less than one rank's worth (in + out parameters) unused beyond
-    the block granularity. Why 15%: it is the share the released configuration spends on
-    low-rank, and the paper's ablation finds most of the accuracy in the sparse part.
+    Rule, over every distinct flat block butterfly layout of the shape (every butterfly_size
+    dividing both dimensions, every n_factors; layouts that coarsen to the same blocks counted
+    once, under their fewest factors):
 
-    The released configuration (butterfly_size 16, n_factors 2, block 32, rank 32) is what
-    budget 0.2266 (= (0.1875 * 4096 * 1024 + 32 * 5120) / (4096 * 1024)) gives at 1024 -> 4096
-    or 4096 -> 1024; at 768 -> 3072 budget 0.25 gives (16, 2, 32) with rank 25.
+    1. Admissible layouts fit the budget alone; if any with n_factors >= 2 fits, only those.
+       Why: n_factors = 1 is a block diagonal, which mixes no information across groups and
+       appears in no released configuration.
+    2. Keep a low-rank floor r0 = min(MIN_RANK, the rank half the budget buys): the admissible
+       layouts that leave room for rank r0 are the candidates (if none does, the sparsest
+       admissible layout). Why: a fixed share of the budget (15%, the previous rule) gave rank
+       1-2 at widths 64-256, too little for the low-rank term to carry anything; a floor in
+       ranks gives rank >= 4-8 there and is not binding at large widths.
+    3. Near-equal plans go to the faster layout: among candidates storing at least
+       NEAR_EQUAL_SPARSE (80%) of the densest candidate's entries, take the fewest factors,
+       then the smallest butterfly_size (wider cells), then the most entries. Why: the rank fills
+       what the layout leaves, so all of these use the same total budget; fewer factors mean
+       fewer, larger GEMMs (issue 16: at 4096x1024, (32, 4) at budget 0.2 ran 2.6x faster than
+       dense, (16, 2) at 0.227 3.1x), and the paper's ablation finds most of the accuracy in
+       the sparse part, which loses at most 20% here.
+    4. The rank fills all that is left: rank = floor((budget * in * out - nnz) / (in + out)),
+       at most min(in, out). The plan therefore never exceeds the budget and leaves less than
+       one rank's worth (in + out parameters) unused.
+
+    This reproduces the released configuration (butterfly_size 16, n_factors 2, block 32,
+    rank 32) at budget 0.2266 (= (0.1875 * 4096 * 1024 + 32 * 5120) / (4096 * 1024)) at
+    1024 -> 4096 and 4096 -> 1024; at budget 0.2 it gives (16, 2) with rank 10, at 0.25
+    (16, 2) with rank 51.
 
     Args:
         out_features, in_features: weight shape, divisible by ``block_size``.
@@ -200,23 +249,31 @@ def plan_pixelfly(out_features: int, in_features: int, budget: float, block_size
     Raises:
         ValueError: when even the sparsest layout exceeds the budget (the message gives the
             smallest budget that works).
+
+    Example:
+        >>> plan_pixelfly(4096, 1024, 0.2266)
+        PixelflyPlan(butterfly_size=16, n_factors=2, block_size=32, rank=32, budget=0.2265625)
     """
     budget = check_budget(budget)
     _check_shape(out_features, in_features, block_size)
     total = budget * in_features * out_features
-    best = _best_butterfly(out_features, in_features, block_size, (1.0 - LOWRANK_SHARE) * total)
-    if best is None:
-        best = _best_butterfly(out_features, in_features, block_size, total)
-    if best is None:
+    width = in_features + out_features
+    admissible = _admissible(out_features, in_features, block_size, total)
+    if not admissible:
         smallest = min(nnz for *_, nnz in _butterfly_candidates(out_features, in_features, block_size))
         raise ValueError(
             f"budget={budget} is too small for a pixelfly layout of {out_features}x{in_features} at "
             f"block_size={block_size}; the sparsest needs budget >= {smallest / (in_features * out_features):.4f}"
         )
-    size, n_factors, nnz = best
-    rank = int((total - nnz) // (in_features + out_features))
-    rank = min(rank, min(in_features, out_features))
-    used = (nnz + rank * (in_features + out_features)) / (in_features * out_features)
+    floor = min(MIN_RANK, int(0.5 * total // width))
+    candidates = [c for c in admissible if c[2] + floor * width <= total]
+    if not candidates:
+        candidates = [min(admissible, key=lambda c: (c[2], c[1], c[0]))]
+    densest = max(nnz for *_, nnz in candidates)
+    near = [c for c in candidates if c[2] >= NEAR_EQUAL_SPARSE * densest]
+    size, n_factors, nnz = min(near, key=lambda c: (c[1], c[0], -c[2]))
+    rank = min(int((total - nnz) // width), min(in_features, out_features))
+    used = (nnz + rank * width) / (in_features * out_features)
     return PixelflyPlan(size, n_factors, block_size, rank, used)
 
 

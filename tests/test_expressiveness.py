@@ -171,7 +171,7 @@ def test_matrices_in_the_class_are_recovered_to_rounding():
     left, right = randn(4, 8, 8, seed=1), randn(4, 8, 8, seed=2)
     assert approximate(monarch_dense(left, right), "monarch", 0.5).error < 1e-13
     # sparse + low-rank: a matrix on the pixelfly mask plus a rank-2 term, alternating projections
-    pixelfly = make_pattern("pixelfly", n, n, 0.4, block_size=4)
+    pixelfly = make_pattern("pixelfly", n, n, 0.6, block_size=4)
     target = randn(n, n, seed=5) * pixelfly.mask() + 0.5 * target_matrix("lowrank", n, rank=pixelfly.rank, seed=6)
     assert approximate(target, pixelfly, max_iter=500, tol=0.0).error < 1e-6
 

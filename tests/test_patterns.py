@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pixelfly_lab.masks import flat_block_butterfly_layout
 from pixelfly_lab.patterns import (
     LOWRANK_SHARE,
+    MIN_RANK,
     PATTERN_NAMES,
     make_pattern,
     monarch_params,
@@ -114,6 +115,71 @@ def test_plan_gives_the_released_configuration():
         assert (plan.butterfly_size, plan.n_factors, plan.block_size, plan.rank) == (16, 2, 32, 32)
         pattern = make_pattern("pixelfly", out_f, in_f, 0.2266, block_size=32)
         assert pattern.rank == 32 and pattern.budget == pytest.approx(plan.budget)
+
+
+def _one_factor_layouts(out_f, in_f, block):
+    """Every flat block butterfly layout with one factor (block diagonals), as bytes."""
+    layouts, size = set(), 2
+    while out_f % size == 0 and in_f % size == 0:
+        layouts.add(flat_block_butterfly_layout(out_f, in_f, size, 1, block).numpy().tobytes())
+        size *= 2
+    return layouts
+
+
+def _several_factor_nnz(out_f, in_f, block):
+    """nnz of every layout with >= 2 factors that is not also a one-factor layout after coarsening."""
+    one, nnz, size = _one_factor_layouts(out_f, in_f, block), [], 4
+    while out_f % size == 0 and in_f % size == 0:
+        for k in range(2, size.bit_length()):
+            layout = flat_block_butterfly_layout(out_f, in_f, size, k, block)
+            if layout.numpy().tobytes() not in one:
+                nnz.append(int(layout.sum()) * block ** 2)
+        size *= 2
+    return nnz
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, budget=budgets, block=block_sizes)
+def test_plan_has_two_factors_wherever_a_two_factor_layout_fits(shape, budget, block):
+    out_f, in_f = shape
+    try:
+        plan = plan_pixelfly(out_f, in_f, budget, block)
+    except ValueError as err:
+        assert "too small" in str(err)
+        return
+    layout = flat_block_butterfly_layout(out_f, in_f, plan.butterfly_size, plan.n_factors, block)
+    assert plan.budget <= budget + 1e-12
+    if any(nnz <= budget * in_f * out_f for nnz in _several_factor_nnz(out_f, in_f, block)):
+        assert plan.n_factors >= 2
+        assert layout.numpy().tobytes() not in _one_factor_layouts(out_f, in_f, block)
+    else:   # only a block diagonal fits: the plan says so
+        assert plan.n_factors == 1
+
+
+def test_plan_prefers_the_faster_layout_among_near_equal_plans():
+    # at budget 0.2 the densest layout leaving rank 8 is (32, 4) (0.156); (16, 2) (0.1875) also
+    # fits the budget with rank 10 and ran faster (issue 16), so the plan takes it
+    plan = plan_pixelfly(4096, 1024, 0.2, block_size=32)
+    assert (plan.butterfly_size, plan.n_factors, plan.rank) == (16, 2, 10)
+    assert plan.budget <= 0.2
+
+
+@pytest.mark.parametrize("n, block", [(128, 4), (256, 4), (256, 8), (256, 16)])
+def test_plan_gives_a_useful_rank_at_small_widths(n, block):
+    # the previous rule (15% of the budget) gave rank 1-4 here
+    for budget in (0.25, 0.3):
+        plan = plan_pixelfly(n, n, budget, block)
+        assert plan.rank >= min(MIN_RANK, int(0.5 * budget * n * n // (2 * n)))
+        assert plan.n_factors >= 2
+
+
+@pytest.mark.parametrize("out_f, in_f, block", [(256, 256, 8), (256, 256, 16), (4096, 1024, 32),
+                                                (1024, 4096, 32)])
+def test_butterfly_is_not_the_block_diagonal_at_budget_one_quarter(out_f, in_f, block):
+    butterfly = make_pattern("butterfly", out_f, in_f, 0.25, block_size=block)
+    blockdiag = make_pattern("blockdiag", out_f, in_f, 0.25, block_size=block)
+    assert butterfly.budget <= 0.25 and butterfly.plan.n_factors >= 2
+    assert not torch.equal(butterfly.layout, blockdiag.layout)
 
 
 def test_plus_lowrank_reserves_the_lowrank_share():
