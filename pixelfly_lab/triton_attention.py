@@ -72,17 +72,32 @@ def _check(q: torch.Tensor, block_size: int) -> None:
 
 
 @triton.jit
+def _tile_ptrs(ptr, bh, T, width, offs_rows, BLOCK_W: tl.constexpr):
+    """Pointers to rows offs_rows of the (T, width) matrix of batch x head bh, and the column mask."""
+    offs = tl.arange(0, BLOCK_W)
+    return ptr + bh * T * width + offs_rows[:, None] * width + offs[None, :], offs[None, :] < width
+
+
+@triton.jit
+def _load(ptr, bh, T, width, offs_rows, BLOCK_W: tl.constexpr):
+    ptrs, mask = _tile_ptrs(ptr, bh, T, width, offs_rows, BLOCK_W)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(ptr, value, bh, T, width, offs_rows, BLOCK_W: tl.constexpr):
+    ptrs, mask = _tile_ptrs(ptr, bh, T, width, offs_rows, BLOCK_W)
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, row_ptr, row_cols, scale, T, D, DV,
                     CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     r = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = r * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d[None, :] < D
-    mask_dv = offs_dv[None, :] < DV
-    q = tl.load(q_ptr + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0)
+    q = _load(q_ptr, bh, T, D, offs_m, BLOCK_D)
     m_i = tl.full((BLOCK,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK,), ACC_DTYPE)
     acc = tl.zeros((BLOCK, BLOCK_DV), ACC_DTYPE)
@@ -91,7 +106,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, row_ptr, row_cols, scal
     for t in range(start, end):
         c = tl.load(row_cols + t)
         offs_n = c * BLOCK + tl.arange(0, BLOCK)
-        k = tl.load(k_ptr + bh * T * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0)
+        k = _load(k_ptr, bh, T, D, offs_n, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
         if CAUSAL:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -101,12 +116,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, row_ptr, row_cols, scal
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + bh * T * DV + offs_n[:, None] * DV + offs_dv[None, :], mask=mask_dv, other=0.0)
+        v = _load(v_ptr, bh, T, DV, offs_n, BLOCK_DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(o_ptr + bh * T * DV + offs_m[:, None] * DV + offs_dv[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=mask_dv)
+    _store(o_ptr, acc, bh, T, DV, offs_m, BLOCK_DV)
     tl.store(lse_ptr + bh * T + offs_m, m_i + tl.log(l_i))
 
 
@@ -117,12 +131,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, row_ptr,
     r = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = r * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d[None, :] < D
-    mask_dv = offs_dv[None, :] < DV
-    q = tl.load(q_ptr + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0)
-    do = tl.load(do_ptr + bh * T * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=mask_dv, other=0.0)
+    q = _load(q_ptr, bh, T, D, offs_m, BLOCK_D)
+    do = _load(do_ptr, bh, T, DV, offs_m, BLOCK_DV)
     lse = tl.load(lse_ptr + bh * T + offs_m)
     delta = tl.load(delta_ptr + bh * T + offs_m)
     dq = tl.zeros((BLOCK, BLOCK_D), ACC_DTYPE)
@@ -131,8 +141,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, row_ptr,
     for t in range(start, end):
         c = tl.load(row_cols + t)
         offs_n = c * BLOCK + tl.arange(0, BLOCK)
-        k = tl.load(k_ptr + bh * T * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0)
-        v = tl.load(v_ptr + bh * T * DV + offs_n[:, None] * DV + offs_dv[None, :], mask=mask_dv, other=0.0)
+        k = _load(k_ptr, bh, T, D, offs_n, BLOCK_D)
+        v = _load(v_ptr, bh, T, DV, offs_n, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
         p = tl.exp(s - lse[:, None])
         if CAUSAL:
@@ -140,8 +150,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, row_ptr,
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    tl.store(dq_ptr + bh * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=mask_d)
+    _store(dq_ptr, dq * scale, bh, T, D, offs_m, BLOCK_D)
 
 
 @triton.jit
@@ -151,12 +160,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_n = c * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_d = offs_d[None, :] < D
-    mask_dv = offs_dv[None, :] < DV
-    k = tl.load(k_ptr + bh * T * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0)
-    v = tl.load(v_ptr + bh * T * DV + offs_n[:, None] * DV + offs_dv[None, :], mask=mask_dv, other=0.0)
+    k = _load(k_ptr, bh, T, D, offs_n, BLOCK_D)
+    v = _load(v_ptr, bh, T, DV, offs_n, BLOCK_DV)
     dk = tl.zeros((BLOCK, BLOCK_D), ACC_DTYPE)
     dv = tl.zeros((BLOCK, BLOCK_DV), ACC_DTYPE)
     start = tl.load(col_ptr + c)
@@ -164,8 +169,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     for t in range(start, end):
         r = tl.load(col_rows + t)
         offs_m = r * BLOCK + tl.arange(0, BLOCK)
-        q = tl.load(q_ptr + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_d, other=0.0)
-        do = tl.load(do_ptr + bh * T * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=mask_dv, other=0.0)
+        q = _load(q_ptr, bh, T, D, offs_m, BLOCK_D)
+        do = _load(do_ptr, bh, T, DV, offs_m, BLOCK_DV)
         lse = tl.load(lse_ptr + bh * T + offs_m)
         delta = tl.load(delta_ptr + bh * T + offs_m)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
@@ -176,10 +181,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    tl.store(dk_ptr + bh * T * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=mask_d)
-    tl.store(dv_ptr + bh * T * DV + offs_n[:, None] * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=mask_dv)
+    _store(dk_ptr, dk * scale, bh, T, D, offs_n, BLOCK_D)
+    _store(dv_ptr, dv, bh, T, DV, offs_n, BLOCK_DV)
 
 
 def _meta(q, v, block_size, causal):
