@@ -23,13 +23,15 @@ formulation is ours. Tested against ``F.linear`` on the dense weight (tests/test
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Plan", "plan_for", "CHUNK_ROWS", "sparse_lowrank_forward", "sparse_lowrank_backward",
-           "BlockSparseLowRankFunction"]
+__all__ = ["Plan", "plan_for", "CHUNK_ROWS", "POOL_MIN_BYTES", "POOL_PER_SIZE", "release_buffers",
+           "sparse_lowrank_forward", "sparse_lowrank_backward", "BlockSparseLowRankFunction"]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -148,6 +150,67 @@ def plan_for(layout: torch.Tensor, block_size: int) -> Plan:
     return plan
 
 
+# ----------------------------------------------------------------------------- large outputs
+
+# Outputs at least this large come from retained buffers. glibc serves every allocation above
+# its largest mmap threshold (32 MB on 64-bit) with a fresh mmap and unmaps it on free, so each
+# call of a layer would otherwise page-fault its whole output in again: ~25 ms for the 64 MB y of
+# x (4096, 1024) -> 4096, a quarter of the sparse forward's time. Smaller blocks are recycled by
+# glibc's heap already, and other allocators (jemalloc, tcmalloc) retain memory themselves.
+POOL_MIN_BYTES = 32 * 2 ** 20
+# Retained buffers per size: a layer's output and the gradient of its input, alive at once in a
+# training step, each twice (an output still referenced while the next call runs). Buffers in
+# use are never handed out again; when all are, a fresh (unretained) one is allocated.
+POOL_PER_SIZE = 4
+
+_POOL: dict[int, list[torch.UntypedStorage]] = {}
+_POOL_LOCK = threading.Lock()
+
+
+# references to a storage (tensors, views, autograd records); a private torch helper since 2.0
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _use_count(storage: torch.UntypedStorage) -> int:
+    return _USE_COUNT(storage._cdata)
+
+
+def _new_output(shape: tuple[int, ...], like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+    """An uninitialised (zeroed with ``zero``) tensor of ``shape`` with like's dtype and device.
+
+    CPU tensors of at least :data:`POOL_MIN_BYTES` reuse a retained buffer nobody references
+    any more (its storage's use count is the pool's alone): the caller owns the returned tensor
+    exactly as a fresh one, since a buffer is only reused after every tensor, view and autograd
+    record of it is gone. :func:`release_buffers` gives the retained memory back.
+    """
+    nbytes = like.element_size() * math.prod(shape)
+    if like.device.type != "cpu" or nbytes < POOL_MIN_BYTES or _USE_COUNT is None:
+        return like.new_zeros(shape) if zero else like.new_empty(shape)
+    with _POOL_LOCK:
+        buffers = _POOL.setdefault(nbytes, [])
+        storage = next((s for s in buffers if _use_count(s) == 1), None)
+        if storage is None:
+            storage = torch.UntypedStorage(nbytes)
+            if len(buffers) < POOL_PER_SIZE:
+                buffers.append(storage)
+        out = like.new_empty(0).set_(storage, 0, shape)
+    return out.zero_() if zero else out
+
+
+def release_buffers() -> int:
+    """Drop the retained output buffers (see :data:`POOL_MIN_BYTES`); return the bytes released
+    from the pool (memory still referenced by live tensors is freed when they are).
+
+    Example:
+        >>> release_buffers() >= 0
+        True
+    """
+    with _POOL_LOCK:
+        released = sum(s.nbytes() for buffers in _POOL.values() for s in buffers)
+        _POOL.clear()
+    return released
+
+
 # ----------------------------------------------------------------------------- the fast path
 
 # Rows of x handled per sweep over the groups. A chunk's gathered inputs, output slices and
@@ -196,7 +259,7 @@ def _scatter(out_rows: torch.Tensor, product: torch.Tensor, runs, write: bool) -
 
 def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None):
     """out[:, rows_g] = [a[:, runs_g], extra] @ rights[g] (+ bias[rows_g]), chunk by chunk."""
-    out = a.new_empty(a.shape[0], width)
+    out = _new_output((a.shape[0], width), a)
     for rows in _chunks(a.shape[0]):
         a_c, extra_c = a[rows], None if extra is None else extra[rows]
         for g, right in zip(plan.groups, rights):
@@ -213,7 +276,7 @@ def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None):
 def _scatter_forward(a, plan: Plan, rights, width: int, init=None):
     """out[:, runs_g] += a[:, rows_g] @ rights[g] onto ``init`` (else zeros), chunk by chunk."""
     write = init is None and plan.covers_once          # every column written exactly once
-    out = init if init is not None else (a.new_empty if write else a.new_zeros)(a.shape[0], width)
+    out = init if init is not None else _new_output((a.shape[0], width), a, zero=not write)
     for rows in _chunks(a.shape[0]):
         for g, right in zip(plan.groups, rights):
             if right is not None:
@@ -223,11 +286,12 @@ def _scatter_forward(a, plan: Plan, rights, width: int, init=None):
 
 def _init_output(rows: int, width: int, z=None, w=None, bias=None):
     """(rows, width) = z @ w^T + bias, what scattered products are added onto (None: zeros)."""
-    if z is not None:
-        return torch.addmm(bias, z, w.T) if bias is not None else z @ w.T
-    if bias is not None:
-        return bias.expand(rows, width).clone()
-    return None
+    if z is None and bias is None:
+        return None
+    out = _new_output((rows, width), z if z is not None else bias)
+    if z is None:
+        return out.copy_(bias.expand(rows, width))
+    return torch.addmm(bias, z, w.T, out=out) if bias is not None else torch.mm(z, w.T, out=out)
 
 
 def _grad_accumulators(plan: Plan, like: torch.Tensor, extra_cols: int):
@@ -310,7 +374,7 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
         gz = gy @ u if u is not None and (need_x or need_v) else None
         lowrank_cols = 0 if gz is None else gz.shape[1]
         rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
-        grad_x = gy.new_empty(x2.shape) if need_x else None
+        grad_x = _new_output(tuple(x2.shape), gy) if need_x else None
         grads = _grad_accumulators(plan, gy, lowrank_cols) if need_values or need_v else None
         for rows in _chunks(gy.shape[0]):
             gy_c, gz_c = gy[rows], None if gz is None else gz[rows]
@@ -332,7 +396,7 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
         lowrank = u is not None and (need_x or need_v)
         rights = _right_operands(values, plan, u if lowrank else None) if need_x or lowrank else None
         write = plan.covers_once
-        grad_x = (gy.new_empty if write else gy.new_zeros)(x2.shape) if need_x else None
+        grad_x = _new_output(tuple(x2.shape), gy, zero=not write) if need_x else None
         gz = gy.new_zeros(gy.shape[0], u.shape[1]) if lowrank else None
         # with a low-rank term the bias gradient is one more column of the dS GEMMs: [z, 1]
         fold_bias = z is not None and need_bias

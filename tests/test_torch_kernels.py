@@ -64,3 +64,36 @@ def test_backward_computes_only_what_is_asked():
     grads = torch_kernels.sparse_lowrank_backward(gy, x, values, u, v, z, plan,
                                                   (False, True, False, False, False), True)
     assert [g is None for g in grads] == [True, False, True, True, True]
+
+
+def test_pooled_outputs_are_reused_only_when_nothing_references_them(monkeypatch):
+    monkeypatch.setattr(torch_kernels, "POOL_MIN_BYTES", 1)
+    torch_kernels.release_buffers()
+    like = torch.zeros(1)
+    first = torch_kernels._new_output((4, 5), like)
+    view = first[1:]
+    del first
+    second = torch_kernels._new_output((4, 5), like)     # the first is still referenced by a view
+    assert second.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+    ptr = view.untyped_storage().data_ptr()
+    del view
+    third = torch_kernels._new_output((2, 10), like, zero=True)   # same size: the freed buffer
+    assert third.untyped_storage().data_ptr() == ptr
+    assert third.shape == (2, 10) and bool((third == 0).all())
+    assert torch_kernels.release_buffers() >= 2 * 20 * 4
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_outputs_kept_across_calls_stay_intact_with_pooling(name, monkeypatch):
+    monkeypatch.setattr(torch_kernels, "POOL_MIN_BYTES", 1)
+    layout, b = LAYOUTS[name]
+    plan = torch_kernels.plan_for(layout, b)
+    first = _operands(layout, b, 2, True, seed=1)
+    second = _operands(layout, b, 2, True, seed=2)
+    y1, _ = torch_kernels.sparse_lowrank_forward(*first, plan, layout.shape[0] * b)
+    kept = y1.clone()
+    y2, _ = torch_kernels.sparse_lowrank_forward(*second, plan, layout.shape[0] * b)
+    assert y1.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
+    torch.testing.assert_close(y1, kept, rtol=0, atol=0)
+    torch.testing.assert_close(y2, _reference_grads(layout, torch.zeros_like(y2), *second)[0])
+    torch_kernels.release_buffers()
