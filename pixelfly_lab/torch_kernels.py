@@ -295,15 +295,19 @@ def _init_output(rows: int, width: int, z=None, w=None, bias=None):
 
 
 def _grad_accumulators(plan: Plan, like: torch.Tensor, extra_cols: int):
-    """Per group a zero (rows*b, k*b + extra_cols) buffer for dM_g (and the extra columns)."""
-    return [like.new_zeros(g.r1 - g.r0, g.width + extra_cols) for g in plan.groups]
+    """Per group a zero (k*b + extra_cols, rows*b) buffer for dM_g^T (and the extra columns).
+
+    Transposed because (gathered side)^T @ (row side) ran ~15% faster than (row side)^T @
+    (gathered side) in MKL's sgemm on an AVX-512 CPU, the row side being a strided slice."""
+    return [like.new_zeros(g.width + extra_cols, g.r1 - g.r0) for g in plan.groups]
 
 
 def _unpack_grads(plan: Plan, values, grads, extra_cols: int):
     """Blocks' gradient (nnz, b, b) and the extra columns' (plan rows * b, extra_cols) or None."""
     grad_values = values.new_zeros(values.shape)
     grad_extra = grads[0].new_empty(plan.groups[-1].r1, extra_cols) if extra_cols else None
-    for g, grad_m in zip(plan.groups, grads):
+    for g, grad_mt in zip(plan.groups, grads):
+        grad_m = grad_mt.T
         if g.runs:
             plan.store_grad(grad_values, grad_m[:, :g.width], g)
         if extra_cols:
@@ -386,7 +390,7 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
                     else:
                         torch.mm(left, rights[i], out=grad_x[rows, g.r0:g.r1])
                 if grads is not None and left is not None:
-                    grads[i].addmm_(x2[rows, g.r0:g.r1].T, left)
+                    grads[i].addmm_(left.T, x2[rows, g.r0:g.r1])
         if grads is not None:
             grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
             grad_v = grad_v if need_v else None
@@ -414,7 +418,7 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
                     if lowrank:
                         gz[rows] += product[:, used:]
                 if grads is not None and (g.runs or extra_cols):
-                    grads[i].addmm_(gy_g.T, _gather(x_c, g.runs, z_c if extra_cols else None))
+                    grads[i].addmm_(_gather(x_c, g.runs, z_c if extra_cols else None).T, gy_g)
         if need_x and lowrank:
             grad_x.addmm_(gz, v.T)
         if grads is not None:
