@@ -23,8 +23,11 @@ Three paths compute the same function:
 * ``'triton'`` (CUDA): block-sparse flash attention, forward and backward, in
   :mod:`pixelfly_lab.triton_attention` (imported on first CUDA use only).
 
-The forward and backward are registered as ``torch.library`` custom ops
-(``pixelfly_lab::block_attention_fwd`` / ``_bwd``) so that ``torch.compile`` traces through them.
+The forward (returning O and the log-sum-exp L) and the backward are registered as
+``torch.library`` custom ops (``pixelfly_lab::block_attention_fwd`` / ``_bwd``) so that
+``torch.compile(fullgraph=True)`` traces through them. :func:`block_sparse_linear_attention`
+is the same sum with the scores phi(q_i).phi(k_j) instead of exp(s_ij), unnormalised: the
+discount term of Scatterbrain's sparse + low-rank attention.
 
 Example:
     >>> q, k, v = torch.randn(3, 1, 2, 8, 4).unbind(0)
@@ -45,7 +48,8 @@ import torch
 
 from .masks import _check_int, layout_to_mask
 
-__all__ = ["block_sparse_attention", "block_attention_reference", "ATTENTION_BACKENDS"]
+__all__ = ["block_sparse_attention", "block_attention_reference", "block_sparse_linear_attention",
+           "ATTENTION_BACKENDS"]
 
 ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -107,7 +111,7 @@ def _effective_layout(layout: torch.Tensor, causal: bool) -> torch.Tensor:
 # ------------------------------------------------------------------------------- reference
 
 def block_attention_reference(q, k, v, layout, block_size: int, *, causal: bool = False,
-                              scale: float | None = None) -> torch.Tensor:
+                              scale: float | None = None, return_lse: bool = False):
     """Dense masked softmax attention on the layout: O(T^2) memory, the oracle of the fast paths.
 
     Same arguments and result as :func:`block_sparse_attention`.
@@ -119,7 +123,8 @@ def block_attention_reference(q, k, v, layout, block_size: int, *, causal: bool 
         mask = torch.tril(mask)
     scores = (q @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    out = torch.softmax(scores, dim=-1) @ v
+    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
 
 
 # ------------------------------------------------------------------------------ torch path
@@ -228,7 +233,13 @@ def _torch_forward(q, k, v, plan: _Plan, block_size: int, scale: float):
     return out.reshape(B, H, T, -1), lse.reshape(B, H, T)
 
 
-def _torch_backward(grad_out, q, k, v, out, lse, plan: _Plan, block_size: int, scale: float):
+def _delta(grad_out, out, lse, grad_lse):
+    """Delta_i = rowsum(dO * O)_i - dL_i: dS = P * (dP - Delta) covers both outputs (dL/dS = P)."""
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    return delta if grad_lse is None else delta - grad_lse.to(lse.dtype)
+
+
+def _torch_backward(grad_out, q, k, v, out, lse, plan: _Plan, block_size: int, scale: float, grad_lse=None):
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     R, b = T // block_size, block_size
@@ -236,7 +247,7 @@ def _torch_backward(grad_out, q, k, v, out, lse, plan: _Plan, block_size: int, s
     k5, v5 = k.reshape(B, H, R, b, D), v.reshape(B, H, R, b, Dv)
     do5 = grad_out.reshape(B, H, R, b, Dv)
     lse5 = lse.reshape(B, H, R, b)
-    delta5 = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).reshape(B, H, R, b)   # rowsum(dO * O)
+    delta5 = _delta(grad_out, out, lse, grad_lse).reshape(B, H, R, b)
     dq = torch.empty_like(q5)
     dk = torch.zeros_like(k5)
     dv = torch.zeros_like(v5)
@@ -282,78 +293,68 @@ def _forward_impl(q, k, v, layout, block_size, causal, scale, backend):
     return _torch_forward(q, k, v, plan, block_size, scale)
 
 
-def _backward_impl(grad_out, q, k, v, out, lse, layout, block_size, causal, scale, backend):
+def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, scale, backend):
     layout_cpu = _effective_layout(layout, causal)
     if backend == "triton":
         from .triton_attention import triton_attention_backward
-        return triton_attention_backward(grad_out, q, k, v, out, lse, layout_cpu, block_size, causal, scale)
+        delta = _delta(grad_out, out, lse, grad_lse)
+        return triton_attention_backward(grad_out, q, k, v, lse, delta, layout_cpu, block_size, causal, scale)
     plan = _plan(layout_cpu, block_size, causal, q.device)
-    return _torch_backward(grad_out.contiguous(), q, k, v, out, lse, plan, block_size, scale)
+    return _torch_backward(grad_out.contiguous(), q, k, v, out, lse, plan, block_size, scale, grad_lse)
 
 
-class _BlockAttention(torch.autograd.Function):
-    """Autograd for torch versions without ``torch.library.custom_op`` (torch < 2.4)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, layout, block_size, causal, scale, backend):
-        out, lse = _forward_impl(q, k, v, layout, block_size, causal, scale, backend)
-        ctx.save_for_backward(q, k, v, out, lse, layout)
-        ctx.args = (block_size, causal, scale, backend)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, layout = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(grad_out, q, k, v, out, lse, layout, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+# Registered ops (torch >= 2.4): torch.compile sees one opaque node with a fake (shape-only)
+# implementation instead of tracing Python control flow that depends on the layout's values.
+@torch.library.custom_op("pixelfly_lab::block_attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
+                      block_size: int, causal: bool, scale: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _forward_impl(q, k, v, layout, block_size, causal, scale, backend)
+    return out.contiguous(), lse.contiguous()
 
 
-_custom_op = getattr(getattr(torch, "library", None), "custom_op", None)
-if _custom_op is not None:
-    # Registered ops: torch.compile sees one opaque node with a fake (shape-only) implementation
-    # instead of tracing Python control flow that depends on the layout's values.
-    @_custom_op("pixelfly_lab::block_attention_fwd", mutates_args=())
-    def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
-                          block_size: int, causal: bool, scale: float,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _forward_impl(q, k, v, layout, block_size, causal, scale, backend)
-        return out.contiguous(), lse.contiguous()
+@_attention_fwd_op.register_fake
+def _(q, k, v, layout, block_size, causal, scale, backend):
+    B, H, T, _ = q.shape
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=_acc_dtype(q.dtype))
 
-    @_attention_fwd_op.register_fake
-    def _(q, k, v, layout, block_size, causal, scale, backend):
-        B, H, T, _ = q.shape
-        return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=_acc_dtype(q.dtype))
 
-    @_custom_op("pixelfly_lab::block_attention_bwd", mutates_args=())
-    def _attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          out: torch.Tensor, lse: torch.Tensor, layout: torch.Tensor, block_size: int,
-                          causal: bool, scale: float,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = _backward_impl(grad_out, q, k, v, out, lse, layout, block_size, causal, scale, backend)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+@torch.library.custom_op("pixelfly_lab::block_attention_bwd", mutates_args=())
+def _attention_bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, layout: torch.Tensor,
+                      block_size: int, causal: bool, scale: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, scale,
+                                backend)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
-    @_attention_bwd_op.register_fake
-    def _(grad_out, q, k, v, out, lse, layout, block_size, causal, scale, backend):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, layout, block_size, causal, scale, backend = inputs
-        ctx.save_for_backward(q, k, v, output[0], output[1], layout)
-        ctx.args = (block_size, causal, scale, backend)
+@_attention_bwd_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def _op_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, layout = ctx.saved_tensors
-        # lse is an internal output: nothing downstream differentiates it (grad_lse is None or 0)
-        dq, dk, dv = _attention_bwd_op(grad_out.contiguous(), q, k, v, out, lse, layout, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
 
-    _attention_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    q, k, v, layout, block_size, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], layout)
+    ctx.args = (block_size, causal, scale, backend)
+
+
+def _op_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, layout = ctx.saved_tensors
+    # an unused output's gradient may come as None: zeros keep the op's schema fixed
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
+    dq, dk, dv = _attention_bwd_op(grad_out, grad_lse, q, k, v, out, lse, layout, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
                            block_size: int, *, causal: bool = False, scale: float | None = None,
-                           backend: str = "auto") -> torch.Tensor:
+                           backend: str = "auto", return_lse: bool = False):
     """Softmax attention restricted to the kept blocks of a (T/b, T/b) layout.
 
     out_i = sum_{j in S(i)} exp(s_ij - lse_i) v_j with s_ij = scale * q_i . k_j,
@@ -369,9 +370,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         scale: score scale; default 1 / sqrt(D), the scaled dot-product attention of Vaswani et al.
         backend: 'auto' (Triton on CUDA when installed, else 'torch'), 'torch', 'triton' or
             'reference' (dense masked softmax, for tests).
+        return_lse: also return lse (B, H, T), differentiable: sparse + low-rank attention
+            (:class:`pixelfly_lab.attention_layer.PixelflyAttention`) weighs the exact part by exp(lse).
 
     Returns:
-        (B, H, T, Dv).
+        (B, H, T, Dv), or (out, lse) with ``return_lse``.
 
     Example:
         >>> from pixelfly_lab.masks import flat_butterfly_mask
@@ -382,15 +385,52 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     if backend == "reference":
-        return block_attention_reference(q, k, v, layout, block_size, causal=causal, scale=scale)
+        return block_attention_reference(q, k, v, layout, block_size, causal=causal, scale=scale,
+                                         return_lse=return_lse)
     block_size, scale = _check_inputs(q, k, v, layout, block_size, causal, scale)
     if backend == "auto":
         backend = "triton" if _use_triton(q, block_size) else "torch"
     elif backend == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError("backend='triton' needs CUDA tensors (q is on the CPU; TRITON_INTERPRET=1 "
                          "runs the kernels on CPU tensors, for tests)")
-    if _custom_op is not None:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        return _attention_fwd_op(q, k, v, layout, block_size, causal, scale, backend)[0]
-    return _BlockAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), layout, block_size,
-                                 causal, scale, backend)
+    out, lse = _attention_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), layout, block_size, causal,
+                                 scale, backend)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
+                                  block_size: int, *, causal: bool = False) -> torch.Tensor:
+    """Unnormalised kernel attention on the layout: sum_{j in S(i)} (phi_q_i . phi_k_j) v_j.
+
+    The low-rank (random-feature) estimate restricted to the sparse support, which Scatterbrain
+    (Chen et al., NeurIPS 2021, arXiv 2110.15343) subtracts so that no score is counted twice.
+    Computed on the gathered blocks with plain torch ops (autograd through them): memory
+    O(T * fan-in * b), like :func:`block_sparse_attention`.
+
+    Args:
+        phi_q, phi_k: (B, H, T, m) features; v: (B, H, T, Dv); layout, block_size, causal: as
+            :func:`block_sparse_attention`.
+
+    Returns:
+        (B, H, T, Dv).
+
+    Example:
+        >>> phi = torch.rand(1, 1, 8, 3)
+        >>> v = torch.randn(1, 1, 8, 2)
+        >>> full = block_sparse_linear_attention(phi, phi, v, torch.ones(2, 2, dtype=torch.bool), 4)
+        >>> torch.allclose(full, (phi @ phi.transpose(-1, -2)) @ v, atol=1e-6)
+        True
+    """
+    block_size, _ = _check_inputs(phi_q, phi_k, v, layout, block_size, causal, None)
+    plan = _plan(_effective_layout(layout, causal), block_size, causal, phi_q.device)
+    B, H, T, m = phi_q.shape
+    R, b, Dv = T // block_size, block_size, v.shape[-1]
+    q5, k5, v5 = phi_q.reshape(B, H, R, b, m), phi_k.reshape(B, H, R, b, m), v.reshape(B, H, R, b, Dv)
+    out = v.new_zeros(B, H, R, b, Dv)
+    for bucket in plan.buckets:
+        scores = _gather_rows(q5, bucket) @ _gather_cols(k5, bucket).transpose(-1, -2)   # (B, H, nr, b, f*b)
+        if bucket.masked is not None:
+            scores = scores.masked_fill(bucket.masked, 0.0)
+        rows = scores @ _gather_cols(v5, bucket)
+        out = rows if bucket.all_rows else out.index_copy(2, bucket.rows, rows)
+    return out.reshape(B, H, T, Dv)

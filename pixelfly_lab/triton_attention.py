@@ -8,7 +8,8 @@ over a row's kept blocks (Pixelfly, Dao, Chen et al., ICLR 2022, arXiv 2112.0002
 * forward, one program per (query block r, batch x head): online softmax over the blocks
   c in row r of the layout (CSR), writing O and the log-sum-exp L;
 * dQ, one program per (query block, batch x head): recompute P = exp(S - L), dS = P * (dO V^T - Delta),
-  Delta = rowsum(dO * O), dQ = scale * dS K over the same row;
+  Delta = rowsum(dO * O) - dL (the caller's; dL is the gradient of L, an output too),
+  dQ = scale * dS K over the same row;
 * dK and dV, one program per (key block c, batch x head): walk the rows that keep block column c
   (CSC), dV = sum P^T dO, dK = scale * sum dS^T Q. Every output block is written by exactly one
   program: no atomics.
@@ -212,14 +213,14 @@ def triton_attention_forward(q, k, v, layout_cpu, block_size: int, causal: bool,
     return out, lse
 
 
-def triton_attention_backward(grad_out, q, k, v, out, lse, layout_cpu, block_size: int, causal: bool,
+def triton_attention_backward(grad_out, q, k, v, lse, delta, layout_cpu, block_size: int, causal: bool,
                               scale: float):
-    """(dq, dk, dv) of block-sparse attention from the forward's out and lse."""
+    """(dq, dk, dv) of block-sparse attention from the forward's lse and delta = rowsum(dO * O) - dlse."""
     _check(q, block_size)
     B, H, T, D = q.shape
     row_ptr, row_cols, col_ptr, col_rows = _tables(layout_cpu, q.device)
     grad_out = grad_out.contiguous()
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)       # rowsum(dO * O), (B, H, T)
+    delta = delta.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grid = (T // block_size, B * H)
     meta = _meta(q, v, block_size, causal)

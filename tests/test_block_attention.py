@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixelfly_lab.block_attention import _plan, block_attention_reference, block_sparse_attention
+from pixelfly_lab.block_attention import (
+    _plan,
+    block_attention_reference,
+    block_sparse_attention,
+    block_sparse_linear_attention,
+)
 from pixelfly_lab.masks import flat_butterfly_mask, layout_to_mask
 
 
@@ -133,11 +138,14 @@ from tests.test_block_attention import qkv, uneven_layout
 for causal in (False, True):
     q, k, v = qkv(B=1, H=2, T=64, D=12, Dv=20)
     layout = uneven_layout(4, seed=2)
-    out = block_sparse_attention(q, k, v, layout, 16, causal=causal, backend="triton")
-    ref = block_attention_reference(q, k, v, layout, 16, causal=causal)
+    out, lse = block_sparse_attention(q, k, v, layout, 16, causal=causal, backend="triton", return_lse=True)
+    ref, ref_lse = block_attention_reference(q, k, v, layout, 16, causal=causal, return_lse=True)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    grad = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+    grad, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    fast = torch.autograd.grad((out * grad).sum() + (lse * grad_lse).sum(), (q, k, v))
+    slow = torch.autograd.grad((ref * grad).sum() + (ref_lse * grad_lse).sum(), (q, k, v))
+    for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 print("ok")
 '''
@@ -147,3 +155,29 @@ print("ok")
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "ok"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_output_and_its_gradient(causal):
+    q, k, v = qkv(B=1, H=2, T=12, D=3)
+    layout = uneven_layout(4, seed=1)
+    out, lse = block_sparse_attention(q, k, v, layout, 3, causal=causal, return_lse=True)
+    ref_out, ref_lse = block_attention_reference(q, k, v, layout, 3, causal=causal, return_lse=True)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: block_sparse_attention(q, k, v, layout, 3, causal=causal, return_lse=True), (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_on_layout_equals_masked_dense(causal):
+    g = torch.Generator().manual_seed(0)
+    phi_q, phi_k = torch.rand(2, 2, 16, 3, generator=g, dtype=torch.float64).unbind(0)
+    phi_q, phi_k = phi_q[None], phi_k[None]
+    v = torch.randn(1, 2, 16, 5, generator=g, dtype=torch.float64)
+    layout = uneven_layout(4, seed=4)
+    mask = layout_to_mask(layout, 4)
+    if causal:
+        mask = torch.tril(mask)
+    expected = ((phi_q @ phi_k.transpose(-1, -2)) * mask) @ v
+    got = block_sparse_linear_attention(phi_q, phi_k, v, layout, 4, causal=causal)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
