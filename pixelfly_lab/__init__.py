@@ -4,7 +4,8 @@ Dao, Chen, Liang, Yang, Song, Rudra, Re. "Pixelated Butterfly: Simple and Effici
 Training for Neural Network Models." ICLR 2022. https://arxiv.org/abs/2112.00029
 
 The package reads in dependency order: masks -> patterns -> kernels/layers -> sparsify/models
--> train; expressiveness and ntk beside them; reproduce ties the experiments together.
+-> train; expressiveness and ntk beside them. That is the library; the paper's experiments live
+apart in :mod:`pixelfly_lab.studies`, which imports the library and is never imported by it.
 Triton is never imported here (see :mod:`pixelfly_lab.triton_kernels`, loaded on first CUDA use).
 """
 
@@ -55,5 +56,4 @@ __all__ = [
     # training
     "DATASETS", "load_data", "MODEL_NAMES", "build_model", "TrainConfig", "train",
 ]
-# Not re-exported: pixelfly_lab.reproduce.reproduce (a function named like its module would hide
-# the module from `from pixelfly_lab import reproduce`).
+# Not re-exported: the studies (pixelfly_lab.studies): the library never imports them.

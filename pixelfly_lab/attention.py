@@ -27,20 +27,18 @@ Example:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .claims import Claim, save_figure, save_table
 from .expressiveness import approximate
 from .masks import _check_int
 from .projections import few_threads, relative_error, topk_mask
 from .targets import attention_inputs, check_number
 
 __all__ = ["performer_features", "performer_attention", "scatterbrain_attention", "attention_table",
-           "plot_attention_table", "plot_attention_examples", "experiment_attention", "ATTENTION_METHODS"]
+           "plot_attention_table", "plot_attention_examples", "ATTENTION_METHODS"]
 
 # method -> family, in plotting order
 ATTENTION_METHODS = {"local": "sparse", "bigbird": "sparse", "butterfly": "sparse",
@@ -212,43 +210,3 @@ def plot_attention_examples(n: int, temperatures, locality: float = 0.0):
     fig.tight_layout()
     return fig
 
-
-def experiment_attention(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """Attention approximation across temperatures (``reproduce`` experiment).
-
-    Two regimes: random Q, K, and Q, K with a positional part (locality 1, like trained local
-    attention). Quick: n = 64, one seed, 6 temperatures; full: n = 256, three seeds, 10.
-    CPU only, whatever ``device``: the matrices are small.
-    """
-    n, seeds, points = (64, 1, 6) if quick else (256, 3, 10)
-    budget = 0.125
-    temperatures = np.logspace(np.log10(0.05), 1, points)
-    tables = {"random Q, K": attention_table(n, temperatures, budget, seeds),
-              "local Q, K": attention_table(n, temperatures, budget, seeds, locality=1.0)}
-    save_table(pd.concat([df.assign(regime=name) for name, df in tables.items()]), out, "attention")
-    figure = save_figure(plot_attention_table(tables, budget), out, "attention_vs_temperature")
-    save_figure(plot_attention_examples(n, (0.05, 0.5, 5.0), 1.0), out, "attention_examples")
-
-    family = pd.Series(ATTENTION_METHODS)
-    claims = []
-    for regime, df in tables.items():
-        worst = df.groupby(["method", "temperature"]).error.mean().groupby("method").max()
-        best = {fam: worst[family[family == fam].index].idxmin() for fam in family.unique()}
-        claims.append(Claim(
-            f"Scatterbrain / Pixelfly, Sec. 4: sparse + low-rank stays accurate across temperatures, where "
-            f"sparse-only and low-rank-only approximations each fail in one regime ({regime})",
-            f"worst error over t in [{temperatures[0]:.2g}, {temperatures[-1]:.2g}] at budget {budget}, n={n}: "
-            + ", ".join(f"{name} {worst[name]:.3f}" for name in ATTENTION_METHODS)
-            + "; most robust per family: " + ", ".join(f"{fam} {name}" for fam, name in best.items()),
-            bool(worst[best["sparse + low-rank"]] < min(worst[best["sparse"]], worst[best["low-rank"]])),
-            figure))
-    coldest = {regime: df[df.temperature == df.temperature.min()].groupby("method").error.mean()
-               for regime, df in tables.items()}
-    claims.append(Claim(
-        "Scatterbrain: a sparse correction on the largest scores rescues random features (Performer) in "
-        "the nearly sparse regime",
-        f"error at t={temperatures[0]:.2g}: " + "; ".join(
-            f"{regime}: performer {e['performer']:.3f}, scatterbrain {e['scatterbrain']:.3f}"
-            for regime, e in coldest.items()),
-        all(bool(e["scatterbrain"] < e["performer"]) for e in coldest.values()), figure))
-    return claims

@@ -1,7 +1,7 @@
-"""Layer speed against dense nn.Linear: ``python -m pixelfly_lab bench`` and the speed experiment.
+"""Layer speed against dense nn.Linear: ``python -m pixelfly_lab bench`` (the 'speed' study composes it).
 
-What is measured (DESIGN.md Sec. 5): forward and forward+backward wall time of one layer on
-x (rows, in_features) -> out_features, in float32 on one CPU thread (or on the GPU), for
+What is measured (the speed targets are in the README's Notes): forward and forward+backward
+wall time of one layer on x (rows, in_features) -> out_features, in float32 on one CPU thread (or on the GPU), for
 Pixelfly layers over budgets, block sizes and kernel backends, and the peers a user would
 otherwise pick: torch's BSR sparse tensors (forward only on the CPU: torch has no CPU autograd
 for them), Monarch (Dao et al. 2022, arXiv 2204.00595) and a masked dense layer. Every case of a
@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -38,11 +38,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .claims import Claim, save_figure, save_table
 from .layers import MaskedLinear, MonarchLinear, PixelflyLinear
 from .patterns import make_pattern
 
-__all__ = ["BenchConfig", "RELEASED", "speed_table", "plot_speed", "experiment_speed",
+__all__ = ["BenchConfig", "RELEASED", "speed_table", "plot_speed",
            "add_arguments", "run"]
 
 # The released Pixelfly configuration (the paper's code for GPT-2 / Mixer MLPs).
@@ -65,7 +64,7 @@ class BenchConfig:
     released: bool = True                # also time the released configuration (RELEASED)
     repeats: int = 5                     # timed runs per case; the median is reported
     warmup: int = 1                      # untimed runs per case first (allocations, plans)
-    threads: int = 1                     # torch CPU threads: one, as DESIGN.md's bar is stated
+    threads: int = 1                     # torch CPU threads: one, as the speed target is stated
     device: str = "cpu"
     dtype: torch.dtype = torch.float32   # bfloat16 is what a GPU run wants
     # 'retain': glibc keeps freed memory for reuse, as a caching allocator (jemalloc/tcmalloc)
@@ -314,79 +313,6 @@ def plot_speed(table: pd.DataFrame):
     return fig
 
 
-def _released_rows(table: pd.DataFrame, backend: str) -> pd.DataFrame:
-    """The released configuration at 1024 -> 4096 with ``backend``, one row per allocator."""
-    return table[(table["layer"] == "Pixelfly released") & (table["backend"] == backend)
-                 & (table["in_features"] == 1024) & (table["out_features"] == 4096)]
-
-
-def _speed_claim(rows: pd.DataFrame, cuda: bool, figure: str) -> Claim:
-    """DESIGN.md's bar, decided on the wall-clock median under the bench's allocator setting."""
-    main = rows[rows["allocator"] == "retain"]
-    main = (main if not main.empty else rows).iloc[0]
-    ratio, limit = main["speedup_forward_backward"], main["flop_limit"]
-    bar = 0.8 * limit if cuda else 3.0
-    where = "CUDA, bf16" if cuda else "one CPU thread, float32"
-    others = "; ".join(
-        f"{r.allocator} allocator: {r.speedup_forward_backward:.2f}x wall"
-        + ("" if cuda else f", {r.speedup_forward_backward_cpu:.2f}x CPU time") for r in rows.itertuples())
-    return Claim(
-        claim=(f"DESIGN.md Sec. 5: Pixelfly (butterfly_size 16, n_factors 2, rank 32, block 32) at 1024 -> 4096 "
-               f"with 4096 rows, forward+backward, is >= {bar:.2f}x faster than nn.Linear ({where}; wall-clock "
-               f"medians of interleaved runs, {main['allocator']} allocator for both layers)"),
-        measured=(f"{ratio:.2f}x (nn.Linear {main['forward_backward_ms'] * ratio:.0f} ms, Pixelfly "
-                  f"{main['forward_backward_ms']:.0f} ms; forward alone {main['speedup_forward']:.2f}x; FLOP limit "
-                  f"{limit:.2f}x; load average {main['load_avg']:.1f}). All runs: {others}"),
-        held=bool(ratio >= bar), figure=figure)
-
-
-def experiment_speed(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """Layer speed: the bench grid, its figure and table, and the 3x claim (DESIGN.md Sec. 5).
-
-    quick: the grid at 512 -> 2048 only (3 budgets, block 32, 2 repeats) plus the claim's case
-    (released Pixelfly against nn.Linear at 1024 -> 4096, 4096 rows, 3 repeats): about 1.5
-    minutes on an idle 2-core CPU. Full: the whole default grid, plus the claim's case again
-    under glibc's default allocator, for comparison.
-    """
-    cuda = device == "cuda"
-    base = BenchConfig(device=device, dtype=torch.bfloat16 if cuda else torch.float32,
-                       backends=("auto", "reference") if cuda else ("torch", "reference"),
-                       peers=("monarch", "masked") if cuda else ("monarch", "masked", "bsr"))
-    claim_case = replace(base, shapes=((1024, 4096),), budgets=(), backends=base.backends[:1], peers=(),
-                         repeats=3)
-    if quick:
-        grid = replace(base, shapes=((512, 2048),), budgets=(0.1, 0.3, 0.5), block_sizes=(32,),
-                       released=False, repeats=2)
-        tables = [speed_table(grid), speed_table(claim_case)]
-    else:
-        tables = [speed_table(base)]
-        if not cuda:   # the allocator only matters to the CPU timings
-            tables.append(speed_table(replace(claim_case, allocator="default", repeats=base.repeats)))
-    table = pd.concat(tables, ignore_index=True)
-    save_table(table, out, "speed")
-    figure = save_figure(plot_speed(table[table["allocator"] == table["allocator"].iloc[0]]), out, "speed")
-    claims = []
-    released = _released_rows(table, base.backends[0])
-    if not released.empty:
-        claims.append(_speed_claim(released, cuda, figure))
-    main = table[table["allocator"] == table["allocator"].iloc[0]]
-    masked = main[main["layer"] == "Masked dense"]
-    if not masked.empty:
-        claims.append(Claim(
-            claim="A masked dense layer does the dense work: masking alone gives no speed-up",
-            measured=f"median forward+backward speed-up of masked layers {masked['speedup_forward_backward'].median():.2f}x",
-            held=None, figure=figure))
-    fast = main[(main["layer"] == "Pixelfly") & (main["backend"] == base.backends[0])]
-    if not fast.empty:
-        claims.append(Claim(
-            claim="Pixelfly's speed-up grows as its budget shrinks, towards the FLOP limit 1/budget",
-            measured="; ".join(f"budget {r.budget:.3f} (b{r.block_size}, {r.in_features}->{r.out_features}): "
-                               f"{r.speedup_forward_backward:.2f}x of {r.flop_limit:.2f}x"
-                               for r in fast.sort_values("budget").itertuples()),
-            held=None, figure=figure))
-    return claims
-
-
 # ----------------------------------------------------------------------------- command line
 
 def _shape(text: str) -> tuple[int, int]:
@@ -400,7 +326,8 @@ def _shape(text: str) -> tuple[int, int]:
 def add_arguments(parser) -> None:
     default = BenchConfig()
     parser.add_argument("--out", default="results/bench", help="folder for speed.csv and speed.png/pdf")
-    parser.add_argument("--quick", action="store_true", help="the claim's case and a small grid (about a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the released configuration and two budgets at 1024x4096 (about a minute)")
     parser.add_argument("--shapes", nargs="+", metavar="INxOUT", help="e.g. 1024x4096 (default: 512x2048 768x3072 1024x4096)")
     parser.add_argument("--rows", type=int, default=default.rows, help="rows of x (tokens)")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(default.budgets))
@@ -416,21 +343,28 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.out)
     if args.quick:
-        claims = experiment_speed(out, quick=True, device=args.device)
-        for claim in claims:
-            print(f"- {claim.claim}\n  measured: {claim.measured}\n  held: {claim.held}")
-        print(f"table: {out / 'speed.csv'}, figure: {out / 'speed.png'}")
-        return 0
-    config = BenchConfig(shapes=tuple(_shape(s) for s in args.shapes) if args.shapes else BenchConfig.shapes,
-                         rows=args.rows, budgets=tuple(args.budgets), block_sizes=tuple(args.block_sizes),
-                         backends=tuple(args.backends), peers=tuple(args.peers), repeats=args.repeats,
-                         threads=args.threads, device=args.device, allocator=args.allocator,
-                         dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+        # the released configuration and two budgets at 1024 -> 4096, block 32: about a minute
+        config = BenchConfig(shapes=((1024, 4096),), budgets=(0.1, 0.25), block_sizes=(32,),
+                             backends=("auto",) if args.device == "cuda" else ("torch",), peers=("masked",),
+                             repeats=3, threads=args.threads, device=args.device, allocator=args.allocator,
+                             dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+    else:
+        config = BenchConfig(shapes=tuple(_shape(s) for s in args.shapes) if args.shapes else BenchConfig.shapes,
+                             rows=args.rows, budgets=tuple(args.budgets), block_sizes=tuple(args.block_sizes),
+                             backends=tuple(args.backends), peers=tuple(args.peers), repeats=args.repeats,
+                             threads=args.threads, device=args.device, allocator=args.allocator,
+                             dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
     table = speed_table(config)
-    save_table(table, out, "speed")
-    save_figure(plot_speed(table), out, "speed")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "speed.csv", index=False)
+    import matplotlib.pyplot as plt
+
+    fig = plot_speed(table)
+    for suffix in ("png", "pdf"):
+        fig.savefig(out / f"speed.{suffix}", dpi=120, bbox_inches="tight")
+    plt.close(fig)
     columns = ["in_features", "out_features", "layer", "block_size", "backend", "budget", "forward_ms",
                "forward_backward_ms", "speedup_forward", "speedup_forward_backward",
                "speedup_forward_backward_cpu", "flop_limit"]

@@ -1,7 +1,8 @@
 """Command line: ``python -m pixelfly_lab <command>``.
 
 Each command lives in its own module, which defines ``add_arguments(parser)`` and
-``run(args) -> int``; this file only dispatches, so importing it stays cheap.
+``run(args) -> int``; this file only dispatches, so importing it stays cheap. The ``reproduce``
+command is the studies' driver (:mod:`pixelfly_lab.studies.reproduce`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "reproduce": ("pixelfly_lab.reproduce", "regenerate every figure and table, with a report"),
+    "reproduce": ("pixelfly_lab.studies.reproduce", "the paper's studies: every figure, table and claim, and a report"),
     "bench": ("pixelfly_lab.bench", "layer speed: sparse layers against dense nn.Linear"),
     "train": ("pixelfly_lab.train", "train a small sparse model"),
 }
@@ -24,12 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # that part of the toolkit is not in this checkout
+        module = importlib.import_module(module_name)  # a missing command module is an error, never skipped
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)

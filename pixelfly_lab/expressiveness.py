@@ -21,20 +21,20 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
 
-from .claims import Claim, save_figure, save_table
-from .patterns import LOWRANK_SHARE, PATTERN_NAMES, Pattern, check_budget, make_pattern
+from .masks import flat_block_butterfly_layout
+from .patterns import (LOWRANK_SHARE, PATTERN_NAMES, Pattern, PixelflyPlan, _butterfly_candidates, check_budget,
+                       make_pattern)
 from .projections import (few_threads, monarch_dense, monarch_project, relative_error, sparse_plus_lowrank,
                           topk_block_layout, topk_mask, truncated_svd)
-from .targets import TARGET_KINDS, check_number, digits_mlp, target_matrix
+from .targets import check_number, target_matrix
 
 __all__ = ["APPROXIMATION_NAMES", "Approximation", "approximate", "expressiveness_table",
-           "plot_error_vs_budget", "experiment_expressiveness", "experiment_theory", "experiment_attention"]
+           "plot_error_vs_budget", "ORACLE_NAMES"]
 
 ORACLE_NAMES = ("topk", "topk_blocks", "topk+lowrank")
 APPROXIMATION_NAMES = PATTERN_NAMES + ORACLE_NAMES + ("butterfly_product",)
@@ -52,6 +52,8 @@ class Approximation:
             for a fitted butterfly product.
         name: the method's name ('pixelfly', 'topk', 'butterfly_product', ...).
         history: relative error after every iteration (one entry for one-shot projections).
+        candidates: for the 'pixelfly' class search, one row per split tried (butterfly_size,
+            n_factors, rank, sparse_budget, lowrank_share, error); empty otherwise.
     """
 
     matrix: torch.Tensor
@@ -60,11 +62,28 @@ class Approximation:
     pattern: Pattern | None
     name: str
     history: tuple[float, ...] = field(default=())
+    candidates: tuple[dict, ...] = field(default=())
 
     @property
     def budget(self) -> float:
         """Fraction of a dense matrix's entries used."""
         return self.params / self.matrix.numel()
+
+    @property
+    def rank(self) -> int:
+        """Rank of the low-rank part (0 = none)."""
+        return 0 if self.pattern is None else self.pattern.rank
+
+    @property
+    def sparse_budget(self) -> float:
+        """Fraction of the matrix's entries stored by the sparse part."""
+        return 0.0 if self.pattern is None else self.pattern.sparse_params / self.matrix.numel()
+
+    @property
+    def lowrank_share(self) -> float:
+        """Share of the used parameters spent on the low-rank part: 0 = sparse only, 1 = low-rank only."""
+        return 0.0 if self.pattern is None or not self.params else (self.params - self.pattern.sparse_params
+                                                                     - _monarch_part(self.pattern)) / self.params
 
     @property
     def iterations(self) -> int:
@@ -91,6 +110,10 @@ def _check_matrix(matrix, name: str = "matrix", square: bool = False) -> torch.T
 def _rank_for(params_left: float, out_features: int, in_features: int) -> int:
     """The largest rank whose r (in + out) parameters fit in params_left (0 if none)."""
     return max(0, min(int(params_left // (in_features + out_features)), min(in_features, out_features)))
+
+
+def _monarch_part(pattern: Pattern) -> int:
+    return pattern.params - pattern.sparse_params - pattern.rank * (pattern.in_features + pattern.out_features)
 
 
 def _split_pattern(name: str, matrix: torch.Tensor, budget: float, block_size: int, seed: int,
@@ -139,17 +162,34 @@ def approximate(matrix: torch.Tensor, pattern: str | Pattern, budget: float | No
         seed: seeds random patterns and the butterfly fit.
         lowrank_share: for sparse + low-rank names ('pixelfly', 'X+lowrank', 'topk+lowrank'),
             the share of the budget given to the low-rank term (0 = sparse alone, 1 = low-rank
-            alone); None keeps each pattern's own split (LOWRANK_SHARE = 15% before rounding).
+            alone). None: 'pixelfly' searches every split (below); the others keep their own
+            split (LOWRANK_SHARE = 15% before rounding).
         max_iter, tol: stopping rule of the sparse + low-rank alternation (relative improvement
             per round below ``tol``: the default 1e-4 stops where the curve is flat to the eye).
         fit_steps: Adam steps of the butterfly fit.
 
     Returns:
-        :class:`Approximation` with error = ||A - A_hat||_F / ||A||_F.
+        :class:`Approximation` with error = ||A - A_hat||_F / ||A||_F; ``.rank``,
+        ``.sparse_budget`` and ``.lowrank_share`` give the split used.
+
+    Pixelfly as a class ('pixelfly', no ``lowrank_share``): the best flat block butterfly + low-rank
+    approximation over a grid of splits. The grid is every distinct flat block butterfly layout
+    of A's shape (every butterfly_size, every n_factors, at ``block_size``) that fits the budget,
+    each with the rank that fills the rest, plus low-rank alone: low-rank share 1 (rank alone)
+    and share 0 (the 'butterfly' pattern of the whole budget, whose layout is on the grid) are
+    included, so the result is never worse than either part alone at the same budget. The grid is
+    nested: a layout that fits budget b fits every larger budget, with at least the same rank, so
+    with exact projections of each split (its class optimum) the error cannot rise with the
+    budget. Rank alone is exact (truncated SVD); a mixed split uses the alternating projections,
+    which start from the better part alone and never increase the error, run here to their
+    stopping rule; every split is tried (see ``.candidates``), the best is returned.
 
     Example:
         >>> a = target_matrix('lowrank', 32, rank=2)
         >>> approximate(a, 'lowrank', 0.25).error < 1e-12
+        True
+        >>> best = approximate(target_matrix('sparse_lowrank', 64), 'pixelfly', 0.25, block_size=4)
+        >>> best.error <= approximate(target_matrix('sparse_lowrank', 64), 'butterfly', 0.25, block_size=4).error
         True
     """
     matrix = _check_matrix(matrix, square=isinstance(pattern, str) and pattern == "butterfly_product")
@@ -182,11 +222,17 @@ def _approximate(matrix, pattern, budget, block_size, seed, lowrank_share, max_i
         elif name in ORACLE_NAMES:
             pattern = _split_pattern(name, matrix, budget, block_size, seed,
                                      LOWRANK_SHARE if name == "topk+lowrank" else 0.0)
+        elif name == "pixelfly":
+            return _pixelfly_class(matrix, budget, block_size, max_iter, tol)
         else:
             pattern = make_pattern(name, *matrix.shape, budget, block_size, seed)
     else:
         raise ValueError(f"unknown pattern {pattern!r}; known: {', '.join(APPROXIMATION_NAMES)}")
+    return _project(matrix, pattern, name, max_iter, tol)
 
+
+def _project(matrix, pattern, name, max_iter, tol) -> Approximation:
+    """The best approximation of ``matrix`` on ``pattern`` (exact, or alternating for sparse + low-rank)."""
     if pattern.nblocks:
         approx = monarch_dense(*monarch_project(matrix, pattern.nblocks))
         history = [relative_error(matrix, approx)]
@@ -207,6 +253,53 @@ def _approximate(matrix, pattern, budget, block_size, seed, lowrank_share, max_i
         sparse, low, history = sparse_plus_lowrank(matrix, lambda r: r * mask, pattern.rank, max_iter, tol)
         approx = sparse + low
     return Approximation(approx, history[-1], pattern.params, pattern, name, tuple(history))
+
+
+def _pixelfly_splits(matrix: torch.Tensor, budget: float, block_size: int):
+    """The nested grid of :func:`approximate`'s Pixelfly class search: every distinct flat block
+    butterfly layout of the shape within the budget with the rank filling the rest, then rank alone."""
+    out_features, in_features = matrix.shape
+    if out_features % block_size or in_features % block_size:
+        raise ValueError(f"block_size={block_size} must divide both sides of matrix {tuple(matrix.shape)}")
+    total, width = budget * matrix.numel(), out_features + in_features
+    common = dict(name="pixelfly", out_features=out_features, in_features=in_features, requested_budget=budget)
+    for size, n_factors, nnz in _butterfly_candidates(out_features, in_features, block_size):
+        if nnz <= total:
+            rank = _rank_for(total - nnz, out_features, in_features)
+            layout = flat_block_butterfly_layout(out_features, in_features, size, n_factors, block_size)
+            plan = PixelflyPlan(size, n_factors, block_size, rank, (nnz + rank * width) / matrix.numel())
+            yield Pattern(layout=layout, block_size=block_size, rank=rank, plan=plan, **common)
+    rank = _rank_for(total, out_features, in_features)
+    if rank:
+        yield Pattern(block_size=block_size, rank=rank, **common)
+
+
+# The class search screens every split with a few alternation rounds and runs only the best
+# REFINED to the full stopping rule: a full run of every split cost 5-15 s per call at n = 256;
+# screened errors are within a few percent of converged ones, and rank alone and sparse alone
+# are exact after one round.
+SCREEN_ROUNDS, REFINED = 3, 2
+
+
+def _pixelfly_class(matrix, budget, block_size, max_iter, tol) -> Approximation:
+    """Best Pixelfly approximation over :func:`_pixelfly_splits` (ties go to the earlier split)."""
+    screened = [_project(matrix, pattern, "pixelfly", min(max_iter, SCREEN_ROUNDS), tol)
+                for pattern in _pixelfly_splits(matrix, budget, block_size)]
+    if not screened:
+        raise ValueError(f"budget={budget} is too small for pattern 'pixelfly' on matrix {tuple(matrix.shape)}")
+    order = sorted(range(len(screened)), key=lambda i: screened[i].error)
+    results = list(screened)
+    if max_iter > SCREEN_ROUNDS:
+        for i in order[:REFINED]:
+            if len(screened[i].history) > SCREEN_ROUNDS:    # stopped by the round limit, not by tol
+                refined = _project(matrix, screened[i].pattern, "pixelfly", max_iter, tol)
+                results[i] = min(refined, screened[i], key=lambda r: r.error)
+    rows = tuple(dict(butterfly_size=r.pattern.plan.butterfly_size if r.pattern.plan else 0,
+                      n_factors=r.pattern.plan.n_factors if r.pattern.plan else 0, rank=r.rank,
+                      sparse_budget=r.sparse_budget, lowrank_share=r.lowrank_share, error=r.error)
+                 for r in results)
+    best = min(results, key=lambda r: r.error)
+    return replace(best, candidates=rows)
 
 
 def _fit_butterfly(matrix: torch.Tensor, budget: float, seed: int, steps: int, lr: float = 0.05,
@@ -390,83 +483,3 @@ def plot_error_vs_budget(df: pd.DataFrame, kinds=None, patterns=None, ncols: int
     fig.tight_layout(rect=(0, 0.05 * legend_rows / nrows, 1, 1))
     return fig
 
-
-# The patterns of the expressiveness figure: the paper's comparison, its sparse + low-rank
-# variants, Monarch, and the oracles that bound them.
-EXPRESSIVENESS_PATTERNS = ("lowrank", "butterfly", "pixelfly", "local", "bigbird", "bigbird+lowrank",
-                           "random+lowrank", "blockdiag", "monarch", "topk", "topk_blocks", "topk+lowrank")
-
-
-NETWORK_KINDS = ("attention", "attention (local)", "trained weight", "sparse_lowrank")
-
-
-def experiment_expressiveness(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """Error against budget of every pattern on every target kind (``reproduce`` experiment).
-
-    Targets: every kind of :data:`TARGET_KINDS`, attention with locality 1, and the trained
-    middle weight of :func:`digits_mlp`; patterns :data:`EXPRESSIVENESS_PATTERNS`, block 4.
-    Quick: n = 64, one seed, budgets 0.1-0.3; full: n = 128, three seeds, budgets 0.05-0.4.
-    Runs on the CPU whatever ``device``: at these sizes kernel launches would dominate a GPU.
-    """
-    n, seeds = (64, 1) if quick else (128, 3)
-    budgets = (0.1, 0.2, 0.3) if quick else (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
-    kinds: dict = {kind: kind for kind in TARGET_KINDS if kind != "weight"}
-    kinds["attention (local)"] = dict(kind="attention", locality=1.0)
-    model = digits_mlp(n, steps=150 if quick else 400)
-    kinds["trained weight"] = target_matrix("weight", None, model=model, name="2.weight")
-    df = expressiveness_table(kinds, EXPRESSIVENESS_PATTERNS, budgets, n, seeds, block_size=4)
-    save_table(df, out, "expressiveness")
-    figure = save_figure(plot_error_vs_budget(df, title=f"Approximation error against budget (n={n}, block 4)"),
-                         out, "error_vs_budget")
-
-    mean = df.groupby("pattern").error.mean()
-    # the paper's claim is about the matrices networks need: attention and trained weights
-    network = df[df.kind.isin(NETWORK_KINDS) & df.pattern.isin(["pixelfly", "butterfly", "lowrank"])]
-    network = network.groupby(["kind", "seed", "budget"]).filter(lambda g: len(g) == 3)  # all three fit
-    trio = network.groupby("pattern").error.mean()
-    per_kind = network.groupby(["kind", "pattern"]).error.mean().unstack()
-
-    keys = ["kind", "seed", "budget"]
-    sparse_only = df[(df["rank"] == 0) & ~df.pattern.isin(["lowrank", "monarch", "topk"])]
-    best_mask = sparse_only.groupby(keys).error.min()
-    topk = df[df.pattern == "topk"].set_index(keys).error
-    oracle_ok = bool((topk.reindex(best_mask.index) <= best_mask + 1e-12).all())
-    middle = budgets[len(budgets) // 2]
-    winners = (df[(df.budget == middle) & ~df.pattern.isin(ORACLE_NAMES)]
-               .groupby(["kind", "pattern"]).error.mean().reset_index()
-               .sort_values("error").groupby("kind", sort=False).first())
-    return [
-        Claim("Pixelfly paper, Sec. 1 and 4: at equal budget, flat block butterfly + low-rank (pixelfly, "
-              "default 15% low-rank share) approximates the matrices networks need (attention, trained "
-              "weights, sparse + low-rank) better than the flat block butterfly alone and low-rank alone",
-              f"mean error (n={n}, budgets {budgets}): pixelfly {trio.get('pixelfly', float('nan')):.3f}, "
-              f"butterfly {trio.get('butterfly', float('nan')):.3f}, lowrank {trio.get('lowrank', float('nan')):.3f}; "
-              "per target (pixelfly / butterfly / lowrank): "
-              + "; ".join(f"{kind} {row.get('pixelfly', float('nan')):.3f} / {row.get('butterfly', float('nan')):.3f} / "
-                          f"{row.get('lowrank', float('nan')):.3f}" for kind, row in per_kind.iterrows()),
-              bool(trio.get("pixelfly", 1e9) < min(trio.get("butterfly", -1), trio.get("lowrank", -1))),
-              figure),
-        Claim("Oracle check (exactness of the projections): the best unstructured top-k support is never "
-              "beaten by any fixed sparse mask at the same budget",
-              f"top-k <= every mask-only pattern in {len(best_mask)} (target, seed, budget) cases: {oracle_ok}",
-              oracle_ok, figure),
-        Claim(f"Which structure fits which matrix (informational, budget {middle}, n={n}, oracles left out)",
-              "; ".join(f"{kind}: {row.pattern} ({row.error:.3f})" for kind, row in winners.iterrows())
-              + "; mean error over all targets and budgets: "
-              + ", ".join(f"{p} {e:.3f}" for p, e in mean.sort_values().items()),
-              None, figure),
-    ]
-
-
-def experiment_theory(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """The theorems' numerics; see :func:`pixelfly_lab.theory.experiment_theory`."""
-    from .theory import experiment_theory as run
-
-    return run(out, quick=quick, device=device)
-
-
-def experiment_attention(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """Attention approximation across temperatures; see :func:`pixelfly_lab.attention.experiment_attention`."""
-    from .attention import experiment_attention as run
-
-    return run(out, quick=quick, device=device)

@@ -17,28 +17,24 @@ included, then takes a few full-batch Adam steps on a digits subset and the dist
 measured again along the way, beside the loss and the test accuracy. The kernels' eigenvalue
 spectra (at initialisation and at the end) come with the table.
 
-:func:`experiment_ntk` is the ``python -m pixelfly_lab reproduce`` experiment 'ntk'.
+:mod:`pixelfly_lab.studies.ntk` composes this into the ``reproduce`` study 'ntk' (figures and claims).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .claims import Claim, save_figure, save_table
 from .data import load_data
 from .models import build_model, count_params
 from .ntk import DISTANCE_METRICS, empirical_ntk, kernel_distance, spectra
-from .threads import num_threads
 
 __all__ = ["STUDY_PATTERNS", "NTKStudyConfig", "QUICK", "ntk_study", "method_table", "plot_kernel",
-           "plot_distance_at_init", "plot_distance_over_training", "plot_distance_vs_accuracy", "plot_spectra",
-           "experiment_ntk"]
+           "plot_distance_at_init", "plot_distance_over_training", "plot_distance_vs_accuracy", "plot_spectra"]
 
 STUDY_PATTERNS = ("dense", "lowrank", "random", "local", "bigbird", "butterfly", "pixelfly", "monarch")
 
@@ -280,50 +276,3 @@ def plot_spectra(spectrum: pd.DataFrame, step: int = 0):
     fig.tight_layout()
     return fig
 
-
-# ----------------------------------------------------------------------------- the experiment
-def _closest_sparse(frame: pd.DataFrame, family: str, metric: str) -> pd.Series:
-    init = frame[(frame.family == family) & (frame.step == 0) & (frame.pattern != "dense")]
-    return init.groupby("pattern")[metric].mean().sort_values()
-
-
-def experiment_ntk(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """``reproduce`` experiment 'ntk': distances, spectra and the distance-accuracy picture."""
-    cfg = replace(QUICK if quick else NTKStudyConfig(), device=device)
-    with num_threads(1 if quick and device == "cpu" else None):  # tiny models: see pixelfly_lab.threads
-        frame = ntk_study(cfg, progress=False)
-    save_table(frame, out, "ntk_distances")
-    save_table(frame.attrs["spectra"], out, "ntk_spectra")
-    init_png = save_figure(plot_distance_at_init(frame), out, "ntk_distance_init")
-    save_figure(plot_distance_at_init(frame, "cka"), out, "ntk_distance_init_cka")
-    train_png = save_figure(plot_distance_over_training(frame), out, "ntk_distance_training")
-    acc_png = save_figure(plot_distance_vs_accuracy(frame), out, "ntk_distance_vs_accuracy")
-    save_figure(plot_spectra(frame.attrs["spectra"]), out, "ntk_spectra")
-    setup = (f"{len(cfg.seeds)} seed(s), budget {cfg.budget}, block {cfg.block_size}, kernels on "
-             f"{cfg.n_kernel} held-out digits")
-    claims = []
-    for family in cfg.families:
-        ranking = _closest_sparse(frame, family, "relative_frobenius")
-        floor = frame[(frame.family == family) & (frame.step == 0) & (frame.pattern == "dense")]
-        claims.append(Claim(
-            f"Pixelfly paper (NTK analysis): among patterns at the same budget, Pixelfly's NTK is the closest "
-            f"to the dense model's -- {family} on digits",
-            f"relative Frobenius distance at init ({setup}): "
-            + ", ".join(f"{p} {d:.3f}" for p, d in ranking.items())
-            + (f"; dense seed-to-seed floor {floor.relative_frobenius.mean():.3f}" if len(floor) else ""),
-            "pixelfly" in ranking.index and ranking.index[0] == "pixelfly", init_png))
-        part = frame[frame.family == family]
-        dist = part[part.step == 0].groupby("pattern").relative_frobenius.mean()
-        acc = part[part.step == part.step.max()].groupby("pattern").test_accuracy.mean()
-        rho = dist.corr(acc, method="spearman") if len(dist) > 2 else float("nan")
-        claims.append(Claim(
-            f"Pixelfly paper (NTK analysis): a smaller NTK distance goes with a higher accuracy -- {family}, "
-            f"patterns ranked after {part.step.max()} full-batch Adam steps",
-            f"Spearman correlation between distance at init and test accuracy across {len(dist)} patterns: "
-            f"{rho:+.2f}", bool(rho < 0) if rho == rho else None, acc_png))
-    drift = frame[frame.step == frame.step.max()].groupby(["family", "pattern"]).relative_frobenius.mean()
-    claims.append(Claim(
-        "NTK along training: how the distance to the equally trained dense models moves in a short training",
-        "relative Frobenius distance at the last step: "
-        + ", ".join(f"{f}/{p} {d:.3f}" for (f, p), d in drift.items()), None, train_png))
-    return claims

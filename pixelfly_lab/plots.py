@@ -1,21 +1,17 @@
-"""Pixel pictures of sparsity patterns, a density table, an interactive explorer, and the
-``patterns`` experiment of ``python -m pixelfly_lab reproduce``.
+"""Pixel pictures of sparsity patterns, a density table and an interactive explorer.
 
 Matplotlib is imported inside the functions so that ``import pixelfly_lab`` stays light.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import torch
 
-from .claims import Claim, save_figure, save_table
-from .masks import butterfly_factor_mask, butterfly_product_mask, flat_block_butterfly_layout, flat_butterfly_mask
+from .masks import flat_block_butterfly_layout
 from .patterns import PATTERN_NAMES, Pattern, make_pattern
 
-__all__ = ["show_mask", "show_masks", "pattern_table", "pattern_gallery", "mask_explorer", "experiment_patterns"]
+__all__ = ["show_mask", "show_masks", "pattern_table", "pattern_gallery", "mask_explorer"]
 
 # The baselines of the paper's comparison, in display order.
 GALLERY_NAMES = ("pixelfly", "butterfly", "lowrank", "random", "local", "global", "bigbird", "strided",
@@ -156,48 +152,3 @@ def mask_explorer():
     controls = widgets.VBox([widgets.HBox(list(w.values())[:4]), widgets.HBox(list(w.values())[4:])])
     return widgets.VBox([controls, status, output])
 
-
-def experiment_patterns(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """Figures of every pattern and a density table; checks the exact densities of DESIGN.md 3."""
-    out = Path(out)
-    n = 16
-    factors = {f"B_{2 * s} (stride {s})": butterfly_factor_mask(n, s) for s in (1, 2, 4, 8)}
-    factors["product B_16 ... B_2"] = butterfly_product_mask(n)
-    fig_factors = save_figure(show_masks(factors, ncols=5, suptitle=f"butterfly factors, n={n}"), out, "factors")
-
-    flats = {f"n_factors={k}": flat_butterfly_mask(32, k) for k in (1, 2, 3, 5)}
-    flat_ok = all(abs(m.float().mean().item() - (1 + k) / 32) < 1e-12
-                  for k, m in zip((1, 2, 3, 5), flats.values()))
-    fig_flat = save_figure(show_masks(flats, suptitle="flat butterfly, n=32"), out, "flat_butterfly")
-
-    layouts = {}
-    for out_f, in_f in ((3072, 768), (4096, 1024)):
-        for shuffle, global_size in ((False, 0), (True, 0), (False, 128)):
-            key = f"{in_f}->{out_f}" + (" shuffle" if shuffle else "") + (f" global {global_size}" if global_size else "")
-            layouts[key] = flat_block_butterfly_layout(out_f, in_f, 16, 2, 32, shuffle, global_size)
-    released = layouts["1024->4096"].float().mean().item()
-    fig_block = save_figure(show_masks(layouts, ncols=3, suptitle="flat block butterfly (16, 2), block 32"),
-                            out, "flat_block_butterfly")
-
-    budget = 0.25
-    shape = (1024, 256) if quick else (4096, 1024)
-    low = 0.15 if quick else 0.1  # 1024x256 at block 32 cannot go below 0.125 with pixelfly
-    table = pd.concat([pattern_table(*shape, budget, block_size=32),
-                       pattern_table(*shape, low, block_size=32, names=("pixelfly", "lowrank", "random",
-                                                                        "local", "bigbird", "monarch"))])
-    save_table(table, out, "pattern_densities")
-    fig_gallery = save_figure(pattern_gallery(*shape, budget), out, "baselines")
-    within = bool((table["budget_used"] <= table["budget"] + 1e-12).all())
-    return [
-        Claim("Flat butterfly with k factors has density (1 + k)/n (DESIGN.md 3; Pixelfly Sec. 4.1)",
-              f"n=32, k in (1, 2, 3, 5): densities {[round(m.float().mean().item(), 4) for m in flats.values()]}",
-              flat_ok, fig_flat),
-        Claim("The butterfly product B_n ... B_2 is dense (Dao et al. 2019): any transform of size n fits",
-              f"support of the product of {n.bit_length() - 1} factors covers {butterfly_product_mask(n).float().mean():.0%}",
-              bool(butterfly_product_mask(n).all()), fig_factors),
-        Claim("Released Pixelfly layout (butterfly 16, 2 factors, block 32) at 1024->4096 keeps 3/16 of the weight",
-              f"density {released:.4f}", abs(released - 3 / 16) < 1e-12, fig_block),
-        Claim("Every pattern stays within its parameter budget (low-rank part included)",
-              f"{len(table)} patterns at {shape[1]}->{shape[0]}, max budget used / given = "
-              f"{(table['budget_used'] / table['budget']).max():.4f}", within, fig_gallery),
-    ]

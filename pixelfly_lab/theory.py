@@ -1,4 +1,4 @@
-"""The Pixelfly theorems made visible, numerically (the ``theory`` experiment of ``reproduce``).
+"""The Pixelfly theorems made visible, numerically (composed into figures by the ``theory`` study).
 
 Three measurements (Dao, Chen et al., "Pixelated Butterfly", ICLR 2022, arXiv 2112.00029):
 
@@ -21,19 +21,16 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import torch
 
-from .claims import Claim, save_figure, save_table
 from .expressiveness import approximate
 from .projections import few_threads, relative_error
 from .targets import random_butterfly_factors, target_matrix
 
 __all__ = ["residual_flat_gap", "loglog_slope", "lowrank_share_sweep", "exact_butterflies", "plot_residual_flat_gap",
-           "plot_lowrank_share_sweep", "plot_exact_butterflies", "experiment_theory"]
+           "plot_lowrank_share_sweep", "plot_exact_butterflies"]
 
 
 def residual_flat_gap(n: int = 64, lams=None, seed: int = 0) -> pd.DataFrame:
@@ -190,74 +187,3 @@ def plot_exact_butterflies(df: pd.DataFrame, n: int):
     fig.tight_layout()
     return fig
 
-
-def experiment_theory(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """The three measurements of the module docstring, as figures, tables and checked claims.
-
-    Quick: sweeps at n = 64, exact transforms at n = 16 (600 fit steps); full: n = 128 and n = 64
-    (2000 fit steps). CPU only, whatever ``device``: the matrices are small.
-    """
-    n_sweep, n_exact, steps = (64, 16, 600) if quick else (128, 64, 2000)
-    claims = []
-
-    gap = residual_flat_gap(64)
-    fit_max = 1e-2  # the asymptotic regime: beyond it the O(lam^3) terms bend the curve
-    fitted = gap[gap.lam <= fit_max]
-    slope = loglog_slope(fitted.lam, fitted.gap)
-    save_table(gap, out, "residual_flat_gap")
-    figure = save_figure(plot_residual_flat_gap(gap, slope, fit_max, 64), out, "residual_flat_gap")
-    print(f"[theory] residual vs flat butterfly: fitted log-log slope {slope:.4f} (lam <= {fit_max})")
-    claims.append(Claim("Pixelfly Thm 1: the gap between residual butterfly prod(I + lam B_k) and flat "
-                        "butterfly I + lam sum B_k shrinks as lam^2 (log-log slope 2)",
-                        f"fitted slope {slope:.4f} over lam in [{fitted.lam.min():.0e}, {fit_max:.0e}], "
-                        f"n=64; gap/lam^2 at the smallest lam {fitted.gap_over_lam2.iloc[0]:.3f}",
-                        abs(slope - 2.0) < 0.05, figure))
-
-    budget = 0.2
-    targets = {"sparse + low-rank": target_matrix("sparse_lowrank", n_sweep),
-               "attention (t=0.5, local)": target_matrix("attention", n_sweep, temperature=0.5, locality=1.0)}
-    sweeps, alone, rows = {}, {}, []
-    for label, matrix in targets.items():
-        sweeps[label] = lowrank_share_sweep(matrix, ["topk+lowrank", "pixelfly"], budget)
-        alone[label] = {name: approximate(matrix, name, budget, block_size=4).error
-                        for name in ("topk", "butterfly", "lowrank")}
-        rows += [dict(target=label, **row) for row in sweeps[label].to_dict("records")]
-        rows += [dict(target=label, pattern=f"{name} alone", share=float("nan"), error=error)
-                 for name, error in alone[label].items()]
-    save_table(pd.DataFrame(rows), out, "lowrank_share_sweep")
-    figure = save_figure(plot_lowrank_share_sweep(sweeps, alone, budget), out, "lowrank_share_sweep")
-
-    def best(label, name):
-        part = sweeps[label][(sweeps[label].pattern == name) & sweeps[label].share.between(0, 1, "neither")]
-        return part.error.min()
-
-    adaptive = {label: (best(label, "topk+lowrank"), min(alone[label]["topk"], alone[label]["lowrank"]))
-                for label in targets}
-    fixed = {label: (best(label, "pixelfly"), min(alone[label]["butterfly"], alone[label]["lowrank"]))
-             for label in targets}
-    claims.append(Claim("Pixelfly Thm 2: sparse + low-rank beats sparse alone and low-rank alone at equal "
-                        "budget on sparse + low-rank and attention targets (best split, adaptive support)",
-                        "; ".join(f"{k}: {v[0]:.3f} vs best single part {v[1]:.3f}" for k, v in adaptive.items())
-                        + f" (budget {budget}, n={n_sweep})",
-                        all(s < single for s, single in adaptive.values()), figure))
-    label = "attention (t=0.5, local)"
-    claims.append(Claim("With the fixed flat block butterfly support (pixelfly, block 4), the best split beats "
-                        "the flat block butterfly alone and low-rank alone on local attention",
-                        "; ".join(f"{k}: {v[0]:.3f} vs best single part {v[1]:.3f}" for k, v in fixed.items())
-                        + " (a fixed mask cannot catch a randomly placed sparse part, so only attention is claimed)",
-                        bool(fixed[label][0] < fixed[label][1]), figure))
-
-    exact = exact_butterflies(n_exact, fit_steps=steps)
-    save_table(exact, out, "exact_butterflies")
-    figure = save_figure(plot_exact_butterflies(exact, n_exact), out, "exact_butterflies")
-    err = exact.set_index(["transform", "method"]).error
-    exact_ok = bool((err.xs("butterfly product (exact twiddles)", level="method") < 1e-12).all())
-    flat = err[[m.startswith("flat") for _, m in err.index]]
-    claims.append(Claim("Butterfly products represent the DFT and Hadamard transforms exactly; flat and "
-                        "flat block butterflies at the same budget do not",
-                        "; ".join(f"{t}: exact twiddles {err[t, 'butterfly product (exact twiddles)']:.1e}, "
-                                  f"gradient fit {err[t, 'butterfly product (gradient fit)']:.1e}, "
-                                  f"flat {err[t, 'flat butterfly (block 1)']:.3f}, low-rank {err[t, 'low-rank']:.3f}"
-                                  for t in ("dft", "hadamard")) + f" (n={n_exact})",
-                        exact_ok and bool((flat > 0.1).all()), figure))
-    return claims

@@ -61,7 +61,7 @@ from .models import MODEL_NAMES, SIZES, SPARSIFY_WHERE, build_model, count_param
 from .patterns import PATTERN_NAMES, check_budget
 from .rank import weight_ranks
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "add_arguments", "run", "experiment_training"]
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "task_loss", "add_arguments", "run"]
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that may change when a run is resumed; every other field must match the checkpoint's.
@@ -218,7 +218,20 @@ def _fingerprint(model: torch.nn.Module) -> str:
 # ---------------------------------------------------------------- loss and evaluation
 
 
-def _loss(output: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+def task_loss(output: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+    """The training loss of a task: mean squared error for 'regression', else cross-entropy.
+
+    Args:
+        output: (N, C) logits or outputs, or (N, T, V) language-model logits (flattened to (N T, V)).
+        target: (N,) class indices, (N, T) next tokens, or (N, C) regression targets.
+        task: 'regression', 'classification' or 'lm' (a :class:`~pixelfly_lab.data.TaskData` task).
+        reduction: 'mean' or 'sum', as in torch.nn.functional. Computed in float32 (bf16 logits
+            under autocast would lose the loss's small differences).
+
+    Example:
+        >>> round(task_loss(torch.zeros(2, 3), torch.tensor([0, 1]), "classification").item(), 4)  # log 3
+        1.0986
+    """
     if task == "regression":
         return F.mse_loss(output.float(), target, reduction=reduction)
     return F.cross_entropy(output.float().reshape(-1, output.shape[-1]), target.reshape(-1), reduction=reduction)
@@ -233,7 +246,7 @@ def _evaluate(model, x, y, task: str, d: _Dist, autocast, batch: int) -> dict:
         xb, yb = x[index], y[index]
         with autocast():
             output = model(xb)
-        sums[0] += float(_loss(output, yb, task, reduction="sum"))
+        sums[0] += float(task_loss(output, yb, task, reduction="sum"))
         if task != "regression":
             sums[1] += float((output.argmax(-1) == yb).sum())
         sums[2] += yb.numel() if task != "classification" else len(yb)
@@ -424,7 +437,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             tick = time.perf_counter()
             with autocast():
                 output = net(x_train[index])
-            loss = _loss(output, y_train[index], data.task)
+            loss = task_loss(output, y_train[index], data.task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
@@ -540,9 +553,3 @@ def run(args) -> int:
         print(", ".join(f"{k} {result.summary[k]:.4g}" for k in keys) + f" -> {result.out / 'summary.json'}")
     return 0
 
-
-def experiment_training(out: Path, *, quick: bool, device: str):
-    """Training parity dense vs Pixelfly vs baselines; see :mod:`pixelfly_lab.training_study`."""
-    from .training_study import run_training_study
-
-    return run_training_study(out, quick=quick, device=device)

@@ -1,18 +1,12 @@
-"""The training experiment: parity of Pixelfly with dense training, rank of the weights, time per step.
+"""The training lab's comparisons: one config trained under several patterns, step times, figures.
 
-What the paper claims (Dao, Chen et al., ICLR 2022, arXiv 2112.00029, Sec. 5): sparse models with
-the Pixelfly pattern reach the dense models' accuracy with a fraction of the parameters, and
-train 2.3-2.5x faster on GPUs (MLP-Mixer, ViT, GPT-2). At laptop scale we check:
+:func:`compare_patterns` trains the same :class:`~pixelfly_lab.train.TrainConfig` once per
+(pattern, seed); :func:`step_speed` times training steps of dense and sparse models interleaved;
+the ``plot_*`` functions draw convergence, parity, rank and step time. The paper's training claims
+(Dao, Chen et al., ICLR 2022, arXiv 2112.00029, Sec. 5: Pixelfly reaches dense accuracy with a
+fraction of the parameters, 2.3-2.5x faster on GPUs) are checked by the study that composes these.
 
-* digits MLP at budget 0.25: Pixelfly's test accuracy within 2 points of dense, in the same
-  epochs; baselines (butterfly alone, low-rank, random blocks, Monarch) beside it;
-* character GPT on the shipped Shakespeare: Pixelfly's validation loss within 5% of dense;
-* the rank of trained weights (Pixelfly's are full rank; low-rank's are not), over training;
-* time per training step, dense against sparse; on a CUDA GPU (full run) the step of a
-  GPT-2-small-shaped GPT and a Mixer-B/16-shaped Mixer against the 2.5x the paper reports.
-
-:func:`run_training_study` is registered as ``python -m pixelfly_lab reproduce`` experiment
-'training' (through :func:`pixelfly_lab.train.experiment_training`).
+:mod:`pixelfly_lab.studies.training` composes these into the ``reproduce`` study 'training'.
 """
 
 from __future__ import annotations
@@ -27,20 +21,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .claims import Claim, save_figure, save_table
-from .data import TaskData, load_data
+from .data import TaskData
 from .models import build_model, count_params
-from .rank import layer_weights, singular_values
-from .train import TrainConfig, _loss, train
-from .threads import num_threads
+from .train import TrainConfig, task_loss, train
 
-__all__ = ["run_training_study", "Comparison", "compare_patterns", "step_speed", "plot_curves", "plot_parity",
-           "plot_ranks", "plot_step_times", "speed_claims"]
-
-# Baselines at the same budget; the quick run keeps the two most telling (low-rank alone, random blocks).
-DIGITS_PATTERNS = ("dense", "pixelfly", "lowrank", "random", "butterfly", "monarch")
-QUICK_DIGITS_PATTERNS = DIGITS_PATTERNS[:4]
-GPT_PATTERNS = ("dense", "pixelfly", "lowrank")
+__all__ = ["Comparison", "compare_patterns", "step_speed", "plot_curves", "plot_parity", "plot_ranks",
+           "plot_step_times"]
 
 
 @dataclass
@@ -98,7 +84,7 @@ def _timed_steps(model, x, y, task, steps, autocast) -> list[float]:
     for _ in range(steps):
         tick = time.perf_counter()
         with autocast():
-            loss = _loss(model(x), y, task)
+            loss = task_loss(model(x), y, task)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -207,120 +193,3 @@ def plot_step_times(frames: dict, title: str = "Time per training step"):
         ax.tick_params(axis="x", labelsize=8)
     return fig
 
-
-# ---------------------------------------------------------------- the experiment
-
-
-def _digits_study(out: Path, quick: bool, device: str) -> tuple[list[Claim], pd.DataFrame]:
-    seeds = (0, 1) if quick else (0, 1, 2)  # the seed also draws the train/test split
-    patterns = QUICK_DIGITS_PATTERNS if quick else DIGITS_PATTERNS
-    runs = compare_patterns(patterns, seeds, model="mlp", data="digits", size="tiny", budget=0.25, block_size=16,
-                            epochs=10 if quick else 40, batch_size=64, lr=3e-3, device=device, progress=False)
-    summary, history, ranks = runs.summary, runs.history, runs.ranks
-    save_table(summary, out, "digits_parity")
-    save_table(ranks, out, "digits_ranks")
-    save_figure(plot_curves(history, "test_accuracy", "digits MLP"), out, "digits_curves")
-    parity_png = save_figure(plot_parity(summary, "test_accuracy", "digits MLP, budget 0.25"), out, "digits_parity")
-    acc = summary.groupby("pattern").test_accuracy.mean()
-    gap = 100 * (acc["dense"] - acc["pixelfly"])
-    claims = [Claim(
-        "Pixelfly paper (Sec. 5): Pixelfly models reach the dense model's accuracy with a fraction of the "
-        "parameters -- here a digits MLP at budget 0.25 is within 2 points of dense test accuracy in the same epochs",
-        f"test accuracy over {len(seeds)} seed(s): dense {100 * acc['dense']:.1f}%, pixelfly "
-        f"{100 * acc['pixelfly']:.1f}% (gap {gap:+.1f} points); "
-        + ", ".join(f"{p} {100 * acc[p]:.1f}%" for p in patterns[2:]), bool(gap <= 2.0), parity_png)]
-    # Rank: the 256x256 hidden layer's trained weight, first seed, every pattern.
-    layer = "layers.1"
-    spectra = {p: singular_values(layer_weights(runs.models[p, 0], (layer,))[layer]) for p in ("dense", "pixelfly",
-                                                                                               "lowrank")}
-    save_table(pd.DataFrame({p: s.numpy() for p, s in spectra.items()}), out, "digits_spectra")
-    rank_png = save_figure(plot_ranks(ranks, layer, spectra, "digits MLP"), out, "digits_rank")
-    last = ranks[(ranks.layer == layer) & (ranks.epoch == ranks.epoch.max())].groupby("pattern").effective_rank.mean()
-    claims.append(Claim(
-        "Pixelfly paper (Sec. 3-4): sparse + low-rank keeps the weight full-rank where a low-rank factorisation "
-        "of the same budget cannot exceed its rank",
-        f"effective rank of the trained 256x256 hidden weight: " + ", ".join(f"{p} {v:.0f}" for p, v in last.items()),
-        None, rank_png))
-    return claims, summary
-
-
-def _chars_study(out: Path, quick: bool, device: str) -> tuple[list[Claim], pd.DataFrame]:
-    # quick: 150 steps of a 2-block GPT on 32-character windows; full: 5 epochs of the 4-block one
-    runs = compare_patterns(
-        GPT_PATTERNS[:2] if quick else GPT_PATTERNS, (0,), model="gpt", data="chars",
-        size="tiny" if quick else "small", budget=0.25, block_size=16, context=32 if quick else 64,
-        epochs=1 if quick else 5, batch_size=32, lr=3e-3, max_train=4800 if quick else None,
-        max_test=256 if quick else None, eval_every=25 if quick else 200, device=device, progress=False)
-    summary, history = runs.summary, runs.history
-    save_table(summary, out, "chars_parity")
-    curves_png = save_figure(plot_curves(history, "val_loss", "character GPT"), out, "chars_curves")
-    loss = summary.groupby("pattern").val_loss.mean()
-    ratio = loss["pixelfly"] / loss["dense"]
-    return [Claim(
-        "Pixelfly paper (Sec. 5, GPT-2 on WikiText-103): the Pixelfly GPT matches the dense model's quality -- "
-        "here a character GPT on Shakespeare reaches a validation loss within 5% of dense",
-        "validation loss: " + ", ".join(f"{p} {v:.3f}" for p, v in loss.items())
-        + f"; pixelfly / dense = {ratio:.3f} ({100 * (ratio - 1):+.1f}%)",
-        bool(ratio <= 1.05), curves_png)], summary
-
-
-def speed_claims(out: Path, device: str = "cuda", *, size: str = "gpt2-small", vocab: int = 50304,
-                 context: int = 1024, image: int = 224, patch: int = 16, batches=(16, 64), block_size: int = 32,
-                 budget: float = 0.25) -> list[Claim]:
-    """Training-step time of a GPT-2-small-shaped GPT and a Mixer-B/16-shaped Mixer, dense against Pixelfly.
-
-    The defaults are the paper's shapes (GPT-2 small: 12 blocks of width 768, 1024 tokens,
-    vocabulary 50304; Mixer-B/16: 12 blocks of width 768 on 224x224 images in 16x16 patches),
-    on synthetic batches; block 32 fits GPU tiles. Smaller arguments run the same code on a CPU.
-
-    Returns:
-        one Claim (held when both speedups reach 2.5x); writes gpu_step_time.csv/.png/.pdf.
-    """
-    n_gpt, n_mixer = batches
-    tokens = torch.randint(vocab, (n_gpt, context))
-    gpt_data = TaskData("synthetic", "lm", "tokens", tokens, tokens.roll(-1, dims=1), tokens[:1], tokens[:1],
-                        n_outputs=vocab, vocab_size=vocab)
-    images = torch.randn(n_mixer, 3, image, image)
-    labels = torch.randint(1000, (n_mixer,))
-    mixer_data = TaskData("synthetic", "classification", "image", images, labels, images[:1], labels[:1],
-                          n_outputs=1000)
-    common = dict(size=size, budget=budget, block_size=block_size, device=device)
-    frames = {f"GPT ({size}, batch {n_gpt} x {context})": step_speed("gpt", gpt_data, batch_size=n_gpt, **common),
-              f"Mixer ({size}, batch {n_mixer}, {image}px / {patch})": step_speed(
-                  "mixer", mixer_data, batch_size=n_mixer, patch=patch, **common)}
-    table = pd.concat([f.assign(model=label) for label, f in frames.items()], ignore_index=True)
-    save_table(table, out, "gpu_step_time")
-    png = save_figure(plot_step_times(frames, f"Step time ({device})"), out, "gpu_step_time")
-    speedups = {label: float(f.set_index("pattern").speedup["pixelfly"]) for label, f in frames.items()}
-    return [Claim("Pixelfly paper (abstract, Table 2-4): training GPT-2 small and MLP-Mixer is 2.3-2.5x faster than "
-                  f"dense at the paper's budgets -- here at least 2.5x per training step at budget {budget}",
-                  ", ".join(f"{k}: {v:.2f}x" for k, v in speedups.items()),
-                  bool(min(speedups.values()) >= 2.5), png)]
-
-
-def run_training_study(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """The 'training' experiment of ``python -m pixelfly_lab reproduce`` (see the module docstring)."""
-    with num_threads(1 if quick and device == "cpu" else None):  # tiny models: see pixelfly_lab.threads
-        return _run_training_study(Path(out), quick, device)
-
-
-def _run_training_study(out: Path, quick: bool, device: str) -> list[Claim]:
-    claims, digits = _digits_study(out, quick, device)
-    chars_claims, chars = _chars_study(out, quick, device)
-    claims += chars_claims
-    # Step time measured interleaved on the same batch (the runs' own step times drift with the machine's load).
-    timing = dict(steps=5, rounds=2) if quick else dict(steps=20, rounds=3)
-    frames = {"digits MLP": step_speed("mlp", load_data("digits"), list(digits.pattern.unique()), budget=0.25,
-                                       batch_size=64, device=device, **timing),
-              "character GPT": step_speed("gpt", load_data("chars", context=32 if quick else 64),
-                                          list(chars.pattern.unique()), size="tiny" if quick else "small",
-                                          budget=0.25, batch_size=32, device=device, **timing)}
-    png = save_figure(plot_step_times(frames, f"Time per step ({device})"), out, "step_time")
-    save_table(pd.concat([f.assign(model=k) for k, f in frames.items()], ignore_index=True), out, "step_time")
-    described = "; ".join(f"{k}: " + ", ".join(f"{p} {1e3 * t:.1f} ms" for p, t in zip(f.pattern, f.step_time))
-                          for k, f in frames.items())
-    claims.append(Claim("Time per training step, dense against sparse, at these small sizes (the paper's speedups "
-                        "need GPU-sized matmuls; tiny CPU models are bound by overheads)", described, None, png))
-    if device == "cuda" and not quick:
-        claims += speed_claims(out, device)
-    return claims

@@ -1,6 +1,5 @@
 """Models: shapes for every (model, data kind), slow references for patches and attention, seeds, errors."""
 
-import importlib.util
 import math
 
 import pytest
@@ -10,8 +9,6 @@ from pixelfly_lab.data import load_data, make_listops, make_mnist1d, make_teache
 from pixelfly_lab.rank import layer_weights
 from pixelfly_lab.models import (MODEL_NAMES, SPARSIFY_WHERE, Attention, build_model, count_params, default_patch,
                                  patchify)
-
-HAS_SPARSIFY = importlib.util.find_spec("pixelfly_lab.sparsify") is not None
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +142,6 @@ def test_bad_input(datasets):
         build_model("mixer", data, patch=3)
 
 
-@pytest.mark.skipif(not HAS_SPARSIFY, reason="pixelfly_lab.sparsify is not in this checkout")
 @pytest.mark.parametrize("name, data_name", [("mlp", "digits"), ("mixer", "digits"), ("vit", "digits"),
                                              ("gpt", "chars")])
 def test_sparsified_where_the_paper_does(datasets, name, data_name):
@@ -195,7 +191,6 @@ def test_effective_and_stable_rank_oracles():
         singular_values(torch.ones(3))
 
 
-@pytest.mark.skipif(not HAS_SPARSIFY, reason="pixelfly_lab.sparsify is not in this checkout")
 def test_weight_ranks_use_the_dense_weight(datasets):
     from pixelfly_lab.rank import weight_ranks, weight_spectra
 

@@ -339,12 +339,12 @@ def test_study_dense_against_itself_is_zero():
         ntk_study(QUICK, progress=False, **{**TINY, "patterns": ("dense", "magic")})
 
 
-def test_experiment_writes_figures_tables_and_claims(tmp_path, monkeypatch):
-    from pixelfly_lab import ntk_study as study
+def test_study_writes_figures_tables_and_claims(tmp_path):
+    from pixelfly_lab.studies import ntk as study
 
-    monkeypatch.setattr(study, "QUICK", study.NTKStudyConfig(reference_seeds=(5,), **TINY))
-    claims = study.experiment_ntk(tmp_path, quick=True, device="cpu")
-    assert len(claims) == 3 and all(c.measured for c in claims)
+    claims = study.run(tmp_path, study.NTKStudyConfig(reference_seeds=(5,), **TINY), device="cpu")
+    assert [c.kind for c in claims] == ["paper", "paper", "info"] and all(c.measured for c in claims)
+    assert claims[1].held is None, "a rank correlation over two patterns decides nothing"
     for name in ("ntk_distance_init", "ntk_distance_training", "ntk_distance_vs_accuracy", "ntk_spectra"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0 and (tmp_path / f"{name}.pdf").exists()
     assert {"ntk_distances.csv", "ntk_spectra.csv"} <= {p.name for p in tmp_path.iterdir()}

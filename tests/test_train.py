@@ -1,6 +1,5 @@
 """Training: schedule, outputs, determinism, exact resume, two-process torchrun, command line, errors."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +14,6 @@ import torch
 from pixelfly_lab.cli import main
 from pixelfly_lab.train import CHECKPOINT, TrainConfig, lr_at, train
 
-HAS_SPARSIFY = importlib.util.find_spec("pixelfly_lab.sparsify") is not None
 # teacher regression: no data files, no scikit-learn, 4 steps per epoch
 TINY = dict(model="mlp", data="teacher", max_train=128, max_test=64, batch_size=32, epochs=3, lr=1e-2,
             progress=False, device="cpu")
@@ -155,7 +153,6 @@ def test_missing_cifar_directory(tmp_path):
         train(TrainConfig(**{**TINY, "data": "cifar10"}, data_dir=str(tmp_path / "nowhere"), out=str(tmp_path)))
 
 
-@pytest.mark.skipif(not HAS_SPARSIFY, reason="pixelfly_lab.sparsify is not in this checkout")
 def test_sparse_training_and_resume(tmp_path):
     config = {**TINY, "pattern": "pixelfly", "budget": 0.25}
     whole = train(TrainConfig(**config, out=str(tmp_path / "whole")))
@@ -171,13 +168,14 @@ def test_study_helpers_make_tables_and_figures(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from pixelfly_lab.claims import save_figure
     from pixelfly_lab.data import make_teacher
     from pixelfly_lab.rank import singular_values
+    from pixelfly_lab.studies.claims import save_figure
+    from pixelfly_lab.studies.training import speed_claims
     from pixelfly_lab.training_study import (compare_patterns, plot_curves, plot_parity, plot_ranks,
-                                             plot_step_times, speed_claims, step_speed)
+                                             plot_step_times, step_speed)
 
-    patterns = ["dense", "lowrank"] if HAS_SPARSIFY else ["dense"]
+    patterns = ["dense", "lowrank"]
     runs = compare_patterns(patterns, seeds=(0, 1), **{**TINY, "epochs": 1})
     assert list(runs.summary.pattern) == [p for p in patterns for _ in (0, 1)]
     assert set(runs.models) == {(p, s) for p in patterns for s in (0, 1)}
@@ -193,8 +191,8 @@ def test_study_helpers_make_tables_and_figures(tmp_path):
             assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
         save_figure(fig, tmp_path, f"f{i}")
         assert (tmp_path / f"f{i}.png").stat().st_size > 1000 and (tmp_path / f"f{i}.pdf").is_file()
-    if HAS_SPARSIFY:  # the GPU speed claim's code path, at toy sizes on the CPU
-        claims = speed_claims(tmp_path, "cpu", size="tiny", vocab=128, context=32, image=32, patch=16, batches=(2, 2),
-                              block_size=16)
-        assert len(claims) == 1 and type(claims[0].held) is bool and (tmp_path / "gpu_step_time.csv").is_file()
-        json.dumps(claims[0].to_dict())  # the report stores claims as JSON
+    # the GPU speed claim's code path, at toy sizes on the CPU
+    claims = speed_claims(tmp_path, "cpu", size="tiny", vocab=128, context=32, image=32, patch=16, batches=(2, 2),
+                          block_size=16)
+    assert len(claims) == 1 and type(claims[0].held) is bool and (tmp_path / "gpu_step_time.csv").is_file()
+    json.dumps(claims[0].to_dict())  # the report stores claims as JSON

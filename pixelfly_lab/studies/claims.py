@@ -1,0 +1,81 @@
+"""What a study hands to the report: the claims it checked, and its figures and tables on disk.
+
+A study (see :mod:`pixelfly_lab.studies`) writes its figures (PNG and PDF, via
+:func:`save_figure`) and tables (CSV, via :func:`save_table`) into its output folder and returns
+a list of :class:`Claim`. Each claim has a *kind*:
+
+* ``'paper'``: a statement of the Pixelfly paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029)
+  or of the authors' talk that this run could find false. Its text names the source (section,
+  figure, table or theorem), and states the condition and the threshold that decide it; both are
+  fixed in the code before anything is measured.
+* ``'check'``: an oracle or sanity check that holds whenever the code is right (an exact density,
+  a slope that the algebra fixes, an oracle that nothing can beat). A failure means a bug.
+* ``'info'``: a measurement shown for reading, with no verdict (``held`` is None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["CLAIM_KINDS", "Claim", "save_figure", "save_table"]
+
+CLAIM_KINDS = ("paper", "check", "info")
+
+
+@dataclass
+class Claim:
+    """One statement and what this run measured about it.
+
+    Attributes:
+        claim: the statement, with its source and its pass rule ("Pixelfly paper, Thm 1: ... held
+            when |slope - 2| < 0.05").
+        measured: the measured figures, formatted for a reader.
+        held: True / False when the run decides it, None for kind 'info' (or a paper claim that
+            this run's sizes could not decide, e.g. a rank correlation over fewer than 3 points).
+        figure: file name (PNG, in the study's folder) that shows it, if any.
+        kind: 'paper', 'check' or 'info' (see the module docstring).
+        table: file name (CSV, in the study's folder) with the numbers behind it, if any.
+
+    Example:
+        >>> Claim("two is two (check)", "2 == 2", True, kind="check").to_dict()["kind"]
+        'check'
+    """
+
+    claim: str
+    measured: str
+    held: bool | None = None
+    figure: str | None = None
+    kind: str = "paper"
+    table: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in CLAIM_KINDS:
+            raise ValueError(f"kind must be one of {CLAIM_KINDS}, got {self.kind!r}")
+        if self.held is not None:
+            self.held = bool(self.held)  # numpy booleans would not survive json.dumps
+        if self.kind == "info" and self.held is not None:
+            raise ValueError(f"an 'info' claim has no verdict (held=None), got held={self.held}: {self.claim!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def save_figure(fig, out: Path, name: str) -> str:
+    """Write ``fig`` as out/name.png and out/name.pdf, close it, return the PNG's file name."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
+    fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
+    plt.close(fig)
+    return f"{name}.png"
+
+
+def save_table(df, out: Path, name: str) -> str:
+    """Write a DataFrame as out/name.csv and return the file name."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / f"{name}.csv", index=False)
+    return f"{name}.csv"

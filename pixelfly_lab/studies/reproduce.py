@@ -1,0 +1,316 @@
+"""``python -m pixelfly_lab reproduce``: every study, its figures and tables, and a report.
+
+Each study (see :mod:`pixelfly_lab.studies`) writes into ``OUT/<name>/`` (figures as PNG and
+PDF, tables as CSV, ``claims.json`` with its claims, its config and the preset). Results are
+written atomically: a study runs in a temporary folder that replaces its final folder only when
+it succeeds, so a crash never leaves half a result and never destroys the previous one. A failed
+study is recorded in the report and the others still run; a study module that cannot be
+imported is a failure too, never a skip. A rerun skips studies whose results are up to date
+(same package source, same preset and device) unless ``--force``. ``report.md`` and
+``report.html`` list the paper's claims first ("k of n paper claims held"), then each study's
+figures beside its claims, checks and readings, with the measured numbers and the verdicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import html
+import importlib
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["EXPERIMENTS", "PRESETS", "Experiment", "reproduce", "load_results", "show_experiment",
+           "add_arguments", "run"]
+
+PRESETS = ("tiny", "quick", "full")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    module: str  # a study module: FULL, QUICK, TINY configs and run(out, config, *, device) -> list[Claim]
+    title: str
+
+
+# In report order.
+EXPERIMENTS = (
+    Experiment("patterns", "pixelfly_lab.studies.patterns",
+               "Sparsity patterns: butterfly factors, flat and block butterfly, baselines"),
+    Experiment("expressiveness", "pixelfly_lab.studies.expressiveness",
+               "Expressiveness: approximation error against budget"),
+    Experiment("theory", "pixelfly_lab.studies.theory",
+               "The theorems' numerics: flat vs residual butterfly, sparse + low-rank"),
+    Experiment("attention", "pixelfly_lab.studies.attention",
+               "Attention approximation across temperatures"),
+    Experiment("ntk", "pixelfly_lab.studies.ntk",
+               "NTK distance of sparse models to the dense model"),
+    Experiment("training", "pixelfly_lab.studies.training",
+               "Training parity: dense vs Pixelfly vs baselines"),
+    Experiment("speed", "pixelfly_lab.studies.speed",
+               "Layer speed against dense nn.Linear"),
+)
+
+
+def _source_hash() -> str:
+    """Hash of the whole package's source (subpackages included): results made by other code are out of date."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _environment(device: str) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform(), "device": device, "threads": torch.get_num_threads()}
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False")
+    return device
+
+
+def study_config(exp: Experiment, preset: str):
+    """The study module of ``exp`` and its config for ``preset`` (an import error propagates)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    module = importlib.import_module(exp.module)
+    return module, getattr(module, preset.upper())
+
+
+def _jsonable(config) -> dict:
+    if dataclasses.is_dataclass(config):
+        return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return {"config": repr(config)}
+
+
+def _run_one(exp: Experiment, out: Path, stamp: dict, preset: str, device: str) -> dict:
+    """Run one study into a temporary folder and move it into place on success."""
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{exp.name}-", dir=out))
+    try:
+        module, config = study_config(exp, preset)
+        claims = [c.to_dict() for c in module.run(tmp, config, device=device)]
+        record = {**stamp, "status": "ok", "seconds": round(time.perf_counter() - started, 1),
+                  "config": _jsonable(config), "claims": claims}
+        (tmp / "claims.json").write_text(json.dumps(record, indent=2))
+        final = out / exp.name
+        if final.exists():
+            old = out / f".{exp.name}-old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        return record
+    except Exception as err:  # one failed study must not lose the others' results
+        shutil.rmtree(tmp, ignore_errors=True)
+        return {**stamp, "status": "failed", "seconds": round(time.perf_counter() - started, 1),
+                "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                "claims": []}
+
+
+def reproduce(out="results", *, preset: str = "full", device: str = "auto", force: bool = False,
+              only: list[str] | None = None, progress: bool = True) -> dict[str, dict]:
+    """Run the studies and write ``out/report.md`` and ``out/report.html``.
+
+    Args:
+        out: output folder (created).
+        preset: 'full' (the paper-scale run), 'quick' (CPU minutes, what ``make reproduce`` runs)
+            or 'tiny' (seconds; what the tests run).
+        device: 'auto' (CUDA when available), 'cpu' or 'cuda'.
+        force: rerun studies whose results are up to date.
+        only: study names to run (default: all); the report covers all that exist in ``out``.
+        progress: a progress bar over the studies.
+
+    Returns:
+        {study name: record} with status 'ok', 'failed' or 'skipped', seconds, config and claims.
+
+    Example:
+        >>> records = reproduce("results", preset="tiny", only=["patterns"])   # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    device = _resolve_device(device)
+    names = [e.name for e in EXPERIMENTS]
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise ValueError(f"unknown experiment(s) {unknown} in only; known: {', '.join(names)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = {"source": _source_hash(), "preset": preset, "device": device}
+    records: dict[str, dict] = {}
+    selected = [e for e in EXPERIMENTS if not only or e.name in only]
+    for exp in tqdm(selected, desc="reproduce", unit="study", disable=not progress):
+        previous = _load_record(out / exp.name)
+        if (not force and previous and previous.get("status") == "ok"
+                and all(previous.get(k) == v for k, v in stamp.items())):
+            records[exp.name] = {**previous, "status": "skipped"}
+            continue
+        records[exp.name] = _run_one(exp, out, stamp, preset, device)
+        if records[exp.name]["status"] == "failed":
+            print(f"[reproduce] {exp.name} failed: {records[exp.name]['error']}", file=sys.stderr)
+    for exp in EXPERIMENTS:  # the report also shows earlier results of studies not run now
+        if exp.name not in records and (rec := _load_record(out / exp.name)):
+            records[exp.name] = {**rec, "status": "skipped"}
+    records = {e.name: records[e.name] for e in EXPERIMENTS if e.name in records}
+    write_report(out, records, _environment(device), preset)
+    return records
+
+
+def _load_record(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "claims.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_results(out="results") -> dict[str, dict]:
+    """The records of every study found under ``out`` ({name: record}), in report order."""
+    out = Path(out)
+    return {e.name: rec for e in EXPERIMENTS if (rec := _load_record(out / e.name))}
+
+
+def show_experiment(out, name: str) -> None:
+    """Display one study's claims and figures in a notebook (IPython.display)."""
+    from IPython.display import Image, Markdown, display
+
+    if name not in {e.name for e in EXPERIMENTS}:
+        raise ValueError(f"unknown experiment name {name!r}; known: {', '.join(e.name for e in EXPERIMENTS)}")
+    record = _load_record(Path(out) / name)
+    if record is None:
+        display(Markdown(f"*`{name}` has no results in `{out}` yet: run `make reproduce` "
+                         f"(or `python -m pixelfly_lab reproduce --only {name}`).*"))
+        return
+    display(Markdown(f"*Preset `{record.get('preset', '?')}`.*"))
+    for claim in record["claims"]:
+        display(Markdown(f"**{claim.get('kind', 'paper').capitalize()}:** {claim['claim']}  \n"
+                         f"**Measured:** {claim['measured']}  \n**Verdict:** {_verdict(claim)}"))
+        if claim.get("figure"):
+            display(Image(filename=str(Path(out) / name / claim["figure"])))
+
+
+def _verdict(claim: dict) -> str:
+    if claim.get("held") is None:
+        return "informational" if claim.get("kind") == "info" else "not decided at these sizes"
+    return "held" if claim["held"] else "did NOT hold"
+
+
+def _kind_label(kind: str) -> str:
+    return {"paper": "Paper claim", "check": "Check", "info": "Reading"}.get(kind, kind)
+
+
+def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) -> None:
+    """Write report.md and report.html (atomically) from the studies' records."""
+    titles = {e.name: e.title for e in EXPERIMENTS}
+    env_text = ", ".join(f"{k} {v}" for k, v in env.items())
+    presets = sorted({rec.get("preset", "?") for rec in records.values()})
+    paper = [(name, c) for name, rec in records.items() for c in rec.get("claims", [])
+             if c.get("kind", "paper") == "paper"]
+    held = sum(1 for _, c in paper if c.get("held") is True)
+    checks = [c for rec in records.values() for c in rec.get("claims", []) if c.get("kind") == "check"]
+    checks_held = sum(1 for c in checks if c.get("held") is True)
+    failed = [name for name, rec in records.items() if rec["status"] == "failed"]
+    intro = [f"Preset of this run: `{preset}`" + (f" (results on this page come from presets {', '.join(presets)})"
+                                                  if presets != [preset] else "") + ".",
+             "Seeds are fixed in each study's config (shown under each study); a rerun with the same preset "
+             "repeats the same measurements up to timing noise.",
+             "Each claim states its source, its condition and its pass rule in its own text, fixed in the code "
+             "before the measurement.",
+             f"**Summary: {held} of {len(paper)} paper claims held; {checks_held} of {len(checks)} checks held"
+             + (f"; failed studies: {', '.join(failed)}" if failed else "") + ".**",
+             "", f"Environment: {env_text}"]
+    md = ["# pixelfly_lab reproduction report", "", *intro, "", "## Paper claims", ""]
+    body = ["<h1>pixelfly_lab reproduction report</h1>"]
+    body += [f"<p>{html.escape(line).replace('**', '')}</p>" for line in intro if line]
+    body.append("<h2>Paper claims</h2><ul>")
+    for name, claim in paper:
+        md += [f"- **{_verdict(claim)}** ({name}): {claim['claim']}", f"  - measured: {claim['measured']}"]
+        body.append(f"<li><b>{_verdict(claim)}</b> ({html.escape(name)}): {html.escape(claim['claim'])}<br>"
+                    f"measured: {html.escape(claim['measured'])}</li>")
+    if not paper:
+        md.append("(no paper claims in these results)")
+    md.append("")
+    body.append("</ul>")
+    for name, rec in records.items():
+        head = (f"{titles.get(name, name)} (`{name}`): {rec['status']}, {rec.get('seconds', 0)} s, "
+                f"preset {rec.get('preset', '?')}")
+        md += [f"## {head}", ""]
+        body.append(f"<h2>{html.escape(head)}</h2>")
+        if rec.get("config"):
+            config = ", ".join(f"{k}={v}" for k, v in rec["config"].items())
+            md += [f"Config: `{config}`", ""]
+            body.append(f"<p>Config: <code>{html.escape(config)}</code></p>")
+        if rec.get("error"):
+            md += [f"**Failed:** `{rec['error']}`", ""]
+            body.append(f"<p><b>Failed:</b> <code>{html.escape(rec['error'])}</code></p>")
+        for claim in rec.get("claims", []):
+            label, verdict = _kind_label(claim.get("kind", "paper")), _verdict(claim)
+            md += [f"- **{label}:** {claim['claim']}", f"  - measured: {claim['measured']}",
+                   f"  - verdict: {verdict}"]
+            body.append(f"<p><b>{label}:</b> {html.escape(claim['claim'])}<br>measured: "
+                        f"{html.escape(claim['measured'])}<br>verdict: <b>{verdict}</b></p>")
+            if claim.get("figure"):
+                caption = f"{claim['figure']} (preset {rec.get('preset', '?')})"
+                md += ["", f"  ![{caption}]({name}/{claim['figure']})", f"  *Figure made by preset "
+                       f"`{rec.get('preset', '?')}`.*"]
+                body.append(f'<figure><img src="{name}/{html.escape(claim["figure"])}" style="max-width:900px">'
+                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        md.append("")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>pixelfly_lab report</title>"
+            "</head><body style='font-family:sans-serif;max-width:960px;margin:auto'>"
+            + "\n".join(body) + "</body></html>")
+    for file, text in (("report.md", "\n".join(md)), ("report.html", page)):
+        tmp = out / f".{file}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / file)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="tiny (seconds), quick (CPU minutes, what `make reproduce` runs) or full "
+                             "(the paper-scale run; the default)")
+    parser.add_argument("--quick", action="store_true", help="alias of --preset quick")
+    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--force", action="store_true", help="rerun studies that are up to date")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these studies: " + ", ".join(e.name for e in EXPERIMENTS))
+
+
+def run(args) -> int:
+    if args.quick and args.preset not in (None, "quick"):
+        raise SystemExit(f"--quick is an alias of --preset quick; it contradicts --preset {args.preset}")
+    preset = "quick" if args.quick else (args.preset or "full")
+    records = reproduce(args.out, preset=preset, device=args.device, force=args.force, only=args.only)
+    failed = [name for name, rec in records.items() if rec["status"] == "failed"]
+    paper = [c for rec in records.values() for c in rec.get("claims", []) if c.get("kind") == "paper"]
+    held = sum(1 for c in paper if c.get("held") is True)
+    print(f"report: {Path(args.out) / 'report.md'} (preset {preset}; {len(records) - len(failed)} ok or up to date, "
+          f"{len(failed)} failed; {held} of {len(paper)} paper claims held)")
+    return 1 if failed else 0

@@ -1,0 +1,112 @@
+"""Study 'speed': layer speed against dense nn.Linear (composes :mod:`pixelfly_lab.bench`).
+
+The paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029, abstract and Sec. 5) reports GPU
+training speed-ups; it makes no claim about CPU layers. What this study decides is the
+toolkit's own speed target: the released configuration (butterfly_size 16, n_factors 2,
+rank 32, block 32) at 1024 -> 4096 with 4096 rows, forward+backward, at least 3x faster than
+nn.Linear on one CPU thread (FLOP limit 4.41x), or 0.8 of the FLOP limit on a GPU. A claim
+of kind 'check' (it fails when the kernels regress, or on a heavily loaded machine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..bench import BenchConfig, plot_speed, speed_table
+from .claims import Claim, save_figure, save_table
+
+__all__ = ["SpeedConfig", "FULL", "QUICK", "TINY", "run"]
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """What the 'speed' study times: a grid of Pixelfly layers and peers, and the claim's case."""
+
+    shapes: tuple[tuple[int, int], ...] = BenchConfig.shapes     # (in, out) of the grid
+    rows: int = BenchConfig.rows
+    budgets: tuple[float, ...] = BenchConfig.budgets
+    block_sizes: tuple[int, ...] = BenchConfig.block_sizes
+    repeats: int = BenchConfig.repeats
+    claim_rows: int = 4096          # the claim's case: released Pixelfly at 1024 -> 4096
+    claim_repeats: int = BenchConfig.repeats
+    compare_allocator: bool = True  # time the claim's case again under glibc's default allocator (CPU)
+    # time in a fresh child process (see bench.speed_table); TINY times in-process with glibc's
+    # default allocator, saving two interpreter starts (seconds) in the test suite
+    isolate: bool = True
+
+
+FULL = SpeedConfig()
+# the grid at 512 -> 2048 only plus the claim's case: about 1.5 minutes on an idle 2-core CPU
+QUICK = SpeedConfig(shapes=((512, 2048),), budgets=(0.1, 0.3, 0.5), block_sizes=(32,), repeats=2,
+                    claim_repeats=3, compare_allocator=False)
+TINY = SpeedConfig(shapes=((256, 1024),), rows=64, budgets=(0.25,), block_sizes=(32,), repeats=1,
+                   claim_rows=32, claim_repeats=1, compare_allocator=False, isolate=False)
+
+
+def _released_rows(table: pd.DataFrame, backend: str) -> pd.DataFrame:
+    """The released configuration at 1024 -> 4096 with ``backend``, one row per allocator."""
+    return table[(table["layer"] == "Pixelfly released") & (table["backend"] == backend)
+                 & (table["in_features"] == 1024) & (table["out_features"] == 4096)]
+
+
+def _speed_claim(rows: pd.DataFrame, cuda: bool, figure: str, table: str) -> Claim:
+    """The speed target, decided on the wall-clock median under the bench's allocator setting."""
+    main = rows[rows["allocator"] == "retain"]
+    main = (main if not main.empty else rows).iloc[0]
+    ratio, limit = main["speedup_forward_backward"], main["flop_limit"]
+    bar = 0.8 * limit if cuda else 3.0
+    where = "CUDA, bf16" if cuda else "one CPU thread, float32"
+    others = "; ".join(
+        f"{r.allocator} allocator: {r.speedup_forward_backward:.2f}x wall"
+        + ("" if cuda else f", {r.speedup_forward_backward_cpu:.2f}x CPU time") for r in rows.itertuples())
+    return Claim(
+        claim=(f"Speed target of this toolkit (not a paper claim): Pixelfly (butterfly_size 16, n_factors 2, rank 32, "
+               f"block 32) at 1024 -> 4096 with {int(main['rows'])} rows, forward+backward, is faster than nn.Linear "
+               f"({where}; held when the wall-clock median ratio of interleaved runs is >= {bar:.2f}x, "
+               f"{main['allocator']} allocator for both layers)"),
+        measured=(f"{ratio:.2f}x (nn.Linear {main['forward_backward_ms'] * ratio:.1f} ms, Pixelfly "
+                  f"{main['forward_backward_ms']:.1f} ms; forward alone {main['speedup_forward']:.2f}x; FLOP limit "
+                  f"{limit:.2f}x; load average {main['load_avg']:.1f}). All runs: {others}"),
+        held=bool(ratio >= bar), figure=figure, kind="check", table=table)
+
+
+def run(out: Path, config: SpeedConfig = QUICK, *, device: str = "cpu") -> list[Claim]:
+    """The bench grid, its figure and table, the speed target and two informational readings."""
+    cuda = device == "cuda"
+    base = BenchConfig(device=device, dtype=torch.bfloat16 if cuda else torch.float32,
+                       backends=("auto", "reference") if cuda else ("torch", "reference"),
+                       peers=("monarch", "masked") if cuda else ("monarch", "masked", "bsr"),
+                       allocator="retain" if config.isolate else "default")
+    grid = replace(base, shapes=config.shapes, rows=config.rows, budgets=config.budgets,
+                   block_sizes=config.block_sizes, released=False, repeats=config.repeats)
+    claim_case = replace(base, shapes=((1024, 4096),), rows=config.claim_rows, budgets=(),
+                         backends=base.backends[:1], peers=(), repeats=config.claim_repeats)
+    tables = [speed_table(grid, progress=False, isolate=config.isolate),
+              speed_table(claim_case, progress=False, isolate=config.isolate)]
+    if config.compare_allocator and config.isolate and not cuda:   # the allocator only matters to the CPU timings
+        tables.append(speed_table(replace(claim_case, allocator="default"), progress=False))
+    table = pd.concat(tables, ignore_index=True)
+    csv = save_table(table, out, "speed")
+    figure = save_figure(plot_speed(table[table["allocator"] == table["allocator"].iloc[0]]), out, "speed")
+    claims = [_speed_claim(_released_rows(table, base.backends[0]), cuda, figure, csv)]
+    main = table[table["allocator"] == table["allocator"].iloc[0]]
+    masked = main[main["layer"] == "Masked dense"]
+    if not masked.empty:
+        claims.append(Claim(
+            claim="A masked dense layer does the dense work: masking alone gives no speed-up",
+            measured=("median forward+backward speed-up of masked layers "
+                      f"{masked['speedup_forward_backward'].median():.2f}x"),
+            held=None, figure=figure, kind="info", table=csv))
+    fast = main[(main["layer"] == "Pixelfly") & (main["backend"] == base.backends[0])]
+    if not fast.empty:
+        claims.append(Claim(
+            claim="Pixelfly's speed-up grows as its budget shrinks, towards the FLOP limit 1/budget",
+            measured="; ".join(f"budget {r.budget:.3f} (b{r.block_size}, {r.in_features}->{r.out_features}): "
+                               f"{r.speedup_forward_backward:.2f}x of {r.flop_limit:.2f}x"
+                               for r in fast.sort_values("budget").itertuples()),
+            held=None, figure=figure, kind="info", table=csv))
+    return claims
