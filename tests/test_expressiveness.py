@@ -244,7 +244,8 @@ def test_alternating_projections_never_increase_the_error(kind, name, seed):
     assert result.error == pytest.approx(relative_error(a, result.matrix), abs=1e-12)
     if name != "topk+lowrank":   # never worse than either part alone with the same mask and rank
         mask, rank = result.pattern.mask(), result.pattern.rank
-        assert result.error <= relative_error(a, a * mask) + 1e-12
+        # the pixelfly class search may end on rank alone (no mask)
+        assert mask is None or result.error <= relative_error(a, a * mask) + 1e-12
         assert result.error <= relative_error(a, truncated_svd(a, rank)) + 1e-12
 
 
