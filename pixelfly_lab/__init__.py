@@ -31,6 +31,8 @@ from .layers import (
     layer_from_pattern,
 )
 from .sparsify import sparsify
+from .block_attention import block_sparse_attention
+from .attention_layer import PixelflyAttention
 from .targets import TARGET_KINDS, target_matrix
 from .expressiveness import Approximation, approximate, expressiveness_table
 from .ntk import empirical_ntk, kernel_distance, spectra
@@ -49,6 +51,8 @@ __all__ = [
     "block_sparse_matmul", "sparse_lowrank_matmul",
     "MaskedLinear", "BlockSparseLinear", "LowRankLinear", "SparseLowRankLinear", "PixelflyLinear",
     "MonarchLinear", "ButterflyLinear", "layer_from_pattern", "sparsify",
+    # attention on a block layout of the scores
+    "block_sparse_attention", "PixelflyAttention",
     # expressiveness
     "TARGET_KINDS", "target_matrix", "Approximation", "approximate", "expressiveness_table",
     # neural tangent kernel

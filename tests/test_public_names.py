@@ -8,7 +8,7 @@ import pixelfly_lab
 CONTRACT = ["butterfly_factor_mask", "flat_butterfly_mask", "flat_block_butterfly_layout", "layout_to_mask",
             "make_pattern", "plan_pixelfly", "PixelflyLinear", "BlockSparseLinear", "LowRankLinear",
             "MaskedLinear", "MonarchLinear", "ButterflyLinear", "sparsify", "empirical_ntk", "kernel_distance",
-            "target_matrix", "approximate"]
+            "target_matrix", "approximate", "block_sparse_attention", "PixelflyAttention"]
 
 
 def test_contract_names_are_exported():
