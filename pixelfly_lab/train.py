@@ -82,6 +82,7 @@ class TrainConfig:
     data_dir: str | None = None   # cifar10: the local folder holding cifar-10-batches-py
     context: int = 64             # chars: characters per training window
     data_options: dict = field(default_factory=dict)  # other loader options, e.g. {"max_len": 64} for listops
+    model_options: dict = field(default_factory=dict)  # other build_model options, e.g. {"gating": True}
     max_train: int | None = None  # keep only the first examples of each split (quick runs)
     max_test: int | None = None
     # --- optimisation
@@ -135,6 +136,9 @@ class TrainConfig:
         if self.rank_layers is not None and (isinstance(self.rank_layers, str) or not all(
                 isinstance(g, str) for g in self.rank_layers)):
             raise TypeError(f"rank_layers must be a list of glob strings, got {self.rank_layers!r}")
+        if not isinstance(self.model_options, dict):
+            raise TypeError(f"model_options must be a dict of build_model options, got "
+                            f"{type(self.model_options).__name__}")
         if not isinstance(self.data_options, dict):
             raise TypeError(f"data_options must be a dict of loader options, got {type(self.data_options).__name__}")
         if self.data == "cifar10" and not self.data_dir:
@@ -390,7 +394,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by the world size {d.world}")
         total_steps = config.epochs * steps_per_epoch
         model = build_model(config.model, data, size=config.size, pattern=config.pattern, budget=config.budget,
-                            block_size=config.block_size, seed=config.seed).to(device)
+                            block_size=config.block_size, seed=config.seed, **config.model_options).to(device)
         optimizer = _optimizer(model, config)
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
