@@ -35,7 +35,7 @@ from .block_attention import block_sparse_attention
 from .attention_layer import PixelflyAttention
 from .targets import TARGET_KINDS, target_matrix
 from .expressiveness import Approximation, approximate, expressiveness_table
-from .ntk import empirical_ntk, kernel_distance, spectra
+from .ntk import empirical_ntk, kernel_distance, seed_spread, spectra
 from .data import DATASETS, load_data
 from .models import MODEL_NAMES, build_model
 from .train import TrainConfig, train
@@ -56,7 +56,7 @@ __all__ = [
     # expressiveness
     "TARGET_KINDS", "target_matrix", "Approximation", "approximate", "expressiveness_table",
     # neural tangent kernel
-    "empirical_ntk", "kernel_distance", "spectra",
+    "empirical_ntk", "kernel_distance", "seed_spread", "spectra",
     # training
     "DATASETS", "load_data", "MODEL_NAMES", "build_model", "TrainConfig", "train",
 ]

@@ -61,10 +61,15 @@ from tqdm.auto import tqdm
 from .ntk_structured import (contract_jacobians, contract_term, feature_numel, structured_features,
                              structured_rules)
 
-__all__ = ["METHODS", "DISTANCE_METRICS", "empirical_ntk", "kernel_distance", "spectra"]
+__all__ = ["METHODS", "DISTANCE_METRICS", "SCALE_FREE_METRICS", "empirical_ntk", "kernel_distance",
+           "seed_spread", "spectra"]
 
 METHODS = ("auto", "loop", "jacobian", "ntvp", "structured")
-DISTANCE_METRICS = ("relative_frobenius", "alignment", "cka")
+DISTANCE_METRICS = ("relative_frobenius", "relative_frobenius_normalized", "alignment", "cka")
+# The metrics that ignore each kernel's scale: a claim about kernel *shape* uses one of these.
+SCALE_FREE_METRICS = ("relative_frobenius_normalized", "alignment", "cka")
+# Metrics that measure k1 against the reference k2 (swapping them changes the value).
+_ASYMMETRIC_METRICS = ("relative_frobenius", "relative_frobenius_normalized")
 # Transient copies per budgeted element (jacrev's intermediates beside its output).
 _OVERHEAD = 2
 
@@ -411,23 +416,46 @@ def kernel_distance(k1: torch.Tensor, k2: torch.Tensor, metric: str = "relative_
 
     Args:
         k1, k2: kernels of the same shape, (N1, N2) or (N1, N2, O, O).
-        metric: 'relative_frobenius' ||K1 - K2||_F / ||K2||_F (invariant to scaling both by
-            the same factor); 'alignment' 1 - <K1, K2>_F / (||K1||_F ||K2||_F) (invariant to
-            scaling either one); 'cka' the same for the centred kernels H K H, H = I - 1 1^T / N
-            (square kernels only; Cortes et al. 2012, Kornblith et al. 2019).
+        metric:
+
+            * 'relative_frobenius': ||K1 - K2||_F / ||K2||_F. Depends on scale: invariant only to
+              scaling both kernels by the same factor, so a kernel that is merely smaller or larger
+              (a sparse model's trace) reads as far. Asymmetric (K2 is the reference).
+            * 'relative_frobenius_normalized': the same for the trace-normalised kernels
+              K / tr K (square kernels only). Scale-free: invariant to scaling either kernel by a
+              positive factor. Asymmetric.
+            * 'alignment': 1 - <K1, K2>_F / (||K1||_F ||K2||_F), one minus the cosine between the
+              kernels. Scale-free (either kernel, positive factor), symmetric.
+            * 'cka': the alignment of the centred kernels H K H, H = I - 1 1^T / N (square
+              kernels only; Cortes et al. 2012, Kornblith et al. 2019). Scale-free, symmetric,
+              and also blind to a constant added to a kernel.
+
+            A claim about the *shape* of a kernel uses a scale-free metric
+            (:data:`SCALE_FREE_METRICS`) and compares it with the dense seed-to-seed spread of
+            :func:`seed_spread`.
 
     Returns:
         float, 0 for identical kernels; computed in float64.
 
     Example:
         >>> k = torch.eye(3)
-        >>> kernel_distance(2 * k, k, 'alignment')
-        0.0
+        >>> abs(kernel_distance(2 * k, k, 'alignment')) < 1e-12
+        True
+        >>> kernel_distance(2 * k, k, 'relative_frobenius')
+        1.0
     """
     if metric not in DISTANCE_METRICS:
         raise ValueError(f"metric must be one of {', '.join(DISTANCE_METRICS)}; got {metric!r}")
     m1, m2 = (_as_matrix(k) for k in _check_kernels(k1, k2))
-    if metric == "relative_frobenius":
+    if metric == "relative_frobenius_normalized":
+        if m1.shape[0] != m1.shape[1]:
+            raise ValueError(f"metric={metric!r} needs square kernels K(x, x), got k1 of shape {tuple(k1.shape)}")
+        traces = (m1.trace(), m2.trace())
+        if any(t <= 0 for t in traces):
+            raise ValueError(f"metric={metric!r} needs kernels with a positive trace, got traces "
+                             f"{float(traces[0]):.3g} and {float(traces[1]):.3g}")
+        m1, m2 = m1 / traces[0], m2 / traces[1]
+    if metric.startswith("relative_frobenius"):
         norm = torch.linalg.matrix_norm(m2)
         if norm == 0:
             raise ValueError("k2 is zero; a relative distance needs a nonzero reference kernel")
@@ -441,6 +469,64 @@ def kernel_distance(k1: torch.Tensor, k2: torch.Tensor, metric: str = "relative_
         raise ValueError(f"k1 or k2 is zero{' after centring' if metric == 'cka' else ''}; "
                          f"metric={metric!r} is undefined")
     return float(1.0 - (m1 * m2).sum() / norms)
+
+
+def seed_spread(model_factory, x: torch.Tensor, seeds=(0, 1, 2), metrics=DISTANCE_METRICS, *,
+                method: str = "auto") -> pd.DataFrame:
+    """The seed-to-seed spread of each kernel distance: the yardstick for a distance to a model.
+
+    A distance between a sparse model's kernel and the dense one's means little alone: two dense
+    models that differ only in their initialisation seed are already apart. This builds
+    ``model_factory(seed)`` for every seed, computes each empirical NTK K_s = K(x, x), and
+    summarises the distance between every pair of them.
+
+    Args:
+        model_factory: callable seed -> nn.Module (e.g. ``lambda s: build_model('mlp', data,
+            seed=s)``); called once per seed, the model used as returned (call ``.eval()`` in
+            the factory to switch dropout off).
+        x: (N, *E) inputs.
+        seeds: at least two distinct ints; three (the default) is the fewest that gives a
+            standard deviation over more than one pair.
+        metrics: names from :data:`DISTANCE_METRICS`.
+        method: passed to :func:`empirical_ntk`.
+
+    Returns:
+        DataFrame, one row per metric: metric, mean, sd (sample standard deviation over pairs,
+        NaN for one pair), min, max, pairs (the number of pairs), scale_free (bool). Symmetric
+        metrics use each unordered pair once, asymmetric ones ('relative_frobenius*') both orders.
+
+    Example:
+        >>> factory = lambda s: (torch.manual_seed(s), nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)))[1]
+        >>> seed_spread(factory, torch.randn(6, 3))['metric'].tolist()
+        ['relative_frobenius', 'relative_frobenius_normalized', 'alignment', 'cka']
+    """
+    if not callable(model_factory):
+        raise TypeError(f"model_factory must be a callable seed -> nn.Module, got {type(model_factory).__name__}")
+    seeds = tuple(seeds)
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seeds must be at least two distinct ints, got {seeds!r}")
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    unknown = [m for m in metrics if m not in DISTANCE_METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"metrics must be names from {', '.join(DISTANCE_METRICS)}; got {metrics!r}")
+    kernels = []
+    for seed in seeds:
+        model = model_factory(seed)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model_factory({seed}) must return an nn.Module, got {type(model).__name__}")
+        kernels.append(empirical_ntk(model, x, method=method))
+    rows = []
+    for metric in metrics:
+        pairs = [(i, j) for i in range(len(seeds)) for j in range(len(seeds))
+                 if i != j and (i < j or metric in _ASYMMETRIC_METRICS)]
+        values = torch.tensor([kernel_distance(kernels[i], kernels[j], metric) for i, j in pairs],
+                              dtype=torch.float64)
+        rows.append(dict(metric=metric, mean=values.mean().item(),
+                         sd=values.std().item() if len(values) > 1 else float("nan"),
+                         min=values.min().item(), max=values.max().item(), pairs=len(pairs),
+                         scale_free=metric in SCALE_FREE_METRICS))
+    return pd.DataFrame(rows)
 
 
 def spectra(kernels, normalize: bool = True) -> pd.DataFrame:

@@ -234,8 +234,7 @@ def _psd(n, seed):
 def test_distance_zero_on_identical_kernels(metric):
     k = _psd(6, 0)
     assert kernel_distance(k, k.clone(), metric) == pytest.approx(0.0, abs=1e-12)
-    k4 = torch.randn(4, 4, 2, 2, dtype=torch.float64)
-    k4 = k4 + k4.permute(1, 0, 3, 2)
+    k4 = _psd(8, 1).reshape(4, 2, 4, 2).permute(0, 2, 1, 3)     # (N, N, O, O), positive semi-definite
     assert kernel_distance(k4, k4.clone(), metric) == pytest.approx(0.0, abs=1e-12)
 
 
