@@ -94,8 +94,9 @@ def butterfly_product_mask(n: int, n_factors: int | None = None) -> torch.Tensor
 
     The product connects r and c exactly when r XOR c only has bits below 2^m, i.e. r XOR c < 2^m:
     a block-diagonal matrix with dense blocks of size 2^m. With all log2(n) factors (the default)
-    the butterfly matrix B^(n) is dense, which is why butterflies can express any transform of the
-    fast-transform family (DFT, Hadamard, ...).
+    the support of the butterfly matrix B^(n) is dense; its values are not free: 2 n log2 n
+    parameters fit the fast transforms (DFT, Hadamard, ...) exactly, not an arbitrary matrix
+    (deep compositions of butterflies are needed for any sparse matrix: Dao et al., ICLR 2020).
 
     Returns:
         bool (n, n).

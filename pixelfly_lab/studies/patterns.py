@@ -71,10 +71,13 @@ def run(out: Path, config: PatternsConfig = QUICK, *, device: str = "cpu") -> li
               "butterfly; held when every density equals (1 + k)/n to 1e-12)",
               f"n=32, k in (1, 2, 3, 5): densities {[round(m.float().mean().item(), 4) for m in flats.values()]}",
               flat_ok, fig_flat, kind="check"),
-        Claim("The butterfly product B_n ... B_2 is dense (Dao et al. 2019, Sec. 3): any transform of size n fits "
-              "(held when the product's support covers every entry)",
+        Claim("The support of the butterfly product B_n ... B_2 covers every entry (Dao et al. 2019, Sec. 3). A dense "
+              "support is not expressiveness: one butterfly product has only 2 n log2 n free parameters, so it cannot "
+              "fit an arbitrary n x n transform; the authors' talk says deep compositions of butterflies capture any "
+              "sparse matrix (Dao et al., ICLR 2020, kaleidoscope). Held when the product's support covers every entry",
               f"support of the product of {n.bit_length() - 1} factors covers "
-              f"{butterfly_product_mask(n).float().mean():.0%}",
+              f"{butterfly_product_mask(n).float().mean():.0%} of the {n}x{n} entries with "
+              f"{2 * n * (n.bit_length() - 1)} parameters, against {n * n} for a dense matrix",
               bool(butterfly_product_mask(n).all()), fig_factors, kind="check"),
         Claim("The released Pixelfly layout (butterfly 16, 2 factors, block 32) at 1024->4096 keeps 3/16 of the "
               "weight (held when the density is 3/16 to 1e-12)",
