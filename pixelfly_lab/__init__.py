@@ -22,7 +22,6 @@ from .patterns import PATTERN_NAMES, Pattern, PixelflyPlan, make_pattern, plan_p
 from .kernels import block_sparse_matmul, sparse_lowrank_matmul
 from .layers import (
     BlockSparseLinear,
-    ButterflyLinear,
     LowRankLinear,
     MaskedLinear,
     MonarchLinear,
@@ -30,6 +29,7 @@ from .layers import (
     SparseLowRankLinear,
     layer_from_pattern,
 )
+from .butterfly import ButterflyLinear
 from .sparsify import sparsify
 from .block_attention import block_sparse_attention
 from .attention_layer import PixelflyAttention

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import _check_int, layout_to_mask
+from ._checks import check_int
+from .masks import layout_to_mask
 
 __all__ = ["block_sparse_attention", "block_attention_reference", "block_sparse_linear_attention",
            "ATTENTION_BACKENDS"]
@@ -77,7 +78,7 @@ def _check_inputs(q, k, v, layout, block_size, causal, scale):
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    block_size = _check_int("block_size", block_size)
+    block_size = check_int("block_size", block_size)
     T = q.shape[2]
     if T % block_size:
         raise ValueError(f"sequence length T={T} (q.shape[2]) is not a multiple of block_size={block_size}")

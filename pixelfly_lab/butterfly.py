@@ -35,15 +35,15 @@ import math
 import torch
 from torch import nn
 
+from ._checks import check_power_of_two
 from .layers import StructuredLinear
-from .masks import _check_power_of_two
 
 __all__ = ["ButterflyLinear", "bit_reversal_permutation"]
 
 
 def bit_reversal_permutation(n: int) -> torch.Tensor:
     """Long (n,): r -> r with its log2(n) bits reversed (an involution)."""
-    _check_power_of_two("n", n)
+    check_power_of_two("n", n)
     bits = n.bit_length() - 1
     r = torch.arange(n)
     out = torch.zeros_like(r)
@@ -78,7 +78,7 @@ class ButterflyLinear(StructuredLinear):
     def __init__(self, n: int, n_factors: int | None = None, *, complex: bool = False,
                  residual: bool = False, lam: float = 1.0, bias: bool = False, device=None, dtype=None):
         super().__init__(n, n)
-        _check_power_of_two("n", n, 2)
+        check_power_of_two("n", n, 2)
         max_factors = n.bit_length() - 1
         self.n = n
         self.n_factors = max_factors if n_factors is None else n_factors

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .masks import _check_int
+from ._checks import check_int
 
 __all__ = ["DATASETS", "TaskData", "load_data", "load_digits", "make_mnist1d", "make_listops",
            "make_teacher", "load_chars", "load_cifar10", "CHARS_PATH", "LISTOPS_VOCAB"]
@@ -101,7 +101,7 @@ def _tensors(*arrays):
 
 def _check_sizes(**sizes) -> None:
     for name, value in sizes.items():
-        _check_int(name, value)
+        check_int(name, value)
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> TaskData:
@@ -236,7 +236,7 @@ def make_listops(n_train: int = 4000, n_test: int = 1000, max_len: int = 128, ma
         is the test accuracy of always answering the most frequent training label.
     """
     _check_sizes(n_train=n_train, n_test=n_test, max_len=max_len, max_depth=max_depth)
-    _check_int("max_args", max_args, 2)
+    check_int("max_args", max_args, 2)
     if max_len < 4:
         raise ValueError(f"max_len must be >= 4, got {max_len}")
     rng = random.Random(seed)  # scalar draws: the standard library's generator is ~10x faster here
@@ -307,7 +307,7 @@ def load_chars(context: int = 64, path: str | Path | None = None, val_fraction: 
         :class:`TaskData`, x and y (N, context) int64; info['vocab'] is the string of characters
         (token i is vocab[i]).
     """
-    _check_int("context", context, 2)
+    check_int("context", context, 2)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     path = Path(path) if path is not None else CHARS_PATH
@@ -417,12 +417,12 @@ def load_data(name: str, *, seed: int = 0, max_train: int | None = None, max_tes
                "teacher": make_teacher, "chars": load_chars, "cifar10": load_cifar10}
     if not isinstance(name, str) or name not in loaders:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if name not in ("chars", "cifar10"):
         options["seed"] = seed
     for limit_name, limit in (("max_train", max_train), ("max_test", max_test)):
         if limit is not None:
-            _check_int(limit_name, limit)
+            check_int(limit_name, limit)
     try:
         data = loaders[name](**options)
     except TypeError as err:

@@ -21,22 +21,20 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
 
-from .claims import Claim, save_figure, save_table
+from ._checks import check_budget, check_number
 from .masks import flat_block_butterfly_layout
-from .patterns import (LOWRANK_SHARE, PATTERN_NAMES, Pattern, PixelflyPlan, _butterfly_candidates, check_budget,
-                       make_pattern)
+from .patterns import LOWRANK_SHARE, PATTERN_NAMES, Pattern, PixelflyPlan, _butterfly_candidates, make_pattern
 from .projections import (few_threads, monarch_dense, monarch_project, relative_error, sparse_plus_lowrank,
                           topk_block_layout, topk_mask, truncated_svd)
-from .targets import TARGET_KINDS, check_number, digits_mlp, target_matrix
+from .targets import target_matrix
 
 __all__ = ["APPROXIMATION_NAMES", "Approximation", "approximate", "expressiveness_table",
-           "plot_error_vs_budget", "experiment_expressiveness", "experiment_theory", "experiment_attention"]
+           "plot_error_vs_budget", "ORACLE_NAMES"]
 
 ORACLE_NAMES = ("topk", "topk_blocks", "topk+lowrank")
 APPROXIMATION_NAMES = PATTERN_NAMES + ORACLE_NAMES + ("butterfly_product",)
@@ -487,83 +485,3 @@ def plot_error_vs_budget(df: pd.DataFrame, kinds=None, patterns=None, ncols: int
     fig.tight_layout(rect=(0, 0.05 * legend_rows / nrows, 1, 1))
     return fig
 
-
-# The patterns of the expressiveness figure: the paper's comparison, its sparse + low-rank
-# variants, Monarch, and the oracles that bound them.
-EXPRESSIVENESS_PATTERNS = ("lowrank", "butterfly", "pixelfly", "local", "bigbird", "bigbird+lowrank",
-                           "random+lowrank", "blockdiag", "monarch", "topk", "topk_blocks", "topk+lowrank")
-
-
-NETWORK_KINDS = ("attention", "attention (local)", "trained weight", "sparse_lowrank")
-
-
-def experiment_expressiveness(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """Error against budget of every pattern on every target kind (``reproduce`` experiment).
-
-    Targets: every kind of :data:`TARGET_KINDS`, attention with locality 1, and the trained
-    middle weight of :func:`digits_mlp`; patterns :data:`EXPRESSIVENESS_PATTERNS`, block 4.
-    Quick: n = 64, one seed, budgets 0.1-0.3; full: n = 128, three seeds, budgets 0.05-0.4.
-    Runs on the CPU whatever ``device``: at these sizes kernel launches would dominate a GPU.
-    """
-    n, seeds = (64, 1) if quick else (128, 3)
-    budgets = (0.1, 0.2, 0.3) if quick else (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
-    kinds: dict = {kind: kind for kind in TARGET_KINDS if kind != "weight"}
-    kinds["attention (local)"] = dict(kind="attention", locality=1.0)
-    model = digits_mlp(n, steps=150 if quick else 400)
-    kinds["trained weight"] = target_matrix("weight", None, model=model, name="2.weight")
-    df = expressiveness_table(kinds, EXPRESSIVENESS_PATTERNS, budgets, n, seeds, block_size=4)
-    save_table(df, out, "expressiveness")
-    figure = save_figure(plot_error_vs_budget(df, title=f"Approximation error against budget (n={n}, block 4)"),
-                         out, "error_vs_budget")
-
-    mean = df.groupby("pattern").error.mean()
-    # the paper's claim is about the matrices networks need: attention and trained weights
-    network = df[df.kind.isin(NETWORK_KINDS) & df.pattern.isin(["pixelfly", "butterfly", "lowrank"])]
-    network = network.groupby(["kind", "seed", "budget"]).filter(lambda g: len(g) == 3)  # all three fit
-    trio = network.groupby("pattern").error.mean()
-    per_kind = network.groupby(["kind", "pattern"]).error.mean().unstack()
-
-    keys = ["kind", "seed", "budget"]
-    sparse_only = df[(df["rank"] == 0) & ~df.pattern.isin(["lowrank", "monarch", "topk"])]
-    best_mask = sparse_only.groupby(keys).error.min()
-    topk = df[df.pattern == "topk"].set_index(keys).error
-    oracle_ok = bool((topk.reindex(best_mask.index) <= best_mask + 1e-12).all())
-    middle = budgets[len(budgets) // 2]
-    winners = (df[(df.budget == middle) & ~df.pattern.isin(ORACLE_NAMES)]
-               .groupby(["kind", "pattern"]).error.mean().reset_index()
-               .sort_values("error").groupby("kind", sort=False).first())
-    return [
-        Claim("Pixelfly paper, Sec. 1 and 4: at equal budget, flat block butterfly + low-rank (pixelfly, "
-              "default 15% low-rank share) approximates the matrices networks need (attention, trained "
-              "weights, sparse + low-rank) better than the flat block butterfly alone and low-rank alone",
-              f"mean error (n={n}, budgets {budgets}): pixelfly {trio.get('pixelfly', float('nan')):.3f}, "
-              f"butterfly {trio.get('butterfly', float('nan')):.3f}, lowrank {trio.get('lowrank', float('nan')):.3f}; "
-              "per target (pixelfly / butterfly / lowrank): "
-              + "; ".join(f"{kind} {row.get('pixelfly', float('nan')):.3f} / {row.get('butterfly', float('nan')):.3f} / "
-                          f"{row.get('lowrank', float('nan')):.3f}" for kind, row in per_kind.iterrows()),
-              bool(trio.get("pixelfly", 1e9) < min(trio.get("butterfly", -1), trio.get("lowrank", -1))),
-              figure),
-        Claim("Oracle check (exactness of the projections): the best unstructured top-k support is never "
-              "beaten by any fixed sparse mask at the same budget",
-              f"top-k <= every mask-only pattern in {len(best_mask)} (target, seed, budget) cases: {oracle_ok}",
-              oracle_ok, figure),
-        Claim(f"Which structure fits which matrix (informational, budget {middle}, n={n}, oracles left out)",
-              "; ".join(f"{kind}: {row.pattern} ({row.error:.3f})" for kind, row in winners.iterrows())
-              + "; mean error over all targets and budgets: "
-              + ", ".join(f"{p} {e:.3f}" for p, e in mean.sort_values().items()),
-              None, figure),
-    ]
-
-
-def experiment_theory(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """The theorems' numerics; see :func:`pixelfly_lab.theory.experiment_theory`."""
-    from .theory import experiment_theory as run
-
-    return run(out, quick=quick, device=device)
-
-
-def experiment_attention(out: Path, *, quick: bool, device: str) -> list[Claim]:
-    """Attention approximation across temperatures; see :func:`pixelfly_lab.attention.experiment_attention`."""
-    from .attention import experiment_attention as run
-
-    return run(out, quick=quick, device=device)

@@ -50,6 +50,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_input_width
 from .torch_kernels import BlockSparseLowRankFunction, plan_for
 
 __all__ = ["BACKENDS", "AUTO_MIN_MACS", "block_sparse_matmul", "sparse_lowrank_matmul", "blocks_to_dense",
@@ -59,15 +60,6 @@ BACKENDS = ("auto", "torch", "reference", "triton")
 
 
 # ----------------------------------------------------------------------------- validation
-
-def check_input_width(x: torch.Tensor, expected: int, owner: str = "layer") -> None:
-    """Raise a ValueError naming ``expected`` when x's last dimension differs from it."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{owner}: input x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() == 0 or x.shape[-1] != expected:
-        raise ValueError(f"{owner}: expected input x with last dimension in_features={expected}, "
-                         f"got shape {tuple(x.shape)}")
-
 
 def _check_operands(x, values, layout, bias, u=None, v=None) -> int:
     """Validate shapes; return the block size."""

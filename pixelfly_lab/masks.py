@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_int, check_power_of_two, is_power_of_two
+
 __all__ = [
     "is_power_of_two",
     "butterfly_factor_mask",
@@ -36,27 +38,8 @@ __all__ = [
 ]
 
 
-def is_power_of_two(n: int) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_power_of_two(name: str, value, minimum: int = 1) -> int:
-    _check_int(name, value, minimum)
-    if not is_power_of_two(value):
-        raise ValueError(f"{name} must be a power of two, got {value}")
-    return value
-
-
 def _check_n_factors(n_factors, n: int, size_name: str = "n") -> int:
-    _check_int("n_factors", n_factors)
+    check_int("n_factors", n_factors)
     max_factors = n.bit_length() - 1
     if not 1 <= n_factors <= max_factors:
         raise ValueError(
@@ -81,8 +64,8 @@ def butterfly_factor_mask(n: int, stride: int) -> torch.Tensor:
     Returns:
         bool (n, n): True where r XOR c is 0 or ``stride``. Density 2/n.
     """
-    _check_power_of_two("n", n, 2)
-    _check_power_of_two("stride", stride)
+    check_power_of_two("n", n, 2)
+    check_power_of_two("stride", stride)
     if stride > n // 2:
         raise ValueError(f"stride must be <= n/2={n // 2}, got {stride}")
     x = _xor_grid(n)
@@ -101,7 +84,7 @@ def butterfly_product_mask(n: int, n_factors: int | None = None) -> torch.Tensor
     Returns:
         bool (n, n).
     """
-    _check_power_of_two("n", n, 2)
+    check_power_of_two("n", n, 2)
     m = n.bit_length() - 1 if n_factors is None else _check_n_factors(n_factors, n)
     return _xor_grid(n) < (1 << m)
 
@@ -116,7 +99,7 @@ def flat_butterfly_mask(n: int, n_factors: int) -> torch.Tensor:
     Returns:
         bool (n, n), symmetric, with exactly 1 + n_factors True entries per row and column.
     """
-    _check_power_of_two("n", n, 2)
+    check_power_of_two("n", n, 2)
     _check_n_factors(n_factors, n)
     x = _xor_grid(n)
     # r XOR c is 0 or a single bit below 2^n_factors  <=>  x & (x - 1) == 0 and x < 2^n_factors
@@ -136,7 +119,7 @@ def layout_to_mask(layout: torch.Tensor, block_size: int) -> torch.Tensor:
     if not isinstance(layout, torch.Tensor) or layout.dim() != 2:
         raise ValueError(f"layout must be a 2-D tensor, got {type(layout).__name__} "
                          f"of shape {tuple(getattr(layout, 'shape', ()))}")
-    _check_int("block_size", block_size)
+    check_int("block_size", block_size)
     return layout.bool().repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
 
 
@@ -151,7 +134,7 @@ def mask_to_layout(mask: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError("mask must be a 2-D tensor")
-    _check_int("block_size", block_size)
+    check_int("block_size", block_size)
     rows, cols = mask.shape
     if rows % block_size or cols % block_size:
         raise ValueError(f"mask shape {tuple(mask.shape)} is not divisible by block_size={block_size}")
@@ -208,12 +191,12 @@ def flat_block_butterfly_layout(
         >>> flat_block_butterfly_layout(1024, 4096, 16, 2, 32).shape
         torch.Size([32, 128])
     """
-    _check_int("out_features", out_features)
-    _check_int("in_features", in_features)
-    _check_power_of_two("butterfly_size", butterfly_size, 2)
+    check_int("out_features", out_features)
+    check_int("in_features", in_features)
+    check_power_of_two("butterfly_size", butterfly_size, 2)
     _check_n_factors(n_factors, butterfly_size, "butterfly_size")
-    _check_int("block_size", block_size)
-    _check_int("global_size", global_size, 0)
+    check_int("block_size", block_size)
+    check_int("global_size", global_size, 0)
     for name, size in (("out_features", out_features), ("in_features", in_features)):
         if size % butterfly_size:
             raise ValueError(f"{name}={size} is not divisible by butterfly_size={butterfly_size}")

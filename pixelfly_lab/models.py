@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masks import _check_int
-from .patterns import PATTERN_NAMES, check_budget
+from ._checks import check_budget, check_int
+from .patterns import PATTERN_NAMES
 
 __all__ = ["MODEL_NAMES", "SIZES", "SPARSIFY_WHERE", "ModelSize", "MLP", "Mixer", "Transformer",
            "build_model", "sparsify_model", "count_params", "default_patch"]
@@ -276,7 +276,7 @@ def _check_pattern_args(pattern, budget, block_size) -> None:
     if not isinstance(pattern, str) or pattern not in PATTERN_NAMES:
         raise ValueError(f"unknown pattern name {pattern!r}; known: {', '.join(PATTERN_NAMES)}")
     check_budget(budget)
-    _check_int("block_size", block_size)
+    check_int("block_size", block_size)
 
 
 def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", budget: float = 0.25,
@@ -336,7 +336,7 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
     _check_pattern_args(pattern, budget, block_size)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     unknown = set(overrides) - set(ModelSize.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown model option(s) {sorted(unknown)}; known: dim, depth, heads, mlp_ratio")

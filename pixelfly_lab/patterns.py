@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .masks import _check_int, flat_block_butterfly_layout, layout_to_mask
+from ._checks import check_budget, check_int
+from .masks import flat_block_butterfly_layout, layout_to_mask
 
 __all__ = ["Pattern", "PixelflyPlan", "PATTERN_NAMES", "LOWRANK_SHARE", "MIN_RANK", "make_pattern",
            "plan_pixelfly", "monarch_params", "check_budget"]
@@ -125,19 +126,10 @@ class Pattern:
         return f"Pattern({', '.join(parts)})"
 
 
-def check_budget(budget) -> float:
-    """Validate a budget: a real number in (0, 1]."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budget must be a number in (0, 1], got {type(budget).__name__}")
-    if not (0.0 < float(budget) <= 1.0) or math.isnan(budget):
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
-    return float(budget)
-
-
 def _check_shape(out_features, in_features, block_size) -> None:
-    _check_int("out_features", out_features)
-    _check_int("in_features", in_features)
-    _check_int("block_size", block_size)
+    check_int("out_features", out_features)
+    check_int("in_features", in_features)
+    check_int("block_size", block_size)
     for name, size in (("out_features", out_features), ("in_features", in_features)):
         if size % block_size:
             raise ValueError(f"{name}={size} is not divisible by block_size={block_size}")
@@ -157,7 +149,7 @@ def monarch_params(out_features: int, in_features: int, nblocks: int) -> int:
     in^2 / nb on R, 4x the parameters of the authors' layer at 4096 -> 1024.)
     """
     for name, value in (("out_features", out_features), ("in_features", in_features), ("nblocks", nblocks)):
-        _check_int(name, value)
+        check_int(name, value)
     return min(in_features, out_features) * (in_features + out_features) // nblocks
 
 
@@ -359,7 +351,7 @@ def make_pattern(name: str, out_features: int, in_features: int, budget: float =
         raise ValueError(f"unknown pattern name {name!r}; known: {', '.join(PATTERN_NAMES)}")
     budget = check_budget(budget)
     _check_shape(out_features, in_features, block_size)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     common = dict(name=name, out_features=out_features, in_features=in_features,
                   block_size=block_size, requested_budget=budget)
     R, C = out_features // block_size, in_features // block_size

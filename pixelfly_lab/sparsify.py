@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_budget, check_int
 from .layers import layer_from_pattern
-from .masks import _check_int
-from .patterns import PATTERN_NAMES, check_budget, make_pattern
+from .patterns import PATTERN_NAMES, make_pattern
 
 __all__ = ["sparsify", "linear_layers"]
 
@@ -106,8 +106,8 @@ def sparsify(model: nn.Module, pattern: str | Mapping[str, str] = "pixelfly",
     if type(model) is nn.Linear:
         raise TypeError("model is itself an nn.Linear and cannot be replaced in place; wrap it, "
                         "e.g. nn.Sequential(layer), or use pixelfly_lab.layers.layer_from_pattern")
-    _check_int("block_size", block_size)
-    _check_int("seed", seed, 0)
+    check_int("block_size", block_size)
+    check_int("seed", seed, 0)
     for name_or_map, what in ((pattern, "pattern"), (budget, "budget")):
         for value in (name_or_map.values() if isinstance(name_or_map, Mapping) else [name_or_map]):
             if what == "pattern" and value not in PATTERN_NAMES:

@@ -27,7 +27,8 @@ import math
 
 import torch
 
-from .masks import _check_int, _check_power_of_two, butterfly_factor_mask
+from ._checks import check_int, check_number, check_power_of_two
+from .masks import butterfly_factor_mask
 from .projections import few_threads
 
 __all__ = ["TARGET_KINDS", "target_matrix", "attention_inputs", "random_butterfly_factors", "digits_mlp",
@@ -35,15 +36,6 @@ __all__ = ["TARGET_KINDS", "target_matrix", "attention_inputs", "random_butterfl
 
 TARGET_KINDS = ("gaussian", "lowrank", "sparse", "sparse_lowrank", "dft", "dct", "hadamard",
                 "circulant", "toeplitz", "butterfly", "attention", "weight")
-
-
-def check_number(name: str, value, low: float = 0.0, high: float = math.inf, include_low: bool = False) -> float:
-    """A real number in (low, high] (or [low, high] with ``include_low``), else a ValueError naming it."""
-    inside = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and (low <= value if include_low else low < value) and value <= high)
-    if not inside:
-        raise ValueError(f"{name} must be a number in {'[' if include_low else '('}{low}, {high}], got {value!r}")
-    return float(value)
 
 
 def random_butterfly_factors(n: int, seed: int = 0, dtype=torch.float64) -> list[torch.Tensor]:
@@ -56,7 +48,7 @@ def random_butterfly_factors(n: int, seed: int = 0, dtype=torch.float64) -> list
         list of log2(n) dense (n, n) tensors, smallest stride first; the butterfly matrix is
         B_n @ ... @ B_2 = ``functools.reduce(torch.matmul, reversed(factors))``.
     """
-    _check_power_of_two("n", n, 2)
+    check_power_of_two("n", n, 2)
     generator = torch.Generator().manual_seed(seed)
     factors = []
     for i in range(n.bit_length() - 1):
@@ -78,8 +70,8 @@ def attention_inputs(n: int, head_dim: int = 16, seed: int = 0, locality: float 
         (Q, K), each (n, head_dim), scaled by head_dim^(-1/4) so that (Q K^T)[i, j] has unit
         variance at locality 0.
     """
-    _check_int("n", n, 1)
-    _check_int("head_dim", head_dim, 2)
+    check_int("n", n, 1)
+    check_int("head_dim", head_dim, 2)
     check_number("locality", locality, include_low=True)
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(n, head_dim, generator=generator, dtype=dtype)
@@ -111,7 +103,7 @@ def _dct(n, dtype):
 
 
 def _hadamard(n, dtype):
-    _check_power_of_two("n", n, 1)
+    check_power_of_two("n", n, 1)
     idx = torch.arange(n)
     bits = idx[:, None] & idx[None, :]
     parity = torch.zeros_like(bits)
@@ -183,15 +175,15 @@ def target_matrix(kind: str, n: int | None, seed: int = 0, *, rank: int | None =
     """
     if not isinstance(kind, str) or kind not in TARGET_KINDS:
         raise ValueError(f"unknown target kind {kind!r}; known: {', '.join(TARGET_KINDS)}")
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if kind == "weight":
         if n is not None:
-            _check_int("n", n, 1)
+            check_int("n", n, 1)
         return _weight(model, n, name)
-    _check_int("n", n, 2)
+    check_int("n", n, 2)
     if rank is None:
         rank = max(1, n // 16)
-    _check_int("rank", rank, 1)
+    check_int("rank", rank, 1)
     if rank > n:
         raise ValueError(f"rank must be <= n={n}, got {rank}")
     density = check_number("density", density, high=1.0)
@@ -245,8 +237,8 @@ def digits_mlp(hidden: int = 64, steps: int = 300, seed: int = 0) -> torch.nn.Mo
     """
     from sklearn.datasets import load_digits
 
-    _check_int("hidden", hidden, 1)
-    _check_int("steps", steps, 0)
+    check_int("hidden", hidden, 1)
+    check_int("steps", steps, 0)
     x, y = load_digits(return_X_y=True)
     x = torch.as_tensor(x / 16.0, dtype=torch.float32)
     y = torch.as_tensor(y)

@@ -55,10 +55,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_budget, check_int
 from .data import DATASETS, load_data
-from .masks import _check_int
 from .models import MODEL_NAMES, SIZES, SPARSIFY_WHERE, build_model, count_params
-from .patterns import PATTERN_NAMES, check_budget
+from .patterns import PATTERN_NAMES
 from .rank import weight_ranks
 
 __all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "task_loss", "add_arguments", "run"]
@@ -119,13 +119,13 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
         check_budget(self.budget)
         for name in ("block_size", "context", "epochs", "batch_size"):
-            _check_int(name, getattr(self, name))
-        _check_int("seed", self.seed, 0)
-        _check_int("checkpoint_every", self.checkpoint_every, 0)
-        _check_int("eval_every", self.eval_every, 0)
+            check_int(name, getattr(self, name))
+        check_int("seed", self.seed, 0)
+        check_int("checkpoint_every", self.checkpoint_every, 0)
+        check_int("eval_every", self.eval_every, 0)
         for name in ("max_train", "max_test", "max_steps"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name))
+                check_int(name, getattr(self, name))
         for name, low, high in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf), ("warmup", 0.0, 1.0),
                                 ("min_lr", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
             value = getattr(self, name)

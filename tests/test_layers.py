@@ -241,6 +241,7 @@ def test_bench_command_writes_csv_and_figure(tmp_path):
     from pixelfly_lab.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--shapes", "64x128", "--rows", "16",
-                                      "--budgets", "0.5", "--block-sizes", "16", "--repeats", "1", "--peers"])
+                                      "--budgets", "0.5", "--block-sizes", "16", "--repeats", "1", "--peers",
+                                      "--no-models"])
     assert args._run(args) == 0
     assert {"speed.csv", "speed.png", "speed.pdf"} <= {p.name for p in tmp_path.iterdir()}
