@@ -220,7 +220,11 @@ CHUNK_ROWS = 512
 
 
 def _chunks(n: int):
-    return [slice(c, min(c + CHUNK_ROWS, n)) for c in range(0, n, CHUNK_ROWS)] or [slice(0, 0)]
+    """Row slices of at most CHUNK_ROWS, of equal sizes (to within one) so that no chunk is a
+    thin remainder: 1568 rows are 4 x 392, not 3 x 512 + 32."""
+    count = max(1, -(-n // CHUNK_ROWS))
+    bounds = [n * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def _gather(a: torch.Tensor, runs, extra: torch.Tensor | None) -> torch.Tensor:
