@@ -5,7 +5,7 @@ a dense (out_features, in_features) tensor through ``dense_weight()``, the oracl
 is tested against. ``weight_params`` counts the stored weight entries (bias excluded) and
 ``budget`` = weight_params / (in_features * out_features), the quantity
 :func:`pixelfly_lab.patterns.make_pattern` budgets. ``ButterflyLinear`` lives in
-:mod:`pixelfly_lab.butterfly`, which builds on this module.
+:mod:`pixelfly_lab.butterfly` (also importable from here).
 
 Papers: Pixelfly = flat block butterfly + low-rank (Dao, Chen et al., ICLR 2022,
 arXiv 2112.00029); Monarch M = P L P^T R (Dao et al., ICML 2022, arXiv 2204.00595).
@@ -26,14 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_input_width, check_int
-from .kernels import BACKENDS, block_sparse_matmul, blocks_to_dense, sparse_lowrank_matmul
-from .masks import flat_block_butterfly_layout, layout_to_mask
+from .kernels import (BACKENDS, block_sparse_matmul, blocks_to_dense, check_input_width,
+                      register_layout, registered_layout, sparse_lowrank_matmul)
+from .masks import _check_int, flat_block_butterfly_layout, layout_to_mask
 from .patterns import Pattern, PixelflyPlan, plan_pixelfly
 
 __all__ = ["StructuredLinear", "MaskedLinear", "BlockSparseLinear", "LowRankLinear",
-           "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear",
+           "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear", "ButterflyLinear",
            "layer_from_pattern"]
+
+
+def __getattr__(name):  # ButterflyLinear lives in butterfly.py, which imports this module
+    if name == "ButterflyLinear":
+        from .butterfly import ButterflyLinear
+        return ButterflyLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_divides(name: str, value: int, in_features: int, out_features: int) -> None:
@@ -53,20 +60,35 @@ class StructuredLinear(nn.Module):
 
     Subclasses implement ``_forward(x)``, ``dense_weight()`` and ``weight_params``; ``forward``
     checks the input width first, so every layer rejects a wrong width the same way.
+
+    Construction on the meta device: ``layer = PixelflyLinear(..., device='meta')`` allocates
+    nothing; ``layer.to_empty(device=...)`` then calling ``reset_parameters()`` on every module
+    (``for m in model.modules(): m.reset_parameters()`` where defined; each resets its own direct
+    parameters and buffers, as torch.nn's layers do) gives a layer initialised as if built there.
+    Fixed structure (layouts, masks) is validated and kept on the host at construction, so no
+    forward or backward reads a tensor back to the host.
     """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.in_features = check_int("in_features", in_features)
-        self.out_features = check_int("out_features", out_features)
+        self.in_features = _check_int("in_features", in_features)
+        self.out_features = _check_int("out_features", out_features)
 
     def _init_bias(self, bias: bool, factory: dict) -> None:
         """Bias like nn.Linear's: U(-1/sqrt(in), 1/sqrt(in)), or None."""
+        self._make_bias(bias, factory)
+        self._reset_bias()
+
+    def _make_bias(self, bias: bool, factory: dict) -> None:
+        """The bias parameter (not yet drawn: :meth:`_reset_bias` draws it), or None."""
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
-            _uniform_(self.bias, 1.0 / math.sqrt(self.in_features))
         else:
             self.register_parameter("bias", None)
+
+    def _reset_bias(self) -> None:
+        if self.bias is not None:
+            _uniform_(self.bias, 1.0 / math.sqrt(self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_width(x, self.in_features, type(self).__name__)
@@ -116,13 +138,32 @@ class MaskedLinear(StructuredLinear):
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (out_features, in_features):
             raise ValueError(f"mask must be a tensor of shape (out_features, in_features)="
                              f"{(out_features, in_features)}, got {tuple(getattr(mask, 'shape', ()))}")
-        self.register_buffer("mask", mask.to(device=device, dtype=torch.bool))
+        if mask.is_meta:
+            raise ValueError("mask must hold values (build it on the CPU); the layer may live on 'meta'")
+        # a host copy: reset_parameters restores the buffer after to_empty(), and weight_params
+        # needs no device read
+        self._mask_source = mask.detach().to("cpu", torch.bool).clone()
+        self._nnz = int(self._mask_source.sum())
+        self.register_buffer("mask", self._mask_source.to(device=device))
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        nnz_row = self.mask.sum(1, keepdim=True).clamp(min=1)
-        _uniform_(self.weight, (in_features / nnz_row).sqrt() / math.sqrt(in_features))
+        self._make_bias(bias, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Restore the mask buffer, re-draw the weight (see the class docstring) and the bias."""
         with torch.no_grad():
+            self.mask.copy_(self._mask_source)
+            nnz_row = self._mask_source.sum(1, keepdim=True).clamp(min=1).to(self.weight.device)
+            _uniform_(self.weight, (self.in_features / nnz_row).sqrt() / math.sqrt(self.in_features))
             self.weight.mul_(self.mask)
-        self._init_bias(bias, factory)
+        self._reset_bias()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        mask = state_dict.get(prefix + "mask")
+        if isinstance(mask, torch.Tensor) and not mask.is_meta:  # a new mask: read it once, here
+            self._mask_source = mask.detach().to("cpu", torch.bool).clone()
+            self._nnz = int(self._mask_source.sum())
 
     def _forward(self, x):
         return F.linear(x, self.weight * self.mask, self.bias)
@@ -132,7 +173,7 @@ class MaskedLinear(StructuredLinear):
 
     @property
     def weight_params(self):
-        return int(self.mask.sum())
+        return self._nnz
 
 
 class BlockSparseLinear(StructuredLinear):
@@ -159,21 +200,44 @@ class BlockSparseLinear(StructuredLinear):
                  bias: bool = True, backend: str = "auto", device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        self.block_size = check_int("block_size", block_size)
+        self.block_size = _check_int("block_size", block_size)
         _check_divides("block_size", block_size, in_features, out_features)
         shape = (out_features // block_size, in_features // block_size)
         if not isinstance(layout, torch.Tensor) or tuple(layout.shape) != shape:
             raise ValueError(f"layout must be a tensor of shape (out/b, in/b)={shape}, "
                              f"got {tuple(getattr(layout, 'shape', ()))}")
-        self.register_buffer("layout", layout.to(device=device, dtype=torch.bool))
+        if layout.is_meta:
+            raise ValueError("layout must hold values (build it on the CPU); the layer may live on 'meta'")
+        # validated and read to the host once, here: the kernels get its key, so no forward or
+        # backward reads the layout back (no device sync; torch.compile traces without breaks)
+        self._layout_key = register_layout(layout.to(torch.bool), block_size)
+        self.register_buffer("layout", registered_layout(self._layout_key).layout.to(device))
         self.backend = backend
-        nnz = int(self.layout.sum())
+        nnz = registered_layout(self._layout_key).nnz
         self.values = nn.Parameter(torch.empty(nnz, block_size, block_size, **factory))
-        row_of_block = self.layout.nonzero()[:, 0]
-        nnz_row = self.layout.sum(1)[row_of_block].to(self.values.dtype)
-        scale = (shape[1] / nnz_row).sqrt() / math.sqrt(in_features)
-        _uniform_(self.values, scale[:, None, None])
-        self._init_bias(bias, factory)
+        self._make_bias(bias, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Restore the layout buffer, re-draw the blocks (see the class docstring) and the bias."""
+        layout = registered_layout(self._layout_key).layout
+        row_of_block = layout.nonzero()[:, 0]
+        nnz_row = layout.sum(1)[row_of_block].double()
+        scale = (layout.shape[1] / nnz_row).sqrt() / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.layout.copy_(layout)
+            _uniform_(self.values, scale[:, None, None].to(self.values.device, self.values.dtype))
+        self._reset_bias()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        layout = state_dict.get(prefix + "layout")
+        if isinstance(layout, torch.Tensor) and not layout.is_meta:  # validate a new layout once, here
+            key = register_layout(layout.to(torch.bool), self.block_size)
+            if tuple(layout.shape) != tuple(self.layout.shape):
+                raise ValueError(f"{prefix}layout has shape {tuple(layout.shape)}, the layer's is "
+                                 f"{tuple(self.layout.shape)}")
+            self._layout_key = key
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def backend(self) -> str:
@@ -186,7 +250,8 @@ class BlockSparseLinear(StructuredLinear):
         self._backend = value
 
     def _forward(self, x):
-        return block_sparse_matmul(x, self.values, self.layout, self.bias, backend=self.backend)
+        return block_sparse_matmul(x, self.values, self.layout, self.bias, backend=self.backend,
+                                   layout_key=self._layout_key)
 
     def dense_weight(self):
         return blocks_to_dense(self.values, self.layout)
@@ -201,7 +266,8 @@ class BlockSparseLinear(StructuredLinear):
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, block_size={self.block_size}, "
-                f"blocks={int(self.layout.sum())}/{self.layout.numel()}, backend={self.backend!r}")
+                f"blocks={registered_layout(self._layout_key).nnz}/{self.layout.numel()}, "
+                f"backend={self.backend!r}")
 
 
 class LowRankLinear(StructuredLinear):
@@ -209,8 +275,8 @@ class LowRankLinear(StructuredLinear):
 
     Init: the best rank-r approximation (truncated SVD) of an nn.Linear initialisation
     W0 = A diag(s) B^T, split evenly: U = A_r diag(sqrt(s_r)), V = B_r diag(sqrt(s_r)).
-    Exact SVD up to 2048 features on the short side; above that torch.svd_lowrank (randomised,
-    a few power iterations), which is accurate for the top singular vectors and far cheaper.
+    Computed by torch.svd_lowrank (randomised, rank + 16 directions, 2 power iterations): U and V
+    are exactly balanced, the singular values close to the exact top ones, at a few GEMMs' cost.
 
     Attributes:
         u: Parameter (out_features, rank); v: Parameter (in_features, rank).
@@ -220,24 +286,29 @@ class LowRankLinear(StructuredLinear):
                  device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        self.rank = check_int("rank", rank)
+        self.rank = _check_int("rank", rank)
         if rank > min(in_features, out_features):
             raise ValueError(f"rank must be <= min(in_features, out_features)="
                              f"{min(in_features, out_features)}, got {rank}")
         self.u = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.v = nn.Parameter(torch.empty(in_features, rank, **factory))
+        self._make_bias(bias, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draw U, V (the truncated SVD of a fresh nn.Linear weight, on the host) and the bias."""
+        rank, in_features, out_features = self.rank, self.in_features, self.out_features
         with torch.no_grad():
-            w0 = _uniform_(torch.empty(out_features, in_features, dtype=torch.float64),
-                           1.0 / math.sqrt(in_features))
-            if min(in_features, out_features) <= 2048:
-                a, s, bh = torch.linalg.svd(w0, full_matrices=False)
-                b_vec = bh.T
-            else:
-                a, s, b_vec = torch.svd_lowrank(w0, q=rank + 16, niter=4)
+            # on the host in float32 (float64 for a float64 layer), randomised at every size: an
+            # exact float64 SVD of a 3072x768 matrix costs ~1 s, a third of a minute per GPT-2 in
+            # sparsify, for ~25 of its 768 singular vectors
+            work = torch.float64 if self.u.dtype == torch.float64 else torch.float32
+            w0 = _uniform_(torch.empty(out_features, in_features, dtype=work), 1.0 / math.sqrt(in_features))
+            a, s, b_vec = torch.svd_lowrank(w0, q=min(rank + 16, in_features, out_features), niter=2)
             root = s[:rank].sqrt()
             self.u.copy_(a[:, :rank] * root)
             self.v.copy_(b_vec[:, :rank] * root)
-        self._init_bias(bias, factory)
+        self._reset_bias()
 
     def _forward(self, x):
         return F.linear(x @ self.v, self.u, self.bias)
@@ -278,9 +349,13 @@ class SparseLowRankLinear(StructuredLinear):
         self.sparse = BlockSparseLinear(in_features, out_features, layout, block_size, bias=False,
                                         backend=backend, **factory)
         self.lowrank = (LowRankLinear(in_features, out_features, rank, bias=False, **factory)
-                        if check_int("rank", rank, 0) else None)
+                        if _check_int("rank", rank, 0) else None)
         self.gate = nn.Linear(in_features, 1, **factory) if gating else None
         self._init_bias(bias, factory)
+
+    def reset_parameters(self) -> None:
+        """Re-draw the bias; ``sparse``, ``lowrank`` and ``gate`` reset their own parameters."""
+        self._reset_bias()
 
     @property
     def rank(self) -> int:
@@ -298,7 +373,7 @@ class SparseLowRankLinear(StructuredLinear):
         if self.gate is None:
             u, v = (None, None) if self.lowrank is None else (self.lowrank.u, self.lowrank.v)
             return sparse_lowrank_matmul(x, self.sparse.values, self.sparse.layout, u, v, self.bias,
-                                         backend=self.backend)
+                                         backend=self.backend, layout_key=self.sparse._layout_key)
         g = torch.sigmoid(self.gate(x))
         y = (1 - g) * self.sparse(x)
         if self.lowrank is not None:
@@ -403,13 +478,21 @@ class MonarchLinear(StructuredLinear):
                  device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        self.nblocks = check_int("nblocks", nblocks)
+        self.nblocks = _check_int("nblocks", nblocks)
         _check_divides("nblocks", nblocks, in_features, out_features)
         m, s = in_features // nblocks, out_features // nblocks
         q = min(in_features, out_features) // nblocks
-        self.r_blocks = nn.Parameter(_uniform_(torch.empty(nblocks, q, m, **factory), math.sqrt(3.0 / m)))
-        self.l_blocks = nn.Parameter(_uniform_(torch.empty(nblocks, s, q, **factory), 1.0 / math.sqrt(q)))
-        self._init_bias(bias, factory)
+        self.r_blocks = nn.Parameter(torch.empty(nblocks, q, m, **factory))
+        self.l_blocks = nn.Parameter(torch.empty(nblocks, s, q, **factory))
+        self._make_bias(bias, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draw R, L (see the class docstring) and the bias."""
+        m, q = self.r_blocks.shape[2], self.r_blocks.shape[1]
+        _uniform_(self.r_blocks, math.sqrt(3.0 / m))
+        _uniform_(self.l_blocks, 1.0 / math.sqrt(q))
+        self._reset_bias()
 
     def _forward(self, x):
         nb, m = self.nblocks, self.in_features // self.nblocks

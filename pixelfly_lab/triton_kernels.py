@@ -18,23 +18,30 @@ added in the same program's epilogue. GROUP > 1 uses the structure of the flat b
 stretched to hardware blocks it repeats every block row (and column) several times, and the
 repeated rows can share one input tile (less traffic, wider tensor-core tiles). One sdd program
 owns GROUP blocks of one block column, reducing over the rows (optionally split into chunks).
-Tile sizes, GROUP, warps and pipeline depth are autotuned per shape.
-Accumulation is in float32 (float64 for float64 inputs); float32 inputs use TF32 when
-``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmuls do.
+Tile sizes, GROUP, warps and pipeline depth are autotuned per shape (the key holds every
+argument that changes the compiled kernel); configs that would exceed the device's shared memory
+or spill registers are pruned first, by a model that tests/test_triton_compile.py checks against
+real compiles for sm_80 and sm_90. Launches go to the tensors' device.
+Accumulation is in float32 (float64 for float64 inputs); float32 inputs use TF32 when torch allows
+it for matmuls (:func:`pixelfly_lab.kernels.tf32_allowed`), as torch's own matmuls do.
 
 Triton is imported here at module level, so nothing else in the package imports this module at
-import time. Off a GPU the kernels run under ``TRITON_INTERPRET=1`` (set before triton is
-imported), which executes them in numpy on CPU tensors: that is how the tests check them. The
-interpreter computes bfloat16 dots wrongly, so bfloat16 is only checked on a GPU.
+import time; :mod:`pixelfly_lab.kernels` calls :func:`sparse_lowrank_forward` and
+:func:`sparse_lowrank_backward` through its torch custom ops (backend='triton'). Off a GPU the
+kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported), which executes them in
+numpy on CPU tensors: that is how the tests check them. The interpreter computes bfloat16 dots
+wrongly, so bfloat16 is only checked on a GPU.
 
 Example (on a CUDA machine):
     >>> layout = torch.tensor([[True, False], [True, True]])
     >>> values = torch.randn(3, 64, 64, device='cuda')
-    >>> y = block_sparse_matmul_triton(torch.randn(8, 128, device='cuda'), values, layout)  # (8, 128)
+    >>> y, _ = sparse_lowrank_forward(torch.randn(8, 128, device='cuda'), values, None, None, None,
+    ...                               layout_tables(layout, 'cuda'))   # (8, 128)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -45,8 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_SIZES", "DTYPES", "LayoutTables", "layout_tables", "block_sparse_matmul_triton",
-           "pixelfly_matmul_triton", "dsd_matmul", "sdd_matmul"]
+__all__ = ["BLOCK_SIZES", "DTYPES", "LayoutTables", "layout_tables", "dsd_matmul", "sdd_matmul",
+           "sparse_lowrank_forward", "sparse_lowrank_backward", "check_operands", "DSD_CONFIGS", "SDD_CONFIGS",
+           "SMEM_BY_ARCH"]
 
 BLOCK_SIZES = (16, 32, 64, 128)  # tl.dot needs tiles >= 16; above 128 a block no longer fits a tile
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: exact tests only
@@ -165,7 +173,9 @@ def layout_tables(layout: torch.Tensor, device: torch.device | str | None = None
 
 # ----------------------------------------------------------------------------- kernels
 
-@triton.jit
+# Ints that only key the autotuner (or only bound a loop's trip count) are not specialised: Triton
+# would otherwise compile separate, identical kernels for values equal to 1 or divisible by 16.
+@triton.jit(do_not_specialize=["M_KEY", "MAX_FANIN", "MAX_GROUP"])
 def _dsd_kernel(a_ptr, v_ptr, out_ptr, bias_ptr, e_ptr, f_ptr, ptr_ptr, idx_ptr, blk_ptr,
                 M, RANK, stride_am, stride_ak, stride_om, stride_on, stride_em, stride_er,
                 stride_fn, stride_fr, v_stride_r, v_stride_c, M_KEY, N_OUT, MAX_FANIN, MAX_GROUP,
@@ -176,10 +186,14 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, bias_ptr, e_ptr, f_ptr, ptr_ptr, idx_ptr,
 
     One program: BLOCK_M rows of GROUP consecutive output blocks (layout rows, or columns when
     TRANSPOSE), which share one list of input blocks: the first one's (ptr, idx) entries.
+    The grid is 1-D (axis 0 allows 2^31 - 1 programs; axes 1 and 2 only 65535), output block
+    groups fastest, so neighbouring programs share the rows of a.
     """
-    pid_n = tl.program_id(0)  # output block group: fastest, so neighbours share the rows of a
-    pid_m = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    n_groups = N_OUT // (GROUP * BLOCK)
+    pid = tl.program_id(0)
+    pid_n = pid % n_groups
+    pid_m = pid // n_groups
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, BLOCK)
     offs_c = tl.arange(0, GROUP * BLOCK)   # output columns of the program: (block g, column c)
     mask_m = offs_m < M
@@ -219,7 +233,7 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, bias_ptr, e_ptr, f_ptr, ptr_ptr, idx_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_KEY"])
 def _sdd_kernel(g_ptr, x_ptr, out_ptr, leads_ptr, fanin_ptr, rows_ptr, cols_ptr, M, CHUNK, NNZ, MAX_GROUP,
                 stride_gm, stride_gn, stride_xm, stride_xk, M_KEY,
                 BLOCK: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
@@ -240,11 +254,11 @@ def _sdd_kernel(g_ptr, x_ptr, out_ptr, leads_ptr, fanin_ptr, rows_ptr, cols_ptr,
     offs_r = tl.arange(0, GROUP * BLOCK)  # rows of the GROUP blocks, stacked: (g, r)
     g_cols = g_ptr + (i * BLOCK + offs_r)[None, :] * stride_gn
     x_cols = x_ptr + (j * BLOCK + offs_b)[None, :] * stride_xk
-    m_start = split * CHUNK
+    m_start = split.to(tl.int64) * CHUNK
     m_end = tl.minimum(M, m_start + CHUNK)
     acc = tl.zeros((GROUP * BLOCK, BLOCK), dtype=ACC_DTYPE)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = (offs_m < m_end)[:, None]
         g = tl.load(g_cols + offs_m[:, None] * stride_gm, mask=mask_m, other=0.0)
         x = tl.load(x_cols + offs_m[:, None] * stride_xm, mask=mask_m, other=0.0)
@@ -254,35 +268,99 @@ def _sdd_kernel(g_ptr, x_ptr, out_ptr, leads_ptr, fanin_ptr, rows_ptr, cols_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty))
 
 
-_SMEM_LIMIT = 200 * 1024  # bytes of shared memory a config may plan for (H100/H200 allow 227 KiB)
-_MAX_TILE_N = 256         # widest output tile (GROUP * b) one program computes
-_MAX_ACC_PER_THREAD = 128  # fp32 accumulator registers per thread a config may use
+# ----------------------------------------------------------------------------- configs
+
+_MAX_TILE_N = 256  # widest output tile (GROUP * b) one program computes
+# Shared memory a block may use, by compute capability (CUDA's per-block opt-in maxima); used
+# where torch cannot ask the device (it can: shared_memory_per_block_optin), e.g. when
+# compiling for a target without one (pixelfly_lab.triton_check).
+SMEM_BY_ARCH = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448}
 
 
-def _fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages: int, size: int) -> bool:
-    """Whether the pipelined tiles fit in shared memory and the accumulator in registers.
+def _smem_limit(device: torch.device) -> int:
+    """Bytes of shared memory a program may use on ``device`` (or the active Triton target)."""
+    if _INTERPRET:  # numpy executes the kernels: no shared memory to run out of
+        return max(SMEM_BY_ARCH.values())
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        optin = getattr(props, "shared_memory_per_block_optin", 0)
+        if optin:
+            return int(optin)
+        arch = 10 * props.major + props.minor
+    else:
+        try:
+            arch = triton.runtime.driver.active.get_current_target().arch
+        except Exception:  # the interpreter: no target; the smallest limit of the table's GPUs
+            arch = 86
+    return SMEM_BY_ARCH.get(arch, min(SMEM_BY_ARCH.values()))
 
-    dsd per stage: a (BLOCK_M x b) input tile + a (b x GROUP*b) weight tile; accumulator BLOCK_M x GROUP*b.
-    sdd per stage: (BLOCK_M x GROUP*b) of g + (BLOCK_M x b) of x; accumulator GROUP*b x b.
+
+def _shared_bytes(kernel: str, block: int, group: int, block_m: int, stages: int, size: int,
+                  lowrank: bool) -> int:
+    """Model of the shared memory of a config: ``stages`` buffers of the pipelined tiles.
+
+    dsd per stage: a (BLOCK_M x b) input tile + a (b x GROUP*b) weight tile; the fused low-rank
+    epilogue adds one (BLOCK_M x 64 + 64 x GROUP*b) buffer. sdd per stage: (BLOCK_M x GROUP*b) of
+    g + (BLOCK_M x b) of x. Checked against Triton's own count for every config by
+    tests/test_triton_compile.py (the model is an upper bound within the pruning margin).
     """
     width = group * block
     if kernel == "dsd":
-        per_stage, acc = block_m * block + block * width, block_m * width
+        per_stage = block_m * block + block * width
+        extra = (block_m + width) * 64 if lowrank else 0
     else:
-        per_stage, acc = block_m * (width + block), width * block
-    return (stages * per_stage * size <= _SMEM_LIMIT and width <= _MAX_TILE_N
-            and acc <= _MAX_ACC_PER_THREAD * 32 * warps)
+        per_stage, extra = block_m * (width + block), 0
+    return (stages * per_stage + extra) * size
 
 
-def _fixed_config(kernel: str, block: int, size: int, max_group: int = 1) -> dict:
+def _acc_per_thread(kernel: str, block: int, group: int, block_m: int, warps: int) -> int:
+    """Accumulator elements each thread holds in registers."""
+    width = group * block
+    return (block_m * width if kernel == "dsd" else width * block) // (32 * warps)
+
+
+# Register model: the accumulator a thread may hold with no spill (255 registers a thread; the
+# rest hold addresses, operand fragments and the pipeline's state). Fitted to real compiles at
+# sm_80 and sm_90 (tests/test_triton_compile.py): tensor-core dots (16-bit inputs, TF32) keep
+# 128 accumulator floats spill-free; the fused low-rank epilogue (a second dot of the same
+# output tile) needs room for 64 more; FMA dots (float32 without TF32, float64) hold their
+# operands in registers and only fit 32 (float64 takes two registers per element: 16).
+def _max_acc(precision: str, size: int, lowrank: bool) -> int:
+    if size == 8:
+        return 16
+    if precision == "ieee":
+        return 32
+    return 64 if lowrank else 128
+
+
+def _fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages: int, size: int, *,
+          precision: str = "tf32", lowrank: bool = False, smem_limit: int = min(SMEM_BY_ARCH.values())) -> bool:
+    """Whether a config fits: shared memory within ``smem_limit`` and no register spill (the models
+    above); under the interpreter (numpy: no registers, no shared memory) only the tile width counts."""
+    if _INTERPRET:
+        return group * block <= _MAX_TILE_N
+    return (group * block <= _MAX_TILE_N
+            and _shared_bytes(kernel, block, group, block_m, stages, size, lowrank) <= smem_limit
+            and _acc_per_thread(kernel, block, group, block_m, warps) <= _max_acc(precision, size, lowrank))
+
+
+def _fixed_config(kernel: str, block: int, size: int, max_group: int = 1, **fit) -> dict:
     """The config when not autotuning: the widest group, then the tallest tile and deepest pipeline that fit."""
     group = max_group
     while group >= 1:
         for block_m, stages, warps in itertools.product((64, 32, 16), (3, 2, 1), (4, 8)):
-            if _fits(kernel, block, group, block_m, warps, stages, size):
+            if _fits(kernel, block, group, block_m, warps, stages, size, **fit):
                 return dict(BLOCK_M=block_m, GROUP=group, num_warps=warps, num_stages=stages)
         group //= 2
-    raise ValueError(f"no {kernel} kernel config fits block size {block} with {size}-byte elements")
+    raise ValueError(f"no {kernel} kernel config fits block size {block} with {size}-byte elements on this "
+                     "GPU (registers, shared memory); use a smaller block or backend='torch'")
+
+
+def _fit_args(kernel: str, named_args: dict, meta: dict) -> dict:
+    """The _fits keywords of one launch: precision, fused low rank, the device's shared memory."""
+    tensor = named_args["a_ptr" if kernel == "dsd" else "g_ptr"]
+    return dict(precision=meta["PRECISION"], lowrank=bool(meta.get("HAS_LOWRANK", False)),
+                smem_limit=_smem_limit(tensor.device))
 
 
 def _pruner(kernel: str):
@@ -291,32 +369,44 @@ def _pruner(kernel: str):
         block = kwargs["BLOCK"]
         size = named_args["a_ptr" if kernel == "dsd" else "g_ptr"].element_size()
         max_group = min(named_args["MAX_GROUP"], max(1, _MAX_TILE_N // block))
+        fit = _fit_args(kernel, named_args, kwargs)
         kept = [c for c in configs if c.kwargs["GROUP"] <= max_group
-                and _fits(kernel, block, c.kwargs["GROUP"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages, size)]
+                and _fits(kernel, block, c.kwargs["GROUP"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages, size, **fit)]
         if not kept:
-            fixed = _fixed_config(kernel, block, size, max_group)
+            fixed = _fixed_config(kernel, block, size, max_group, **fit)
             kept = [triton.Config({k: v for k, v in fixed.items() if k in ("BLOCK_M", "GROUP")},
                                   num_warps=fixed["num_warps"], num_stages=fixed["num_stages"])]
         return kept
     return prune
 
 
-# Tuning: tile height, output group width, warps and pipeline depth; keyed by the rounded row
-# count, the shape, fan-in and group. Short benchmark runs (2 + 10 ms a config, against triton's
-# default 25 + 100) keep the first call of a new shape to about a second beyond compiling.
-_BENCH = dict(do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=2, rep=10, quantiles=quantiles))
+def _autotune_options() -> dict:
+    """Short benchmark runs (2 + 10 ms a config, against triton's default 25 + 100) keep the first
+    call of a new shape to about a second beyond compiling; Triton < 3.2 takes warmup/rep instead."""
+    import inspect
+
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        return dict(do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=2, rep=10, quantiles=quantiles))
+    return dict(warmup=2, rep=10)
+
+
 # (BLOCK_M, GROUP, num_warps, num_stages); few enough that tuning a new shape costs seconds of compiling.
-_DSD_CONFIGS = [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=st)
-                for bm, g, w, st in ((64, 1, 4, 3), (64, 1, 4, 4), (128, 1, 4, 3), (128, 1, 8, 3),
-                                     (64, 2, 4, 3), (128, 2, 8, 3), (64, 4, 8, 3), (128, 4, 8, 3),
-                                     (64, 8, 8, 3))]
-_SDD_CONFIGS = [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=st)
-                for bm, g, w, st in ((32, 1, 4, 3), (64, 1, 4, 3), (64, 1, 8, 3), (128, 1, 8, 3),
-                                     (64, 2, 8, 3), (64, 4, 8, 3), (128, 4, 8, 3))]
-_dsd_tuned = triton.autotune(_DSD_CONFIGS, key=["M_KEY", "N_OUT", "MAX_FANIN", "MAX_GROUP", "RANK"],
-                             prune_configs_by={"early_config_prune": _pruner("dsd")}, **_BENCH)(_dsd_kernel)
-_sdd_tuned = triton.autotune(_SDD_CONFIGS, key=["M_KEY", "NNZ", "CHUNK", "MAX_GROUP"],
-                             prune_configs_by={"early_config_prune": _pruner("sdd")}, **_BENCH)(_sdd_kernel)
+DSD_CONFIGS = [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=st)
+               for bm, g, w, st in ((64, 1, 4, 3), (64, 1, 4, 4), (128, 1, 4, 3), (128, 1, 8, 3),
+                                    (64, 2, 4, 3), (128, 2, 8, 3), (64, 4, 8, 3), (128, 4, 8, 3),
+                                    (64, 8, 8, 3))]
+SDD_CONFIGS = [triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=st)
+               for bm, g, w, st in ((32, 1, 4, 3), (64, 1, 4, 3), (64, 1, 8, 3), (128, 1, 8, 3),
+                                    (64, 2, 8, 3), (64, 4, 8, 3), (128, 4, 8, 3))]
+# Autotune keys: every argument that changes the compiled kernel or its best config (the
+# constexprs included; Triton adds the tensors' dtypes itself), plus the rounded row count.
+DSD_KEY = ["M_KEY", "N_OUT", "MAX_FANIN", "MAX_GROUP", "RANK", "BLOCK", "BLOCK_R", "HAS_BIAS", "HAS_LOWRANK",
+           "TRANSPOSE", "PRECISION"]
+SDD_KEY = ["M_KEY", "NNZ", "CHUNK", "MAX_GROUP", "BLOCK", "PRECISION"]
+_dsd_tuned = triton.autotune(DSD_CONFIGS, key=DSD_KEY, prune_configs_by={"early_config_prune": _pruner("dsd")},
+                             **_autotune_options())(_dsd_kernel)
+_sdd_tuned = triton.autotune(SDD_CONFIGS, key=SDD_KEY, prune_configs_by={"early_config_prune": _pruner("sdd")},
+                             **_autotune_options())(_sdd_kernel)
 
 
 # Default of the launchers' ``autotune`` argument: None = autotune on a GPU, never under the
@@ -331,18 +421,53 @@ def _use_autotune(autotune: bool | None) -> bool:
 
 
 def _precision(dtype: torch.dtype) -> tuple[str, object]:
+    """(tl.dot input precision, accumulator dtype): TF32 for float32 only where torch allows it."""
+    from .kernels import tf32_allowed
+
     if dtype == torch.float64:
         return "ieee", tl.float64
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee", tl.float32
     return "tf32", tl.float32  # ignored by tl.dot for 16-bit inputs
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's device, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch(kernel: str, args: tuple, meta: dict, grid, autotune: bool | None, warmup: bool, size: int,
+            block: int, max_group: int, device_tensor: torch.Tensor):
+    """Run (or with ``warmup``, only compile) one launch: tuned, or with the fixed config.
+
+    Returns [(config dict, compiled kernel)] when warming up (every config the tuner would try), else None.
+    """
+    jit, tuned = (_dsd_kernel, _dsd_tuned) if kernel == "dsd" else (_sdd_kernel, _sdd_tuned)
+    if _use_autotune(autotune) or (warmup and autotune is not False):
+        configs = [(c.kwargs, dict(num_warps=c.num_warps, num_stages=c.num_stages))
+                   for c in _pruner(kernel)(tuned.configs, dict(zip(jit.arg_names, args)), **meta)]
+    else:
+        fixed = _fixed_config(kernel, block, size, max_group,
+                              **_fit_args(kernel, dict(zip(jit.arg_names, args)), meta))
+        configs = [({k: fixed[k] for k in ("BLOCK_M", "GROUP")},
+                    dict(num_warps=fixed["num_warps"], num_stages=fixed["num_stages"]))]
+    if warmup:
+        return [({**params, **options}, jit.warmup(*args, grid=(1,), **meta, **params, **options))
+                for params, options in configs]
+    with _on_device(device_tensor):
+        if _use_autotune(autotune):
+            tuned[lambda META: grid(META["GROUP"], META["BLOCK_M"])](*args, **meta)
+        else:
+            params, options = configs[0]
+            jit[grid(params["GROUP"], params["BLOCK_M"])](*args, **meta, **params, **options)
+    return None
 
 
 # ----------------------------------------------------------------------------- launchers
 
 def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, transpose: bool = False,
                bias: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
-               out: torch.Tensor | None = None, autotune: bool | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, autotune: bool | None = None, warmup: bool = False):
     """Dense times block-sparse, one launch: out = a W^T (transpose=False) or a W (transpose=True).
 
     Args:
@@ -355,9 +480,12 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
         out: (M, N) result buffer (every element is written), or None to allocate.
         autotune: None (module default :data:`AUTOTUNE`: tune on a GPU, not under the
             interpreter), True or False (one fixed config).
+        warmup: compile the kernels this call would run (every config the tuner keeps), launch
+            nothing, and return [(config, compiled kernel)] (works on meta tensors: see
+            :mod:`pixelfly_lab.triton_check`).
 
     Returns:
-        out (M, N), N = R*b (forward) or C*b (input gradient).
+        out (M, N), N = R*b (forward) or C*b (input gradient); with ``warmup``, the compiled kernels.
     """
     M = a.shape[0]
     block = values.shape[-1]
@@ -372,7 +500,7 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
     N = n_blocks * block
     if out is None:
         out = torch.empty(M, N, device=a.device, dtype=a.dtype)
-    if M == 0:
+    if M == 0 and not warmup:
         return out
     e, f = lowrank if lowrank is not None else (a, a)  # dummies, never read
     rank = e.shape[1] if lowrank is not None else 0
@@ -383,12 +511,11 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
     meta = dict(BLOCK=block, BLOCK_R=min(_MAX_LOWRANK_TILE, max(16, triton.next_power_of_2(max(rank, 1)))),
                 HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank is not None and rank > 0, TRANSPOSE=transpose,
                 PRECISION=precision, ACC_DTYPE=acc_dtype)
-    if _use_autotune(autotune):
-        _dsd_tuned[lambda META: (n_blocks // META["GROUP"], triton.cdiv(M, META["BLOCK_M"]))](*args, **meta)
-    else:
-        config = _fixed_config("dsd", block, a.element_size(), max_group)
-        _dsd_kernel[(n_blocks // config["GROUP"], triton.cdiv(M, config["BLOCK_M"]))](*args, **meta, **config)
-    return out
+
+    def grid(group, block_m):
+        return ((n_blocks // group) * triton.cdiv(M, block_m),)
+    compiled = _launch("dsd", args, meta, grid, autotune, warmup, a.element_size(), block, max_group, a)
+    return compiled if warmup else out
 
 
 def _split_count(M: int, programs: int, device: torch.device) -> int:
@@ -404,7 +531,7 @@ def _split_count(M: int, programs: int, device: torch.device) -> int:
 
 
 def sdd_matmul(g: torch.Tensor, x: torch.Tensor, tables: LayoutTables, block: int, *, split: int | None = None,
-               out: torch.Tensor | None = None, autotune: bool | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, autotune: bool | None = None, warmup: bool = False):
     """Sampled dense-dense product: the layout's blocks of g^T x, i.e. the weight gradient.
 
     Args:
@@ -415,175 +542,105 @@ def sdd_matmul(g: torch.Tensor, x: torch.Tensor, tables: LayoutTables, block: in
         split: chunks the M reduction is split into (default: enough programs to fill the GPU);
             with split > 1, float32 partial sums are added up by torch.
         out: (nnz, b, b) result buffer (every element is written), or None to allocate.
-        autotune: as in :func:`dsd_matmul`.
+        autotune, warmup: as in :func:`dsd_matmul`.
 
     Returns:
-        out (nnz, b, b): out[k] = g[:, i-block]^T @ x[:, j-block] for the k-th block (i, j).
+        out (nnz, b, b): out[k] = g[:, i-block]^T @ x[:, j-block] for the k-th block (i, j);
+        with ``warmup``, the compiled kernels.
     """
     M = g.shape[0]
     nnz = tables.nnz
     if out is None:
         out = torch.empty(nnz, block, block, device=g.device, dtype=g.dtype)
-    if nnz == 0:
+    if nnz == 0 and not warmup:
         return out
-    if M == 0:
+    if M == 0 and not warmup:
         return out.zero_()
     max_group = tables.row_group  # the leads table's runs; configs use GROUP <= that (and tile width)
-    fewest_programs = nnz // min(max_group, max(1, _MAX_TILE_N // block))
+    fewest_programs = max(1, nnz // min(max_group, max(1, _MAX_TILE_N // block)))
     split = _split_count(M, fewest_programs, g.device) if split is None else split
-    chunk = triton.cdiv(triton.cdiv(M, split), 128) * 128  # whole tiles for every BLOCK_M
-    split = triton.cdiv(M, chunk)
+    chunk = triton.cdiv(triton.cdiv(max(M, 1), split), 128) * 128  # whole tiles for every BLOCK_M
+    split = triton.cdiv(max(M, 1), chunk)
     partial = out if split == 1 else torch.empty(split, nnz, block, block, device=g.device,
                                                  dtype=torch.promote_types(g.dtype, torch.float32))
     precision, acc_dtype = _precision(g.dtype)
     args = (g, x, partial, tables.group_leads, tables.group_fanin, tables.block_rows, tables.row_cols, M, chunk,
             nnz, max_group, g.stride(0), g.stride(1), x.stride(0), x.stride(1), triton.next_power_of_2(M))
     meta = dict(BLOCK=block, PRECISION=precision, ACC_DTYPE=acc_dtype)
-    if _use_autotune(autotune):
-        _sdd_tuned[lambda META: (nnz // META["GROUP"], split)](*args, **meta)
-    else:
-        config = _fixed_config("sdd", block, g.element_size(), min(max_group, max(1, _MAX_TILE_N // block)))
-        _sdd_kernel[(nnz // config["GROUP"], split)](*args, **meta, **config)
+
+    def grid(group, block_m):
+        return (nnz // group, split)
+    compiled = _launch("sdd", args, meta, grid, autotune, warmup, g.element_size(), block, max_group, g)
+    if warmup:
+        return compiled
     if split > 1:
         torch.sum(partial, dim=0, out=out) if out.dtype == partial.dtype else out.copy_(partial.sum(0))
     return out
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- forward and backward
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
-class _BlockSparseMatmul(torch.autograd.Function):
-    """y = x W^T + bias with W given by (values, layout); optional fused low-rank (x V) U^T."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, values, bias, u, v, tables):
-        x2 = _flat(x)
-        lowrank = None
-        if u is not None:
-            t = x2 @ v                                   # (M, r): V^T x for every row
-            lowrank = (t, u)
-        y = dsd_matmul(x2, values, tables, bias=bias, lowrank=lowrank)
-        ctx.tables = tables
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x2, values, u, v, lowrank[0] if lowrank else None)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x2, values, u, v, t = ctx.saved_tensors
-        tables = ctx.tables
-        g = _flat(dy).to(x2.dtype)
-        dx = dvalues = dbias = du = dv = None
-        s = g @ u if u is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[4]) else None
-        if ctx.needs_input_grad[0]:                      # dx = g W + (g U) V^T
-            dx = dsd_matmul(g, values, tables, transpose=True,
-                            lowrank=(s, v) if s is not None else None)
-            dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
-        if ctx.needs_input_grad[1]:
-            dvalues = sdd_matmul(g, x2, tables, values.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = g.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
-        if u is not None and ctx.needs_input_grad[3]:  # dU = g^T (x V)
-            du = g.T @ t
-        if u is not None and ctx.needs_input_grad[4]:  # dV = x^T (g U)
-            dv = x2.T @ s
-        return dx, dvalues, dbias, du, dv, None
-
-
-def _check(x, values, layout, bias, u, v) -> tuple[LayoutTables, torch.dtype]:
-    """Validate the arguments; returns the layout's tables and the compute dtype."""
-    for name, t in (("x", x), ("values", values)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not (x.is_cuda or _INTERPRET):
-        raise ValueError(f"x must be a CUDA tensor for the Triton kernels (got device {x.device}); "
+def check_operands(x2: torch.Tensor, values: torch.Tensor, tables: LayoutTables, bias=None, u=None, v=None) -> None:
+    """What the kernels need beyond the shapes (:mod:`pixelfly_lab.kernels` checks those): one
+    device (CUDA, or any under the interpreter), one supported dtype, a supported block size."""
+    if not (x2.is_cuda or _INTERPRET or x2.is_meta):
+        raise ValueError(f"x must be a CUDA tensor for the Triton kernels (got device {x2.device}); "
                          "set TRITON_INTERPRET=1 before importing triton to run them on CPU")
     if values.dim() != 3 or values.shape[1] != values.shape[2] or values.shape[1] not in BLOCK_SIZES:
         raise ValueError(f"values must have shape (nnz, b, b) with b in {BLOCK_SIZES}, got {tuple(values.shape)}")
-    tables = layout_tables(layout, x.device)
-    block = values.shape[-1]
-    R, C = tables.shape
+    if x2.dtype not in DTYPES:
+        raise TypeError(f"x has dtype {x2.dtype}; the Triton kernels support {DTYPES}")
+    for name, t in (("values", values), ("bias", bias), ("u", u), ("v", v), ("tables", tables.row_ptr)):
+        if t is not None and t.device != x2.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x2.device}")
+        if t is not None and name != "tables" and t.dtype != x2.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x2.dtype}")
     if values.shape[0] != tables.nnz:
         raise ValueError(f"values holds {values.shape[0]} blocks but layout has {tables.nnz} True entries")
-    if x.dim() < 1 or x.shape[-1] != C * block:
-        raise ValueError(f"x must have shape (..., {C * block}) for a layout of {C} block columns of "
-                         f"{block}, got {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (R * block,):
-        raise ValueError(f"bias must have shape ({R * block},), got {tuple(bias.shape)}")
-    if (u is None) != (v is None):
-        raise ValueError("u and v must be given together")
-    if u is not None:
-        if u.dim() != 2 or v.dim() != 2 or u.shape != (R * block, u.shape[1]) or v.shape != (C * block, u.shape[1]):
-            raise ValueError(f"u must be (out_features={R * block}, r) and v (in_features={C * block}, r) "
-                             f"with the same r, got {tuple(u.shape)} and {tuple(v.shape)}")
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    else:
-        dtype = x.dtype
-        for name, t in (("values", values), ("bias", bias), ("u", u), ("v", v)):
-            if t is not None and t.dtype != dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; cast them or use torch.autocast")
-    if dtype not in DTYPES:
-        raise TypeError(f"x has dtype {dtype}; the Triton kernels support {DTYPES}")
-    return tables, dtype
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)  # differentiable: gradients come back in t's dtype
-
-
-@torch.compiler.disable  # torch.compile runs around this call (a graph break), not through it
-def block_sparse_matmul_triton(x: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
-                               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Block-sparse linear y = x W^T + bias on the GPU, differentiable in x, values and bias.
+def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                           u: torch.Tensor | None, v: torch.Tensor | None, tables: LayoutTables):
+    """y = x2 S^T + (x2 V) U^T + bias in one block-sparse launch (the low-rank term in its epilogue).
 
     Args:
-        x: (..., in_features), on CUDA (or CPU under TRITON_INTERPRET=1).
-        values: (nnz, b, b), b in 16, 32, 64, 128; the k-th block is the k-th True entry of
-            ``layout`` in row-major order: values[k] = W[i*b:(i+1)*b, j*b:(j+1)*b].
-        layout: bool (out_features/b, in_features/b), on any device; its index tables are built
-            once and cached.
-        bias: (out_features,) or None.
+        x2: (M, in_features); values: (nnz, b, b) contiguous; bias: (out,) or None;
+        u: (out, r) and v: (in, r), or both None; tables: :func:`layout_tables` on x2's device.
 
     Returns:
-        y (..., out_features), y = x W^T + bias, in x's dtype (the autocast dtype under torch.autocast).
-
-    The math: y[:, i-block] = sum_{j: layout[i, j]} x[:, j-block] @ values[k]^T, computed in float32
-    (TF32 if allowed) for float32/float16/bfloat16 inputs; gradients dx = dy W and
-    dvalues[k] = dy[:, i-block]^T x[:, j-block] (only the layout's blocks are computed).
-
-    Example:
-        >>> y = block_sparse_matmul_triton(x, values, layout, bias)   # like F.linear(x, W, bias)
+        (y (M, out), t = x2 V (M, r) or None): t is what :func:`sparse_lowrank_backward` needs.
     """
-    tables, dtype = _check(x, values, layout, bias, None, None)
-    return _BlockSparseMatmul.apply(_cast(x, dtype), _cast(values, dtype).contiguous(), _cast(bias, dtype),
-                                    None, None, tables)
+    check_operands(x2, values, tables, bias, u, v)
+    t = x2 @ v if u is not None else None
+    y = dsd_matmul(x2, values, tables, bias=bias, lowrank=(t, u) if u is not None else None)
+    return y, t
 
 
-@torch.compiler.disable
-def pixelfly_matmul_triton(x: torch.Tensor, values: torch.Tensor, layout: torch.Tensor, u: torch.Tensor,
-                           v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Pixelfly linear y = x S^T + (x V) U^T + bias with the low-rank term fused into the sparse kernels.
-
-    t = x V (M, r) is one dense matmul; its product with U^T is added inside the block-sparse
-    kernel's epilogue, so y is written once (and likewise dx = dy S + (dy U) V^T in the backward),
-    saving a full read and write of y and of dx against adding the low-rank term separately.
+def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, u: torch.Tensor | None,
+                            v: torch.Tensor | None, t: torch.Tensor | None, tables: LayoutTables,
+                            needed: tuple[bool, bool, bool, bool, bool]):
+    """Gradients of :func:`sparse_lowrank_forward`: dx = gy S + (gy U) V^T, dvalues = the layout's
+    blocks of gy^T x, dbias = gy^T 1, dU = gy^T t, dV = x^T (gy U).
 
     Args:
-        x, values, layout, bias: as in :func:`block_sparse_matmul_triton` (S is the sparse weight).
-        u: (out_features, r), v: (in_features, r): the low-rank term U V^T.
+        gy: (M, out) output gradient; x2, values, u, v, t: the forward's inputs and t.
+        needed: which of (x2, values, bias, u, v) need a gradient.
 
     Returns:
-        y (..., out_features).
-
-    Example:
-        >>> y = pixelfly_matmul_triton(x, values, layout, u, v, bias)
+        (dx2, dvalues, dbias, du, dv), None where not needed.
     """
-    tables, dtype = _check(x, values, layout, bias, u, v)
-    return _BlockSparseMatmul.apply(_cast(x, dtype), _cast(values, dtype).contiguous(), _cast(bias, dtype),
-                                    _cast(u, dtype), _cast(v, dtype), tables)
+    gy = gy.to(x2.dtype)
+    need_x, need_values, need_bias, need_u, need_v = needed
+    dx = dvalues = dbias = du = dv = None
+    s = gy @ u if u is not None and (need_x or need_v) else None
+    if need_x:
+        dx = dsd_matmul(gy, values, tables, transpose=True, lowrank=(s, v) if s is not None else None)
+    if need_values:
+        dvalues = sdd_matmul(gy, x2, tables, values.shape[-1])
+    if need_bias:
+        dbias = gy.sum(0, dtype=torch.promote_types(gy.dtype, torch.float32)).to(gy.dtype)
+    if u is not None and need_u:
+        du = gy.T @ t
+    if u is not None and need_v:
+        dv = x2.T @ s
+    return dx, dvalues, dbias, du, dv

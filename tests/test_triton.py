@@ -1,5 +1,8 @@
 """Triton block-sparse kernels against the dense reference x @ W.T, values and gradients.
 
+The kernels are reached as users reach them: ``sparse_lowrank_matmul(..., backend='triton')``,
+the torch custom op of :mod:`pixelfly_lab.kernels` (autograd, autocast), and the launchers directly.
+
 Without a GPU the kernels run in Triton's interpreter (numpy, CPU tensors, toy sizes):
 TRITON_INTERPRET=1 must be set before triton is imported, so it is set here, before anything
 imports triton or pixelfly_lab.triton_kernels. The interpreter computes bfloat16 dots wrongly, so
@@ -21,6 +24,7 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from pixelfly_lab import kernels  # noqa: E402
 from pixelfly_lab import triton_kernels as tk  # noqa: E402
 
 if not CUDA and not tk._INTERPRET:
@@ -31,6 +35,10 @@ DEVICE = "cuda" if CUDA else "cpu"
 # relative Frobenius error bounds against a float64 reference computed from the same inputs
 TOL = {torch.float64: 1e-12, torch.float32: 5e-3 if CUDA else 1e-5, torch.float16: 3e-3,
        torch.bfloat16: 2e-2}
+
+
+def triton_matmul(x, values, layout, bias=None, u=None, v=None):
+    return kernels.sparse_lowrank_matmul(x, values, layout, u, v, bias, backend="triton")
 
 
 def dense_weight(values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
@@ -81,10 +89,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def check_against_reference(x, values, layout, bias, u, v, tol):
     """Values and every gradient of the Triton path against the float64 dense reference."""
     inputs = [t for t in (x, values, bias, u, v) if t is not None]
-    if u is None:
-        y = tk.block_sparse_matmul_triton(x, values, layout, bias)
-    else:
-        y = tk.pixelfly_matmul_triton(x, values, layout, u, v, bias)
+    y = triton_matmul(x, values, layout, bias, u, v)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.device)
     grads = torch.autograd.grad(y, inputs, dy.to(y.dtype))
 
@@ -154,7 +159,7 @@ def test_empty_layout_gives_bias_only():
     x = torch.randn(5, 32, dtype=torch.float64, device=DEVICE, requires_grad=True)
     values = torch.zeros(0, 16, 16, dtype=torch.float64, device=DEVICE, requires_grad=True)
     bias = torch.randn(32, dtype=torch.float64, device=DEVICE)
-    y = tk.block_sparse_matmul_triton(x, values, layout, bias)
+    y = triton_matmul(x, values, layout, bias)
     assert torch.equal(y, bias.expand(5, 32))
     dx, dvalues = torch.autograd.grad(y.sum(), [x, values])
     assert torch.equal(dx, torch.zeros_like(x)) and dvalues.shape == (0, 16, 16)
@@ -168,9 +173,10 @@ def test_every_output_element_written(split):
     tables = tk.layout_tables(layout, x.device)
     W = dense_weight(values, layout)
     nan = float("nan")
-    y = tk.dsd_matmul(x, values, tables, bias=bias, lowrank=(x @ v, u), out=torch.full((300, 48), nan, dtype=x.dtype))
+    y = tk.dsd_matmul(x, values, tables, bias=bias, lowrank=(x @ v, u),
+                      out=torch.full((300, 48), nan, dtype=x.dtype, device=DEVICE))
     torch.testing.assert_close(y, x @ W.T + bias + (x @ v) @ u.T)
-    g = torch.randn(300, 48, dtype=x.dtype)
+    g = torch.randn(300, 48, dtype=x.dtype, device=DEVICE)
     dx = tk.dsd_matmul(g, values, tables, transpose=True, out=torch.full_like(x, nan))
     torch.testing.assert_close(dx, g @ W)
     # split > 1 reduces float32/64 partial sums over row chunks (300 rows, chunks of 128)
@@ -233,7 +239,7 @@ def test_autocast_float16():
     """Under autocast the kernels compute in the autocast dtype; gradients return in the parameters' dtype."""
     x, values, layout, bias, _, _ = make_case(torch.float32, 16)
     with torch.autocast(DEVICE, dtype=torch.float16):
-        y = tk.block_sparse_matmul_triton(x, values, layout, bias)
+        y = triton_matmul(x, values, layout, bias)
     assert y.dtype == torch.float16
     grads = torch.autograd.grad(y.float().sum(), [x, values, bias])
     assert [g.dtype for g in grads] == [torch.float32] * 3
@@ -248,19 +254,69 @@ def test_bad_input_names_the_argument():
     x, values, layout, bias, _, _ = [t.detach() if isinstance(t, torch.Tensor) else t
                                      for t in make_case(torch.float32, 16)]
     with pytest.raises(ValueError, match="values"):
-        tk.block_sparse_matmul_triton(x, values[1:], layout)
-    with pytest.raises(ValueError, match="values"):
-        tk.block_sparse_matmul_triton(x, values[:, :8, :8], layout)
-    with pytest.raises(ValueError, match="x must have shape"):
-        tk.block_sparse_matmul_triton(x[..., :16], values, layout)
+        triton_matmul(x, values[1:], layout)
+    with pytest.raises(ValueError, match="block sizes"):
+        triton_matmul(x[..., :32], values[:, :8, :8], layout)
+    with pytest.raises(ValueError, match="in_features"):
+        triton_matmul(x[..., :16], values, layout)
     with pytest.raises(ValueError, match="bias"):
-        tk.block_sparse_matmul_triton(x, values, layout, bias[:-1])
-    with pytest.raises(TypeError, match="layout"):
-        tk.block_sparse_matmul_triton(x, values, layout.int())
+        triton_matmul(x, values, layout, bias[:-1])
+    with pytest.raises(ValueError, match="layout"):
+        triton_matmul(x, values, layout.int())
     with pytest.raises(TypeError, match="values has dtype"):
-        tk.block_sparse_matmul_triton(x, values.double(), layout)
+        triton_matmul(x, values.double(), layout)
     with pytest.raises(ValueError, match="u must be"):
-        tk.pixelfly_matmul_triton(x, values, layout, torch.ones(5, 2), torch.ones(64, 2))
+        triton_matmul(x, values, layout, None, torch.ones(5, 2, device=DEVICE), torch.ones(64, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="values is on meta"):
+        triton_matmul(x, values.to("meta"), layout)
+    with pytest.raises(TypeError, match="dtype"):  # an integer dtype the kernels do not support
+        tk.check_operands(x.reshape(-1, 64).int(), values.int(), tk.layout_tables(layout, x.device))
+
+
+def test_grid_is_one_dimensional_so_millions_of_rows_fit(monkeypatch):
+    """CUDA grids allow 2^31 - 1 programs on axis 0 but 65535 on axes 1 and 2."""
+    grids = []
+    monkeypatch.setattr(tk, "_launch", lambda kernel, args, meta, grid, *rest: grids.append(grid(1, 16)))
+    layout = torch.ones(2, 3, dtype=torch.bool)
+    rows = 2 ** 22
+    x = torch.empty(rows, 3 * 16, device="meta")
+    tk.dsd_matmul(x, torch.empty(6, 16, 16, device="meta"), tk.layout_tables(layout, "meta"))
+    assert grids == [(2 * rows // 16,)]
+
+
+TF32_API = """
+import torch
+from pixelfly_lab.kernels import tf32_allowed
+matmul = torch.backends.cuda.matmul
+seen = [tf32_allowed()]
+matmul.allow_tf32 = True                       # the legacy API
+seen.append(tf32_allowed())
+matmul.allow_tf32 = False
+seen.append(tf32_allowed())
+if hasattr(matmul, "fp32_precision"):          # the new API (torch >= 2.9): legacy reads may raise now
+    matmul.fp32_precision = "tf32"
+    seen.append(tf32_allowed())
+    matmul.fp32_precision = "ieee"
+    seen.append(tf32_allowed())
+print(seen)
+"""
+
+
+def test_tf32_detection_reads_both_torch_apis():
+    out = subprocess.run([sys.executable, "-c", TF32_API], check=True, capture_output=True, text=True).stdout
+    seen = eval(out)
+    assert seen[:3] == [False, True, False] and seen[3:] in ([], [True, False])
+
+
+@pytest.mark.parametrize("capability,dtype,tf32,block,wins", [
+    ((9, 0), torch.bfloat16, False, 64, True), ((8, 0), torch.float16, False, 128, True),
+    ((7, 5), torch.bfloat16, False, 64, False),    # no bf16 tensor cores before sm_80
+    ((9, 0), torch.float32, True, 64, True), ((9, 0), torch.float32, False, 64, False),  # FMA: cuBLAS wins
+    ((9, 0), torch.float64, True, 64, False), ((9, 0), torch.bfloat16, False, 8, False)])
+def test_auto_sends_to_triton_only_where_it_wins(monkeypatch, capability, dtype, tf32, block, wins):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(kernels, "tf32_allowed", lambda: tf32)
+    assert kernels._triton_wins(0, dtype, block) == wins
 
 
 def test_package_import_does_not_import_triton():
@@ -282,7 +338,7 @@ def test_cuda_all_blocks_and_dtypes(dtype, block):
 def test_cuda_autocast_bfloat16():
     x, values, layout, bias, u, v = make_case(torch.float32, 64, rows=(256,), rank=8)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = tk.pixelfly_matmul_triton(x, values, layout, u, v, bias)
+        y = triton_matmul(x, values, layout, bias, u, v)
     assert y.dtype == torch.bfloat16
     grads = torch.autograd.grad(y.float().sum(), [x, values, bias, u, v])
     assert all(g.dtype == torch.float32 for g in grads)

@@ -1,0 +1,163 @@
+"""torch.compile, the meta device and host syncs: the layers as a compiler and a large-model user see them.
+
+* ``torch.compile(model, fullgraph=True)`` of a Pixelfly MLP traces forward and backward through
+  the block-sparse custom ops (``torch.ops.pixelfly_lab.*``) in one graph, and matches eager in
+  values and gradients. The 'aot_eager' backend traces exactly what inductor would get (dynamo's
+  graph, AOTAutograd's forward and backward graphs) without a C++ compile, so the test stays fast.
+* No forward or backward reads a tensor back to the host: layers built on the meta device (where
+  reading a value raises) run forward and backward on meta inputs, through every backend's op.
+* Every layer constructs on the meta device and, after ``to_empty`` + ``reset_parameters``, holds
+  its structure (layout, mask) exactly and freshly drawn parameters.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from pixelfly_lab import kernels
+from pixelfly_lab.layers import (BlockSparseLinear, LowRankLinear, MaskedLinear, MonarchLinear,
+                                 PixelflyLinear, SparseLowRankLinear)
+from pixelfly_lab.masks import flat_block_butterfly_layout
+
+
+def pixelfly_mlp(backend: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(PixelflyLinear(64, 128, butterfly_size=8, n_factors=2, rank=4, block_size=8,
+                                        backend=backend),
+                         nn.GELU(),
+                         PixelflyLinear(128, 64, butterfly_size=8, n_factors=2, rank=4, block_size=8,
+                                        backend=backend)).double()
+
+
+def values_and_grads(model, x):
+    y = model(x)
+    probe = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    return y, torch.autograd.grad(y, [x, *model.parameters()], probe)
+
+
+def op_names(graph_module) -> set:
+    return {str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"}
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+def test_compiled_pixelfly_mlp_has_one_graph_and_matches_eager(backend):
+    torch._dynamo.reset()
+    model = pixelfly_mlp(backend)
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    y_eager, g_eager = values_and_grads(model, x)
+    graphs = []
+
+    def recording_aot_eager(gm, example_inputs):  # dynamo's graph, then AOTAutograd's fw/bw graphs
+        graphs.append(gm)
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def keep(g, _):
+            graphs.append(g)
+            return make_boxed_func(g)
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=recording_aot_eager)
+    y, grads = values_and_grads(compiled, x)
+    torch.testing.assert_close(y, y_eager, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, g_eager):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dynamo_graph, *aot_graphs = graphs
+    assert len(aot_graphs) == 2, "one forward and one backward graph"
+    names = set().union(*(op_names(g) for g in aot_graphs))
+    if backend == "torch":
+        assert {"pixelfly_lab.sparse_lowrank_torch.default",
+                "pixelfly_lab.sparse_lowrank_torch_backward.default"} <= names
+    if backend == "reference":  # plain torch ops, the custom ops are not used
+        assert not any(name.startswith("pixelfly_lab") for name in names)
+
+
+def test_compiled_model_has_no_graph_break():
+    torch._dynamo.reset()
+    model = pixelfly_mlp("torch")
+    explanation = torch._dynamo.explain(model)(torch.randn(4, 64, dtype=torch.float64))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_forward_and_backward_run_on_meta_tensors(backend):
+    """Meta tensors have no values: any read of one on the host (.item(), int(t.sum())) raises."""
+    model = pixelfly_mlp(backend)
+    meta = nn.Sequential(*model).to("meta")
+    x = torch.empty(7, 64, dtype=torch.float64, device="meta", requires_grad=True)
+    y = meta(x)
+    assert y.shape == (7, 64) and y.is_meta
+    grads = torch.autograd.grad(y.sum(), [x, *meta.parameters()])
+    assert [g.shape for g in grads] == [x.shape] + [p.shape for p in meta.parameters()]
+
+
+def layers_to_build():
+    layout = flat_block_butterfly_layout(64, 32, 4, 1, 8)
+    mask = torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) < 0.3
+    return {
+        "masked": lambda **f: MaskedLinear(32, 64, mask, **f),
+        "blocksparse": lambda **f: BlockSparseLinear(32, 64, layout, 8, **f),
+        "lowrank": lambda **f: LowRankLinear(32, 64, 4, **f),
+        "sparse_lowrank": lambda **f: SparseLowRankLinear(32, 64, layout, 8, rank=3, **f),
+        "pixelfly": lambda **f: PixelflyLinear(32, 64, butterfly_size=4, n_factors=2, rank=2, block_size=8, **f),
+        "monarch": lambda **f: MonarchLinear(32, 64, 4, **f),
+    }
+
+
+@pytest.mark.parametrize("name", list(layers_to_build()))
+def test_every_layer_constructs_on_meta_then_materialises(name):
+    build = layers_to_build()[name]
+    torch.manual_seed(0)
+    reference = build()
+    layer = build(device="meta")
+    assert all(t.is_meta for t in [*layer.parameters(), *layer.buffers()])
+    layer.to_empty(device="cpu")
+    for module in layer.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    for (key, got), want in zip(layer.state_dict().items(), reference.state_dict().values()):
+        assert got.shape == want.shape, key
+        if got.dtype == torch.bool:             # structure: restored exactly
+            assert torch.equal(got, want), key
+        else:                                    # parameters: drawn afresh at the reference's scale
+            assert torch.isfinite(got).all(), key
+            ratio = (got.float().std() / want.float().std()).item()
+            assert 0.5 < ratio < 2.0, (key, ratio)
+    x = torch.randn(5, 32)
+    bias = 0 if layer.bias is None else layer.bias
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight().T + bias, rtol=1e-4, atol=1e-5)
+
+
+def test_loading_a_state_dict_with_another_layout_takes_the_new_layout():
+    a = BlockSparseLinear(32, 32, torch.eye(4, dtype=torch.bool), 8)
+    other = torch.eye(4, dtype=torch.bool).flip(0)
+    b = BlockSparseLinear(32, 32, other, 8)
+    a.load_state_dict(b.state_dict())
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(a(x), b(x))
+    assert kernels.registered_layout(a._layout_key).layout.equal(other)
+
+
+def test_registered_layouts_are_validated_and_shared():
+    layout = torch.tensor([[True, False], [True, True]])
+    key = kernels.register_layout(layout, 4)
+    assert kernels.register_layout(layout.clone(), 4) == key
+    assert kernels.register_layout(layout, 8) != key
+    entry = kernels.registered_layout(key)
+    assert (entry.nnz, entry.out_features, entry.in_features) == (3, 8, 8)
+    with pytest.raises(ValueError, match="layout"):
+        kernels.register_layout(layout.int(), 4)
+    with pytest.raises(ValueError, match="block_size"):
+        kernels.register_layout(layout, 0)
+    with pytest.raises(ValueError, match="layout_key"):
+        kernels.registered_layout(-5)
+    values = torch.randn(3, 4, 4)
+    with pytest.raises(ValueError, match="layout_key"):  # a key of another shape
+        kernels.block_sparse_matmul(torch.randn(2, 8), values, layout,
+                                    layout_key=kernels.register_layout(torch.ones(2, 3, dtype=torch.bool), 4))
+
+
+def test_operands_on_another_device_are_refused():
+    layout = torch.eye(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="values is on meta"):
+        kernels.block_sparse_matmul(torch.randn(3, 8), torch.randn(2, 4, 4, device="meta"), layout)
