@@ -31,7 +31,7 @@ from .kernels import (BACKENDS, block_sparse_matmul, blocks_to_dense, check_inpu
 from .masks import _check_int, flat_block_butterfly_layout, layout_to_mask
 from .patterns import Pattern, PixelflyPlan, plan_pixelfly
 
-__all__ = ["StructuredLinear", "MaskedLinear", "BlockSparseLinear", "LowRankLinear",
+__all__ = ["LOWRANK_INITS", "StructuredLinear", "MaskedLinear", "BlockSparseLinear", "LowRankLinear",
            "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear", "ButterflyLinear",
            "layer_from_pattern"]
 
@@ -270,34 +270,51 @@ class BlockSparseLinear(StructuredLinear):
                 f"backend={self.backend!r}")
 
 
+LOWRANK_INITS = ("svd", "kaiming")
+
+
 class LowRankLinear(StructuredLinear):
     """y = x V U^T + bias: W = U V^T with U (out_features, rank), V (in_features, rank).
 
-    Init: the best rank-r approximation (truncated SVD) of an nn.Linear initialisation
-    W0 = A diag(s) B^T, split evenly: U = A_r diag(sqrt(s_r)), V = B_r diag(sqrt(s_r)).
-    Computed by torch.svd_lowrank (randomised, rank + 16 directions, 2 power iterations): U and V
-    are exactly balanced, the singular values close to the exact top ones, at a few GEMMs' cost.
+    Init (``init=``):
+
+    * 'svd' (default): the best rank-r approximation (truncated SVD) of an nn.Linear
+      initialisation W0 = A diag(s) B^T, split evenly: U = A_r diag(sqrt(s_r)),
+      V = B_r diag(sqrt(s_r)). Computed by torch.svd_lowrank (randomised, rank + 16 directions,
+      2 power iterations): U and V are exactly balanced, the singular values close to the exact
+      top ones, at a few GEMMs' cost. W starts as the part of a dense init a rank-r matrix can hold.
+    * 'kaiming': the two factors drawn like two stacked nn.Linear layers in -> rank -> out, as
+      the authors' released low-rank layer: V ~ U(-1/sqrt(in), 1/sqrt(in)),
+      U ~ U(-1/sqrt(rank), 1/sqrt(rank)) (kaiming-uniform with a = sqrt(5), torch's default).
 
     Attributes:
-        u: Parameter (out_features, rank); v: Parameter (in_features, rank).
+        u: Parameter (out_features, rank); v: Parameter (in_features, rank); init.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None):
+                 init: str = "svd", device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
         self.rank = _check_int("rank", rank)
         if rank > min(in_features, out_features):
             raise ValueError(f"rank must be <= min(in_features, out_features)="
                              f"{min(in_features, out_features)}, got {rank}")
+        if init not in LOWRANK_INITS:
+            raise ValueError(f"init must be one of {LOWRANK_INITS}, got {init!r}")
+        self.init = init
         self.u = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.v = nn.Parameter(torch.empty(in_features, rank, **factory))
         self._make_bias(bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Re-draw U, V (the truncated SVD of a fresh nn.Linear weight, on the host) and the bias."""
+        """Re-draw U, V (by ``init``; 'svd' computes on the host) and the bias."""
         rank, in_features, out_features = self.rank, self.in_features, self.out_features
+        if self.init == "kaiming":
+            _uniform_(self.v, 1.0 / math.sqrt(in_features))
+            _uniform_(self.u, 1.0 / math.sqrt(rank))
+            self._reset_bias()
+            return
         with torch.no_grad():
             # on the host in float32 (float64 for a float64 layer), randomised at every size: an
             # exact float64 SVD of a 3072x768 matrix costs ~1 s, a third of a minute per GPT-2 in
@@ -321,7 +338,7 @@ class LowRankLinear(StructuredLinear):
         return self.rank * (self.in_features + self.out_features)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, rank={self.rank}"
+        return f"{super().extra_repr()}, rank={self.rank}" + (f", init={self.init!r}" if self.init != "svd" else "")
 
 
 class SparseLowRankLinear(StructuredLinear):
@@ -332,23 +349,36 @@ class SparseLowRankLinear(StructuredLinear):
         layout: bool block layout of S; block_size: its block edge.
         rank: rank of U V^T (0 = none, then ``lowrank`` is None).
         bias: learn a bias (held here; the sub-modules have none).
-        gating: the released Pixelfly code's mix y = (1 - g) S x + g U V^T x + bias with
-            g = sigmoid(w^T x + c) per row of x (``gate`` = nn.Linear(in_features, 1)).
-            A gated layer is not linear in x, so it has no dense_weight().
+        gating: False (default): y = S x + U V^T x + bias. True: the released Pixelfly code's mix
+            y = (1 - g) S x + g U V^T x + bias with g = sigmoid(w^T x + c) per row of x
+            (``gate`` = nn.Linear(in_features, 1), default init). A gated layer is not linear in
+            x, so it has no dense_weight(): test it against that formula.
+        lowrank_init: 'svd' (default) or 'kaiming', the init of U and V (see :class:`LowRankLinear`).
         backend: kernel backend of the sparse part (see :class:`BlockSparseLinear`).
+
+    The authors' released layer is gated with kaiming-initialised factors
+    (``gating=True, lowrank_init='kaiming'``). Ours defaults to the ungated sum with SVD factors
+    because that layer is linear: it has a dense weight (the oracle every fast path, projection
+    and sparsify init is tested against), runs as one fused sparse + low-rank kernel call, and
+    keeps the structured NTK rules exact; the SVD init starts U V^T as the best rank-r part of a
+    dense init instead of a random product. Both are a keyword away, and the studies run both.
 
     Sub-modules: ``sparse`` (BlockSparseLinear, no bias), ``lowrank`` (LowRankLinear, no bias).
     Ungated, both run in one fused kernel call (:func:`pixelfly_lab.kernels.sparse_lowrank_matmul`).
     """
 
     def __init__(self, in_features: int, out_features: int, layout: torch.Tensor, block_size: int,
-                 rank: int = 0, bias: bool = True, gating: bool = False, backend: str = "auto",
-                 device=None, dtype=None):
+                 rank: int = 0, bias: bool = True, gating: bool = False, lowrank_init: str = "svd",
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
+        if not isinstance(gating, bool):
+            raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
+        if lowrank_init not in LOWRANK_INITS:
+            raise ValueError(f"lowrank_init must be one of {LOWRANK_INITS}, got {lowrank_init!r}")
         self.sparse = BlockSparseLinear(in_features, out_features, layout, block_size, bias=False,
                                         backend=backend, **factory)
-        self.lowrank = (LowRankLinear(in_features, out_features, rank, bias=False, **factory)
+        self.lowrank = (LowRankLinear(in_features, out_features, rank, bias=False, init=lowrank_init, **factory)
                         if _check_int("rank", rank, 0) else None)
         self.gate = nn.Linear(in_features, 1, **factory) if gating else None
         self._init_bias(bias, factory)
@@ -413,7 +443,9 @@ class PixelflyLinear(SparseLowRankLinear):
         budget: fraction of dense parameters, instead of the three above.
         shuffle, global_size: layout options of
             :func:`pixelfly_lab.masks.flat_block_butterfly_layout`.
-        bias, gating, backend: as :class:`SparseLowRankLinear`.
+        bias, gating, lowrank_init, backend: as :class:`SparseLowRankLinear`; the authors'
+            released layer is ``gating=True, lowrank_init='kaiming'``, ours defaults to the
+            ungated, SVD-initialised sum (why: see :class:`SparseLowRankLinear`).
 
     Attributes:
         plan: the :class:`pixelfly_lab.patterns.PixelflyPlan` used (budget = exact fraction).
@@ -422,7 +454,8 @@ class PixelflyLinear(SparseLowRankLinear):
     def __init__(self, in_features: int, out_features: int, *, butterfly_size: int | None = None,
                  n_factors: int | None = None, rank: int | None = None, block_size: int = 32,
                  budget: float | None = None, shuffle: bool = False, global_size: int = 0,
-                 bias: bool = True, gating: bool = False, backend: str = "auto", device=None, dtype=None):
+                 bias: bool = True, gating: bool = False, lowrank_init: str = "svd", backend: str = "auto",
+                 device=None, dtype=None):
         if budget is not None:
             if butterfly_size is not None or n_factors is not None or rank is not None:
                 raise ValueError("give either budget or (butterfly_size, n_factors, rank), not both")
@@ -434,7 +467,7 @@ class PixelflyLinear(SparseLowRankLinear):
         layout = flat_block_butterfly_layout(out_features, in_features, butterfly_size, n_factors,
                                              block_size, shuffle=shuffle, global_size=global_size)
         super().__init__(in_features, out_features, layout, block_size, rank, bias=bias, gating=gating,
-                         backend=backend, device=device, dtype=dtype)
+                         lowrank_init=lowrank_init, backend=backend, device=device, dtype=dtype)
         self.butterfly_size, self.n_factors = butterfly_size, n_factors
         self.shuffle, self.global_size = shuffle, global_size
         self.plan = PixelflyPlan(butterfly_size, n_factors, block_size, rank, self.budget)
@@ -525,13 +558,16 @@ class MonarchLinear(StructuredLinear):
         return f"{super().extra_repr()}, nblocks={self.nblocks}"
 
 
-def layer_from_pattern(pattern: Pattern, bias: bool = True, backend: str = "auto",
-                       device=None, dtype=None) -> nn.Module:
+def layer_from_pattern(pattern: Pattern, bias: bool = True, backend: str = "auto", *, gating: bool = False,
+                       lowrank_init: str = "svd", device=None, dtype=None) -> nn.Module:
     """The layer that implements ``pattern`` (from :func:`pixelfly_lab.patterns.make_pattern`).
 
     dense -> nn.Linear; Monarch -> MonarchLinear(nblocks); low-rank only -> LowRankLinear;
     layout without rank -> BlockSparseLinear; 'pixelfly' -> PixelflyLinear; any other layout
     with a rank -> SparseLowRankLinear. The layer's weight_params equal ``pattern.params``.
+    ``gating`` and ``lowrank_init`` (see :class:`SparseLowRankLinear`) apply to the layers with
+    a sparse and a low-rank part ('pixelfly', 'X+lowrank'); ``lowrank_init`` also to 'lowrank';
+    the other layers have nothing to gate or no factors to initialise.
 
     Example:
         >>> from pixelfly_lab.patterns import make_pattern
@@ -541,18 +577,23 @@ def layer_from_pattern(pattern: Pattern, bias: bool = True, backend: str = "auto
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a pixelfly_lab.patterns.Pattern, got {type(pattern).__name__}")
     p, factory = pattern, {"device": device, "dtype": dtype}
+    if not isinstance(gating, bool):
+        raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
+    if lowrank_init not in LOWRANK_INITS:
+        raise ValueError(f"lowrank_init must be one of {LOWRANK_INITS}, got {lowrank_init!r}")
+    mixed = dict(gating=gating, lowrank_init=lowrank_init)
     if p.is_dense:
         return nn.Linear(p.in_features, p.out_features, bias=bias, **factory)
     if p.nblocks:
         return MonarchLinear(p.in_features, p.out_features, p.nblocks, bias=bias, **factory)
     if p.layout is None:
-        return LowRankLinear(p.in_features, p.out_features, p.rank, bias=bias, **factory)
+        return LowRankLinear(p.in_features, p.out_features, p.rank, bias=bias, init=lowrank_init, **factory)
     if p.name == "pixelfly" and p.plan is not None:   # a Pixelfly layer even when its plan has rank 0
         return PixelflyLinear(p.in_features, p.out_features, butterfly_size=p.plan.butterfly_size,
                               n_factors=p.plan.n_factors, rank=p.rank, block_size=p.block_size,
-                              bias=bias, backend=backend, **factory)
+                              bias=bias, backend=backend, **mixed, **factory)
     if p.rank == 0:
         return BlockSparseLinear(p.in_features, p.out_features, p.layout, p.block_size, bias=bias,
                                  backend=backend, **factory)
     return SparseLowRankLinear(p.in_features, p.out_features, p.layout, p.block_size, p.rank,
-                               bias=bias, backend=backend, **factory)
+                               bias=bias, backend=backend, **mixed, **factory)

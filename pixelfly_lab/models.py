@@ -280,13 +280,16 @@ def _check_pattern_args(pattern, budget, block_size) -> None:
 
 
 def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", budget: float = 0.25,
-                   block_size: int = 16, seed: int = 0):
+                   block_size: int = 16, seed: int = 0, *, gating: bool = False, lowrank_init: str = "svd"):
     """Replace the nn.Linear layers the paper sparsifies (:data:`SPARSIFY_WHERE`) by sparse ones.
 
     Args:
         model: a model from :func:`build_model` (changed in place).
         family: its family, one of :data:`MODEL_NAMES`.
         pattern, budget, block_size, seed: passed to :func:`pixelfly_lab.sparsify.sparsify`.
+        gating, lowrank_init: options of the sparse + low-rank layers (see
+            :class:`pixelfly_lab.layers.SparseLowRankLinear`), passed to ``sparsify`` when not
+            the defaults.
 
     Returns:
         The sparsify report (DataFrame, one row per replaced layer); empty for 'dense'.
@@ -296,16 +299,24 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
     if family not in SPARSIFY_WHERE:
         raise ValueError(f"unknown model name {family!r}; known: {', '.join(MODEL_NAMES)}")
     _check_pattern_args(pattern, budget, block_size)
+    if not isinstance(gating, bool):
+        raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
+    if lowrank_init not in ("svd", "kaiming"):    # pixelfly_lab.layers.LOWRANK_INITS (not imported for dense)
+        raise ValueError(f"lowrank_init must be 'svd' or 'kaiming', got {lowrank_init!r}")
     if pattern == "dense":
         return pd.DataFrame()
     from .sparsify import sparsify  # the layers module is only needed for sparse models
 
+    # only options that differ from the defaults are passed, so the call stays the plain one
+    options = {key: value for key, value, default in (("gating", gating, False), ("lowrank_init", lowrank_init, "svd"))
+               if value != default}
     return sparsify(model, pattern=pattern, budget=budget, include=list(SPARSIFY_WHERE[family]),
-                    block_size=block_size, seed=seed)
+                    block_size=block_size, seed=seed, **options)
 
 
 def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", budget: float = 1.0,
-                block_size: int = 16, seed: int = 0, patch: int | None = None, **overrides) -> nn.Module:
+                block_size: int = 16, seed: int = 0, patch: int | None = None, gating: bool = False,
+                lowrank_init: str = "svd", **overrides) -> nn.Module:
     """Build a model for a data set, sparsified where the paper does.
 
     Args:
@@ -317,6 +328,10 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
             block 16 suits hidden widths 64-256, 32 matches the released code at GPT-2 widths.
         seed: seeds the initial weights (the global RNG is left as it was).
         patch: patch edge for float inputs to mixer/vit; default :func:`default_patch`.
+        gating, lowrank_init: the sparse + low-rank layers' options (see
+            :class:`pixelfly_lab.layers.SparseLowRankLinear`): ``gating=True,
+            lowrank_init='kaiming'`` is the authors' released Pixelfly layer; the defaults (ungated,
+            SVD init) keep each layer linear with a dense weight.
         **overrides: ModelSize fields (dim, depth, heads, mlp_ratio) replacing the preset's.
 
     Returns:
@@ -366,5 +381,6 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
             model = Transformer(seq_len, spec.dim, spec.depth, spec.heads, data.n_outputs, causal=name == "gpt",
                                 mlp_ratio=spec.mlp_ratio, per_token=lm, **extra)
         model.family, model.dense_params = name, count_params(model)
-        model.report = sparsify_model(model, name, pattern, budget, block_size, seed)
+        model.report = sparsify_model(model, name, pattern, budget, block_size, seed, gating=gating,
+                                      lowrank_init=lowrank_init)
     return model

@@ -43,6 +43,9 @@ def _models():
         "lowrank": (lambda: _mlp(layers.LowRankLinear(16, 16, 3)), (6,)),
         "monarch": (lambda: _mlp(layers.MonarchLinear(16, 16, 4)), (6,)),
         "gated": (lambda: _mlp(layers.SparseLowRankLinear(16, 16, layout, 4, rank=2, gating=True)), (6,)),
+        # the authors' layer: gated, kaiming factors (no structured rule: the gate declines it)
+        "pixelfly_gated": (lambda: _mlp(layers.PixelflyLinear(16, 16, budget=0.7, block_size=4, gating=True,
+                                                              lowrank_init="kaiming")), (6,)),
         # weights shared over tokens and channels, LayerNorm parameters on the Jacobian path
         "mixer": (lambda: (torch.manual_seed(0), Mixer((1, 4, 4), 2, 8, 1, 2).double())[1], (1, 4, 4)),
     }
