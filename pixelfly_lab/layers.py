@@ -5,7 +5,7 @@ a dense (out_features, in_features) tensor through ``dense_weight()``, the oracl
 is tested against. ``weight_params`` counts the stored weight entries (bias excluded) and
 ``budget`` = weight_params / (in_features * out_features), the quantity
 :func:`pixelfly_lab.patterns.make_pattern` budgets. ``ButterflyLinear`` lives in
-:mod:`pixelfly_lab.butterfly` (also importable from here).
+:mod:`pixelfly_lab.butterfly`, which builds on this module.
 
 Papers: Pixelfly = flat block butterfly + low-rank (Dao, Chen et al., ICLR 2022,
 arXiv 2112.00029); Monarch M = P L P^T R (Dao et al., ICML 2022, arXiv 2204.00595).
@@ -26,21 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import (BACKENDS, block_sparse_matmul, blocks_to_dense, check_input_width,
-                      register_layout, registered_layout, sparse_lowrank_matmul)
-from .masks import _check_int, flat_block_butterfly_layout, layout_to_mask
+from ._checks import check_input_width, check_int
+from .kernels import (BACKENDS, block_sparse_matmul, blocks_to_dense, register_layout, registered_layout,
+                      sparse_lowrank_matmul)
+from .masks import flat_block_butterfly_layout, layout_to_mask
 from .patterns import Pattern, PixelflyPlan, plan_pixelfly
 
 __all__ = ["LOWRANK_INITS", "StructuredLinear", "MaskedLinear", "BlockSparseLinear", "LowRankLinear",
-           "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear", "ButterflyLinear",
+           "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear",
            "layer_from_pattern"]
-
-
-def __getattr__(name):  # ButterflyLinear lives in butterfly.py, which imports this module
-    if name == "ButterflyLinear":
-        from .butterfly import ButterflyLinear
-        return ButterflyLinear
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_divides(name: str, value: int, in_features: int, out_features: int) -> None:
@@ -71,8 +65,8 @@ class StructuredLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.in_features = _check_int("in_features", in_features)
-        self.out_features = _check_int("out_features", out_features)
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
 
     def _init_bias(self, bias: bool, factory: dict) -> None:
         """Bias like nn.Linear's: U(-1/sqrt(in), 1/sqrt(in)), or None."""
@@ -200,7 +194,7 @@ class BlockSparseLinear(StructuredLinear):
                  bias: bool = True, backend: str = "auto", device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        self.block_size = _check_int("block_size", block_size)
+        self.block_size = check_int("block_size", block_size)
         _check_divides("block_size", block_size, in_features, out_features)
         shape = (out_features // block_size, in_features // block_size)
         if not isinstance(layout, torch.Tensor) or tuple(layout.shape) != shape:
@@ -295,7 +289,7 @@ class LowRankLinear(StructuredLinear):
                  init: str = "svd", device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        self.rank = _check_int("rank", rank)
+        self.rank = check_int("rank", rank)
         if rank > min(in_features, out_features):
             raise ValueError(f"rank must be <= min(in_features, out_features)="
                              f"{min(in_features, out_features)}, got {rank}")
@@ -379,7 +373,7 @@ class SparseLowRankLinear(StructuredLinear):
         self.sparse = BlockSparseLinear(in_features, out_features, layout, block_size, bias=False,
                                         backend=backend, **factory)
         self.lowrank = (LowRankLinear(in_features, out_features, rank, bias=False, init=lowrank_init, **factory)
-                        if _check_int("rank", rank, 0) else None)
+                        if check_int("rank", rank, 0) else None)
         self.gate = nn.Linear(in_features, 1, **factory) if gating else None
         self._init_bias(bias, factory)
 
@@ -511,7 +505,7 @@ class MonarchLinear(StructuredLinear):
                  device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        self.nblocks = _check_int("nblocks", nblocks)
+        self.nblocks = check_int("nblocks", nblocks)
         _check_divides("nblocks", nblocks, in_features, out_features)
         m, s = in_features // nblocks, out_features // nblocks
         q = min(in_features, out_features) // nblocks
