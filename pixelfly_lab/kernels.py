@@ -289,10 +289,17 @@ def _torch_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[tor
     return y, x2.new_empty(x2.shape[0], 0) if z is None else z
 
 
-@_torch_forward_op.register_fake
-def _(x2, values, bias, u, v, layout_key):
+def _forward_fake(x2, values, bias, u, v, layout_key):
+    """Shapes of a forward op's outputs (what torch.compile and the meta device see)."""
     rank = 0 if u is None else u.shape[1]
     return x2.new_empty(x2.shape[0], _REGISTRY[layout_key].out_features), x2.new_empty(x2.shape[0], rank)
+
+
+def _backward_fake(gy, x2, values, u, v, z, layout_key, needed):
+    return _grad_shapes(x2, values, u, v, _REGISTRY[layout_key], needed)
+
+
+_torch_forward_op.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_torch_backward", mutates_args=())
@@ -305,9 +312,7 @@ def _torch_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor,
     return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
 
 
-@_torch_backward_op.register_fake
-def _(gy, x2, values, u, v, z, layout_key, needed):
-    return _grad_shapes(x2, values, u, v, _REGISTRY[layout_key], needed)
+_torch_backward_op.register_fake(_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -345,10 +350,7 @@ def _triton_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[to
     return y, x2.new_empty(x2.shape[0], 0) if t is None else t
 
 
-@_triton_forward_op.register_fake
-def _(x2, values, bias, u, v, layout_key):
-    rank = 0 if u is None else u.shape[1]
-    return x2.new_empty(x2.shape[0], _REGISTRY[layout_key].out_features), x2.new_empty(x2.shape[0], rank)
+_triton_forward_op.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton_backward", mutates_args=())
@@ -362,9 +364,7 @@ def _triton_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor
     return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
 
 
-@_triton_backward_op.register_fake
-def _(gy, x2, values, u, v, t, layout_key, needed):
-    return _grad_shapes(x2, values, u, v, _REGISTRY[layout_key], needed)
+_triton_backward_op.register_fake(_backward_fake)
 
 
 torch.library.register_autograd("pixelfly_lab::sparse_lowrank_triton", _backward_with(_triton_backward_op),

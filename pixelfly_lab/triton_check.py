@@ -64,6 +64,7 @@ class Resources:
     spill_loads: int
     seconds: float
     model_fits: bool = True   # what the pruning model predicted for this config
+    model_shared: int = 0     # the model's shared memory bytes
 
     @property
     def ok(self) -> bool:
@@ -235,9 +236,11 @@ def compile_variant(v: Variant, arch: int, every_config: bool = False) -> list[R
         fits = saved[1](v.kernel, v.block, config["GROUP"], config["BLOCK_M"], config["num_warps"],
                         config["num_stages"], _DTYPES[v.dtype].itemsize, precision=v.precision,
                         lowrank=v.lowrank, smem_limit=tk.SMEM_BY_ARCH[arch])
+        shared = tk._shared_bytes(v.kernel, v.block, config["GROUP"], config["BLOCK_M"], config["num_stages"],
+                                  _DTYPES[v.dtype].itemsize, v.lowrank)
         name = " ".join(f"{k}={config[k]}" for k in ("BLOCK_M", "GROUP", "num_warps", "num_stages"))
         out.append(Resources(v, arch, name, int(kernel.metadata.shared), regs, stack, stores, loads, seconds,
-                             fits))
+                             fits, shared))
     return out
 
 

@@ -296,21 +296,24 @@ def _smem_limit(device: torch.device) -> int:
 
 
 def _shared_bytes(kernel: str, block: int, group: int, block_m: int, stages: int, size: int,
-                  lowrank: bool) -> int:
+                  lowrank: bool = False, block_r: int = 64) -> int:
     """Model of the shared memory of a config: ``stages`` buffers of the pipelined tiles.
 
     dsd per stage: a (BLOCK_M x b) input tile + a (b x GROUP*b) weight tile; the fused low-rank
-    epilogue adds one (BLOCK_M x 64 + 64 x GROUP*b) buffer. sdd per stage: (BLOCK_M x GROUP*b) of
-    g + (BLOCK_M x b) of x. Checked against Triton's own count for every config by
-    tests/test_triton_compile.py (the model is an upper bound within the pruning margin).
+    epilogue's loop is pipelined too, with (BLOCK_M x BLOCK_R) + (BLOCK_R x GROUP*b) tiles, in the
+    same buffers (the larger of the two loops counts). sdd per stage: (BLOCK_M x GROUP*b) of g +
+    (BLOCK_M x b) of x. Fitted to Triton 3.7's allocation at sm_80 and sm_90, where it is exact
+    for the pipelined loops and an upper bound otherwise; pixelfly_lab.triton_check checks it
+    against real compiles (tests/test_triton_compile.py).
     """
     width = group * block
     if kernel == "dsd":
         per_stage = block_m * block + block * width
-        extra = (block_m + width) * 64 if lowrank else 0
+        if lowrank:
+            per_stage = max(per_stage, block_m * block_r + block_r * width)
     else:
-        per_stage, extra = block_m * (width + block), 0
-    return (stages * per_stage + extra) * size
+        per_stage = block_m * (width + block)
+    return stages * per_stage * size
 
 
 def _acc_per_thread(kernel: str, block: int, group: int, block_m: int, warps: int) -> int:
@@ -319,28 +322,28 @@ def _acc_per_thread(kernel: str, block: int, group: int, block_m: int, warps: in
     return (block_m * width if kernel == "dsd" else width * block) // (32 * warps)
 
 
-# Register model: the accumulator a thread may hold with no spill (255 registers a thread; the
-# rest hold addresses, operand fragments and the pipeline's state). Fitted to real compiles at
-# sm_80 and sm_90 (tests/test_triton_compile.py): tensor-core dots (16-bit inputs, TF32) keep
-# 128 accumulator floats spill-free; the fused low-rank epilogue (a second dot of the same
-# output tile) needs room for 64 more; FMA dots (float32 without TF32, float64) hold their
-# operands in registers and only fit 32 (float64 takes two registers per element: 16).
+# Register model: the accumulator elements a thread may hold with no spill (255 registers a
+# thread; the rest hold addresses, operand fragments and the pipeline's state). Measured with
+# pixelfly_lab.triton_check (Triton 3.7, sm_90): tensor-core dots (16-bit inputs, TF32) use
+# ~120-160 registers at 64 accumulator floats a thread and 220-252 at 128, at the edge (the
+# review of issue 12, with another Triton, saw those spill, the fused low-rank epilogue adding
+# ~750 B), so 64 is the limit; FMA dots (float32 without TF32) keep their operands in registers
+# too: 128-206 registers at 16-32 floats; float64 takes two registers an element: 16.
 def _max_acc(precision: str, size: int, lowrank: bool) -> int:
     if size == 8:
         return 16
-    if precision == "ieee":
-        return 32
-    return 64 if lowrank else 128
+    return 32 if precision == "ieee" else 64
 
 
 def _fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages: int, size: int, *,
-          precision: str = "tf32", lowrank: bool = False, smem_limit: int = min(SMEM_BY_ARCH.values())) -> bool:
+          precision: str = "tf32", lowrank: bool = False, block_r: int = 64,
+          smem_limit: int = min(SMEM_BY_ARCH.values())) -> bool:
     """Whether a config fits: shared memory within ``smem_limit`` and no register spill (the models
     above); under the interpreter (numpy: no registers, no shared memory) only the tile width counts."""
     if _INTERPRET:
         return group * block <= _MAX_TILE_N
     return (group * block <= _MAX_TILE_N
-            and _shared_bytes(kernel, block, group, block_m, stages, size, lowrank) <= smem_limit
+            and _shared_bytes(kernel, block, group, block_m, stages, size, lowrank, block_r) <= smem_limit
             and _acc_per_thread(kernel, block, group, block_m, warps) <= _max_acc(precision, size, lowrank))
 
 
@@ -360,7 +363,7 @@ def _fit_args(kernel: str, named_args: dict, meta: dict) -> dict:
     """The _fits keywords of one launch: precision, fused low rank, the device's shared memory."""
     tensor = named_args["a_ptr" if kernel == "dsd" else "g_ptr"]
     return dict(precision=meta["PRECISION"], lowrank=bool(meta.get("HAS_LOWRANK", False)),
-                smem_limit=_smem_limit(tensor.device))
+                block_r=meta.get("BLOCK_R", 64), smem_limit=_smem_limit(tensor.device))
 
 
 def _pruner(kernel: str):
