@@ -6,12 +6,18 @@ Three measurements (Dao, Chen et al., "Pixelated Butterfly", ICLR 2022, arXiv 21
    and its first-order term, the flat butterfly I + lam sum_k B_k, differ by
    lam^2 sum_{i > j} B_i B_j + O(lam^3), so the gap ||prod - flat||_F / ||flat||_F shrinks as
    lam^2: slope 2 on a log-log plot (:func:`residual_flat_gap`, :func:`loglog_slope`).
+   Relative to the perturbation ||R - I|| the gap is O(lam) (slope 1).
 2. Sparse + low-rank (Thm 2, Sec. 4): at a fixed budget, moving the low-rank share from 0
    (sparse alone) to 1 (low-rank alone) traces a U-shaped error curve whose interior beats both
    ends on sparse + low-rank and attention targets (:func:`lowrank_share_sweep`).
 3. Exactness (Dao et al., ICML 2019, arXiv 1903.05895): butterfly products represent the DFT and
    Hadamard transforms exactly with 2 n log2 n parameters, while flat and block butterflies with
    the same budget trade that exactness for hardware-friendly sparsity (:func:`exact_butterflies`).
+   Block butterfly products (b x b blocks) against butterfly products with as many parameters,
+   fitted to the butterfly family's own targets (:func:`block_vs_butterfly`; Sec. 3.2).
+4. Lazy training (Thm 3): as the width grows, the NTK of a network whose hidden layer is a flat
+   block butterfly moves less during full-batch gradient descent while the loss still goes to
+   ~0, as for a dense network (:func:`ntk_change_vs_width`).
 
 Example:
     >>> df = residual_flat_gap(16, [1e-3, 1e-2])
@@ -20,6 +26,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -30,7 +38,8 @@ from .projections import few_threads, relative_error
 from .targets import random_butterfly_factors, target_matrix
 
 __all__ = ["residual_flat_gap", "loglog_slope", "lowrank_share_sweep", "exact_butterflies", "plot_residual_flat_gap",
-           "plot_lowrank_share_sweep", "plot_exact_butterflies"]
+           "plot_lowrank_share_sweep", "plot_exact_butterflies", "block_butterfly_factor_masks", "fit_factor_product",
+           "block_vs_butterfly", "plot_block_vs_butterfly", "ntk_change_vs_width", "plot_ntk_change"]
 
 
 def residual_flat_gap(n: int = 64, lams=None, seed: int = 0) -> pd.DataFrame:
@@ -43,8 +52,12 @@ def residual_flat_gap(n: int = 64, lams=None, seed: int = 0) -> pd.DataFrame:
 
     Returns:
         DataFrame with columns lam, gap = ||R - F||_F / ||F||_F where
-        R = (I + lam B_n) ... (I + lam B_2) and F = I + lam (B_2 + ... + B_n), and
-        gap_over_lam2 = gap / lam^2 (constant in the lam -> 0 limit).
+        R = (I + lam B_n) ... (I + lam B_2) and F = I + lam (B_2 + ... + B_n),
+        gap_over_lam2 = gap / lam^2 (constant in the lam -> 0 limit), and gap_over_change =
+        ||R - F||_F / ||R - I||_F: the gap relative to what the residual adds to the identity,
+        O(lam) (slope 1), since R - I = lam sum B_k + O(lam^2). Relative to ||F|| ~ ||I|| the gap
+        looks O(lam^2) only because the identity dominates both; relative to the perturbation the
+        flat butterfly's first-order error is O(lam).
     """
     lams = np.logspace(-4, 0, 15) if lams is None else np.asarray(lams, dtype=float)
     if lams.ndim != 1 or not len(lams) or not np.all(lams > 0):
@@ -60,7 +73,8 @@ def residual_flat_gap(n: int = 64, lams=None, seed: int = 0) -> pd.DataFrame:
                 residual = (eye + lam * factor) @ residual
         flat = eye + lam * total
         gap = relative_error(flat, residual)
-        rows.append(dict(lam=float(lam), gap=gap, gap_over_lam2=gap / lam ** 2))
+        change = (torch.linalg.norm(residual - flat) / torch.linalg.norm(residual - eye)).item()
+        rows.append(dict(lam=float(lam), gap=gap, gap_over_lam2=gap / lam ** 2, gap_over_change=change))
     return pd.DataFrame(rows)
 
 
@@ -187,3 +201,205 @@ def plot_exact_butterflies(df: pd.DataFrame, n: int):
     fig.tight_layout()
     return fig
 
+
+
+# ------------------------------------------------------------- block butterfly vs butterfly
+
+def block_butterfly_factor_masks(n: int, block_size: int = 1, n_factors: int | None = None) -> list[torch.Tensor]:
+    """Supports of the factors of a block butterfly product of size n with b x b blocks.
+
+    Factor k (k = 0, 1, ...) keeps block (i, j) of the (n/b, n/b) block grid when i XOR j is 0
+    or 2^(k mod log2(n/b)), each kept block dense b x b: 2 n b entries per factor (b = 1: the
+    butterfly factors B_2, B_4, ..., of 2 n entries). ``n_factors`` beyond log2(n/b) cycles
+    through the strides again (a deeper composition); default log2(n/b), whose product's
+    support is dense.
+    """
+    from .masks import butterfly_factor_mask
+
+    if n % block_size or n // block_size < 2 or (n // block_size) & (n // block_size - 1):
+        raise ValueError(f"n / block_size must be a power of two >= 2, got n={n}, block_size={block_size}")
+    grid = n // block_size
+    depth = grid.bit_length() - 1
+    n_factors = depth if n_factors is None else n_factors
+    if n_factors < 1:
+        raise ValueError(f"n_factors must be >= 1, got {n_factors}")
+    ones = torch.ones(block_size, block_size, dtype=torch.bool)
+    return [torch.kron(butterfly_factor_mask(grid, 1 << (k % depth)), ones) for k in range(n_factors)]
+
+
+def fit_factor_product(target: torch.Tensor, masks, steps: int = 1500, seed: int = 0, restarts: int = 2,
+                       lr: float = 0.1) -> float:
+    """Relative error of the best product F_K ... F_1 (F_k supported on masks[k]) found by Adam.
+
+    Minimises ||F_K ... F_1 - A||_F^2 from ``restarts`` random starts near the identity
+    (I + N(0, 0.1^2) on the support, so that deep products neither vanish nor explode) with a
+    cosine learning-rate decay; products of sparse factors have poor local minima, hence the
+    restarts (Dao et al. 2019 search over many). The default lr 0.1 reached the Hadamard
+    transform to 1e-16 in 1500 steps at n = 16 where 0.02 stalled at 0.15. Returns the smallest
+    relative error.
+    """
+    target = torch.as_tensor(target, dtype=torch.float64)
+    n = target.shape[0]
+    masks = [m.to(torch.float64) for m in masks]
+    eye = torch.eye(n, dtype=torch.float64)
+    best = float("inf")
+    for restart in range(restarts):
+        generator = torch.Generator().manual_seed(seed * restarts + restart)
+        factors = [((eye + 0.1 * torch.randn(n, n, generator=generator, dtype=torch.float64)) * m)
+                   .requires_grad_() for m in masks]
+        opt = torch.optim.Adam(factors, lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+        with few_threads(n * n):
+            for _ in range(steps):
+                opt.zero_grad()
+                product = eye
+                for f, m in zip(factors, masks):
+                    product = (f * m) @ product
+                loss = (product - target).square().sum()
+                loss.backward()
+                opt.step()
+                schedule.step()
+            with torch.no_grad():
+                product = eye
+                for f, m in zip(factors, masks):
+                    product = (f * m) @ product
+        best = min(best, relative_error(target, product.detach()))
+    return best
+
+
+def block_vs_butterfly(n: int = 32, block_sizes=(2, 4), kinds=("hadamard", "dct", "butterfly"),
+                       steps: int = 1500, seed: int = 0) -> pd.DataFrame:
+    """Block butterfly products against butterfly products with the same number of parameters.
+
+    For each block size b the block butterfly product of full depth log2(n/b) (2 n b log2(n/b)
+    parameters, dense support) is fitted to each target, beside a butterfly product (b = 1) with
+    as many factors as that parameter count buys (b log2(n/b) factors of 2 n: a deeper
+    composition cycling through the strides) and the plain butterfly of log2 n factors. The
+    targets are the butterfly family's home ground: Hadamard, DCT, a random butterfly product.
+
+    Returns:
+        DataFrame with columns kind, method, block_size, n_factors, params, error.
+    """
+    rows = []
+    depth = n.bit_length() - 1
+    for kind in kinds:
+        target = target_matrix(kind, n, seed)
+        target = target.real if target.is_complex() else target
+        configs = [("butterfly (log2 n factors)", 1, depth)]
+        for b in block_sizes:
+            block_depth = (n // b).bit_length() - 1
+            configs += [(f"block butterfly (block {b})", b, block_depth),
+                        (f"butterfly, params of block {b}", 1, b * block_depth)]
+        for method, b, k in configs:
+            masks = block_butterfly_factor_masks(n, b, k)
+            rows.append(dict(kind=kind, method=method, block_size=b, n_factors=k,
+                             params=int(sum(m.sum().item() for m in masks)),
+                             error=fit_factor_product(target, masks, steps, seed)))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------- Thm 3: lazy training, NTK
+
+def _mlp(params: dict, x: torch.Tensor, mask: torch.Tensor, fan_in: int) -> torch.Tensor:
+    # NTK parametrisation (Jacot et al. 2018): weights N(0, 1), each layer scaled by
+    # 1 / sqrt(its fan-in), so the kernel has a width-independent limit
+    h1 = torch.relu(x @ params["w1"].T / math.sqrt(x.shape[1]))
+    h2 = torch.relu(h1 @ (params["w2"] * mask).T / math.sqrt(fan_in))
+    return h2 @ params["v"] / math.sqrt(h2.shape[1])
+
+
+def _ntk(params, x, mask, fan_in) -> torch.Tensor:
+    jac = torch.func.jacrev(_mlp)(params, x, mask, fan_in)
+    flat = torch.cat([j.reshape(x.shape[0], -1) for j in jac.values()], 1)
+    return flat @ flat.T
+
+
+def ntk_change_vs_width(widths=(64, 128, 256, 512), sparse: bool = True, n_samples: int = 16, dim: int = 16,
+                        steps: int = 1000, seeds: int = 1, butterfly_size: int = 16,
+                        n_factors: int = 2) -> pd.DataFrame:
+    """Relative change of the NTK of a two-hidden-layer ReLU MLP under full-batch gradient descent.
+
+    The hidden (width x width) layer is masked by a flat block butterfly layout with
+    ``butterfly_size`` blocks per side (block width / butterfly_size, density
+    (1 + n_factors) / butterfly_size at every width, so a unit's fan-in grows with the width as
+    Thm 3 of the Pixelfly paper needs) or dense (``sparse=False``). Training: gradient descent
+    on L = ||f(X) - y||^2 / (2 N) with step N / lambda_max(K_0), y = +-1 labels of N random unit
+    inputs; in the lazy (NTK) regime the kernel moves by O(1 / sqrt(width)).
+
+    Returns:
+        DataFrame with columns width, seed, density, ntk_change = ||K_T - K_0||_F / ||K_0||_F,
+        loss_ratio = L_T / L_0.
+    """
+    from .masks import flat_block_butterfly_layout, layout_to_mask
+
+    rows = []
+    for width in widths:
+        if sparse:
+            block = width // butterfly_size
+            layout = flat_block_butterfly_layout(width, width, butterfly_size, n_factors, block)
+            mask = layout_to_mask(layout, block).to(torch.float64)
+        else:
+            mask = torch.ones(width, width, dtype=torch.float64)
+        fan_in = int(mask.sum(1).max().item())       # every row keeps the same number of entries
+        for seed in range(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            x = torch.randn(n_samples, dim, generator=generator, dtype=torch.float64)
+            x = x / x.norm(dim=1, keepdim=True) * math.sqrt(dim)
+            y = torch.randint(0, 2, (n_samples,), generator=generator).to(torch.float64) * 2 - 1
+            params = {"w1": torch.randn(width, dim, generator=generator, dtype=torch.float64),
+                      "w2": torch.randn(width, width, generator=generator, dtype=torch.float64),
+                      "v": torch.randn(width, generator=generator, dtype=torch.float64)}
+            with few_threads(width * width):
+                k0 = _ntk(params, x, mask, fan_in)
+                lr = n_samples / torch.linalg.eigvalsh(k0).max().item()
+                loss0 = (_mlp(params, x, mask, fan_in) - y).square().mean().item() / 2
+                for _ in range(steps):
+                    grads = torch.func.grad(lambda p: (_mlp(p, x, mask, fan_in) - y).square().mean() / 2)(params)
+                    params = {name: p - lr * grads[name] for name, p in params.items()}
+                loss = (_mlp(params, x, mask, fan_in) - y).square().mean().item() / 2
+                k1 = _ntk(params, x, mask, fan_in)
+            rows.append(dict(width=width, seed=seed, density=mask.mean().item(),
+                             ntk_change=(torch.linalg.norm(k1 - k0) / torch.linalg.norm(k0)).item(),
+                             loss_ratio=loss / loss0))
+    return pd.DataFrame(rows)
+
+
+def plot_ntk_change(tables: dict, slopes: dict):
+    """NTK change and final loss against width, one line per network ({label: ntk_change_vs_width table})."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (label, df) in enumerate(tables.items()):
+        mean = df.groupby("width").mean(numeric_only=True)
+        axes[0].loglog(mean.index, mean.ntk_change, "o-", color=f"C{i}", label=f"{label} (slope {slopes[label]:.2f})")
+        axes[1].loglog(mean.index, mean.loss_ratio, "o-", color=f"C{i}", label=label)
+    ref = next(iter(tables.values())).groupby("width").ntk_change.mean()
+    axes[0].loglog(ref.index, ref.iloc[0] * (ref.index / ref.index[0]) ** -0.5, "--", color="grey",
+                   label="width^-1/2 reference")
+    axes[0].set_ylabel("||K_T - K_0|| / ||K_0||")
+    axes[1].set_ylabel("training loss L_T / L_0")
+    for ax in axes:
+        ax.set_xlabel("width")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Lazy training: the NTK moves less as the width grows (Pixelfly paper, Thm 3)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_block_vs_butterfly(df: pd.DataFrame, n: int):
+    """Bars of fit error per method and target (a :func:`block_vs_butterfly` table)."""
+    import matplotlib.pyplot as plt
+
+    table = df.pivot(index="method", columns="kind", values="error").reindex(df.method.unique())
+    params = df.drop_duplicates("method").set_index("method").params
+    table.index = [f"{m} [{params[m]} params]" for m in table.index]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    table.plot.barh(ax=ax)
+    ax.set_xlabel("relative Frobenius error of the fitted product")
+    ax.set_ylabel("")
+    ax.legend(title="target", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title(f"Block butterfly against butterfly at equal parameters, n={n}")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig

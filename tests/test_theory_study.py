@@ -1,0 +1,89 @@
+"""The theorems' instruments (pixelfly_lab.theory): block butterflies, the Thm 1 gap, the Thm 3 NTK change."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pixelfly_lab.masks import butterfly_factor_mask, butterfly_product_mask
+from pixelfly_lab.projections import relative_error
+from pixelfly_lab.targets import random_butterfly_factors
+from pixelfly_lab.theory import (_mlp, _ntk, block_butterfly_factor_masks, fit_factor_product, loglog_slope,
+                                 ntk_change_vs_width, residual_flat_gap)
+
+F64 = torch.float64
+
+
+def test_block_butterfly_masks_count_and_cover():
+    n = 32
+    assert all(torch.equal(m, butterfly_factor_mask(n, 1 << k)) for k, m in enumerate(block_butterfly_factor_masks(n)))
+    for b in (2, 4):
+        masks = block_butterfly_factor_masks(n, b)
+        assert len(masks) == (n // b).bit_length() - 1
+        assert all(m.sum().item() == 2 * n * b for m in masks)             # 2 n b parameters per factor
+        product = torch.eye(n, dtype=F64)
+        for m in masks:
+            product = m.to(F64) @ product
+        assert (product > 0).all()                                          # full depth: dense support
+    assert len(block_butterfly_factor_masks(16, 2, 5)) == 5                 # deeper: strides cycle
+    with pytest.raises(ValueError, match="power of two"):
+        block_butterfly_factor_masks(24, 2)
+    with pytest.raises(ValueError, match="n_factors"):
+        block_butterfly_factor_masks(16, 2, 0)
+
+
+def test_block_butterfly_contains_butterfly_exactly():
+    # B_n ... B_4 B_2 = F_{last} ... F_0 with F_0 = B_4 B_2 and F_k = B_{2^(k+2)}: block 2 contains butterfly
+    n = 16
+    factors = random_butterfly_factors(n, seed=4)
+    masks = block_butterfly_factor_masks(n, 2)
+    merged = [factors[1] @ factors[0]] + factors[2:]
+    assert all(((f != 0) <= m).all() for f, m in zip(merged, masks))
+    assert torch.allclose(torch.linalg.multi_dot(merged[::-1]), torch.linalg.multi_dot(factors[::-1]))
+
+
+def test_fit_factor_product_finds_members_and_not_outsiders():
+    n = 8
+    masks = block_butterfly_factor_masks(n)
+    generator = torch.Generator().manual_seed(0)
+    member = torch.linalg.multi_dot([torch.randn(n, n, generator=generator, dtype=F64) * m for m in masks][::-1])
+    assert fit_factor_product(member, masks, steps=800) < 1e-3
+    outsider = torch.randn(n, n, generator=generator, dtype=F64)            # 64 entries, 48 parameters
+    assert fit_factor_product(outsider, masks, steps=300) > 0.05
+
+
+def test_residual_flat_gap_relative_to_the_perturbation_is_first_order():
+    df = residual_flat_gap(16, np.logspace(-4, -2, 4), seed=2)
+    assert loglog_slope(df.lam, df.gap_over_change) == pytest.approx(1.0, abs=0.01)
+    factors = random_butterfly_factors(16, seed=2)
+    eye, lam = torch.eye(16, dtype=F64), df.lam.iloc[-1]
+    residual = torch.linalg.multi_dot([eye + lam * f for f in factors[::-1]])
+    flat = eye + lam * sum(factors)
+    expected = (torch.linalg.norm(residual - flat) / torch.linalg.norm(residual - eye)).item()
+    assert df.gap_over_change.iloc[-1] == pytest.approx(expected, rel=1e-10)
+
+
+def test_ntk_is_the_gram_matrix_of_per_sample_gradients():
+    torch.manual_seed(0)
+    width, n, d = 32, 5, 4
+    params = {"w1": torch.randn(width, d, dtype=F64), "w2": torch.randn(width, width, dtype=F64),
+              "v": torch.randn(width, dtype=F64)}
+    mask = (torch.rand(width, width) < 0.3).to(F64)
+    x = torch.randn(n, d, dtype=F64)
+    grads = []
+    for i in range(n):
+        leaves = {k: p.clone().requires_grad_() for k, p in params.items()}
+        out = _mlp(leaves, x[i:i + 1], mask, 10)[0]
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(out, list(leaves.values()))]))
+    grads = torch.stack(grads)
+    torch.testing.assert_close(_ntk(params, x, mask, 10), grads @ grads.T)
+
+
+def test_ntk_change_shrinks_with_width_and_loss_vanishes():
+    df = ntk_change_vs_width((32, 256), sparse=True, steps=200)
+    assert df.density.tolist() == [3 / 16, 3 / 16]
+    assert df.ntk_change.iloc[1] < 0.7 * df.ntk_change.iloc[0]
+    assert (df.loss_ratio < 1e-2).all()
+    dense = ntk_change_vs_width((32,), sparse=False, steps=5)
+    assert dense.density.tolist() == [1.0] and 0 < dense.ntk_change.iloc[0] < 1
