@@ -1,4 +1,4 @@
-"""The public names of DESIGN.md section 4 import from the package, and the import stays light."""
+"""The public names the README and the notebooks rely on import from the package, and the import stays light."""
 
 import subprocess
 import sys
