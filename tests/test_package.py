@@ -2,6 +2,7 @@
 crosses a module boundary, and a built wheel carries every subpackage."""
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -126,13 +127,19 @@ def test_no_private_name_imported_across_modules():
 @pytest.mark.skipif(sys.platform == "win32", reason="builds with the POSIX venv layout")
 def test_wheel_contains_the_studies(tmp_path):
     """A non-editable install gets every subpackage: build the wheel offline and look inside."""
-    repo = ROOT.parent
+    # build from a copy: setuptools writes build/ and *.egg-info beside the sources, and a stale
+    # build/lib would leak deleted modules into later wheels
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source / "pixelfly_lab", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT.parent / name, source / name)
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                          "-q", "-w", str(tmp_path), str(repo)], capture_output=True, text=True)
+                          "-q", "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    wheel, = tmp_path.glob("pixelfly_lab-*.whl")
+    wheel, = (tmp_path / "dist").glob("pixelfly_lab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("pixelfly_lab/studies/__init__.py", "pixelfly_lab/studies/reproduce.py",
                    "pixelfly_lab/studies/claims.py", "pixelfly_lab/_checks.py", "pixelfly_lab/cli.py"):
         assert module in names, module
     assert not [n for n in names if n.startswith(("tests/", "notebooks/"))]
+    assert "pixelfly_lab/reproduce.py" not in names, "the driver moved to pixelfly_lab/studies/"
