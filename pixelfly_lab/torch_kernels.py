@@ -227,6 +227,13 @@ def _chunks(n: int):
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def _times_narrow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (N, K) @ b (K, r) for a narrow b, computed as (b^T a^T)^T: with r = 5-32 columns MKL's
+    sgemm ran the r-row orientation 1-9x faster on one AVX-512 core (x2^T dY V: 23 -> 2.6 ms at
+    r = 5). Returned contiguous (a copy of N * r values): its row slices are gathered later."""
+    return (b.T @ a.T).T.contiguous()
+
+
 def _gather(a: torch.Tensor, runs, extra: torch.Tensor | None) -> torch.Tensor:
     """a's columns over ``runs`` side by side (a view when one run and no extra), then ``extra``."""
     pieces = [a[:, c0:c1] for c0, c1 in runs]
@@ -343,7 +350,7 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
         >>> y.shape, z
         (torch.Size([3, 8]), None)
     """
-    z = x2 @ v if u is not None else None
+    z = _times_narrow(x2, v) if u is not None else None
     if plan.transposed:
         init = _init_output(x2.shape[0], out_features, z, u, bias)
         y = _scatter_forward(x2, plan, _right_operands(values, plan), out_features, init)
@@ -379,7 +386,7 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
     # chunk of gy is reused from cache; the low-rank factor on the plan's row side rides in the
     # group GEMMs as extra columns (r-column GEMMs alone run at half the efficiency).
     if plan.transposed:      # rows of the plan = W's block columns; gy is the gathered side
-        gz = gy @ u if u is not None and (need_x or need_v) else None
+        gz = _times_narrow(gy, u) if u is not None and (need_x or need_v) else None
         lowrank_cols = 0 if gz is None else gz.shape[1]
         rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
         grad_x = _new_output(tuple(x2.shape), gy) if need_x else None
@@ -399,7 +406,7 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
             grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
             grad_v = grad_v if need_v else None
         if need_u:
-            grad_u = gy.T @ z
+            grad_u = (z.T @ gy).T
     else:                    # rows of the plan = W's block rows; x is the gathered side
         lowrank = u is not None and (need_x or need_v)
         rights = _right_operands(values, plan, u if lowrank else None) if need_x or lowrank else None
@@ -423,15 +430,15 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
                         gz[rows] += product[:, used:]
                 if grads is not None and (g.runs or extra_cols):
                     grads[i].addmm_(_gather(x_c, g.runs, z_c if extra_cols else None).T, gy_g)
-        if need_x and lowrank:
-            grad_x.addmm_(gz, v.T)
+            if need_x and lowrank:   # gz of this chunk is complete; its rows of dX are in cache
+                grad_x[rows].addmm_(gz[rows], v.T)
         if grads is not None:
             grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
             if extra_cols:   # columns: U's gradient, then (folded) the bias's
                 grad_u = grad_z[:, :u.shape[1]] if need_u else None
                 grad_bias = grad_z[:, -1] if fold_bias else None
         if need_v:
-            grad_v = x2.T @ gz
+            grad_v = (gz.T @ x2).T
     if need_bias and grad_bias is None:
         grad_bias = gy.sum(0)
     return grad_x, grad_values, grad_bias, grad_u, grad_v
