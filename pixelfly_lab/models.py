@@ -288,8 +288,7 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
         family: its family, one of :data:`MODEL_NAMES`.
         pattern, budget, block_size, seed: passed to :func:`pixelfly_lab.sparsify.sparsify`.
         gating, lowrank_init: options of the sparse + low-rank layers (see
-            :class:`pixelfly_lab.layers.SparseLowRankLinear`), passed to ``sparsify`` when not
-            the defaults.
+            :class:`pixelfly_lab.layers.SparseLowRankLinear`), passed to ``sparsify``.
 
     Returns:
         The sparsify report (DataFrame, one row per replaced layer); empty for 'dense'.
@@ -299,7 +298,7 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
     if family not in SPARSIFY_WHERE:
         raise ValueError(f"unknown model name {family!r}; known: {', '.join(MODEL_NAMES)}")
     _check_pattern_args(pattern, budget, block_size)
-    if not isinstance(gating, bool):
+    if not isinstance(gating, bool):    # checked here too: a dense model never reaches sparsify
         raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
     if lowrank_init not in ("svd", "kaiming"):    # pixelfly_lab.layers.LOWRANK_INITS (not imported for dense)
         raise ValueError(f"lowrank_init must be 'svd' or 'kaiming', got {lowrank_init!r}")
@@ -307,11 +306,8 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
         return pd.DataFrame()
     from .sparsify import sparsify  # the layers module is only needed for sparse models
 
-    # only options that differ from the defaults are passed, so the call stays the plain one
-    options = {key: value for key, value, default in (("gating", gating, False), ("lowrank_init", lowrank_init, "svd"))
-               if value != default}
     return sparsify(model, pattern=pattern, budget=budget, include=list(SPARSIFY_WHERE[family]),
-                    block_size=block_size, seed=seed, **options)
+                    block_size=block_size, seed=seed, gating=gating, lowrank_init=lowrank_init)
 
 
 def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", budget: float = 1.0,

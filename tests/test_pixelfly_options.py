@@ -78,3 +78,19 @@ def test_bad_options_are_named(kwargs, error, word):
     with pytest.raises(ValueError, match="init"):
         LowRankLinear(8, 8, 2, init="orthogonal")
 
+
+
+def test_build_model_passes_gating_and_lowrank_init_to_every_pixelfly_layer():
+    from pixelfly_lab.data import make_teacher
+    from pixelfly_lab.models import build_model
+
+    data = make_teacher(n_train=16, n_test=8, d_in=32, d_out=3)
+    model = build_model("mlp", data, pattern="pixelfly", budget=0.4, block_size=4, gating=True,
+                        lowrank_init="kaiming", dim=64)
+    pixelfly = [m for m in model.modules() if isinstance(m, PixelflyLinear)]
+    assert pixelfly and all(m.gate is not None for m in pixelfly)
+    assert all(m.lowrank is None or m.lowrank.init == "kaiming" for m in pixelfly)
+    plain = build_model("mlp", data, pattern="pixelfly", budget=0.4, block_size=4, dim=64)
+    assert all(m.gate is None for m in plain.modules() if isinstance(m, PixelflyLinear))
+    with pytest.raises(ValueError, match="lowrank_init"):
+        build_model("mlp", data, pattern="pixelfly", budget=0.4, block_size=4, lowrank_init="zeros")
