@@ -277,9 +277,10 @@ def _pixelfly_splits(matrix: torch.Tensor, budget: float, block_size: int):
 
 
 # The class search screens every split with a few alternation rounds and runs only the best
-# REFINED to the full stopping rule: a full run of every split cost 5-15 s per call at n = 256;
-# screened errors are within a few percent of converged ones, and rank alone and sparse alone
-# are exact after one round.
+# REFINED to the full stopping rule: a full run of every split cost 5-15 s per call at n = 256.
+# Measured on 24 cases (attention, sparse + low-rank, sparse and Toeplitz targets, n = 64 and
+# 128, budgets 0.15-0.4): refining every split changed no answer and took 1-4.6x longer. Rank
+# alone and sparse alone are exact after one round.
 SCREEN_ROUNDS, REFINED = 3, 2
 
 
