@@ -14,7 +14,12 @@ y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a blo
 * rows of x are swept in chunks of :data:`CHUNK_ROWS` so that gathered inputs, output slices and
   gradient slices stay in cache; the backward computes dX and the blocks' gradient in one sweep;
 * when in_features > out_features the plan groups the transposed layout instead (products are
-  then added into y's column runs), so that the narrower side is the one gathered.
+  then added into y's column runs), so that the narrower side is the one gathered;
+* outputs of 32 MB and more reuse retained buffers once nothing references them
+  (:data:`POOL_MIN_BYTES`): glibc would map and page-fault them afresh on every call;
+* narrow low-rank products run in the r-row orientation (:func:`_times_narrow`);
+* where one dense GEMM on the materialised weight is faster (small widths, budgets near 0.5),
+  the product takes it instead: :func:`dense_gemm_wins` measures both routes once per shape.
 
 Reference: the Pixelfly paper's block-sparse kernels (Dao, Chen et al., ICLR 2022,
 arXiv 2112.00029, Sec. 4) and block-sparse GEMM on GPUs (Gray, Radford, Kingma 2017); this CPU
@@ -26,12 +31,14 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["Plan", "plan_for", "CHUNK_ROWS", "POOL_MIN_BYTES", "POOL_PER_SIZE", "release_buffers",
-           "sparse_lowrank_forward", "sparse_lowrank_backward", "BlockSparseLowRankFunction"]
+           "ROUTE_MIN_MACS", "ROUTE_MAX_WEIGHT", "dense_gemm_wins", "sparse_lowrank_forward",
+           "sparse_lowrank_backward", "BlockSparseLowRankFunction"]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -82,6 +89,11 @@ class Plan:
         else:
             order, shape = ((0, 3, 1, 2) if self.transposed else (0, 2, 1, 3)), (n_rows * b, k * b)
         return blocks.permute(*order).reshape(shape)
+
+    @cached_property
+    def signature(self) -> tuple:
+        """What identifies the plan's GEMMs (hashable): orientation, block size, groups' rows and runs."""
+        return (self.transposed, self.block_size, tuple((g.r0, g.r1, g.runs) for g in self.groups))
 
     def store_grad(self, grad: torch.Tensor, grad_m: torch.Tensor, g: _Group) -> None:
         """Inverse of :meth:`packed` for a gradient: write M_g's gradient into grad (nnz, b, b)."""
@@ -331,6 +343,9 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
                            out_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = x2 W^T + (x2 V) U^T + bias with W block-sparse on ``plan``'s layout; no autograd.
 
+    Grouped GEMMs (the module docstring), or one dense GEMM on the materialised weight where
+    :func:`dense_gemm_wins` measured that faster for this shape.
+
     Args:
         x2: (N, in_features), contiguous rows.
         values: (nnz, b, b), W's blocks in row-major layout order (see :mod:`pixelfly_lab.kernels`).
@@ -350,6 +365,12 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
         >>> y.shape, z
         (torch.Size([3, 8]), None)
     """
+    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], x2):
+        return _dense_forward(x2, values, bias, u, v, plan, out_features)
+    return _grouped_forward(x2, values, bias, u, v, plan, out_features)
+
+
+def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
     z = _times_narrow(x2, v) if u is not None else None
     if plan.transposed:
         init = _init_output(x2.shape[0], out_features, z, u, bias)
@@ -377,6 +398,13 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
     Returns:
         (grad_x2, grad_values, grad_bias, grad_u, grad_v), None where not needed.
     """
+    # the forward's route: decisions are cached for the life of the process, never evicted
+    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], x2):
+        return _dense_backward(gy, x2, values, u, v, plan, needs_input_grad, has_bias)
+    return _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
+
+
+def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
     gy = gy.contiguous()
     need_x, need_values, need_bias, need_u, need_v = needs_input_grad
     need_bias = need_bias and has_bias
@@ -442,6 +470,126 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
     if need_bias and grad_bias is None:
         grad_bias = gy.sum(0)
     return grad_x, grad_values, grad_bias, grad_u, grad_v
+
+
+# ----------------------------------------------------------------------------- the dense route
+
+def _dense_weight(values, plan: Plan, u, v, out_features: int, in_features: int) -> torch.Tensor:
+    """W = S + U V^T as a dense (out, in) matrix, S scattered from the plan's groups."""
+    shape = (in_features, out_features) if plan.transposed else (out_features, in_features)
+    dense = values.new_zeros(shape)
+    for g in plan.groups:
+        if g.runs:
+            _scatter(dense[g.r0:g.r1], plan.packed(values, g), g.runs, write=True)
+    weight = dense.T if plan.transposed else dense
+    return weight if u is None else torch.addmm(weight, u, v.T)
+
+
+def _dense_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
+    """(y, z) of :func:`sparse_lowrank_forward` by one GEMM on the materialised weight."""
+    y = torch.nn.functional.linear(x2, _dense_weight(values, plan, u, v, out_features, x2.shape[1]), bias)
+    return y, None if u is None else _times_narrow(x2, v)
+
+
+def _dense_backward(gy, x2, values, u, v, plan: Plan, needs_input_grad, has_bias: bool):
+    """Gradients by dense GEMMs: dW = gy^T x2, then S's blocks, dU = dW V, dV = dW^T U."""
+    need_x, need_values, need_bias, need_u, need_v = needs_input_grad
+    grad_x = grad_values = grad_bias = grad_u = grad_v = None
+    if need_x:
+        grad_x = gy @ _dense_weight(values, plan, u, v, gy.shape[1], x2.shape[1])
+    if need_values or need_u or need_v:
+        grad_w = gy.T @ x2                                          # (out, in)
+        if need_values:
+            grad_values = values.new_zeros(values.shape)
+            side = grad_w.T if plan.transposed else grad_w
+            for g in plan.groups:
+                if g.runs:
+                    plan.store_grad(grad_values, _gather(side[g.r0:g.r1], g.runs, None), g)
+        grad_u = grad_w @ v if need_u else None
+        grad_v = grad_w.T @ u if need_v else None
+    if need_bias and has_bias:
+        grad_bias = gy.sum(0)
+    return grad_x, grad_values, grad_bias, grad_u, grad_v
+
+
+# Products of fewer multiply-adds than this take the grouped GEMMs unmeasured: the 'auto'
+# dispatch sends them to the reference anyway, and an explicit backend='torch' on them is a
+# request for the grouped path (its tests run there).
+ROUTE_MIN_MACS = 2 ** 26
+# Weights of at least this many entries (1024 x 4096) take the grouped GEMMs unmeasured: at
+# budgets below 0.5 they won at every row count tried, and timing their dense GEMMs costs seconds.
+ROUTE_MAX_WEIGHT = 2 ** 22
+_ROUTES: dict[tuple, bool] = {}
+
+
+def _row_bucket(rows: int) -> int:
+    """Rows rounded up to a power of two in [64, 4096]: decisions are made per bucket."""
+    return min(max(64, 1 << max(rows - 1, 0).bit_length()), 4096)
+
+
+def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, rank: int,
+                    like: torch.Tensor) -> bool:
+    """Whether one dense GEMM beats the grouped GEMMs for this product (measured once, cached).
+
+    Measured on the CPU for products of at least :data:`ROUTE_MIN_MACS` multiply-adds with
+    weights under :data:`ROUTE_MAX_WEIGHT` entries: forward+backward of both routes on random
+    operands of this shape (rows rounded up to a power of two, at most 2048), three rounds
+    interleaved, the best time of each; cached per (plan, rows bucket, rank, dtype, threads) for
+    the life of the process (so a backward always takes its forward's route). Elsewhere, and
+    on other devices, False.
+
+    Args:
+        plan: the layout's plan; rows: rows of x; in_features, out_features: W's shape;
+        rank: r of the low-rank term (0 for none); like: a tensor with the dtype and device.
+
+    Example:
+        >>> plan = plan_for(torch.eye(4, dtype=torch.bool), 8)
+        >>> dense_gemm_wins(plan, 16, 32, 32, 0, torch.zeros(1))   # too small to measure
+        False
+    """
+    weight = in_features * out_features
+    if (like.device.type != "cpu" or rows * weight < ROUTE_MIN_MACS or weight >= ROUTE_MAX_WEIGHT
+            or like.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
+        return False
+    key = (plan.signature, _row_bucket(rows), rank, like.dtype, torch.get_num_threads())
+    if key not in _ROUTES:
+        # at most 2048 rows timed: the grouped route's advantage grows with rows, and a
+        # one-time measurement should cost well under a second on an idle core
+        _ROUTES[key] = _measure_routes(plan, min(_row_bucket(rows), 2048), in_features, out_features, rank,
+                                       like.dtype)
+    return _ROUTES[key]
+
+
+def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, rank: int, dtype) -> bool:
+    """True when the dense route's best forward+backward time beats the grouped route's."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    nnz = sum(g.vidx.numel() for g in plan.groups)
+    b = plan.block_size
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+    x2, gy, values, bias = rand(rows, in_features), rand(rows, out_features), rand(nnz, b, b), rand(out_features)
+    u, v = (rand(out_features, rank), rand(in_features, rank)) if rank else (None, None)
+    needs = (True, True, True, rank > 0, rank > 0)
+
+    def grouped():
+        _, z = _grouped_forward(x2, values, bias, u, v, plan, out_features)
+        _grouped_backward(gy, x2, values, u, v, z, plan, needs, True)
+
+    def dense():
+        _dense_forward(x2, values, bias, u, v, plan, out_features)
+        _dense_backward(gy, x2, values, u, v, plan, needs, True)
+
+    best = {grouped: float("inf"), dense: float("inf")}
+    with torch.no_grad():
+        for _ in range(3):
+            for route in best:
+                tick = time.perf_counter()
+                route()
+                best[route] = min(best[route], time.perf_counter() - tick)
+    return best[dense] < best[grouped]
 
 
 class BlockSparseLowRankFunction(torch.autograd.Function):

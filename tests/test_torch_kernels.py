@@ -97,3 +97,39 @@ def test_outputs_kept_across_calls_stay_intact_with_pooling(name, monkeypatch):
     torch.testing.assert_close(y1, kept, rtol=0, atol=0)
     torch.testing.assert_close(y2, _reference_grads(layout, torch.zeros_like(y2), *second)[0])
     torch_kernels.release_buffers()
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, False)])
+def test_dense_route_matches_reference(name, rank, bias, monkeypatch):
+    monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *args: True)
+    test_plain_forward_and_backward_match_reference(name, rank, bias)
+
+
+def test_route_is_measured_once_per_shape_and_only_in_its_size_band(monkeypatch):
+    calls = []
+
+    def measure(plan, rows, *args):
+        calls.append(rows)
+        return True
+    monkeypatch.setattr(torch_kernels, "_measure_routes", measure)
+    monkeypatch.setattr(torch_kernels, "_ROUTES", {})
+    monkeypatch.setattr(torch_kernels, "ROUTE_MIN_MACS", 100 * 128 * 128)
+    layout, b = LAYOUTS["square"]
+    plan, like = torch_kernels.plan_for(layout, b), torch.zeros(1)
+    assert not torch_kernels.dense_gemm_wins(plan, 8, 128, 128, 0, like)            # below ROUTE_MIN_MACS
+    assert calls == []
+    rows = torch_kernels.ROUTE_MIN_MACS // (128 * 128) + 1
+    assert torch_kernels.dense_gemm_wins(plan, rows, 128, 128, 0, like)
+    assert torch_kernels.dense_gemm_wins(plan, rows + 1, 128, 128, 0, like)         # same bucket: cached
+    assert calls == [128]                                                           # 101 rows: bucket 128
+    assert not torch_kernels.dense_gemm_wins(plan, rows, 128, 128, 0, like.to(torch.device("meta")))
+    monkeypatch.setattr(torch_kernels, "ROUTE_MAX_WEIGHT", 128 * 128)
+    assert not torch_kernels.dense_gemm_wins(plan, 4 * rows, 128, 128, 0, like)     # large weights: grouped
+    assert len(calls) == 1
+
+
+def test_route_measurement_runs_both_routes():
+    layout, b = LAYOUTS["expanding"]
+    plan = torch_kernels.plan_for(layout, b)
+    assert torch_kernels._measure_routes(plan, 64, 64, 256, 2, torch.float32) in (True, False)
