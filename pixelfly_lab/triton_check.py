@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["Variant", "Resources", "variants", "compile_variant", "toolchain_problem", "main"]
+__all__ = ["Variant", "Resources", "variants", "compile_variant", "toolchain_problem", "target", "main"]
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,8 @@ class _TargetDriver:
 
 
 @contextlib.contextmanager
-def _target(arch: int):
+def target(arch: int):
+    """Compile (warmup) for sm_``arch`` in this block, with no GPU: Triton's driver swapped for a stand-in."""
     from triton.runtime import driver
 
     saved = getattr(driver, "_active", None)
@@ -209,7 +210,7 @@ def compile_variant(v: Variant, arch: int, every_config: bool = False) -> list[R
         tk._fits = lambda kernel, block, group, *rest, **kw: group * block <= tk._MAX_TILE_N
     compiled = {}
     try:
-        with _target(arch):
+        with target(arch):
             for autotune in (None, False):              # the tuned configs, then the fixed one
                 started = time.perf_counter()
                 if v.kernel == "sdd":
