@@ -132,7 +132,7 @@ def test_every_command_module_and_study_imports():
         configs = [getattr(module, preset.upper()) for preset in rp.PRESETS]
         for config in configs:
             assert dataclasses.is_dataclass(config) and type(config).__dataclass_params__.frozen, exp.module
-        assert len(set(configs)) == 3, f"{exp.module}: FULL, QUICK and TINY should differ"
+        assert configs[0] != configs[1] != configs[2] != configs[0], f"{exp.module}: FULL, QUICK and TINY should differ"
 
 
 def test_command_line_help_lists_commands():
@@ -154,8 +154,11 @@ def test_every_study_at_tiny(tmp_path, name):
         if claim["kind"] == "info":
             assert claim["held"] is None, claim
         else:
-            assert type(claim["held"]) is bool, f"no verdict at TINY: {claim}"
             assert "held when" in claim["claim"].lower(), f"the pass rule belongs in the claim's text: {claim['claim']}"
+            # a verdict, or a stated reason why this run cannot give one (a GPU claim on the CPU,
+            # a spread over one seed): never a silent None
+            undecided = "undecided" in claim["claim"].lower() or claim["measured"].lower().startswith("not measured")
+            assert type(claim["held"]) is bool or (claim["held"] is None and undecided), f"no verdict: {claim}"
         if claim["figure"]:
             assert (folder / claim["figure"]).stat().st_size > 1000
             assert (folder / claim["figure"]).with_suffix(".pdf").is_file()

@@ -21,7 +21,10 @@ Adding a study ``NAME`` (one module, ``studies/NAME.py``):
    :func:`~pixelfly_lab.studies.claims.save_table` into ``out`` and returns its claims. A claim
    of kind ``'paper'`` names its source in the paper (section, figure, table, theorem) or the
    talk and states its condition and threshold in its text ("held when ..."); ``'check'`` is an
-   oracle or sanity check that holds whenever the code is right; ``'info'`` has no verdict;
+   oracle or sanity check that holds whenever the code is right; ``'info'`` has no verdict. A
+   paper claim this run cannot decide has ``held=None`` and says why: "undecided ..." in its
+   text (e.g. a spread over one seed) or a measurement starting "not measured: ..." (a GPU claim
+   on the CPU);
 3. an :class:`~pixelfly_lab.studies.reproduce.Experiment` entry (name, module, title) in
    :data:`~pixelfly_lab.studies.reproduce.EXPERIMENTS`, in report order.
 

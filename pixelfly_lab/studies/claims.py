@@ -31,8 +31,9 @@ class Claim:
         claim: the statement, with its source and its pass rule ("Pixelfly paper, Thm 1: ... held
             when |slope - 2| < 0.05").
         measured: the measured figures, formatted for a reader.
-        held: True / False when the run decides it, None for kind 'info' (or a paper claim that
-            this run's sizes could not decide, e.g. a rank correlation over fewer than 3 points).
+        held: True / False when the run decides it, None for kind 'info', or for a claim this run
+            cannot decide, which then says why ("undecided ..." in its text, or ``measured``
+            starting "not measured: ...").
         figure: file name (PNG, in the study's folder) that shows it, if any.
         kind: 'paper', 'check' or 'info' (see the module docstring).
         table: file name (CSV, in the study's folder) with the numbers behind it, if any.
