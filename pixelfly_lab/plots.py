@@ -18,29 +18,35 @@ GALLERY_NAMES = ("pixelfly", "butterfly", "lowrank", "random", "local", "global"
                  "blockdiag", "monarch", "bigbird+lowrank")
 
 
-def show_mask(mask: torch.Tensor, ax=None, title: str | None = None, density: bool = True):
-    """Draw a bool (rows, cols) mask as pixels (dark = kept); returns the axes."""
+def show_mask(mask: torch.Tensor, ax=None, title: str | None = None, density: bool = True,
+              block_size: int | None = None):
+    """Draw a bool (rows, cols) mask as pixels (dark = kept); returns the axes.
+
+    The picture keeps the matrix's true aspect ratio (a 4096 x 1024 weight is drawn four times
+    taller than wide: stretching it would misstate the shape). With ``block_size`` b the mask is a
+    block layout and the axes count blocks of b x b entries.
+    """
     import matplotlib.pyplot as plt
 
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError("mask must be a 2-D tensor")
     ax = ax or plt.subplots(figsize=(3, 3))[1]
-    rows, cols = mask.shape
-    # tall or wide layer shapes would draw as slivers; stretch them into a readable box
-    aspect = "equal" if max(rows, cols) <= 2 * min(rows, cols) else "auto"
-    ax.imshow(mask.bool().cpu().numpy(), cmap="Greys", interpolation="nearest", vmin=0, vmax=1, aspect=aspect)
+    ax.imshow(mask.bool().cpu().numpy(), cmap="Greys", interpolation="nearest", vmin=0, vmax=1, aspect="equal")
     label = title or ""
     if density:
         label += f"{chr(10) if label else ''}density {mask.float().mean().item():.3f}"
     ax.set_title(label, fontsize=9)
-    ax.set_xlabel("input (column)", fontsize=8)
-    ax.set_ylabel("output (row)", fontsize=8)
+    unit = f" block (of {block_size})" if block_size else " (column)"
+    ax.set_xlabel(f"input{unit}", fontsize=8)
+    ax.set_ylabel(f"output{unit.replace('column', 'row')}", fontsize=8)
     ax.tick_params(labelsize=6)
     return ax
 
 
-def show_masks(masks: dict, ncols: int = 4, size: float = 2.6, suptitle: str | None = None):
-    """A grid of :func:`show_mask` pictures, one per {title: mask}; returns the figure."""
+def show_masks(masks: dict, ncols: int = 4, size: float = 2.6, suptitle: str | None = None,
+               block_size: int | None = None):
+    """A grid of :func:`show_mask` pictures, one per {title: mask} (layouts of ``block_size``
+    blocks, if given); returns the figure."""
     import matplotlib.pyplot as plt
 
     if not masks:
@@ -49,7 +55,7 @@ def show_masks(masks: dict, ncols: int = 4, size: float = 2.6, suptitle: str | N
     ncols = min(ncols, len(masks))
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.4), squeeze=False)
     for ax, (title, mask) in zip(axes.flat, masks.items()):
-        show_mask(mask, ax, title)
+        show_mask(mask, ax, title, block_size=block_size)
     for ax in list(axes.flat)[len(masks):]:
         ax.axis("off")
     if suptitle:
@@ -103,7 +109,7 @@ def pattern_gallery(out_features: int, in_features: int, budget: float, block_si
         extra += f" (R factor, {p.nblocks} blocks)" if p.nblocks else ""
         masks[f"{name}{extra}\nbudget {p.budget:.3f}"] = _pattern_picture(p)
     return show_masks(masks, ncols=ncols, suptitle=f"{out_features}x{in_features}, budget {budget}, "
-                                                   f"block {block_size} (pictures show blocks)")
+                                                   f"block {block_size} (pictures show blocks)", block_size=block_size)
 
 
 def mask_explorer():

@@ -30,20 +30,28 @@ NETWORK_KINDS = ("attention", "attention (local)", "trained weight", "sparse_low
 class ExpressivenessConfig:
     """Sizes of the 'expressiveness' study."""
 
-    n: int = 128                                          # target size (n, n)
+    n: int = 512                                          # target size (n, n); >= 256 so blocks of 8+ leave room
     seeds: int = 3                                        # targets and random patterns per kind
     budgets: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
     patterns: tuple[str, ...] = EXPRESSIVENESS_PATTERNS
     kinds: tuple[str, ...] = tuple(k for k in TARGET_KINDS if k != "weight")  # plus the two below
     digits_steps: int = 400                               # training of the MLP whose weight is a target
-    block_size: int = 4                                   # keeps blocks meaningful at n ~ 128
+    block_size: int = 16                                  # the released code's blocks are 32 at n = 1024-4096
 
 
 FULL = ExpressivenessConfig()
-QUICK = ExpressivenessConfig(n=64, seeds=1, budgets=(0.1, 0.2, 0.3), digits_steps=150)
+# n = 256 at block 8 (32 blocks a side) is the smallest size where a flat block butterfly of 2-3
+# factors, a local band and a rank of 10+ all fit a budget of 0.1 (issue 14, item 11)
+QUICK = ExpressivenessConfig(n=256, seeds=1, budgets=(0.1, 0.25), digits_steps=150, block_size=8,
+                             kinds=("lowrank", "sparse_lowrank", "hadamard", "attention"),
+                             patterns=tuple(p for p in EXPRESSIVENESS_PATTERNS if p != "random+lowrank"))
 TINY = ExpressivenessConfig(n=32, seeds=1, budgets=(0.2, 0.3), digits_steps=20,
                             patterns=("lowrank", "butterfly", "pixelfly", "local", "topk"),
-                            kinds=("sparse_lowrank", "dct", "attention"))
+                            kinds=("sparse_lowrank", "dct", "attention"), block_size=4)
+
+# Pixelfly (the class search of approximate) is never worse than either part by construction;
+# the paper's claim is that the combination helps, so it must win by this relative margin
+PIXELFLY_MARGIN = 0.05
 
 
 def run(out: Path, config: ExpressivenessConfig = QUICK, *, device: str = "cpu") -> list[Claim]:
@@ -76,16 +84,19 @@ def run(out: Path, config: ExpressivenessConfig = QUICK, *, device: str = "cpu")
                .sort_values("error").groupby("kind", sort=False).first())
     nan = float("nan")
     return [
-        Claim("Pixelfly paper, Sec. 1 and 4: at equal budget, flat block butterfly + low-rank (pixelfly, default "
-              "15% low-rank share) approximates the matrices networks need (attention, trained weights, sparse + "
-              "low-rank) better than the flat block butterfly alone and low-rank alone (held when pixelfly's mean "
-              "relative error over these targets and budgets is below both others' means)",
-              f"mean error (n={n}, budgets {budgets}): pixelfly {trio.get('pixelfly', nan):.3f}, "
+        Claim("Pixelfly paper, Sec. 1 and 4: at equal budget, flat block butterfly + low-rank (pixelfly: the best "
+              "split of the budget, as approximate() searches it) approximates the matrices networks need (attention, "
+              "trained weights, sparse + low-rank) better than the flat block butterfly alone and low-rank alone. The "
+              "search includes both parts, so pixelfly is never worse by construction; held when pixelfly's mean "
+              f"relative error over these targets and budgets is at least {PIXELFLY_MARGIN:.0%} below the better "
+              "part's mean",
+              f"mean error (n={n}, block {config.block_size}, budgets {budgets}): pixelfly {trio.get('pixelfly', nan):.3f}, "
               f"butterfly {trio.get('butterfly', nan):.3f}, lowrank {trio.get('lowrank', nan):.3f}; "
               "per target (pixelfly / butterfly / lowrank): "
               + "; ".join(f"{kind} {row.get('pixelfly', nan):.3f} / {row.get('butterfly', nan):.3f} / "
                           f"{row.get('lowrank', nan):.3f}" for kind, row in per_kind.iterrows()),
-              bool(trio.get("pixelfly", 1e9) < min(trio.get("butterfly", -1), trio.get("lowrank", -1))),
+              bool(trio.get("pixelfly", 1e9) <= (1 - PIXELFLY_MARGIN) * min(trio.get("butterfly", -1),
+                                                                            trio.get("lowrank", -1))),
               figure, kind="paper", table=csv),
         Claim("Oracle check (exactness of the projections): the best unstructured top-k support is never beaten by "
               "any fixed sparse mask at the same budget (held when top-k <= every mask-only pattern + 1e-12)",

@@ -56,7 +56,8 @@ def run(out: Path, config: PatternsConfig = QUICK, *, device: str = "cpu") -> li
                    + (f" global {global_size}" if global_size else ""))
             layouts[key] = flat_block_butterfly_layout(out_f, in_f, 16, 2, 32, shuffle, global_size)
     released = layouts["1024->4096"].float().mean().item()
-    fig_block = save_figure(show_masks(layouts, ncols=3, suptitle="flat block butterfly (16, 2), block 32"),
+    fig_block = save_figure(show_masks(layouts, ncols=3, suptitle="flat block butterfly (16, 2), block 32",
+                                       block_size=32),
                             out, "flat_block_butterfly")
 
     shape, budget, block = config.shape, config.budget, config.block_size
