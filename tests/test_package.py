@@ -8,8 +8,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 import pixelfly_lab
 
 ROOT = Path(pixelfly_lab.__file__).resolve().parent
@@ -124,7 +122,6 @@ def test_no_private_name_imported_across_modules():
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="builds with the POSIX venv layout")
 def test_wheel_contains_the_studies(tmp_path):
     """A non-editable install gets every subpackage: build the wheel offline and look inside."""
     # build from a copy: setuptools writes build/ and *.egg-info beside the sources, and a stale
