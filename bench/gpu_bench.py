@@ -42,6 +42,8 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from gpu_common import Report, cuda_torch  # noqa: E402  (bench/ is the script's directory)
+
 GOAL_SHAPES = (("GPT-2 small fc", 768, 3072, 8192), ("GPT-2 small proj", 3072, 768, 8192),
                ("GPT-2 medium fc", 1024, 4096, 8192), ("Mixer-B/16 fc", 768, 3072, 12544))
 SMOKE_SHAPES = (("toy fc", 64, 128, 37), ("toy proj", 128, 64, 37))
@@ -59,26 +61,6 @@ def parse_args(argv=None):
     p.add_argument("--gpu", default="H200", choices=sorted(GPUS), help="peak and bandwidth of the roofline")
     p.add_argument("--workers", type=int, default=None, help="precompile processes (default: cores / 2, <= 8)")
     return p.parse_args(argv)
-
-
-class Report:
-    """Full log to a file; a short summary to stdout (kept under 8 KB)."""
-
-    def __init__(self, out: Path):
-        out.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(out / "gpu_bench.log", "w")
-        self.summary_bytes = 0
-
-    def log(self, text: str) -> None:
-        self.log_file.write(text + "\n")
-        self.log_file.flush()
-
-    def say(self, text: str) -> None:
-        """Both: the summary line also goes to the log."""
-        self.log(text)
-        if self.summary_bytes + len(text) < 7800:
-            print(text, flush=True)
-        self.summary_bytes += len(text) + 1
 
 
 def left(args) -> float:
@@ -215,7 +197,7 @@ def warm_job(job: dict, arch: int) -> float:
     return time.perf_counter() - t0
 
 
-def precompile(jobs, arch: int, workers: int, report: Report, args) -> None:
+def precompile(jobs, arch: int, workers: int, report, args) -> None:
     from concurrent.futures import ProcessPoolExecutor, wait
     import multiprocessing
 
@@ -353,19 +335,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"   # before triton is first imported
-    try:
-        import torch
-    except ImportError:   # this python has no torch: exit 2 so that gpu_run.sh tries the next
-        print("gpu_bench: torch does not import in " + sys.executable, file=sys.stderr)
-        return 2
-    if not args.smoke and not torch.cuda.is_available():
-        print("gpu_bench: no CUDA GPU visible to torch (use --smoke on a CPU machine)", file=sys.stderr)
+    torch = cuda_torch("gpu_bench", args.smoke)
+    if torch is None:
         return 2
     import pandas as pd
     import triton
 
     out = Path(args.out)
-    report = Report(out)
+    report = Report(out, "gpu_bench")
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     peak_bw = GPUS[args.gpu]

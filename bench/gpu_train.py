@@ -36,6 +36,8 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from gpu_common import Report, cuda_torch  # noqa: E402  (bench/ is the script's directory)
+
 TALK = {"gpt2-small": 2.1, "mixer-b16": 2.3}   # the talk's end-to-end training speed-ups (ViT-B/16: 2.0)
 
 
@@ -123,24 +125,13 @@ def timed(steps, device: str, warmup_s: float, reps: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        import torch
-    except ImportError:   # this python has no torch: exit 2 so that gpu_run.sh tries the next
-        print("gpu_train: torch does not import in " + sys.executable, file=sys.stderr)
-        return 2
-    if not args.smoke and not torch.cuda.is_available():
-        print("gpu_train: no CUDA GPU visible to torch (use --smoke on a CPU machine)", file=sys.stderr)
+    torch = cuda_torch("gpu_train", args.smoke)
+    if torch is None:
         return 2
     import pandas as pd
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "gpu_train.log", "w")
-
-    def say(text):
-        log.write(text + "\n")
-        log.flush()
-        print(text, flush=True)
+    say = Report(out, "gpu_train").say
     device = "cpu" if args.smoke else "cuda"
     env = [f"torch {torch.__version__}"] + ([torch.cuda.get_device_name()] if device == "cuda" else ["CPU smoke"])
     say(f"gpu_train: {', '.join(env)}; budget {args.budget}, block {args.block}; imports took "
