@@ -268,10 +268,11 @@ def _weight_std(layer: nn.Module) -> float:
     if not isinstance(layer, SparseLowRankLinear):
         return float(layer.dense_weight().detach().double().std()) if count > 1 else 0.0
     sparse = layer.sparse
-    values = sparse.values.detach().double()
+    work = torch.promote_types(sparse.values.dtype, torch.float32)   # bf16 sums lose too much
+    values = sparse.values.detach().to(work)
     total, square = values.sum(), values.square().sum()
     if layer.lowrank is not None:
-        u, v, b = layer.lowrank.u.detach().double(), layer.lowrank.v.detach().double(), sparse.block_size
+        u, v, b = layer.lowrank.u.detach().to(work), layer.lowrank.v.detach().to(work), sparse.block_size
         rows, cols = sparse.layout.nonzero(as_tuple=True)
         u_rows = u.reshape(-1, b, layer.rank)[rows]                     # (nnz, b, r): U_i per block
         v_cols = v.reshape(-1, b, layer.rank)[cols]                     # (nnz, b, r): V_j per block
@@ -462,8 +463,10 @@ def sparsify(model: nn.Module, pattern: str | Mapping[str, str] = "pixelfly",
             row["note"] = "; ".join(reasons)
             continue
         weight = layer.weight
+        # 'project' overwrites U and V: build them with the cheap kaiming draw, not an SVD
         new = layer_from_pattern(planned, bias=layer.bias is not None, backend=backend, gating=gating,
-                                 lowrank_init=lowrank_init, device=weight.device, dtype=weight.dtype)
+                                 lowrank_init="kaiming" if init == "project" else lowrank_init,
+                                 device=weight.device, dtype=weight.dtype)
         on_meta = weight.device.type == "meta"
         if on_meta:
             if init == "project":
