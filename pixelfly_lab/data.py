@@ -201,28 +201,52 @@ _LISTOPS_OPS = {
 }
 
 
-def _listops_expression(rng: random.Random, depth: int, max_depth: int, max_args: int):
-    """One random expression: (list of token strings, integer value 0..9)."""
-    # The root is always an operator; below it an argument is a digit with probability 0.6,
-    # which keeps the expected length finite while still nesting to max_depth.
-    if depth > 0 and (depth >= max_depth or rng.random() < 0.6):
+class _TooLong(Exception):
+    """An expression outgrew max_len while being drawn: it would be redrawn anyway."""
+
+
+def _take(room: list, n: int) -> None:
+    room[0] -= n
+    if room[0] < 0:
+        raise _TooLong
+
+
+def _listops_expression(rng: random.Random, depth: int, max_depth: int, max_args: int, room: list,
+                        leaf_prob: float):
+    """One random expression: (list of token strings, integer value 0..9).
+
+    ``room`` is a one-element list, the tokens still allowed: drawing stops with _TooLong once it
+    is used up. Accepted expressions are distributed as when drawn whole and rejected if too
+    long, but a rejection costs at most max_len tokens (at LRA's depth 10 and 10 arguments a
+    whole draw can run to millions of tokens).
+    """
+    # The root is always an operator; below it an argument is a digit with probability leaf_prob
+    # (0.6 by default), which keeps the expected length finite while still nesting to max_depth.
+    if depth > 0 and (depth >= max_depth or rng.random() < leaf_prob):
+        _take(room, 1)
         digit = rng.randrange(10)
         return [str(digit)], digit
+    _take(room, 2)  # the operator and its closing bracket
     op = rng.choice(tuple(_LISTOPS_OPS))
     tokens, values = [op], []
     for _ in range(rng.randint(2, max_args)):
-        sub_tokens, value = _listops_expression(rng, depth + 1, max_depth, max_args)
+        sub_tokens, value = _listops_expression(rng, depth + 1, max_depth, max_args, room, leaf_prob)
         tokens += sub_tokens
         values.append(value)
     return tokens + ["]"], _LISTOPS_OPS[op](values)
 
 
 def make_listops(n_train: int = 4000, n_test: int = 1000, max_len: int = 128, max_depth: int = 4,
-                 max_args: int = 5, seed: int = 0) -> TaskData:
+                 max_args: int = 5, seed: int = 0, min_len: int = 0, leaf_prob: float = 0.6) -> TaskData:
     """Generated ListOps: nested MAX / MIN / MED / SM (sum mod 10) over digits; predict the value.
 
     Example expression: ``[MAX 2 9 [MIN 4 7 ] 0 ]`` = 9. Tokens follow :data:`LISTOPS_VOCAB`
-    (0 pads the end of the sequence). Expressions longer than ``max_len`` are redrawn.
+    (0 pads the end of the sequence). Expressions longer than ``max_len`` (or shorter than
+    ``min_len``) are redrawn. Long Range Arena's setting (Tay et al. 2021, arXiv 2011.04006):
+    ``max_len=2048, max_depth=10, max_args=10``; with ``leaf_prob=0.8`` (an operator then has
+    (1 - 0.8) * 6 = 1.2 operator arguments on average, near the critical branching of 1) and
+    ``min_len=500`` most sequences are 500-2048 tokens long. A draw stops as soon as it is too
+    long, so rejections stay cheap.
 
     Args:
         n_train, n_test: examples per split.
@@ -230,6 +254,10 @@ def make_listops(n_train: int = 4000, n_test: int = 1000, max_len: int = 128, ma
         max_depth: deepest operator nesting (the root is depth 0).
         max_args: most arguments per operator (at least 2).
         seed: seeds everything.
+        min_len: shortest expression kept (0: all); long ones make attention over the whole
+            sequence matter.
+        leaf_prob: probability that an argument below the root is a digit; smaller values nest
+            more and lengthen expressions.
 
     Returns:
         :class:`TaskData`, x (N, max_len) int64 tokens, y int64 in 0..9; info['majority_accuracy']
@@ -239,6 +267,10 @@ def make_listops(n_train: int = 4000, n_test: int = 1000, max_len: int = 128, ma
     check_int("max_args", max_args, 2)
     if max_len < 4:
         raise ValueError(f"max_len must be >= 4, got {max_len}")
+    if isinstance(leaf_prob, bool) or not isinstance(leaf_prob, (int, float)) or not 0 < leaf_prob <= 1:
+        raise ValueError(f"leaf_prob must be a number in (0, 1], got {leaf_prob!r}")
+    if isinstance(min_len, bool) or not isinstance(min_len, int) or not 0 <= min_len <= max_len:
+        raise ValueError(f"min_len must be an int in [0, max_len={max_len}], got {min_len!r}")
     rng = random.Random(seed)  # scalar draws: the standard library's generator is ~10x faster here
     index = {token: i for i, token in enumerate(LISTOPS_VOCAB)}
     n = n_train + n_test
@@ -248,14 +280,19 @@ def make_listops(n_train: int = 4000, n_test: int = 1000, max_len: int = 128, ma
     while made < n:
         tries += 1
         if tries > 100 * n:
-            raise ValueError(f"max_len={max_len} is too short for max_depth={max_depth}, max_args={max_args}")
-        tokens, value = _listops_expression(rng, 0, max_depth, max_args)
-        if len(tokens) <= max_len:
+            raise ValueError(f"no expression of {min_len} to {max_len} tokens in {tries - 1} draws at "
+                             f"max_depth={max_depth}, max_args={max_args}")
+        try:
+            tokens, value = _listops_expression(rng, 0, max_depth, max_args, [max_len], leaf_prob)
+        except _TooLong:
+            continue
+        if len(tokens) >= min_len:
             x[made, :len(tokens)] = [index[token] for token in tokens]
             y[made] = value
             made += 1
     majority = np.bincount(y[:n_train], minlength=10).argmax()
-    info = {"vocab": LISTOPS_VOCAB, "max_depth": max_depth, "max_args": max_args, "seed": seed,
+    info = {"vocab": LISTOPS_VOCAB, "max_depth": max_depth, "max_args": max_args, "seed": seed, "min_len": min_len,
+            "leaf_prob": leaf_prob,
             "majority_accuracy": float((y[n_train:] == majority).mean())}
     return TaskData("listops", "classification", "tokens", *_tensors(x[:n_train], y[:n_train], x[n_train:],
                     y[n_train:]), n_outputs=10, vocab_size=len(LISTOPS_VOCAB), info=info)

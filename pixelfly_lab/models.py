@@ -32,13 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_layer import ATTENTION_LAYOUTS, PixelflyAttention
 from ._checks import check_budget, check_int
 from .patterns import PATTERN_NAMES
 
-__all__ = ["MODEL_NAMES", "SIZES", "SPARSIFY_WHERE", "ModelSize", "MLP", "Mixer", "Transformer",
+__all__ = ["MODEL_NAMES", "ATTENTION_NAMES", "SIZES", "SPARSIFY_WHERE", "ModelSize", "MLP", "Mixer", "Transformer",
            "build_model", "sparsify_model", "count_params", "default_patch"]
 
 MODEL_NAMES = ("mlp", "mixer", "vit", "gpt")
+# attention= of 'vit' and 'gpt': dense scaled dot-product attention, or PixelflyAttention's layouts
+ATTENTION_NAMES = ("dense",) + ATTENTION_LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -221,10 +224,10 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x += attn(LN(x)); x += mlp(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_hidden: int, causal: bool):
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, causal: bool, attn: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, causal)
+        self.attn = Attention(dim, heads, causal) if attn is None else attn
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp_hidden)
 
@@ -246,16 +249,28 @@ class Transformer(nn.Module):
         patch: patch edge for float inputs.
         per_token: return (B, T, out_features) logits at every position (language modelling);
             otherwise (B, out_features) from the mean over tokens (ViT) or the last token (GPT).
+        attention: 'dense' (:class:`Attention`) or a layout of
+            :class:`~pixelfly_lab.attention_layer.PixelflyAttention` ('pixelfly', 'bigbird', ...).
+        attention_options: keyword arguments of PixelflyAttention (budget, block_size, ...).
     """
 
     def __init__(self, seq_len: int, dim: int, depth: int, heads: int, out_features: int, *, causal: bool,
                  vocab_size: int | None = None, patch: int | None = None, patch_dim: int | None = None,
-                 mlp_ratio: int = 4, per_token: bool = False):
+                 mlp_ratio: int = 4, per_token: bool = False, attention: str = "dense",
+                 attention_options: dict | None = None):
         super().__init__()
+        if attention not in ATTENTION_NAMES:
+            raise ValueError(f"attention must be one of {ATTENTION_NAMES}, got {attention!r}")
+        def attn():
+            if attention == "dense":
+                return None
+            return PixelflyAttention(dim, heads, seq_len, causal=causal, layout=attention, **(attention_options or {}))
+
         self.causal, self.per_token, self.patch = causal, per_token, patch
         self.embed = nn.Embedding(vocab_size, dim) if vocab_size else nn.Linear(patch_dim, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(1, seq_len, dim))  # GPT-2's 0.02 init
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio * dim, causal) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio * dim, causal, attn())
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_features)
 
@@ -311,7 +326,8 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
 
 
 def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", budget: float = 1.0,
-                block_size: int = 16, seed: int = 0, patch: int | None = None, gating: bool = False,
+                block_size: int = 16, seed: int = 0, patch: int | None = None, attention: str = "dense",
+                attention_budget: float = 0.25, gating: bool = False,
                 lowrank_init: str = "svd", **overrides) -> nn.Module:
     """Build a model for a data set, sparsified where the paper does.
 
@@ -328,6 +344,12 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
             :class:`pixelfly_lab.layers.SparseLowRankLinear`): ``gating=True,
             lowrank_init='kaiming'`` is the authors' released Pixelfly layer; the defaults (ungated,
             SVD init) keep each layer linear with a dense weight.
+        attention: 'vit' and 'gpt' only: 'dense' (scaled dot-product attention) or one of
+            :data:`ATTENTION_NAMES`' layouts of :class:`~pixelfly_lab.attention_layer.PixelflyAttention`
+            ('pixelfly': flat block butterfly + Performer features, as the paper's LRA model;
+            'bigbird', 'local', 'random': sparse baselines), with ``block_size`` blocks.
+        attention_budget: fraction of the T^2 attention scores computed (features included);
+            0.25 as the MLPs' usual budget.
         **overrides: ModelSize fields (dim, depth, heads, mlp_ratio) replacing the preset's.
 
     Returns:
@@ -348,6 +370,10 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
         raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
     _check_pattern_args(pattern, budget, block_size)
     check_int("seed", seed, 0)
+    if attention not in ATTENTION_NAMES:
+        raise ValueError(f"attention must be one of {ATTENTION_NAMES}, got {attention!r}")
+    if attention != "dense" and name not in ("vit", "gpt"):
+        raise ValueError(f"attention={attention!r} needs a Transformer ('vit' or 'gpt'), got model {name!r}")
     unknown = set(overrides) - set(ModelSize.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown model option(s) {sorted(unknown)}; known: dim, depth, heads, mlp_ratio")
@@ -375,7 +401,9 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
                 patch=patch, patch_dim=patchify(torch.zeros(1, *shape), patch).shape[-1])
             seq_len = shape[0] if tokens else patchify(torch.zeros(1, *shape), patch).shape[1]
             model = Transformer(seq_len, spec.dim, spec.depth, spec.heads, data.n_outputs, causal=name == "gpt",
-                                mlp_ratio=spec.mlp_ratio, per_token=lm, **extra)
+                                mlp_ratio=spec.mlp_ratio, per_token=lm, attention=attention,
+                                attention_options=dict(budget=attention_budget, block_size=block_size, seed=seed),
+                                **extra)
         model.family, model.dense_params = name, count_params(model)
         model.report = sparsify_model(model, name, pattern, budget, block_size, seed, gating=gating,
                                       lowrank_init=lowrank_init)

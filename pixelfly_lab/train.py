@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ._checks import check_budget, check_int
 from .data import DATASETS, load_data
-from .models import MODEL_NAMES, SIZES, SPARSIFY_WHERE, build_model, count_params
+from .models import ATTENTION_NAMES, MODEL_NAMES, SIZES, SPARSIFY_WHERE, build_model, count_params
 from .patterns import PATTERN_NAMES
 from .rank import weight_ranks
 
@@ -78,6 +78,7 @@ class TrainConfig:
     size: str = "tiny"            # models.SIZES preset: tiny (CPU seconds) ... gpt2-small (GPU)
     pattern: str = "dense"        # patterns.PATTERN_NAMES: dense, pixelfly, butterfly, lowrank, ...
     budget: float = 0.25          # fraction of each sparsified layer's dense parameters (not used by 'dense')
+    attention: str = "dense"      # vit/gpt attention: models.ATTENTION_NAMES (dense SDPA, pixelfly, bigbird, ...)
     block_size: int = 16          # 16 divides every width of the tiny/small/base presets; 32 for GPT-2 on GPU
     data_dir: str | None = None   # cifar10: the local folder holding cifar-10-batches-py
     context: int = 64             # chars: characters per training window
@@ -113,6 +114,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError/TypeError naming the first bad field."""
         for name, known in (("model", MODEL_NAMES), ("data", DATASETS), ("pattern", PATTERN_NAMES),
+                            ("attention", ATTENTION_NAMES),
                             ("size", tuple(SIZES)), ("device", ("auto", "cpu", "cuda"))):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in known:
@@ -394,7 +396,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by the world size {d.world}")
         total_steps = config.epochs * steps_per_epoch
         model = build_model(config.model, data, size=config.size, pattern=config.pattern, budget=config.budget,
-                            block_size=config.block_size, seed=config.seed, **config.model_options).to(device)
+                            block_size=config.block_size, seed=config.seed, attention=config.attention,
+                            **config.model_options).to(device)
         optimizer = _optimizer(model, config)
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -505,6 +508,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", default=defaults.data, choices=DATASETS)
     parser.add_argument("--pattern", default=defaults.pattern, choices=PATTERN_NAMES, metavar="NAME",
                         help="sparsity pattern: " + ", ".join(PATTERN_NAMES))
+    parser.add_argument("--attention", default=defaults.attention, choices=ATTENTION_NAMES,
+                        help="vit/gpt attention: dense, or PixelflyAttention with that layout")
     parser.add_argument("--budget", type=float, default=defaults.budget,
                         help="fraction of each sparsified layer's dense parameters, in (0, 1]")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)

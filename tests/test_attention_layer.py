@@ -115,3 +115,22 @@ def test_bad_arguments():
     attn = PixelflyAttention(16, 2, 32, block_size=8, budget=0.5)
     with pytest.raises(ValueError, match="sequence length 40"):
         attn(torch.randn(1, 40, 16))
+
+
+@pytest.mark.parametrize("name,attention", [("vit", "pixelfly"), ("gpt", "bigbird"), ("vit", "local")])
+def test_build_model_with_sparse_attention_trains_a_step(name, attention):
+    from pixelfly_lab.data import make_listops
+    from pixelfly_lab.models import build_model
+
+    data = make_listops(n_train=16, n_test=4, max_len=64, seed=0)
+    model = build_model(name, data, attention=attention, attention_budget=0.5, pattern="pixelfly", budget=0.5)
+    attns = [block.attn for block in model.blocks]
+    assert all(isinstance(a, PixelflyAttention) and a.layout_name == attention for a in attns)
+    assert all(a.causal == (name == "gpt") for a in attns)
+    loss = torch.nn.functional.cross_entropy(model(data.x_train), data.y_train)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in attns[0].parameters())
+    with pytest.raises(ValueError, match="needs a Transformer"):
+        build_model("mlp", make_listops(n_train=4, n_test=4, max_len=16), attention="pixelfly")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        build_model(name, data, attention="performer")

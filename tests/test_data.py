@@ -172,3 +172,17 @@ def test_load_data_errors_and_subset():
     data = load_data("teacher", max_train=10, max_test=3, n_train=50, n_test=20)
     assert len(data.x_train) == 10 and len(data.x_test) == 3
     assert set(DATASETS) == {"digits", "mnist1d", "listops", "teacher", "chars", "cifar10"}
+
+
+def test_listops_long_sequences_within_min_and_max_len():
+    # LRA-like nesting; draws stop as soon as they outgrow max_len, so this stays fast
+    data = make_listops(n_train=40, n_test=10, max_len=256, max_depth=10, max_args=10, min_len=64, leaf_prob=0.8)
+    x = torch.cat([data.x_train, data.x_test])
+    lengths = (x > 0).sum(1)
+    assert lengths.min() >= 64 and x.shape[1] == 256
+    for row, label in zip(x, torch.cat([data.y_train, data.y_test])):
+        assert _evaluate_listops(row.tolist()) == int(label)
+    with pytest.raises(ValueError, match="min_len"):
+        make_listops(n_train=4, n_test=4, max_len=32, min_len=40)
+    with pytest.raises(ValueError, match="leaf_prob"):
+        make_listops(n_train=4, n_test=4, leaf_prob=0.0)
