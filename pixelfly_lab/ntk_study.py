@@ -1,42 +1,52 @@
-"""The NTK study: how far each sparsity pattern's neural tangent kernel is from the dense model's.
+"""The NTK study: how close each sparsity pattern's neural tangent kernel is to the dense model's.
 
-The Pixelfly paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029) chooses its fixed pattern by
-the neural tangent kernel: a sparse network whose NTK stays close to the dense network's should
-train like it, and among patterns at the same budget the flat block butterfly + low-rank one
-(Pixelfly) is the closest; the NTK distance also ranks the patterns' final accuracies.
+The Pixelfly paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029, Sec. 3.3) chooses its fixed
+pattern by the neural tangent kernel: a sparse network whose NTK is close to the dense network's
+should train like it; among patterns at the same budget the flat block butterfly + low-rank one
+(Pixelfly) is the closest, and the NTK distance ranks the patterns' accuracies.
 
-Here, for each model family (MLP, small MLP-Mixer on scikit-learn's digits), each pattern at the
-same budget and several seeds, we measure
+Here, for each model family (MLP, small MLP-Mixer on the MNIST-1D-style task of
+:func:`pixelfly_lab.data.make_mnist1d`), each pattern at the same budget and several seeds, the
+empirical NTK at initialisation (:func:`pixelfly_lab.ntk.empirical_ntk`, on held-out examples)
+is compared with the kernels of dense models of other seeds (the references), by
 
-    d(K_sparse, K_ref) = ||K_sparse - K_ref||_F / ||K_ref||_F    (and alignment / CKA distances)
+* ``relative_frobenius_normalized``  ||K/tr K - K_r/tr K_r||_F / ||K_r/tr K_r||_F (the kernel's
+  shape: invariant to its scale),
+* ``cka``                   1 - centred kernel alignment (invariant to scale; Kornblith et al. 2019),
+* ``relative_frobenius``    ||K - K_r||_F / ||K_r||_F, which mixes shape with size: a kernel half
+  as large as dense's is at distance >= 0.5 whatever its shape, so this one is read beside the
+  ``trace_ratio`` tr K / tr K_r,
 
-with K the empirical NTK (:func:`pixelfly_lab.ntk.empirical_ntk`) on held-out digits and K_ref
-the mean kernel of dense models of other seeds (the mean is the finite-width estimate of the
-dense kernel; 'dense' itself then shows the seed-to-seed floor). Every model, the references
-included, then takes a few full-batch Adam steps on a digits subset and the distance is
-measured again along the way, beside the loss and the test accuracy. The kernels' eigenvalue
-spectra (at initialisation and at the end) come with the table.
+each averaged over the references. The yardstick is the dense seed-to-seed spread: the same
+distances between pairs of reference kernels (mean and standard deviation over ordered pairs).
+Every model is then trained (:func:`pixelfly_lab.train.train`, a fixed epoch budget) and its test
+accuracy recorded, for the distance-accuracy correlation.
 
 :mod:`pixelfly_lab.studies.ntk` composes this into the ``reproduce`` study 'ntk' (figures and claims).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .data import load_data
 from .models import build_model, count_params
-from .ntk import DISTANCE_METRICS, empirical_ntk, kernel_distance, spectra
+from .ntk import empirical_ntk, kernel_distance, spectra
+from .training_study import compare_patterns, pattern_options
 
-__all__ = ["STUDY_PATTERNS", "NTKStudyConfig", "QUICK", "ntk_study", "method_table", "plot_kernel",
-           "plot_distance_at_init", "plot_distance_over_training", "plot_distance_vs_accuracy", "plot_spectra"]
+__all__ = ["STUDY_PATTERNS", "STUDY_METRICS", "SCALE_FREE_METRICS", "NTKStudyConfig", "QUICK",
+           "kernel_distances", "ntk_study", "method_table", "plot_kernel", "plot_distance_at_init",
+           "plot_distance_vs_accuracy", "plot_spectra"]
 
-STUDY_PATTERNS = ("dense", "lowrank", "random", "local", "bigbird", "butterfly", "pixelfly", "monarch")
+STUDY_PATTERNS = ("dense", "lowrank", "random", "local", "bigbird", "butterfly", "monarch", "pixelfly",
+                  "pixelfly-gated")
+# the headline distances ignore the kernel's scale; relative_frobenius is kept for reading beside the trace
+SCALE_FREE_METRICS = ("relative_frobenius_normalized", "cka")  # alignment is close to CKA here
+STUDY_METRICS = SCALE_FREE_METRICS + ("relative_frobenius",)
 
 
 @dataclass(frozen=True)
@@ -46,107 +56,138 @@ class NTKStudyConfig:
     families: tuple = ("mlp", "mixer")
     patterns: tuple = STUDY_PATTERNS
     seeds: tuple = (0, 1, 2)
-    # dense models averaged into the reference kernel; seeds apart from ``seeds``
+    # dense models whose kernels are the references; seeds apart from ``seeds``; at least 3 so that
+    # the seed-to-seed spread has a standard deviation over 6 ordered pairs
     reference_seeds: tuple = (100, 101, 102)
+    data: str = "mnist1d"           # patterns differ there (on digits every pattern reaches ~97%)
     budget: float = 0.25            # the training lab's budget
     # 8, not the training lab's 16: at 16 the Mixer's 64x256 channel MLPs have a 4x16 block grid
     # on which local, butterfly and pixelfly are the same layout (and pixelfly has no rank left)
     block_size: int = 8
-    size: str = "tiny"              # models.SIZES preset: MLP 64-256-256-10, Mixer dim 64
-    n_kernel: int = 128             # held-out digits the kernels are computed on
-    n_train: int = 256              # training subset, one full batch
-    steps: int = 40                 # Adam steps: "a short training", the kernel's early drift
-    eval_every: int = 10            # kernels at steps 0, 10, 20, ...
-    lr: float = 3e-3                # the training lab's digits learning rate
+    size: str = "tiny"              # models.SIZES preset: MLP 40-256-256-10, Mixer dim 64
+    n_kernel: int = 128             # held-out examples the kernels are computed on
+    # training for the distance-accuracy correlation: an epoch budget at which dense has converged
+    # (its test accuracy flat over the last epochs: see the study's 'dense converged' reading)
+    n_train: int | None = None      # None: the whole training split (4000 examples)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-3                # the training lab's learning rate for the tiny presets
     device: str = "cpu"
 
 
-# 1-2 minutes on a 2-core CPU: two seeds against two references, kernels at the start and the end.
-QUICK = NTKStudyConfig(seeds=(0, 1), reference_seeds=(100, 101), n_kernel=32, n_train=128, steps=10,
-                       eval_every=10)
+# About a minute on a 2-core CPU: the MLP only, kernels on 64 examples, 1000 training examples.
+QUICK = NTKStudyConfig(families=("mlp",), n_kernel=64, n_train=1000, epochs=15)
 
 
-def _train_and_measure(family: str, pattern: str, seed: int, data, cfg: NTKStudyConfig) -> list[dict]:
-    """Build one model, take ``cfg.steps`` full-batch Adam steps, record kernels and metrics."""
-    device = torch.device(cfg.device)
-    model = build_model(family, data, size=cfg.size, pattern=pattern, budget=cfg.budget,
-                        block_size=cfg.block_size, seed=seed).to(device)
-    x_train, y_train = data.x_train[:cfg.n_train].to(device), data.y_train[:cfg.n_train].to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    probe = x_test[:cfg.n_kernel]
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    records = []
-    for step in range(cfg.steps + 1):
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            model.eval()
-            with torch.no_grad():
-                loss = float(F.cross_entropy(model(x_train), y_train))
-                accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
-            records.append(dict(family=family, pattern=pattern, seed=seed, step=step, params=count_params(model),
-                                density=count_params(model) / model.dense_params, train_loss=loss,
-                                test_accuracy=accuracy, kernel=empirical_ntk(model, probe, progress=False).cpu()))
-        if step == cfg.steps:
-            break
-        model.train()
-        optimizer.zero_grad()
-        F.cross_entropy(model(x_train), y_train).backward()
-        optimizer.step()
-    return records
+def kernel_distances(kernel: torch.Tensor, reference: torch.Tensor) -> dict:
+    """The study's distances of ``kernel`` to ``reference``: {metric: float} for :data:`STUDY_METRICS`.
+
+    Example:
+        >>> k = torch.eye(4, dtype=torch.float64) + 0.1
+        >>> d = kernel_distances(3 * k, k)
+        >>> round(d["relative_frobenius_normalized"], 9), round(d["relative_frobenius"], 9)
+        (0.0, 2.0)
+    """
+    return {metric: kernel_distance(kernel, reference, metric) for metric in STUDY_METRICS}
+
+
+def _check_config(cfg: NTKStudyConfig) -> None:
+    unknown = set(cfg.patterns) - set(STUDY_PATTERNS)
+    if unknown:
+        raise ValueError(f"patterns {sorted(unknown)} are not studied here; choose from {STUDY_PATTERNS}")
+    if len(cfg.reference_seeds) < 2:
+        raise ValueError(f"reference_seeds needs at least 2 seeds for a seed-to-seed spread, got {cfg.reference_seeds}")
+    if set(cfg.reference_seeds) & set(cfg.seeds):
+        raise ValueError(f"reference_seeds {cfg.reference_seeds} must differ from seeds {cfg.seeds}: a dense model "
+                         "of a reference's own seed is at distance 0")
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+
+
+def _data_options(cfg: NTKStudyConfig) -> dict:
+    """Generate only the examples used: n_train for training, the probe from a test split of n_kernel or more."""
+    if cfg.data not in ("mnist1d", "listops", "teacher") or cfg.n_train is None:
+        return {}
+    return {"n_train": cfg.n_train, "n_test": max(cfg.n_kernel, 1000)}
+
+
+def _model(family: str, label: str, seed: int, data, cfg: NTKStudyConfig):
+    pattern, options = pattern_options(label)
+    return build_model(family, data, size=cfg.size, pattern=pattern, budget=cfg.budget, block_size=cfg.block_size,
+                       seed=seed, **options).to(cfg.device)
 
 
 def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **overrides) -> pd.DataFrame:
-    """Distance of each pattern's NTK to the dense NTK, at initialisation and along training.
+    """Distances of each pattern's NTK at initialisation to dense kernels, and accuracy after training.
 
     Args:
-        config: an :class:`NTKStudyConfig` (default: the full run; :data:`QUICK` for minutes).
+        config: an :class:`NTKStudyConfig` (default: the full run; :data:`QUICK` for about a minute).
         progress: show a progress bar over models.
         **overrides: fields of the config to replace, e.g. ``seeds=(0,)``.
 
     Returns:
-        DataFrame, one row per (family, pattern, seed, step): params, density, train_loss,
-        test_accuracy, kernel_trace, and the distance to the reference kernel of the same step
-        for each metric of :data:`pixelfly_lab.ntk.DISTANCE_METRICS` (``relative_frobenius``,
-        ``alignment``, ``cka``). ``frame.attrs['spectra']`` holds the eigenvalue spectra of the
-        kernels at the first and last step (columns family, pattern, seed, step, index,
-        eigenvalue, normalized), ``frame.attrs['config']`` the config used.
+        DataFrame, one row per (family, pattern, seed): params, density, kernel_trace, trace_ratio
+        (tr K / mean tr K_ref), the mean distance to the reference kernels for each of
+        :data:`STUDY_METRICS`, and test_accuracy, test_loss after ``epochs`` of training.
+        ``frame.attrs['spread']``: the dense seed-to-seed spread (family, metric, mean, sd, pairs);
+        ``frame.attrs['history']``: the training histories (family, pattern, seed, event, step,
+        epoch, train_loss, test_accuracy, ...); ``frame.attrs['spectra']``: the eigenvalue spectra
+        at initialisation (family, pattern, seed, index, eigenvalue, normalized);
+        ``frame.attrs['config']``: the config used.
 
     Example:
-        >>> frame = ntk_study(QUICK, families=("mlp",), patterns=("dense", "pixelfly"))
-        >>> frame.groupby("pattern").relative_frobenius.mean()   # doctest: +SKIP
+        >>> frame = ntk_study(QUICK, patterns=("dense", "lowrank", "pixelfly"))   # doctest: +SKIP
+        >>> frame.groupby("pattern").relative_frobenius_normalized.mean()                  # doctest: +SKIP
     """
+    from tqdm.auto import tqdm
+
     cfg = replace(config or NTKStudyConfig(), **overrides)
-    unknown = set(cfg.patterns) - set(STUDY_PATTERNS)
-    if unknown:
-        raise ValueError(f"patterns {sorted(unknown)} are not studied here; choose from {STUDY_PATTERNS}")
-    if cfg.eval_every < 1 or cfg.steps < 0:
-        raise ValueError(f"eval_every must be >= 1 and steps >= 0, got {cfg.eval_every} and {cfg.steps}")
-    data = load_data("digits")
-    jobs = [(f, "dense", s, True) for f in cfg.families for s in cfg.reference_seeds]
-    jobs += [(f, p, s, False) for f in cfg.families for p in cfg.patterns for s in cfg.seeds]
-    records, references = [], {}
-    for family, pattern, seed, is_reference in tqdm(jobs, desc="NTK study", unit="model", disable=not progress):
-        runs = _train_and_measure(family, pattern, seed, data, cfg)
-        if is_reference:
-            for run in runs:
-                references.setdefault((family, run["step"]), []).append(run["kernel"])
-        else:
-            records += runs
-    reference = {key: torch.stack(kernels).mean(0) for key, kernels in references.items()}
-    rows, spectrum_frames = [], []
-    last = max(r["step"] for r in records)
-    for record in records:
-        kernel = record.pop("kernel")
-        ref = reference[record["family"], record["step"]]
-        record["kernel_trace"] = float(kernel.double().trace())
-        record.update({metric: kernel_distance(kernel, ref, metric) for metric in DISTANCE_METRICS})
-        rows.append(record)
-        if record["step"] in (0, last):
-            frame = spectra(kernel)
-            spectrum_frames.append(frame.drop(columns="name").assign(
-                **{k: record[k] for k in ("family", "pattern", "seed", "step")}))
+    _check_config(cfg)
+    probe_data = load_data(cfg.data, seed=0, **_data_options(cfg))
+    probe = probe_data.x_test[:cfg.n_kernel].to(cfg.device)
+    jobs = [(f, p, s) for f in cfg.families for p in cfg.patterns for s in cfg.seeds]
+    bar = tqdm(total=len(cfg.families) * len(cfg.reference_seeds) + 2 * len(jobs), desc="NTK study", unit="model",
+               disable=not progress)
+    rows, spreads, spectrum_frames, histories = [], [], [], []
+    for family in cfg.families:
+        references = []
+        for seed in cfg.reference_seeds:
+            references.append(empirical_ntk(_model(family, "dense", seed, probe_data, cfg), probe,
+                                            progress=False).cpu())
+            bar.update()
+        pairs = [kernel_distances(a, b) for a, b in itertools.permutations(references, 2)]
+        for metric in STUDY_METRICS:
+            values = pd.Series([d[metric] for d in pairs])
+            spreads.append(dict(family=family, metric=metric, mean=values.mean(), sd=values.std(), pairs=len(pairs)))
+        ref_trace = sum(float(r.double().trace()) for r in references) / len(references)
+        for fam, label, seed in (j for j in jobs if j[0] == family):
+            model = _model(family, label, seed, probe_data, cfg)
+            kernel = empirical_ntk(model, probe, progress=False).cpu()
+            distances = pd.DataFrame([kernel_distances(kernel, r) for r in references]).mean()
+            trace = float(kernel.double().trace())
+            rows.append(dict(family=family, pattern=label, seed=seed, params=count_params(model),
+                             density=count_params(model) / model.dense_params, kernel_trace=trace,
+                             trace_ratio=trace / ref_trace, **distances.to_dict()))
+            spectrum_frames.append(spectra(kernel).drop(columns="name").assign(family=family, pattern=label, seed=seed))
+            bar.update()
+        # trained exactly as built above: train() builds the same model from the same seed and options
+        runs = compare_patterns(cfg.patterns, cfg.seeds, model=family, data=cfg.data, size=cfg.size,
+                                budget=cfg.budget, block_size=cfg.block_size, epochs=cfg.epochs,
+                                batch_size=cfg.batch_size, lr=cfg.lr, data_options=_data_options(cfg),
+                                device=cfg.device, track_rank=False, progress=False)
+        bar.update(len(cfg.patterns) * len(cfg.seeds))
+        trained = runs.summary[["pattern", "seed", "test_accuracy", "test_loss"]]
+        for row in rows:
+            if row["family"] == family:
+                match = trained[(trained.pattern == row["pattern"]) & (trained.seed == row["seed"])].iloc[0]
+                row.update(test_accuracy=float(match.test_accuracy), test_loss=float(match.test_loss))
+        histories.append(runs.history.assign(family=family))
+    bar.close()
     frame = pd.DataFrame(rows)
+    frame.attrs["spread"] = pd.DataFrame(spreads)
+    frame.attrs["history"] = pd.concat(histories, ignore_index=True)
     frame.attrs["spectra"] = pd.concat(spectrum_frames, ignore_index=True)[
-        ["family", "pattern", "seed", "step", "index", "eigenvalue", "normalized"]]
+        ["family", "pattern", "seed", "index", "eigenvalue", "normalized"]]
     frame.attrs["config"] = asdict(cfg)
     return frame
 
@@ -205,74 +246,67 @@ def _panels(families, width=5.0, height=3.6):
     return fig, dict(zip(families, axes[0]))
 
 
-def plot_distance_at_init(frame: pd.DataFrame, metric: str = "relative_frobenius"):
-    """Bar per pattern: the distance at step 0 (mean over seeds, bars from min to max), per family."""
+def _label(metric: str) -> str:
+    return {"relative_frobenius_normalized": "rel. Frobenius of trace-normalised kernels", "cka": "1 - CKA",
+            "relative_frobenius": "relative Frobenius (raw)"}.get(metric, metric.replace("_", " "))
+
+
+def plot_distance_at_init(frame: pd.DataFrame, metric: str = "relative_frobenius_normalized"):
+    """Bar per pattern: the distance at initialisation (mean and sd over seeds), with the dense
+    seed-to-seed spread (mean +- sd of ``frame.attrs['spread']``) as a grey band, per family."""
     families = list(frame.family.unique())
     fig, axes = _panels(families)
+    spread = frame.attrs.get("spread")
     for family, ax in axes.items():
-        init = frame[(frame.family == family) & (frame.step == 0)]
-        stats = init.groupby("pattern", sort=False)[metric].agg(["mean", "min", "max"])
+        stats = frame[frame.family == family].groupby("pattern", sort=False)[metric].agg(["mean", "std"])
         colours = _colours(stats.index)
-        ax.bar(range(len(stats)), stats["mean"], color=[colours[p] for p in stats.index], capsize=3,
-               yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]])
+        ax.bar(range(len(stats)), stats["mean"], yerr=stats["std"].fillna(0), capsize=3,
+               color=[colours[p] for p in stats.index])
+        if spread is not None and len(spread):
+            ref = spread[(spread.family == family) & (spread.metric == metric)].iloc[0]
+            ax.axhspan(ref["mean"] - ref["sd"], ref["mean"] + ref["sd"], color="0.8", zorder=0,
+                       label="dense seed-to-seed (mean +- sd)")
+            ax.legend(fontsize=7)
         ax.set_xticks(range(len(stats)), stats.index, rotation=35, fontsize=8)
-        ax.set(xlabel="pattern (same budget)", ylabel=f"NTK distance ({metric.replace('_', ' ')})",
+        ax.set(xlabel="pattern (same budget)", ylabel=f"NTK distance ({_label(metric)})",
                title=f"{family}: NTK distance to dense at init")
     fig.tight_layout()
     return fig
 
 
-def plot_distance_over_training(frame: pd.DataFrame, metric: str = "relative_frobenius"):
-    """Distance to the (equally trained) dense reference against the training step, per family."""
+def plot_distance_vs_accuracy(frame: pd.DataFrame, metric: str = "relative_frobenius_normalized"):
+    """The paper's picture without dense: NTK distance at init against test accuracy after training,
+    one point per sparse pattern (mean over seeds, bars one sd)."""
     families = list(frame.family.unique())
     fig, axes = _panels(families)
     for family, ax in axes.items():
-        part = frame[frame.family == family]
-        colours = _colours(part.pattern.unique())
-        for pattern, rows in part.groupby("pattern", sort=False):
-            mean = rows.groupby("step")[metric].mean()
-            ax.plot(mean.index, mean.values, marker="o", ms=3, color=colours[pattern], label=pattern)
-        ax.set(xlabel="full-batch Adam step", ylabel=f"NTK distance ({metric.replace('_', ' ')})",
-               title=f"{family}: NTK distance along training")
-        ax.legend(fontsize=7, ncol=2)
+        part = frame[(frame.family == family) & (frame.pattern != "dense")]
+        stats = part.groupby("pattern", sort=False).agg(d=(metric, "mean"), d_sd=(metric, "std"),
+                                                        a=("test_accuracy", "mean"), a_sd=("test_accuracy", "std"))
+        colours = _colours(stats.index)
+        for pattern, row in stats.iterrows():
+            ax.errorbar(row.d, 100 * row.a, xerr=row.d_sd if row.d_sd == row.d_sd else None,
+                        yerr=100 * row.a_sd if row.a_sd == row.a_sd else None, fmt="o", ms=4, capsize=2,
+                        color=colours[pattern])
+            ax.annotate(pattern, (row.d, 100 * row.a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=f"NTK distance at init ({_label(metric)})", ylabel="test accuracy after training (%)",
+               title=f"{family}: NTK distance vs accuracy (sparse patterns)")
     fig.tight_layout()
     return fig
 
 
-def plot_distance_vs_accuracy(frame: pd.DataFrame, metric: str = "relative_frobenius"):
-    """The paper's picture: NTK distance at init against final test accuracy, one point per pattern."""
-    families = list(frame.family.unique())
-    fig, axes = _panels(families)
-    last = frame.step.max()
-    for family, ax in axes.items():
-        part = frame[frame.family == family]
-        dist = part[part.step == 0].groupby("pattern", sort=False)[metric].mean()
-        acc = part[part.step == last].groupby("pattern", sort=False).test_accuracy.mean()
-        colours = _colours(dist.index)
-        for pattern in dist.index:
-            ax.scatter(dist[pattern], 100 * acc[pattern], color=colours[pattern], s=30)
-            ax.annotate(pattern, (dist[pattern], 100 * acc[pattern]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set(xlabel=f"NTK distance at init ({metric.replace('_', ' ')})",
-               ylabel=f"test accuracy after {last} steps (%)", title=f"{family}: NTK distance vs accuracy")
-    fig.tight_layout()
-    return fig
-
-
-def plot_spectra(spectrum: pd.DataFrame, step: int = 0):
-    """Normalised NTK eigenvalues (largest first, log scale) per pattern at ``step``, first seed."""
+def plot_spectra(spectrum: pd.DataFrame):
+    """Normalised NTK eigenvalues at initialisation (largest first, log scale) per pattern, first seed."""
     families = list(spectrum.family.unique())
     fig, axes = _panels(families)
     for family, ax in axes.items():
-        part = spectrum[(spectrum.family == family) & (spectrum.step == step)]
+        part = spectrum[spectrum.family == family]
         part = part[part.seed == part.seed.min()]
         colours = _colours(part.pattern.unique())
         for pattern, rows in part.groupby("pattern", sort=False):
             ax.semilogy(rows["index"] + 1, rows["normalized"].clip(lower=1e-12), color=colours[pattern],
                         label=pattern, lw=1.2)
-        ax.set(xlabel="eigenvalue rank", ylabel="eigenvalue / trace",
-               title=f"{family}: NTK spectrum at step {step}")
+        ax.set(xlabel="eigenvalue rank", ylabel="eigenvalue / trace", title=f"{family}: NTK spectrum at init")
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
-

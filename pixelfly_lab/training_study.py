@@ -25,8 +25,30 @@ from .data import TaskData
 from .models import build_model, count_params
 from .train import TrainConfig, task_loss, train
 
-__all__ = ["Comparison", "compare_patterns", "step_speed", "plot_curves", "plot_parity", "plot_ranks",
-           "plot_step_times"]
+__all__ = ["PATTERN_VARIANTS", "pattern_options", "Comparison", "compare_patterns", "step_speed", "plot_curves",
+           "plot_parity", "plot_ranks", "plot_step_times"]
+
+
+# Studied variants of a pattern, by label: (pattern name, build_model options). 'pixelfly-gated'
+# is Pixelfly as the authors released it (a sigmoid-gated mix of the butterfly and low-rank parts,
+# kaiming-initialised low-rank factors); plain 'pixelfly' is the library's default layer (the
+# ungated sum, low-rank factors initialised from an SVD).
+PATTERN_VARIANTS = {"pixelfly-gated": ("pixelfly", {"gating": True, "lowrank_init": "kaiming"})}
+
+
+def pattern_options(label: str) -> tuple[str, dict]:
+    """The pattern name and the extra ``build_model`` options of a pattern name or a variant label.
+
+    Example:
+        >>> pattern_options("pixelfly-gated")
+        ('pixelfly', {'gating': True, 'lowrank_init': 'kaiming'})
+        >>> pattern_options("lowrank")
+        ('lowrank', {})
+    """
+    if not isinstance(label, str):
+        raise TypeError(f"a pattern must be a name (str), got {type(label).__name__}")
+    pattern, options = PATTERN_VARIANTS.get(label, (label, {}))
+    return pattern, dict(options)
 
 
 @dataclass
@@ -50,7 +72,8 @@ def compare_patterns(patterns, seeds=(0,), workdir=None, **config) -> Comparison
     """Train the same config once per (pattern, seed).
 
     Args:
-        patterns: pattern names (see :data:`pixelfly_lab.patterns.PATTERN_NAMES`).
+        patterns: pattern names (see :data:`pixelfly_lab.patterns.PATTERN_NAMES`) or labels of
+            :data:`PATTERN_VARIANTS` (e.g. 'pixelfly-gated'); the results are labelled by these.
         seeds: seeds per pattern.
         workdir: where the runs' folders go (default: a temporary folder, deleted after).
         **config: :class:`pixelfly_lab.train.TrainConfig` fields shared by all runs.
@@ -59,7 +82,8 @@ def compare_patterns(patterns, seeds=(0,), workdir=None, **config) -> Comparison
         :class:`Comparison`.
 
     Example:
-        >>> c = compare_patterns(["dense", "pixelfly"], model="mlp", data="digits", budget=0.25, epochs=2)
+        >>> c = compare_patterns(["dense", "pixelfly"], model="mlp", data="digits", budget=0.25, epochs=2,
+        ...                      progress=False)  # doctest: +SKIP
         >>> c.summary[["pattern", "test_accuracy", "density"]]  # doctest: +SKIP
     """
     summaries, histories, ranks, models = [], [], [], {}
@@ -68,7 +92,12 @@ def compare_patterns(patterns, seeds=(0,), workdir=None, **config) -> Comparison
         for pattern in patterns:
             for seed in seeds:
                 out = root / f"{config.get('model', 'model')}-{pattern}-seed{seed}"
-                result = train(TrainConfig(**{**config, "pattern": pattern, "seed": seed, "out": str(out)}))
+                name, options = pattern_options(pattern)
+                options = {**config.get("model_options", {}), **options}
+                run = {**config, "pattern": name, "model_options": options, "seed": seed, "out": str(out)}
+                if options.get("gating"):  # a gated layer has no weight matrix (its mix depends on x): no ranks
+                    run["track_rank"] = False
+                result = train(TrainConfig(**run))
                 keep = {k: v for k, v in result.summary.items() if not isinstance(v, (dict, list))}
                 summaries.append({"pattern": pattern, "seed": seed, **keep})
                 histories.append(result.history.assign(pattern=pattern, seed=seed))
@@ -109,8 +138,12 @@ def step_speed(model_name: str, data: TaskData, patterns=("dense", "pixelfly"), 
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else contextlib.nullcontext)
     x, y = data.x_train[:batch_size].to(device), data.y_train[:batch_size].to(device)
-    models = {p: build_model(model_name, data, size=size, pattern=p, budget=1.0 if p == "dense" else budget,
-                             block_size=block_size, **model_options).to(device) for p in patterns}
+    models = {}
+    for label in patterns:
+        pattern, options = pattern_options(label)
+        models[label] = build_model(model_name, data, size=size, pattern=pattern,
+                                    budget=1.0 if pattern == "dense" else budget, block_size=block_size,
+                                    **{**model_options, **options}).to(device)
     times = {p: [] for p in patterns}
     for _ in range(rounds):
         for pattern, model in models.items():

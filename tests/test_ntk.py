@@ -315,38 +315,3 @@ def test_default_memory_budget_is_sane():
     budget = ntk.default_max_memory(torch.device("cpu"))
     assert 256 << 20 <= budget < 1 << 50
     assert math.isfinite(budget)
-
-
-# ----------------------------------------------------------------------------- the study
-TINY = dict(families=("mlp",), patterns=("dense", "pixelfly"), seeds=(0,), n_kernel=6, n_train=16, steps=2,
-            eval_every=1, size="tiny")
-
-
-def test_study_dense_against_itself_is_zero():
-    """A dense model of the reference's own seed, trained the same way, is at distance 0 at every step."""
-    from pixelfly_lab.ntk_study import QUICK, ntk_study
-
-    frame = ntk_study(QUICK, progress=False, reference_seeds=(0,), **TINY)
-    assert set(frame.columns) >= {"family", "pattern", "seed", "step", "density", "test_accuracy",
-                                  "kernel_trace", *ntk.DISTANCE_METRICS}
-    assert len(frame) == 2 * 3 and sorted(frame.step.unique()) == [0, 1, 2]
-    dense, sparse = frame[frame.pattern == "dense"], frame[frame.pattern == "pixelfly"]
-    for metric in ntk.DISTANCE_METRICS:
-        assert dense[metric].abs().max() < 1e-6
-        assert (sparse[metric] > 1e-3).all()
-    assert (sparse.density < 1).all() and (dense.density == 1).all()
-    spectrum = frame.attrs["spectra"]
-    assert set(spectrum.step) == {0, 2} and len(spectrum) == 2 * 2 * 6
-    with pytest.raises(ValueError, match="patterns"):
-        ntk_study(QUICK, progress=False, **{**TINY, "patterns": ("dense", "magic")})
-
-
-def test_study_writes_figures_tables_and_claims(tmp_path):
-    from pixelfly_lab.studies import ntk as study
-
-    claims = study.run(tmp_path, study.NTKStudyConfig(reference_seeds=(5,), **TINY), device="cpu")
-    assert [c.kind for c in claims] == ["paper", "paper", "info"] and all(c.measured for c in claims)
-    assert claims[1].held is None, "a rank correlation over two patterns decides nothing"
-    for name in ("ntk_distance_init", "ntk_distance_training", "ntk_distance_vs_accuracy", "ntk_spectra"):
-        assert (tmp_path / f"{name}.png").stat().st_size > 0 and (tmp_path / f"{name}.pdf").exists()
-    assert {"ntk_distances.csv", "ntk_spectra.csv"} <= {p.name for p in tmp_path.iterdir()}

@@ -1,0 +1,124 @@
+"""The NTK study: scale-free distances, the dense seed-to-seed spread, and its two paper claims' rules."""
+
+import pandas as pd
+import pytest
+import torch
+
+from pixelfly_lab.data import load_data
+from pixelfly_lab.models import build_model
+from pixelfly_lab.ntk import empirical_ntk, kernel_distance
+from pixelfly_lab.ntk_study import STUDY_METRICS, NTKStudyConfig, kernel_distances, ntk_study
+
+TINY = NTKStudyConfig(families=("mlp",), patterns=("dense", "pixelfly"), seeds=(0,), reference_seeds=(5, 6),
+                      n_kernel=6, n_train=64, epochs=1)
+
+
+@pytest.mark.parametrize("scale", [0.25, 3.0])
+def test_scale_free_distances_ignore_the_kernels_size(scale):
+    torch.manual_seed(0)
+    a = torch.randn(8, 5, dtype=torch.float64)
+    k = a @ a.T
+    d = kernel_distances(scale * k, k)
+    assert d["relative_frobenius_normalized"] == pytest.approx(0, abs=1e-12)
+    assert d["cka"] == pytest.approx(0, abs=1e-12)
+    assert d["relative_frobenius"] == pytest.approx(abs(scale - 1))  # the raw one measures the size
+    b = torch.randn(8, 5, dtype=torch.float64)
+    other = b @ b.T
+    assert kernel_distances(scale * other, k)["cka"] == pytest.approx(kernel_distances(other, k)["cka"])
+
+
+def test_study_spread_and_distances_match_kernels_built_by_hand():
+    frame = ntk_study(TINY, progress=False)
+    data = load_data("mnist1d", seed=0, n_train=64, n_test=1000)
+    probe = data.x_test[:6]
+
+    def kernel(seed, pattern="dense"):
+        model = build_model("mlp", data, pattern=pattern, budget=0.25, block_size=8, seed=seed)
+        return empirical_ntk(model, probe, progress=False)
+
+    k5, k6, k0, p0 = kernel(5), kernel(6), kernel(0), kernel(0, "pixelfly")
+    spread = frame.attrs["spread"].set_index("metric")
+    assert set(spread.index) == set(STUDY_METRICS) and (spread.pairs == 2).all()
+    for metric in STUDY_METRICS:
+        pair = [kernel_distance(k5, k6, metric), kernel_distance(k6, k5, metric)]
+        assert spread.loc[metric, "mean"] == pytest.approx(sum(pair) / 2, rel=1e-5)
+        assert spread.loc[metric, "sd"] == pytest.approx(pd.Series(pair).std(), rel=1e-4, abs=1e-9)
+        rows = frame.set_index("pattern")
+        for pattern, k in (("dense", k0), ("pixelfly", p0)):
+            want = (kernel_distance(k, k5, metric) + kernel_distance(k, k6, metric)) / 2
+            assert rows.loc[pattern, metric] == pytest.approx(want, rel=1e-5)
+    ref_trace = (float(k5.trace()) + float(k6.trace())) / 2
+    assert frame.set_index("pattern").loc["pixelfly", "trace_ratio"] == pytest.approx(float(p0.trace()) / ref_trace,
+                                                                                     rel=1e-5)
+    assert frame.test_accuracy.between(0, 1).all() and (frame.density[frame.pattern == "pixelfly"] < 1).all()
+    assert set(frame.attrs["history"].pattern) == {"dense", "pixelfly"}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"patterns": ("dense", "magic")}, "patterns"),
+    ({"reference_seeds": (5,)}, "at least 2"),
+    ({"reference_seeds": (0, 5)}, "must differ"),
+    ({"epochs": 0}, "epochs"),
+])
+def test_study_rejects_bad_configs(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ntk_study(TINY, progress=False, **overrides)
+
+
+def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001):
+    """A study frame with given means per pattern (seeds spread by +- jitter around them)."""
+    rows = []
+    for pattern, d in distances.items():
+        for i, seed in enumerate(seeds):
+            offset = (i - (len(seeds) - 1) / 2) * jitter
+            rows.append(dict(family="mlp", pattern=pattern, seed=seed, relative_frobenius_normalized=d + offset,
+                             cka=d + offset, relative_frobenius=d, trace_ratio=1.0,
+                             test_accuracy=accuracies[pattern]))
+    frame = pd.DataFrame(rows)
+    frame.attrs["spread"] = pd.DataFrame([dict(family="mlp", metric=m, mean=0.1, sd=0.01, pairs=6)
+                                          for m in STUDY_METRICS])
+    return frame
+
+
+def test_correlation_claim_rule():
+    from pixelfly_lab.studies.ntk import _correlation_claim
+
+    metric = "relative_frobenius_normalized"
+    acc = {"dense": 0.9, "a": 0.8, "b": 0.7, "c": 0.6, "pixelfly": 0.5}
+    # dense is excluded: the four sparse patterns are perfectly anti-correlated, exact p = 1/4! = 0.042
+    claim = _correlation_claim(_frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc),
+                               "mlp", metric, 5, None, None)
+    assert claim.held is True and "rho -1.00" in claim.measured and "p = 0.042" in claim.measured
+    # three sparse patterns perfectly anti-correlated: p = 1/6 > 0.05, not held although rho < 0
+    three = {k: v for k, v in acc.items() if k != "c"}
+    claim = _correlation_claim(_frame({"dense": 0.0, "a": 0.1, "b": 0.2, "pixelfly": 0.4}, three), "mlp", metric, 5,
+                               None, None)
+    assert claim.held is False and "p = 0.167" in claim.measured
+    # correlated the wrong way
+    claim = _correlation_claim(_frame({"dense": 0.0, "a": 0.4, "b": 0.3, "c": 0.2, "pixelfly": 0.1}, acc),
+                               "mlp", metric, 5, None, None)
+    assert claim.held is False
+    # too few sparse patterns: undecided
+    two = _frame({"dense": 0.0, "a": 0.1, "pixelfly": 0.2}, acc)
+    assert _correlation_claim(two, "mlp", metric, 5, None, None).held is None
+
+
+def test_closest_claim_rule():
+    from pixelfly_lab.studies.ntk import _closest_claim
+
+    metric = "relative_frobenius_normalized"
+    acc = dict.fromkeys(["dense", "pixelfly", "pixelfly-gated", "random", "lowrank"], 0.5)
+    clear = _frame({"dense": 0.1, "pixelfly": 0.20, "pixelfly-gated": 0.5, "random": 0.25, "lowrank": 0.4}, acc)
+    assert _closest_claim(clear, "mlp", metric, "", None, None).held is True
+    # the gated layer counts as Pixelfly
+    gated = _frame({"dense": 0.1, "pixelfly": 0.5, "pixelfly-gated": 0.20, "random": 0.25, "lowrank": 0.4}, acc)
+    assert _closest_claim(gated, "mlp", metric, "", None, None).held is True
+    # closest, but by less than the sd over seeds: not held
+    noisy = _frame({"dense": 0.1, "pixelfly": 0.20, "pixelfly-gated": 0.5, "random": 0.21, "lowrank": 0.4}, acc,
+                   jitter=0.05)
+    assert _closest_claim(noisy, "mlp", metric, "", None, None).held is False
+    beaten = _frame({"dense": 0.1, "pixelfly": 0.30, "pixelfly-gated": 0.5, "random": 0.25, "lowrank": 0.4}, acc)
+    claim = _closest_claim(beaten, "mlp", metric, "", None, None)
+    assert claim.held is False and "dense seed-to-seed 0.100+-0.010" in claim.measured
+    one_seed = _frame({"dense": 0.1, "pixelfly": 0.2, "random": 0.3}, acc, seeds=(0,))
+    assert _closest_claim(one_seed, "mlp", metric, "", None, None).held is None
