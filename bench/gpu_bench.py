@@ -139,13 +139,20 @@ def rel_err(a, ref) -> float:
 # ----------------------------------------------------------------------------- precompile
 
 def kernel_jobs(rows, checks, dtype_name: str):
-    """The launches (as warmup specs) the rows and checks will make."""
-    jobs = []
+    """The launches (as warmup specs) the rows and checks will make, in the order they are needed,
+    one job per kernel (forward, input gradient, weight gradient) so that workers share the load.
+    Rows that differ only in their token count (a multiple of 16 in every row: the same
+    specialisation) compile the same kernels: one job covers them."""
+    jobs, seen = [], set()
     for d_in, d_out, tokens, block, budget in rows:
-        jobs.append(dict(kind="layer", d_in=d_in, d_out=d_out, tokens=tokens, block=block, budget=budget,
-                         dtype=dtype_name, autotune=True))
+        if (d_in, d_out, block, budget) in seen:
+            continue
+        seen.add((d_in, d_out, block, budget))
+        jobs += [dict(kind="layer", part=part, d_in=d_in, d_out=d_out, tokens=tokens, block=block, budget=budget,
+                      dtype=dtype_name, autotune=True) for part in ("forward", "input grad", "weight grad")]
     for dtype_name_c, block in checks:
-        jobs.append(dict(kind="check", dtype=dtype_name_c, block=block, autotune=False))
+        jobs += [dict(kind="check", part=part, dtype=dtype_name_c, block=block, autotune=False)
+                 for part in ("forward", "input grad", "weight grad")]
     return jobs
 
 
@@ -190,10 +197,13 @@ def warm_job(job: dict, arch: int) -> float:
     lr_fwd = (empty(M, rank), empty(d_out, rank)) if rank else None
     lr_bwd = (empty(M, rank), empty(d_in, rank)) if rank else None
     with target(arch):
-        tk.dsd_matmul(x, values, tables, bias=empty(d_out), lowrank=lr_fwd, warmup=True, autotune=job["autotune"])
-        tk.dsd_matmul(gy, values, tables, transpose=True, lowrank=lr_bwd, warmup=True, autotune=job["autotune"])
-        for split in (1, 2):   # one chunk writes the blocks; several reduce float32 partial sums
-            tk.sdd_matmul(gy, x, tables, block, split=split, warmup=True, autotune=job["autotune"])
+        if job["part"] == "forward":
+            tk.dsd_matmul(x, values, tables, bias=empty(d_out), lowrank=lr_fwd, warmup=True, autotune=job["autotune"])
+        elif job["part"] == "input grad":
+            tk.dsd_matmul(gy, values, tables, transpose=True, lowrank=lr_bwd, warmup=True, autotune=job["autotune"])
+        else:
+            for split in (1, 2):   # one chunk writes the blocks; several reduce float32 partial sums
+                tk.sdd_matmul(gy, x, tables, block, split=split, warmup=True, autotune=job["autotune"])
     return time.perf_counter() - t0
 
 
