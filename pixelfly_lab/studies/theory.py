@@ -58,7 +58,7 @@ class TheoryConfig:
 
 FULL = TheoryConfig()
 QUICK = TheoryConfig(n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=16, block_sizes=(2,),
-                     block_steps=600, widths=(64, 128, 256, 512), ntk_steps=300, ntk_seeds=1)
+                     block_steps=400, widths=(64, 128, 256, 512), ntk_steps=300, ntk_seeds=1)
 TINY = TheoryConfig(n_gap=16, n_sweep=32, sweep_block=4, sweep_seeds=2, n_exact=8, fit_steps=50, n_block=8,
                     block_sizes=(2,), block_steps=60, widths=(32, 64), ntk_steps=30, ntk_seeds=1)
 
