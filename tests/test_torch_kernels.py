@@ -133,3 +133,14 @@ def test_route_measurement_runs_both_routes():
     layout, b = LAYOUTS["expanding"]
     plan = torch_kernels.plan_for(layout, b)
     assert torch_kernels._measure_routes(plan, 64, 64, 256, 2, torch.float32) in (True, False)
+
+
+def test_route_measurement_is_hidden_from_dispatch_modes(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(torch_kernels, "_ROUTES", {})
+    layout, b = LAYOUTS["expanding"]
+    plan = torch_kernels.plan_for(layout, b)
+    with FlopCounterMode(display=False) as counter:
+        torch_kernels._measure_routes(plan, 64, 64, 256, 2, torch.float32)
+    assert counter.get_total_flops() == 0
