@@ -28,7 +28,7 @@ import torch
 
 from ._checks import check_budget, check_number
 from .masks import flat_block_butterfly_layout
-from .patterns import LOWRANK_SHARE, PATTERN_NAMES, Pattern, PixelflyPlan, _butterfly_candidates, make_pattern
+from .patterns import LOWRANK_SHARE, PATTERN_NAMES, Pattern, PixelflyPlan, butterfly_candidates, make_pattern
 from .projections import (few_threads, monarch_dense, monarch_project, relative_error, sparse_plus_lowrank,
                           topk_block_layout, topk_mask, truncated_svd)
 from .targets import target_matrix
@@ -265,7 +265,7 @@ def _pixelfly_splits(matrix: torch.Tensor, budget: float, block_size: int):
         raise ValueError(f"block_size={block_size} must divide both sides of matrix {tuple(matrix.shape)}")
     total, width = budget * matrix.numel(), out_features + in_features
     common = dict(name="pixelfly", out_features=out_features, in_features=in_features, requested_budget=budget)
-    for size, n_factors, nnz in _butterfly_candidates(out_features, in_features, block_size):
+    for size, n_factors, nnz in butterfly_candidates(out_features, in_features, block_size):
         if nnz <= total:
             rank = _rank_for(total - nnz, out_features, in_features)
             layout = flat_block_butterfly_layout(out_features, in_features, size, n_factors, block_size)

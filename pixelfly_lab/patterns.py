@@ -28,7 +28,7 @@ from ._checks import check_budget, check_int
 from .masks import flat_block_butterfly_layout, layout_to_mask
 
 __all__ = ["Pattern", "PixelflyPlan", "PATTERN_NAMES", "LOWRANK_SHARE", "MIN_RANK", "make_pattern",
-           "plan_pixelfly", "monarch_params", "check_budget"]
+           "plan_pixelfly", "monarch_params", "butterfly_candidates", "check_budget"]
 
 # Share of a sparse + low-rank budget reserved for the low-rank term of the 'X+lowrank' baselines
 # before their sparse part is chosen. 0.15 is what the released Pixelfly configuration spends on
@@ -154,7 +154,7 @@ def monarch_params(out_features: int, in_features: int, nblocks: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _butterfly_candidates(out_features, in_features, block_size) -> tuple[tuple[int, int, int], ...]:
+def butterfly_candidates(out_features, in_features, block_size) -> tuple[tuple[int, int, int], ...]:
     """Every distinct flat block butterfly layout of the shape as (butterfly_size, n_factors, nnz).
 
     Coarsening to blocks can merge layouts: at 256x256 with block 32, (16, 2) keeps exactly the
@@ -184,7 +184,7 @@ def _admissible(out_features, in_features, block_size, max_params):
     One factor is a block diagonal (no released configuration uses it): it is taken only when
     no layout with two or more factors fits at all.
     """
-    fits = [c for c in _butterfly_candidates(out_features, in_features, block_size) if c[2] <= max_params]
+    fits = [c for c in butterfly_candidates(out_features, in_features, block_size) if c[2] <= max_params]
     several = [c for c in fits if c[1] >= 2]
     return several or fits
 
@@ -252,7 +252,7 @@ def plan_pixelfly(out_features: int, in_features: int, budget: float, block_size
     width = in_features + out_features
     admissible = _admissible(out_features, in_features, block_size, total)
     if not admissible:
-        smallest = min(nnz for *_, nnz in _butterfly_candidates(out_features, in_features, block_size))
+        smallest = min(nnz for *_, nnz in butterfly_candidates(out_features, in_features, block_size))
         raise ValueError(
             f"budget={budget} is too small for a pixelfly layout of {out_features}x{in_features} at "
             f"block_size={block_size}; the sparsest needs budget >= {smallest / (in_features * out_features):.4f}"
