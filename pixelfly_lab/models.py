@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
@@ -321,7 +322,11 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
         return pd.DataFrame()
     from .sparsify import sparsify  # the layers module is only needed for sparse models
 
-    return sparsify(model, pattern=pattern, budget=budget, include=list(SPARSIFY_WHERE[family]),
+    # a predicate, not the globs: at depth 1 the MLP has no hidden-to-hidden layer, and sparsify
+    # refuses a glob that matches nothing (a user's typo); here that is the paper's choice at work
+    where = SPARSIFY_WHERE[family]
+    return sparsify(model, pattern=pattern, budget=budget,
+                    include=lambda name, module: any(fnmatchcase(name, glob) for glob in where),
                     block_size=block_size, seed=seed, gating=gating, lowrank_init=lowrank_init)
 
 

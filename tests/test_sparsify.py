@@ -349,3 +349,11 @@ def test_weight_std_from_the_factors_equals_the_dense_std(rank_budget):
             p.add_(0.3)                                     # a nonzero mean, to check the centring
     assert layer.rank > 0
     assert _weight_std(layer) == pytest.approx(layer.dense_weight().std().item(), rel=1e-10)
+
+
+def test_build_model_where_a_family_glob_matches_nothing_still_builds():
+    from pixelfly_lab.data import load_data
+    from pixelfly_lab.models import build_model
+    model = build_model("mlp", load_data("digits"), depth=1, pattern="pixelfly", budget=0.25)
+    assert not model.report["replaced"].any()        # no hidden-to-hidden layer at depth 1
+    assert set(model.report["note"]) == {"not selected"}
