@@ -87,10 +87,22 @@ class ButterflyLinear(StructuredLinear):
         self.complex, self.residual, self.lam = bool(complex), bool(residual), float(lam)
         factory = {"device": device, "dtype": dtype}
         shape = (self.n_factors, n // 2, 2, 2) + ((2,) if self.complex else ())
+        self.twiddle = nn.Parameter(torch.empty(shape, **factory))
+        self.register_buffer("perm", torch.empty(n, dtype=torch.long, device=device))
+        self._make_bias(bias, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draw the twiddles (see Init), restore the identity permutation, re-draw the bias.
+
+        (Also what makes a layer built on the meta device usable after ``to_empty``.)
+        """
         std = math.sqrt(0.25 if self.complex else 0.5)
-        self.twiddle = nn.Parameter(torch.randn(shape, **factory) * std)
-        self.register_buffer("perm", torch.arange(n, device=device))
-        self._init_bias(bias, factory)
+        t = self.twiddle
+        with torch.no_grad():
+            t.copy_(torch.randn(t.shape, dtype=t.dtype, device=t.device) * std)
+            self.perm.copy_(torch.arange(self.n, device=self.perm.device))
+        self._reset_bias()
 
     @classmethod
     def from_transform(cls, kind: str, n: int, device=None, dtype=None) -> "ButterflyLinear":

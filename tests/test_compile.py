@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pixelfly_lab import kernels
+from pixelfly_lab.butterfly import ButterflyLinear
 from pixelfly_lab.layers import (BlockSparseLinear, LowRankLinear, MaskedLinear, MonarchLinear,
                                  PixelflyLinear, SparseLowRankLinear)
 from pixelfly_lab.masks import flat_block_butterfly_layout
@@ -101,6 +102,7 @@ def layers_to_build():
         "sparse_lowrank": lambda **f: SparseLowRankLinear(32, 64, layout, 8, rank=3, **f),
         "pixelfly": lambda **f: PixelflyLinear(32, 64, butterfly_size=4, n_factors=2, rank=2, block_size=8, **f),
         "monarch": lambda **f: MonarchLinear(32, 64, 4, **f),
+        "butterfly": lambda **f: ButterflyLinear(32, bias=True, **f),
     }
 
 
@@ -125,6 +127,9 @@ def test_every_layer_constructs_on_meta_then_materialises(name):
             assert 0.5 < ratio < 2.0, (key, ratio)
     x = torch.randn(5, 32)
     bias = 0 if layer.bias is None else layer.bias
+    if name == "butterfly":  # a square layer: W is 32 x 32
+        torch.testing.assert_close(layer(x), x @ layer.dense_weight().T + bias, rtol=1e-4, atol=1e-5)
+        return
     torch.testing.assert_close(layer(x), x @ layer.dense_weight().T + bias, rtol=1e-4, atol=1e-5)
 
 
