@@ -185,22 +185,26 @@ def plot_lowrank_share_sweep(sweeps: dict, alone: dict, budget: float):
     return fig
 
 
-def plot_exact_butterflies(df: pd.DataFrame, n: int):
-    """Bars of log error per method and transform (an :func:`exact_butterflies` table)."""
+def _error_bars(table: pd.DataFrame, legend: str, title: str, size=(7, 4)):
+    """Horizontal bars of relative error (rows: methods, columns: targets) on a log axis."""
     import matplotlib.pyplot as plt
 
-    table = df.pivot(index="method", columns="transform", values="error").reindex(df.method.unique())
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=size)
     # a log axis shows both "exact to rounding" (~1e-16) and "not close" (~1); clip true zeros
     table.clip(lower=1e-17).plot.barh(ax=ax, logx=True)
     ax.set_xlabel("relative Frobenius error (log; exact zeros drawn at 1e-17)")
     ax.set_ylabel("")
-    ax.legend(title="transform", loc="center left", bbox_to_anchor=(1.0, 0.5))
-    ax.set_title(f"Fast transforms at the butterfly budget 2 log2(n)/n, n={n}")
+    ax.legend(title=legend, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title(title)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
 
+
+def plot_exact_butterflies(df: pd.DataFrame, n: int):
+    """Bars of log error per method and transform (an :func:`exact_butterflies` table)."""
+    table = df.pivot(index="method", columns="transform", values="error").reindex(df.method.unique())
+    return _error_bars(table, "transform", f"Fast transforms at the butterfly budget 2 log2(n)/n, n={n}")
 
 
 # ------------------------------------------------------------- block butterfly vs butterfly
@@ -388,18 +392,8 @@ def plot_ntk_change(tables: dict, slopes: dict):
 
 
 def plot_block_vs_butterfly(df: pd.DataFrame, n: int):
-    """Bars of fit error per method and target (a :func:`block_vs_butterfly` table)."""
-    import matplotlib.pyplot as plt
-
+    """Bars of log fit error per method and target (a :func:`block_vs_butterfly` table)."""
     table = df.pivot(index="method", columns="kind", values="error").reindex(df.method.unique())
     params = df.drop_duplicates("method").set_index("method").params
     table.index = [f"{m} [{params[m]} params]" for m in table.index]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    table.plot.barh(ax=ax)
-    ax.set_xlabel("relative Frobenius error of the fitted product")
-    ax.set_ylabel("")
-    ax.legend(title="target", loc="center left", bbox_to_anchor=(1.0, 0.5))
-    ax.set_title(f"Block butterfly against butterfly at equal parameters, n={n}")
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    return fig
+    return _error_bars(table, "target", f"Block butterfly against butterfly at equal parameters, n={n}", (8, 4))
