@@ -32,18 +32,16 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import torch
 
-from ._checks import check_int, check_number
+from ._checks import check_number
 from .block_attention import block_sparse_attention
 from .expressiveness import approximate
 from .masks import layout_to_mask
-from .patterns import make_pattern
 from .projections import few_threads, relative_error, topk_mask
+from .random_features import performer_features
 from .targets import attention_inputs
 
 __all__ = ["performer_features", "performer_attention", "sparse_lowrank_attention", "scatterbrain_attention",
@@ -56,36 +54,6 @@ ATTENTION_METHODS = {"topk": "sparse", "lowrank (SVD)": "low-rank", "topk+lowran
                      "performer": "low-rank", "scatterbrain": "sparse + low-rank", "pixelfly": "sparse + low-rank"}
 ATTENTION_ORACLES = ("topk", "lowrank (SVD)", "topk+lowrank")
 ATTENTION_ESTIMATORS = ("local", "bigbird", "butterfly", "performer", "scatterbrain", "pixelfly")
-
-
-def performer_features(x: torch.Tensor, temperature: float, n_features: int, seed: int = 0) -> torch.Tensor:
-    """log phi(x) of Performer's positive orthogonal random features, up to a shared constant.
-
-    log phi(x) = w.x' - |x'|^2 / 2 - log(m) / 2 with x' = x / sqrt(t); the rows of W (m, d) are
-    orthogonal within each block of d (Gram-Schmidt of a Gaussian matrix) with chi(d)-distributed
-    norms, as in FAVOR+. Logs keep low temperatures from overflowing; callers exponentiate after
-    subtracting a maximum that the row normalisation of attention cancels.
-
-    Args:
-        x: (n, d) queries or keys.
-        n_features: m >= 1.
-        seed: the same seed must be used for queries and keys.
-
-    Returns:
-        (n, m) log-features.
-    """
-    temperature = check_number("temperature", temperature)
-    check_int("n_features", n_features)
-    d = x.shape[-1]
-    generator = torch.Generator().manual_seed(seed)
-    blocks = []
-    for _ in range(-(-n_features // d)):
-        gaussian = torch.randn(d, d, generator=generator, dtype=torch.float64)
-        blocks.append(torch.linalg.qr(gaussian).Q.T)                  # d orthonormal rows
-    norms = torch.randn(n_features, d, generator=generator, dtype=torch.float64).norm(dim=1)
-    w = (torch.cat(blocks)[:n_features] * norms[:, None]).to(x.dtype)
-    scaled = x / math.sqrt(temperature)
-    return scaled @ w.T - scaled.square().sum(-1, keepdim=True) / 2 - math.log(n_features) / 2
 
 
 def _row_normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -124,6 +92,12 @@ def sparse_lowrank_attention(q: torch.Tensor, k: torch.Tensor, temperature: floa
 
     Returns:
         (n, n) row-stochastic estimate (rows whose estimate underflowed stay zero).
+
+    Example:
+        >>> q, k = attention_inputs(32)
+        >>> full = torch.ones(32, 32, dtype=torch.bool)              # exact everywhere: softmax itself
+        >>> torch.allclose(sparse_lowrank_attention(q, k, 0.5, 4, full), torch.softmax(q @ k.T / 0.5, -1))
+        True
     """
     logits = q @ k.T / check_number("temperature", temperature)
     if support.shape != logits.shape or support.dtype != torch.bool:

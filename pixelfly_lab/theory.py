@@ -217,6 +217,10 @@ def block_butterfly_factor_masks(n: int, block_size: int = 1, n_factors: int | N
     butterfly factors B_2, B_4, ..., of 2 n entries). ``n_factors`` beyond log2(n/b) cycles
     through the strides again (a deeper composition); default log2(n/b), whose product's
     support is dense.
+
+    Example:
+        >>> [int(m.sum()) for m in block_butterfly_factor_masks(16, 4)]     # 2 n b each
+        [128, 128]
     """
     from .masks import butterfly_factor_mask
 
@@ -333,6 +337,11 @@ def ntk_change_vs_width(widths=(64, 128, 256, 512), sparse: bool = True, n_sampl
     Returns:
         DataFrame with columns width, seed, density, ntk_change = ||K_T - K_0||_F / ||K_0||_F,
         loss_ratio = L_T / L_0.
+
+    Example:
+        >>> df = ntk_change_vs_width((32, 128), steps=100)
+        >>> bool(df.ntk_change.iloc[1] < df.ntk_change.iloc[0]), bool((df.loss_ratio < 0.1).all())
+        (True, True)
     """
     from .masks import flat_block_butterfly_layout, layout_to_mask
 
