@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from ._checks import check_budget, check_int
-from .attention import performer_features
 from .block_attention import block_sparse_attention, block_sparse_linear_attention
 from .masks import layout_to_mask
 from .patterns import make_pattern
+from .random_features import performer_features
 
 __all__ = ["PixelflyAttention", "attention_layout", "ATTENTION_LAYOUTS"]
 
