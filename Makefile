@@ -29,9 +29,10 @@ chromium:
 	  else echo "note: chromium is missing and cannot be installed without root: the browser test will skip"; exit 0; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# Every figure and table that exists so far, quick CPU version, into results/.
+# Every study's figures, tables and claims at the quick preset (CPU minutes), into results/;
+# `--preset full` is the paper-scale run, `--preset tiny` what the tests run.
 reproduce: $(STAMP)
-	$(PY) -m pixelfly_lab reproduce --quick --out results
+	$(PY) -m pixelfly_lab reproduce --preset quick --out results
 
 # The whole suite, notebooks included (PIXELFLY_QUICK=1 shrinks their work). One thread per
 # process: xdist runs two processes, and oversubscribed cores slow small matmuls 5x.
