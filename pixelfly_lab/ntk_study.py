@@ -18,7 +18,8 @@ is compared with the kernels of dense models of other seeds (the references), by
   ``trace_ratio`` tr K / tr K_r,
 
 each averaged over the references. The yardstick is the dense seed-to-seed spread: the same
-distances between pairs of reference kernels (mean and standard deviation over ordered pairs).
+distances between pairs of reference kernels (:func:`pixelfly_lab.ntk.seed_spread`: mean and
+standard deviation over pairs, both orders for the asymmetric Frobenius distances).
 Every model is then trained (:func:`pixelfly_lab.train.train`, a fixed epoch budget) and its test
 accuracy recorded, for the distance-accuracy correlation.
 
@@ -27,7 +28,6 @@ accuracy recorded, for the distance-accuracy correlation.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
@@ -35,7 +35,7 @@ import torch
 
 from .data import load_data
 from .models import build_model, count_params
-from .ntk import empirical_ntk, kernel_distance, spectra
+from .ntk import empirical_ntk, kernel_distance, seed_spread, spectra
 from .training_study import compare_patterns, pattern_options
 
 __all__ = ["STUDY_PATTERNS", "STUDY_METRICS", "SCALE_FREE_METRICS", "NTKStudyConfig", "QUICK",
@@ -57,7 +57,7 @@ class NTKStudyConfig:
     patterns: tuple = STUDY_PATTERNS
     seeds: tuple = (0, 1, 2)
     # dense models whose kernels are the references; seeds apart from ``seeds``; at least 3 so that
-    # the seed-to-seed spread has a standard deviation over 6 ordered pairs
+    # the seed-to-seed spread has a standard deviation (over 3 pairs, 6 for the asymmetric distances)
     reference_seeds: tuple = (100, 101, 102)
     data: str = "mnist1d"           # patterns differ there (on digits every pattern reaches ~97%)
     budget: float = 0.25            # the training lab's budget
@@ -155,10 +155,9 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
             references.append(empirical_ntk(_model(family, "dense", seed, probe_data, cfg), probe,
                                             progress=False).cpu())
             bar.update()
-        pairs = [kernel_distances(a, b) for a, b in itertools.permutations(references, 2)]
-        for metric in STUDY_METRICS:
-            values = pd.Series([d[metric] for d in pairs])
-            spreads.append(dict(family=family, metric=metric, mean=values.mean(), sd=values.std(), pairs=len(pairs)))
+        spread = seed_spread(lambda seed: _model(family, "dense", seed, probe_data, cfg), probe,  # noqa: B023
+                             seeds=cfg.reference_seeds, metrics=STUDY_METRICS)
+        spreads.append(spread.assign(family=family)[["family", "metric", "mean", "sd", "pairs"]])
         ref_trace = sum(float(r.double().trace()) for r in references) / len(references)
         for fam, label, seed in (j for j in jobs if j[0] == family):
             model = _model(family, label, seed, probe_data, cfg)
@@ -184,7 +183,7 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
         histories.append(runs.history.assign(family=family))
     bar.close()
     frame = pd.DataFrame(rows)
-    frame.attrs["spread"] = pd.DataFrame(spreads)
+    frame.attrs["spread"] = pd.concat(spreads, ignore_index=True)
     frame.attrs["history"] = pd.concat(histories, ignore_index=True)
     frame.attrs["spectra"] = pd.concat(spectrum_frames, ignore_index=True)[
         ["family", "pattern", "seed", "index", "eigenvalue", "normalized"]]
