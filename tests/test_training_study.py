@@ -72,3 +72,11 @@ def test_speed_claims_have_the_talks_thresholds(tmp_path):
     assert "2.1x faster" in claims[0].claim and "2.3x faster" in claims[1].claim
     assert (tmp_path / "gpu_step_time.csv").is_file()
     json.dumps([c.to_dict() for c in claims])  # the report stores claims as JSON
+
+
+def test_model_options_must_be_a_dict():
+    from pixelfly_lab.train import TrainConfig
+
+    with pytest.raises(TypeError, match="model_options"):
+        TrainConfig(model_options=["gating"])
+    assert TrainConfig(model_options={"gating": True}).model_options == {"gating": True}

@@ -83,9 +83,14 @@ def _correlation_claim(frame, family, metric, epochs, png, csv) -> Claim:
         return Claim(text, f"{len(means)} sparse pattern(s): no rank correlation", None, png, kind="paper", table=csv)
     rho, p = spearman_permutation_test(means[metric], means.test_accuracy, alternative="less")
     seeds = part.seed.nunique()
+    cka = part.groupby("pattern").cka.mean()
+    cka_text = ""
+    if cka.nunique() > 1:
+        cka_rho, cka_p = spearman_permutation_test(cka, means.test_accuracy, alternative="less")
+        cka_text = f" (with 1 - CKA instead: rho {cka_rho:+.2f}, p = {cka_p:.3f})"
     return Claim(
-        text, f"Spearman rho {rho:+.2f}, permutation p = {p:.3f} across {len(means)} patterns (means over {seeds} "
-        f"seed(s)); accuracies " + ", ".join(f"{q} {100 * a:.1f}%" for q, a in means.test_accuracy.items())
+        text, f"Spearman rho {rho:+.2f}, permutation p = {p:.3f}{cka_text} across {len(means)} patterns (means over "
+        f"{seeds} seed(s)); accuracies " + ", ".join(f"{q} {100 * a:.1f}%" for q, a in means.test_accuracy.items())
         + (f"; dense {100 * dense_acc.mean():.1f}%" if len(dense_acc) else ""),
         bool(rho < 0 and p < ALPHA), png, kind="paper", table=csv)
 
