@@ -217,3 +217,21 @@ def test_compiled_triton_op_matches_eager_under_the_interpreter():
         pytest.skip("triton is not installed")
     run = subprocess.run([sys.executable, "-c", TRITON_OP_COMPILED], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_unpickled_layer_registers_its_layout_in_the_new_process(monkeypatch):
+    """A pickled model carries its layout buffer; the int key is only this process's."""
+    import pickle
+
+    layer = PixelflyLinear(32, 64, butterfly_size=4, n_factors=2, rank=2, block_size=8)
+    x = torch.randn(3, 32)
+    want = layer(x)
+    data = pickle.dumps(layer)
+    # a process whose registry holds other layouts: the old key would name another layout
+    monkeypatch.setattr(kernels, "_REGISTRY", [])
+    monkeypatch.setattr(kernels, "_KEYS", {})
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    kernels.register_layout(torch.ones(8, 4, dtype=torch.bool), 8)
+    copy = pickle.loads(data)
+    assert kernels.registered_layout(copy.sparse._layout_key).layout.equal(layer.sparse.layout)
+    torch.testing.assert_close(copy(x), want)
