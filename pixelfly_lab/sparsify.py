@@ -44,6 +44,7 @@ from fnmatch import fnmatchcase
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from ._checks import check_int
@@ -360,8 +361,9 @@ def sparsify(model: nn.Module, pattern: str | Mapping[str, str] = "pixelfly",
 
     Left dense, with the reason in ``note``: a layer whose weight is tied to another module
     ("tied to <name>", e.g. GPT-2's lm_head and wte; naming it exactly in ``include`` raises),
-    nn.Linear subclasses (``nn.MultiheadAttention.out_proj``), layers already structured (not
-    re-planned: sparsify the dense model again to change a plan; a warning lists them).
+    nn.Linear subclasses (``nn.MultiheadAttention.out_proj``; parametrized layers), layers
+    already structured (not re-planned: sparsify the dense model again to change a plan; a
+    warning lists them).
     ``nn.TransformerEncoderLayer``'s fused eval fast path reads ``linear1.weight``; it is turned
     off for the layers concerned (noted), so eval and no_grad forwards keep working.
 
@@ -424,6 +426,10 @@ def sparsify(model: nn.Module, pattern: str | Mapping[str, str] = "pixelfly",
             structured.append(name)
             row["note"] = ("already structured: left as is (sparsify does not re-plan; sparsify the dense "
                            "model to change the plan)")
+            continue
+        if kind == "subclass" and parametrize.is_parametrized(layer):
+            row["note"] = ("its weight is computed by torch.nn.utils.parametrize, which a structured layer "
+                           "would drop; left dense")
             continue
         if kind == "subclass":
             row["note"] = (f"{type(layer).__name__} (an nn.Linear subclass) is read directly by its owner"

@@ -357,3 +357,34 @@ def test_build_model_where_a_family_glob_matches_nothing_still_builds():
     model = build_model("mlp", load_data("digits"), depth=1, pattern="pixelfly", budget=0.25)
     assert not model.report["replaced"].any()        # no hidden-to-hidden layer at depth 1
     assert set(model.report["note"]) == {"not selected"}
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (64, 128), (64, 64)])
+def test_init_project_recovers_a_weight_that_already_has_the_structure(shape):
+    from pixelfly_lab.projections import monarch_dense
+    out_f, in_f = shape
+    model = nn.Sequential(nn.Linear(in_f, out_f))
+    planned = make_pattern("monarch", out_f, in_f, 0.3, block_size=8)
+    mid, nb = min(shape), planned.nblocks
+    torch.manual_seed(0)
+    target = monarch_dense(torch.randn(nb, out_f // nb, mid // nb), torch.randn(nb, mid // nb, in_f // nb))
+    with torch.no_grad():
+        model[0].weight.copy_(target)
+    rows = sparsify(model, "monarch", budget=0.3, block_size=8, init="project")
+    assert isinstance(model[0], MonarchLinear) and model[0].nblocks == nb
+    assert rows["projection_error"].item() < 1e-5
+    torch.testing.assert_close(model[0].dense_weight(), target, rtol=1e-4, atol=1e-5)
+
+
+def test_a_parametrized_linear_is_listed_and_left_alone():
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).T
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    parametrize.register_parametrization(model[1], "weight", Symmetric())
+    rows = sparsify(model, "pixelfly", budget=0.5, block_size=8).set_index("name")
+    assert rows.loc["0", "replaced"] and not rows.loc["1", "replaced"]
+    assert "parametrize" in rows.loc["1", "note"]
