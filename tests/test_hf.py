@@ -192,3 +192,15 @@ def test_causal_stays_causal(family):
         a, b = model(ids).logits, model(changed).logits
     torch.testing.assert_close(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_gpt2_replaced_layers_start_at_the_scale_hugging_face_initialised():
+    torch.manual_seed(0)
+    model = gpt2()
+    stds = {name: m.weight.std().item() for name, m in model.named_modules() if isinstance(m, Conv1D)}
+    sparsify(model, "pixelfly", budget=0.5, block_size=16)                       # init='match'
+    for name, std in stds.items():
+        assert model.get_submodule(name).dense_weight().std().item() == pytest.approx(std, rel=1e-4)
+    for name, std in stds.items():   # GPT-2's N(0, 0.02), residual projections / sqrt(2 n_layer): kept per layer
+        expected = 0.02 / (2 * 2) ** 0.5 if name.endswith("c_proj") else 0.02
+        assert std == pytest.approx(expected, rel=0.1)
