@@ -207,14 +207,16 @@ def warm_job(job: dict, arch: int) -> float:
     return time.perf_counter() - t0
 
 
-def precompile(jobs, arch: int, workers: int, report, args) -> None:
+def precompile(jobs, arch: int, workers: int, report, timeout: float) -> None:
+    """Run warm_job over ``jobs`` in ``workers`` processes for at most ``timeout`` seconds; what is
+    left then is compiled on first use."""
     from concurrent.futures import ProcessPoolExecutor, wait
     import multiprocessing
 
     t0 = time.perf_counter()
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     futures = [pool.submit(warm_job, job, arch) for job in jobs]
-    done, pending = wait(futures, timeout=max(5.0, min(90.0, left(args) - 120)))
+    done, pending = wait(futures, timeout=timeout)
     for f in pending:
         f.cancel()
     failed = [f.exception() for f in done if f.exception() is not None]
@@ -376,7 +378,7 @@ def main(argv=None) -> int:
                            str(dtype)[6:])
         workers = args.workers or max(1, min(8, (os.cpu_count() or 2) // 2))
         try:
-            precompile(jobs, 10 * major + minor, workers, report, args)
+            precompile(jobs, 10 * major + minor, workers, report, timeout=max(5.0, min(90.0, left(args) - 120)))
         except Exception as err:   # compiling on first use instead costs time, not results
             report.say(f"precompile failed ({type(err).__name__}: {err}"[:200] + "); compiling on first use")
     measure = timer(device, reps=2 if args.smoke else 25, warmup_s=0.0 if args.smoke else 0.2)
