@@ -343,8 +343,25 @@ def plot_speed(table: pd.DataFrame):
 
 # ----------------------------------------------------------------------------- whole models
 
+def _numel(t) -> int:
+    return t.numel() if isinstance(t, torch.Tensor) else 0
+
+
 def _matmul_macs(name: str, args) -> int:
-    """Multiply-adds of one aten matmul or CPU/GPU attention call; 0 for every other op."""
+    """Multiply-adds of one aten matmul, attention or Pixelfly custom-op call; 0 for other ops.
+
+    The custom ops of :mod:`pixelfly_lab.kernels` run their GEMMs out of the dispatch mode's
+    sight, so they count by formula: N rows times the weight's stored entries (blocks, U, V)
+    per product, the products being y in the forward and dX, dS, dU, dV in the backward.
+    """
+    if name.startswith("sparse_lowrank_"):
+        if not name.endswith("backward"):      # (x2, values, bias, u, v, key)
+            return args[0].shape[0] * (_numel(args[1]) + _numel(args[3]) + _numel(args[4]))
+        gy, _, values, u, v, _, _, needed = args[:8]   # needed: dx, dvalues, dbias, du, dv
+        dx, dvalues, _, du, dv = (bool(n) for n in needed)
+        per_row = ((dx + dvalues) * _numel(values) + (dx or dv) * _numel(u) + dx * _numel(v)
+                   + du * _numel(u) + dv * _numel(v))
+        return gy.shape[0] * per_row
     if name in ("mm", "addmm", "addmm_"):
         a, b = args[-2], args[-1]
         return a.shape[0] * a.shape[1] * b.shape[1]

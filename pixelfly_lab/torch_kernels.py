@@ -396,7 +396,8 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
         has_bias: whether the forward had a bias.
 
     Returns:
-        (grad_x2, grad_values, grad_bias, grad_u, grad_v), None where not needed.
+        (grad_x2, grad_values, grad_bias, grad_u, grad_v), None where not needed; no two share
+        storage, and none shares it with an input.
     """
     # the forward's route: decisions are cached for the life of the process, never evicted
     if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], x2):
@@ -462,9 +463,10 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
                 grad_x[rows].addmm_(gz[rows], v.T)
         if grads is not None:
             grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
-            if extra_cols:   # columns: U's gradient, then (folded) the bias's
-                grad_u = grad_z[:, :u.shape[1]] if need_u else None
-                grad_bias = grad_z[:, -1] if fold_bias else None
+            if extra_cols:   # columns: U's gradient, then (folded) the bias's; copied apart, as
+                # gradients that share storage may not leave a custom op (kernels.py registers one)
+                grad_u = grad_z[:, :u.shape[1]].contiguous() if need_u else None
+                grad_bias = grad_z[:, -1].contiguous() if fold_bias else None
         if need_v:
             grad_v = (gz.T @ x2).T
     if need_bias and grad_bias is None:

@@ -74,3 +74,17 @@ def test_ratio_ticks_read_as_plain_ratios():
     labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
     assert {"1x", "2x", "4x", "8x"} <= set(labels)
     plt.close(fig)
+
+
+def test_pixelfly_layers_count_their_stored_entries_per_product():
+    from pixelfly_lab.layers import PixelflyLinear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 1024)
+    sparse = PixelflyLinear(256, 1024, butterfly_size=8, n_factors=1, rank=4, block_size=32)
+    # 512 * 256 * 1024 multiply-adds: above the reference cut-off; dX too, so 3 products each
+    x = torch.randn(512, 256, requires_grad=True)
+    table = time_training_steps({"dense": dense, "sparse": sparse}, x, steps=1, rounds=1, warmup=0)
+    stored = sparse.weight_params       # blocks + U + V: what one row costs per product
+    assert table["gmacs"].tolist() == pytest.approx([3 * 512 * 256 * 1024 / 1e9, 3 * 512 * stored / 1e9], rel=1e-12)
+    assert table.loc[1, "flop_limit"] == pytest.approx(1 / sparse.budget)

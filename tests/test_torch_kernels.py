@@ -144,3 +144,18 @@ def test_route_measurement_is_hidden_from_dispatch_modes(monkeypatch):
     with FlopCounterMode(display=False) as counter:
         torch_kernels._measure_routes(plan, 64, 64, 256, 2, torch.float32)
     assert counter.get_total_flops() == 0
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("dense_route", [False, True])
+def test_gradients_share_no_storage(name, dense_route, monkeypatch):
+    """Custom-op outputs may not alias: checked by storage, which holds under dispatch modes too."""
+    monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *args: dense_route)
+    layout, b = LAYOUTS[name]
+    ops = _operands(layout, b, 3, True)
+    plan = torch_kernels.plan_for(layout, b)
+    y, z = torch_kernels.sparse_lowrank_forward(*ops, plan, layout.shape[0] * b)
+    grads = torch_kernels.sparse_lowrank_backward(torch.randn_like(y), ops[0], ops[1], ops[3], ops[4], z, plan,
+                                                  (True,) * 5, True)
+    storages = [t.untyped_storage().data_ptr() for t in (*grads, *[o for o in ops if o is not None], y)]
+    assert len(set(storages)) == len(storages)
