@@ -50,12 +50,15 @@ def test_compiled_pixelfly_mlp_has_one_graph_and_matches_eager(backend):
 
     def recording_aot_eager(gm, example_inputs):  # dynamo's graph, then AOTAutograd's fw/bw graphs
         graphs.append(gm)
-        from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
 
         def keep(g, _):
             graphs.append(g)
-            return make_boxed_func(g)
+
+            def boxed(args):   # AOTAutograd's calling convention: one list of arguments
+                return g(*args)
+            boxed._boxed_call = True
+            return boxed
         return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
 
     compiled = torch.compile(model, fullgraph=True, backend=recording_aot_eager)
