@@ -43,3 +43,29 @@ def test_kept_configs_compile_without_spills_within_shared_memory():
         assert r["model_fits"], r                # only what the model keeps was compiled
         assert r["shared"] <= r["model_shared"], r
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+EVERY_CONFIG = """
+import json
+from pixelfly_lab.triton_check import Variant, compile_variant, toolchain_problem
+if toolchain_problem():
+    print(json.dumps({"skip": toolchain_problem()}))
+else:
+    for r in compile_variant(Variant("sdd", "bfloat16", "tf32", 64), 90, every_config=True):
+        print(json.dumps({"config": r.config, "ok": r.ok, "model_fits": r.model_fits, "shared": r.shared}))
+"""
+
+
+def test_the_model_prunes_a_config_that_overflows_shared_memory():
+    """Every tuning config of the bf16 block-64 weight-gradient kernel at sm_90, the model bypassed:
+    (BLOCK_M 128, GROUP 4) needs 240 KB of shared memory (> 227 KB), so the list holds a bad config,
+    and the model must keep none of the bad ones."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", EVERY_CONFIG], env=env, capture_output=True, text=True, timeout=900)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    if rows and "skip" in rows[0]:
+        pytest.skip(rows[0]["skip"])
+    assert run.returncode == 0 and rows, run.stderr[-2000:]
+    bad = [r for r in rows if not r["ok"]]
+    assert bad, "expected a config over the shared-memory limit among the tuning list"
+    assert not any(r["model_fits"] for r in bad), bad
