@@ -1,77 +1,37 @@
-"""Block-sparse attention against dense SDPA on one CPU thread: forward+backward and forward ratios.
+"""Block-sparse attention against dense SDPA on one CPU thread: forward and forward+backward ratios.
 
-The issue-13 setting: T=4096, 8 heads of 64, flat butterfly layout of 64 x 64 blocks of 64 with
-3 factors (fan-in 4 blocks, density 1/16; FLOP limit 16x). Runs interleaved (dense, sparse,
-dense, ...) in one process and prints medians and their ratio, so that load from other
-processes hits both alike. Run: OMP_NUM_THREADS=1 python bench/attention_bench.py [--T 4096]
+The issue-13 setting by default: T=4096, 8 heads of 64, flat butterfly layout of blocks of 64
+with 3 factors (fan-in 4 blocks, density 1/16; FLOP limit 16x). Interleaved rounds in one
+process, medians and their ratios (see pixelfly_lab.attention_speed).
+Run: OMP_NUM_THREADS=1 python bench/attention_bench.py [--T 1024 2048 4096] [--causal] [--memory]
 """
 
 import argparse
-import statistics
-import time
 
-import torch
-import torch.nn.functional as F
+import pandas as pd
 
-from pixelfly_lab.block_attention import block_sparse_attention
-from pixelfly_lab.masks import flat_butterfly_mask
-
-
-def _time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+from pixelfly_lab.attention_speed import attention_speed_table
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--T", type=int, default=4096)
+    parser.add_argument("--T", type=int, nargs="+", default=[4096])
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--n-factors", type=int, default=3)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--memory", action="store_true", help="peak memory of each method, in child processes")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    layout = flat_butterfly_mask(args.T // args.block, args.n_factors)
-    shape = (1, args.heads, args.T, args.head_dim)
-    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape)
-
-    def dense_fwd():
-        with torch.no_grad():
-            F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
-
-    def sparse_fwd():
-        with torch.no_grad():
-            block_sparse_attention(q, k, v, layout, args.block, causal=args.causal)
-
-    def dense_fb():
-        F.scaled_dot_product_attention(q, k, v, is_causal=args.causal).backward(grad)
-
-    def sparse_fb():
-        block_sparse_attention(q, k, v, layout, args.block, causal=args.causal).backward(grad)
-
-    for fn in (dense_fwd, sparse_fwd, dense_fb, sparse_fb):   # warm-up (plans, allocator)
-        fn()
-    results = {name: [] for name in ("dense_fwd", "sparse_fwd", "dense_fb", "sparse_fb")}
-    for _ in range(args.rounds):
-        for name, fn in (("dense_fwd", dense_fwd), ("sparse_fwd", sparse_fwd),
-                         ("dense_fb", dense_fb), ("sparse_fb", sparse_fb)):
-            results[name] += _time(fn, 1)
-    med = {name: statistics.median(t) for name, t in results.items()}
-    density = layout.float().mean().item()
-    print(f"T={args.T} heads={args.heads} head_dim={args.head_dim} block={args.block} "
-          f"density={density:.4f} causal={args.causal} threads={torch.get_num_threads()}")
-    print(f"forward:          dense {med['dense_fwd'] * 1e3:8.1f} ms  sparse {med['sparse_fwd'] * 1e3:8.1f} ms  "
-          f"ratio {med['dense_fwd'] / med['sparse_fwd']:.2f}x")
-    print(f"forward+backward: dense {med['dense_fb'] * 1e3:8.1f} ms  sparse {med['sparse_fb'] * 1e3:8.1f} ms  "
-          f"ratio {med['dense_fb'] / med['sparse_fb']:.2f}x")
+    table = attention_speed_table(args.T, heads=args.heads, head_dim=args.head_dim, block_size=args.block,
+                                  n_factors=args.n_factors, causal=args.causal, repeats=args.rounds,
+                                  memory=args.memory)
+    columns = ["T", "density", "dense_forward_ms", "sparse_forward_ms", "speedup_forward",
+               "dense_forward_backward_ms", "sparse_forward_backward_ms", "speedup_forward_backward"]
+    columns += ["dense_peak_mb", "sparse_peak_mb"] if args.memory else []
+    with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
+        print(table[columns].to_string(index=False))
 
 
 if __name__ == "__main__":

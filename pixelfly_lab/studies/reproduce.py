@@ -56,6 +56,8 @@ EXPERIMENTS = (
                "Training parity: dense vs Pixelfly vs baselines"),
     Experiment("speed", "pixelfly_lab.studies.speed",
                "Layer speed against dense nn.Linear"),
+    Experiment("long_range", "pixelfly_lab.studies.long_range",
+               "Long sequences: block-sparse attention speed and ListOps (the talk's LRA row)"),
 )
 
 
