@@ -222,38 +222,39 @@ def _lowrank_split(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
 def _project_(layer: nn.Module, target: torch.Tensor) -> float:
     """Set ``layer``'s weight to a projection of ``target`` (out, in) on its structure.
 
-    Returns ||target - W||_F / ||target||_F (0 for a zero target).
+    Returns ||target - W||_F / ||target||_F (0 for a zero target). With a sparse part, S equals
+    target - U V^T on its support, so the residual is (target - U V^T) off the support: no need
+    to form W again.
     """
     work = target.detach().to(torch.float64 if target.dtype == torch.float64 else torch.float32)
     with torch.no_grad():
-        if isinstance(layer, SparseLowRankLinear):
-            if layer.gate is not None:
+        if isinstance(layer, (SparseLowRankLinear, BlockSparseLinear)):
+            if getattr(layer, "gate", None) is not None:
                 raise ValueError("init='project' needs ungated layers (a gated layer has no dense "
                                  "weight to match); use gating=False")
-            sparse = layer.sparse
-            if layer.lowrank is not None:
-                on_support = sparse.mask().to(work.device)
-                u, v = _lowrank_split(work * ~on_support, layer.rank)   # residual of S = W0 on the support
+            sparse = layer.sparse if isinstance(layer, SparseLowRankLinear) else layer
+            off_support = ~sparse.mask().to(work.device)
+            remainder = work
+            if getattr(layer, "lowrank", None) is not None:
+                u, v = _lowrank_split(work * off_support, layer.rank)   # residual of S = W0 on the support
                 layer.lowrank.u.copy_(u)
                 layer.lowrank.v.copy_(v)
-                work_sparse = work - u @ v.T                             # refit S to what U V^T leaves
-            else:
-                work_sparse = work
-            sparse.values.copy_(dense_to_blocks(work_sparse, sparse.layout, sparse.block_size))
-        elif isinstance(layer, BlockSparseLinear):
-            layer.values.copy_(dense_to_blocks(work, layer.layout, layer.block_size))
+                remainder = work - u @ v.T                               # refit S to what U V^T leaves
+            sparse.values.copy_(dense_to_blocks(remainder, sparse.layout, sparse.block_size))
+            residual = remainder * off_support
         elif isinstance(layer, LowRankLinear):
             u, v = _lowrank_split(work, layer.rank)
             layer.u.copy_(u)
             layer.v.copy_(v)
+            residual = work - u @ v.T
         elif isinstance(layer, MonarchLinear):
             left, right = monarch_project(work, layer.nblocks)
             layer.l_blocks.copy_(left)
             layer.r_blocks.copy_(right)
+            residual = work - layer.dense_weight().to(work.dtype)
         else:
             raise TypeError(f"init='project' does not know how to project onto a {type(layer).__name__}")
-        norm = torch.linalg.norm(work)
-        error = torch.linalg.norm(work - layer.dense_weight().to(work.dtype))
+        norm, error = torch.linalg.norm(work), torch.linalg.norm(residual)
     return float(error / norm) if norm > 0 else float(error)
 
 
