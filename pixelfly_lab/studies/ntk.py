@@ -117,8 +117,8 @@ def run(out: Path, config: NTKStudyConfig = QUICK, *, device: str = "cpu") -> li
         trace = frame[frame.family == family].groupby("pattern").trace_ratio.mean()
         claims.append(Claim(
             f"Raw relative Frobenius distance ||K - K_dense||_F / ||K_dense||_F at init -- {family}: it depends on the "
-            f"kernel's size as much as on its shape (a kernel of trace ratio t is at distance >= |1 - t| roughly), "
-            f"so it is read beside the trace ratio tr K / tr K_dense",
+            f"kernel's size as much as on its shape (t K_dense, dense's own shape at t times its size, is at distance "
+            "|1 - t|), so it is read beside the trace ratio tr K / tr K_dense",
             ", ".join(f"{p} {r['mean']:.3f} (trace ratio {trace[p]:.2f})" for p, r in raw.iterrows()),
             None, pngs["relative_frobenius"], kind="info", table=csv))
         claims.append(_correlation_claim(frame, family, "relative_frobenius_normalized", cfg.epochs, acc_png, csv))
