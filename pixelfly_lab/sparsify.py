@@ -322,6 +322,72 @@ def _fast_path_notes(model: nn.Module, replaced: set[int]) -> dict[int, str]:
     return notes
 
 
+def _why_kept(name: str, layer: nn.Module, kind: str, owners: dict, include_globs: list[str] | None) -> str:
+    """Why a selected layer cannot be replaced ('' when it can); raises for a tied layer asked for by name."""
+    if kind == "structured":
+        return ("already structured: left as is (sparsify does not re-plan; sparsify the dense model to "
+                "change the plan)")
+    if kind == "subclass" and parametrize.is_parametrized(layer):
+        return "its weight is computed by torch.nn.utils.parametrize, which a structured layer would drop; left dense"
+    if kind == "subclass":
+        return (f"{type(layer).__name__} (an nn.Linear subclass) is read directly by its owner"
+                + (": nn.MultiheadAttention passes out_proj.weight to its kernel"
+                   if name.rsplit(".", 1)[-1] == "out_proj" else "") + "; left dense")
+    tied = [other for other, module in owners.get(id(layer.weight), []) if module is not layer]
+    if tied and include_globs is not None and name in include_globs:
+        raise ValueError(f"layer {name!r} was asked for by name in include, but its weight is tied to "
+                         f"{tied[0]!r} (shared parameter); sparsify cannot replace a tied weight "
+                         f"without breaking the tie: untie it first or leave it out")
+    return f"tied to {tied[0]}: left dense (its weight is shared)" if tied else ""
+
+
+def _plan(name: str, out_features: int, in_features: int, pattern, budget, block_size, seed: int):
+    """(Pattern, '') for the layer, or (None, why it stays dense)."""
+    layer_pattern, layer_budget = _per_layer(pattern, name), _per_layer(budget, name)
+    if layer_pattern is None or layer_budget is None:
+        return None, "no pattern or budget for this layer"
+    if layer_pattern == "dense":
+        return None, "dense pattern"
+    if layer_budget >= 1:
+        return None, f"budget={float(layer_budget):g} >= 1: dense"
+    blocks = _pick_blocks(block_size, out_features, in_features)
+    if not blocks:
+        return None, (f"shape {out_features}x{in_features} not divisible by block_size={block_size}"
+                      if block_size != "auto" else f"no block of {AUTO_BLOCK_SIZES} divides {out_features}x{in_features}")
+    reasons = []
+    for block in blocks:
+        try:
+            return make_pattern(layer_pattern, out_features, in_features, float(layer_budget), block_size=block,
+                                seed=seed), ""
+        except ValueError as err:  # budget too small for this layer at this block size
+            reasons.append(str(err))
+    return None, "; ".join(reasons)
+
+
+def _build(name: str, layer: nn.Module, kind: str, planned, init: str, **options) -> tuple[nn.Module, float]:
+    """The structured layer for ``planned``, initialised by ``init``, with ``layer``'s bias,
+    ``requires_grad``, mode, device and dtype; and the projection error (NaN unless 'project')."""
+    weight, error = layer.weight, math.nan
+    if init == "project":  # U and V are overwritten: the cheap kaiming draw, not an SVD
+        options["lowrank_init"] = "kaiming"
+        if weight.is_meta:
+            raise ValueError(f"init='project' needs the weights of {name!r}, which is on the meta device")
+    new = layer_from_pattern(planned, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype,
+                             **options)
+    if not weight.is_meta:
+        error = _initialise(new, _dense_weight(layer, kind), init)
+    if layer.bias is not None:
+        with torch.no_grad():
+            if not weight.is_meta:
+                new.bias.copy_(layer.bias)
+        new.bias.requires_grad_(layer.bias.requires_grad)
+    if not weight.requires_grad:  # frozen stays frozen
+        for param_name, param in new.named_parameters():
+            if param_name != "bias":
+                param.requires_grad_(False)
+    return new.train(layer.training), error
+
+
 def sparsify(model: nn.Module, pattern: str | Mapping[str, str] = "pixelfly",
              budget: float | Mapping[str, float] = 0.25, include: Selector = None,
              exclude: Selector = None, block_size: int | str = 32, seed: int = 0, backend: str = "auto",
@@ -425,76 +491,19 @@ def sparsify(model: nn.Module, pattern: str | Mapping[str, str] = "pixelfly",
             continue
         if kind == "structured":
             structured.append(name)
-            row["note"] = ("already structured: left as is (sparsify does not re-plan; sparsify the dense "
-                           "model to change the plan)")
+        row["note"] = _why_kept(name, layer, kind, owners, include_globs)
+        if row["note"]:
             continue
-        if kind == "subclass" and parametrize.is_parametrized(layer):
-            row["note"] = ("its weight is computed by torch.nn.utils.parametrize, which a structured layer "
-                           "would drop; left dense")
-            continue
-        if kind == "subclass":
-            row["note"] = (f"{type(layer).__name__} (an nn.Linear subclass) is read directly by its owner"
-                           + (": nn.MultiheadAttention passes out_proj.weight to its kernel"
-                              if name.rsplit(".", 1)[-1] == "out_proj" else "") + "; left dense")
-            continue
-        tied = [other for other, module in owners.get(id(layer.weight), []) if module is not layer]
-        if tied:
-            if include_globs is not None and name in include_globs:
-                raise ValueError(f"layer {name!r} was asked for by name in include, but its weight is tied to "
-                                 f"{tied[0]!r} (shared parameter); sparsify cannot replace a tied weight "
-                                 f"without breaking the tie: untie it first or leave it out")
-            row["note"] = f"tied to {tied[0]}: left dense (its weight is shared)"
-            continue
-        layer_pattern, layer_budget = _per_layer(pattern, name), _per_layer(budget, name)
-        if layer_pattern is None or layer_budget is None:
-            row["note"] = "no pattern or budget for this layer"
-            continue
-        if layer_pattern == "dense" or layer_budget >= 1:
-            row["note"] = "dense pattern" if layer_pattern == "dense" else f"budget={layer_budget:g} >= 1: dense"
-            continue
-        blocks = _pick_blocks(block_size, out_features, in_features)
-        if not blocks:
-            row["note"] = (f"shape {out_features}x{in_features} not divisible by block_size={block_size}"
-                           if block_size != "auto" else
-                           f"no block of {AUTO_BLOCK_SIZES} divides {out_features}x{in_features}")
-            continue
-        planned, reasons = None, []
-        for block in blocks:
-            try:
-                planned = make_pattern(layer_pattern, out_features, in_features, float(layer_budget),
-                                       block_size=block, seed=seed + index)
-                break
-            except ValueError as err:  # budget too small for this layer at this block size
-                reasons.append(str(err))
+        planned, row["note"] = _plan(name, out_features, in_features, pattern, budget, block_size, seed + index)
         if planned is None:
-            row["note"] = "; ".join(reasons)
             continue
-        weight = layer.weight
-        # 'project' overwrites U and V: build them with the cheap kaiming draw, not an SVD
-        new = layer_from_pattern(planned, bias=layer.bias is not None, backend=backend, gating=gating,
-                                 lowrank_init="kaiming" if init == "project" else lowrank_init,
-                                 device=weight.device, dtype=weight.dtype)
-        on_meta = weight.device.type == "meta"
-        if on_meta:
-            if init == "project":
-                raise ValueError(f"init='project' needs the weights of {name!r}, which is on the meta device")
-        else:
-            row["projection_error"] = _initialise(new, _dense_weight(layer, kind), init)
-        with torch.no_grad():
-            if layer.bias is not None:
-                if not on_meta:
-                    new.bias.copy_(layer.bias)
-                new.bias.requires_grad_(layer.bias.requires_grad)
-        if not weight.requires_grad:  # frozen stays frozen
-            for param_name, param in new.named_parameters():
-                if param_name != "bias":
-                    param.requires_grad_(False)
-        new.train(layer.training)
+        new, row["projection_error"] = _build(name, layer, kind, planned, init, backend=backend, gating=gating,
+                                              lowrank_init=lowrank_init)
         replacements[id(layer)] = new
-        row.update(pattern=layer_pattern, block_size=planned.block_size, params_after=planned.params,
+        row.update(pattern=planned.name, block_size=planned.block_size, params_after=planned.params,
                    budget=planned.budget, replaced=True, layer=type(new).__name__,
                    note=repr(planned) + ("; meta device: materialise with to_empty() + reset_parameters()"
-                                         if on_meta else ""))
+                                         if layer.weight.is_meta else ""))
     fast_path = _fast_path_notes(model, set(replacements))
     for row, (_, layer) in zip(rows, layers):
         if id(layer) in fast_path:

@@ -177,7 +177,7 @@ def test_any_real_number_is_a_budget(budget):
     assert report["replaced"].item() and report["budget"].item() <= 0.25
 
 
-@pytest.mark.parametrize("budget", [1, 1.0, 1.5, np.float32(1.0)])
+@pytest.mark.parametrize("budget", [1, 1.0, 1.5, np.float32(1.0), Fraction(3, 2)])
 def test_budget_of_one_or_more_leaves_layers_dense(budget):
     model = nn.Sequential(nn.Linear(64, 64))
     report = sparsify(model, "pixelfly", budget=budget, block_size=8)
