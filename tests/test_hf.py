@@ -204,3 +204,29 @@ def test_gpt2_replaced_layers_start_at_the_scale_hugging_face_initialised():
     for name, std in stds.items():   # GPT-2's N(0, 0.02), residual projections / sqrt(2 n_layer): kept per layer
         expected = 0.02 / (2 * 2) ** 0.5 if name.endswith("c_proj") else 0.02
         assert std == pytest.approx(expected, rel=0.1)
+
+
+def test_project_starts_a_trained_gpt2_nearer_its_loss_than_a_fresh_start():
+    torch.manual_seed(0)
+    model = gpt2()
+    ids = tokens()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):                                   # a "pretrained" model: this batch memorised a bit
+        loss = loss_of(model, ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        trained = loss_of(model, ids).item()
+        after = {}
+        for init in ("project", "match"):
+            clone = GPT2LMHeadModel(model.config)
+            clone.load_state_dict(model.state_dict())
+            clone.eval()
+            rows = sparsify(clone, "pixelfly", budget=0.5, block_size=16, init=init)
+            after[init] = loss_of(clone, ids).item()
+            if init == "project":
+                errors = rows.loc[rows["replaced"], "projection_error"]
+                assert errors.between(0, 1).all()
+    assert trained < after["project"] < after["match"], (trained, after)
