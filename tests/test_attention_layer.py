@@ -134,3 +134,16 @@ def test_build_model_with_sparse_attention_trains_a_step(name, attention):
         build_model("mlp", make_listops(n_train=4, n_test=4, max_len=16), attention="pixelfly")
     with pytest.raises(ValueError, match="attention must be one of"):
         build_model(name, data, attention="performer")
+
+
+def test_train_with_attention_option(tmp_path):
+    from pixelfly_lab.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="attention"):
+        TrainConfig(attention="performer")
+    result = train(TrainConfig(model="vit", data="listops", attention="pixelfly", data_options={"max_len": 64},
+                               model_options={"attention_budget": 0.5},
+                               max_train=32, max_test=16, epochs=1, batch_size=16, out=str(tmp_path),
+                               progress=False, track_rank=False))
+    assert isinstance(result.model.blocks[0].attn, PixelflyAttention)
+    assert 0.0 <= result.summary["test_accuracy"] <= 1.0
