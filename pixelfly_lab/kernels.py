@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from ._checks import check_input_width
 from . import torch_kernels
+from ._tf32 import tf32_allowed
 from .torch_kernels import plan_for
 
 __all__ = ["BACKENDS", "AUTO_MIN_MACS", "block_sparse_matmul", "sparse_lowrank_matmul", "blocks_to_dense",
@@ -393,26 +394,6 @@ def _triton_module():
 def _triton_runs_here(x: torch.Tensor) -> bool:
     """CUDA tensors, or any tensor when Triton's CPU interpreter is on (TRITON_INTERPRET=1)."""
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def tf32_allowed() -> bool:
-    """Whether float32 matmuls may use TF32, read from whichever of torch's two APIs is in use.
-
-    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ('tf32', 'ieee', or 'none' =
-    inherit, which it reports resolved); older torch only ``allow_tf32``, which newer torch refuses
-    to read once TF32 was set through the new API (a RuntimeError), so each read is guarded.
-    """
-    matmul = torch.backends.cuda.matmul
-    try:
-        precision = getattr(matmul, "fp32_precision", None)
-    except RuntimeError:
-        precision = None
-    if precision in ("tf32", "ieee"):
-        return precision == "tf32"
-    try:
-        return bool(matmul.allow_tf32)
-    except RuntimeError:
-        return False
 
 
 def _assume_constant(fn):

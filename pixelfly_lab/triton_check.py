@@ -200,12 +200,12 @@ def compile_variant(v: Variant, arch: int, every_config: bool = False) -> list[R
     """Compile the configs the pruner keeps for variant ``v`` at sm_``arch`` (and the fixed config
     used without autotuning); their resources. ``every_config``: compile every config of the tuning
     list instead (calibrating the pruning model: :attr:`Resources.model_fits` against the compile)."""
-    from . import kernels
+    from . import _tf32
     from . import triton_kernels as tk
 
     tables, ops = _operands(v)
-    saved = kernels.tf32_allowed, tk._fits
-    kernels.tf32_allowed = lambda: v.precision == "tf32"   # the precision the variant asks for
+    saved = _tf32.tf32_allowed, tk._fits
+    _tf32.tf32_allowed = lambda: v.precision == "tf32"   # the precision the variant asks for
     if every_config:
         tk._fits = lambda kernel, block, group, *rest, **kw: group * block <= tk._MAX_TILE_N
     compiled = {}
@@ -230,7 +230,7 @@ def compile_variant(v: Variant, arch: int, every_config: bool = False) -> list[R
                 for config, kernel in pairs:
                     compiled.setdefault(tuple(sorted(config.items())), (config, kernel, seconds))
     finally:
-        kernels.tf32_allowed, tk._fits = saved
+        _tf32.tf32_allowed, tk._fits = saved
     out = []
     for config, kernel, seconds in compiled.values():
         regs, stack, stores, loads = ptxas_resources(kernel.asm["ptx"], arch)

@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tf32
+
 __all__ = ["BLOCK_SIZES", "DTYPES", "LayoutTables", "layout_tables", "dsd_matmul", "sdd_matmul",
            "sparse_lowrank_forward", "sparse_lowrank_backward", "check_operands", "DSD_CONFIGS", "SDD_CONFIGS",
            "SMEM_BY_ARCH"]
@@ -425,11 +427,9 @@ def _use_autotune(autotune: bool | None) -> bool:
 
 def _precision(dtype: torch.dtype) -> tuple[str, object]:
     """(tl.dot input precision, accumulator dtype): TF32 for float32 only where torch allows it."""
-    from .kernels import tf32_allowed
-
     if dtype == torch.float64:
         return "ieee", tl.float64
-    if dtype == torch.float32 and not tf32_allowed():
+    if dtype == torch.float32 and not _tf32.tf32_allowed():
         return "ieee", tl.float32
     return "tf32", tl.float32  # ignored by tl.dot for 16-bit inputs
 
