@@ -388,3 +388,13 @@ def test_a_parametrized_linear_is_listed_and_left_alone():
     rows = sparsify(model, "pixelfly", budget=0.5, block_size=8).set_index("name")
     assert rows.loc["0", "replaced"] and not rows.loc["1", "replaced"]
     assert "parametrize" in rows.loc["1", "note"]
+
+
+def test_sparsify_never_imports_transformers():
+    import subprocess
+    import sys
+    code = ("import sys, torch, pixelfly_lab.sparsify as s; "
+            "s.sparsify(torch.nn.Sequential(torch.nn.Linear(32, 32)), block_size=8); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
