@@ -339,24 +339,30 @@ def _max_acc(precision: str, size: int, lowrank: bool) -> int:
 
 def _fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages: int, size: int, *,
           precision: str = "tf32", lowrank: bool = False, block_r: int = 64,
-          smem_limit: int = min(SMEM_BY_ARCH.values())) -> bool:
-    """Whether a config fits: shared memory within ``smem_limit`` and no register spill (the models
-    above); under the interpreter (numpy: no registers, no shared memory) only the tile width counts."""
+          smem_limit: int = min(SMEM_BY_ARCH.values()), registers: bool = True) -> bool:
+    """Whether a config fits: shared memory within ``smem_limit`` and (``registers``) no register
+    spill, by the models above; under the interpreter (numpy: no registers, no shared memory) only
+    the tile width counts."""
     if _INTERPRET:
         return group * block <= _MAX_TILE_N
     return (group * block <= _MAX_TILE_N
             and _shared_bytes(kernel, block, group, block_m, stages, size, lowrank, block_r) <= smem_limit
-            and _acc_per_thread(kernel, block, group, block_m, warps) <= _max_acc(precision, size, lowrank))
+            and (not registers
+                 or _acc_per_thread(kernel, block, group, block_m, warps) <= _max_acc(precision, size, lowrank)))
 
 
 def _fixed_config(kernel: str, block: int, size: int, max_group: int = 1, **fit) -> dict:
-    """The config when not autotuning: the widest group, then the tallest tile and deepest pipeline that fit."""
-    group = max_group
-    while group >= 1:
-        for block_m, stages, warps in itertools.product((64, 32, 16), (3, 2, 1), (4, 8)):
-            if _fits(kernel, block, group, block_m, warps, stages, size, **fit):
-                return dict(BLOCK_M=block_m, GROUP=group, num_warps=warps, num_stages=stages)
-        group //= 2
+    """The config when not autotuning: the widest group, then the tallest tile and deepest pipeline that fit.
+
+    Where no config is spill-free (float64 at block 128: its accumulator alone is 64 registers a
+    thread at 8 warps), the smallest tile that fits shared memory: spills cost speed, not
+    correctness, and float64 runs only for exact tests.
+    """
+    for registers, order in ((True, ((64, 32, 16), (3, 2, 1), (4, 8))), (False, ((16, 32, 64), (1, 2, 3), (8, 4)))):
+        for group in (max_group, *[g for g in (8, 4, 2, 1) if g < max_group]) if registers else (1,):
+            for block_m, stages, warps in itertools.product(*order):
+                if _fits(kernel, block, group, block_m, warps, stages, size, registers=registers, **fit):
+                    return dict(BLOCK_M=block_m, GROUP=group, num_warps=warps, num_stages=stages)
     raise ValueError(f"no {kernel} kernel config fits block size {block} with {size}-byte elements on this "
                      "GPU (registers, shared memory); use a smaller block or backend='torch'")
 
