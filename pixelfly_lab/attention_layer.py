@@ -175,6 +175,9 @@ class PixelflyAttention(nn.Module):
         self.heads, self.seq_len, self.block_size, self.causal = heads, seq_len, block_size, causal
         self.layout_name, self.features, self.seed = layout, features, seed
         self.register_buffer("layout", block_layout, persistent=False)
+        # the kernels read the layout on the host (plans and index tables are cached per layout):
+        # a CPU copy that .to(device) leaves alone spares a device-to-host copy (a sync) per call
+        self._host_layout = block_layout.clone()
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
 
     @property
@@ -198,7 +201,7 @@ class PixelflyAttention(nn.Module):
         def split(t):
             return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
         R = T // self.block_size
-        return split(self.q(x)), split(self.k(x)), split(self.v(x)), self.layout[:R, :R]
+        return split(self.q(x)), split(self.k(x)), split(self.v(x)), self._host_layout[:R, :R]
 
     def _log_features(self, q, k):
         # softmax(q.k / sqrt(D)) is Performer's exp(q.k / t) at temperature t = sqrt(D)
@@ -244,7 +247,7 @@ class PixelflyAttention(nn.Module):
         """
         q, k, _, layout = self._heads(x)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        support = layout_to_mask(layout, self.block_size)
+        support = layout_to_mask(layout.to(q.device), self.block_size)
         allowed = torch.ones_like(support)
         if self.causal:
             support, allowed = torch.tril(support), torch.tril(allowed)

@@ -366,7 +366,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     Args:
         q, k: (B, H, T, D) queries and keys; v: (B, H, T, Dv) values; same dtype and device.
         layout: bool (T / block_size, T / block_size); every row must keep at least one entry
-            (with ``causal``: at least one block at or left of the diagonal).
+            (with ``causal``: at least one block at or left of the diagonal). It is read on the
+            host (validation, cached plans): keep it on the CPU even for CUDA q, k, v, or each
+            call copies it to the host (a sync).
         block_size: b, the side of a block; T must be a multiple of it.
         causal: also drop j > i (decoder attention).
         scale: score scale; default 1 / sqrt(D), the scaled dot-product attention of Vaswani et al.
