@@ -327,6 +327,8 @@ def _why_kept(name: str, layer: nn.Module, kind: str, owners: dict, include_glob
     if kind == "structured":
         return ("already structured: left as is (sparsify does not re-plan; sparsify the dense model to "
                 "change the plan)")
+    if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+        return "lazy layer with no shape yet: run one forward pass before sparsify; left dense"
     if kind == "subclass" and parametrize.is_parametrized(layer):
         return "its weight is computed by torch.nn.utils.parametrize, which a structured layer would drop; left dense"
     if kind == "subclass":

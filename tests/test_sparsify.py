@@ -398,3 +398,12 @@ def test_sparsify_never_imports_transformers():
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_lazy_linear_is_left_until_it_has_a_shape():
+    model = nn.Sequential(nn.LazyLinear(32), nn.Linear(32, 32))
+    rows = sparsify(model, "pixelfly", budget=0.5, block_size=8).set_index("name")
+    assert "forward pass" in rows.loc["0", "note"] and rows.loc["1", "replaced"]
+    model(torch.randn(2, 16))                          # now an nn.Linear(16, 32)
+    again = sparsify(model, "pixelfly", budget=0.5, block_size=8, include="0").set_index("name")
+    assert again.loc["0", "replaced"]
