@@ -39,7 +39,8 @@ reproduce: $(STAMP)
 test: $(TSTAMP) chromium
 	PIXELFLY_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
 
-lab: $(STAMP)
+# The test requirements too: notebook 07 builds Hugging Face models (transformers is test-only).
+lab: $(TSTAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: $(STAMP)
