@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from pixelfly_lab.random_features import performer_features
 from pixelfly_lab.attention_layer import ATTENTION_LAYOUTS, PixelflyAttention, attention_layout
 from pixelfly_lab.block_attention import block_attention_reference
 from pixelfly_lab.masks import layout_to_mask
+from pixelfly_lab.random_features import performer_features
 
 
 def make(layout="pixelfly", causal=False, features=None, T=64, dim=24, heads=2, **kwargs):
