@@ -147,3 +147,12 @@ def test_train_with_attention_option(tmp_path):
                                progress=False, track_rank=False))
     assert isinstance(result.model.blocks[0].attn, PixelflyAttention)
     assert 0.0 <= result.summary["test_accuracy"] <= 1.0
+
+
+def test_sparse_only_layer_compiles_without_graph_break():
+    # the sparse part is one registered op; random features (features > 0) draw their projection
+    # with a torch.Generator inside the call, which torch.compile(fullgraph=True) does not trace
+    attn = PixelflyAttention(32, 2, 64, block_size=8, budget=0.5, lowrank_features=0)
+    x = torch.randn(2, 64, 32)
+    compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), attn(x))
