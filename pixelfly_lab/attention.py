@@ -5,7 +5,7 @@ at a high temperature t, and nearly one entry per row, hence nearly sparse, at a
 Sparse methods win in the second regime, low-rank ones in the first; the Scatterbrain observation
 (Chen et al., "Scatterbrain: Unifying Sparse and Low-rank Attention Approximation", NeurIPS
 2021, arXiv 2110.15343, Sec. 3), which Pixelfly builds on (Dao, Chen et al., ICLR 2022, Sec. 4),
-is that sparse + low-rank stays accurate across both. Two kinds of method, never mixed in one
+is that sparse + low-rank is more robust across both than either part. Two kinds of method, never mixed in one
 verdict (:data:`ATTENTION_METHODS` gives each method's role and family):
 
 * *oracles* see the target A itself and project it: the best k-sparse matrix ('topk'), the
@@ -18,7 +18,8 @@ verdict (:data:`ATTENTION_METHODS` gives each method's role and family):
   2021, arXiv 2009.14794; :func:`performer_attention`), and sparse + random features
   (:func:`sparse_lowrank_attention`): Scatterbrain on the support of the largest scores (an
   ideal LSH, half the budget to each part) and Pixelfly attention on the flat block butterfly
-  support with the attention layer's own split (:func:`pixelfly_attention`).
+  support with the attention layer's own split, not half and half (:func:`pixelfly_attention`;
+  at n = 256, block 8, budget 1/4: a (16, 2) support of density 3/16 + 8 features, 1/16).
 
 Budgets are matched: a method may keep ``budget * n^2`` numbers. m random features cost 2 n m
 (phi(Q) and phi(K), as a rank-m term), a support of s entries costs s.
@@ -129,7 +130,9 @@ def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, temperature: float,
 def pixelfly_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, budget: float,
                        block_size: int = 8, seed: int = 0) -> torch.Tensor:
     """Pixelfly attention (Pixelfly paper, Sec. 4) as a matrix: exact scores on a flat block
-    butterfly support plus random features elsewhere, split as the attention layer splits it.
+    butterfly support plus random features elsewhere, split as the attention layer splits it
+    (the planner's split, not half and half: at n = 256, block 8, budget 1/4 a (16, 2) support
+    of density 3/16 + 8 features, 2 * 8 / 256 = 1/16 of the scores).
 
     Support and feature count come from :func:`pixelfly_lab.attention_layer.attention_layout`
     ('pixelfly': the planner's split of ``budget`` into a flat block butterfly layout and m

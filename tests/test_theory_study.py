@@ -3,13 +3,15 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from pixelfly_lab.masks import butterfly_factor_mask, butterfly_product_mask
 from pixelfly_lab.projections import relative_error
 from pixelfly_lab.targets import random_butterfly_factors
-from pixelfly_lab.theory import (_mlp, _ntk, block_butterfly_factor_masks, fit_factor_product, loglog_slope,
+from pixelfly_lab.theory import (_mlp, _ntk, block_butterfly_factor_masks, fit_factor_product,
+                                 fit_factor_product_restarts, loglog_slope,
                                  ntk_change_vs_width, residual_flat_gap)
 
 F64 = torch.float64
@@ -87,3 +89,34 @@ def test_ntk_change_shrinks_with_width_and_loss_vanishes():
     assert (df.loss_ratio < 1e-2).all()
     dense = ntk_change_vs_width((32,), sparse=False, steps=5)
     assert dense.density.tolist() == [1.0] and 0 < dense.ntk_change.iloc[0] < 1
+
+
+def test_fit_restarts_report_every_restart_and_the_best_is_the_fit():
+    masks = block_butterfly_factor_masks(8)
+    target = torch.randn(8, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    errors = fit_factor_product_restarts(target, masks, steps=40, restarts=3)
+    assert len(errors) == 3 and len(set(errors)) == 3                      # different starts, different ends
+    assert min(errors) == fit_factor_product(target, masks, steps=40, restarts=3)
+
+
+@pytest.mark.parametrize("deep_error, expected", [(0.5, None), (0.1, True), (0.01, False)])
+def test_block_butterfly_claim_is_undecided_when_a_containing_fit_is_worse(monkeypatch, tmp_path, deep_error,
+                                                                            expected):
+    # every fitted class contains the plain butterfly: fitting worse than it means no convergence
+    from pixelfly_lab.studies import theory as study
+
+    def fake(n, block_sizes, steps):
+        rows = []
+        for kind in ("hadamard", "butterfly"):
+            rows += [dict(kind=kind, method="butterfly (log2 n factors)", block_size=1, n_factors=4, params=128,
+                          error=0.1, error_worst=0.2),
+                     dict(kind=kind, method="block butterfly (block 4)", block_size=4, n_factors=2, params=256,
+                          error=0.05, error_worst=0.06),
+                     dict(kind=kind, method="butterfly, params of block 4", block_size=1, n_factors=8, params=256,
+                          error=deep_error, error_worst=deep_error)]
+        return pd.DataFrame(rows)
+
+    monkeypatch.setattr(study, "block_vs_butterfly", fake)
+    claim = study._block_butterfly(tmp_path, study.TheoryConfig(n_block=16, block_sizes=(4,)))[0]
+    assert claim.held is expected and claim.kind == "paper" and "undecided" in claim.claim
+    assert claim.measured.startswith("undecided") == (expected is None)

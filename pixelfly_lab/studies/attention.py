@@ -4,7 +4,11 @@ estimators against estimators (see :mod:`pixelfly_lab.attention` for the methods
 Two regimes: random Q, K, and Q, K with a positional part (locality 1, like trained local
 attention). The paper's statement (Scatterbrain, Chen et al., NeurIPS 2021, arXiv 2110.15343,
 Sec. 3; Pixelfly paper, Dao, Chen et al., ICLR 2022, Sec. 4) is that sparse + low-rank attention
-stays accurate across temperatures where each part alone fails in one regime. It is decided on
+is more robust across temperatures than each part alone, which fails in one regime. Pixelfly
+attention spends the budget as the attention layer's planner splits it (a flat block butterfly
+support plus a few random features, not half and half; the claim states the split). The verdict
+compares means over seeds of each method's worst error, by more than the seed-to-seed sd; an
+error above 1 is worse than predicting zero, and the text says which estimators are there. It is decided on
 *estimators* (methods that see Q and K only, as a layer does), never on an oracle that projects
 the target itself: an oracle sparse + low-rank projection with its split searched cannot lose to
 its parts, so it would be a check, not evidence. The oracles are shown beside, as bounds.
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..attention import ATTENTION_ORACLES, attention_table, plot_attention_examples, plot_attention_table
+from ..attention import ATTENTION_ESTIMATORS, ATTENTION_ORACLES, attention_table, plot_attention_examples, plot_attention_table
 from .claims import Claim, save_figure, save_table
 
 __all__ = ["AttentionConfig", "FULL", "QUICK", "TINY", "run"]
@@ -34,14 +38,15 @@ class AttentionConfig:
     """Sizes of the 'attention' study."""
 
     n: int = 512                # sequence length; n >= 256 so that a block support can be local and sparse
-    seeds: int = 3
+    seeds: int = 3              # the verdict compares means over seeds with their sd (seed-to-seed ~0.1)
     temperatures: int = 10      # points log-spaced over [0.05, 10]: one-hot rows to uniform ones
-    budget: float = 0.25        # Pixelfly's sparse half 1/8: a flat block butterfly of 3 factors on 32 blocks
+    budget: float = 0.25        # the training lab's budget; how each method splits it is stated in the claim
     block_size: int = 8         # the released attention uses larger blocks at longer sequences
 
 
 FULL = AttentionConfig(block_size=16)
-QUICK = AttentionConfig(n=256, seeds=1, temperatures=6)
+# 3 seeds (the verdict needs an sd), 4 temperatures to stay within the time budget
+QUICK = AttentionConfig(n=256, seeds=3, temperatures=4)
 TINY = AttentionConfig(n=64, seeds=1, temperatures=2, block_size=4)
 
 
@@ -58,24 +63,37 @@ def run(out: Path, config: AttentionConfig = QUICK, *, device: str = "cpu") -> l
     save_figure(plot_attention_examples(n, (0.05, 0.5, 5.0), 1.0), out, "attention_examples")
 
     size = f"n={n}, block {block}, budget {budget}, {seeds} seed(s), t in [{temperatures[0]:.2g}, {temperatures[-1]:.2g}]"
+    split = _budget_split(n, budget, block)
     claims = []
     for regime, df in tables.items():
-        worst = df.groupby(["method", "temperature"]).error.mean().groupby("method").max()
-        best_sparse = worst[list(SPARSE_ESTIMATORS)].idxmin()
+        # worst error over the temperatures per seed, then mean and sd over seeds
+        per_seed = df.groupby(["method", "seed", "temperature"]).error.mean().groupby(["method", "seed"]).max()
+        worst = per_seed.groupby("method").agg(["mean", "std"]).fillna(0.0)
+        best_sparse = worst.loc[list(SPARSE_ESTIMATORS), "mean"].idxmin()
+        ours = worst.loc["pixelfly"]
+        held = None  # undecided without an sd over seeds
+        if seeds >= 2:
+            held = all(worst.loc[m, "mean"] - ours["mean"] > max(worst.loc[m, "std"], ours["std"])
+                       for m in (best_sparse, "performer"))
         claims.append(Claim(
-            f"Pixelfly paper, Sec. 4 (after Scatterbrain, Sec. 3): sparse + low-rank attention stays accurate across "
-            f"temperatures where sparse-only and low-rank-only attention each fail in one regime ({regime}; estimators "
-            f"only, from Q and K at equal budget; held when Pixelfly attention's worst error over the temperatures "
-            f"(flat block butterfly support + Performer features, half the budget each) is below both the most robust "
-            f"fixed-support sparse estimator's worst error and Performer's)",
-            f"worst error ({size}): pixelfly {worst['pixelfly']:.3f}, most robust sparse {best_sparse} "
-            f"{worst[best_sparse]:.3f}, performer {worst['performer']:.3f}; scatterbrain (ideal-LSH support) "
-            f"{worst['scatterbrain']:.3f}; all: " + ", ".join(f"{m} {e:.3f}" for m, e in worst.items()),
-            bool(worst["pixelfly"] < min(worst[best_sparse], worst["performer"])), figure, kind="paper", table=csv))
+            f"Pixelfly paper, Sec. 4 (after Scatterbrain, Sec. 3): sparse + low-rank attention is more robust across "
+            f"temperatures than sparse-only and low-rank-only attention, each of which fails in one regime ({regime}; "
+            f"estimators only, from Q and K at equal budget {budget}: {split}; held when Pixelfly attention's worst "
+            f"error over the temperatures, mean over seeds, is below both the most robust fixed-support sparse "
+            f"estimator's and Performer's, each by more than the larger sd over seeds of the two; undecided with one "
+            f"seed. A relative error above 1 is worse than predicting the zero matrix)",
+            f"worst error over t, mean +- sd ({size}): pixelfly {ours['mean']:.3f}+-{ours['std']:.3f}, most robust "
+            f"sparse {best_sparse} {worst.loc[best_sparse, 'mean']:.3f}+-{worst.loc[best_sparse, 'std']:.3f}, "
+            f"performer {worst.loc['performer', 'mean']:.3f}+-{worst.loc['performer', 'std']:.3f}; scatterbrain "
+            f"(ideal-LSH support) {worst.loc['scatterbrain', 'mean']:.3f}; above 1 (worse than zero): "
+            + (", ".join(m for m in ATTENTION_ESTIMATORS if worst.loc[m, "mean"] > 1) or "none") + "; all: "
+            + ", ".join(f"{m} {r['mean']:.3f}" for m, r in worst.iterrows()),
+            held, figure, kind="paper", table=csv))
         claims.append(Claim(
             f"Oracles ({regime}): the best k-sparse projection, the truncated SVD and top-k + SVD (half the budget "
             f"each) see the target itself; they bound the estimators and decide nothing about them",
-            f"worst error ({size}): " + ", ".join(f"{m} {worst[m]:.3f}" for m in ATTENTION_ORACLES),
+            f"worst error over t, mean over seeds ({size}): "
+            + ", ".join(f"{m} {worst.loc[m, 'mean']:.3f}" for m in ATTENTION_ORACLES),
             None, figure, kind="info", table=csv))
     coldest = {regime: df[df.temperature == df.temperature.min()].groupby("method").error.mean()
                for regime, df in tables.items()}
@@ -98,3 +116,15 @@ def run(out: Path, config: AttentionConfig = QUICK, *, device: str = "cpu") -> l
         f"{len(within)} (estimator, regime, temperature, seed) cases within the budget "
         f"({', '.join(sorted(set(within.method)))}): {topk_ok}", topk_ok, figure, kind="check", table=csv))
     return claims
+
+
+def _budget_split(n: int, budget: float, block: int) -> str:
+    """How each estimator spends the budget (m random features cost 2 n m of the n^2 scores)."""
+    from ..attention_layer import attention_layout
+
+    layout, m = attention_layout("pixelfly", n, budget, block)
+    rank = max(1, int(budget * n / 2))     # as pixelfly_lab.attention: Performer's features
+    return (f"Pixelfly = the attention layer's planner split, a flat block butterfly support of density "
+            f"{layout.float().mean().item():.4g} + {m} random features ({2 * m / n:.4g} of the n^2 scores); "
+            f"Scatterbrain = top-{budget / 2:g} n^2 support + {max(1, rank // 2)} features; Performer = {rank} "
+            f"features; sparse estimators = their densest layout within the budget")

@@ -3,7 +3,9 @@
 Composes :func:`pixelfly_lab.expressiveness.expressiveness_table` and
 :func:`~pixelfly_lab.expressiveness.plot_error_vs_budget`. The paper's statement checked
 (Dao, Chen et al., ICLR 2022, arXiv 2112.00029, Sec. 1 and 4): at equal budget, flat block
-butterfly + low-rank approximates the matrices networks need better than either part alone.
+butterfly + low-rank approximates the matrices networks need better than either part alone,
+decided per target of :data:`NETWORK_KINDS` (one claim each, mean +- sd over seeds): a mean
+over a mix of targets would let the choice of the mix decide the verdict.
 Runs on the CPU whatever ``device``: at these sizes kernel launches would dominate a GPU.
 """
 
@@ -22,8 +24,9 @@ __all__ = ["ExpressivenessConfig", "FULL", "QUICK", "TINY", "run", "EXPRESSIVENE
 # and the oracles that bound them.
 EXPRESSIVENESS_PATTERNS = ("lowrank", "butterfly", "pixelfly", "local", "bigbird", "bigbird+lowrank",
                            "random+lowrank", "blockdiag", "monarch", "topk", "topk_blocks", "topk+lowrank")
-# The matrices "networks need" (the paper's claim is about these): attention and trained weights
-NETWORK_KINDS = ("attention", "attention (local)", "trained weight", "sparse_lowrank")
+# The matrices "networks need" (the paper's claim is about these): attention and trained weights.
+# 'sparse_lowrank' (a sparse + low-rank matrix by construction) is robust PCA's target, not one of them
+NETWORK_KINDS = ("attention", "attention (local)", "trained weight")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ class ExpressivenessConfig:
 FULL = ExpressivenessConfig()
 # n = 256 at block 8 (32 blocks a side) is the smallest size where a flat block butterfly of 2-3
 # factors, a local band and a rank of 10+ all fit a budget of 0.1 (issue 14, item 11)
-QUICK = ExpressivenessConfig(n=256, seeds=1, budgets=(0.1, 0.25), digits_steps=150, block_size=8,
+# 3 seeds: the claims state a spread over seeds (the trained weight is one matrix: sd 0 there)
+QUICK = ExpressivenessConfig(n=256, seeds=3, budgets=(0.1, 0.25), digits_steps=150, block_size=8,
                              kinds=("lowrank", "sparse_lowrank", "hadamard", "attention"),
                              patterns=tuple(p for p in EXPRESSIVENESS_PATTERNS if p != "random+lowrank"))
 TINY = ExpressivenessConfig(n=32, seeds=1, budgets=(0.2, 0.3), digits_steps=20,
@@ -70,8 +74,13 @@ def run(out: Path, config: ExpressivenessConfig = QUICK, *, device: str = "cpu")
     mean = df.groupby("pattern").error.mean()
     network = df[df.kind.isin(NETWORK_KINDS) & df.pattern.isin(["pixelfly", "butterfly", "lowrank"])]
     network = network.groupby(["kind", "seed", "budget"]).filter(lambda g: len(g) == 3)  # all three fit
-    trio = network.groupby("pattern").error.mean()
-    per_kind = network.groupby(["kind", "pattern"]).error.mean().unstack()
+    # mean over budgets per seed, then mean and sd over seeds
+    per_seed = network.groupby(["kind", "pattern", "seed"]).error.mean()
+    stats = per_seed.groupby(["kind", "pattern"]).agg(["mean", "std"]).fillna(0.0)
+    # the split approximate() chose: low-rank share of the parameters used (rank (out + in) of them)
+    chosen = df[(df.pattern == "pixelfly") & df.kind.isin(NETWORK_KINDS)]
+    chosen = chosen.assign(share=chosen["rank"] * 2 * n / (chosen.budget_used * n * n))
+    shares = chosen.groupby("kind").share.agg(["min", "max"])
 
     keys = ["kind", "seed", "budget"]
     sparse_only = df[(df["rank"] == 0) & ~df.pattern.isin(["lowrank", "monarch", "topk"])]
@@ -83,21 +92,30 @@ def run(out: Path, config: ExpressivenessConfig = QUICK, *, device: str = "cpu")
                .groupby(["kind", "pattern"]).error.mean().reset_index()
                .sort_values("error").groupby("kind", sort=False).first())
     nan = float("nan")
-    return [
-        Claim("Pixelfly paper, Sec. 1 and 4: at equal budget, flat block butterfly + low-rank (pixelfly: the best "
-              "split of the budget, as approximate() searches it) approximates the matrices networks need (attention, "
-              "trained weights, sparse + low-rank) better than the flat block butterfly alone and low-rank alone. The "
-              "search includes both parts, so pixelfly is never worse by construction; held when pixelfly's mean "
-              f"relative error over these targets and budgets is at least {PIXELFLY_MARGIN:.0%} below the better "
-              "part's mean",
-              f"mean error (n={n}, block {config.block_size}, budgets {budgets}): pixelfly {trio.get('pixelfly', nan):.3f}, "
-              f"butterfly {trio.get('butterfly', nan):.3f}, lowrank {trio.get('lowrank', nan):.3f}; "
-              "per target (pixelfly / butterfly / lowrank): "
-              + "; ".join(f"{kind} {row.get('pixelfly', nan):.3f} / {row.get('butterfly', nan):.3f} / "
-                          f"{row.get('lowrank', nan):.3f}" for kind, row in per_kind.iterrows()),
-              bool(trio.get("pixelfly", 1e9) <= (1 - PIXELFLY_MARGIN) * min(trio.get("butterfly", -1),
-                                                                            trio.get("lowrank", -1))),
-              figure, kind="paper", table=csv),
+    claims = []
+    for kind in NETWORK_KINDS:
+        if kind not in stats.index.get_level_values("kind"):
+            continue
+        row = stats.loc[kind]
+        ours = row.loc["pixelfly"]
+        better = row.loc[["butterfly", "lowrank"], "mean"].idxmin()
+        held = bool(ours["mean"] <= (1 - PIXELFLY_MARGIN) * row.loc[better, "mean"])
+        share = f"{shares.loc[kind, 'min']:.2f}" + (f"-{shares.loc[kind, 'max']:.2f}"
+                                                    if shares.loc[kind, "max"] > shares.loc[kind, "min"] else "")
+        claims.append(Claim(
+            f"Pixelfly paper, Sec. 1 and 4: at equal budget, flat block butterfly + low-rank (pixelfly: the best split "
+            f"of the budget, as approximate() searches it) approximates the matrices networks need better than the "
+            f"flat block butterfly alone and low-rank alone -- target '{kind}' (one claim per target of "
+            f"{', '.join(NETWORK_KINDS)}). The search includes both parts, so pixelfly is never worse by construction; "
+            f"held when pixelfly's relative error, mean over budgets and seeds, is at most {1 - PIXELFLY_MARGIN:.2f} x "
+            f"the better part's",
+            f"mean +- sd over seeds (n={n}, block {config.block_size}, budgets {budgets}, {seeds} seed(s)): pixelfly "
+            f"{ours['mean']:.3f}+-{ours['std']:.3f}, butterfly {row.loc['butterfly', 'mean']:.3f}+-"
+            f"{row.loc['butterfly', 'std']:.3f}, lowrank {row.loc['lowrank', 'mean']:.3f}+-{row.loc['lowrank', 'std']:.3f}; "
+            f"ratio to the better part ({better}) {ours['mean'] / row.loc[better, 'mean']:.3f}; low-rank share of the "
+            f"chosen split {share}" + (" (1 = low-rank alone)" if shares.loc[kind, "max"] >= 0.999 else ""),
+            held, figure, kind="paper", table=csv))
+    return claims + [
         Claim("Oracle check (exactness of the projections): the best unstructured top-k support is never beaten by "
               "any fixed sparse mask at the same budget (held when top-k <= every mask-only pattern + 1e-12)",
               f"top-k <= every mask-only pattern in {len(best_mask)} (target, seed, budget) cases: {oracle_ok}",

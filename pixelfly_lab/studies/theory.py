@@ -4,16 +4,20 @@
    shrinks as lam^2 and, relative to the perturbation ||R - I||, as lam. Both slopes are fixed
    by the algebra: 'check's of the code, not tests of the paper.
 2. Block butterfly (Sec. 3.2, the talk's "block butterfly retains the expressiveness of
-   butterfly"): block butterfly products fitted to the butterfly family's targets against
-   butterfly products with the same number of parameters: a 'paper' claim; that blocks of 2
-   contain every butterfly product exactly is algebra: a 'check'.
-3. Sparse + low-rank (Thm 2, Sec. 4): with the *fixed* flat block butterfly support, the best
-   split of a budget beats either part alone on attention-like targets, by a margin on every
-   seed: a 'paper' claim. The adaptive-support variant (top-k + low-rank) is robust PCA
-   (Candes et al., 2011) / Scatterbrain's oracle, labelled as such.
+   butterfly"): block butterfly products fitted to butterfly products (Hadamard, a random one)
+   against butterfly products with the same number of parameters: a 'paper' claim, with a
+   sanity gate: every class fitted contains the plain butterfly product, so a containing fit
+   worse than the plain one means the fits did not converge and the claim is undecided. That
+   blocks of 2 contain every butterfly product exactly is algebra: a 'check'.
+3. Sparse + low-rank (Thm 2, Sec. 4: there exist matrices where sparse + low-rank beats either
+   part): with the *fixed* flat block butterfly support, on a grid of attention-like targets
+   (temperature x locality, all reported), the claim holds when on at least one target of the
+   grid the best split beats either part alone by a margin on every seed. The adaptive-support
+   variant (top-k + low-rank) is robust PCA (Candes et al., 2011) / Scatterbrain's oracle, not
+   a statement of the Pixelfly paper: 'info'.
 4. Lazy training (Thm 3): as the width grows, the NTK of a flat block butterfly network moves
-   less during full-batch gradient descent (log-log slope against width) while the training loss
-   goes to ~0, beside a dense network: a 'paper' claim.
+   less during full-batch gradient descent (log-log slope against width, predicted -1/2), and
+   no more than a dense network's at the widest: a 'paper' claim over seeds.
 5. Exactness (Dao et al., ICML 2019, arXiv 1903.05895): butterfly products represent the DFT and
    Hadamard transforms exactly; the flat butterfly at the same budget does not: a 'check'.
 
@@ -52,18 +56,22 @@ class TheoryConfig:
     fit_steps: int = 2000       # gradient fit of a butterfly product (shown beside the exact one)
     budget: float = 0.2         # the sweeps' fixed budget
     n_block: int = 32           # block butterfly vs butterfly size
-    block_sizes: tuple[int, ...] = (2, 4)
+    block_sizes: tuple[int, ...] = (2, 4)   # 2 contains butterfly by algebra; 4 is the real test
     block_steps: int = 1500     # Adam steps per fitted product
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024)   # Thm 3 network widths
     ntk_steps: int = 1000       # full-batch gradient-descent steps
-    ntk_seeds: int = 2
+    ntk_seeds: int = 2          # Thm 3 needs a mean over seeds
+    thm2_temperatures: tuple[float, ...] = (0.5, 1.0, 2.0)   # Thm 2's grid, crossed with locality 0 and 1
 
 
 FULL = TheoryConfig()
-QUICK = TheoryConfig(n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=16, block_sizes=(2,),
-                     block_steps=400, widths=(64, 128, 256, 512), ntk_steps=300, ntk_seeds=1)
+# block 4 at n = 32: 3 factors, 768 of the 1024 parameters, so the block claim is not the
+# containment algebra (block 2) and the class is not dense
+QUICK = TheoryConfig(n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=32, block_sizes=(4,),
+                     block_steps=400, widths=(64, 128, 256, 512), ntk_steps=300, ntk_seeds=2)
 TINY = TheoryConfig(n_gap=16, n_sweep=32, sweep_block=4, sweep_seeds=2, n_exact=8, fit_steps=50, n_block=8,
-                    block_sizes=(2,), block_steps=60, widths=(32, 64), ntk_steps=30, ntk_seeds=1)
+                    block_sizes=(2,), block_steps=60, widths=(32, 64), ntk_steps=30, ntk_seeds=1,
+                    thm2_temperatures=(0.5, 2.0))
 
 # Thm 2's margin: the best split must beat the best single part by 5% of its error on every seed,
 # so that a tie within the projections' stopping tolerance is not read as a win
@@ -71,6 +79,10 @@ THM2_MARGIN = 0.05
 # Block butterfly "retains" butterfly's expressiveness: its fitted error may exceed the butterfly
 # product's at equal parameters by at most this much (fits stop near 1e-2 on hard targets)
 BLOCK_TOLERANCE = 0.02
+# Thm 3: the predicted slope is -1/2; the measured one must be at most this
+THM3_SLOPE = -0.4
+# Thm 3: at the widest network the sparse NTK change may be at most this many times the dense one's
+THM3_DENSE_FACTOR = 1.5
 
 
 def run(out: Path, config: TheoryConfig = QUICK, *, device: str = "cpu") -> list[Claim]:
@@ -109,19 +121,29 @@ def _block_butterfly(out, config) -> list[Claim]:
     csv = save_table(df, out, "block_vs_butterfly")
     figure = save_figure(plot_block_vs_butterfly(df, n), out, "block_vs_butterfly")
     err = df.set_index(["kind", "method"]).error
-    verdicts, parts = [], []
+    worst = df.set_index(["kind", "method"]).error_worst
+    plain = "butterfly (log2 n factors)"
+    verdicts, parts, unconverged = [], [], []
     for b in config.block_sizes:
         for kind in df.kind.unique():
-            block, plain = err[kind, f"block butterfly (block {b})"], err[kind, f"butterfly, params of block {b}"]
-            verdicts.append(block <= plain + BLOCK_TOLERANCE)
-            parts.append(f"{kind} b={b}: block {block:.3f} vs butterfly {plain:.3f}")
+            block, deep = f"block butterfly (block {b})", f"butterfly, params of block {b}"
+            verdicts.append(err[kind, block] <= err[kind, deep] + BLOCK_TOLERANCE)
+            parts.append(f"{kind} b={b}: block {err[kind, block]:.3f} (worst restart {worst[kind, block]:.3f}) vs "
+                         f"butterfly {err[kind, deep]:.3f} (worst restart {worst[kind, deep]:.3f})")
+            # both classes contain the plain butterfly product: a worse fit is an optimisation failure
+            unconverged += [f"{kind} {m} {err[kind, m]:.3f} > plain {err[kind, plain]:.3f}"
+                            for m in (block, deep) if err[kind, m] > err[kind, plain] + BLOCK_TOLERANCE]
+    held = None if unconverged else all(verdicts)
     return [Claim("Pixelfly paper, Sec. 3.2 and the talk: block butterfly (products of block butterfly factors) "
-                  "retains the expressiveness of butterfly at equal parameters (fitted by Adam to Hadamard, DCT and a "
+                  "retains the expressiveness of butterfly at equal parameters (fitted by Adam to Hadamard and a "
                   "random butterfly product; held when on every target the block product's error is at most the "
-                  f"error of a butterfly product with the same parameter count + {BLOCK_TOLERANCE})",
-                  "; ".join(parts) + f" (n={n}, {config.block_steps} steps, 2 restarts; the plain log2 n butterfly: "
-                  + ", ".join(f"{k} {err[k, 'butterfly (log2 n factors)']:.3f}" for k in df.kind.unique()) + ")",
-                  all(verdicts), figure, kind="paper", table=csv),
+                  f"error of a butterfly product with the same parameter count + {BLOCK_TOLERANCE}; undecided when a "
+                  "fitted class that contains the plain log2 n butterfly product fits worse than it by more than "
+                  f"{BLOCK_TOLERANCE}: the fits did not converge)",
+                  ("undecided, fits not converged: " + "; ".join(unconverged) + ". " if unconverged else "")
+                  + "; ".join(parts) + f" (n={n}, {config.block_steps} steps, best of 2 restarts; the plain log2 n "
+                  "butterfly: " + ", ".join(f"{k} {err[k, plain]:.3f}" for k in df.kind.unique()) + ")",
+                  held, figure, kind="paper", table=csv),
             _containment(n, figure)]
 
 
@@ -142,10 +164,10 @@ def _containment(n: int, figure: str) -> Claim:
 def _thm2(out, config) -> list[Claim]:
     n, budget, block = config.n_sweep, config.budget, config.sweep_block
     shares = np.linspace(0, 1, 5)
-    # the intermediate temperatures, where attention is neither nearly sparse nor nearly low-rank
-    # (Scatterbrain, Fig. 1); at t >= 2 low-rank alone is as good as any split (notebook 02 shows it)
-    labels = {"attention (t=0.5, local)": dict(temperature=0.5, locality=1.0),
-              "attention (t=1, local)": dict(temperature=1.0, locality=1.0)}
+    # Thm 2 is an existence statement; the grid runs from nearly sparse (cold, local) to nearly
+    # low-rank (hot) attention, is fixed here before measuring, and is reported whole
+    labels = {f"attention (t={t:g}, {'local' if locality else 'random'})": dict(temperature=t, locality=locality)
+              for locality in (0.0, 1.0) for t in config.thm2_temperatures}
     rows, sweeps, alone, fixed = [], {}, {}, []
     for label, options in labels.items():
         for seed in range(config.sweep_seeds):
@@ -168,26 +190,36 @@ def _thm2(out, config) -> list[Claim]:
         sweep = lowrank_share_sweep(matrix, ["topk+lowrank"], budget, shares)
         parts = {"topk": approximate(matrix, "topk", budget).error, "lowrank": approximate(matrix, "lowrank", budget).error}
         adaptive[label] = (sweep[sweep.share.between(0, 1, "neither")].error.min(), min(parts.values()))
-        rows += [dict(target=label, seed=0, **r) for r in sweep.to_dict("records")]
-        rows += [dict(target=label, seed=0, pattern=f"{k} alone", share=float("nan"), error=e) for k, e in parts.items()]
+        rows += [dict(target=f"{label} (adaptive support)", seed=0, **r) for r in sweep.to_dict("records")]
+        rows += [dict(target=f"{label} (adaptive support)", seed=0, pattern=f"{k} alone", share=float("nan"), error=e)
+                 for k, e in parts.items()]
     csv = save_table(pd.DataFrame(rows), out, "lowrank_share_sweep")
     figure = save_figure(plot_lowrank_share_sweep(sweeps, alone, budget), out, "lowrank_share_sweep")
     fixed = pd.DataFrame(fixed)
     fixed["single"] = fixed[["butterfly", "lowrank"]].min(axis=1)
-    held = bool((fixed.split <= (1 - THM2_MARGIN) * fixed.single).all())
-    return [Claim(f"Pixelfly paper, Thm 2 (Sec. 4): flat block butterfly + low-rank beats the flat block butterfly "
-                  f"alone and low-rank alone at equal budget on attention-like targets, with the fixed support "
-                  f"(block {block}, budget {budget}; held when on every target and seed the best interior split "
-                  f"(low-rank share in (0, 1)) has an error at most {1 - THM2_MARGIN:.2f} x the better single part's)",
-                  "; ".join(f"{r.target} seed {r.seed}: split {r.split:.3f} at share {r.share:.1f} vs butterfly "
-                            f"{r.butterfly:.3f}, low-rank {r.lowrank:.3f}" for r in fixed.itertuples())
+    fixed["wins"] = fixed.split <= (1 - THM2_MARGIN) * fixed.single
+    cells = fixed.groupby("target", sort=False).agg(
+        wins=("wins", "all"), split=("split", "mean"), butterfly=("butterfly", "mean"), lowrank=("lowrank", "mean"),
+        share_min=("share", "min"), share_max=("share", "max"))
+    held = bool(cells.wins.any())
+    grid = f"t in {list(config.thm2_temperatures)} x locality in [0, 1]"
+    return [Claim(f"Pixelfly paper, Thm 2 (Sec. 4): there exist attention-like matrices on which flat block butterfly "
+                  f"+ low-rank beats the flat block butterfly alone and low-rank alone at equal budget, with the fixed "
+                  f"support (block {block}, budget {budget}; targets: softmax(Q K^T / t) on the grid {grid}, all "
+                  f"reported; held when on at least one target of the grid, on every one of the seeds, the best "
+                  f"interior split (low-rank share in (0, 1)) has an error at most {1 - THM2_MARGIN:.2f} x the better "
+                  f"single part's)",
+                  f"won on {int(cells.wins.sum())} of {len(cells)} targets; per target, mean over seeds, split / "
+                  f"butterfly / low-rank (best interior share): "
+                  + "; ".join(f"{t} {'WIN' if r.wins else 'no'} {r.split:.3f} / {r.butterfly:.3f} / {r.lowrank:.3f} "
+                              f"(share {r.share_min:.2f}" + (f"-{r.share_max:.2f})" if r.share_max > r.share_min else ")")
+                              for t, r in cells.iterrows())
                   + f" (n={n}, {config.sweep_seeds} seeds)", held, figure, kind="paper", table=csv),
-            Claim(f"Robust PCA (Candes et al., 2011) / Scatterbrain's oracle (Chen et al., 2021, Sec. 3): with an "
-                  f"adaptive support (top-k + low-rank, the support chosen from the target), the best interior split "
-                  f"beats top-k alone and low-rank alone (held when below the better single part on both targets, "
-                  f"budget {budget})",
+            Claim(f"Robust PCA (Candes et al., 2011) / Scatterbrain's oracle (Chen et al., 2021, Sec. 3), not a "
+                  f"statement of the Pixelfly paper: with an adaptive support (top-k + low-rank, the support chosen "
+                  f"from the target), the best interior split against top-k alone and low-rank alone (budget {budget})",
                   "; ".join(f"{k}: {v[0]:.3f} vs best single part {v[1]:.3f}" for k, v in adaptive.items()) + f" (n={n})",
-                  all(s < single for s, single in adaptive.values()), figure, kind="paper", table=csv)]
+                  None, figure, kind="info", table=csv)]
 
 
 def _thm3(out, config) -> list[Claim]:
@@ -198,21 +230,32 @@ def _thm3(out, config) -> list[Claim]:
     csv = save_table(pd.concat([df.assign(network=label) for label, df in tables.items()]), out, "ntk_change_vs_width")
     figure = save_figure(plot_ntk_change(tables, slopes), out, "ntk_change_vs_width")
     sparse_label = next(iter(tables))
-    sparse = tables[sparse_label]
-    widest = sparse[sparse.width == sparse.width.max()].loss_ratio.max()
+    sparse, dense = tables[sparse_label], tables["dense"]
+    widest = max(config.widths)
+    change = {label: df[df.width == widest].ntk_change.agg(["mean", "std"]).fillna(0.0) for label, df in tables.items()}
+    # slope per seed, for its spread
+    seed_slopes = [loglog_slope(part.width, part.ntk_change) for _, part in sparse.groupby("seed")]
+    held = None  # undecided with one seed
+    if config.ntk_seeds >= 2:
+        held = bool(slopes[sparse_label] <= THM3_SLOPE
+                    and change[sparse_label]["mean"] <= THM3_DENSE_FACTOR * change["dense"]["mean"])
     return [Claim("Pixelfly paper, Thm 3: wide sparse (flat block butterfly) networks train like dense ones under "
-                  "gradient descent: the NTK stays nearly fixed as the width grows and the training loss goes to ~0 "
-                  "(two-hidden-layer ReLU MLP, NTK parametrisation, full-batch GD; held when the log-log slope of "
-                  "the relative NTK change against width is <= -0.25 and the widest network's loss falls below "
-                  "1e-3 of its start)",
-                  f"slope of ||K_T - K_0|| / ||K_0|| against width: sparse {slopes[sparse_label]:.2f}, dense "
-                  f"{slopes['dense']:.2f}; relative change at widths {list(config.widths)}: sparse "
+                  "gradient descent: the NTK stays nearly fixed as the width grows (two-hidden-layer ReLU MLP, NTK "
+                  "parametrisation, full-batch GD; held when the log-log slope against width of the relative NTK "
+                  f"change, mean over seeds, is <= {THM3_SLOPE} (lazy training predicts -0.5) and at the widest network "
+                  f"the sparse change is at most {THM3_DENSE_FACTOR} x the dense one's; undecided with one seed; the "
+                  "training loss is reported, not judged)",
+                  f"slope of ||K_T - K_0|| / ||K_0|| against width: sparse {slopes[sparse_label]:.2f} (per seed "
+                  + ", ".join(f"{v:.2f}" for v in seed_slopes) + f"), dense {slopes['dense']:.2f}; relative change at "
+                  f"widths {list(config.widths)}, mean over seeds: sparse "
                   + ", ".join(f"{v:.3f}" for v in sparse.groupby("width").ntk_change.mean())
-                  + "; dense " + ", ".join(f"{v:.3f}" for v in tables["dense"].groupby("width").ntk_change.mean())
-                  + f"; loss ratio at the widest: sparse {widest:.1e}, dense "
-                  f"{tables['dense'][tables['dense'].width == max(config.widths)].loss_ratio.max():.1e} "
-                  f"({config.ntk_steps} steps, {config.ntk_seeds} seed(s))",
-                  bool(slopes[sparse_label] <= -0.25 and widest < 1e-3), figure, kind="paper", table=csv)]
+                  + "; dense " + ", ".join(f"{v:.3f}" for v in dense.groupby("width").ntk_change.mean())
+                  + f"; at width {widest}: sparse {change[sparse_label]['mean']:.3f}+-{change[sparse_label]['std']:.3f}, "
+                  f"dense {change['dense']['mean']:.3f}+-{change['dense']['std']:.3f}; loss ratio at the widest: sparse "
+                  f"{sparse[sparse.width == widest].loss_ratio.max():.1e}, dense "
+                  f"{dense[dense.width == widest].loss_ratio.max():.1e} ({config.ntk_steps} steps, "
+                  f"{config.ntk_seeds} seed(s))",
+                  held, figure, kind="paper", table=csv)]
 
 
 def _exact(out, config) -> list[Claim]:
