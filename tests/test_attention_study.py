@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -66,3 +67,31 @@ def test_attention_table_separates_oracles_from_estimators():
     assert (local.kept <= 0.25).all() and df[df.role == "oracle"].kept.isna().all()
     assert (df[df.method == "topk"].error.values <= local.error.values + 1e-12).all()
     assert df.top_mass.iloc[0] > df.top_mass.iloc[-1]
+
+
+@pytest.mark.parametrize("pixelfly, spread, seeds, expected", [
+    (0.5, 0.01, 3, True),      # below performer (0.9) and the best sparse (1.7) by far more than the sd
+    (0.85, 0.1, 3, False),     # below performer's mean, but by less than the larger sd
+    (0.5, 0.01, 1, None),      # one seed: no sd, no verdict
+])
+def test_attention_claim_decides_on_means_by_more_than_the_sd(monkeypatch, tmp_path, pixelfly, spread, seeds,
+                                                              expected):
+    from pixelfly_lab.studies import attention as study
+
+    base = {"topk": 0.8, "lowrank (SVD)": 0.6, "topk+lowrank": 0.1, "local": 1.8, "bigbird": 2.0, "butterfly": 1.7,
+            "performer": 0.9, "scatterbrain": 0.7, "pixelfly": pixelfly}
+
+    def fake(n, temperatures, budget, seeds, **_):
+        rows = [dict(temperature=float(t), seed=s, method=m, role="oracle" if m in ATTENTION_ORACLES else "estimator",
+                     family=ATTENTION_METHODS[m], top_mass=0.5, kept=0.25 if m in study.SPARSE_ESTIMATORS else np.nan,
+                     # the worst temperature carries the seed-to-seed spread (sd = spread for 3 seeds)
+                     error=e + (spread * (s - 1) if m == "pixelfly" and t == max(temperatures) else 0.0))
+                for t in temperatures for s in range(seeds) for m, e in base.items()]
+        return pd.DataFrame(rows)
+
+    monkeypatch.setattr(study, "attention_table", fake)
+    config = study.AttentionConfig(n=64, seeds=seeds, temperatures=2, block_size=4)
+    claims = [c for c in study.run(tmp_path, config) if c.kind == "paper"]
+    assert len(claims) == 2 and all(c.held is expected for c in claims)
+    assert all("undecided with one seed" in c.claim and "worse than predicting the zero matrix" in c.claim
+               and "random features" in c.claim for c in claims)

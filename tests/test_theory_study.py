@@ -120,3 +120,25 @@ def test_block_butterfly_claim_is_undecided_when_a_containing_fit_is_worse(monke
     claim = study._block_butterfly(tmp_path, study.TheoryConfig(n_block=16, block_sizes=(4,)))[0]
     assert claim.held is expected and claim.kind == "paper" and "undecided" in claim.claim
     assert claim.measured.startswith("undecided") == (expected is None)
+
+
+@pytest.mark.parametrize("sparse_slope, sparse_scale, seeds, expected", [
+    (-0.5, 1.0, 2, True),      # the predicted slope, the dense network's size
+    (-0.2, 1.0, 2, False),     # shrinks too slowly
+    (-0.5, 2.0, 2, False),     # shrinks, but moves twice as much as dense
+    (-0.5, 1.0, 1, None),      # one seed: undecided
+])
+def test_thm3_claim_needs_the_slope_and_the_dense_comparison(monkeypatch, tmp_path, sparse_slope, sparse_scale, seeds,
+                                                             expected):
+    from pixelfly_lab.studies import theory as study
+
+    def fake(widths, sparse, steps, seeds):
+        slope, scale = (sparse_slope, sparse_scale) if sparse else (-0.5, 1.0)
+        return pd.DataFrame([dict(width=w, seed=s, density=0.2 if sparse else 1.0, loss_ratio=1e-9,
+                                  ntk_change=scale * (w / 64) ** slope * (1 + 0.01 * s))
+                             for w in widths for s in range(seeds)])
+
+    monkeypatch.setattr(study, "ntk_change_vs_width", fake)
+    claim = study._thm3(tmp_path, study.TheoryConfig(widths=(64, 128, 256), ntk_seeds=seeds))[0]
+    assert claim.held is expected and "undecided with one seed" in claim.claim
+    assert f"<= {study.THM3_SLOPE}" in claim.claim and f"{study.THM3_DENSE_FACTOR} x the dense" in claim.claim
