@@ -13,6 +13,8 @@ y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a blo
   output columns run at about half the rate of the block GEMMs on a CPU;
 * rows of x are swept in chunks of :data:`CHUNK_ROWS` so that gathered inputs, output slices and
   gradient slices stay in cache; the backward computes dX and the blocks' gradient in one sweep;
+  with several torch threads the chunks are shared among worker threads that each run torch
+  single-threaded (:func:`_sweep`);
 * when in_features > out_features the plan groups the transposed layout instead (products are
   then added into y's column runs), so that the narrower side is the one gathered;
 * outputs of 32 MB and more reuse retained buffers once nothing references them
@@ -36,7 +38,7 @@ from functools import cached_property
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["Plan", "plan_for", "CHUNK_ROWS", "POOL_MIN_BYTES", "POOL_PER_SIZE", "release_buffers",
+__all__ = ["Plan", "plan_for", "CHUNK_ROWS", "MIN_ROWS_PER_WORKER", "POOL_MIN_BYTES", "POOL_PER_SIZE", "release_buffers",
            "ROUTE_MIN_MACS", "ROUTE_MAX_WEIGHT", "dense_gemm_wins", "sparse_lowrank_forward",
            "sparse_lowrank_backward", "BlockSparseLowRankFunction"]
 
@@ -231,12 +233,59 @@ def release_buffers() -> int:
 CHUNK_ROWS = 512
 
 
-def _chunks(n: int):
+def _chunks(n: int, parts: int = 1):
     """Row slices of at most CHUNK_ROWS, of equal sizes (to within one) so that no chunk is a
-    thin remainder: 1568 rows are 4 x 392, not 3 x 512 + 32."""
-    count = max(1, -(-n // CHUNK_ROWS))
+    thin remainder (1568 rows are 4 x 392, not 3 x 512 + 32); a multiple of ``parts`` of them."""
+    count = -(-max(1, -(-n // CHUNK_ROWS)) // parts) * parts
     bounds = [n * i // count for i in range(count + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+# Rows per worker below which a sweep stays on the calling thread.
+MIN_ROWS_PER_WORKER = 256
+_EXECUTOR: list = []            # one ThreadPoolExecutor, created on first use, grown as needed
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _workers(n_rows: int) -> int:
+    """Threads for a sweep over n_rows: torch's intra-op thread count, with enough rows each."""
+    return max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_WORKER))
+
+
+def _sweep(n_rows: int, body, workers: int) -> None:
+    """body(rows, worker) over the row chunks, on ``workers`` threads (chunk k on worker k % workers).
+
+    With several threads the chunks are shared among Python threads that each run torch
+    single-threaded: the GEMMs release the GIL and overlap. torch's own threading of each small
+    op synchronises its threads hundreds of times per call, and stalls whenever one of them is
+    descheduled: on a loaded 2-core machine two threads ran the grouped path 4-5x slower than
+    one. torch's thread count is 1 while the sweep runs (process-wide) and restored after; the
+    caller's grad and inference modes are carried into the workers.
+    """
+    chunks = _chunks(n_rows, workers)
+    if workers == 1:
+        for rows in chunks:
+            body(rows, 0)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _EXECUTOR_LOCK:
+        if not _EXECUTOR or _EXECUTOR[0]._max_workers < workers:
+            _EXECUTOR[:] = [ThreadPoolExecutor(workers, thread_name_prefix="pixelfly-sweep")]
+        pool = _EXECUTOR[0]
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def work(k):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for rows in chunks[k::workers]:
+                body(rows, k)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for future in [pool.submit(work, k) for k in range(workers)]:
+            future.result()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _times_narrow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -283,7 +332,8 @@ def _scatter(out_rows: torch.Tensor, product: torch.Tensor, runs, write: bool) -
 def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None):
     """out[:, rows_g] = [a[:, runs_g], extra] @ rights[g] (+ bias[rows_g]), chunk by chunk."""
     out = _new_output((a.shape[0], width), a)
-    for rows in _chunks(a.shape[0]):
+
+    def chunk(rows, _):
         a_c, extra_c = a[rows], None if extra is None else extra[rows]
         for g, right in zip(plan.groups, rights):
             target = out[rows, g.r0:g.r1]
@@ -293,6 +343,7 @@ def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None):
                 torch.mm(_gather(a_c, g.runs, extra_c), right, out=target)
             else:
                 torch.addmm(bias[g.r0:g.r1], _gather(a_c, g.runs, extra_c), right, out=target)
+    _sweep(a.shape[0], chunk, _workers(a.shape[0]))
     return out
 
 
@@ -300,10 +351,12 @@ def _scatter_forward(a, plan: Plan, rights, width: int, init=None):
     """out[:, runs_g] += a[:, rows_g] @ rights[g] onto ``init`` (else zeros), chunk by chunk."""
     write = init is None and plan.covers_once          # every column written exactly once
     out = init if init is not None else _new_output((a.shape[0], width), a, zero=not write)
-    for rows in _chunks(a.shape[0]):
+
+    def chunk(rows, _):
         for g, right in zip(plan.groups, rights):
             if right is not None:
                 _scatter(out[rows], a[rows, g.r0:g.r1] @ right, g.runs, write)
+    _sweep(a.shape[0], chunk, _workers(a.shape[0]))
     return out
 
 
@@ -323,6 +376,16 @@ def _grad_accumulators(plan: Plan, like: torch.Tensor, extra_cols: int):
     Transposed because (gathered side)^T @ (row side) ran ~15% faster than (row side)^T @
     (gathered side) in MKL's sgemm on an AVX-512 CPU, the row side being a strided slice."""
     return [like.new_zeros(g.width + extra_cols, g.r1 - g.r0) for g in plan.groups]
+
+
+def _summed(accs):
+    """The first worker's accumulators with the others' added in (None stays None)."""
+    if accs is None:
+        return None
+    for other in accs[1:]:
+        for total, part in zip(accs[0], other):
+            total.add_(part)
+    return accs[0]
 
 
 def _unpack_grads(plan: Plan, values, grads, extra_cols: int):
@@ -419,8 +482,12 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
         lowrank_cols = 0 if gz is None else gz.shape[1]
         rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
         grad_x = _new_output(tuple(x2.shape), gy) if need_x else None
-        grads = _grad_accumulators(plan, gy, lowrank_cols) if need_values or need_v else None
-        for rows in _chunks(gy.shape[0]):
+        workers = _workers(gy.shape[0])
+        # one set of accumulators per worker, summed after the sweep
+        accs = [_grad_accumulators(plan, gy, lowrank_cols) for _ in range(workers)] \
+            if need_values or need_v else None
+
+        def chunk(rows, k):
             gy_c, gz_c = gy[rows], None if gz is None else gz[rows]
             for i, g in enumerate(plan.groups):
                 left = _gather(gy_c, g.runs, gz_c) if g.runs or gz_c is not None else None
@@ -429,8 +496,10 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
                         grad_x[rows, g.r0:g.r1] = 0
                     else:
                         torch.mm(left, rights[i], out=grad_x[rows, g.r0:g.r1])
-                if grads is not None and left is not None:
-                    grads[i].addmm_(left.T, x2[rows, g.r0:g.r1])
+                if accs is not None and left is not None:
+                    accs[k][i].addmm_(left.T, x2[rows, g.r0:g.r1])
+        _sweep(gy.shape[0], chunk, workers)
+        grads = _summed(accs)
         if grads is not None:
             grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
             grad_v = grad_v if need_v else None
@@ -447,8 +516,11 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
         if fold_bias:
             z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
         extra_cols = z.shape[1] if z is not None and (need_u or fold_bias) else 0
-        grads = _grad_accumulators(plan, gy, extra_cols) if need_values or extra_cols else None
-        for rows in _chunks(gy.shape[0]):
+        workers = _workers(gy.shape[0])
+        accs = [_grad_accumulators(plan, gy, extra_cols) for _ in range(workers)] \
+            if need_values or extra_cols else None
+
+        def chunk(rows, k):
             x_c, z_c = x2[rows], None if z is None else z[rows]
             for i, g in enumerate(plan.groups):
                 gy_g = gy[rows, g.r0:g.r1]
@@ -457,10 +529,12 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
                     used = _scatter(grad_x[rows], product, g.runs, write) if need_x else g.width
                     if lowrank:
                         gz[rows] += product[:, used:]
-                if grads is not None and (g.runs or extra_cols):
-                    grads[i].addmm_(_gather(x_c, g.runs, z_c if extra_cols else None).T, gy_g)
+                if accs is not None and (g.runs or extra_cols):
+                    accs[k][i].addmm_(_gather(x_c, g.runs, z_c if extra_cols else None).T, gy_g)
             if need_x and lowrank:   # gz of this chunk is complete; its rows of dX are in cache
                 grad_x[rows].addmm_(gz[rows], v.T)
+        _sweep(gy.shape[0], chunk, workers)
+        grads = _summed(accs)
         if grads is not None:
             grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
             if extra_cols:   # columns: U's gradient, then (folded) the bias's; copied apart, as

@@ -159,3 +159,32 @@ def test_gradients_share_no_storage(name, dense_route, monkeypatch):
                                                   (True,) * 5, True)
     storages = [t.untyped_storage().data_ptr() for t in (*grads, *[o for o in ops if o is not None], y)]
     assert len(set(storages)) == len(storages)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True)])
+def test_sweeps_shared_among_worker_threads_match_reference(name, rank, bias, monkeypatch):
+    monkeypatch.setattr(torch_kernels, "CHUNK_ROWS", 2)            # 7 rows: several chunks per worker
+    monkeypatch.setattr(torch_kernels, "MIN_ROWS_PER_WORKER", 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert torch_kernels._workers(7) == 3
+        test_plain_forward_and_backward_match_reference(name, rank, bias)
+        assert torch.get_num_threads() == 3                            # restored after each sweep
+        layout, b = LAYOUTS[name]
+        ops = _operands(layout, b, rank, bias)
+        plan = torch_kernels.plan_for(layout, b)
+        with torch.inference_mode():                                   # the caller's mode reaches the workers
+            y, _ = torch_kernels.sparse_lowrank_forward(*ops, plan, layout.shape[0] * b)
+        assert y.is_inference()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_chunks_are_equal_and_a_multiple_of_the_workers():
+    sizes = [s.stop - s.start for s in torch_kernels._chunks(1568)]
+    assert sizes == [392] * 4
+    parts = torch_kernels._chunks(1000, 3)
+    assert len(parts) % 3 == 0 and parts[0].start == 0 and parts[-1].stop == 1000
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
