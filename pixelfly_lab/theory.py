@@ -169,8 +169,12 @@ def plot_lowrank_share_sweep(sweeps: dict, alone: dict, budget: float):
     errors of single parts alone ({label: {name: error}}) as dashed lines."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
-    for ax, (label, df) in zip(axes[0], sweeps.items()):
+    ncols = min(3, len(sweeps))     # a grid of targets wraps into rows of 3
+    nrows = -(-len(sweeps) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(sweeps):]:
+        ax.set_visible(False)
+    for ax, (label, df) in zip(axes.flat, sweeps.items()):
         for i, (name, part) in enumerate(df.groupby("pattern", sort=False)):
             ax.plot(part.share, part.error, "o-", color=f"C{i}", label=f"{name} (split swept)")
         for j, (name, error) in enumerate(alone[label].items()):

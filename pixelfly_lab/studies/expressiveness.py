@@ -103,10 +103,10 @@ def run(out: Path, config: ExpressivenessConfig = QUICK, *, device: str = "cpu")
         share = f"{shares.loc[kind, 'min']:.2f}" + (f"-{shares.loc[kind, 'max']:.2f}"
                                                     if shares.loc[kind, "max"] > shares.loc[kind, "min"] else "")
         claims.append(Claim(
-            f"Pixelfly paper, Sec. 1 and 4: at equal budget, flat block butterfly + low-rank (pixelfly: the best split "
-            f"of the budget, as approximate() searches it) approximates the matrices networks need better than the "
-            f"flat block butterfly alone and low-rank alone -- target '{kind}' (one claim per target of "
-            f"{', '.join(NETWORK_KINDS)}). The search includes both parts, so pixelfly is never worse by construction; "
+            f"Pixelfly paper, Sec. 1 and 4, target '{kind}' (one claim per target of {', '.join(NETWORK_KINDS)}): at "
+            f"equal budget, flat block butterfly + low-rank (pixelfly: the best split of the budget, as approximate() "
+            f"searches it) approximates the matrices networks need better than the flat block butterfly alone and "
+            f"low-rank alone. The search includes both parts, so pixelfly is never worse by construction; "
             f"held when pixelfly's relative error, mean over budgets and seeds, is at most {1 - PIXELFLY_MARGIN:.2f} x "
             f"the better part's",
             f"mean +- sd over seeds (n={n}, block {config.block_size}, budgets {budgets}, {seeds} seed(s)): pixelfly "
