@@ -65,11 +65,12 @@ __all__ = ["METHODS", "DISTANCE_METRICS", "SCALE_FREE_METRICS", "empirical_ntk",
            "seed_spread", "spectra"]
 
 METHODS = ("auto", "loop", "jacobian", "ntvp", "structured")
-DISTANCE_METRICS = ("relative_frobenius", "relative_frobenius_normalized", "alignment", "cka")
+DISTANCE_METRICS = ("relative_frobenius", "relative_frobenius_normalized", "relative_frobenius_centered",
+                    "alignment", "cka")
 # The metrics that ignore each kernel's scale: a claim about kernel *shape* uses one of these.
-SCALE_FREE_METRICS = ("relative_frobenius_normalized", "alignment", "cka")
+SCALE_FREE_METRICS = ("relative_frobenius_normalized", "relative_frobenius_centered", "alignment", "cka")
 # Metrics that measure k1 against the reference k2 (swapping them changes the value).
-_ASYMMETRIC_METRICS = ("relative_frobenius", "relative_frobenius_normalized")
+_ASYMMETRIC_METRICS = ("relative_frobenius", "relative_frobenius_normalized", "relative_frobenius_centered")
 # Transient copies per budgeted element (jacrev's intermediates beside its output).
 _OVERHEAD = 2
 
@@ -411,6 +412,11 @@ def _as_matrix(k: torch.Tensor) -> torch.Tensor:
     return k.permute(0, 2, 1, 3).reshape(n1 * o1, n2 * o2)
 
 
+def _centred(m: torch.Tensor) -> torch.Tensor:
+    """H M H with H = I - 1 1^T / N: M less its row and column means, plus its grand mean."""
+    return m - m.mean(0, keepdim=True) - m.mean(1, keepdim=True) + m.mean()
+
+
 def kernel_distance(k1: torch.Tensor, k2: torch.Tensor, metric: str = "relative_frobenius") -> float:
     """Distance between two kernels on the same examples (k2 is the reference, e.g. dense).
 
@@ -423,7 +429,12 @@ def kernel_distance(k1: torch.Tensor, k2: torch.Tensor, metric: str = "relative_
               (a sparse model's trace) reads as far. Asymmetric (K2 is the reference).
             * 'relative_frobenius_normalized': the same for the trace-normalised kernels
               K / tr K (square kernels only). Scale-free: invariant to scaling either kernel by a
-              positive factor. Asymmetric.
+              positive factor. Asymmetric. An NTK at initialisation often has a large constant
+              (mean) part, which then dominates this distance.
+            * 'relative_frobenius_centered': the same for the centred, trace-normalised kernels
+              H K H / tr(H K H), H = I - 1 1^T / N (square kernels only). Scale-free and blind to
+              a constant added to a kernel (H 1 = 0), so it compares the part of the kernel that
+              tells examples apart. Asymmetric.
             * 'alignment': 1 - <K1, K2>_F / (||K1||_F ||K2||_F), one minus the cosine between the
               kernels. Scale-free (either kernel, positive factor), symmetric.
             * 'cka': the alignment of the centred kernels H K H, H = I - 1 1^T / N (square
@@ -447,9 +458,11 @@ def kernel_distance(k1: torch.Tensor, k2: torch.Tensor, metric: str = "relative_
     if metric not in DISTANCE_METRICS:
         raise ValueError(f"metric must be one of {', '.join(DISTANCE_METRICS)}; got {metric!r}")
     m1, m2 = (_as_matrix(k) for k in _check_kernels(k1, k2))
-    if metric == "relative_frobenius_normalized":
+    if metric in ("relative_frobenius_normalized", "relative_frobenius_centered"):
         if m1.shape[0] != m1.shape[1]:
             raise ValueError(f"metric={metric!r} needs square kernels K(x, x), got k1 of shape {tuple(k1.shape)}")
+        if metric == "relative_frobenius_centered":
+            m1, m2 = (_centred(m) for m in (m1, m2))
         traces = (m1.trace(), m2.trace())
         if any(t <= 0 for t in traces):
             raise ValueError(f"metric={metric!r} needs kernels with a positive trace, got traces "
@@ -463,7 +476,7 @@ def kernel_distance(k1: torch.Tensor, k2: torch.Tensor, metric: str = "relative_
     if metric == "cka":
         if m1.shape[0] != m1.shape[1]:
             raise ValueError(f"metric='cka' needs square kernels K(x, x), got k1 of shape {tuple(k1.shape)}")
-        m1, m2 = (m - m.mean(0, keepdim=True) - m.mean(1, keepdim=True) + m.mean() for m in (m1, m2))
+        m1, m2 = (_centred(m) for m in (m1, m2))
     norms = torch.linalg.matrix_norm(m1) * torch.linalg.matrix_norm(m2)
     if norms == 0:
         raise ValueError(f"k1 or k2 is zero{' after centring' if metric == 'cka' else ''}; "
@@ -498,7 +511,7 @@ def seed_spread(model_factory, x: torch.Tensor, seeds=(0, 1, 2), metrics=DISTANC
     Example:
         >>> factory = lambda s: (torch.manual_seed(s), nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)))[1]
         >>> seed_spread(factory, torch.randn(6, 3))['metric'].tolist()
-        ['relative_frobenius', 'relative_frobenius_normalized', 'alignment', 'cka']
+        ['relative_frobenius', 'relative_frobenius_normalized', 'relative_frobenius_centered', 'alignment', 'cka']
     """
     if not callable(model_factory):
         raise TypeError(f"model_factory must be a callable seed -> nn.Module, got {type(model_factory).__name__}")

@@ -10,9 +10,14 @@ Here, for each model family (MLP, small MLP-Mixer on the MNIST-1D-style task of
 empirical NTK at initialisation (:func:`pixelfly_lab.ntk.empirical_ntk`, on held-out examples)
 is compared with the kernels of dense models of other seeds (the references), by
 
-* ``relative_frobenius_normalized``  ||K/tr K - K_r/tr K_r||_F / ||K_r/tr K_r||_F (the kernel's
-  shape: invariant to its scale),
+* ``relative_frobenius_centered``  ||C/tr C - C_r/tr C_r||_F / ||C_r/tr C_r||_F with C = H K H,
+  H = I - 1 1^T / N the centring matrix (the headline: invariant to the kernel's scale and to a
+  constant added to it),
 * ``cka``                   1 - centred kernel alignment (invariant to scale; Kornblith et al. 2019),
+* ``relative_frobenius_normalized``  the same as the first without centring: at initialisation
+  the kernel's constant (mean) part is a large share of ||K||_F (``constant_share``), which this
+  distance then mostly measures (kept as a reading, beside that share and ``top_share``, the
+  largest eigenvalue's share of the trace),
 * ``relative_frobenius``    ||K - K_r||_F / ||K_r||_F, which mixes shape with size: a kernel half
   as large as dense's is at distance >= 0.5 whatever its shape, so this one is read beside the
   ``trace_ratio`` tr K / tr K_r,
@@ -20,8 +25,10 @@ is compared with the kernels of dense models of other seeds (the references), by
 each averaged over the references. The yardstick is the dense seed-to-seed spread: the same
 distances between pairs of reference kernels (:func:`pixelfly_lab.ntk.seed_spread`: mean and
 standard deviation over pairs, both orders for the asymmetric Frobenius distances).
-Every model is then trained (:func:`pixelfly_lab.train.train`, a fixed epoch budget) and its test
-accuracy recorded, for the distance-accuracy correlation.
+Every model is then trained (:func:`pixelfly_lab.train.train`, a fixed epoch budget, on data
+generated with one fixed seed: the seeds vary the initialisation only) and its test accuracy on
+``n_test`` held-out examples recorded, for the distance-accuracy correlation; dense is also trained
+for twice the epochs, to check that the budget lets it converge.
 
 :mod:`pixelfly_lab.studies.ntk` composes this into the ``reproduce`` study 'ntk' (figures and claims).
 """
@@ -44,9 +51,10 @@ __all__ = ["STUDY_PATTERNS", "STUDY_METRICS", "SCALE_FREE_METRICS", "NTKStudyCon
 
 STUDY_PATTERNS = ("dense", "lowrank", "random", "local", "bigbird", "butterfly", "monarch", "pixelfly",
                   "pixelfly-gated")
-# the headline distances ignore the kernel's scale; relative_frobenius is kept for reading beside the trace
-SCALE_FREE_METRICS = ("relative_frobenius_normalized", "cka")  # alignment is close to CKA here
-STUDY_METRICS = SCALE_FREE_METRICS + ("relative_frobenius",)
+# the headline distances ignore the kernel's scale and its constant part; the uncentred ones are kept
+# as readings (the trace-normalised one beside the top eigenvalue's share, the raw one beside the trace)
+SCALE_FREE_METRICS = ("relative_frobenius_centered", "cka")  # alignment is close to CKA here
+STUDY_METRICS = SCALE_FREE_METRICS + ("relative_frobenius_normalized", "relative_frobenius")
 
 
 @dataclass(frozen=True)
@@ -69,13 +77,17 @@ class NTKStudyConfig:
     # training for the distance-accuracy correlation: an epoch budget at which dense has converged
     # (its test accuracy flat over the last epochs: see the study's 'dense converged' reading)
     n_train: int | None = None      # None: the whole training split (4000 examples)
+    # test examples for the accuracies: 10000 puts the sampling sd of an accuracy near 50% at
+    # 0.5 points (1000 gave 1.6, as large as the differences between patterns); generated, so free
+    n_test: int = 10_000
+    data_seed: int = 0              # the data's seed, fixed: the seeds vary the initialisation only
     epochs: int = 30
     batch_size: int = 64
     lr: float = 3e-3                # the training lab's learning rate for the tiny presets
     device: str = "cpu"
 
 
-# About a minute on a 2-core CPU: the MLP only, kernels on 64 examples, 1000 training examples.
+# About a minute and a half on a 2-core CPU: the MLP only, kernels on 64 examples, 1000 training examples.
 QUICK = NTKStudyConfig(families=("mlp",), n_kernel=64, n_train=1000, epochs=15)
 
 
@@ -84,9 +96,9 @@ def kernel_distances(kernel: torch.Tensor, reference: torch.Tensor) -> dict:
 
     Example:
         >>> k = torch.eye(4, dtype=torch.float64) + 0.1
-        >>> d = kernel_distances(3 * k, k)
-        >>> round(d["relative_frobenius_normalized"], 9), round(d["relative_frobenius"], 9)
-        (0.0, 2.0)
+        >>> d = kernel_distances(3 * k + 1, k)
+        >>> round(d["relative_frobenius_centered"], 9), round(d["cka"], 9)
+        (0.0, 0.0)
     """
     return {metric: kernel_distance(kernel, reference, metric) for metric in STUDY_METRICS}
 
@@ -102,13 +114,16 @@ def _check_config(cfg: NTKStudyConfig) -> None:
                          "of a reference's own seed is at distance 0")
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.n_test < cfg.n_kernel:
+        raise ValueError(f"n_test ({cfg.n_test}) must be at least n_kernel ({cfg.n_kernel}): the probe is test data")
 
 
 def _data_options(cfg: NTKStudyConfig) -> dict:
-    """Generate only the examples used: n_train for training, the probe from a test split of n_kernel or more."""
-    if cfg.data not in ("mnist1d", "listops", "teacher") or cfg.n_train is None:
-        return {}
-    return {"n_train": cfg.n_train, "n_test": max(cfg.n_kernel, 1000)}
+    """The data's fixed seed; for generated sets n_train training and n_test test examples (the probe among them)."""
+    if cfg.data not in ("mnist1d", "listops", "teacher"):
+        return {"seed": cfg.data_seed}
+    sizes = {"n_test": cfg.n_test} if cfg.n_train is None else {"n_train": cfg.n_train, "n_test": cfg.n_test}
+    return {"seed": cfg.data_seed, **sizes}
 
 
 def _model(family: str, label: str, seed: int, data, cfg: NTKStudyConfig):
@@ -127,13 +142,15 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
 
     Returns:
         DataFrame, one row per (family, pattern, seed): params, density, kernel_trace, trace_ratio
-        (tr K / mean tr K_ref), the mean distance to the reference kernels for each of
+        (tr K / mean tr K_ref), top_share (largest eigenvalue / tr K), constant_share
+        (|mean K| N / ||K||_F: the constant part's share of the norm), the mean distance to the reference kernels for each of
         :data:`STUDY_METRICS`, and test_accuracy, test_loss after ``epochs`` of training.
         ``frame.attrs['spread']``: the dense seed-to-seed spread (family, metric, mean, sd, pairs);
         ``frame.attrs['history']``: the training histories (family, pattern, seed, event, step,
         epoch, train_loss, test_accuracy, ...); ``frame.attrs['spectra']``: the eigenvalue spectra
         at initialisation (family, pattern, seed, index, eigenvalue, normalized);
-        ``frame.attrs['config']``: the config used.
+        ``frame.attrs['convergence']``: dense's test accuracy per seed after ``epochs`` and after
+        2 ``epochs`` (family, seed, accuracy_e, accuracy_2e); ``frame.attrs['config']``: the config used.
 
     Example:
         >>> frame = ntk_study(QUICK, patterns=("dense", "lowrank", "pixelfly"))   # doctest: +SKIP
@@ -143,12 +160,12 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
 
     cfg = replace(config or NTKStudyConfig(), **overrides)
     _check_config(cfg)
-    probe_data = load_data(cfg.data, seed=0, **_data_options(cfg))
+    probe_data = load_data(cfg.data, **_data_options(cfg))
     probe = probe_data.x_test[:cfg.n_kernel].to(cfg.device)
     jobs = [(f, p, s) for f in cfg.families for p in cfg.patterns for s in cfg.seeds]
     bar = tqdm(total=len(cfg.families) * len(cfg.reference_seeds) + 2 * len(jobs), desc="NTK study", unit="model",
                disable=not progress)
-    rows, spreads, spectrum_frames, histories = [], [], [], []
+    rows, spreads, spectrum_frames, histories, convergence = [], [], [], [], []
     for family in cfg.families:
         references = []
         for seed in cfg.reference_seeds:
@@ -164,17 +181,27 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
             kernel = empirical_ntk(model, probe, progress=False).cpu()
             distances = pd.DataFrame([kernel_distances(kernel, r) for r in references]).mean()
             trace = float(kernel.double().trace())
+            top = float(torch.linalg.eigvalsh(kernel.double())[-1])
+            # ||mean(K) 1 1^T||_F / ||K||_F: how much of the kernel's norm is its constant part
+            constant = float(kernel.double().mean().abs() * len(kernel) / torch.linalg.matrix_norm(kernel.double()))
             rows.append(dict(family=family, pattern=label, seed=seed, params=count_params(model),
                              density=count_params(model) / model.dense_params, kernel_trace=trace,
-                             trace_ratio=trace / ref_trace, **distances.to_dict()))
+                             trace_ratio=trace / ref_trace, top_share=top / trace, constant_share=constant,
+                             **distances.to_dict()))
             spectrum_frames.append(spectra(kernel).drop(columns="name").assign(family=family, pattern=label, seed=seed))
             bar.update()
         # trained exactly as built above: train() builds the same model from the same seed and options
-        runs = compare_patterns(cfg.patterns, cfg.seeds, model=family, data=cfg.data, size=cfg.size,
-                                budget=cfg.budget, block_size=cfg.block_size, epochs=cfg.epochs,
-                                batch_size=cfg.batch_size, lr=cfg.lr, data_options=_data_options(cfg),
-                                device=cfg.device, track_rank=False, progress=False)
+        train = dict(model=family, data=cfg.data, size=cfg.size, budget=cfg.budget, block_size=cfg.block_size,
+                     batch_size=cfg.batch_size, lr=cfg.lr, data_options=_data_options(cfg), device=cfg.device,
+                     track_rank=False, progress=False)
+        runs = compare_patterns(cfg.patterns, cfg.seeds, epochs=cfg.epochs, **train)
         bar.update(len(cfg.patterns) * len(cfg.seeds))
+        # the convergence check: dense again for twice the epochs (its own cosine schedule, so a run
+        # whose curve flattens only because its learning rate decays shows a gain here)
+        longer = compare_patterns(("dense",), cfg.seeds, epochs=2 * cfg.epochs, **train).summary
+        short = runs.summary[runs.summary.pattern == "dense"].set_index("seed").test_accuracy
+        convergence += [dict(family=family, seed=int(r.seed), accuracy_e=float(short.get(r.seed, float("nan"))),
+                             accuracy_2e=float(r.test_accuracy)) for r in longer.itertuples()]
         trained = runs.summary[["pattern", "seed", "test_accuracy", "test_loss"]]
         for row in rows:
             if row["family"] == family:
@@ -187,6 +214,7 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
     frame.attrs["history"] = pd.concat(histories, ignore_index=True)
     frame.attrs["spectra"] = pd.concat(spectrum_frames, ignore_index=True)[
         ["family", "pattern", "seed", "index", "eigenvalue", "normalized"]]
+    frame.attrs["convergence"] = pd.DataFrame(convergence, columns=["family", "seed", "accuracy_e", "accuracy_2e"])
     frame.attrs["config"] = asdict(cfg)
     return frame
 
@@ -246,11 +274,12 @@ def _panels(families, width=5.0, height=3.6):
 
 
 def _label(metric: str) -> str:
-    return {"relative_frobenius_normalized": "rel. Frobenius of trace-normalised kernels", "cka": "1 - CKA",
+    return {"relative_frobenius_centered": "rel. Frobenius of centred, trace-normalised kernels",
+            "relative_frobenius_normalized": "rel. Frobenius of trace-normalised kernels", "cka": "1 - CKA",
             "relative_frobenius": "relative Frobenius (raw)"}.get(metric, metric.replace("_", " "))
 
 
-def plot_distance_at_init(frame: pd.DataFrame, metric: str = "relative_frobenius_normalized"):
+def plot_distance_at_init(frame: pd.DataFrame, metric: str = "relative_frobenius_centered"):
     """Bar per pattern: the distance at initialisation (mean and sd over seeds), with the dense
     seed-to-seed spread (mean +- sd of ``frame.attrs['spread']``) as a grey band, per family."""
     families = list(frame.family.unique())
@@ -273,7 +302,7 @@ def plot_distance_at_init(frame: pd.DataFrame, metric: str = "relative_frobenius
     return fig
 
 
-def plot_distance_vs_accuracy(frame: pd.DataFrame, metric: str = "relative_frobenius_normalized"):
+def plot_distance_vs_accuracy(frame: pd.DataFrame, metric: str = "relative_frobenius_centered"):
     """The paper's picture without dense: NTK distance at init against test accuracy after training,
     one point per sparse pattern (mean over seeds, bars one sd)."""
     families = list(frame.family.unique())

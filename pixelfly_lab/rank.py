@@ -20,8 +20,13 @@ import fnmatch
 import torch
 from torch import nn
 
-__all__ = ["singular_values", "effective_rank", "stable_rank", "layer_weights", "weight_ranks",
+__all__ = ["singular_values", "effective_rank", "stable_rank", "layer_weights", "gated_layers", "weight_ranks",
            "weight_spectra", "plot_spectra"]
+
+
+def _gated(module: nn.Module) -> bool:
+    """A gated Pixelfly layer: (1 - g(x)) S x + g(x) U V^T x has no single weight matrix."""
+    return getattr(module, "gate", None) is not None
 
 
 def _layer_weight(module: nn.Module) -> torch.Tensor | None:
@@ -42,19 +47,29 @@ def layer_weights(model: nn.Module, include=("*",)) -> dict[str, torch.Tensor]:
 
     Returns:
         {module name: (out_features, in_features) float64 tensor}; a structured layer counts once,
-        as a whole, not also through its parts.
+        as a whole, not also through its parts. A gated Pixelfly layer (``gating=True``) has no
+        weight matrix (its mix of S and U V^T depends on the input): it and its parts are skipped
+        (:func:`gated_layers` names them).
     """
     model = getattr(model, "module", model)
-    weights = {}
+    weights, skipped = {}, gated_layers(model)
     for name, module in model.named_modules():
         if any(name.startswith(f"{taken}.") for taken in weights):
             continue  # a part of a layer already taken whole (PixelflyLinear's sparse and low-rank terms)
+        if any(name == gated or name.startswith(f"{gated}.") for gated in skipped):
+            continue  # no dense weight to take (see the docstring)
         if name and any(fnmatch.fnmatchcase(name, p) for p in include):
             with torch.no_grad():
                 weight = _layer_weight(module)
             if weight is not None:
                 weights[name] = weight.detach().to("cpu", torch.float64)
     return weights
+
+
+def gated_layers(model: nn.Module) -> list[str]:
+    """Names of the model's gated Pixelfly layers, which :func:`layer_weights` skips (no weight matrix)."""
+    model = getattr(model, "module", model)
+    return [name for name, module in model.named_modules() if _gated(module)]
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
@@ -102,7 +117,8 @@ def weight_ranks(model: nn.Module, include=("*",)):
     """Effective and stable rank of each linear layer's weight.
 
     Returns:
-        DataFrame with columns layer, out_features, in_features, effective_rank, stable_rank.
+        DataFrame with columns layer, out_features, in_features, effective_rank, stable_rank; gated
+        Pixelfly layers have no weight matrix and no row (``df.attrs['skipped']`` names them).
     """
     import pandas as pd
 
@@ -111,7 +127,9 @@ def weight_ranks(model: nn.Module, include=("*",)):
         s = singular_values(weight)
         rows.append({"layer": name, "out_features": weight.shape[0], "in_features": weight.shape[1],
                      "effective_rank": effective_rank(s), "stable_rank": stable_rank(s)})
-    return pd.DataFrame(rows, columns=["layer", "out_features", "in_features", "effective_rank", "stable_rank"])
+    frame = pd.DataFrame(rows, columns=["layer", "out_features", "in_features", "effective_rank", "stable_rank"])
+    frame.attrs["skipped"] = [n for n in gated_layers(model) if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    return frame
 
 
 def weight_spectra(model: nn.Module, include=("*",)):

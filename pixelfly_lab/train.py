@@ -95,7 +95,8 @@ class TrainConfig:
     min_lr: float = 0.1           # the cosine ends at min_lr * lr
     grad_clip: float = 1.0        # max global gradient norm (0 = no clipping)
     # --- the run
-    seed: int = 0                 # seeds the weights, the data generators and the example order
+    seed: int = 0                 # seeds the weights, the example order and (unless data_options has
+    #                               its own "seed") the data generators
     device: str = "auto"          # 'auto' (CUDA when available), 'cpu' or 'cuda'
     amp: bool = True              # bf16 autocast on CUDA (no effect on CPU, where fp32 is as fast)
     out: str = "runs/train"       # output folder (history.csv, ranks.csv, summary.json, checkpoint.pt)
@@ -325,8 +326,9 @@ def _load_data(config: TrainConfig):
         options["context"] = config.context
     if config.data == "cifar10":
         options["root"] = config.data_dir
-    return load_data(config.data, seed=config.seed, max_train=config.max_train, max_test=config.max_test,
-                     **options)
+    # data_options={"seed": s} holds the data fixed while `seed` varies the initialisation (the studies' seeds)
+    options.setdefault("seed", config.seed)
+    return load_data(config.data, max_train=config.max_train, max_test=config.max_test, **options)
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:

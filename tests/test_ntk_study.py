@@ -10,7 +10,7 @@ from pixelfly_lab.ntk import empirical_ntk, kernel_distance
 from pixelfly_lab.ntk_study import STUDY_METRICS, NTKStudyConfig, kernel_distances, ntk_study
 
 TINY = NTKStudyConfig(families=("mlp",), patterns=("dense", "pixelfly"), seeds=(0,), reference_seeds=(5, 6),
-                      n_kernel=6, n_train=64, epochs=1)
+                      n_kernel=6, n_train=64, n_test=1000, epochs=1)
 
 
 @pytest.mark.parametrize("scale", [0.25, 3.0])
@@ -20,6 +20,8 @@ def test_scale_free_distances_ignore_the_kernels_size(scale):
     k = a @ a.T
     d = kernel_distances(scale * k, k)
     assert d["relative_frobenius_normalized"] == pytest.approx(0, abs=1e-12)
+    assert d["relative_frobenius_centered"] == pytest.approx(0, abs=1e-12)
+    assert kernel_distances(scale * k + 5.0, k)["relative_frobenius_centered"] == pytest.approx(0, abs=1e-12)
     assert d["cka"] == pytest.approx(0, abs=1e-12)
     assert d["relative_frobenius"] == pytest.approx(abs(scale - 1))  # the raw one measures the size
     b = torch.randn(8, 5, dtype=torch.float64)
@@ -53,6 +55,14 @@ def test_study_spread_and_distances_match_kernels_built_by_hand():
                                                                                      rel=1e-5)
     assert frame.test_accuracy.between(0, 1).all() and (frame.density[frame.pattern == "pixelfly"] < 1).all()
     assert set(frame.attrs["history"].pattern) == {"dense", "pixelfly"}
+    top = float(torch.linalg.eigvalsh(p0.double())[-1] / p0.double().trace())
+    assert frame.set_index("pattern").loc["pixelfly", "top_share"] == pytest.approx(top, rel=1e-5)
+    constant = float(p0.double().sum() / len(p0) / torch.linalg.matrix_norm(p0.double()))
+    assert frame.set_index("pattern").loc["pixelfly", "constant_share"] == pytest.approx(abs(constant), rel=1e-5)
+    conv = frame.attrs["convergence"]
+    assert list(conv.seed) == [0] and conv.accuracy_e.iloc[0] == pytest.approx(
+        float(frame.set_index("pattern").loc["dense", "test_accuracy"]))
+    assert 0 <= conv.accuracy_2e.iloc[0] <= 1
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -60,31 +70,36 @@ def test_study_spread_and_distances_match_kernels_built_by_hand():
     ({"reference_seeds": (5,)}, "at least 2"),
     ({"reference_seeds": (0, 5)}, "must differ"),
     ({"epochs": 0}, "epochs"),
+    ({"n_test": 4}, "n_test"),
 ])
 def test_study_rejects_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
         ntk_study(TINY, progress=False, **overrides)
 
 
-def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001):
-    """A study frame with given means per pattern (seeds spread by +- jitter around them)."""
+def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001, gain=0.001):
+    """A study frame with given means per pattern; seeds spread by +- jitter, the sign alternating
+    between patterns (so that paired differences have an sd of about 2 jitter); dense gains
+    ``gain`` accuracy from E to 2E epochs."""
     rows = []
-    for pattern, d in distances.items():
+    for k, (pattern, d) in enumerate(distances.items()):
         for i, seed in enumerate(seeds):
-            offset = (i - (len(seeds) - 1) / 2) * jitter
+            offset = (i - (len(seeds) - 1) / 2) * jitter * (-1) ** k
             rows.append(dict(family="mlp", pattern=pattern, seed=seed, relative_frobenius_normalized=d + offset,
-                             cka=d + offset, relative_frobenius=d, trace_ratio=1.0,
-                             test_accuracy=accuracies[pattern]))
+                             relative_frobenius_centered=d + offset, cka=d + offset, relative_frobenius=d,
+                             trace_ratio=1.0, top_share=0.8, constant_share=0.7, test_accuracy=accuracies[pattern]))
     frame = pd.DataFrame(rows)
     frame.attrs["spread"] = pd.DataFrame([dict(family="mlp", metric=m, mean=0.1, sd=0.01, pairs=6)
                                           for m in STUDY_METRICS])
+    frame.attrs["convergence"] = pd.DataFrame([dict(family="mlp", seed=s, accuracy_e=0.5, accuracy_2e=0.5 + gain)
+                                               for s in seeds])
     return frame
 
 
 def test_correlation_claim_rule():
     from pixelfly_lab.studies.ntk import _correlation_claim
 
-    metric = "relative_frobenius_normalized"
+    metric = "relative_frobenius_centered"
     acc = {"dense": 0.9, "a": 0.8, "b": 0.7, "c": 0.6, "pixelfly": 0.5}
     # dense is excluded: the four sparse patterns are perfectly anti-correlated, exact p = 1/4! = 0.042
     claim = _correlation_claim(_frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc),
@@ -99,25 +114,32 @@ def test_correlation_claim_rule():
     claim = _correlation_claim(_frame({"dense": 0.0, "a": 0.4, "b": 0.3, "c": 0.2, "pixelfly": 0.1}, acc),
                                "mlp", metric, 5, None, None)
     assert claim.held is False
+    # perfectly anti-correlated, but dense still gains 0.6 points from E to 2E epochs: undecided
+    unconverged = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, gain=0.006)
+    claim = _correlation_claim(unconverged, "mlp", metric, 5, None, None)
+    assert claim.held is None and "gain +0.6 points" in claim.measured and "2E = 10 epochs" in claim.claim
     # too few sparse patterns: undecided
     two = _frame({"dense": 0.0, "a": 0.1, "pixelfly": 0.2}, acc)
     assert _correlation_claim(two, "mlp", metric, 5, None, None).held is None
 
 
 def test_closest_claim_rule():
-    from pixelfly_lab.studies.ntk import _closest_claim
+    from pixelfly_lab.studies.ntk import _closest_claim, closest_verdict
 
-    metric = "relative_frobenius_normalized"
+    metric = "relative_frobenius_centered"
     acc = dict.fromkeys(["dense", "pixelfly", "pixelfly-gated", "random", "lowrank"], 0.5)
     clear = _frame({"dense": 0.1, "pixelfly": 0.20, "pixelfly-gated": 0.5, "random": 0.25, "lowrank": 0.4}, acc)
     assert _closest_claim(clear, "mlp", metric, "", None, None).held is True
-    # the gated layer counts as Pixelfly
+    # the gated layer is not a second try: gated closest, ungated not -> refuted by random
     gated = _frame({"dense": 0.1, "pixelfly": 0.5, "pixelfly-gated": 0.20, "random": 0.25, "lowrank": 0.4}, acc)
-    assert _closest_claim(gated, "mlp", metric, "", None, None).held is True
-    # closest, but by less than the sd over seeds: not held
-    noisy = _frame({"dense": 0.1, "pixelfly": 0.20, "pixelfly-gated": 0.5, "random": 0.21, "lowrank": 0.4}, acc,
-                   jitter=0.05)
-    assert _closest_claim(noisy, "mlp", metric, "", None, None).held is False
+    held, gaps = closest_verdict(gated, "mlp", metric)
+    assert held is False and "pixelfly-gated" not in gaps.index and gaps.loc["random", "mean"] == pytest.approx(-0.25)
+    # smallest mean, but random is within the sd of the paired differences (about 0.1): undecided, not refuted
+    noisy = _frame({"dense": 0.1, "pixelfly": 0.20, "random": 0.21, "lowrank": 0.4}, acc, jitter=0.05)
+    claim = _closest_claim(noisy, "mlp", metric, "", None, None)
+    assert claim.held is None and "undecided" in claim.measured and "random" in claim.measured.split("undecided")[1]
+    # the same when random's mean is slightly below Pixelfly's, inside the sd
+    assert closest_verdict(_frame({"pixelfly": 0.21, "random": 0.20}, acc, jitter=0.05), "mlp", metric)[0] is None
     beaten = _frame({"dense": 0.1, "pixelfly": 0.30, "pixelfly-gated": 0.5, "random": 0.25, "lowrank": 0.4}, acc)
     claim = _closest_claim(beaten, "mlp", metric, "", None, None)
     assert claim.held is False and "dense seed-to-seed 0.100+-0.010" in claim.measured

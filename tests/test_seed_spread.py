@@ -38,6 +38,22 @@ def test_relative_frobenius_depends_on_scale_and_its_normalised_form_is_the_trac
     assert kernel_distance(k1, k2, "relative_frobenius_normalized") == pytest.approx(expected, rel=1e-12)
 
 
+def test_centred_distance_ignores_scale_and_a_constant_and_matches_its_formula():
+    k1, k2 = _psd(6, 1), _psd(6, 2)
+    h = torch.eye(6, dtype=F64) - torch.full((6, 6), 1 / 6, dtype=F64)   # the centring matrix, built explicitly
+    c1, c2 = h @ k1 @ h, h @ k2 @ h
+    c1, c2 = c1 / c1.trace(), c2 / c2.trace()
+    expected = float(torch.linalg.matrix_norm(c1 - c2) / torch.linalg.matrix_norm(c2))
+    d = kernel_distance(k1, k2, "relative_frobenius_centered")
+    assert d == pytest.approx(expected, rel=1e-12) and d > 1e-3
+    for a, b, shift1, shift2 in [(5.0, 1.0, 0.0, 0.0), (1.0, 1.0, 40.0, -3.0), (0.01, 7.0, 1e3, 2.0)]:
+        assert kernel_distance(a * k1 + shift1, b * k2 + shift2, "relative_frobenius_centered") == pytest.approx(
+            d, rel=1e-9)
+    # the trace-normalised (uncentred) distance is moved by a constant: the centred one is the shape of K
+    assert kernel_distance(k1 + 40.0, k2, "relative_frobenius_normalized") != pytest.approx(
+        kernel_distance(k1, k2, "relative_frobenius_normalized"), rel=1e-3)
+
+
 def test_asymmetric_and_symmetric_metrics():
     k1, k2 = _psd(6, 1), 0.2 * _psd(6, 2)
     for metric in DISTANCE_METRICS:
