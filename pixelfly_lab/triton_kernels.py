@@ -330,10 +330,13 @@ def _acc_per_thread(kernel: str, block: int, group: int, block_m: int, warps: in
 # ~120-160 registers at 64 accumulator floats a thread and 220-252 at 128, at the edge (the
 # review of issue 12, with another Triton, saw those spill, the fused low-rank epilogue adding
 # ~750 B), so 64 is the limit; FMA dots (float32 without TF32) keep their operands in registers
-# too: 128-206 registers at 16-32 floats; float64 takes two registers an element: 16.
+# too: 128-206 registers at 16-32 floats; float64 takes two registers an element: 8 (at 16, the
+# fused low-rank epilogue used 254 registers and spilled 120 B). The FMA path ('auto' never takes
+# it) also shows small stack frames (8-16 B) in some configs at any accumulator size, which no
+# count of this kind predicts: pixelfly_lab.triton_check reports them apart.
 def _max_acc(precision: str, size: int, lowrank: bool) -> int:
     if size == 8:
-        return 16
+        return 8
     return 32 if precision == "ieee" else 64
 
 
