@@ -110,7 +110,7 @@ class TrainingConfig:
 
 
 FULL = TrainingConfig()
-# About two and a half minutes on a 2-core CPU: MNIST-1D (2000 training, 10000 test examples, 15
+# About two minutes on a 2-core CPU: MNIST-1D (2000 training, 10000 test examples, 15
 # epochs, 7 patterns, 3 seeds) and, as a reading only, 75 steps of a tiny GPT (its loss still falls:
 # no verdict); ListOps (tens of seconds per run) and the gated layer in the full run only.
 QUICK = TrainingConfig(
