@@ -160,13 +160,14 @@ def _use_retaining_allocator() -> bool:
 
 
 def _clocks(device: str):
-    """Wall clock (synchronised on CUDA) and, on the CPU, this thread's CPU time."""
+    """Wall clock (synchronised on CUDA) and, on the CPU, this process's CPU time (all its threads:
+    the 'torch' kernels run worker threads when torch has several)."""
     if device.startswith("cuda"):
         def now():
             torch.cuda.synchronize()
             return time.perf_counter(), float("nan")
         return now
-    return lambda: (time.perf_counter(), time.thread_time())
+    return lambda: (time.perf_counter(), time.process_time())
 
 
 def _time_case(layer, x, grad, now, backward: bool) -> tuple[float, float]:
@@ -255,7 +256,7 @@ def speed_table(config: BenchConfig = BenchConfig(), progress: bool = True, isol
     Returns:
         DataFrame: in_features, out_features, rows, layer, budget (exact weight fraction),
         block_size, backend, forward_ms, forward_backward_ms (wall clock; NaN where autograd is
-        missing), forward_cpu_ms, forward_backward_cpu_ms (this thread's CPU time: the machine's
+        missing), forward_cpu_ms, forward_backward_cpu_ms (this process's CPU time: the machine's
         other load counts less), speedup_* for each (nn.Linear's median / this median),
         flop_limit (1 / budget), fraction_of_limit_forward and fraction_of_limit_forward_backward
         (speed-up / flop_limit: the kernel's efficiency relative to nn.Linear's GEMM), note,
