@@ -247,8 +247,11 @@ _EXECUTOR: list = []            # one ThreadPoolExecutor, created on first use, 
 _EXECUTOR_LOCK = threading.Lock()
 
 
-def _workers(n_rows: int) -> int:
-    """Threads for a sweep over n_rows: torch's intra-op thread count, with enough rows each."""
+def _workers(n_rows: int, like: torch.Tensor) -> int:
+    """Threads for a sweep over n_rows: torch's intra-op thread count, with enough rows each;
+    one for tensors off the CPU (CUDA streams are per thread)."""
+    if like.device.type != "cpu":
+        return 1
     return max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_WORKER))
 
 
@@ -343,7 +346,7 @@ def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None):
                 torch.mm(_gather(a_c, g.runs, extra_c), right, out=target)
             else:
                 torch.addmm(bias[g.r0:g.r1], _gather(a_c, g.runs, extra_c), right, out=target)
-    _sweep(a.shape[0], chunk, _workers(a.shape[0]))
+    _sweep(a.shape[0], chunk, _workers(a.shape[0], a))
     return out
 
 
@@ -356,7 +359,7 @@ def _scatter_forward(a, plan: Plan, rights, width: int, init=None):
         for g, right in zip(plan.groups, rights):
             if right is not None:
                 _scatter(out[rows], a[rows, g.r0:g.r1] @ right, g.runs, write)
-    _sweep(a.shape[0], chunk, _workers(a.shape[0]))
+    _sweep(a.shape[0], chunk, _workers(a.shape[0], a))
     return out
 
 
@@ -482,7 +485,7 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
         lowrank_cols = 0 if gz is None else gz.shape[1]
         rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
         grad_x = _new_output(tuple(x2.shape), gy) if need_x else None
-        workers = _workers(gy.shape[0])
+        workers = _workers(gy.shape[0], gy)
         # one set of accumulators per worker, summed after the sweep
         accs = [_grad_accumulators(plan, gy, lowrank_cols) for _ in range(workers)] \
             if need_values or need_v else None
@@ -516,7 +519,7 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
         if fold_bias:
             z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
         extra_cols = z.shape[1] if z is not None and (need_u or fold_bias) else 0
-        workers = _workers(gy.shape[0])
+        workers = _workers(gy.shape[0], gy)
         accs = [_grad_accumulators(plan, gy, extra_cols) for _ in range(workers)] \
             if need_values or extra_cols else None
 

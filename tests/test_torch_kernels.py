@@ -169,7 +169,8 @@ def test_sweeps_shared_among_worker_threads_match_reference(name, rank, bias, mo
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        assert torch_kernels._workers(7) == 3
+        assert torch_kernels._workers(7, torch.zeros(1)) == 3
+        assert torch_kernels._workers(7, torch.zeros(1, device="meta")) == 1
         test_plain_forward_and_backward_match_reference(name, rank, bias)
         assert torch.get_num_threads() == 3                            # restored after each sweep
         layout, b = LAYOUTS[name]
