@@ -334,10 +334,18 @@ def _acc_per_thread(kernel: str, block: int, group: int, block_m: int, warps: in
 # fused low-rank epilogue used 254 registers and spilled 120 B). The FMA path ('auto' never takes
 # it) also shows small stack frames (8-16 B) in some configs at any accumulator size, which no
 # count of this kind predicts: pixelfly_lab.triton_check reports them apart.
-def _max_acc(precision: str, size: int, lowrank: bool) -> int:
+# At sm_80 (mma.sync: operand fragments live in registers too) 4-warp programs reached 255
+# registers and spilled at 64 accumulator floats (16-bit) and from 32 with TF32 (fp32 operands
+# take twice the registers; small stack frames even at 16), so 4-warp programs keep 32 (16-bit)
+# and TF32 needs 8 warps.
+def _max_acc(precision: str, size: int, lowrank: bool, warps: int = 8) -> int:
     if size == 8:
         return 8
-    return 32 if precision == "ieee" else 64
+    if precision == "ieee":
+        return 32
+    if size == 4:      # TF32 tensor cores
+        return 32 if warps >= 8 else 0
+    return 64 if warps >= 8 else 32
 
 
 def _fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages: int, size: int, *,
@@ -351,7 +359,7 @@ def _fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages:
     return (group * block <= _MAX_TILE_N
             and _shared_bytes(kernel, block, group, block_m, stages, size, lowrank, block_r) <= smem_limit
             and (not registers
-                 or _acc_per_thread(kernel, block, group, block_m, warps) <= _max_acc(precision, size, lowrank)))
+                 or _acc_per_thread(kernel, block, group, block_m, warps) <= _max_acc(precision, size, lowrank, warps)))
 
 
 def _fixed_config(kernel: str, block: int, size: int, max_group: int = 1, **fit) -> dict:
