@@ -9,10 +9,10 @@ which backend='auto' never takes, may carry a small stack frame: at most 64 B he
 measured); the model's shared-memory count must bound Triton's.
 
 Scope: this test compiles the representative subset (bfloat16 at blocks 64 and 128 with the
-heaviest epilogues, float32 without TF32 at block 32, for sm_80 and sm_90: 85 kernels; measured
-128 s the first time on the team's loaded 2-core machine, 40 s with Triton's cache warm). Every
-variant (5 dtype/precision pairs x 4 blocks x 7 kernel flag sets x every kept config and sm_80 and
-sm_90, over a thousand kernels, tens of minutes) is checked by
+heaviest epilogues, float32 without TF32 at block 32, for sm_80 and sm_90: 71 kernels; about two
+minutes the first time on the team's loaded 2-core machine, 10-40 s with Triton's cache warm).
+Every variant (5 dtype/precision pairs x 4 blocks x 7 kernel flag sets x every kept config, for
+sm_80 and sm_90: about 1600 kernels, tens of minutes cold) is checked by
 ``python -m pixelfly_lab.triton_check`` (exit status 1 on a violation). Skipped, with the reason,
 only where the toolchain is missing (no triton, Triton < 3.3, no bundled ptxas).
 """
