@@ -17,7 +17,7 @@ over a row's kept blocks (Pixelfly, Dao, Chen et al., ICLR 2022, arXiv 2112.0002
 The caller passes the *effective* layout (with ``causal``, blocks above the diagonal already
 dropped, every row non-empty); causal masking inside the diagonal block is done here.
 Accumulation is float32 (float64 for float64 inputs); float32 inputs use TF32 when
-``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's matmuls do.
+torch allows it for matmuls (either of torch's two TF32 APIs; :func:`pixelfly_lab._tf32.tf32_allowed`).
 
 Triton is imported at module level, so only :mod:`pixelfly_lab.block_attention` imports this
 module, lazily, on first CUDA use. Off a GPU, ``TRITON_INTERPRET=1`` (set before triton is
@@ -31,6 +31,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._tf32 import tf32_allowed
 
 __all__ = ["BLOCK_SIZES", "triton_attention_forward", "triton_attention_backward"]
 
@@ -59,7 +61,7 @@ def _tables(layout_cpu: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
 def _precision(dtype: torch.dtype):
     if dtype == torch.float64:
         return "ieee", tl.float64
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee", tl.float32
     return "tf32", tl.float32      # ignored by tl.dot for 16-bit inputs
 

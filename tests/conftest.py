@@ -5,6 +5,12 @@ import os
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before
+# anything imports triton: transformers (tests/test_hf.py) imports it too, and a worker that ran
+# those tests first would otherwise hold a compiled-mode triton when tests/test_triton.py starts.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile("ci", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None)
