@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -53,6 +53,15 @@ class _Group:
     r1: int
     runs: tuple[tuple[int, int], ...]        # element column runs [c0, c1), in order
     vidx: torch.Tensor                       # long (rows_in_group, k): storage index of each block
+    # vidx.flatten() per device, copied once: a CPU -> GPU copy per call would stall the host
+    _flat_on: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def flat_index(self, device: torch.device) -> torch.Tensor:
+        """vidx.flatten() on ``device`` (cached per device)."""
+        key = str(device)
+        if key not in self._flat_on:
+            self._flat_on[key] = self.vidx.flatten().to(device)
+        return self._flat_on[key]
 
     @property
     def width(self) -> int:
@@ -85,7 +94,7 @@ class Plan:
         operand of a GEMM."""
         n_rows, k = g.vidx.shape
         b = self.block_size
-        blocks = values.index_select(0, g.vidx.flatten().to(values.device)).view(n_rows, k, b, b)
+        blocks = values.index_select(0, g.flat_index(values.device)).view(n_rows, k, b, b)
         if transpose:
             order, shape = ((1, 2, 0, 3) if self.transposed else (1, 3, 0, 2)), (k * b, n_rows * b)
         else:
@@ -103,7 +112,7 @@ class Plan:
         b = self.block_size
         order = (0, 2, 3, 1) if self.transposed else (0, 2, 1, 3)
         blocks = grad_m.reshape(n_rows, b, k, b).permute(*order).reshape(n_rows * k, b, b)
-        grad.index_copy_(0, g.vidx.flatten().to(grad.device), blocks)
+        grad.index_copy_(0, g.flat_index(grad.device), blocks)
 
 
 def _runs(cols: list[int]) -> list[tuple[int, int]]:
