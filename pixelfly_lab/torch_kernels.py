@@ -14,7 +14,8 @@ y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a blo
 * rows of x are swept in chunks of :data:`CHUNK_ROWS` so that gathered inputs, output slices and
   gradient slices stay in cache; the backward computes dX and the blocks' gradient in one sweep;
   with several torch threads the chunks are shared among worker threads that each run torch
-  single-threaded (:func:`_sweep`);
+  single-threaded (:func:`_sweep`), and the work around the sweep runs single-threaded too
+  (:func:`_torch_serial`: OpenMP threads left spinning would take a worker's core);
 * when in_features > out_features the plan groups the transposed layout instead (products are
   then added into y's column runs), so that the narrower side is the one gathered;
 * outputs of 32 MB and more reuse retained buffers once nothing references them
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -256,12 +258,42 @@ _EXECUTOR: list = []            # one ThreadPoolExecutor, created on first use, 
 _EXECUTOR_LOCK = threading.Lock()
 
 
+_CALLER = threading.local()      # .threads: the caller's torch thread count inside _torch_serial
+
+
+@contextmanager
+def _torch_serial(like: torch.Tensor):
+    """Run the enclosed grouped product with torch single-threaded; its sweeps still use the
+    caller's thread count of workers (:func:`_workers`).
+
+    Why: libgomp's threads spin for several ms after each parallel region (GOMP_SPINCOUNT, ~7 ms
+    on the AMD EPYC here) before they sleep. An op run with 2 torch threads just before a sweep
+    (the caller's, or our own packing and low-rank products) left one core spinning while both
+    sweep workers wanted it: one worker's first chunk took 18 ms instead of 11 (x (4096, 1024) ->
+    4096, block 32). Run single-threaded, the packing and narrow products before the sweep are
+    about as fast (they scaled < 1.2x on 2 threads) and give a preceding op's spin time to end.
+    """
+    threads = torch.get_num_threads()
+    if like.device.type != "cpu" or threads == 1 or getattr(_CALLER, "threads", None):
+        yield
+        return
+    _CALLER.threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _CALLER.threads = None
+
+
 def _workers(n_rows: int, like: torch.Tensor) -> int:
-    """Threads for a sweep over n_rows: torch's intra-op thread count, with enough rows each;
-    one for tensors off the CPU (CUDA streams are per thread)."""
+    """Threads for a sweep over n_rows: torch's intra-op thread count (the caller's, inside
+    :func:`_torch_serial`), with enough rows each; one for tensors off the CPU (CUDA streams are
+    per thread)."""
     if like.device.type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), n_rows // MIN_ROWS_PER_WORKER))
+    threads = getattr(_CALLER, "threads", None) or torch.get_num_threads()
+    return max(1, min(threads, n_rows // MIN_ROWS_PER_WORKER))
 
 
 def _sweep(n_rows: int, body, workers: int) -> None:
@@ -341,11 +373,17 @@ def _scatter(out_rows: torch.Tensor, product: torch.Tensor, runs, write: bool) -
     return offset
 
 
-def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None):
-    """out[:, rows_g] = [a[:, runs_g], extra] @ rights[g] (+ bias[rows_g]), chunk by chunk."""
+def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None, extra_w=None):
+    """out[:, rows_g] = [a[:, runs_g], extra] @ rights[g] (+ bias[rows_g]), chunk by chunk.
+
+    With ``extra_w`` (K, r), ``extra`` (N, r) is written chunk by chunk first as a @ extra_w, by
+    the sweep's workers: computed beforehand it was the largest serial part of the forward on 2
+    threads (4.5 of ~55 ms, x (4096, 1024) -> 4096, r = 32)."""
     out = _new_output((a.shape[0], width), a)
 
     def chunk(rows, _):
+        if extra_w is not None:
+            extra[rows] = _times_narrow(a[rows], extra_w)
         a_c, extra_c = a[rows], None if extra is None else extra[rows]
         for g, right in zip(plan.groups, rights):
             target = out[rows, g.r0:g.r1]
@@ -442,16 +480,19 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
     """
     if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], x2):
         return _dense_forward(x2, values, bias, u, v, plan, out_features)
-    return _grouped_forward(x2, values, bias, u, v, plan, out_features)
+    with _torch_serial(x2):
+        return _grouped_forward(x2, values, bias, u, v, plan, out_features)
 
 
 def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
-    z = _times_narrow(x2, v) if u is not None else None
     if plan.transposed:
+        z = _times_narrow(x2, v) if u is not None else None
         init = _init_output(x2.shape[0], out_features, z, u, bias)
         y = _scatter_forward(x2, plan, _right_operands(values, plan), out_features, init)
-    else:
-        y = _gather_forward(x2, plan, _right_operands(values, plan, u, transpose=True), out_features, z, bias)
+    else:   # z = x2 V is written chunk by chunk in the sweep
+        z = x2.new_empty(x2.shape[0], u.shape[1]) if u is not None else None
+        y = _gather_forward(x2, plan, _right_operands(values, plan, u, transpose=True), out_features, z, bias,
+                            extra_w=v)
     return y, z
 
 
@@ -477,7 +518,8 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
     # the forward's route: decisions are cached for the life of the process, never evicted
     if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], x2):
         return _dense_backward(gy, x2, values, u, v, plan, needs_input_grad, has_bias)
-    return _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
+    with _torch_serial(x2):
+        return _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
 
 
 def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
@@ -662,9 +704,10 @@ def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, 
     u, v = (rand(out_features, rank), rand(in_features, rank)) if rank else (None, None)
     needs = (True, True, True, rank > 0, rank > 0)
 
-    def grouped():
-        _, z = _grouped_forward(x2, values, bias, u, v, plan, out_features)
-        _grouped_backward(gy, x2, values, u, v, z, plan, needs, True)
+    def grouped():   # threaded as in sparse_lowrank_forward/backward
+        with _torch_serial(x2):
+            _, z = _grouped_forward(x2, values, bias, u, v, plan, out_features)
+            _grouped_backward(gy, x2, values, u, v, z, plan, needs, True)
 
     def dense():
         _dense_forward(x2, values, bias, u, v, plan, out_features)

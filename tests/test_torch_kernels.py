@@ -161,18 +161,19 @@ def test_gradients_share_no_storage(name, dense_route, monkeypatch):
     assert len(set(storages)) == len(storages)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("name", list(LAYOUTS))
-@pytest.mark.parametrize("rank,bias", [(0, True), (3, True)])
-def test_sweeps_shared_among_worker_threads_match_reference(name, rank, bias, monkeypatch):
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False)])
+def test_sweeps_shared_among_worker_threads_match_reference(name, rank, bias, threads, monkeypatch):
     monkeypatch.setattr(torch_kernels, "CHUNK_ROWS", 2)            # 7 rows: several chunks per worker
     monkeypatch.setattr(torch_kernels, "MIN_ROWS_PER_WORKER", 1)
     previous = torch.get_num_threads()
-    torch.set_num_threads(3)
+    torch.set_num_threads(threads)
     try:
-        assert torch_kernels._workers(7, torch.zeros(1)) == 3
+        assert torch_kernels._workers(7, torch.zeros(1)) == threads
         assert torch_kernels._workers(7, torch.zeros(1, device="meta")) == 1
         test_plain_forward_and_backward_match_reference(name, rank, bias)
-        assert torch.get_num_threads() == 3                            # restored after each sweep
+        assert torch.get_num_threads() == threads                      # restored after each product
         layout, b = LAYOUTS[name]
         ops = _operands(layout, b, rank, bias)
         plan = torch_kernels.plan_for(layout, b)
@@ -189,3 +190,30 @@ def test_chunks_are_equal_and_a_multiple_of_the_workers():
     parts = torch_kernels._chunks(1000, 3)
     assert len(parts) % 3 == 0 and parts[0].start == 0 and parts[-1].stop == 1000
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+
+
+def test_grouped_products_run_torch_single_threaded_with_the_callers_workers(monkeypatch):
+    monkeypatch.setattr(torch_kernels, "MIN_ROWS_PER_WORKER", 1)
+    layout, b = LAYOUTS["expanding"]
+    ops = _operands(layout, b, 3, True)
+    plan = torch_kernels.plan_for(layout, b)
+    seen = []
+    sweep = torch_kernels._sweep
+
+    def spy(n_rows, body, workers):
+        seen.append((torch.get_num_threads(), workers))
+        sweep(n_rows, body, workers)
+    monkeypatch.setattr(torch_kernels, "_sweep", spy)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, z = torch_kernels.sparse_lowrank_forward(*ops, plan, layout.shape[0] * b)
+        torch_kernels.sparse_lowrank_backward(torch.ones_like(y), ops[0], ops[1], ops[3], ops[4], z, plan,
+                                              (True,) * 5, True)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):      # restored when the product fails, too
+            torch_kernels.sparse_lowrank_forward(ops[0][:, :-1], *ops[1:], plan, layout.shape[0] * b)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert seen and all(s == (1, 2) for s in seen[:2])    # torch single-threaded, two sweep workers
