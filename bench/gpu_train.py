@@ -5,7 +5,7 @@ end-to-end training speed-ups over dense of 2.3x (Mixer-B/16), 2.0x (ViT-B/16) a
 small). This script times what our toolkit gives for two of those models, built from
 :mod:`pixelfly_lab.models` at their real shapes, their MLP matmuls sparsified by
 :func:`pixelfly_lab.models.sparsify_model` (the layers the paper sparsifies; budget 0.25 of each
-matmul, DESIGN.md's stand-in for the paper's per-model budgets, block 64 so the Triton kernels
+matmul, this toolkit's stand-in for the paper's per-model budgets (README, Notes), block 64 so the Triton kernels
 run on tensor cores):
 
 * GPT-2 small: 12 blocks, width 768, 12 heads, 1024 positions, vocabulary 50257, batch 8;

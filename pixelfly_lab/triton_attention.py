@@ -128,6 +128,18 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, row_ptr, row_cols, scal
 
 
 @triton.jit
+def _probs_and_score_grads(q, k, v, do, lse, delta, offs_m, offs_n, scale, CAUSAL: tl.constexpr,
+                           PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One tile of the backward: P = exp(S - lse) recomputed (causal-masked), dS = P * (dP - delta)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
+    p = tl.exp(s - lse[:, None])                                        # (query rows, key cols)
+    if CAUSAL:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, row_ptr, row_cols, scale, T, D, DV,
                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
@@ -146,12 +158,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, row_ptr,
         offs_n = c * BLOCK + tl.arange(0, BLOCK)
         k = _load(k_ptr, bh, T, D, offs_n, BLOCK_D)
         v = _load(v_ptr, bh, T, DV, offs_n, BLOCK_DV)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
-        p = tl.exp(s - lse[:, None])
-        if CAUSAL:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds = p * (dp - delta[:, None])
+        p, ds = _probs_and_score_grads(q, k, v, do, lse, delta, offs_m, offs_n, scale, CAUSAL, PRECISION,
+                                       ACC_DTYPE)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     _store(dq_ptr, dq * scale, bh, T, D, offs_m, BLOCK_D)
 
@@ -176,13 +184,9 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
         do = _load(do_ptr, bh, T, DV, offs_m, BLOCK_DV)
         lse = tl.load(lse_ptr + bh * T + offs_m)
         delta = tl.load(delta_ptr + bh * T + offs_m)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
-        p = tl.exp(s - lse[:, None])                                    # (query rows, key cols)
-        if CAUSAL:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        p, ds = _probs_and_score_grads(q, k, v, do, lse, delta, offs_m, offs_n, scale, CAUSAL, PRECISION,
+                                       ACC_DTYPE)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     _store(dk_ptr, dk * scale, bh, T, D, offs_n, BLOCK_D)
     _store(dv_ptr, dv, bh, T, DV, offs_n, BLOCK_DV)
