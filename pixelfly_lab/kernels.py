@@ -56,6 +56,7 @@ Example:
     True
 """
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -382,6 +383,7 @@ def _in_functorch_transform() -> bool:
         return False
 
 
+@functools.cache  # Python does not remember a failed import: without triton, each call would retry it
 def _triton_module():
     """pixelfly_lab.triton_kernels, or None when it (or triton) cannot be imported here."""
     try:

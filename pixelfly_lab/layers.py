@@ -31,6 +31,7 @@ from .kernels import (BACKENDS, block_sparse_matmul, blocks_to_dense, register_l
                       sparse_lowrank_matmul)
 from .masks import flat_block_butterfly_layout, layout_to_mask
 from .patterns import Pattern, PixelflyPlan, plan_pixelfly
+from .projections import lowrank_factors
 
 __all__ = ["LOWRANK_INITS", "StructuredLinear", "MaskedLinear", "BlockSparseLinear", "LowRankLinear",
            "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear",
@@ -323,10 +324,9 @@ class LowRankLinear(StructuredLinear):
             # sparsify, for ~25 of its 768 singular vectors
             work = torch.float64 if self.u.dtype == torch.float64 else torch.float32
             w0 = _uniform_(torch.empty(out_features, in_features, dtype=work), 1.0 / math.sqrt(in_features))
-            a, s, b_vec = torch.svd_lowrank(w0, q=min(rank + 8, in_features, out_features), niter=2)
-            root = s[:rank].sqrt()
-            self.u.copy_(a[:, :rank] * root)
-            self.v.copy_(b_vec[:, :rank] * root)
+            u, v = lowrank_factors(w0, rank)
+            self.u.copy_(u)
+            self.v.copy_(v)
         self._reset_bias()
 
     def _forward(self, x):

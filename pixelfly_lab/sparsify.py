@@ -52,7 +52,7 @@ from .kernels import dense_to_blocks
 from .layers import (LOWRANK_INITS, BlockSparseLinear, LowRankLinear, MonarchLinear, SparseLowRankLinear,
                      StructuredLinear, layer_from_pattern)
 from .patterns import PATTERN_NAMES, make_pattern
-from .projections import monarch_project
+from .projections import lowrank_factors, monarch_project
 
 __all__ = ["sparsify", "linear_layers", "INITS", "AUTO_BLOCK_SIZES"]
 
@@ -68,10 +68,6 @@ AUTO_BLOCK_SIZES = (32, 16, 8, 4)
 # Above this many candidate layers the progress bar shows by default (a GPT-2-small has 48).
 _PROGRESS_LAYERS = 20
 
-# Extra random directions of the randomised SVD beyond the rank, and its power iterations: the
-# usual oversampling (Halko et al. 2011); two iterations bring a trained weight's top singular
-# vectors to within float32 noise of the exact ones at a fraction of a full SVD's cost.
-_SVD_OVERSAMPLE, _SVD_NITER = 8, 2
 
 _COLUMNS = ["name", "source", "shape", "pattern", "block_size", "params_before", "params_after", "budget",
             "replaced", "layer", "projection_error", "note"]
@@ -211,14 +207,6 @@ def _scale_(layer: nn.Module, c: float) -> None:
             raise TypeError(f"init='match' does not know how to scale a {type(layer).__name__}")
 
 
-def _lowrank_split(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, V) with U V^T the rank-``rank`` truncated SVD of ``matrix`` (randomised), split evenly."""
-    q = min(rank + _SVD_OVERSAMPLE, *matrix.shape)
-    u, s, v = torch.svd_lowrank(matrix, q=q, niter=_SVD_NITER)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, v[:, :rank] * root
-
-
 def _project_(layer: nn.Module, target: torch.Tensor) -> float:
     """Set ``layer``'s weight to a projection of ``target`` (out, in) on its structure.
 
@@ -236,14 +224,14 @@ def _project_(layer: nn.Module, target: torch.Tensor) -> float:
             off_support = ~sparse.mask().to(work.device)
             remainder = work
             if getattr(layer, "lowrank", None) is not None:
-                u, v = _lowrank_split(work * off_support, layer.rank)   # residual of S = W0 on the support
+                u, v = lowrank_factors(work * off_support, layer.rank)   # residual of S = W0 on the support
                 layer.lowrank.u.copy_(u)
                 layer.lowrank.v.copy_(v)
                 remainder = work - u @ v.T                               # refit S to what U V^T leaves
             sparse.values.copy_(dense_to_blocks(remainder, sparse.layout, sparse.block_size))
             residual = remainder * off_support
         elif isinstance(layer, LowRankLinear):
-            u, v = _lowrank_split(work, layer.rank)
+            u, v = lowrank_factors(work, layer.rank)
             layer.u.copy_(u)
             layer.v.copy_(v)
             residual = work - u @ v.T

@@ -38,11 +38,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
-from torch.autograd.function import once_differentiable
 
 __all__ = ["Plan", "plan_for", "CHUNK_ROWS", "MIN_ROWS_PER_WORKER", "POOL_MIN_BYTES", "POOL_PER_SIZE", "release_buffers",
            "ROUTE_MIN_MACS", "ROUTE_MAX_WEIGHT", "dense_gemm_wins", "sparse_lowrank_forward",
-           "sparse_lowrank_backward", "BlockSparseLowRankFunction"]
+           "sparse_lowrank_backward"]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -727,28 +726,3 @@ def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, 
                 route()
                 best[route] = min(best[route], time.perf_counter() - tick)
     return best[dense] < best[grouped]
-
-
-class BlockSparseLowRankFunction(torch.autograd.Function):
-    """y = x W^T + (x V) U^T + bias with W block-sparse; the 'torch' backend's autograd wrapper
-    around :func:`sparse_lowrank_forward` and :func:`sparse_lowrank_backward`.
-
-    apply(x2 (N, in), values (nnz, b, b), bias or None, u (out, r) or None, v (in, r) or None,
-    plan, out_features) -> y (N, out). First-order only (once_differentiable); not usable under
-    torch.func transforms (the dispatcher uses the reference there).
-    """
-
-    @staticmethod
-    def forward(ctx, x2, values, bias, u, v, plan: Plan, out_features: int):
-        y, z = sparse_lowrank_forward(x2, values, bias, u, v, plan, out_features)
-        ctx.plan, ctx.has_bias = plan, bias is not None
-        ctx.save_for_backward(x2, values, u, v, z)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x2, values, u, v, z = ctx.saved_tensors
-        grads = sparse_lowrank_backward(gy, x2, values, u, v, z, ctx.plan, tuple(ctx.needs_input_grad[:5]),
-                                        ctx.has_bias)
-        return (*grads, None, None)

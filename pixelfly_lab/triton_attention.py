@@ -33,29 +33,18 @@ import triton
 import triton.language as tl
 
 from ._tf32 import tf32_allowed
+from .triton_kernels import layout_tables
 
 __all__ = ["BLOCK_SIZES", "triton_attention_forward", "triton_attention_backward"]
 
 BLOCK_SIZES = (16, 32, 64, 128)   # tl.dot needs tiles >= 16; a 128 x 128 tile still fits on chip
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_TABLES: dict = {}
-
-
 def _tables(layout_cpu: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
-    """CSR (row_ptr, row_cols) and CSC (col_ptr, col_rows) int32 tables, cached per layout."""
-    key = (layout_cpu.numpy().tobytes(), layout_cpu.shape[0], str(device))
-    tables = _TABLES.get(key)
-    if tables is None:
-        def compressed(mask):
-            ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int64)
-            ptr[1:] = mask.sum(1).cumsum(0)
-            return ptr.to(torch.int32).to(device), mask.nonzero()[:, 1].to(torch.int32).to(device)
-        tables = (*compressed(layout_cpu), *compressed(layout_cpu.T))
-        if len(_TABLES) >= 64:
-            _TABLES.pop(next(iter(_TABLES)))
-        _TABLES[key] = tables
-    return tables
+    """CSR (row_ptr, row_cols) and CSC (col_ptr, col_rows) int32 tables: the block-sparse matmul's
+    tables (:func:`pixelfly_lab.triton_kernels.layout_tables`, cached per layout and device)."""
+    t = layout_tables(layout_cpu, device)
+    return t.row_ptr, t.row_cols, t.col_ptr, t.col_rows
 
 
 def _precision(dtype: torch.dtype):
