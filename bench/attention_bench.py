@@ -2,7 +2,7 @@
 
 The issue-13 setting by default: T=4096, 8 heads of 64, flat butterfly layout of blocks of 64
 with 3 factors (fan-in 4 blocks, density 1/16; FLOP limit 16x). Interleaved rounds in one
-process, medians and their ratios (see pixelfly_lab.attention_speed).
+process, medians and their ratios (see pixelfly_lab.speed.attention).
 Run: OMP_NUM_THREADS=1 python bench/attention_bench.py [--T 1024 2048 4096] [--causal] [--memory]
 """
 
@@ -10,7 +10,7 @@ import argparse
 
 import pandas as pd
 
-from pixelfly_lab.attention_speed import attention_speed_table
+from pixelfly_lab.speed.attention import attention_speed_table
 
 
 def main():

@@ -3,7 +3,7 @@
 One shot under one deadline (--deadline seconds from the interpreter's start, imports included):
 
 1. precompile, in parallel worker processes, every Triton kernel the run will use (each config
-   the autotuner keeps, for the GPU's compute capability; pixelfly_lab.triton_check's stand-in
+   the autotuner keeps, for the GPU's compute capability; pixelfly_lab.ops.triton_check's stand-in
    driver, so no worker touches the GPU) into Triton's on-disk cache;
 2. goal rows first: bfloat16, blocks 64 and 128, budget 0.25, the MLP shapes of GPT-2 small
    (768->3072, 3072->768) and medium (1024->4096) at 8192 tokens and of Mixer-B/16
@@ -172,10 +172,10 @@ def check_layout(block_rows: int, block_cols: int):
 def warm_job(job: dict, arch: int) -> float:
     """Compile one job's kernels for sm_arch into Triton's cache (a worker process); seconds."""
     import torch
-    from pixelfly_lab import triton_kernels as tk
-    from pixelfly_lab.masks import flat_block_butterfly_layout
-    from pixelfly_lab.patterns import plan_pixelfly
-    from pixelfly_lab.triton_check import target
+    from pixelfly_lab.ops import triton_kernels as tk
+    from pixelfly_lab.structure.masks import flat_block_butterfly_layout
+    from pixelfly_lab.structure.patterns import plan_pixelfly
+    from pixelfly_lab.ops.triton_check import target
 
     t0 = time.perf_counter()
     dtype = getattr(torch, job["dtype"])
@@ -231,8 +231,8 @@ def precompile(jobs, arch: int, workers: int, report, timeout: float) -> None:
 def measure_row(label, d_in, d_out, tokens, block, budget, device, dtype, measure, use_graphs, peak_bw):
     """One row: PixelflyLinear (as dispatched) against nn.Linear, forward+backward."""
     import torch
-    from pixelfly_lab.kernels import resolve_backend
-    from pixelfly_lab.layers import PixelflyLinear
+    from pixelfly_lab.ops.matmul import resolve_backend
+    from pixelfly_lab.nn.layers import PixelflyLinear
 
     torch.manual_seed(0)
     # what a user gets ('auto': the Triton custom op for bf16 on sm_80+); the smoke run asks for
@@ -296,8 +296,8 @@ def format_row(r) -> str:
 def run_checks(device, dtypes, blocks, report, args):
     """Every Triton kernel path through the custom op, fixed configs, against float64."""
     import torch
-    from pixelfly_lab import triton_kernels as tk
-    from pixelfly_lab.kernels import blocks_to_dense, sparse_lowrank_matmul
+    from pixelfly_lab.ops import triton_kernels as tk
+    from pixelfly_lab.ops.matmul import blocks_to_dense, sparse_lowrank_matmul
 
     tol = {torch.float64: 1e-12, torch.float32: 5e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}
     failures, ran, skipped = [], 0, []

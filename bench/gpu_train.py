@@ -3,8 +3,8 @@
 The talk accompanying the Pixelfly paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029) reports
 end-to-end training speed-ups over dense of 2.3x (Mixer-B/16), 2.0x (ViT-B/16) and 2.1x (GPT-2
 small). This script times what our toolkit gives for two of those models, built from
-:mod:`pixelfly_lab.models` at their real shapes, their MLP matmuls sparsified by
-:func:`pixelfly_lab.models.sparsify_model` (the layers the paper sparsifies; budget 0.25 of each
+:mod:`pixelfly_lab.training.models` at their real shapes, their MLP matmuls sparsified by
+:func:`pixelfly_lab.training.models.sparsify_model` (the layers the paper sparsifies; budget 0.25 of each
 matmul, this toolkit's stand-in for the paper's per-model budgets (README, Notes), block 64 so the Triton kernels
 run on tensor cores):
 
@@ -58,7 +58,7 @@ def left(args) -> float:
 def build(name: str, pattern: str, smoke: bool, budget: float, block: int, device: str):
     """(model, example inputs, targets) for one model family at its real (or smoke) shape."""
     import torch
-    from pixelfly_lab.models import Mixer, Transformer, sparsify_model
+    from pixelfly_lab.training.models import Mixer, Transformer, sparsify_model
 
     torch.manual_seed(0)
     if name == "gpt2-small":

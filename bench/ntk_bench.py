@@ -11,7 +11,7 @@ cap (RLIMIT_AS) keeps a recipe that cannot fit from taking the machine down: it 
 allocation error, reported as OOM.
 
 Data: scikit-learn's digits (1797 images of 8x8); the 2000-example runs add 203 of them shifted
-by one pixel. Model: pixelfly_lab.models.MLP(64 -> 1024 -> 1024 -> 10), 1.14M parameters
+by one pixel. Model: pixelfly_lab.training.models.MLP(64 -> 1024 -> 1024 -> 10), 1.14M parameters
 (and a 256-wide one, 85k parameters, where the recipe fits at larger N).
 
 Usage:
@@ -35,7 +35,7 @@ GIB = 1 << 30
 def _data(n: int):
     import torch
 
-    from pixelfly_lab.data import load_digits
+    from pixelfly_lab.training.data import load_digits
 
     digits = load_digits()
     x = torch.cat([digits.x_train, digits.x_test])                     # (1797, 1, 8, 8)
@@ -59,8 +59,8 @@ def worker(spec: dict) -> dict:
     """Run one measurement in this (fresh) process and return its record."""
     import torch
 
-    from pixelfly_lab.models import MLP
-    from pixelfly_lab.ntk import empirical_ntk
+    from pixelfly_lab.training.models import MLP
+    from pixelfly_lab.ntk.empirical import empirical_ntk
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)

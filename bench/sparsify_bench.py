@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from pixelfly_lab.sparsify import INITS, sparsify
+from pixelfly_lab.nn.sparsification import INITS, sparsify
 
 
 def gpt2_small() -> tuple[nn.Module, str]:
@@ -35,7 +35,7 @@ def gpt2_small() -> tuple[nn.Module, str]:
     except ImportError:
         from types import SimpleNamespace
 
-        from pixelfly_lab.models import build_model
+        from pixelfly_lab.training.models import build_model
         data = SimpleNamespace(name="chars", kind="tokens", task="lm", input_shape=(1024,), n_outputs=50257,
                                vocab_size=50257)
         return build_model("gpt", data, size="gpt2-small"), "pixelfly_lab GPT (gpt2-small preset)"

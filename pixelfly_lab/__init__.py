@@ -6,10 +6,10 @@ Training for Neural Network Models." ICLR 2022. https://arxiv.org/abs/2112.00029
 The package reads in dependency order: masks -> patterns -> kernels/layers -> sparsify/models
 -> train; expressiveness and ntk beside them. That is the library; the paper's experiments live
 apart in :mod:`pixelfly_lab.studies`, which imports the library and is never imported by it.
-Triton is never imported here (see :mod:`pixelfly_lab.triton_kernels`, loaded on first CUDA use).
+Triton is never imported here (see :mod:`pixelfly_lab.ops.triton_kernels`, loaded on first CUDA use).
 """
 
-from .masks import (
+from pixelfly_lab.structure.masks import (
     block_butterfly_mask,
     butterfly_factor_mask,
     butterfly_product_mask,
@@ -18,9 +18,9 @@ from .masks import (
     layout_to_mask,
     mask_to_layout,
 )
-from .patterns import PATTERN_NAMES, Pattern, PixelflyPlan, make_pattern, plan_pixelfly
-from .kernels import block_sparse_matmul, sparse_lowrank_matmul
-from .layers import (
+from pixelfly_lab.structure.patterns import PATTERN_NAMES, Pattern, PixelflyPlan, make_pattern, plan_pixelfly
+from pixelfly_lab.ops.matmul import block_sparse_matmul, sparse_lowrank_matmul
+from pixelfly_lab.nn.layers import (
     BlockSparseLinear,
     LowRankLinear,
     MaskedLinear,
@@ -29,18 +29,18 @@ from .layers import (
     SparseLowRankLinear,
     layer_from_pattern,
 )
-from .butterfly import ButterflyLinear
-from .sparsify import sparsify
-from .block_attention import block_sparse_attention
-from .attention_layer import PixelflyAttention
-from .targets import TARGET_KINDS, target_matrix
-from .expressiveness import Approximation, approximate, expressiveness_table
-from .ntk import empirical_ntk, kernel_distance, seed_spread, spectra
-from .data import DATASETS, load_data
-from .models import MODEL_NAMES, build_model
-from .train import TrainConfig, train
+from pixelfly_lab.nn.butterfly import ButterflyLinear
+from pixelfly_lab.nn.sparsification import sparsify
+from pixelfly_lab.ops.attention import block_sparse_attention
+from pixelfly_lab.nn.attention import PixelflyAttention
+from pixelfly_lab.approx.targets import TARGET_KINDS, target_matrix
+from pixelfly_lab.approx.expressiveness import Approximation, approximate, expressiveness_table
+from pixelfly_lab.ntk.empirical import empirical_ntk, kernel_distance, seed_spread, spectra
+from pixelfly_lab.training.data import DATASETS, load_data
+from pixelfly_lab.training.models import MODEL_NAMES, build_model
+from pixelfly_lab.training.loop import TrainConfig, train
 
-__version__ = "0.1.0"
+from pixelfly_lab._version import __version__ as __version__
 
 __all__ = [
     # masks and patterns

@@ -1,5 +1,5 @@
 """Whether float32 matmuls may use TF32: one reading of torch's two APIs, for the dispatcher
-(:mod:`pixelfly_lab.kernels`) and the Triton kernels (:mod:`pixelfly_lab.triton_kernels`), which
+(:mod:`pixelfly_lab.ops.matmul`) and the Triton kernels (:mod:`pixelfly_lab.ops.triton_kernels`), which
 must not import each other both ways."""
 
 import torch

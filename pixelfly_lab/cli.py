@@ -13,8 +13,8 @@ import importlib
 # command -> (module, one-line help)
 COMMANDS = {
     "reproduce": ("pixelfly_lab.studies.reproduce", "the paper's studies: every figure, table and claim, and a report"),
-    "bench": ("pixelfly_lab.bench", "layer speed: sparse layers against dense nn.Linear"),
-    "train": ("pixelfly_lab.train", "train a small sparse model"),
+    "bench": ("pixelfly_lab.speed.bench", "layer speed: sparse layers against dense nn.Linear"),
+    "train": ("pixelfly_lab.training.loop", "train a small sparse model"),
 }
 
 

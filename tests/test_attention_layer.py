@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from pixelfly_lab.attention_layer import ATTENTION_LAYOUTS, PixelflyAttention, attention_layout
-from pixelfly_lab.block_attention import block_attention_reference
-from pixelfly_lab.masks import layout_to_mask
-from pixelfly_lab.random_features import performer_features
+from pixelfly_lab.nn.attention import ATTENTION_LAYOUTS, PixelflyAttention, attention_layout
+from pixelfly_lab.ops.attention import block_attention_reference
+from pixelfly_lab.structure.masks import layout_to_mask
+from pixelfly_lab.nn.random_features import performer_features
 
 
 def make(layout="pixelfly", causal=False, features=None, T=64, dim=24, heads=2, **kwargs):
@@ -119,8 +119,8 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("name,attention", [("vit", "pixelfly"), ("gpt", "bigbird"), ("vit", "local")])
 def test_build_model_with_sparse_attention_trains_a_step(name, attention):
-    from pixelfly_lab.data import make_listops
-    from pixelfly_lab.models import build_model
+    from pixelfly_lab.training.data import make_listops
+    from pixelfly_lab.training.models import build_model
 
     data = make_listops(n_train=16, n_test=4, max_len=64, seed=0)
     model = build_model(name, data, attention=attention, attention_budget=0.5, pattern="pixelfly", budget=0.5)
@@ -137,7 +137,7 @@ def test_build_model_with_sparse_attention_trains_a_step(name, attention):
 
 
 def test_train_with_attention_option(tmp_path):
-    from pixelfly_lab.train import TrainConfig, train
+    from pixelfly_lab.training.loop import TrainConfig, train
 
     with pytest.raises(ValueError, match="attention"):
         TrainConfig(attention="performer")

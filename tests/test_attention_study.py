@@ -1,4 +1,4 @@
-"""Attention estimators and oracles (pixelfly_lab.attention) against exact limits and the layer."""
+"""Attention estimators and oracles (pixelfly_lab.studies.estimators) against exact limits and the layer."""
 
 import math
 
@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pixelfly_lab.attention import (ATTENTION_ESTIMATORS, ATTENTION_METHODS, ATTENTION_ORACLES, attention_table,
+from pixelfly_lab.studies.estimators import (ATTENTION_ESTIMATORS, ATTENTION_METHODS, ATTENTION_ORACLES, attention_table,
                                     fixed_sparse_attention, performer_attention, pixelfly_attention,
                                     sparse_lowrank_attention)
-from pixelfly_lab.attention_layer import PixelflyAttention
-from pixelfly_lab.masks import flat_butterfly_mask, layout_to_mask
-from pixelfly_lab.targets import attention_inputs
+from pixelfly_lab.nn.attention import PixelflyAttention
+from pixelfly_lab.structure.masks import flat_butterfly_mask, layout_to_mask
+from pixelfly_lab.approx.targets import attention_inputs
 
 F64 = torch.float64
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pixelfly_lab.bench import ModelCase, _plain_ratio_ticks, model_speed_table, time_training_steps
+from pixelfly_lab.speed.bench import ModelCase, _plain_ratio_ticks, model_speed_table, time_training_steps
 
 
 def _mlp(hidden):
@@ -77,7 +77,7 @@ def test_ratio_ticks_read_as_plain_ratios():
 
 
 def test_pixelfly_layers_count_their_stored_entries_per_product():
-    from pixelfly_lab.layers import PixelflyLinear
+    from pixelfly_lab.nn.layers import PixelflyLinear
 
     torch.manual_seed(0)
     dense = nn.Linear(256, 1024)

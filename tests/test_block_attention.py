@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixelfly_lab.block_attention import (
+from pixelfly_lab.ops.attention import (
     _plan,
     block_attention_reference,
     block_sparse_attention,
     block_sparse_linear_attention,
 )
-from pixelfly_lab.masks import flat_butterfly_mask, layout_to_mask
+from pixelfly_lab.structure.masks import flat_butterfly_mask, layout_to_mask
 
 
 def uneven_layout(n_blocks: int, seed: int = 0) -> torch.Tensor:
@@ -136,7 +136,7 @@ def test_triton_kernels_in_the_interpreter():
     pytest.importorskip("triton")
     code = r'''
 import torch
-from pixelfly_lab.block_attention import block_sparse_attention, block_attention_reference
+from pixelfly_lab.ops.attention import block_sparse_attention, block_attention_reference
 from tests.test_block_attention import qkv, uneven_layout
 for causal in (False, True):
     q, k, v = qkv(B=1, H=2, T=64, D=12, Dv=20)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pixelfly_lab.butterfly import ButterflyLinear, bit_reversal_permutation
-from pixelfly_lab.masks import butterfly_factor_mask, butterfly_product_mask, flat_butterfly_mask
+from pixelfly_lab.nn.butterfly import ButterflyLinear, bit_reversal_permutation
+from pixelfly_lab.structure.masks import butterfly_factor_mask, butterfly_product_mask, flat_butterfly_mask
 
 F64 = torch.float64
 

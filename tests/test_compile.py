@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from pixelfly_lab import kernels
-from pixelfly_lab.butterfly import ButterflyLinear
-from pixelfly_lab.layers import (BlockSparseLinear, LowRankLinear, MaskedLinear, MonarchLinear,
+from pixelfly_lab.ops import matmul as kernels
+from pixelfly_lab.nn.butterfly import ButterflyLinear
+from pixelfly_lab.nn.layers import (BlockSparseLinear, LowRankLinear, MaskedLinear, MonarchLinear,
                                  PixelflyLinear, SparseLowRankLinear)
-from pixelfly_lab.masks import flat_block_butterfly_layout
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout
 
 
 def pixelfly_mlp(backend: str, seed: int = 0) -> nn.Module:
@@ -191,7 +191,7 @@ TRITON_OP_COMPILED = """
 import os; os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from torch import nn
-from pixelfly_lab.layers import PixelflyLinear
+from pixelfly_lab.nn.layers import PixelflyLinear
 torch.manual_seed(0)
 model = nn.Sequential(PixelflyLinear(32, 64, butterfly_size=4, n_factors=2, rank=3, block_size=16, backend="triton"),
                       nn.GELU(), PixelflyLinear(64, 32, butterfly_size=4, n_factors=2, rank=3, block_size=16,
@@ -231,9 +231,10 @@ def test_unpickled_layer_registers_its_layout_in_the_new_process(monkeypatch):
     want = layer(x)
     data = pickle.dumps(layer)
     # a process whose registry holds other layouts: the old key would name another layout
-    monkeypatch.setattr(kernels, "_REGISTRY", [])
-    monkeypatch.setattr(kernels, "_KEYS", {})
-    monkeypatch.setattr(kernels, "_PLANS", {})
+    from pixelfly_lab.ops import registry
+    monkeypatch.setattr(registry, "_ENTRIES", [])
+    monkeypatch.setattr(registry, "_KEYS", {})
+    monkeypatch.setattr(registry, "_DERIVED", {})
     kernels.register_layout(torch.ones(8, 4, dtype=torch.bool), 8)
     copy = pickle.loads(data)
     assert kernels.registered_layout(copy.sparse._layout_key).layout.equal(layer.sparse.layout)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
-from pixelfly_lab.data import (CHARS_PATH, DATASETS, LISTOPS_VOCAB, load_chars, load_cifar10, load_data,
+from pixelfly_lab.training.data import (CHARS_PATH, DATASETS, LISTOPS_VOCAB, load_chars, load_cifar10, load_data,
                                make_listops, make_mnist1d, make_teacher)
 
 

@@ -10,15 +10,15 @@ import scipy.linalg
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pixelfly_lab.attention import attention_table, performer_attention, scatterbrain_attention
-from pixelfly_lab.layers import MonarchLinear
-from pixelfly_lab.expressiveness import (APPROXIMATION_NAMES, Approximation, approximate, expressiveness_table,
+from pixelfly_lab.studies.estimators import attention_table, performer_attention, scatterbrain_attention
+from pixelfly_lab.nn.layers import MonarchLinear
+from pixelfly_lab.approx.expressiveness import (APPROXIMATION_NAMES, Approximation, approximate, expressiveness_table,
                                          plot_error_vs_budget)
-from pixelfly_lab.patterns import PATTERN_NAMES, Pattern, make_pattern
-from pixelfly_lab.projections import (monarch_dense, monarch_project, relative_error, sparse_plus_lowrank,
+from pixelfly_lab.structure.patterns import PATTERN_NAMES, Pattern, make_pattern
+from pixelfly_lab.structure.projections import (monarch_dense, monarch_project, relative_error, sparse_plus_lowrank,
                                       topk_block_layout, topk_mask, truncated_svd)
-from pixelfly_lab.targets import (TARGET_KINDS, attention_inputs, random_butterfly_factors, target_matrix)
-from pixelfly_lab.theory import loglog_slope, lowrank_share_sweep, residual_flat_gap
+from pixelfly_lab.approx.targets import (TARGET_KINDS, attention_inputs, random_butterfly_factors, target_matrix)
+from pixelfly_lab.studies.theorems import loglog_slope, lowrank_share_sweep, residual_flat_gap
 
 F64 = torch.float64
 MASK_NAMES = [n for n in PATTERN_NAMES if n not in ("lowrank", "monarch", "pixelfly", "dense") and "+" not in n]

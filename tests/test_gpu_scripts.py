@@ -73,7 +73,7 @@ print(json.dumps([gpu_bench.warm_job(job, 90) for job in jobs]))
 def test_precompile_jobs_compile_for_sm90_without_a_gpu():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    problem = subprocess.run([sys.executable, "-c", "from pixelfly_lab.triton_check import toolchain_problem as t; "
+    problem = subprocess.run([sys.executable, "-c", "from pixelfly_lab.ops.triton_check import toolchain_problem as t; "
                               "print(t() or '')"], env=env, capture_output=True, text=True).stdout.strip()
     if problem:
         pytest.skip(problem)

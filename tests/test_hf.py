@@ -17,8 +17,8 @@ from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMod
                           LlamaForCausalLM)
 from transformers.pytorch_utils import Conv1D
 
-from pixelfly_lab.layers import PixelflyLinear, StructuredLinear
-from pixelfly_lab.sparsify import sparsify
+from pixelfly_lab.nn.layers import PixelflyLinear, StructuredLinear
+from pixelfly_lab.nn.sparsification import sparsify
 
 VOCAB, WIDTH, T = 128, 64, 16
 

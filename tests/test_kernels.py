@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pixelfly_lab import torch_kernels
-from pixelfly_lab.kernels import (block_sparse_matmul, blocks_to_dense, dense_to_blocks, plan_for,
+from pixelfly_lab.ops import torch_kernels
+from pixelfly_lab.ops.matmul import (block_sparse_matmul, blocks_to_dense, dense_to_blocks, plan_for,
                                   resolve_backend, sparse_lowrank_matmul)
-from pixelfly_lab.masks import flat_block_butterfly_layout, layout_to_mask
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
 
 F64 = torch.float64
 
@@ -163,7 +163,7 @@ def test_bad_operands_are_refused_by_name():
 
 
 def test_importing_the_package_does_not_import_triton():
-    code = ("import sys, pixelfly_lab.kernels, pixelfly_lab.layers, pixelfly_lab.butterfly; "
+    code = ("import sys, pixelfly_lab.ops.matmul, pixelfly_lab.nn.layers, pixelfly_lab.nn.butterfly; "
             "assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -181,7 +181,7 @@ def test_cpu_autocast_computes_in_the_autocast_dtype():
 TRITON_DISPATCH = """
 import os; os.environ['TRITON_INTERPRET'] = '1'
 import torch
-from pixelfly_lab.layers import PixelflyLinear
+from pixelfly_lab.nn.layers import PixelflyLinear
 torch.manual_seed(0)
 layer = PixelflyLinear(32, 64, butterfly_size=4, n_factors=1, rank=2, block_size=16)
 x = torch.randn(4, 32, requires_grad=True)

@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelfly_lab.layers import (BlockSparseLinear, LowRankLinear, MaskedLinear, MonarchLinear,
+from pixelfly_lab.nn.layers import (BlockSparseLinear, LowRankLinear, MaskedLinear, MonarchLinear,
                                  PixelflyLinear, SparseLowRankLinear, StructuredLinear,
                                  layer_from_pattern)
-from pixelfly_lab.masks import flat_block_butterfly_layout, layout_to_mask
-from pixelfly_lab.patterns import PATTERN_NAMES, make_pattern, monarch_params, plan_pixelfly
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
+from pixelfly_lab.structure.patterns import PATTERN_NAMES, make_pattern, monarch_params, plan_pixelfly
 
 F64 = torch.float64
 IRREGULAR = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0],
@@ -222,7 +222,7 @@ def test_backend_is_overridable_per_layer_and_repr_says_so():
 
 
 def test_bench_table_and_figure_in_process():
-    from pixelfly_lab.bench import BenchConfig, plot_speed, speed_table
+    from pixelfly_lab.speed.bench import BenchConfig, plot_speed, speed_table
 
     config = BenchConfig(shapes=((64, 128),), rows=16, budgets=(0.5, 0.01), block_sizes=(16,),
                          peers=("monarch", "masked", "bsr"), repeats=1, warmup=0, allocator="default")

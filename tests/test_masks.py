@@ -1,5 +1,5 @@
 """Butterfly supports against brute-force oracles written element by element from the definitions
-in :mod:`pixelfly_lab.masks` (Pixelfly paper, Sec. 3; the authors' released layout code)."""
+in :mod:`pixelfly_lab.structure.masks` (Pixelfly paper, Sec. 3; the authors' released layout code)."""
 
 import itertools
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pixelfly_lab.masks import (
+from pixelfly_lab.structure.masks import (
     block_butterfly_mask,
     butterfly_factor_mask,
     butterfly_product_mask,
@@ -22,7 +22,7 @@ log_sizes = st.integers(min_value=1, max_value=7)  # n = 2 .. 128
 
 
 def oracle_layout(out_f, in_f, size, n_factors, block, shuffle, global_size):
-    """The five steps of :func:`~pixelfly_lab.masks.flat_block_butterfly_layout`, element by element."""
+    """The five steps of :func:`~pixelfly_lab.structure.masks.flat_block_butterfly_layout`, element by element."""
     groups = size >> n_factors
     row_cell, col_cell = out_f // size, in_f // size
     layout = torch.zeros(out_f // block, in_f // block, dtype=torch.bool)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from pixelfly_lab.data import load_data, make_listops, make_mnist1d, make_teacher
-from pixelfly_lab.rank import layer_weights
-from pixelfly_lab.models import (MODEL_NAMES, SPARSIFY_WHERE, Attention, build_model, count_params, default_patch,
+from pixelfly_lab.training.data import load_data, make_listops, make_mnist1d, make_teacher
+from pixelfly_lab.training.rank import layer_weights
+from pixelfly_lab.training.models import (MODEL_NAMES, SPARSIFY_WHERE, Attention, build_model, count_params, default_patch,
                                  patchify)
 
 
@@ -174,7 +174,7 @@ def test_sparsified_where_the_paper_does(datasets, name, data_name):
 
 
 def test_effective_and_stable_rank_oracles():
-    from pixelfly_lab.rank import effective_rank, singular_values, stable_rank
+    from pixelfly_lab.training.rank import effective_rank, singular_values, stable_rank
 
     torch.manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
@@ -192,7 +192,7 @@ def test_effective_and_stable_rank_oracles():
 
 
 def test_weight_ranks_use_the_dense_weight(datasets):
-    from pixelfly_lab.rank import weight_ranks, weight_spectra
+    from pixelfly_lab.training.rank import weight_ranks, weight_spectra
 
     model = build_model("mlp", datasets["digits"], pattern="lowrank", budget=0.25)
     table = weight_ranks(model).set_index("layer")

@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pixelfly_lab import layers, ntk
-from pixelfly_lab.models import Mixer
-from pixelfly_lab.ntk import empirical_ntk, kernel_distance, spectra
-from pixelfly_lab.patterns import make_pattern
+from pixelfly_lab.nn import layers
+from pixelfly_lab.ntk import empirical as ntk
+from pixelfly_lab.training.models import Mixer
+from pixelfly_lab.ntk.empirical import empirical_ntk, kernel_distance, spectra
+from pixelfly_lab.structure.patterns import make_pattern
 
 # torch 2.13's forward-mode decompositions (loaded by the first jvp) still call torch.jit.script
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

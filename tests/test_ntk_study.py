@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pixelfly_lab.data import load_data
-from pixelfly_lab.models import build_model
-from pixelfly_lab.ntk import empirical_ntk, kernel_distance
-from pixelfly_lab.ntk_study import STUDY_METRICS, NTKStudyConfig, kernel_distances, ntk_study
+from pixelfly_lab.training.data import load_data
+from pixelfly_lab.training.models import build_model
+from pixelfly_lab.ntk.empirical import empirical_ntk, kernel_distance
+from pixelfly_lab.studies.ntk_comparison import STUDY_METRICS, NTKStudyConfig, kernel_distances, ntk_study
 
 TINY = NTKStudyConfig(families=("mlp",), patterns=("dense", "pixelfly"), seeds=(0,), reference_seeds=(5, 6),
                       n_kernel=6, n_train=64, n_test=1000, epochs=1)

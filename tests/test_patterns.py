@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pixelfly_lab.masks import flat_block_butterfly_layout
-from pixelfly_lab.patterns import (
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout
+from pixelfly_lab.structure.patterns import (
     LOWRANK_SHARE,
     MIN_RANK,
     PATTERN_NAMES,

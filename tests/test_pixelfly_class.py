@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pixelfly_lab.expressiveness import approximate
-from pixelfly_lab.patterns import make_pattern
-from pixelfly_lab.targets import target_matrix
+from pixelfly_lab.approx.expressiveness import approximate
+from pixelfly_lab.structure.patterns import make_pattern
+from pixelfly_lab.approx.targets import target_matrix
 
 F64 = torch.float64
 BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)

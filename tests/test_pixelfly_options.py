@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from pixelfly_lab.layers import (LOWRANK_INITS, LowRankLinear, PixelflyLinear, SparseLowRankLinear,
+from pixelfly_lab.nn.layers import (LOWRANK_INITS, LowRankLinear, PixelflyLinear, SparseLowRankLinear,
                                  layer_from_pattern)
-from pixelfly_lab.patterns import make_pattern
+from pixelfly_lab.structure.patterns import make_pattern
 
 F64 = torch.float64
 
@@ -81,8 +81,8 @@ def test_bad_options_are_named(kwargs, error, word):
 
 
 def test_build_model_passes_gating_and_lowrank_init_to_every_pixelfly_layer():
-    from pixelfly_lab.data import make_teacher
-    from pixelfly_lab.models import build_model
+    from pixelfly_lab.training.data import make_teacher
+    from pixelfly_lab.training.models import build_model
 
     data = make_teacher(n_train=16, n_test=8, d_in=32, d_out=3)
     model = build_model("mlp", data, pattern="pixelfly", budget=0.4, block_size=4, gating=True,

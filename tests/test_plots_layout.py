@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pixelfly_lab.plots import show_mask, show_masks  # noqa: E402
+from pixelfly_lab.structure.pictures import show_mask, show_masks  # noqa: E402
 
 
 def test_show_mask_keeps_the_true_aspect_ratio_and_labels_blocks():

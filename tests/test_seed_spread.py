@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pixelfly_lab import seed_spread
-from pixelfly_lab.ntk import DISTANCE_METRICS, SCALE_FREE_METRICS, empirical_ntk, kernel_distance
+from pixelfly_lab.ntk.empirical import DISTANCE_METRICS, SCALE_FREE_METRICS, empirical_ntk, kernel_distance
 
 F64 = torch.float64
 

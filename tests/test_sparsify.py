@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelfly_lab.layers import (BlockSparseLinear, LowRankLinear, MonarchLinear, PixelflyLinear,
+from pixelfly_lab.nn.layers import (BlockSparseLinear, LowRankLinear, MonarchLinear, PixelflyLinear,
                                  StructuredLinear, layer_from_pattern)
-from pixelfly_lab.patterns import PATTERN_NAMES, make_pattern
-from pixelfly_lab.sparsify import linear_layers, sparsify
+from pixelfly_lab.structure.patterns import PATTERN_NAMES, make_pattern
+from pixelfly_lab.nn.sparsification import linear_layers, sparsify
 
 
 class Block(nn.Module):
@@ -341,7 +341,7 @@ def test_gating_and_lowrank_init_reach_the_layers():
 
 @pytest.mark.parametrize("rank_budget", [0.3, 0.6])
 def test_weight_std_from_the_factors_equals_the_dense_std(rank_budget):
-    from pixelfly_lab.sparsify import _weight_std
+    from pixelfly_lab.nn.sparsification import _weight_std
     torch.manual_seed(0)
     layer = PixelflyLinear(64, 128, budget=rank_budget, block_size=8, dtype=torch.float64)
     with torch.no_grad():
@@ -352,8 +352,8 @@ def test_weight_std_from_the_factors_equals_the_dense_std(rank_budget):
 
 
 def test_build_model_where_a_family_glob_matches_nothing_still_builds():
-    from pixelfly_lab.data import load_data
-    from pixelfly_lab.models import build_model
+    from pixelfly_lab.training.data import load_data
+    from pixelfly_lab.training.models import build_model
     model = build_model("mlp", load_data("digits"), depth=1, pattern="pixelfly", budget=0.25)
     assert not model.report["replaced"].any()        # no hidden-to-hidden layer at depth 1
     assert set(model.report["note"]) == {"not selected"}
@@ -361,7 +361,7 @@ def test_build_model_where_a_family_glob_matches_nothing_still_builds():
 
 @pytest.mark.parametrize("shape", [(128, 64), (64, 128), (64, 64)])
 def test_init_project_recovers_a_weight_that_already_has_the_structure(shape):
-    from pixelfly_lab.projections import monarch_dense
+    from pixelfly_lab.structure.projections import monarch_dense
     out_f, in_f = shape
     model = nn.Sequential(nn.Linear(in_f, out_f))
     planned = make_pattern("monarch", out_f, in_f, 0.3, block_size=8)
@@ -393,7 +393,7 @@ def test_a_parametrized_linear_is_listed_and_left_alone():
 def test_sparsify_never_imports_transformers():
     import subprocess
     import sys
-    code = ("import sys, torch; from pixelfly_lab.sparsify import sparsify; "
+    code = ("import sys, torch; from pixelfly_lab.nn.sparsification import sparsify; "
             "sparsify(torch.nn.Sequential(torch.nn.Linear(32, 32)), block_size=8); "
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

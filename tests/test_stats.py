@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pixelfly_lab.stats import spearman, spearman_permutation_test
+from pixelfly_lab.studies.stats import spearman, spearman_permutation_test
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 7])

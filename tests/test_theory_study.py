@@ -1,4 +1,4 @@
-"""The theorems' instruments (pixelfly_lab.theory): block butterflies, the Thm 1 gap, the Thm 3 NTK change."""
+"""The theorems' instruments (pixelfly_lab.studies.theorems): block butterflies, the Thm 1 gap, the Thm 3 NTK change."""
 
 import math
 
@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pixelfly_lab.masks import butterfly_factor_mask, butterfly_product_mask
-from pixelfly_lab.projections import relative_error
-from pixelfly_lab.targets import random_butterfly_factors
-from pixelfly_lab.theory import (_mlp, _ntk, block_butterfly_factor_masks, fit_factor_product,
+from pixelfly_lab.structure.masks import butterfly_factor_mask, butterfly_product_mask
+from pixelfly_lab.structure.projections import relative_error
+from pixelfly_lab.approx.targets import random_butterfly_factors
+from pixelfly_lab.studies.theorems import (_mlp, _ntk, block_butterfly_factor_masks, fit_factor_product,
                                  fit_factor_product_restarts, loglog_slope,
                                  ntk_change_vs_width, residual_flat_gap)
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pixelfly_lab import torch_kernels
-from pixelfly_lab.kernels import blocks_to_dense
-from pixelfly_lab.masks import flat_block_butterfly_layout
+from pixelfly_lab.ops import torch_kernels
+from pixelfly_lab.ops.matmul import blocks_to_dense
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout
 
 F64 = torch.float64
 

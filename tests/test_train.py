@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pixelfly_lab.cli import main
-from pixelfly_lab.train import CHECKPOINT, TrainConfig, lr_at, train
+from pixelfly_lab.training.loop import CHECKPOINT, TrainConfig, lr_at, train
 
 # teacher regression: no data files, no scikit-learn, 4 steps per epoch
 TINY = dict(model="mlp", data="teacher", max_train=128, max_test=64, batch_size=32, epochs=3, lr=1e-2,
@@ -168,10 +168,10 @@ def test_study_helpers_make_tables_and_figures(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from pixelfly_lab.data import make_teacher
-    from pixelfly_lab.rank import singular_values
+    from pixelfly_lab.training.data import make_teacher
+    from pixelfly_lab.training.rank import singular_values
     from pixelfly_lab.studies.claims import save_figure
-    from pixelfly_lab.training_study import (compare_patterns, plot_curves, plot_parity, plot_ranks,
+    from pixelfly_lab.studies.training_comparison import (compare_patterns, plot_curves, plot_parity, plot_ranks,
                                              plot_step_times, step_speed)
 
     patterns = ["dense", "lowrank"]

@@ -9,7 +9,7 @@ import torch
 
 from pixelfly_lab.studies.training import (GPU_SPEEDUPS, SpeedModel, TaskSpec, parity_claims, sparsified_budgets,
                                            speed_claims, unmeasured_speed_claims)
-from pixelfly_lab.training_study import compare_patterns, pattern_options
+from pixelfly_lab.studies.training_comparison import compare_patterns, pattern_options
 
 ACCURACY = TaskSpec("task", "mlp", "mnist1d", "test_accuracy", 2.0)
 LOSS = TaskSpec("lm", "gpt", "chars", "val_loss", 0.01)
@@ -63,8 +63,8 @@ def test_patterns_under_budget_are_named_and_left_out():
 
 
 def test_sparsified_budgets_from_the_models_reports():
-    from pixelfly_lab.data import load_data
-    from pixelfly_lab.models import build_model
+    from pixelfly_lab.training.data import load_data
+    from pixelfly_lab.training.models import build_model
 
     data = load_data("mnist1d", n_train=32, n_test=16)
     models = {(p, 0): build_model("mlp", data, size="tiny", pattern=p, budget=0.25, block_size=8)
@@ -76,10 +76,10 @@ def test_sparsified_budgets_from_the_models_reports():
 
 
 def test_gated_layers_have_no_rank_and_training_tracks_the_others(tmp_path):
-    from pixelfly_lab.data import load_data
-    from pixelfly_lab.models import build_model
-    from pixelfly_lab.rank import gated_layers, layer_weights, weight_ranks
-    from pixelfly_lab.train import TrainConfig, train
+    from pixelfly_lab.training.data import load_data
+    from pixelfly_lab.training.models import build_model
+    from pixelfly_lab.training.rank import gated_layers, layer_weights, weight_ranks
+    from pixelfly_lab.training.loop import TrainConfig, train
 
     data = load_data("mnist1d", n_train=32, n_test=16)
     model = build_model("mlp", data, size="tiny", pattern="pixelfly", budget=0.25, block_size=8, gating=True)
@@ -95,7 +95,7 @@ def test_gated_layers_have_no_rank_and_training_tracks_the_others(tmp_path):
 
 
 def test_data_seed_is_fixed_by_data_options(tmp_path):
-    from pixelfly_lab.train import TrainConfig, _load_data
+    from pixelfly_lab.training.loop import TrainConfig, _load_data
 
     a, b = (_load_data(TrainConfig(data="mnist1d", seed=s, data_options={"seed": 0, "n_train": 16, "n_test": 8},
                                    out=str(tmp_path))) for s in (1, 2))
@@ -134,7 +134,7 @@ def test_speed_claims_have_the_talks_thresholds(tmp_path):
 
 
 def test_model_options_must_be_a_dict():
-    from pixelfly_lab.train import TrainConfig
+    from pixelfly_lab.training.loop import TrainConfig
 
     with pytest.raises(TypeError, match="model_options"):
         TrainConfig(model_options=["gating"])

@@ -1,11 +1,11 @@
 """Triton block-sparse kernels against the dense reference x @ W.T, values and gradients.
 
 The kernels are reached as users reach them: ``sparse_lowrank_matmul(..., backend='triton')``,
-the torch custom op of :mod:`pixelfly_lab.kernels` (autograd, autocast), and the launchers directly.
+the torch custom op of :mod:`pixelfly_lab.ops.matmul` (autograd, autocast), and the launchers directly.
 
 Without a GPU the kernels run in Triton's interpreter (numpy, CPU tensors, toy sizes):
 TRITON_INTERPRET=1 must be set before triton is imported, so it is set here, before anything
-imports triton or pixelfly_lab.triton_kernels. The interpreter computes bfloat16 dots wrongly, so
+imports triton or pixelfly_lab.ops.triton_kernels. The interpreter computes bfloat16 dots wrongly, so
 bfloat16 is checked only by the CUDA tests, which are skipped when no GPU is present.
 """
 
@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pixelfly_lab import kernels  # noqa: E402
-from pixelfly_lab import triton_kernels as tk  # noqa: E402
+from pixelfly_lab.ops import matmul as kernels  # noqa: E402
+from pixelfly_lab.ops import triton_kernels as tk  # noqa: E402
 
 if not CUDA and not tk._INTERPRET:
     pytest.skip("no GPU, and triton_kernels was imported before TRITON_INTERPRET=1 was set",
@@ -141,7 +141,7 @@ def test_grouped_programs_match_dense(dtype, block, rank):
 
 
 def test_flat_block_butterfly_layout_matches_dense():
-    from pixelfly_lab.masks import flat_block_butterfly_layout
+    from pixelfly_lab.structure.masks import flat_block_butterfly_layout
 
     layout = flat_block_butterfly_layout(256, 128, 4, 1, 16)  # each cell stretched to 4 x 2 blocks
     tables = tk.layout_tables(layout)
@@ -286,7 +286,7 @@ def test_grid_is_one_dimensional_so_millions_of_rows_fit(monkeypatch):
 
 TF32_API = """
 import torch
-from pixelfly_lab.kernels import tf32_allowed
+from pixelfly_lab.ops.matmul import tf32_allowed
 matmul = torch.backends.cuda.matmul
 seen = [tf32_allowed()]
 matmul.allow_tf32 = True                       # the legacy API

@@ -1,7 +1,7 @@
 """The Triton kernels compiled for real GPU targets on a machine without a GPU.
 
 Triton's compiler and the ptxas in its wheel compile for sm_80 and sm_90 without a device
-(:mod:`pixelfly_lab.triton_check`, run in a subprocess: it swaps Triton's driver for a stand-in
+(:mod:`pixelfly_lab.ops.triton_check`, run in a subprocess: it swaps Triton's driver for a stand-in
 that names the target, and needs TRITON_INTERPRET unset). Every config the autotuner's pruning
 model keeps, and the fixed config used without tuning, must compile with no register spill, no
 stack frame and shared memory within the target's limit (the FMA path of float32 without TF32,
@@ -13,7 +13,7 @@ heaviest epilogues, float32 without TF32 at block 32, for sm_80 and sm_90: 71 ke
 minutes the first time on the team's loaded 2-core machine, 10-40 s with Triton's cache warm).
 Every variant (5 dtype/precision pairs x 4 blocks x 7 kernel flag sets x every kept config, for
 sm_80 and sm_90: about 1600 kernels, tens of minutes cold) is checked by
-``python -m pixelfly_lab.triton_check`` (exit status 1 on a violation). Skipped, with the reason,
+``python -m pixelfly_lab.ops.triton_check`` (exit status 1 on a violation). Skipped, with the reason,
 only where the toolchain is missing (no triton, Triton < 3.3, no bundled ptxas).
 """
 
@@ -27,7 +27,7 @@ import pytest
 
 def run_check(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "pixelfly_lab.triton_check", "--json", *args], env=env,
+    run = subprocess.run([sys.executable, "-m", "pixelfly_lab.ops.triton_check", "--json", *args], env=env,
                          capture_output=True, text=True, timeout=900)
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if rows and "skip" in rows[0]:
@@ -52,7 +52,7 @@ def test_kept_configs_compile_without_spills_within_shared_memory():
 
 EVERY_CONFIG = """
 import json
-from pixelfly_lab.triton_check import Variant, compile_variant, toolchain_problem
+from pixelfly_lab.ops.triton_check import Variant, compile_variant, toolchain_problem
 if toolchain_problem():
     print(json.dumps({"skip": toolchain_problem()}))
 else:

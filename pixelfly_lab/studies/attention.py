@@ -1,5 +1,5 @@
 """Study 'attention': attention matrices across temperatures, oracles against oracles and
-estimators against estimators (see :mod:`pixelfly_lab.attention` for the methods).
+estimators against estimators (see :mod:`pixelfly_lab.studies.estimators` for the methods).
 
 Two regimes: random Q, K, and Q, K with a positional part (locality 1, like trained local
 attention). The paper's statement (Scatterbrain, Chen et al., NeurIPS 2021, arXiv 2110.15343,
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..attention import ATTENTION_ESTIMATORS, ATTENTION_ORACLES, attention_table, plot_attention_examples, plot_attention_table
-from .claims import Claim, save_figure, save_table
+from pixelfly_lab.studies.estimators import ATTENTION_ESTIMATORS, ATTENTION_ORACLES, attention_table, plot_attention_examples, plot_attention_table
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["AttentionConfig", "FULL", "QUICK", "TINY", "run"]
 
@@ -120,10 +120,10 @@ def run(out: Path, config: AttentionConfig = QUICK, *, device: str = "cpu") -> l
 
 def _budget_split(n: int, budget: float, block: int) -> str:
     """How each estimator spends the budget (m random features cost 2 n m of the n^2 scores)."""
-    from ..attention_layer import attention_layout
+    from pixelfly_lab.nn.attention import attention_layout
 
     layout, m = attention_layout("pixelfly", n, budget, block)
-    rank = max(1, int(budget * n / 2))     # as pixelfly_lab.attention: Performer's features
+    rank = max(1, int(budget * n / 2))     # as pixelfly_lab.studies.estimators: Performer's features
     return (f"Pixelfly = the attention layer's planner split, a flat block butterfly support of density "
             f"{layout.float().mean().item():.4g} + {m} random features ({2 * m / n:.4g} of the n^2 scores); "
             f"Scatterbrain = top-{budget / 2:g} n^2 support + {max(1, rank // 2)} features; Performer = {rank} "

@@ -1,7 +1,7 @@
 """Study 'expressiveness': approximation error against budget of every pattern on every target.
 
-Composes :func:`pixelfly_lab.expressiveness.expressiveness_table` and
-:func:`~pixelfly_lab.expressiveness.plot_error_vs_budget`. The paper's statement checked
+Composes :func:`pixelfly_lab.approx.expressiveness.expressiveness_table` and
+:func:`~pixelfly_lab.approx.expressiveness.plot_error_vs_budget`. The paper's statement checked
 (Dao, Chen et al., ICLR 2022, arXiv 2112.00029, Sec. 1 and 4): at equal budget, flat block
 butterfly + low-rank approximates the matrices networks need better than either part alone,
 decided per target of :data:`NETWORK_KINDS` (one claim each, mean +- sd over seeds): a mean
@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..expressiveness import ORACLE_NAMES, expressiveness_table, plot_error_vs_budget
-from ..targets import TARGET_KINDS, digits_mlp, target_matrix
-from .claims import Claim, save_figure, save_table
+from pixelfly_lab.approx.expressiveness import ORACLE_NAMES, expressiveness_table, plot_error_vs_budget
+from pixelfly_lab.approx.targets import TARGET_KINDS, digits_mlp, target_matrix
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["ExpressivenessConfig", "FULL", "QUICK", "TINY", "run", "EXPRESSIVENESS_PATTERNS", "NETWORK_KINDS"]
 

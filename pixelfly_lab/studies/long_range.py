@@ -8,7 +8,7 @@ at equal or better accuracy (59.86 vs 59.01 average). Two parts, on the CPU:
 (a) speed and memory of block-sparse attention (:func:`pixelfly_lab.block_sparse_attention`,
     flat butterfly layout of fixed fan-in) against dense ``scaled_dot_product_attention``,
     forward+backward, one thread, interleaved, at growing T
-    (:func:`pixelfly_lab.attention_speed.attention_speed_table`). Paper claim, fixed before
+    (:func:`pixelfly_lab.speed.attention.attention_speed_table`). Paper claim, fixed before
     measuring: the speed-up grows with T (held when the forward+backward ratio rises from each
     length to the next). Toolkit target (check): >= 4x at T = 4096 (8 heads of 64, density 1/16).
 (b) a ViT-style Transformer (mean-pooled, bidirectional) with Pixelfly attention + Pixelfly MLPs
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..attention_speed import attention_speed_table
-from ..data import load_data
-from ..threads import num_threads
-from ..train import TrainConfig, train
-from .claims import Claim, save_figure, save_table
+from pixelfly_lab.speed.attention import attention_speed_table
+from pixelfly_lab.training.data import load_data
+from pixelfly_lab.threads import num_threads
+from pixelfly_lab.training.loop import TrainConfig, train
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["LongRangeConfig", "FULL", "QUICK", "TINY", "run"]
 

@@ -1,6 +1,6 @@
 """Study 'ntk': how close each pattern's neural tangent kernel is to the dense model's.
 
-Composes :func:`pixelfly_lab.ntk_study.ntk_study` (kernels at initialisation, the dense
+Composes :func:`pixelfly_lab.studies.ntk_comparison.ntk_study` (kernels at initialisation, the dense
 seed-to-seed spread, training) and its plots. The paper's statements checked (Dao, Chen et al.,
 ICLR 2022, arXiv 2112.00029, the NTK analysis: the NTK-guided choice of the pattern), with their
 pass rules fixed here before anything is measured:
@@ -17,7 +17,7 @@ pass rules fixed here before anything is measured:
 * "a smaller NTK distance goes with a higher accuracy": over the sparse patterns only (dense
   excluded), mean centred distance at initialisation against mean test accuracy (10000 test
   examples) after a fixed epoch budget, held when Spearman's rho < 0 and its one-sided
-  permutation p-value (exact over all orderings, :func:`pixelfly_lab.stats.spearman_permutation_test`)
+  permutation p-value (exact over all orderings, :func:`pixelfly_lab.studies.stats.spearman_permutation_test`)
   is < 0.05; undecided unless the budget lets dense converge: dense trained for twice the epochs
   gains less than 0.5 accuracy points (mean over seeds).
 """
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..ntk_study import (QUICK as NTK_QUICK, SCALE_FREE_METRICS, NTKStudyConfig, ntk_study, plot_distance_at_init,
+from pixelfly_lab.studies.ntk_comparison import (QUICK as NTK_QUICK, SCALE_FREE_METRICS, NTKStudyConfig, ntk_study, plot_distance_at_init,
                          plot_distance_vs_accuracy, plot_spectra)
-from ..stats import spearman_permutation_test
-from ..threads import num_threads
-from .claims import Claim, save_figure, save_table
+from pixelfly_lab.studies.stats import spearman_permutation_test
+from pixelfly_lab.threads import num_threads
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["NTKStudyConfig", "FULL", "QUICK", "TINY", "run"]
 

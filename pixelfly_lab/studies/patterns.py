@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..masks import butterfly_factor_mask, butterfly_product_mask, flat_block_butterfly_layout, flat_butterfly_mask
-from ..plots import pattern_gallery, pattern_table, show_masks
-from .claims import Claim, save_figure, save_table
+from pixelfly_lab.structure.masks import butterfly_factor_mask, butterfly_product_mask, flat_block_butterfly_layout, flat_butterfly_mask
+from pixelfly_lab.structure.pictures import pattern_gallery, pattern_table, show_masks
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["PatternsConfig", "FULL", "QUICK", "TINY", "run"]
 

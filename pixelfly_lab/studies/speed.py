@@ -1,4 +1,4 @@
-"""Study 'speed': layer speed against dense nn.Linear (composes :mod:`pixelfly_lab.bench`).
+"""Study 'speed': layer speed against dense nn.Linear (composes :mod:`pixelfly_lab.speed.bench`).
 
 The paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029, abstract and Sec. 5) reports GPU
 training speed-ups; it makes no claim about CPU layers. What this study decides is the
@@ -7,7 +7,7 @@ a heavily loaded machine): on one CPU thread, the released configuration (butter
 n_factors 2, rank 32, block 32) at 1024 -> 4096 with 4096 rows at least 3.3x faster than
 nn.Linear forward+backward and forward alone (FLOP limit 4.41x), or 0.8 of the FLOP limit on a
 GPU; budget 0.1 there at least 6x; a Mixer-B/16 training step (channel MLPs at budget 0.25,
-batch 8) at least 2x faster than dense (:func:`pixelfly_lab.bench.model_speed_table`).
+batch 8) at least 2x faster than dense (:func:`pixelfly_lab.speed.bench.model_speed_table`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..bench import MODEL_CASES, BenchConfig, ModelCase, model_speed_table, plot_speed, speed_table
-from .claims import Claim, save_figure, save_table
+from pixelfly_lab.speed.bench import MODEL_CASES, BenchConfig, ModelCase, model_speed_table, plot_speed, speed_table
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["SpeedConfig", "FULL", "QUICK", "TINY", "run"]
 

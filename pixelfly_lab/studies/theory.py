@@ -1,4 +1,4 @@
-"""Study 'theory': the paper's theorems, numerically (see :mod:`pixelfly_lab.theory` for the maths).
+"""Study 'theory': the paper's theorems, numerically (see :mod:`pixelfly_lab.studies.theorems` for the maths).
 
 1. Flat vs residual butterfly (Pixelfly paper, Thm 1, Sec. 3.2): the gap ||R - F|| / ||F||
    shrinks as lam^2 and, relative to the perturbation ||R - I||, as lam. Both slopes are fixed
@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..expressiveness import approximate
-from ..projections import relative_error
-from ..targets import random_butterfly_factors, target_matrix
-from ..theory import (block_butterfly_factor_masks, block_vs_butterfly, exact_butterflies, loglog_slope, lowrank_share_sweep, ntk_change_vs_width,
+from pixelfly_lab.approx.expressiveness import approximate
+from pixelfly_lab.structure.projections import relative_error
+from pixelfly_lab.approx.targets import random_butterfly_factors, target_matrix
+from pixelfly_lab.studies.theorems import (block_butterfly_factor_masks, block_vs_butterfly, exact_butterflies, loglog_slope, lowrank_share_sweep, ntk_change_vs_width,
                       plot_block_vs_butterfly, plot_exact_butterflies, plot_lowrank_share_sweep, plot_ntk_change,
                       plot_residual_flat_gap, residual_flat_gap)
-from .claims import Claim, save_figure, save_table
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["TheoryConfig", "FULL", "QUICK", "TINY", "run"]
 

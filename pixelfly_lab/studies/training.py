@@ -1,7 +1,7 @@
 """Study 'training': parity of Pixelfly with dense training, rank of the weights, time per step.
 
-Composes :func:`pixelfly_lab.training_study.compare_patterns` and
-:func:`~pixelfly_lab.training_study.step_speed`. What the paper claims (Dao, Chen et al.,
+Composes :func:`pixelfly_lab.studies.training_comparison.compare_patterns` and
+:func:`~pixelfly_lab.studies.training_comparison.step_speed`. What the paper claims (Dao, Chen et al.,
 ICLR 2022, arXiv 2112.00029, Sec. 5): sparse models with the Pixelfly pattern reach the dense
 models' quality with a fraction of the parameters, and train faster on GPUs. At laptop scale,
 on tasks where patterns differ (on scikit-learn's digits every pattern reaches ~97% and nothing
@@ -35,11 +35,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..data import TaskData, load_data
-from ..rank import layer_weights, singular_values
-from ..threads import num_threads
-from ..training_study import compare_patterns, plot_curves, plot_parity, plot_ranks, plot_step_times, step_speed
-from .claims import Claim, save_figure, save_table
+from pixelfly_lab.training.data import TaskData, load_data
+from pixelfly_lab.training.rank import layer_weights, singular_values
+from pixelfly_lab.threads import num_threads
+from pixelfly_lab.studies.training_comparison import compare_patterns, plot_curves, plot_parity, plot_ranks, plot_step_times, step_speed
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["TaskSpec", "TrainingConfig", "FULL", "QUICK", "TINY", "run", "parity_claims", "SpeedModel", "GPU_SPEEDUPS",
            "speed_claims", "unmeasured_speed_claims"]
@@ -56,7 +56,7 @@ class TaskSpec:
 
     Attributes:
         label: its name in figures and claims.
-        model, data: :class:`pixelfly_lab.train.TrainConfig`'s model and data.
+        model, data: :class:`pixelfly_lab.training.loop.TrainConfig`'s model and data.
         metric: the summary column compared ('test_accuracy' or 'val_loss').
         margin: parity margin: accuracy points (accuracy) or a relative excess (loss: 0.05 = 5%).
         patterns, seeds: what is trained.

@@ -1,0 +1,273 @@
+"""Structured derivatives for the empirical NTK: kernels of linear layers without their Jacobians.
+
+For a layer y = x W^T + b applied to an input a (over extra axes S, e.g. tokens) with output
+cotangent g_o = d f_o / d y, the Jacobian of output o with respect to W is sum_s g_os a_s^T.
+Hence, without extra axes,
+
+    < d f_o(x) / d W, d f_o'(x') / d W > = < g_o(x), g_o'(x') > < a(x), a(x') >,
+
+so a (out x in) weight costs O out + in per pair of examples instead of O out in, and no
+Jacobian with respect to W is formed. For a weight stored as the blocks of a layout, the sum
+runs over the stored blocks only: K = sum_{(r, c) in layout} G_r * A_c with G_r and A_c the
+Gram matrices of block r of g and block c of a. A bias is a weight on the constant input 1; a
+low-rank W = U V^T is two such terms (U with input V^T a; V^T with cotangent U^T g). With
+extra axes the factored Jacobian sum_s g_s a_s^T is contracted directly.
+
+Each module type with a rule is listed in :func:`rule_for`; every rule is checked on the
+first example against autograd (a weight also used outside its module's forward would break
+it) and dropped with a warning if it does not hold. The cotangents g of all layers come from
+one vmap(jacrev) with respect to zero "taps" added to the layers' outputs.
+
+Reference: Novak, Sohl-Dickstein, Schoenholz. "Fast Finite Width Neural Tangent Kernel."
+ICML 2022, arXiv 2206.08720, Sec. 4 (structured derivatives).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+__all__ = ["contract_jacobians", "structured_rules", "structured_features", "feature_numel", "contract_term"]
+
+
+def contract_jacobians(ja: torch.Tensor, jb: torch.Tensor, trace: bool) -> torch.Tensor:
+    """(ca, O, P) x (cb, O, P) -> (ca, cb) traced, or (ca, cb, O, O)."""
+    (ca, n_out, _), cb = ja.shape, jb.shape[0]
+    if trace:
+        return ja.reshape(ca, -1) @ jb.reshape(cb, -1).T
+    block = ja.reshape(ca * n_out, -1) @ jb.reshape(cb * n_out, -1).T
+    return block.view(ca, n_out, cb, n_out).permute(0, 2, 1, 3)
+
+
+@dataclass
+class _Term:
+    """One trainable tensor W_t of a module, with d f_o / d W_t = left_o (x) right on its blocks.
+
+    ``left(a, g)`` -> (c, O, S, out_t) is the cotangent at the term's output and ``right(a, g)``
+    -> (c, S, in_t) its input, from the module's input a (c, S, in) and output cotangent
+    g (c, O, S, out), both over the extra axes S the weight is shared across. The parameter
+    stores the blocks of ``layout`` (row-major, (nnz, bo, bi)), or W_t^T when ``transposed``.
+    """
+
+    param: str
+    layout: torch.Tensor        # bool (R, C); (1, 1) for a dense weight
+    block: tuple                # (bo, bi)
+    left: object
+    right: object
+    transposed: bool = False
+
+
+@dataclass
+class _Rule:
+    module: nn.Module
+    terms: list
+
+    @property
+    def params(self) -> tuple:
+        return tuple(term.param for term in self.terms)
+
+
+def _output_side(a, g):
+    return g
+
+
+def _input_side(a, g):
+    return a
+
+
+def _ones_side(a, g):
+    return a.new_ones(a.shape[:-1] + (1,))   # a bias is a weight on the constant input 1
+
+
+def _bias_terms(module, name) -> list:
+    if getattr(module, "bias", None) is None:
+        return []
+    return [_Term(name("bias"), _DENSE, (module.out_features, 1), _output_side, _ones_side)]
+
+
+def _linear_terms(module, name, weight, layout, block) -> list:
+    """Terms of y = x W^T + bias: the weight ``weight`` on ``layout`` and the bias."""
+    return [_Term(name(weight), layout, block, _output_side, _input_side)] + _bias_terms(module, name)
+
+
+def _lowrank_terms(name, u: torch.Tensor, v: torch.Tensor) -> list:
+    """Terms of y = U (V^T x): d/dU = g (V^T x)^T and d/dV^T = (U^T g) x^T (V is stored (in, r))."""
+    (out_f, rank), in_f = u.shape, v.shape[0]
+    return [_Term(name("u"), _DENSE, (out_f, rank), _output_side, lambda a, g: a @ v.detach()),
+            _Term(name("v"), _DENSE, (rank, in_f), lambda a, g: g @ u.detach(), _input_side, True)]
+
+
+_DENSE = torch.ones(1, 1, dtype=torch.bool)
+
+
+def rule_for(prefix: str, module: nn.Module) -> _Rule | None:
+    """Terms of ``module`` if its type has a rule (exact types: a subclass may compute otherwise)."""
+    from pixelfly_lab.nn import layers  # imported here: layers imports the kernels, ntk works without them
+
+    name = lambda local: f"{prefix}.{local}" if prefix else local
+    kind = type(module)
+    if kind is nn.Linear:
+        return _Rule(module, _linear_terms(module, name, "weight", _DENSE, tuple(module.weight.shape)))
+    if kind is layers.BlockSparseLinear:
+        b = module.block_size
+        return _Rule(module, _linear_terms(module, name, "values", module.layout.cpu(), (b, b)))
+    if kind is layers.LowRankLinear:
+        return _Rule(module, _lowrank_terms(name, module.u, module.v) + _bias_terms(module, name))
+    if kind in (layers.SparseLowRankLinear, layers.PixelflyLinear) and module.gate is None:
+        sparse, b = module.sparse, module.sparse.block_size
+        terms = _linear_terms(module, name, "sparse.values", sparse.layout.cpu(), (b, b))
+        if module.lowrank is not None:
+            terms += _lowrank_terms(lambda local: name(f"lowrank.{local}"), module.lowrank.u, module.lowrank.v)
+        return _Rule(module, terms)
+    return None
+
+
+def structured_rules(prob) -> list:
+    """A rule per module that has one, runs once per forward and alone uses its parameters.
+
+    Frozen parameters drop out of a rule; a parameter is claimed by the outermost rule only.
+    """
+    trainable = set(prob.trainable)
+    owners = {}
+    for module in prob.model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    named = dict(prob.model.named_parameters())
+    rules, claimed = [], set()
+    for prefix, module in prob.model.named_modules():
+        rule = rule_for(prefix, module)
+        if rule is None:
+            continue
+        params = [named.get(term.param) for term in rule.terms]
+        if any(p is None or owners[id(p)] != 1 for p in params) or claimed & set(rule.params):
+            continue
+        claimed |= set(rule.params)
+        rule.terms = [term for term in rule.terms if term.param in trainable]
+        if rule.terms:
+            rules.append(rule)
+    if not rules:
+        return []
+    calls = _probe_outputs(prob, [rule.module for rule in rules])
+    # the taps need one call per forward, with the input passed positionally
+    return _verified(prob, [rule for rule in rules if [n for _, n in calls[id(rule.module)]] == [1]])
+
+
+def _probe_outputs(prob, modules: list) -> dict:
+    """id(module) -> (output shape, number of positional inputs) of each call in one forward."""
+    shapes = {id(m): [] for m in modules}
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes[id(m)].append((o.shape, len(i)))) for m in modules]
+    try:
+        with torch.no_grad():
+            prob.model(prob.x1[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def structured_features(prob, rules: list):
+    """features(x) for a chunk: per term of every rule, its factors or its Jacobian.
+
+    Without extra axes (S = 1) a term's features are (left (c, O, 1, out_t), right (c, 1, in_t)),
+    contracted as Gram matrices. A weight shared over S > 1 positions gets its factored
+    Jacobian sum_s left_s (x) right_s (c, O, P_t) instead, built once here: its Gram form would
+    cost S^2 (O out_t + in_t) per pair against O out_t in_t, more for the sizes of the models here.
+
+    A zero "tap" is added to each rule's output; d f / d tap is the output cotangent g, so one
+    vmap(jacrev) over the taps gives every g without differentiating any weight.
+    """
+    state = {"index": {id(r.module): k for k, r in enumerate(rules)}}
+
+    def hook(module, inputs, output):
+        state["inputs"].append(inputs[0])
+        return output + state["deltas"][state["index"][id(module)]]
+
+    def f(deltas, x):
+        state.update(deltas=deltas, inputs=[])
+        return prob.forward_one(prob.base, x), tuple(state["inputs"])
+
+    shapes = _probe_outputs(prob, [r.module for r in rules])
+    deltas = tuple(torch.zeros(shapes[id(r.module)][0][0], dtype=prob.dtype, device=prob.x1.device) for r in rules)
+
+    def features(x):
+        handles = [r.module.register_forward_hook(hook) for r in rules]
+        try:
+            grads, inputs = vmap(jacrev(f, has_aux=True), in_dims=(None, 0))(deltas, x)
+        finally:
+            for h in handles:
+                h.remove()
+        c, feats = len(x), []
+        for rule, a, g in zip(rules, inputs, grads):
+            a, g = a.reshape(c, -1, a.shape[-1]), g.reshape(c, prob.n_out, -1, g.shape[-1])
+            for term in rule.terms:
+                left, right = term.left(a, g), term.right(a, g)
+                feats.append((left, right) if a.shape[1] == 1 else _direct_jacobian(term, left, right))
+        return feats
+
+    return features
+
+
+def _direct_jacobian(term: _Term, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """(c, O, P_term) Jacobian sum_s left_s (x) right_s on the term's blocks, in storage order."""
+    c, n_out, s, _ = left.shape
+    (bo, bi), (rows, cols) = term.block, term.layout.to(left.device).nonzero().T
+    left = left.reshape(c, n_out, s, -1, bo)[:, :, :, rows]           # (c, O, S, nnz, bo)
+    right = right.reshape(c, s, -1, bi)[:, :, cols]                   # (c, S, nnz, bi)
+    jac = torch.einsum("aoskw,aski->aokwi", left, right)              # (c, O, nnz, bo, bi)
+    return (jac.transpose(-1, -2) if term.transposed else jac).reshape(c, n_out, -1)
+
+
+def _term_jacobian(term: _Term, feature) -> torch.Tensor:
+    return feature if isinstance(feature, torch.Tensor) else _direct_jacobian(term, *feature)
+
+
+def feature_numel(features: list) -> int:
+    """Elements held by a chunk's features."""
+    return sum(f.numel() if isinstance(f, torch.Tensor) else f[0].numel() + f[1].numel() for f in features)
+
+
+def _verified(prob, rules: list) -> list:
+    """Keep the rules whose rebuilt gradient matches autograd's on the first example."""
+    x0 = prob.x1[:1]
+    feats = iter(structured_features(prob, rules)(x0))
+    named = dict(prob.model.named_parameters())
+    weights = torch.randn(prob.n_out, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = weights.to(device=x0.device, dtype=prob.dtype)
+    params = [named[name] for rule in rules for name in rule.params]
+    grads = dict(zip(map(id, params), torch.autograd.grad(prob.model(x0).reshape(-1) @ weights, params,
+                                                          allow_unused=True)))
+    kept = []
+    for rule in rules:
+        error = norm = 0.0
+        for term in rule.terms:
+            true = grads[id(named[term.param])]
+            true = torch.zeros_like(named[term.param]) if true is None else true
+            error += float((weights @ _term_jacobian(term, next(feats))[0] - true.reshape(-1)).square().sum())
+            norm += float(true.square().sum())
+        tol = 1e-9 if prob.dtype == torch.float64 else 1e-3
+        if math.sqrt(error) <= tol * (1.0 + math.sqrt(norm)):
+            kept.append(rule)
+        else:
+            warnings.warn(f"the structured NTK rule of {type(rule.module).__name__} does not reproduce "
+                          f"its gradient (parameter used outside its forward?); using Jacobian contraction")
+    return kept
+
+
+def contract_term(term: _Term, fa, fb, trace: bool) -> torch.Tensor:
+    """One term's kernel block: sum over its stored blocks (r, c) of G_r * A_c (Gram matrices)."""
+    if isinstance(fa, torch.Tensor):     # weight shared over extra axes: its factored Jacobian
+        return contract_jacobians(fa, fb, trace)
+    (left_a, right_a), (left_b, right_b) = fa, fb
+    (bo, bi), (ca, n_out), cb = term.block, left_a.shape[:2], left_b.shape[0]
+    left_a, left_b = left_a.reshape(ca, n_out, -1, bo), left_b.reshape(cb, n_out, -1, bo)
+    gram_g = (torch.einsum("aorw,borw->rab", left_a, left_b) if trace
+              else torch.einsum("aorw,bprw->rabop", left_a, left_b))        # (R, ca, cb[, O, O])
+    gram_a = torch.einsum("acw,bcw->cab", right_a.reshape(ca, -1, bi), right_b.reshape(cb, -1, bi))
+    mixed = torch.einsum("rc,cab->rab", term.layout.to(gram_a), gram_a)     # sum over each row's blocks
+    return (gram_g * (mixed if trace else mixed[..., None, None])).sum(0)

@@ -1,0 +1,451 @@
+"""Block-sparse matmul with autograd: a slow reference, a fast plain-PyTorch CPU path, Triton on GPUs.
+
+Storage convention (shared with the layers and the Triton kernels): a weight W of shape
+(out_features, in_features) supported on a bool block ``layout`` of shape (R, C) =
+(out_features / b, in_features / b) is stored as ``values`` of shape (nnz, b, b), where block k
+is the k-th True entry of ``layout`` in row-major order (the order of ``layout.nonzero()``):
+
+    values[k] = W[i*b:(i+1)*b, j*b:(j+1)*b]  for (i, j) = layout.nonzero()[k]
+
+The products computed here are nn.Linear's, y = x W^T + bias, and with a low-rank term
+(Pixelfly, Dao, Chen et al. 2022, arXiv 2112.00029):
+
+    y = x (S + U V^T)^T + bias = x S^T + (x V) U^T + bias,    U (out, r), V (in, r).
+
+Backends (``backend=``):
+
+* ``'reference'``: ``F.linear(x, blocks_to_dense(values, layout) + U V^T, bias)``; obviously
+  correct, made of differentiable, vmappable torch ops (torch.func works through it).
+* ``'torch'``: the fast CPU path (:mod:`pixelfly_lab.ops.torch_kernels`). Block rows that read the
+  same block columns form one dense GEMM over their gathered inputs (a flat block butterfly has
+  butterfly_size such groups; block-diagonal layouts need no gather at all), the low-rank term
+  rides in the same GEMMs as extra columns, and rows are swept in cache-sized chunks.
+  Measured on a 2-core AMD EPYC with MKL, one thread, float32, x (4096, 1024) -> 4096, the
+  released Pixelfly configuration (16, 2, rank 32, block 32, budget 0.227): forward ~3.5x and
+  forward+backward ~3x faster than nn.Linear (FLOP limit 4.4x; the group GEMMs, 256 output
+  columns wide, run at ~85% of a large dense GEMM's rate). ``python -m pixelfly_lab bench``.
+* ``'triton'``: :mod:`pixelfly_lab.ops.triton_kernels` (the low-rank term and the bias fused into the
+  block-sparse kernels) for CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``; imported
+  lazily, only when used.
+* ``'auto'`` (default): 'reference' inside torch.func transforms (vmap/grad/jacrev), which the
+  custom ops below do not support; 'triton' for CUDA inputs where it beats cuBLAS: bfloat16 and
+  float16 on compute capability >= 8.0 (tensor cores), float32 only when TF32 is allowed
+  (:func:`tf32_allowed`; without TF32, Triton's fp32 FMA path is slower than cuBLAS) and never
+  float64; else 'reference' for small products (below :data:`AUTO_MIN_MACS` multiply-adds, where
+  per-call overhead dominates) and 'torch' for the rest.
+
+torch.compile: the 'torch' and 'triton' paths are torch custom ops (``torch.ops.pixelfly_lab.*``,
+registered with ``torch.library.custom_op`` and their autograd formula), so
+``torch.compile(model, fullgraph=True)`` traces a model through them, forward and backward,
+without graph breaks. A custom op cannot take a Python object, so a layout is registered once
+(:func:`register_layout`, which reads it to the host and validates it) and the ops get its int
+key; layers do that at construction, so their forward and backward never read a tensor back to
+the host. The plans and index tables of a key are cached per device.
+The Triton path is an opaque custom op rather than ``torch.library.triton_op``: its launchers
+autotune with a config pruner and look their index tables up by key, which triton_op's tracing
+(fake tensors, restricted autotuner support in torch 2.4-2.6) does not cover.
+
+Under ``torch.autocast`` every path computes in the autocast dtype.
+
+Example:
+    >>> layout = torch.tensor([[True, False], [True, True]])
+    >>> values = torch.randn(3, 4, 4)
+    >>> x = torch.randn(5, 8)
+    >>> y = block_sparse_matmul(x, values, layout)
+    >>> torch.allclose(y, x @ blocks_to_dense(values, layout).T, atol=1e-5)
+    True
+"""
+
+import functools
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from pixelfly_lab._checks import check_input_width
+from pixelfly_lab.ops import torch_kernels
+from pixelfly_lab._tf32 import tf32_allowed
+from pixelfly_lab.ops.torch_kernels import plan_for
+from pixelfly_lab.ops.registry import (BLOCK_SIZES, RegisteredLayout, derived, register_layout,
+                                        registered_layout)
+
+__all__ = ["BACKENDS", "AUTO_MIN_MACS", "block_sparse_matmul", "sparse_lowrank_matmul", "blocks_to_dense",
+           "dense_to_blocks", "check_input_width", "resolve_backend", "plan_for", "register_layout",
+           "registered_layout", "RegisteredLayout", "tf32_allowed"]
+
+BACKENDS = ("auto", "torch", "reference", "triton")
+
+
+
+# ----------------------------------------------------------------------------- plans
+
+def _plan(key: int) -> torch_kernels.Plan:
+    return derived(key, "torch_plan", lambda entry: plan_for(entry.layout, entry.block_size))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_operands(x, values, layout, bias, u, v, layout_key) -> RegisteredLayout:
+    """Validate shapes, devices and dtypes (no tensor is read); return the layout's registry entry."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"values must have shape (nnz_blocks, b, b), got "
+                         f"{tuple(getattr(values, 'shape', ()))}")
+    if not isinstance(layout, torch.Tensor) or layout.dim() != 2 or layout.dtype != torch.bool:
+        raise ValueError("layout must be a 2-D bool tensor (out_features/b, in_features/b)")
+    b = values.shape[1]
+    if layout_key is not None:
+        entry = registered_layout(layout_key)
+    elif _in_functorch_transform():  # tensors cannot be read to numpy here; the reference needs no key
+        entry = RegisteredLayout(-1, layout, b, int(layout.sum()))
+    else:
+        entry = registered_layout(register_layout(layout, b))
+    if entry.block_size != b or tuple(entry.layout.shape) != tuple(layout.shape):
+        raise ValueError(f"layout_key {entry.key} is a {tuple(entry.layout.shape)} layout of blocks of "
+                         f"{entry.block_size}, but layout has shape {tuple(layout.shape)} and values blocks of {b}")
+    if values.shape[0] != entry.nnz:
+        raise ValueError(f"values holds {values.shape[0]} blocks but layout has {entry.nnz} nonzero blocks")
+    check_input_width(x, entry.in_features, "block_sparse_matmul")
+    if bias is not None and tuple(bias.shape) != (entry.out_features,):
+        raise ValueError(f"bias must have shape ({entry.out_features},), got {tuple(bias.shape)}")
+    if (u is None) != (v is None):
+        raise ValueError("give both u and v for the low-rank term, or neither")
+    rows, cols = entry.out_features, entry.in_features
+    if u is not None:
+        if u.dim() != 2 or v.dim() != 2 or u.shape[0] != rows or v.shape[0] != cols or u.shape[1] != v.shape[1]:
+            raise ValueError(f"u must be ({rows}, r) and v ({cols}, r), got {tuple(u.shape)} and {tuple(v.shape)}")
+    autocast = _autocast_enabled(x.device.type)
+    for name, t in (("values", values), ("bias", bias), ("u", u), ("v", v)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype and not autocast:
+            raise TypeError(f"x has dtype {x.dtype} but {name} has dtype {t.dtype}")
+    return entry
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)  # meta has no autocast
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _block_index_map(layout: torch.Tensor) -> torch.Tensor:
+    """Long (R*C,): 1 + the storage index of each block, 0 where the layout is False."""
+    flat = layout.flatten().long()
+    return torch.cumsum(flat, 0) * flat
+
+
+def blocks_to_dense(values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """The dense (R*b, C*b) weight that ``values`` stores on ``layout``; zero off the layout.
+
+    Differentiable in ``values`` and made of gathers only, so it also works under torch.func
+    and torch.compile (no value of ``layout`` is read on the host).
+
+    Args:
+        values: (nnz, b, b), blocks in row-major layout order.
+        layout: bool (R, C).
+
+    Returns:
+        W (R*b, C*b) with W[i*b:(i+1)*b, j*b:(j+1)*b] = values[k] for the k-th nonzero (i, j).
+    """
+    (R, C), b = layout.shape, values.shape[-1]
+    padded = torch.cat([values.new_zeros(1, b, b), values])          # index 0 = the zero block
+    blocks = padded.index_select(0, _block_index_map(layout).to(values.device))
+    return blocks.reshape(R, C, b, b).permute(0, 2, 1, 3).reshape(R * b, C * b)
+
+
+def dense_to_blocks(weight: torch.Tensor, layout: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The blocks of ``weight`` (out, in) on ``layout``, as (nnz, b, b) in row-major layout order."""
+    R, C = layout.shape
+    if tuple(weight.shape) != (R * block_size, C * block_size):
+        raise ValueError(f"weight must have shape {(R * block_size, C * block_size)} for this layout "
+                         f"and block_size={block_size}, got {tuple(weight.shape)}")
+    blocks = weight.reshape(R, block_size, C, block_size).permute(0, 2, 1, 3)
+    return blocks[layout.to(weight.device)].contiguous()
+
+
+def _reference(x, values, layout, bias, u, v):
+    weight = blocks_to_dense(values, layout)
+    if u is not None:
+        weight = weight + u @ v.T
+    return F.linear(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """The stand-in for an absent gradient (a custom op returns tensors, never None)."""
+    return like.new_empty(0)
+
+
+def _own(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """t as an op output: never a view (outputs may not alias each other), an empty tensor for None."""
+    if t is None:
+        return _empty(like)
+    return t.clone() if t._is_view() else t
+
+
+def _needed(needs, has_bias: bool) -> list[bool]:
+    return [bool(needs[0]), bool(needs[1]), bool(needs[2]) and has_bias, bool(needs[3]), bool(needs[4])]
+
+
+def _grad_shapes(x2, values, u, v, entry: RegisteredLayout, needed) -> list:
+    shapes = [x2.shape, values.shape, (entry.out_features,), None if u is None else u.shape,
+              None if v is None else v.shape]
+    return [x2.new_empty(shape) if need and shape is not None else _empty(x2) for shape, need in zip(shapes, needed)]
+
+
+@torch.library.custom_op("pixelfly_lab::sparse_lowrank_torch", mutates_args=())
+def _torch_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
+                      u: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                      layout_key: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, z = x2 V or (N, 0)) of the 'torch' path (:func:`torch_kernels.sparse_lowrank_forward`)."""
+    entry = registered_layout(layout_key)
+    y, z = torch_kernels.sparse_lowrank_forward(x2.contiguous(), values.contiguous(), bias, u, v,
+                                                _plan(layout_key), entry.out_features)
+    return y, x2.new_empty(x2.shape[0], 0) if z is None else z
+
+
+def _forward_fake(x2, values, bias, u, v, layout_key):
+    """Shapes of a forward op's outputs (what torch.compile and the meta device see)."""
+    rank = 0 if u is None else u.shape[1]
+    return x2.new_empty(x2.shape[0], registered_layout(layout_key).out_features), x2.new_empty(x2.shape[0], rank)
+
+
+def _backward_fake(gy, x2, values, u, v, z, layout_key, needed):
+    return _grad_shapes(x2, values, u, v, registered_layout(layout_key), needed)
+
+
+_torch_forward_op.register_fake(_forward_fake)
+
+
+@torch.library.custom_op("pixelfly_lab::sparse_lowrank_torch_backward", mutates_args=())
+def _torch_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, u: Optional[torch.Tensor],
+                       v: Optional[torch.Tensor], z: Optional[torch.Tensor], layout_key: int,
+                       needed: Sequence[bool]) -> List[torch.Tensor]:
+    """(dx2, dvalues, dbias, du, dv) of the 'torch' path; an empty tensor where not ``needed``."""
+    grads = torch_kernels.sparse_lowrank_backward(gy, x2.contiguous(), values.contiguous(), u, v, z,
+                                                  _plan(layout_key), tuple(needed), needed[2])
+    return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
+
+
+_torch_backward_op.register_fake(_backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x2, values, bias, u, v, layout_key = inputs
+    ctx.layout_key, ctx.has_bias = layout_key, bias is not None
+    ctx.save_for_backward(x2, values, u, v, output[1] if u is not None else None)
+
+
+def _backward_with(op):
+    def backward(ctx, gy, _grad_z):
+        x2, values, u, v, z = ctx.saved_tensors
+        needed = _needed(ctx.needs_input_grad, ctx.has_bias)
+        grads = op(gy, x2, values, u, v, z, ctx.layout_key, needed)
+        return (*[g if need else None for g, need in zip(grads, needed)], None)
+    return backward
+
+
+torch.library.register_autograd("pixelfly_lab::sparse_lowrank_torch", _backward_with(_torch_backward_op),
+                                setup_context=_setup_context)
+
+
+def _triton_tables(layout_key: int, device: torch.device):
+    from pixelfly_lab.ops import triton_kernels
+    return triton_kernels.layout_tables(registered_layout(layout_key).layout, device)  # cached per tensor and device
+
+
+@torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton", mutates_args=())
+def _triton_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
+                       u: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                       layout_key: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, t = x2 V or (N, 0)) of the 'triton' path (:func:`triton_kernels.sparse_lowrank_forward`)."""
+    from pixelfly_lab.ops import triton_kernels
+    y, t = triton_kernels.sparse_lowrank_forward(x2, values.contiguous(), bias, u, v,
+                                                 _triton_tables(layout_key, x2.device))
+    return y, x2.new_empty(x2.shape[0], 0) if t is None else t
+
+
+_triton_forward_op.register_fake(_forward_fake)
+
+
+@torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton_backward", mutates_args=())
+def _triton_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, u: Optional[torch.Tensor],
+                        v: Optional[torch.Tensor], t: Optional[torch.Tensor], layout_key: int,
+                        needed: Sequence[bool]) -> List[torch.Tensor]:
+    """(dx2, dvalues, dbias, du, dv) of the 'triton' path; an empty tensor where not ``needed``."""
+    from pixelfly_lab.ops import triton_kernels
+    grads = triton_kernels.sparse_lowrank_backward(gy, x2, values.contiguous(), u, v, t,
+                                                   _triton_tables(layout_key, x2.device), tuple(needed))
+    return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
+
+
+_triton_backward_op.register_fake(_backward_fake)
+
+
+torch.library.register_autograd("pixelfly_lab::sparse_lowrank_triton", _backward_with(_triton_backward_op),
+                                setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _in_functorch_transform() -> bool:
+    """True inside torch.func transforms (vmap, grad, jacrev, ...)."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # a torch without functorch internals: no transforms either
+        return False
+
+
+@functools.cache  # Python does not remember a failed import: without triton, each call would retry it
+def _triton_module():
+    """pixelfly_lab.ops.triton_kernels, or None when it (or triton) cannot be imported here."""
+    try:
+        from pixelfly_lab.ops import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _triton_runs_here(x: torch.Tensor) -> bool:
+    """CUDA tensors, or any tensor when Triton's CPU interpreter is on (TRITON_INTERPRET=1)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _assume_constant(fn):
+    """torch.compile evaluates ``fn`` once while tracing and keeps the result (no graph break).
+
+    What ``torch.compiler.assume_constant_result`` does (the same attribute, read by dynamo since
+    torch 2.0), without its import: that would import torch._dynamo, which imports triton, at
+    package import.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant
+def _triton_wins(device_index: int, dtype: torch.dtype, block_size: int | None) -> bool:
+    """Whether 'auto' sends a CUDA product on this device, dtype and block size to Triton.
+
+    Under torch.compile this is decided once, when tracing: change TF32 settings before compiling.
+    """
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        return False
+    if dtype not in (torch.bfloat16, torch.float16) and not (dtype == torch.float32 and tf32_allowed()):
+        return False  # float64, or float32 without TF32: cuBLAS (through the 'torch' path) is faster
+    if torch.cuda.get_device_capability(device_index) < (8, 0):
+        return False  # bfloat16 (and TF32) tensor-core dots need sm_80+
+    return _triton_module() is not None
+
+
+# Below this many multiply-adds of the dense product (rows of x * in * out) 'auto' uses the
+# reference: one dense GEMM beats a dozen small ones plus their per-call overhead. Measured on a
+# 2-core CPU at one thread: the grouped path wins from about 1e8 (512 x 256 -> 1024), loses at
+# 3e7 (128 x 256 -> 1024), and is 4-5x slower on tiny layers (128 x 64 -> 256).
+AUTO_MIN_MACS = 2 ** 26
+
+
+def resolve_backend(x: torch.Tensor, backend: str = "auto", block_size: int | None = None,
+                    out_features: int | None = None) -> str:
+    """The backend that ``backend`` means for input ``x``: 'torch', 'reference' or 'triton'.
+
+    'auto' picks 'reference' inside torch.func transforms; 'triton' for CUDA tensors where it
+    beats cuBLAS (bfloat16/float16 on sm_80+, float32 only with TF32 allowed; block size in
+    16..128; see the module docstring); 'reference' when the dense product is small
+    (x.numel() * out_features < :data:`AUTO_MIN_MACS`); else 'torch' (which also runs on CUDA, as
+    plain PyTorch). Asking for 'triton' where it cannot run raises a ValueError.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if _in_functorch_transform():
+            return "reference"
+        if x.is_cuda:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            if _triton_wins(index, dtype, block_size):
+                return "triton"
+        if out_features is not None and x.numel() * out_features < AUTO_MIN_MACS:
+            return "reference"
+        return "torch"
+    if backend == "triton":
+        if not _triton_runs_here(x):
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'auto' or "
+                             "'torch' on the CPU")
+        if _triton_module() is None:
+            raise ValueError("backend='triton' asked for but pixelfly_lab.ops.triton_kernels (triton) does not import")
+        if block_size is not None and block_size not in BLOCK_SIZES:
+            raise ValueError(f"backend='triton' supports block sizes {BLOCK_SIZES}, got {block_size}")
+    return backend
+
+
+def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
+                          u: torch.Tensor | None, v: torch.Tensor | None,
+                          bias: torch.Tensor | None = None, *, backend: str = "auto",
+                          layout_key: int | None = None) -> torch.Tensor:
+    """y = x (S + U V^T)^T + bias, S block-sparse on ``layout``: Pixelfly's product, fused.
+
+    Args:
+        x: (..., in_features).
+        values: (nnz, b, b) blocks of S in row-major layout order.
+        layout: bool (out_features / b, in_features / b).
+        u: (out_features, r) or None; v: (in_features, r) or None (no low-rank term).
+        bias: (out_features,) or None.
+        backend: one of :data:`BACKENDS` (see the module docstring).
+        layout_key: :func:`register_layout` (layout, b), if known: then nothing is read from
+            ``layout`` on the host (no device sync; what torch.compile needs). Without it the
+            layout is read and registered on every call.
+
+    Returns:
+        y (..., out_features); gradients flow to x, values, bias, u and v.
+
+    Example:
+        >>> layout = torch.eye(2, dtype=torch.bool)
+        >>> y = sparse_lowrank_matmul(torch.randn(3, 8), torch.randn(2, 4, 4), layout,
+        ...                           torch.randn(8, 1), torch.randn(8, 1))
+        >>> y.shape
+        torch.Size([3, 8])
+    """
+    entry = _check_operands(x, values, layout, bias, u, v, layout_key)
+    chosen = resolve_backend(x, backend, entry.block_size, entry.out_features)
+    if _autocast_enabled(x.device.type):
+        # compute in the autocast dtype, as F.linear would; the kernels below then see one dtype
+        # (the casts are differentiable: gradients come back in the parameters' dtypes)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, values, bias, u, v = (t if t is None else t.to(dtype) for t in (x, values, bias, u, v))
+        with torch.autocast(x.device.type, enabled=False):
+            return sparse_lowrank_matmul(x, values, layout, u, v, bias, backend=chosen, layout_key=entry.key)
+    if chosen == "reference":
+        return _reference(x, values, layout, bias, u, v)
+    if entry.key < 0:
+        raise ValueError(f"backend={backend!r} does not run inside torch.func transforms; use 'auto' or 'reference'")
+    op = _triton_forward_op if chosen == "triton" else _torch_forward_op
+    if chosen == "triton":
+        from pixelfly_lab.ops.triton_kernels import DTYPES
+        if x.dtype not in DTYPES:
+            raise TypeError(f"backend='triton' supports dtypes {DTYPES}, got {x.dtype}")
+    y, _ = op(x.reshape(-1, x.shape[-1]), values, bias, u, v, entry.key)
+    return y.reshape(*x.shape[:-1], entry.out_features)
+
+
+def block_sparse_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.Tensor,
+                        bias: torch.Tensor | None = None, *, backend: str = "auto",
+                        layout_key: int | None = None) -> torch.Tensor:
+    """y = x W^T + bias for W stored as its nonzero blocks on ``layout``.
+
+    Args:
+        x: (..., in_features), in_features = layout.shape[1] * b.
+        values: (nnz, b, b), block k = the k-th True entry of ``layout`` in row-major order.
+        layout: bool (out_features / b, in_features / b).
+        bias: (out_features,) or None.
+        backend: 'auto', 'torch' (fast CPU), 'reference' (F.linear on the dense weight) or 'triton'.
+        layout_key: as in :func:`sparse_lowrank_matmul`.
+
+    Returns:
+        y (..., out_features); gradients flow to x, values and bias (values' gradient is only
+        ever the layout's blocks: W has no other entries).
+    """
+    return sparse_lowrank_matmul(x, values, layout, None, None, bias, backend=backend, layout_key=layout_key)

@@ -1,0 +1,175 @@
+"""One timer for training steps: interleaved medians and the FLOP limit from the matmuls that run.
+
+Everything in the toolkit that times whole training steps (the ``bench`` command's model table,
+the studies' step speeds, the GPU training script) uses :func:`time_training_steps`: each model
+runs ``steps`` timed steps per round, rounds rotate which model goes first so that a shared
+machine's load drifts onto all of them alike, and medians are reported with the ratio to the
+first model. The multiply-adds that actually run are counted once with a dispatch mode, so the
+FLOP limit of a sparse model is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import copy  # noqa: F401  (used by the docstring example)
+import os
+import statistics
+import time
+from collections.abc import Mapping
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["time_training_steps"]
+
+
+def _numel(t) -> int:
+    return t.numel() if isinstance(t, torch.Tensor) else 0
+
+
+def _matmul_macs(name: str, args) -> int:
+    """Multiply-adds of one aten matmul, attention or Pixelfly custom-op call; 0 for other ops.
+
+    The custom ops of :mod:`pixelfly_lab.ops.matmul` run their GEMMs out of the dispatch mode's
+    sight, so they count by formula: N rows times the weight's stored entries (blocks, U, V)
+    per product, the products being y in the forward and dX, dS, dU, dV in the backward.
+    """
+    if name.startswith("sparse_lowrank_"):
+        if not name.endswith("backward"):      # (x2, values, bias, u, v, key)
+            return args[0].shape[0] * (_numel(args[1]) + _numel(args[3]) + _numel(args[4]))
+        gy, _, values, u, v, _, _, needed = args[:8]   # needed: dx, dvalues, dbias, du, dv
+        dx, dvalues, _, du, dv = (bool(n) for n in needed)
+        per_row = ((dx + dvalues) * _numel(values) + (dx or dv) * _numel(u) + dx * _numel(v)
+                   + du * _numel(u) + dv * _numel(v))
+        return gy.shape[0] * per_row
+    if name in ("mm", "addmm", "addmm_"):
+        a, b = args[-2], args[-1]
+        return a.shape[0] * a.shape[1] * b.shape[1]
+    if name in ("bmm", "baddbmm", "baddbmm_"):
+        a, b = args[-2], args[-1]
+        return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    if name.startswith("_scaled_dot_product"):
+        # forward (q, k, v, dropout, is_causal): QK^T and PV; backward (grad, q, k, v, out, ...,
+        # is_causal): the flash recompute of QK^T and dV, dP, dQ, dK. Causal: half the pairs.
+        backward = name.endswith("backward")
+        q, k = args[1:3] if backward else args[0:2]
+        flags = [a for a in args if isinstance(a, bool)]
+        macs = (5 if backward else 2) * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
+        return macs // 2 if flags and flags[-1] else macs
+    return 0
+
+
+class _MacCounter(TorchDispatchMode):
+    """Counts the multiply-adds of the matmuls (and attention) that actually run."""
+
+    def __init__(self):
+        super().__init__()
+        self.macs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.macs += _matmul_macs(func.overloadpacket.__name__, args)
+        return func(*args, **(kwargs or {}))
+
+
+def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
+    """Cross-entropy on integer targets, else mean squared error (a zero target when None)."""
+    if target is not None and not target.is_floating_point():
+        return nn.functional.cross_entropy(output.flatten(0, -2).float(), target.flatten())
+    return nn.functional.mse_loss(output.float(), torch.zeros_like(output) if target is None else target.float())
+
+
+def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None = None, *,
+                        loss_fn=None, optimizer=None, steps: int = 3, warmup: int = 1, rounds: int = 3,
+                        threads: int | None = 1) -> pd.DataFrame:
+    """Median wall time of one training step of each model on one batch, interleaved.
+
+    A step is forward, loss, backward and ``optimizer.step()``. Every model first runs
+    ``warmup`` untimed steps; then ``rounds`` times, each model in turn (rotating which goes
+    first) runs ``steps`` timed steps, so that a shared machine's load drifts onto all alike.
+    The FLOP limit of a model is the baseline's matmul multiply-adds in one forward+backward
+    over its own: the matmuls (``mm``, ``addmm``, ``bmm``, scaled dot-product attention) that
+    actually run, counted once with a dispatch mode; elementwise work, normalisations and the
+    optimizer are not counted, so the limit bounds what sparsifying the matmuls can give.
+
+    Args:
+        models: {name: nn.Module} (or a sequence, named 'model 0', 'model 1', ...); the first
+            is the baseline, e.g. {'dense': model, 'pixelfly': sparsified_copy}. Trained in place.
+        batch: the input, passed as ``model(batch)``.
+        target: passed to ``loss_fn``; None with the default loss means a zero target.
+        loss_fn: (output, target) -> scalar; default cross-entropy for an integer target, mean
+            squared error otherwise.
+        optimizer: model -> torch.optim.Optimizer; default AdamW (lr 1e-4: the step's cost does
+            not depend on it, and small steps keep the weights finite over many timed steps).
+        steps, warmup, rounds: timed steps per round, untimed steps per model, rounds.
+        threads: torch CPU threads while timing (restored after); None leaves them as they are.
+
+    Returns:
+        DataFrame, one row per model: model, step_ms (median), ratio (baseline's median / this),
+        flop_limit (baseline's multiply-adds / this), fraction_of_limit (ratio / flop_limit),
+        gmacs (multiply-adds of one forward+backward, 1e9), params, threads, load_avg.
+
+    Example:
+        >>> dense = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        >>> table = time_training_steps({"dense": dense, "copy": copy.deepcopy(dense)},
+        ...                             torch.randn(32, 64), steps=1, rounds=1)
+        >>> list(table["model"])
+        ['dense', 'copy']
+    """
+    if not isinstance(models, Mapping):
+        models = {f"model {i}": model for i, model in enumerate(models)}
+    if len(models) < 1 or not all(isinstance(m, nn.Module) for m in models.values()):
+        raise TypeError("models must be a non-empty {name: nn.Module} mapping or sequence of nn.Modules")
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
+    for name, value in (("steps", steps), ("rounds", rounds), ("warmup", warmup)):
+        if not isinstance(value, int) or value < (0 if name == "warmup" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'warmup' else 1}, got {value!r}")
+    loss_fn = loss_fn or _default_loss
+    optimizers = {name: (optimizer or (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4)))(model)
+                  for name, model in models.items()}
+    cuda = batch.is_cuda
+
+    def step(name):
+        model, opt = models[name], optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(batch), target).backward()
+        opt.step()
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        macs = {}
+        for name, model in models.items():
+            with _MacCounter() as counter:
+                loss_fn(model(batch), target).backward()
+            model.zero_grad(set_to_none=True)
+            macs[name] = counter.macs
+            for _ in range(warmup):
+                step(name)
+        times = {name: [] for name in models}
+        names = list(models)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for _ in range(steps):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    tick = time.perf_counter()
+                    step(name)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times[name].append(time.perf_counter() - tick)
+    finally:
+        torch.set_num_threads(previous)
+    base = names[0]
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = []
+    for name, model in models.items():
+        ratio, limit = medians[base] / medians[name], macs[base] / max(macs[name], 1)
+        rows.append({"model": name, "step_ms": 1e3 * medians[name], "ratio": ratio, "flop_limit": limit,
+                     "fraction_of_limit": ratio / limit, "gmacs": macs[name] / 1e9,
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "threads": threads if threads is not None else previous, "load_avg": load})
+    return pd.DataFrame(rows)

@@ -1,0 +1,276 @@
+"""Attention matrices across temperatures: oracles against oracles, estimators against estimators.
+
+An attention matrix A = softmax(Q K^T / t) (row-wise) is nearly uniform, hence nearly rank one,
+at a high temperature t, and nearly one entry per row, hence nearly sparse, at a low one.
+Sparse methods win in the second regime, low-rank ones in the first; the Scatterbrain observation
+(Chen et al., "Scatterbrain: Unifying Sparse and Low-rank Attention Approximation", NeurIPS
+2021, arXiv 2110.15343, Sec. 3), which Pixelfly builds on (Dao, Chen et al., ICLR 2022, Sec. 4),
+is that sparse + low-rank is more robust across both than either part. Two kinds of method, never mixed in one
+verdict (:data:`ATTENTION_METHODS` gives each method's role and family):
+
+* *oracles* see the target A itself and project it: the best k-sparse matrix ('topk'), the
+  truncated SVD ('lowrank (SVD)') and their sum by alternating projections ('topk+lowrank').
+  No method of their family can beat them at the same budget; they bound, they do not model
+  what a network computes.
+* *estimators* see only Q and K, as an attention layer does: softmax restricted to a fixed
+  block support ('local', 'bigbird', 'butterfly': :func:`pixelfly_lab.ops.attention.block_sparse_attention`
+  with V = I), Performer's positive orthogonal random features (Choromanski et al., ICLR
+  2021, arXiv 2009.14794; :func:`performer_attention`), and sparse + random features
+  (:func:`sparse_lowrank_attention`): Scatterbrain on the support of the largest scores (an
+  ideal LSH, half the budget to each part) and Pixelfly attention on the flat block butterfly
+  support with the attention layer's own split, not half and half (:func:`pixelfly_attention`;
+  at n = 256, block 8, budget 1/4: a (16, 2) support of density 3/16 + 8 features, 1/16).
+
+Budgets are matched: a method may keep ``budget * n^2`` numbers. m random features cost 2 n m
+(phi(Q) and phi(K), as a rank-m term), a support of s entries costs s.
+
+Example:
+    >>> q, k = attention_inputs(64)
+    >>> a = torch.softmax(q @ k.T / 10.0, -1)     # a hot, nearly low-rank attention matrix
+    >>> relative_error(a, performer_attention(q, k, 10.0, 256)) < 0.1
+    True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pixelfly_lab._checks import check_number
+from pixelfly_lab.ops.attention import block_sparse_attention
+from pixelfly_lab.approx.expressiveness import approximate
+from pixelfly_lab.structure.masks import layout_to_mask
+from pixelfly_lab.structure.projections import few_threads, relative_error, topk_mask
+from pixelfly_lab.nn.random_features import performer_features
+from pixelfly_lab.approx.targets import attention_inputs
+
+__all__ = ["performer_features", "performer_attention", "sparse_lowrank_attention", "scatterbrain_attention",
+           "pixelfly_attention", "fixed_sparse_attention", "attention_table", "plot_attention_table",
+           "plot_attention_examples", "ATTENTION_METHODS", "ATTENTION_ORACLES", "ATTENTION_ESTIMATORS"]
+
+# method -> family, in plotting order: oracles first, then estimators
+ATTENTION_METHODS = {"topk": "sparse", "lowrank (SVD)": "low-rank", "topk+lowrank": "sparse + low-rank",
+                     "local": "sparse", "bigbird": "sparse", "butterfly": "sparse",
+                     "performer": "low-rank", "scatterbrain": "sparse + low-rank", "pixelfly": "sparse + low-rank"}
+ATTENTION_ORACLES = ("topk", "lowrank (SVD)", "topk+lowrank")
+ATTENTION_ESTIMATORS = ("local", "bigbird", "butterfly", "performer", "scatterbrain", "pixelfly")
+
+
+def _row_normalise(scores: torch.Tensor) -> torch.Tensor:
+    # a row whose estimate underflowed entirely stays zero (a finite, honest error), never NaN
+    return scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def performer_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, n_features: int,
+                        seed: int = 0) -> torch.Tensor:
+    """Performer's estimate D^-1 phi(Q) phi(K)^T of softmax(Q K^T / t), as a dense (n, n) matrix.
+
+    A rank-``n_features`` factorisation: 2 n m parameters, the budget of a rank-m low-rank term.
+    """
+    log_q = performer_features(q, temperature, n_features, seed)
+    log_k = performer_features(k, temperature, n_features, seed)
+    # per-row shift of phi(Q) and one global shift of phi(K): both cancel in D^-1
+    phi_q = (log_q - log_q.amax(-1, keepdim=True)).exp()
+    phi_k = (log_k - log_k.max()).exp()
+    return _row_normalise(phi_q @ phi_k.T)
+
+
+def sparse_lowrank_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, n_features: int,
+                             support: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Random features corrected to the exact scores on a support: the sparse + low-rank estimator.
+
+    Unnormalised scores E = exp(Q K^T / t) are estimated by Performer, phi(Q) phi(K)^T, plus a
+    sparse correction S = (E - phi(Q) phi(K)^T) on the support Omega, so the estimate is exact on
+    Omega; then rows are normalised (Scatterbrain, Chen et al. 2021, Sec. 3, Eq. for the
+    estimator; Pixelfly attention uses the same sum with a fixed flat block butterfly Omega).
+
+    Args:
+        q, k: (n, d) queries and keys.
+        n_features: m >= 1 random features.
+        support: bool (n, n) Omega.
+        seed: seeds the random features.
+
+    Returns:
+        (n, n) row-stochastic estimate (rows whose estimate underflowed stay zero).
+
+    Example:
+        >>> q, k = attention_inputs(32)
+        >>> full = torch.ones(32, 32, dtype=torch.bool)              # exact everywhere: softmax itself
+        >>> torch.allclose(sparse_lowrank_attention(q, k, 0.5, 4, full), torch.softmax(q @ k.T / 0.5, -1))
+        True
+    """
+    logits = q @ k.T / check_number("temperature", temperature)
+    if support.shape != logits.shape or support.dtype != torch.bool:
+        raise ValueError(f"support must be a bool tensor of shape {tuple(logits.shape)}, "
+                         f"got {support.dtype} {tuple(support.shape)}")
+    log_q = performer_features(q, temperature, n_features, seed)
+    log_k = performer_features(k, temperature, n_features, seed)
+    # shift row i of both parts by the same s_i (it cancels in the row normalisation) so that
+    # row i's largest exact or estimated score is ~1: no row underflows at low temperature
+    key_shift = log_k.max()
+    shift = torch.maximum(logits.amax(-1), log_q.amax(-1) + key_shift)[:, None]
+    lowrank = (log_q - (shift - key_shift)).exp() @ (log_k - key_shift).exp().T
+    exact = (logits - shift).exp()
+    return _row_normalise(torch.where(support.to(logits.device), exact, lowrank))
+
+
+def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, n_features: int,
+                           n_sparse: int, seed: int = 0) -> torch.Tensor:
+    """Scatterbrain's sparse + low-rank estimate of softmax(Q K^T / t) (:func:`sparse_lowrank_attention`).
+
+    Scatterbrain finds its support with LSH, which finds the largest scores with high
+    probability; here the support is the exact top-``n_sparse`` scores: an ideal LSH, an upper
+    bound on what hashing can reach.
+    """
+    support = topk_mask(q @ k.T / check_number("temperature", temperature), n_sparse)
+    return sparse_lowrank_attention(q, k, temperature, n_features, support, seed)
+
+
+def pixelfly_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, budget: float,
+                       block_size: int = 8, seed: int = 0) -> torch.Tensor:
+    """Pixelfly attention (Pixelfly paper, Sec. 4) as a matrix: exact scores on a flat block
+    butterfly support plus random features elsewhere, split as the attention layer splits it
+    (the planner's split, not half and half: at n = 256, block 8, budget 1/4 a (16, 2) support
+    of density 3/16 + 8 features, 2 * 8 / 256 = 1/16 of the scores).
+
+    Support and feature count come from :func:`pixelfly_lab.nn.attention.attention_layout`
+    ('pixelfly': the planner's split of ``budget`` into a flat block butterfly layout and m
+    features, the diagonal blocks kept), so this is the matrix that
+    :class:`~pixelfly_lab.nn.attention.PixelflyAttention` applies, at score scale 1 / t.
+    """
+    from pixelfly_lab.nn.attention import attention_layout  # the layer imports this module's features
+
+    layout, n_features = attention_layout("pixelfly", q.shape[0], budget, block_size)
+    support = layout_to_mask(layout, block_size).to(q.device)
+    return sparse_lowrank_attention(q, k, temperature, max(1, n_features), support, seed)
+
+
+def fixed_sparse_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, layout: torch.Tensor,
+                           block_size: int) -> torch.Tensor:
+    """softmax(Q K^T / t) restricted to a block layout, as the (n, n) matrix an attention layer applies.
+
+    :func:`~pixelfly_lab.ops.attention.block_sparse_attention` with V = I (its rows are the
+    attention weights), score scale 1 / t.
+    """
+    n = q.shape[0]
+    eye = torch.eye(n, dtype=q.dtype, device=q.device)[None, None]
+    return block_sparse_attention(q[None, None], k[None, None], eye, layout, block_size,
+                                  scale=1.0 / check_number("temperature", temperature), backend="torch")[0, 0]
+
+
+def _approximations(q, k, attention, temperature, budget, block_size, seed):
+    """{method: (n, n) approximation} at one budget (see :data:`ATTENTION_METHODS`)."""
+    n = attention.shape[0]
+    rank = max(1, int(budget * n / 2))          # 2 n m parameters for m features or rank m
+    n_sparse = int(budget * n * n / 2)          # half the budget to each part, for Scatterbrain
+                                                # and for the adaptive projection 'topk+lowrank'
+    out = {"topk": approximate(attention, "topk", budget).matrix,
+           "lowrank (SVD)": approximate(attention, "lowrank", budget).matrix,
+           "topk+lowrank": approximate(attention, "topk+lowrank", budget, lowrank_share=0.5).matrix}
+    kept = {}
+    for name in ("local", "bigbird", "butterfly"):
+        layout = _sparse_layout(name, n, budget, block_size, seed)
+        kept[name] = layout.float().mean().item()
+        out[name] = fixed_sparse_attention(q, k, temperature, layout, block_size)
+    out["performer"] = performer_attention(q, k, temperature, rank, seed)
+    out["scatterbrain"] = scatterbrain_attention(q, k, temperature, max(1, rank // 2), n_sparse, seed)
+    out["pixelfly"] = pixelfly_attention(q, k, temperature, budget, block_size, seed)
+    return {name: out[name] for name in ATTENTION_METHODS}, kept
+
+
+def _sparse_layout(name: str, n: int, budget: float, block_size: int, seed: int) -> torch.Tensor:
+    """The sparse-only baselines of the attention layer ('butterfly' is its densest flat block
+    butterfly): diagonal blocks kept, so no row is empty ('bigbird' may exceed the budget by them)."""
+    from pixelfly_lab.nn.attention import attention_layout
+
+    return attention_layout("pixelfly" if name == "butterfly" else name, n, budget, block_size,
+                            lowrank_features=0, seed=seed)[0]
+
+
+def attention_table(n: int = 256, temperatures=None, budget: float = 0.25, seeds=1, *,
+                    locality: float = 0.0, head_dim: int = 16, block_size: int = 8,
+                    progress: bool = True) -> pd.DataFrame:
+    """Error of every method of :data:`ATTENTION_METHODS` on attention at every temperature.
+
+    Args:
+        n: sequence length (the matrix is (n, n)); a multiple of ``block_size``.
+        temperatures: t values (default 0.05 ... 10, 8 log-spaced points: scores are ~ N(0, 1),
+            so this runs from nearly one-hot rows to nearly uniform ones).
+        budget: fraction of n^2 every method may keep; the default 1/4 is the training lab's
+            budget (the released (16, 2) flat block butterfly alone has density 3/16).
+        seeds: number of seeds or an iterable of seeds (new Q, K and random features).
+        locality, head_dim: passed to :func:`~pixelfly_lab.approx.targets.attention_inputs`.
+        block_size: block edge of the sparse supports.
+
+    Returns:
+        DataFrame with columns temperature, seed, method, role ('oracle' or 'estimator'),
+        family, error, the target's top_mass (mean largest entry per row: 1 = one-hot rows,
+        1/n = uniform), and kept: the fraction of the n^2 scores a fixed-support sparse estimator
+        keeps (NaN for the others).
+    """
+    from tqdm.auto import tqdm
+
+    temperatures = np.logspace(np.log10(0.05), 1, 8) if temperatures is None else temperatures
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    rows = []
+    for temperature, seed in tqdm([(float(t), s) for t in temperatures for s in seeds], desc="attention",
+                                  disable=not progress):
+        with few_threads(n * n):
+            q, k = attention_inputs(n, head_dim, seed, locality)
+            attention = torch.softmax(q @ k.T / check_number("temperature", temperature), dim=-1)
+            methods, kept = _approximations(q, k, attention, temperature, budget, block_size, seed)
+        top_mass = attention.amax(-1).mean().item()
+        rows += [dict(temperature=temperature, seed=seed, method=name,
+                      role="oracle" if name in ATTENTION_ORACLES else "estimator", family=ATTENTION_METHODS[name],
+                      error=relative_error(attention, approx), top_mass=top_mass, kept=kept.get(name, float("nan")))
+                 for name, approx in methods.items()]
+    return pd.DataFrame(rows)
+
+
+def plot_attention_table(tables: dict, budget: float):
+    """Error against temperature per method: one column per regime ({title: attention_table}),
+    estimators on the top row, oracles on the bottom one."""
+    import matplotlib.pyplot as plt
+
+    styles = {"sparse": ":", "low-rank": "--", "sparse + low-rank": "-"}
+    fig, axes = plt.subplots(2, len(tables), figsize=(5.5 * len(tables), 7.5), squeeze=False, sharex=True)
+    for col, (title, df) in enumerate(tables.items()):
+        stats = df.groupby(["method", "temperature"], sort=False).error.mean().reset_index()
+        for row, names in enumerate((ATTENTION_ESTIMATORS, ATTENTION_ORACLES)):
+            ax = axes[row, col]
+            for name in names:
+                part = stats[stats.method == name]
+                i = list(ATTENTION_METHODS).index(name)
+                ax.plot(part.temperature, part.error, marker="o", ms=3, ls=styles[ATTENTION_METHODS[name]],
+                        color=f"C{i}", label=f"{name} ({ATTENTION_METHODS[name]})")
+            top = max(1.05, stats[stats.method.isin(names)].error.max() * 1.05)
+            ax.set_ylim(0, min(1.5, top))  # random features can exceed 1 by far; the table has all values
+            ax.set_xscale("log")
+            kind = "estimators (from Q, K)" if row == 0 else "oracles (project A itself)"
+            ax.set_title(f"{title}: {kind}, budget {budget}" + (" (clipped at 1.5)" if top > 1.5 else ""),
+                         fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.set_ylabel("relative Frobenius error")
+            if col == len(tables) - 1:
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        axes[1, col].set_xlabel("temperature t (low: nearly sparse, high: nearly low-rank)")
+    fig.suptitle("Attention approximation across temperatures")
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_examples(n: int, temperatures, locality: float = 0.0):
+    """Pictures of softmax(Q K^T / t) at the given temperatures (seed 0)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(temperatures), figsize=(3 * len(temperatures), 3.2))
+    q, k = attention_inputs(n, locality=locality)
+    for ax, t in zip(axes, temperatures):
+        ax.imshow(torch.softmax(q @ k.T / t, -1).numpy(), cmap="viridis")
+        ax.set_title(f"t = {t:g}", fontsize=10)
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+    fig.suptitle(f"softmax(Q K^T / t), locality {locality}")
+    fig.tight_layout()
+    return fig
