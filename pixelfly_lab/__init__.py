@@ -3,9 +3,10 @@
 Dao, Chen, Liang, Yang, Song, Rudra, Re. "Pixelated Butterfly: Simple and Efficient Sparse
 Training for Neural Network Models." ICLR 2022. https://arxiv.org/abs/2112.00029
 
-The package reads in dependency order: masks -> patterns -> kernels/layers -> sparsify/models
--> train; expressiveness and ntk beside them. That is the library; the paper's experiments live
-apart in :mod:`pixelfly_lab.studies`, which imports the library and is never imported by it.
+The package is in tiers, each importing only from those below it: ``structure`` (masks, patterns,
+the planner) <- ``ops`` (the layout registry, block-sparse matmul and attention) <- ``nn`` (layers,
+attention, ``sparsify``) <- ``approx`` | ``ntk`` | ``training`` <- ``speed`` <- ``studies`` (the paper's
+experiments: nothing in the library imports them). This module re-exports the public names.
 Triton is never imported here (see :mod:`pixelfly_lab.ops.triton_kernels`, loaded on first CUDA use).
 """
 
