@@ -19,6 +19,7 @@ from pixelfly_lab.structure.masks import (
     layout_to_mask,
     mask_to_layout,
 )
+from pixelfly_lab.structure.connectivity import block_connectivity
 from pixelfly_lab.structure.patterns import PATTERN_NAMES, Pattern, PixelflyPlan, make_pattern, plan_pixelfly
 from pixelfly_lab.ops.matmul import block_sparse_matmul, sparse_lowrank_matmul
 from pixelfly_lab.nn.layers import (
@@ -48,6 +49,7 @@ __all__ = [
     "butterfly_factor_mask", "butterfly_product_mask", "flat_butterfly_mask", "block_butterfly_mask",
     "flat_block_butterfly_layout", "layout_to_mask", "mask_to_layout",
     "Pattern", "PixelflyPlan", "PATTERN_NAMES", "make_pattern", "plan_pixelfly",
+    "block_connectivity",
     # kernels, layers, whole models
     "block_sparse_matmul", "sparse_lowrank_matmul",
     "MaskedLinear", "BlockSparseLinear", "LowRankLinear", "SparseLowRankLinear", "PixelflyLinear",
