@@ -1,4 +1,6 @@
-"""The permutation test against known cases and a brute-force oracle."""
+"""The decision rules on synthetic paired data (a large effect, a large opposite effect, pure noise),
+the power computation against simulation, Holm against its definition, the permutation test against
+a brute-force oracle."""
 
 import itertools
 import math
@@ -6,19 +8,130 @@ import math
 import numpy as np
 import pytest
 
-from pixelfly_lab.studies.stats import spearman, spearman_permutation_test
+from pixelfly_lab.studies.stats import (Decision, family_verdicts, holm, paired_decision, paired_verdict,
+                                        rank_correlation_verdict, seeds_for_power, spearman,
+                                        spearman_permutation_test)
+
+N = 12  # seeds of the synthetic data
+
+
+def _data(mean, seed=0, sd=1.0, n=N):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=n)
+    return mean + sd * (z - z.mean()) / z.std(ddof=1)  # exactly this mean and sd
+
+
+@pytest.mark.parametrize("alternative, margin, effect, want", [
+    ("greater", 0.0, 3.0, "held"), ("greater", 0.0, -3.0, "refuted"), ("greater", 0.0, 0.0, "undecided"),
+    ("less", 0.0, -3.0, "held"), ("less", 0.0, 3.0, "refuted"), ("less", 0.0, 0.0, "undecided"),
+    # "not worse by more than 1": greater than -1
+    ("greater", -1.0, 0.0, "held"), ("greater", -1.0, -4.0, "refuted"), ("greater", -1.0, -1.0, "undecided"),
+    # parity within +-2: a mean of 0 with sd 1 over 12 seeds lies inside; 5 lies outside; 2 is on the edge
+    ("equivalent", 2.0, 0.0, "held"), ("equivalent", 2.0, 5.0, "refuted"), ("equivalent", 2.0, -5.0, "refuted"),
+    ("equivalent", 2.0, 2.0, "undecided")])
+def test_every_rule_gives_the_three_verdicts(alternative, margin, effect, want):
+    d = _data(effect)
+    decision = paired_decision(d, margin=margin, alternative=alternative)
+    assert decision.verdict == want == paired_verdict(d, margin=margin, alternative=alternative)
+    # the interval is the (1 - 2 alpha) t interval of the mean
+    half = 1.7958848187036696 / math.sqrt(N)  # t_{0.95, 11} * sd / sqrt(n) with sd 1
+    assert (decision.low, decision.high) == pytest.approx((effect - half, effect + half))
+
+
+def test_pure_noise_is_rarely_decided_and_never_by_one_seed():
+    rng = np.random.default_rng(0)
+    verdicts = [paired_verdict(rng.normal(size=5)) for _ in range(2000)]
+    # the false verdict rate of each one-sided test is alpha = 0.05
+    assert abs(verdicts.count("held") / 2000 - 0.05) < 0.02 and abs(verdicts.count("refuted") / 2000 - 0.05) < 0.02
+    assert paired_decision([5.0]).verdict == "undecided" and paired_decision([5.0]).seeds_to_decide() is None
+    # zero spread: the interval is the mean itself (a deterministic measurement)
+    assert paired_verdict([0.2, 0.2, 0.2]) == "held"
+
+
+def test_more_seeds_decide_what_few_leave_undecided():
+    small, large = _data(0.5, n=3), _data(0.5, n=40)
+    assert paired_verdict(small) == "undecided" and paired_verdict(large) == "held"
+    needed = paired_decision(small).seeds_to_decide()
+    assert needed == seeds_for_power(1.0, 0.5) and 20 < needed < 40
+
+
+def test_seeds_for_power_matches_simulation():
+    n = seeds_for_power(1.0, 0.8, power=0.8)
+    rng = np.random.default_rng(1)
+    rate = lambda k: np.mean([paired_verdict(rng.normal(0.8, 1.0, size=k)) == "held" for _ in range(3000)])  # noqa
+    assert rate(n) >= 0.78 and rate(n - 1) < 0.8 + 0.02
+    assert seeds_for_power(1.0, 1.0) == 8 and seeds_for_power(2.0, 1.0) > 20
+    assert seeds_for_power(1.0, 0.0, margin=-1.0) == 8  # the distance to the margin counts
+    assert seeds_for_power(1.0, 0.3, margin=0.3) is None and seeds_for_power(0.0, 1.0) == 2
+
+
+def test_holm_is_the_step_down_procedure():
+    assert holm([0.01, 0.04, 0.03]) == [True, False, False]
+    assert holm([0.01, 0.02, 0.03], alpha=0.1) == [True, True, True]   # 0.01 <= .1/3, 0.02 <= .1/2, 0.03 <= .1
+    assert holm([0.2, 0.001]) == [False, True]
+    # brute force: Holm = closed testing with Bonferroni; compare on random families
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        p = rng.uniform(0, 0.06, size=4)
+        order = np.argsort(p)
+        want = [False] * 4
+        for k, i in enumerate(order):
+            if not all(p[order[j]] <= 0.05 / (4 - j) for j in range(k + 1)):
+                break
+            want[i] = True
+        assert holm(p) == want
+
+
+def test_family_is_held_when_a_member_survives_holm():
+    strong, noise, opposite = (paired_decision(_data(m)) for m in (3.0, 0.0, -3.0))
+    assert family_verdicts([strong, noise]) == ("held", ["held", "undecided"])
+    assert family_verdicts([opposite, opposite]) == ("refuted", ["refuted", "refuted"])
+    assert family_verdicts([noise, opposite]) == ("undecided", ["undecided", "refuted"])
+    # a member decided alone (p just under 0.05) is undecided once the family has two members
+    edge = next(d for d in (paired_decision(_data(m, n=6)) for m in np.linspace(0.6, 1.2, 61))
+                if 0.025 < d.p_held < 0.05)
+    assert edge.verdict == "held" and family_verdicts([edge, noise])[1][0] == "undecided"
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: paired_decision([1, 2], alternative="bigger"), "alternative"),
+    (lambda: paired_decision([1, 2], margin=0.0, alternative="equivalent"), "margin"),
+    (lambda: paired_decision([1, 2], alpha=0.7), "alpha"),
+    (lambda: paired_decision([[1, 2]]), "1-D"),
+    (lambda: paired_decision([1, float("nan")]), "finite"),
+    (lambda: seeds_for_power(-1.0, 1.0), "sd"),
+    (lambda: seeds_for_power(1.0, 1.0, power=1.0), "power"),
+    (lambda: holm([0.5, 1.5]), "p_values"),
+    (lambda: family_verdicts([]), "decisions"),
+    (lambda: rank_correlation_verdict([1, 2, 3], [3, 2, 1], alternative="two-sided"), "alternative")])
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_decision_describes_itself():
+    decision = paired_decision(_data(1.0, n=4))
+    assert isinstance(decision, Decision) and "90% t interval, 4 seeds" in decision.describe()
+
+
+# ------------------------------------------------------------------ rank correlations
+def test_rank_correlation_refutes_only_the_opposite_sign():
+    x = np.arange(6.0)
+    assert rank_correlation_verdict(x, -x)[0] == "held"          # perfectly anti-correlated: p = 1/6!
+    assert rank_correlation_verdict(x, x)[0] == "refuted"        # the opposite sign is significant
+    rng = np.random.default_rng(0)
+    noise = [rank_correlation_verdict(x, rng.normal(size=6))[0] for _ in range(20)]
+    assert noise.count("undecided") >= 15                       # not significant: never a refutation
+    verdict, rho, p, p_opposite = rank_correlation_verdict([0.1, 0.2, 0.3], [0.6, 0.5, 0.4])
+    assert (verdict, rho) == ("undecided", -1.0) and p == pytest.approx(1 / 6) and p_opposite == 1.0
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 7])
 def test_perfect_anticorrelation_has_the_exact_p(n):
-    # only the identity pairing of the reversed order reaches rho = -1: p = 1 / n!
     rho, p = spearman_permutation_test(range(n), range(n, 0, -1))
-    assert rho == pytest.approx(-1.0)
-    assert p == pytest.approx(1 / math.factorial(n))
+    assert rho == pytest.approx(-1.0) and p == pytest.approx(1 / math.factorial(n))
     assert spearman_permutation_test(range(n), range(n), alternative="greater")[1] == pytest.approx(
         1 / math.factorial(n))
-    assert spearman_permutation_test(range(n), range(n), alternative="two-sided")[1] == pytest.approx(
-        2 / math.factorial(n))
 
 
 def _oracle(x, y, alternative):
@@ -29,49 +142,42 @@ def _oracle(x, y, alternative):
     rho_of = lambda r: 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, r)) / (n * (n * n - 1))  # noqa: E731
     rho = rho_of(ry)
     rhos = [rho_of([ry[i] for i in perm]) for perm in itertools.permutations(range(n))]
-    test = {"less": lambda r: r <= rho + 1e-12, "greater": lambda r: r >= rho - 1e-12,
-            "two-sided": lambda r: abs(r) >= abs(rho) - 1e-12}[alternative]
+    test = {"less": lambda r: r <= rho + 1e-12, "greater": lambda r: r >= rho - 1e-12}[alternative]
     return rho, sum(map(test, rhos)) / len(rhos)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("alternative", ["less", "greater", "two-sided"])
+@pytest.mark.parametrize("alternative", ["less", "greater"])
 def test_exact_test_matches_brute_force(seed, alternative):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=6)
     y = -0.7 * x + rng.normal(size=6)
     rho, p = spearman_permutation_test(x, y, alternative=alternative)
     want_rho, want_p = _oracle(list(x), list(y), alternative)
-    assert rho == pytest.approx(want_rho, abs=1e-12)
-    assert p == pytest.approx(want_p, abs=1e-12)
+    assert rho == pytest.approx(want_rho, abs=1e-12) and p == pytest.approx(want_p, abs=1e-12)
 
 
 def test_monte_carlo_is_seeded_and_close_to_exact():
     rng = np.random.default_rng(3)
-    x = rng.normal(size=7)
-    y = -0.5 * x + rng.normal(size=7)
-    _, exact = spearman_permutation_test(x, y)
-    _, sampled = spearman_permutation_test(x, y, max_exact=1, n_permutations=4000, seed=5)
-    assert sampled == spearman_permutation_test(x, y, max_exact=1, n_permutations=4000, seed=5)[1]
-    assert abs(sampled - exact) < 0.03  # 4 sd of a Monte Carlo estimate with 4000 draws near p = 0.2
-    # never 0: the observed pairing counts once
+    x = rng.normal(size=8)
+    y = -0.5 * x + rng.normal(size=8)
+    exact = spearman_permutation_test(x, y, n_permutations=math.factorial(8))[1]
+    sampled = spearman_permutation_test(x, y, n_permutations=4000, seed=5)[1]
+    assert sampled == spearman_permutation_test(x, y, n_permutations=4000, seed=5)[1]
+    assert abs(sampled - exact) < 0.03
     assert spearman_permutation_test(range(12), range(12, 0, -1), n_permutations=100)[1] == pytest.approx(1 / 101)
 
 
 def test_ties_get_average_ranks():
-    # ranks of x: 0, 1.5, 1.5, 3; Pearson of those with 0..3
     expected = np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1]
     assert spearman([1, 2, 2, 5], [1, 2, 3, 4]) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("x, y, match", [([1, 2], [2, 1], "at least 3"), ([1, 2, 3], [1, 2], "same length"),
                                          ([1, 1, 1], [1, 2, 3], "constant"), ([1, 2, np.nan], [1, 2, 3], "finite")])
-def test_bad_input(x, y, match):
+def test_bad_correlation_input(x, y, match):
     with pytest.raises(ValueError, match=match):
         spearman_permutation_test(x, y)
-
-
-def test_bad_options():
     with pytest.raises(ValueError, match="alternative"):
         spearman_permutation_test([1, 2, 3], [3, 2, 1], alternative="lower")
     with pytest.raises(ValueError, match="n_permutations"):
