@@ -2,6 +2,7 @@
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -88,3 +89,72 @@ def test_pixelfly_layers_count_their_stored_entries_per_product():
     stored = sparse.weight_params       # blocks + U + V: what one row costs per product
     assert table["gmacs"].tolist() == pytest.approx([3 * 512 * 256 * 1024 / 1e9, 3 * 512 * stored / 1e9], rel=1e-12)
     assert table.loc[1, "flop_limit"] == pytest.approx(1 / sparse.budget)
+
+
+def _toy_table(**options):
+    from pixelfly_lab.speed.bench import BenchConfig, speed_table
+
+    config = BenchConfig(shapes=((128, 256),), rows=64, budgets=(0.25,), block_sizes=(32,), peers=(),
+                         backends=("torch",), released=False, repeats=1, warmup=0, **options)
+    return speed_table(config, progress=False, isolate=False)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_layer_table_rates_are_consistent_with_its_times(autocast):
+    table = _toy_table(autocast=autocast)
+    assert list(table["layer"]) == ["nn.Linear", "Pixelfly"]
+    assert set(table["dtype"]) == {"float32" if autocast is None else "bfloat16 (autocast)"}
+    for suffix, products in (("", 3), ("_forward", 1)):
+        mode = "forward_backward" if not suffix else "forward"
+        flops = 2 * products * 64 * 128 * 256
+        dense_ms = table.loc[0, f"{mode}_ms"]
+        # every row shows nn.Linear's rate at its shape; a row's useful rate is its budget's share of
+        # the dense FLOPs over its own time; the fraction is one over the other (= speed-up / limit)
+        assert table[f"dense_gflops{suffix}"].tolist() == pytest.approx([flops / (1e6 * dense_ms)] * 2)
+        assert table[f"useful_gflops{suffix}"].tolist() == pytest.approx(
+            (table["budget"] * flops / (1e6 * table[f"{mode}_ms"])).tolist())
+        assert table[f"fraction_of_dense_rate{suffix}"].tolist() == pytest.approx(
+            (table[f"useful_gflops{suffix}"] / table[f"dense_gflops{suffix}"]).tolist())
+        assert table[f"fraction_of_dense_rate{suffix}"].tolist() == pytest.approx(
+            table[f"fraction_of_limit_{mode}"].tolist())
+    assert table.loc[0, "fraction_of_dense_rate"] == 1.0
+
+
+def test_machine_header_names_the_cpu_flags_and_load():
+    from pixelfly_lab.speed.bench import machine, machine_header
+
+    info = machine()
+    assert set(info) == {"model", "flags", "load_avg", "cores"} and len(info["load_avg"]) == 3
+    assert all(flag.startswith(("avx", "amx", "fma")) for flag in info["flags"].split())
+    assert "load average" in machine_header() and info["model"] in machine_header()
+
+
+def test_bench_command_prints_one_table_per_thread_and_row_count(tmp_path, capsys):
+    import argparse
+
+    from pixelfly_lab.speed import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "128x256", "--rows", "64", "32", "--threads", "1", "--budgets", "0.25",
+                              "--block-sizes", "32", "--peers", "--backends", "torch", "--repeats", "1",
+                              "--no-models", "--dtype", "bfloat16", "--out", str(tmp_path)])
+    assert bench.run(args, isolate=False) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("# CPU:") == 2 and "fraction_of_dense_rate" in printed
+    saved = pd.read_csv(tmp_path / "speed.csv")
+    assert sorted(saved["rows"].unique()) == [32, 64] and "useful_gflops" in saved
+    assert set(saved["dtype"]) == {"bfloat16 (autocast)"} and set(saved["threads"]) == {1}
+
+
+def test_gpt_case_swaps_in_pixelfly_attention_and_mlps():
+    from pixelfly_lab.nn.attention import PixelflyAttention
+    from pixelfly_lab.nn.layers import PixelflyLinear
+    from pixelfly_lab.speed.bench import _model_pair
+
+    case = ModelCase("GPT, 1 block", "gpt", batch=1, depth=1, dim=192, context=128, block_size=16,
+                     attention="pixelfly")
+    dense, sparse, batch, _ = _model_pair(case, seed=0)
+    assert isinstance(sparse.blocks[0].attn, PixelflyAttention) and sparse.blocks[0].attn.causal
+    assert not isinstance(dense.blocks[0].attn, PixelflyAttention)
+    assert isinstance(sparse.blocks[0].mlp.fc1, PixelflyLinear) and batch.shape == (1, 128)

@@ -45,11 +45,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pixelfly_lab.nn.attention import PixelflyAttention
 from pixelfly_lab.nn.layers import MaskedLinear, MonarchLinear, PixelflyLinear
 from pixelfly_lab.speed.timer import time_training_steps
 from pixelfly_lab.structure.patterns import make_pattern
+from pixelfly_lab.training.models import Mixer, Transformer
 
-__all__ = ["BenchConfig", "RELEASED", "speed_table", "plot_speed", "time_training_steps", "ModelCase",
+__all__ = ["BenchConfig", "RELEASED", "speed_table", "add_rate_columns", "machine", "machine_header", "plot_speed",
+           "time_training_steps", "ModelCase",
            "MODEL_CASES", "model_speed_table", "add_arguments", "run"]
 
 # The released Pixelfly configuration (the paper's code for GPT-2 / Mixer MLPs).
@@ -74,7 +77,11 @@ class BenchConfig:
     warmup: int = 1                      # untimed runs per case first (allocations, plans)
     threads: int = 1                     # torch CPU threads: one, as the speed target is stated
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32   # bfloat16 is what a GPU run wants
+    dtype: torch.dtype = torch.float32   # of parameters and inputs; bfloat16 is what a GPU run wants
+    # compute dtype under torch.autocast (None: off). torch.bfloat16 on the CPU is mixed-precision
+    # training as users run it (float32 parameters, bf16 GEMMs: AMX/AVX512-BF16 where the CPU has
+    # them); nn.Linear runs under the same autocast, so the ratio is against dense bf16.
+    autocast: torch.dtype | None = None
     # 'retain': glibc keeps freed memory for reuse, as a caching allocator (jemalloc/tcmalloc)
     # would; without it every call of nn.Linear re-faults its fresh output's pages (see
     # _use_retaining_allocator; the 'torch' kernels reuse their large outputs themselves).
@@ -169,22 +176,91 @@ def _clocks(device: str):
     return lambda: (time.perf_counter(), time.process_time())
 
 
-def _time_case(layer, x, grad, now, backward: bool) -> tuple[float, float]:
-    """(wall, CPU) seconds of one forward (no grad) or forward+backward (dx and parameter grads)."""
+def _time_case(layer, x, grad, now, backward: bool, autocast: torch.dtype | None = None) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward (no grad) or forward+backward (dx and parameter grads),
+    under ``torch.autocast(x.device.type, autocast)`` when given."""
     for p in layer.parameters():
         p.grad = None
     x.grad = None
-    wall, cpu = now()
-    if backward:
-        layer(x).backward(grad)
-    else:
-        with torch.no_grad():
-            layer(x)
-    wall2, cpu2 = now()
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        wall, cpu = now()
+        if backward:
+            layer(x).backward(grad)
+        else:
+            with torch.no_grad():
+                layer(x)
+        wall2, cpu2 = now()
     return wall2 - wall, cpu2 - cpu
 
 
 MODES = ("forward", "forward_backward")
+# GEMMs of a dense layer per mode: y = x W^T; then dX = gy W and dW = gy^T x (x needs a gradient)
+_PRODUCTS = {"forward": 1, "forward_backward": 3}
+
+
+def add_rate_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Add the machine's dense GEMM rate and each row's useful rate to a :func:`speed_table` table.
+
+    For each mode (suffix ``_forward``; none for forward+backward, the headline):
+    ``dense_gflops`` = nn.Linear's FLOPs (2 * rows * in * out per product) / nn.Linear's median
+    time at the same shape, threads, dtype and mode; ``useful_gflops`` = budget * those dense
+    FLOPs / the row's median time (the dense-equivalent work its stored entries do per second);
+    ``fraction_of_dense_rate`` = useful_gflops / dense_gflops (= speed-up / FLOP limit): what
+    the kernels control, comparable between machines whose dense GEMMs differ.
+
+    Args:
+        table: rows with in_features, out_features, rows, budget, layer and ``{mode}_ms``.
+
+    Returns:
+        the same DataFrame, columns added in place.
+    """
+    dense = table[table["layer"] == "nn.Linear"].set_index(["in_features", "out_features"])
+    index = pd.MultiIndex.from_frame(table[["in_features", "out_features"]])
+    for mode in MODES:
+        suffix = "" if mode == "forward_backward" else f"_{mode}"
+        flops = 2.0 * _PRODUCTS[mode] * table["rows"] * table["in_features"] * table["out_features"]
+        dense_ms = dense[f"{mode}_ms"].reindex(index).to_numpy()
+        table[f"dense_gflops{suffix}"] = flops / (1e6 * dense_ms)
+        table[f"useful_gflops{suffix}"] = table["budget"] * flops / (1e6 * table[f"{mode}_ms"])
+        table[f"fraction_of_dense_rate{suffix}"] = table[f"useful_gflops{suffix}"] / table[f"dense_gflops{suffix}"]
+    return table
+
+
+_FLAGS = ("avx2", "avx512", "amx", "fma")   # flag prefixes that decide a CPU's GEMM rate
+
+
+def machine() -> dict:
+    """What decides this machine's GEMM rate: CPU model, the vector/matrix flags, load, threads.
+
+    Returns:
+        {'model': lscpu's model name, 'flags': the avx2/avx512*/amx_*/fma flags (space-separated),
+        'load_avg': the 1-, 5- and 15-minute load averages, 'cores': CPUs torch sees}.
+    """
+    model, flags = "unknown", []
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    if not text and Path("/proc/cpuinfo").exists():
+        text = Path("/proc/cpuinfo").read_text()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name in ("model name",) and model == "unknown":
+            model = value.strip()
+        elif name == "flags" and not flags:
+            flags = [f for f in value.split() if f.startswith(_FLAGS)]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"model": model, "flags": " ".join(flags), "load_avg": tuple(round(v, 2) for v in load),
+            "cores": os.cpu_count()}
+
+
+def machine_header() -> str:
+    """One line naming the CPU, its GEMM-relevant flags and the load, printed above every table."""
+    info = machine()
+    load = ", ".join(f"{v:.2f}" for v in info["load_avg"])
+    return (f"# CPU: {info['model']} ({info['cores']} CPUs); flags: {info['flags'] or 'none of avx2/avx512/amx'}; "
+            f"load average {load}")
 
 
 def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
@@ -193,7 +269,9 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     now = _clocks(config.device)
-    common = {"rows": config.rows, "threads": config.threads, "device": config.device, "allocator": allocator}
+    compute = str(config.autocast or config.dtype).replace("torch.", "") + (" (autocast)" if config.autocast else "")
+    common = {"rows": config.rows, "threads": config.threads, "device": config.device, "dtype": compute,
+              "allocator": allocator}
     rows = []
     try:
         for in_f, out_f in tqdm(config.shapes, desc="bench shapes", disable=not progress):
@@ -215,7 +293,8 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
                     layer, record = cases[i][1], times[i]
                     for mode in MODES:
                         try:
-                            wall, cpu = _time_case(layer, x, grad, now, mode == "forward_backward")
+                            wall, cpu = _time_case(layer, x, grad, now, mode == "forward_backward",
+                                                   config.autocast)
                         except RuntimeError as err:   # e.g. no autograd for BSR tensors on the CPU
                             record["note"] = f"{mode}: {str(err).splitlines()[0][:80]}"
                             continue
@@ -239,7 +318,7 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
         table[f"speedup_{key}"] = dense[f"{key}_ms"].reindex(index).to_numpy() / table[f"{key}_ms"].to_numpy()
     for mode in MODES:   # efficiency: how much of the FLOP limit the kernel reaches
         table[f"fraction_of_limit_{mode}"] = table[f"speedup_{mode}"] / table["flop_limit"]
-    return table
+    return add_rate_columns(table)
 
 
 def speed_table(config: BenchConfig = BenchConfig(), progress: bool = True, isolate: bool = True) -> pd.DataFrame:
@@ -258,9 +337,11 @@ def speed_table(config: BenchConfig = BenchConfig(), progress: bool = True, isol
         missing), forward_cpu_ms, forward_backward_cpu_ms (this process's CPU time: the machine's
         other load counts less), speedup_* for each (nn.Linear's median / this median),
         flop_limit (1 / budget), fraction_of_limit_forward and fraction_of_limit_forward_backward
-        (speed-up / flop_limit: the kernel's efficiency relative to nn.Linear's GEMM), note,
-        threads, device, allocator, load_avg (the 1-minute load when the shape finished: a shared
-        machine makes every number noisy).
+        (speed-up / flop_limit: the kernel's efficiency relative to nn.Linear's GEMM),
+        dense_gflops, useful_gflops, fraction_of_dense_rate (forward+backward; ``*_forward`` for
+        the forward: :func:`add_rate_columns`), note, threads, device, dtype (the compute dtype,
+        '(autocast)' when under autocast), allocator, load_avg (the 1-minute load when the shape
+        finished: a shared machine makes every number noisy).
     """
     if not isolate:
         return _measure(config, progress)
@@ -362,17 +443,21 @@ class ModelCase:
     context: int = 256         # GPT only
     budget: float = 0.25       # of each sparsified MLP layer (Pixelfly, plan_pixelfly)
     block_size: int = 32       # matches the released code and the CPU's GEMM tiles
+    # GPT only: the sparse copy's attention, 'dense' or a PixelflyAttention layout ('pixelfly':
+    # sparse + low-rank scores, the paper's GPT-2 configuration), at attention_budget of T^2
+    attention: str = "dense"
+    attention_budget: float = 0.25
 
 
 # Batch 8 for Mixer as the issue states it (1568 tokens); GPT batch 4 (1024 tokens): a dense
-# GPT-2 small step at batch 8 takes ~17 s on one thread, too long to repeat interleaved.
-MODEL_CASES = (ModelCase("Mixer-B/16", "mixer", batch=8), ModelCase("GPT-2 small", "gpt", batch=4))
+# GPT-2 small step at batch 8 takes ~17 s on one thread, too long to repeat interleaved. The GPT
+# copy has Pixelfly attention and Pixelfly MLPs, as the paper sparsifies GPT-2 (its Table 3).
+MODEL_CASES = (ModelCase("Mixer-B/16", "mixer", batch=8),
+               ModelCase("GPT-2 small", "gpt", batch=4, attention="pixelfly"))
 
 
 def _model_pair(case: ModelCase, seed: int):
     """(dense model, sparsified copy, batch, target): the copy's MLP layers are PixelflyLinear."""
-    from pixelfly_lab.training.models import Mixer, Transformer
-
     torch.manual_seed(seed)
     if case.family == "mixer":
         dense = Mixer((3, 224, 224), 16, case.dim, case.depth, 1000, token_hidden=case.dim // 2)
@@ -384,6 +469,10 @@ def _model_pair(case: ModelCase, seed: int):
     else:
         raise ValueError(f"ModelCase.family must be 'mixer' or 'gpt', got {case.family!r}")
     sparse = copy.deepcopy(dense)
+    if case.family == "gpt" and case.attention != "dense":
+        for block in sparse.blocks:
+            block.attn = PixelflyAttention(case.dim, 12, case.context, budget=case.attention_budget,
+                                           block_size=case.block_size, causal=True, layout=case.attention)
     for mlp in [block.channel if case.family == "mixer" else block.mlp for block in sparse.blocks]:
         for name in ("fc1", "fc2"):
             old = getattr(mlp, name)
@@ -418,9 +507,10 @@ def model_speed_table(cases=MODEL_CASES, *, steps: int = 1, rounds: int = 3, thr
         table = time_training_steps({"dense": dense, "pixelfly": sparse}, batch, target, steps=steps,
                                     rounds=rounds, threads=threads)
         table.insert(0, "case", case.name)
-        for column in ("depth", "dim", "batch", "budget", "block_size"):
+        for column in ("depth", "dim", "batch", "budget", "block_size", "attention"):
             table.insert(len(table.columns) - 1, column, getattr(case, column))
         table.loc[table["model"] == "dense", "budget"] = 1.0
+        table.loc[table["model"] == "dense", "attention"] = "dense"
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
 
@@ -441,61 +531,92 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the released configuration and two budgets at 1024x4096 (about a minute)")
     parser.add_argument("--shapes", nargs="+", metavar="INxOUT", help="e.g. 1024x4096 (default: 512x2048 768x3072 1024x4096)")
-    parser.add_argument("--rows", type=int, default=default.rows, help="rows of x (tokens)")
+    parser.add_argument("--rows", nargs="+", type=int, default=[default.rows],
+                        help="rows of x (tokens); several, e.g. 4096 512, give one table each")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(default.budgets))
     parser.add_argument("--block-sizes", nargs="+", type=int, default=list(default.block_sizes))
     parser.add_argument("--backends", nargs="+", default=list(default.backends),
                         choices=("auto", "torch", "reference", "triton"))
     parser.add_argument("--peers", nargs="*", default=list(default.peers), choices=("monarch", "masked", "bsr"))
     parser.add_argument("--repeats", type=int, default=default.repeats)
-    parser.add_argument("--threads", type=int, default=default.threads, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[default.threads],
+                        help="torch CPU threads (default 1); several, e.g. 1 2, give one table each")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="compute dtype: bfloat16 on the CPU runs both layers under torch.autocast "
+                             "(float32 parameters); default float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--allocator", default=default.allocator, choices=("retain", "default"),
                         help="'retain': glibc keeps freed memory (as jemalloc/tcmalloc would); 'default': as is")
-    parser.add_argument("--no-models", action="store_true",
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--no-models", action="store_true",
                         help="skip the model table (Mixer-B/16 and GPT-2 small training steps, minutes at full depth)")
+    models.add_argument("--models", action="store_true",
+                        help="only the model table (Mixer-B/16 and GPT-2 small with Pixelfly attention and MLPs)")
 
 
-def run(args) -> int:
+def _config(args, threads: int, rows: int) -> BenchConfig:
+    """The :class:`BenchConfig` of the command line for one thread count and row count."""
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    precision = ({"dtype": torch.bfloat16} if args.device == "cuda" else
+                 {"dtype": torch.float32, "autocast": torch.bfloat16}) if dtype == "bfloat16" else {}
     if args.quick:
         # the released configuration and two budgets at 1024 -> 4096, block 32: about a minute
-        config = BenchConfig(shapes=((1024, 4096),), budgets=(0.1, 0.25), block_sizes=(32,),
-                             backends=("auto",) if args.device == "cuda" else ("torch",), peers=("masked",),
-                             repeats=3, threads=args.threads, device=args.device, allocator=args.allocator,
-                             dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
-    else:
-        config = BenchConfig(shapes=tuple(_shape(s) for s in args.shapes) if args.shapes else BenchConfig.shapes,
-                             rows=args.rows, budgets=tuple(args.budgets), block_sizes=tuple(args.block_sizes),
-                             backends=tuple(args.backends), peers=tuple(args.peers), repeats=args.repeats,
-                             threads=args.threads, device=args.device, allocator=args.allocator,
-                             dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
-    table = speed_table(config)
+        return BenchConfig(shapes=((1024, 4096),), rows=rows, budgets=(0.1, 0.25), block_sizes=(32,),
+                           backends=("auto",) if args.device == "cuda" else ("torch",), peers=("masked",),
+                           repeats=3, threads=threads, device=args.device, allocator=args.allocator, **precision)
+    return BenchConfig(shapes=tuple(_shape(s) for s in args.shapes) if args.shapes else BenchConfig.shapes,
+                       rows=rows, budgets=tuple(args.budgets), block_sizes=tuple(args.block_sizes),
+                       backends=tuple(args.backends), peers=tuple(args.peers), repeats=args.repeats,
+                       threads=threads, device=args.device, allocator=args.allocator, **precision)
+
+
+# what the command prints of a layer table
+TABLE_COLUMNS = ["in_features", "out_features", "rows", "threads", "dtype", "layer", "block_size", "backend", "budget",
+                 "forward_ms", "forward_backward_ms", "speedup_forward", "speedup_forward_backward", "flop_limit",
+                 "dense_gflops", "useful_gflops", "fraction_of_dense_rate", "fraction_of_dense_rate_forward"]
+
+
+def run(args, *, isolate: bool = True) -> int:
+    """The ``bench`` command: layer tables (one per thread and row count), then the model table.
+
+    ``isolate=False`` times in this process (see :func:`speed_table`; tests use it)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "speed.csv", index=False)
-    import matplotlib.pyplot as plt
+    if not args.models:
+        tables = []
+        for threads in args.threads:
+            for rows in args.rows:
+                config = _config(args, threads, rows)
+                print(machine_header(), f"threads {threads}, rows {rows}", flush=True)
+                table = speed_table(config, progress=isolate, isolate=isolate)
+                with pd.option_context("display.width", 250, "display.max_rows", 500, "display.precision", 3):
+                    print(table[TABLE_COLUMNS].to_string(index=False), flush=True)
+                tables.append(table)
+        table = pd.concat(tables, ignore_index=True)
+        table.to_csv(out / "speed.csv", index=False)
+        import matplotlib.pyplot as plt
 
-    fig = plot_speed(table)
-    for suffix in ("png", "pdf"):
-        fig.savefig(out / f"speed.{suffix}", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    columns = ["in_features", "out_features", "layer", "block_size", "backend", "budget", "forward_ms",
-               "forward_backward_ms", "speedup_forward", "speedup_forward_backward",
-               "speedup_forward_backward_cpu", "flop_limit", "fraction_of_limit_forward_backward"]
-    with pd.option_context("display.width", 220, "display.max_rows", 500, "display.precision", 3):
-        print(table[columns].to_string(index=False))
-    print(f"table: {out / 'speed.csv'}, figure: {out / 'speed.png'}")
+        first = table[(table["threads"] == args.threads[0]) & (table["rows"] == args.rows[0])]
+        fig = plot_speed(first)
+        for suffix in ("png", "pdf"):
+            fig.savefig(out / f"speed.{suffix}", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        print(f"table: {out / 'speed.csv'}, figure: {out / 'speed.png'} ({args.threads[0]} thread(s), "
+              f"{args.rows[0]} rows)")
     if args.no_models or args.device != "cpu":
         return 0
     # quick: two blocks of each model (GPT at batch 1), the widths and budgets of the full ones
     cases = [replace(c, depth=2, batch=min(c.batch, 8 if c.family == "mixer" else 1)) for c in MODEL_CASES] \
         if args.quick else list(MODEL_CASES)
-    models = model_speed_table(cases, threads=args.threads)
-    models.to_csv(out / "models.csv", index=False)
-    columns = ["case", "model", "depth", "batch", "budget", "step_ms", "ratio", "flop_limit", "fraction_of_limit",
-               "gmacs", "params"]
-    with pd.option_context("display.width", 220, "display.precision", 3):
-        print(models[columns].to_string(index=False))
-    print(f"model table: {out / 'models.csv'} (one thread unless --threads; load average "
-          f"{models['load_avg'].iloc[-1]:.1f})")
+    for threads in args.threads:
+        print(machine_header(), f"threads {threads}", flush=True)
+        models = model_speed_table(cases, threads=threads)
+        models.to_csv(out / f"models_threads{threads}.csv" if len(args.threads) > 1 else out / "models.csv",
+                      index=False)
+        columns = ["case", "model", "depth", "batch", "budget", "attention", "step_ms", "ratio", "flop_limit",
+                   "fraction_of_limit", "gmacs", "params"]
+        with pd.option_context("display.width", 220, "display.precision", 3):
+            print(models[columns].to_string(index=False))
+        print(f"model table: {out / 'models.csv'} ({threads} thread(s); load average "
+              f"{models['load_avg'].iloc[-1]:.1f})")
     return 0

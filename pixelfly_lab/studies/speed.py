@@ -78,7 +78,9 @@ def _speed_claim(rows: pd.DataFrame, cuda: bool, figure: str, table: str) -> Cla
                f"{main['allocator']} allocator for both layers)"),
         measured=(f"{ratio:.2f}x (nn.Linear {main['forward_backward_ms'] * ratio:.1f} ms, Pixelfly "
                   f"{main['forward_backward_ms']:.1f} ms; forward alone {main['speedup_forward']:.2f}x; FLOP limit "
-                  f"{limit:.2f}x; load average {main['load_avg']:.1f}). All runs: {others}"),
+                  f"{limit:.2f}x; useful rate {main['useful_gflops']:.0f} GFLOP/s = "
+                  f"{main['fraction_of_dense_rate']:.2f} of nn.Linear's {main['dense_gflops']:.0f} GFLOP/s on this "
+                  f"machine; load average {main['load_avg']:.1f}). All runs: {others}"),
         held=bool(ratio >= bar and (cuda or main["speedup_forward"] >= bar)), figure=figure, kind="check",
         table=table)
 
@@ -119,13 +121,15 @@ def run(out: Path, config: SpeedConfig = QUICK, *, device: str = "cpu") -> list[
             claim=("Speed target of this toolkit: Pixelfly at budget 0.1 (block 32) at 1024 -> 4096 with 4096 rows, "
                    "forward+backward, is >= 6x faster than nn.Linear (one CPU thread, wall-clock medians)"),
             measured=(f"{r.speedup_forward_backward:.2f}x (forward {r.speedup_forward:.2f}x) at budget {r.budget:.4f}; "
-                      f"FLOP limit {r.flop_limit:.2f}x; load average {r.load_avg:.1f}"),
+                      f"FLOP limit {r.flop_limit:.2f}x; {r.fraction_of_dense_rate:.2f} of the dense GEMM rate "
+                      f"({r.useful_gflops:.0f} of {r.dense_gflops:.0f} GFLOP/s); load average {r.load_avg:.1f}"),
             held=bool(r.speedup_forward_backward >= 6.0), figure=figure, kind="check", table=csv))
     if not fast.empty:
         claims.append(Claim(
             claim="Pixelfly's speed-up grows as its budget shrinks, towards the FLOP limit 1/budget",
             measured="; ".join(f"budget {r.budget:.3f} (b{r.block_size}, {r.in_features}->{r.out_features}): "
-                               f"{r.speedup_forward_backward:.2f}x of {r.flop_limit:.2f}x"
+                               f"{r.speedup_forward_backward:.2f}x of {r.flop_limit:.2f}x "
+                               f"({r.fraction_of_dense_rate:.2f} of the dense rate)"
                                for r in fast.sort_values("budget").itertuples()),
             held=None, figure=figure, kind="info", table=csv))
     if config.models and not cuda:
