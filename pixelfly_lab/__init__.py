@@ -42,6 +42,16 @@ from pixelfly_lab.training.data import DATASETS, load_data
 from pixelfly_lab.training.models import MODEL_NAMES, build_model
 from pixelfly_lab.training.loop import TrainConfig, train
 
+from pixelfly_lab.structure.pictures import mask_explorer, pattern_gallery, pattern_table, show_mask, show_masks
+from pixelfly_lab.structure.projections import relative_error, sparse_plus_lowrank
+from pixelfly_lab.approx.targets import plot_targets
+from pixelfly_lab.approx.expressiveness import plot_error_vs_budget
+from pixelfly_lab.training.models import count_params
+from pixelfly_lab.training.rank import layer_weights, singular_values
+from pixelfly_lab.speed.timer import time_training_steps
+from pixelfly_lab.speed.bench import MODEL_CASES, BenchConfig, ModelCase, model_speed_table, plot_speed, speed_table
+from pixelfly_lab.notebook import check, learned, pick, say
+
 from pixelfly_lab._version import __version__ as __version__
 
 __all__ = [
@@ -62,5 +72,10 @@ __all__ = [
     "empirical_ntk", "kernel_distance", "seed_spread", "spectra",
     # training
     "DATASETS", "load_data", "MODEL_NAMES", "build_model", "TrainConfig", "train",
+    # for notebooks and interactive use: pictures, projections, plots, rank, speed tables, rendered prose
+    "show_mask", "show_masks", "pattern_table", "pattern_gallery", "mask_explorer", "relative_error",
+    "sparse_plus_lowrank", "plot_targets", "plot_error_vs_budget", "count_params", "layer_weights",
+    "singular_values", "time_training_steps", "BenchConfig", "speed_table", "plot_speed", "MODEL_CASES",
+    "ModelCase", "model_speed_table", "say", "pick", "check", "learned",
 ]
 # Not re-exported: the studies (pixelfly_lab.studies): the library never imports them.

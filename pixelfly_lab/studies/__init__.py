@@ -35,3 +35,31 @@ needs registering.
 Run them: ``python -m pixelfly_lab reproduce --preset quick --only NAME`` (``--preset tiny``,
 ``quick`` or ``full``; ``--quick`` is an alias of ``--preset quick``).
 """
+
+# Study helpers the notebooks use, as ``import pixelfly_lab.studies as studies; studies.ntk_study(...)``.
+# Loaded on first use (PEP 562), so importing one study does not import the others.
+import importlib
+
+_NOTEBOOK_EXPORTS = {
+    "pixelfly_lab.studies.theorems": ("residual_flat_gap", "loglog_slope", "plot_residual_flat_gap",
+                                      "lowrank_share_sweep", "plot_lowrank_share_sweep", "exact_butterflies",
+                                      "plot_exact_butterflies", "block_vs_butterfly", "plot_block_vs_butterfly"),
+    "pixelfly_lab.studies.estimators": ("attention_table", "plot_attention_table", "plot_attention_examples"),
+    "pixelfly_lab.studies.ntk_comparison": ("method_table", "ntk_study", "plot_distance_at_init",
+                                            "plot_distance_vs_accuracy", "plot_kernel", "plot_spectra"),
+    "pixelfly_lab.studies.stats": ("spearman_permutation_test",),
+    "pixelfly_lab.studies.training_comparison": ("compare_patterns", "plot_curves", "plot_parity", "plot_ranks",
+                                                 "plot_step_times", "step_speed"),
+    "pixelfly_lab.studies.reproduce": ("reproduce", "load_results", "show_experiment"),
+    "pixelfly_lab.studies.verdicts": ("claims_table", "study_figures", "show_study"),
+}
+_EXPORT_MODULE = {name: module for module, names in _NOTEBOOK_EXPORTS.items() for name in names}
+__all__ = sorted(_EXPORT_MODULE) + ["NTK_QUICK"]
+
+
+def __getattr__(name):
+    if name == "NTK_QUICK":  # the NTK comparison's quick config (a frozen dataclass; `replace` it to shrink)
+        return importlib.import_module("pixelfly_lab.studies.ntk_comparison").QUICK
+    if name in _EXPORT_MODULE:
+        return getattr(importlib.import_module(_EXPORT_MODULE[name]), name)
+    raise AttributeError(f"module 'pixelfly_lab.studies' has no attribute {name!r}")

@@ -1,0 +1,130 @@
+"""The report's verdicts as data, and one study's claims and figures shown once each, for notebooks.
+
+``python -m pixelfly_lab reproduce`` writes ``OUT/<study>/claims.json`` (see
+:mod:`pixelfly_lab.studies.reproduce`). :func:`claims_table` reads every study's claims into one
+DataFrame with the verdict spelled as the report spells it; :func:`show_study` displays one study's
+claims as a table and each of its figures once (several claims often share one figure).
+
+Example:
+    >>> table = claims_table("results")                       # doctest: +SKIP
+    >>> table[table.kind == "paper"].verdict.value_counts()   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pixelfly_lab.studies.reproduce import EXPERIMENTS
+
+__all__ = ["VERDICTS", "claims_table", "study_figures", "show_study"]
+
+# How a claim's ``held`` reads: True, False, None (for 'info' claims None is a reading, not undecided).
+VERDICTS = ("held", "did not hold", "undecided", "reading")
+
+
+def _verdict(claim: dict) -> str:
+    if claim.get("held") is None:
+        return "reading" if claim.get("kind") == "info" else "undecided"
+    return "held" if claim["held"] else "did not hold"
+
+
+def _record(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "claims.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def claims_table(out="results") -> pd.DataFrame:
+    """Every claim of every study found under ``out``, one row each, in report order.
+
+    Args:
+        out: the folder ``reproduce`` wrote (``results`` by default).
+
+    Returns:
+        DataFrame with columns study, preset, kind ('paper', 'check', 'info'), verdict (one of
+        :data:`VERDICTS`), claim, measured, figure (file name or None); empty (same columns) when
+        ``out`` holds no results.
+    """
+    if not isinstance(out, (str, Path)):
+        raise TypeError(f"out must be a path, got {type(out).__name__}")
+    rows = []
+    for exp in EXPERIMENTS:
+        record = _record(Path(out) / exp.name)
+        for claim in (record or {}).get("claims", []):
+            rows.append({"study": exp.name, "preset": record.get("preset"), "kind": claim.get("kind", "paper"),
+                         "verdict": _verdict(claim), "claim": claim["claim"], "measured": claim["measured"],
+                         "figure": claim.get("figure")})
+    columns = ["study", "preset", "kind", "verdict", "claim", "measured", "figure"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def study_figures(out, name: str) -> list[Path]:
+    """The PNG figures of study ``name`` that its claims cite, each once, in claim order.
+
+    Args:
+        out: the results folder.
+        name: a study name (one of ``reproduce.EXPERIMENTS``).
+
+    Returns:
+        List of existing file paths (empty when the study has no results).
+    """
+    names = [e.name for e in EXPERIMENTS]
+    if name not in names:
+        raise ValueError(f"name must be one of {names}, got {name!r}")
+    table = claims_table(out)
+    figures = table[(table.study == name) & table.figure.notna()].figure
+    paths = [Path(out) / name / f for f in dict.fromkeys(figures)]
+    return [p for p in paths if p.exists()]
+
+
+def show_study(out, name: str, width: int = 900) -> pd.DataFrame:
+    """Display one study's claims (verdict, claim, measured) and each of its figures once.
+
+    Args:
+        out: the results folder.
+        name: a study name.
+        width: displayed figure width in pixels (figures wider than this are shrunk before embedding,
+            so an executed notebook stays small).
+
+    Returns:
+        The study's rows of :func:`claims_table` (empty when it has no results).
+    """
+    from IPython.display import Image, Markdown, display
+
+    if not isinstance(width, int) or isinstance(width, bool) or width < 100:
+        raise ValueError(f"width must be an int >= 100 (pixels), got {width!r}")
+    table = claims_table(out)
+    rows = table[table.study == name] if name in {e.name for e in EXPERIMENTS} else None
+    if rows is None:
+        raise ValueError(f"name must be one of {[e.name for e in EXPERIMENTS]}, got {name!r}")
+    if rows.empty:
+        display(Markdown(f"*`{name}` has no results in `{out}`: run `make reproduce` "
+                         f"(or `python -m pixelfly_lab reproduce --preset quick --only {name}`).*"))
+        return rows
+    lines = [f"| verdict | kind | claim | measured |", "|---|---|---|---|"]
+    for row in rows.itertuples():
+        cells = [f"**{row.verdict}**", row.kind, row.claim, row.measured]
+        lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    display(Markdown("\n".join(lines)))
+    for path in study_figures(out, name):
+        display(Image(data=_shrunk_png(path, width)))
+    return rows
+
+
+def _shrunk_png(path: Path, width: int) -> bytes:
+    """The PNG's bytes, resampled to at most ``width`` pixels wide (Pillow comes with matplotlib)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    with PILImage.open(path) as image:
+        if image.width <= width:
+            return path.read_bytes()
+        height = round(image.height * width / image.width)
+        buffer = io.BytesIO()
+        image.convert("RGB").resize((width, height), PILImage.LANCZOS).save(buffer, format="PNG", optimize=True)
+        return buffer.getvalue()
