@@ -109,11 +109,11 @@ def test_correlation_claim_rule():
     three = {k: v for k, v in acc.items() if k != "c"}
     claim = _correlation_claim(_frame({"dense": 0.0, "a": 0.1, "b": 0.2, "pixelfly": 0.4}, three), "mlp", metric, 5,
                                None, None)
-    assert claim.held is False and "p = 0.167" in claim.measured
-    # correlated the wrong way
+    assert claim.held is None and "p = 0.167" in claim.measured  # not significant: never a refutation
+    # correlated the wrong way, significantly (p of rho > 0 is 1/4! = 0.042): refuted
     claim = _correlation_claim(_frame({"dense": 0.0, "a": 0.4, "b": 0.3, "c": 0.2, "pixelfly": 0.1}, acc),
                                "mlp", metric, 5, None, None)
-    assert claim.held is False
+    assert claim.held is False and "opposite sign p = 0.042" in claim.measured
     # perfectly anti-correlated, but dense still gains 0.6 points from E to 2E epochs: undecided
     unconverged = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, gain=0.006)
     claim = _correlation_claim(unconverged, "mlp", metric, 5, None, None)
@@ -129,19 +129,25 @@ def test_closest_claim_rule():
     metric = "relative_frobenius_centered"
     acc = dict.fromkeys(["dense", "pixelfly", "pixelfly-gated", "random", "lowrank"], 0.5)
     clear = _frame({"dense": 0.1, "pixelfly": 0.20, "pixelfly-gated": 0.5, "random": 0.25, "lowrank": 0.4}, acc)
-    assert _closest_claim(clear, "mlp", metric, "", None, None).held is True
-    # the gated layer is not a second try: gated closest, ungated not -> refuted by random
+    claim = _closest_claim(clear, "mlp", "", None, None)
+    assert claim.held is True and len(claim.members) == 4   # {ungated, gated} x {centred, CKA}
+    assert [m["verdict"] for m in claim.members] == ["held", "refuted", "held", "refuted"]
+    assert claim.ci[0] > 0 and claim.seeds == 3 and claim.seeds_to_decide is None
+    # the gated layer is primary too: gated closest, ungated not -> the family holds by the gated member
     gated = _frame({"dense": 0.1, "pixelfly": 0.5, "pixelfly-gated": 0.20, "random": 0.25, "lowrank": 0.4}, acc)
-    held, gaps = closest_verdict(gated, "mlp", metric)
-    assert held is False and "pixelfly-gated" not in gaps.index and gaps.loc["random", "mean"] == pytest.approx(-0.25)
-    # smallest mean, but random is within the sd of the paired differences (about 0.1): undecided, not refuted
+    verdict, critical, whole = closest_verdict(gated, "mlp", metric)
+    assert (verdict, critical) == ("refuted", "random") and whole.mean == pytest.approx(-0.25)
+    assert _closest_claim(gated, "mlp", "", None, None).held is True
+    # smallest mean, but random within the noise of the paired differences: undecided, with the seeds that decide
     noisy = _frame({"dense": 0.1, "pixelfly": 0.20, "random": 0.21, "lowrank": 0.4}, acc, jitter=0.05)
-    claim = _closest_claim(noisy, "mlp", metric, "", None, None)
-    assert claim.held is None and "undecided" in claim.measured and "random" in claim.measured.split("undecided")[1]
-    # the same when random's mean is slightly below Pixelfly's, inside the sd
-    assert closest_verdict(_frame({"pixelfly": 0.21, "random": 0.20}, acc, jitter=0.05), "mlp", metric)[0] is None
+    claim = _closest_claim(noisy, "mlp", "", None, None)
+    assert claim.held is None and "verdict: undecided" in claim.measured and "critical: random" in claim.measured
+    assert claim.seeds_to_decide and claim.seeds_to_decide > 3
+    # the same when random's mean is slightly below Pixelfly's, inside the noise: undecided, not refuted
+    assert closest_verdict(_frame({"pixelfly": 0.21, "random": 0.20}, acc, jitter=0.05), "mlp", metric)[0] == \
+        "undecided"
     beaten = _frame({"dense": 0.1, "pixelfly": 0.30, "pixelfly-gated": 0.5, "random": 0.25, "lowrank": 0.4}, acc)
-    claim = _closest_claim(beaten, "mlp", metric, "", None, None)
+    claim = _closest_claim(beaten, "mlp", "", None, None)
     assert claim.held is False and "dense seed-to-seed 0.100+-0.010" in claim.measured
     one_seed = _frame({"dense": 0.1, "pixelfly": 0.2, "random": 0.3}, acc, seeds=(0,))
-    assert _closest_claim(one_seed, "mlp", metric, "", None, None).held is None
+    assert _closest_claim(one_seed, "mlp", "", None, None).held is None

@@ -5,21 +5,24 @@ seed-to-seed spread, training) and its plots. The paper's statements checked (Da
 ICLR 2022, arXiv 2112.00029, the NTK analysis: the NTK-guided choice of the pattern), with their
 pass rules fixed here before anything is measured:
 
-* "among patterns at the same budget, Pixelfly's NTK is the closest to the dense model's": on
-  each headline distance (relative Frobenius of centred, trace-normalised kernels; 1 - CKA: both
-  blind to the kernel's scale and to its constant part), for the library's ungated Pixelfly
-  layer, chosen up front (the authors' gated layer is shown, not tried as a second chance).
-  Per seed, each other sparse pattern's distance minus Pixelfly's (both against the same dense
-  reference kernels): held when every other pattern's mean difference exceeds its sd over seeds
-  (Pixelfly closer, separated); refuted when some other pattern is closer by more than that sd;
-  otherwise undecided (not resolved by the seeds). The uncentred trace-normalised distance (with
-  the top eigenvalue's share of the trace) and the raw one (with the trace ratio) are readings.
+* "among patterns at the same budget, Pixelfly's NTK is the closest to the dense model's": one
+  family of four primary members, Holm-corrected (:func:`pixelfly_lab.studies.stats.family_verdicts`):
+  the library's ungated layer and the authors' gated, Kaiming-initialised one, each on both
+  headline distances (relative Frobenius of centred, trace-normalised kernels; 1 - CKA: blind to
+  the kernel's scale and to its constant part). Per member, per seed, each other sparse
+  pattern's distance minus Pixelfly's (both against the same dense reference kernels), decided
+  by :func:`pixelfly_lab.studies.stats.paired_decision` (t interval of the mean difference):
+  held when it lies above 0 for every other pattern, refuted when one lies below. The yardstick
+  printed beside is each pattern's excess over dense's own seed-to-seed distance. The uncentred
+  trace-normalised distance (with the top eigenvalue's share of the trace) and the raw relative
+  Frobenius distance of the talk's slide (with the trace ratio) are readings.
 * "a smaller NTK distance goes with a higher accuracy": over the sparse patterns only (dense
   excluded), mean centred distance at initialisation against mean test accuracy (10000 test
-  examples) after a fixed epoch budget, held when Spearman's rho < 0 and its one-sided
-  permutation p-value (exact over all orderings, :func:`pixelfly_lab.studies.stats.spearman_permutation_test`)
-  is < 0.05; undecided unless the budget lets dense converge: dense trained for twice the epochs
-  gains less than 0.5 accuracy points (mean over seeds).
+  examples) after a fixed epoch budget, by
+  :func:`pixelfly_lab.studies.stats.rank_correlation_verdict`: held when Spearman's rho < 0 is
+  significant (one-sided permutation test, 0.05), refuted only when rho > 0 is; undecided unless
+  the budget lets dense converge: dense trained for twice the epochs gains less than 0.5
+  accuracy points (mean over seeds).
 """
 
 from __future__ import annotations
@@ -31,22 +34,22 @@ import pandas as pd
 
 from pixelfly_lab.studies.ntk_comparison import (QUICK as NTK_QUICK, SCALE_FREE_METRICS, NTKStudyConfig, ntk_study, plot_distance_at_init,
                          plot_distance_vs_accuracy, plot_spectra)
-from pixelfly_lab.studies.stats import spearman_permutation_test
+from pixelfly_lab.studies.stats import Decision, every_held, family_verdicts, paired_decision, rank_correlation_verdict
 from pixelfly_lab.threads import num_threads
-from pixelfly_lab.studies.claims import Claim, save_figure, save_table
+from pixelfly_lab.studies.claims import HELD, Claim, decision_fields, member, save_figure, save_table
 
 __all__ = ["NTKStudyConfig", "FULL", "QUICK", "TINY", "run"]
 
 FULL = NTKStudyConfig()
 QUICK = NTK_QUICK
 # three sparse patterns: the rank correlation needs at least three points to mean anything; two
-# seeds so that the closest claim's three-way rule runs
+# seeds so that the closest claim's paired interval exists
 TINY = NTKStudyConfig(families=("mlp",), patterns=("dense", "lowrank", "random", "pixelfly"), seeds=(0, 1),
                       reference_seeds=(5, 6), n_kernel=6, n_train=128, n_test=64, epochs=1)
 
 PIXELFLY = "pixelfly"                        # the variant the claims test, chosen before measuring
 VARIANTS = ("pixelfly", "pixelfly-gated")    # not "other patterns": the gated layer is Pixelfly too
-ALPHA = 0.05  # significance level of the correlation claim
+ALPHA = 0.05  # level of each one-sided test (the paired intervals are 90% t intervals)
 CONVERGED = 0.5  # accuracy points dense may still gain from E to 2E epochs for the budget to count as converged
 _NAMES = {"relative_frobenius_centered": "relative Frobenius of centred trace-normalised kernels",
           "cka": "1 - CKA"}
@@ -58,50 +61,82 @@ def _stats(frame: pd.DataFrame, family: str, metric: str) -> pd.DataFrame:
     return part.groupby("pattern")[metric].agg(["mean", "std"]).fillna(0.0).sort_values("mean")
 
 
-def closest_verdict(frame: pd.DataFrame, family: str, metric: str) -> tuple[bool | None, pd.DataFrame]:
-    """The three-way rule of the module docstring, paired by seed.
+def closest_decisions(frame: pd.DataFrame, family: str, metric: str, variant: str = PIXELFLY
+                      ) -> dict[str, Decision]:
+    """Per other sparse pattern, the paired decision of "its distance exceeds ``variant``'s" (by seed).
 
     Returns:
-        (held, gaps): held True / False / None; gaps one row per other sparse pattern: mean and
-        sd over seeds of (its distance - Pixelfly's), and seeds (how many were paired).
+        {other pattern: :class:`~pixelfly_lab.studies.stats.Decision` of (its distance - the
+        variant's), alternative 'greater', margin 0}; empty when the variant or the others are missing.
     """
     part = frame[(frame.family == family) & (frame.pattern != "dense")].pivot_table(
         index="seed", columns="pattern", values=metric)
     others = [p for p in part.columns if p not in VARIANTS]
-    if PIXELFLY not in part.columns or not others:
-        return None, pd.DataFrame(columns=["mean", "sd", "seeds"])
-    diffs = part[others].sub(part[PIXELFLY], axis=0)
-    gaps = pd.DataFrame({"mean": diffs.mean(), "sd": diffs.std(), "seeds": diffs.count()}).sort_values("mean")
-    if (gaps.seeds < 2).any():
-        return None, gaps  # no sd over seeds: undecided
-    if (gaps["mean"] < -gaps["sd"]).any():
-        return False, gaps
-    return (True if (gaps["mean"] > gaps["sd"]).all() else None), gaps
+    if variant not in part.columns or not others:
+        return {}
+    diffs = part[others].sub(part[variant], axis=0)
+    return {p: paired_decision(diffs[p].dropna().to_numpy(), margin=0.0, alpha=ALPHA) for p in others}
 
 
-def _closest_claim(frame, family, metric, setup, png, csv) -> Claim:
-    stats = _stats(frame, family, metric)
+def closest_verdict(frame: pd.DataFrame, family: str, metric: str, variant: str = PIXELFLY
+                    ) -> tuple[str, str | None, Decision | None]:
+    """Whether ``variant``'s NTK is closer than every other sparse pattern's (intersection-union, paired).
+
+    Returns:
+        (verdict, the critical other pattern, the whole's Decision); ('undecided', None, None)
+        when there is nothing to compare.
+    """
+    decisions = closest_decisions(frame, family, metric, variant)
+    if not decisions:
+        return "undecided", None, None
+    critical, whole = every_held(decisions)
+    return whole.verdict, critical, whole
+
+
+def _closest_claim(frame, family, setup, png, csv, metrics=SCALE_FREE_METRICS) -> Claim:
+    """One family: {ungated, gated Pixelfly} x the scale-free metrics, Holm-corrected."""
     spread = frame.attrs["spread"]
-    ref = spread[(spread.family == family) & (spread.metric == metric)].iloc[0]
-    held, gaps = closest_verdict(frame, family, metric)
-    name = _NAMES.get(metric, metric)
-    if held is None and len(gaps) and (gaps.seeds >= 2).all():
-        verdict = "; undecided: Pixelfly is not separated from " + ", ".join(
-            p for p, r in gaps.iterrows() if abs(r["mean"]) <= r["sd"]) + " by more than the sd over seeds"
-    else:
-        verdict = "" if held is not None else "; undecided: fewer than 2 seeds or patterns"
+    present = set(frame[frame.family == family].pattern)
+    members, decisions, parts = [], [], []
+    for metric in metrics:
+        ref = spread[(spread.family == family) & (spread.metric == metric)].iloc[0]
+        stats = _stats(frame, family, metric)
+        parts.append(f"{_NAMES.get(metric, metric)}: " + ", ".join(
+            f"{p} {r['mean']:.3f}+-{r['std']:.3f} (excess over dense seed-to-seed {r['mean'] - ref['mean']:+.3f})"
+            for p, r in stats.iterrows()) + f"; dense seed-to-seed {ref['mean']:.3f}+-{ref['sd']:.3f} "
+            f"({int(ref['pairs'])} pairs)")
+        for variant in (v for v in VARIANTS if v in present):
+            verdict, critical, whole = closest_verdict(frame, family, metric, variant)
+            if whole is None:
+                continue
+            decisions.append(whole)
+            members.append((f"{variant}, {_NAMES.get(metric, metric)} (critical: {critical})", whole))
+    if not decisions:
+        return Claim(_CLOSEST_TEXT.format(family=family), "undecided: fewer than 2 patterns to compare; "
+                     + "; ".join(parts), None, png, kind="paper", table=csv)
+    verdict, verdicts = family_verdicts(decisions, ALPHA)
+    listed = [member(name, d, v) for (name, d), v in zip(members, verdicts)]
+    best = min(range(len(decisions)), key=lambda i: decisions[i].p_held)
     return Claim(
-        f"Pixelfly paper (NTK analysis): among patterns at the same budget, Pixelfly's NTK is the closest to the "
-        f"dense model's -- {family}, distance {name} at init (scale- and constant-free). Rule: for the ungated "
-        f"Pixelfly layer, chosen up front, per seed each other sparse pattern's distance minus Pixelfly's against the "
-        f"same dense references; held when every mean difference exceeds its sd over seeds, refuted when another "
-        f"pattern is closer by more than that sd, otherwise undecided",
-        f"{name} ({setup}), mean +- sd: "
-        + ", ".join(f"{p} {r['mean']:.3f}+-{r['std']:.3f}" for p, r in stats.iterrows())
-        + f"; other - pixelfly, paired by seed: "
-        + ", ".join(f"{p} {r['mean']:+.3f}+-{r['sd']:.3f}" for p, r in gaps.iterrows())
-        + f"; dense seed-to-seed {ref['mean']:.3f}+-{ref['sd']:.3f} ({int(ref['pairs'])} pairs)" + verdict,
-        held, png, kind="paper", table=csv)
+        _CLOSEST_TEXT.format(family=family),
+        f"verdict: {verdict}; members (other - pixelfly, Holm-corrected): " + "; ".join(
+            f"{name}: {v} {d.describe()}" + (f", ~{d.seeds_to_decide()} seeds would decide" if v == "undecided"
+                                             and d.seeds_to_decide() else "")
+            for (name, d), v in zip(members, verdicts)) + f" ({setup}). " + " | ".join(parts),
+        **decision_fields(replace(decisions[best], verdict=verdict)), figure=png, kind="paper", table=csv,
+        members=listed)
+
+
+_CLOSEST_TEXT = (
+    "Pixelfly paper (NTK analysis): among patterns at the same budget, Pixelfly's NTK is the closest to the dense "
+    "model's -- {family}, at init, scale- and constant-free distances (centred trace-normalised relative Frobenius, "
+    "1 - CKA). Family of 4 primary members, Holm-corrected: the library's ungated layer and the authors' gated, "
+    f"Kaiming-initialised one, on each distance. Rule per member: per seed, each other sparse pattern's distance "
+    f"minus Pixelfly's against the same dense references; held when for every other pattern the "
+    f"{100 * (1 - 2 * ALPHA):.0f}% t interval of the mean difference lies above 0 (intersection-union), refuted when "
+    "Holm across the others puts one wholly below 0; the family is held when a member is held after Holm, refuted "
+    "when every member is refuted, otherwise undecided. The yardstick is the excess over dense's own seed-to-seed "
+    "distance")
 
 
 def _converged(frame, family) -> tuple[bool, str]:
@@ -120,30 +155,35 @@ def _correlation_claim(frame, family, metric, epochs, png, csv) -> Claim:
     means = part.groupby("pattern")[[metric, "test_accuracy"]].mean()
     dense_acc = frame[(frame.family == family) & (frame.pattern == "dense")].test_accuracy
     n_test = frame.attrs.get("config", {}).get("n_test", "?")
-    rule = (f"held when Spearman's rho < 0 and its one-sided permutation p-value < {ALPHA}, exact over all "
-            f"orderings of the patterns; undecided below 3 patterns, or unless the budget lets dense converge: dense "
-            f"trained for 2E = {2 * epochs} epochs gains less than {CONVERGED} accuracy points over E")
+    rule = (f"held when Spearman's rho < 0 with a one-sided permutation p-value < {ALPHA} (scipy's permutation test, "
+            f"exact over all orderings of the patterns), refuted only when the opposite sign (rho > 0) is significant "
+            f"at {ALPHA}, otherwise undecided; undecided below 3 patterns, or unless the budget lets dense converge: "
+            f"dense trained for 2E = {2 * epochs} epochs gains less than {CONVERGED} accuracy points over E")
     text = (f"Pixelfly paper (NTK analysis): a smaller NTK distance goes with a higher accuracy -- {family}, "
             f"sparse patterns only (dense excluded), {_NAMES.get(metric, metric)} at init against test accuracy "
             f"({n_test} test examples) after E = {epochs} epochs ({rule})")
     if len(means) < 3 or means[metric].nunique() < 2 or means.test_accuracy.nunique() < 2:
-        return Claim(text, f"{len(means)} sparse pattern(s): no rank correlation", None, png, kind="paper", table=csv)
-    rho, p = spearman_permutation_test(means[metric], means.test_accuracy, alternative="less")
+        return Claim(text, f"{len(means)} sparse pattern(s): no rank correlation; undecided", None, png, kind="paper",
+                     table=csv)
+    verdict, rho, p, p_opposite = rank_correlation_verdict(means[metric], means.test_accuracy, alternative="less",
+                                                           alpha=ALPHA)
     seeds = part.seed.nunique()
     other = "cka" if metric != "cka" else "relative_frobenius_centered"
     alt = part.groupby("pattern")[other].mean() if other in part else pd.Series(dtype=float)
     alt_text = ""
     if alt.nunique() > 1:
-        alt_rho, alt_p = spearman_permutation_test(alt, means.test_accuracy, alternative="less")
+        _, alt_rho, alt_p, _ = rank_correlation_verdict(alt, means.test_accuracy, alternative="less", alpha=ALPHA)
         alt_text = f" (with {_NAMES.get(other, other)} instead: rho {alt_rho:+.2f}, p = {alt_p:.3f})"
     converged, conv_text = _converged(frame, family)
-    held = bool(rho < 0 and p < ALPHA) if converged else None
+    if not converged:
+        verdict = "undecided"
     return Claim(
-        text, f"Spearman rho {rho:+.2f}, permutation p = {p:.3f}{alt_text} across {len(means)} patterns (means over "
-        f"{seeds} seed(s)); accuracies " + ", ".join(f"{q} {100 * a:.1f}%" for q, a in means.test_accuracy.items())
-        + (f"; dense {100 * dense_acc.mean():.1f}%" if len(dense_acc) else "") + f"; {conv_text}"
-        + ("" if converged else "; undecided: dense has not converged at E epochs"),
-        held, png, kind="paper", table=csv)
+        text, f"Spearman rho {rho:+.2f}, permutation p = {p:.3f} (opposite sign p = {p_opposite:.3f}){alt_text} "
+        f"across {len(means)} patterns (means over {seeds} seed(s)); accuracies "
+        + ", ".join(f"{q} {100 * a:.1f}%" for q, a in means.test_accuracy.items())
+        + (f"; dense {100 * dense_acc.mean():.1f}%" if len(dense_acc) else "") + f"; {conv_text}; verdict: {verdict}"
+        + ("" if converged else " (dense has not converged at E epochs)"),
+        HELD[verdict], png, kind="paper", table=csv, effect=float(rho), seeds=int(seeds))
 
 
 def run(out: Path, config: NTKStudyConfig = QUICK, *, device: str = "cpu") -> list[Claim]:
@@ -163,7 +203,7 @@ def run(out: Path, config: NTKStudyConfig = QUICK, *, device: str = "cpu") -> li
              f"(data seed {cfg.data_seed}, fixed)")
     claims = []
     for family in cfg.families:
-        claims += [_closest_claim(frame, family, m, setup, pngs[m], csv) for m in SCALE_FREE_METRICS]
+        claims.append(_closest_claim(frame, family, setup, pngs[SCALE_FREE_METRICS[0]], csv))
         rows = frame[frame.family == family].groupby("pattern")
         uncentred, raw = _stats(frame, family, "relative_frobenius_normalized"), _stats(frame, family,
                                                                                          "relative_frobenius")

@@ -40,13 +40,13 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats as sps
 
 __all__ = ["ALTERNATIVES", "VERDICTS", "Decision", "paired_decision", "paired_verdict", "seeds_for_power", "holm",
-           "family_verdicts", "rank_correlation_verdict", "spearman", "spearman_permutation_test"]
+           "family_verdicts", "every_held", "rank_correlation_verdict", "spearman", "spearman_permutation_test"]
 
 ALTERNATIVES = ("greater", "less", "equivalent")
 VERDICTS = ("held", "refuted", "undecided")
@@ -283,6 +283,38 @@ def family_verdicts(decisions: list[Decision], alpha: float | None = None) -> tu
     members = ["held" if h else "refuted" if r else "undecided" for h, r in zip(held, refuted)]
     family = "held" if "held" in members else "refuted" if all(m == "refuted" for m in members) else "undecided"
     return family, members
+
+
+def every_held(decisions: dict) -> tuple[str, Decision]:
+    """The claim "every one of these comparisons holds" (e.g. "closer than every other pattern").
+
+    An intersection-union test (Berger 1982): held when every comparison is held at level alpha
+    (no correction needed), refuted when Holm across the comparisons refutes one of them,
+    otherwise undecided.
+
+    Args:
+        decisions: {name: :class:`Decision`} of the comparisons.
+
+    Returns:
+        (name of the critical comparison, a :class:`Decision` of the whole): the critical one is
+        the refuted one with the smallest p when refuted, else the one with the largest
+        ``p_held`` (the hardest to hold); the whole carries its mean, sd and interval, with
+        ``p_held`` the largest of the comparisons' and ``p_refuted`` Holm-adjusted (m times the
+        smallest).
+    """
+    if not decisions:
+        raise ValueError("decisions must hold at least one Decision")
+    names, members = list(decisions), list(decisions.values())
+    refuted = holm([d.p_refuted for d in members], members[0].alpha)
+    if any(refuted):
+        critical = min((i for i, r in enumerate(refuted) if r), key=lambda i: members[i].p_refuted)
+        verdict = "refuted"
+    else:
+        critical = max(range(len(members)), key=lambda i: members[i].p_held)
+        verdict = "held" if all(d.verdict == "held" for d in members) else "undecided"
+    whole = replace(members[critical], verdict=verdict, p_held=max(d.p_held for d in members),
+                    p_refuted=min(1.0, len(members) * min(d.p_refuted for d in members)))
+    return names[critical], whole
 
 
 def _as_pair(x, y) -> tuple[np.ndarray, np.ndarray]:
