@@ -14,6 +14,7 @@ from pixelfly_lab.ops.attention import (
     block_sparse_attention,
     block_sparse_linear_attention,
 )
+from pixelfly_lab.ops.registry import register_layout
 from pixelfly_lab.structure.masks import flat_butterfly_mask, layout_to_mask
 
 
@@ -75,7 +76,7 @@ def test_gradcheck(causal):
 
 def test_plan_buckets_rows_by_fan_in_and_never_pads_to_dense():
     layout = uneven_layout(8)
-    plan = _plan(layout, 4, False, torch.device("cpu"))
+    plan = _plan(register_layout(layout, 4), False, torch.device("cpu"))
     fan_in = layout.sum(1)
     seen = torch.cat([bucket.rows for bucket in plan.buckets]).sort().values
     assert torch.equal(seen, torch.arange(8))

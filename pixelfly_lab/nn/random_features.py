@@ -19,34 +19,57 @@ import torch
 
 from pixelfly_lab._checks import check_int, check_number
 
-__all__ = ["performer_features"]
+__all__ = ["draw_feature_weights", "performer_features"]
 
 
-def performer_features(x: torch.Tensor, temperature: float, n_features: int, seed: int = 0) -> torch.Tensor:
-    """log phi(x) of Performer's positive orthogonal random features, up to a shared constant.
-
-    log phi(x) = w.x' - |x'|^2 / 2 - log(m) / 2 with x' = x / sqrt(t); the rows of W (m, d) are
-    orthogonal within each block of d (Gram-Schmidt of a Gaussian matrix) with chi(d)-distributed
-    norms, as in FAVOR+. Logs keep low temperatures from overflowing; callers exponentiate after
-    subtracting a maximum that the row normalisation of attention cancels.
+def draw_feature_weights(dim: int, n_features: int, seed: int = 0) -> torch.Tensor:
+    """Performer's projection W (m, d), float64 on the CPU: orthogonal rows within each block of d
+    (QR of a Gaussian matrix) with chi(d)-distributed norms, as in FAVOR+.
 
     Args:
-        x: (n, d) queries or keys.
+        dim: d, the width of the queries and keys.
         n_features: m >= 1.
-        seed: the same seed must be used for queries and keys.
+        seed: seeds the draw (the same W for the same seed).
 
     Returns:
-        (n, m) log-features.
+        (m, d) float64.
+    """
+    check_int("dim", dim)
+    check_int("n_features", n_features)
+    generator = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(-(-n_features // dim)):
+        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64, device="cpu")
+        blocks.append(torch.linalg.qr(gaussian).Q.T)                  # d orthonormal rows
+    norms = torch.randn(n_features, dim, generator=generator, dtype=torch.float64, device="cpu").norm(dim=1)
+    return torch.cat(blocks)[:n_features] * norms[:, None]
+
+
+def performer_features(x: torch.Tensor, temperature: float, n_features: int, seed: int = 0,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """log phi(x) of Performer's positive orthogonal random features, up to a shared constant.
+
+    log phi(x) = w.x' - |x'|^2 / 2 - log(m) / 2 with x' = x / sqrt(t), the rows w of W from
+    :func:`draw_feature_weights` (or ``weights``). Logs keep low temperatures from overflowing;
+    callers exponentiate after subtracting a maximum that the row normalisation of attention cancels.
+
+    Args:
+        x: (..., n, d) queries or keys.
+        temperature: t > 0.
+        n_features: m >= 1.
+        seed: the same seed must be used for queries and keys (ignored with ``weights``).
+        weights: a drawn (m, d) W to reuse (a layer keeps it in a buffer, so no draw per call).
+
+    Returns:
+        (..., n, m) log-features.
     """
     temperature = check_number("temperature", temperature)
     check_int("n_features", n_features)
-    d = x.shape[-1]
-    generator = torch.Generator().manual_seed(seed)
-    blocks = []
-    for _ in range(-(-n_features // d)):
-        gaussian = torch.randn(d, d, generator=generator, dtype=torch.float64)
-        blocks.append(torch.linalg.qr(gaussian).Q.T)                  # d orthonormal rows
-    norms = torch.randn(n_features, d, generator=generator, dtype=torch.float64).norm(dim=1)
-    w = (torch.cat(blocks)[:n_features] * norms[:, None]).to(x.dtype)
+    if weights is None:
+        weights = draw_feature_weights(x.shape[-1], n_features, seed)
+    elif tuple(weights.shape) != (n_features, x.shape[-1]):
+        raise ValueError(f"weights must have shape (n_features, d) = ({n_features}, {x.shape[-1]}), "
+                         f"got {tuple(weights.shape)}")
+    w = weights.to(device=x.device, dtype=x.dtype)
     scaled = x / math.sqrt(temperature)
     return scaled @ w.T - scaled.square().sum(-1, keepdim=True) / 2 - math.log(n_features) / 2

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from pixelfly_lab._checks import check_int
+from pixelfly_lab.ops.registry import derived, register_layout, registered_layout
 from pixelfly_lab.structure.masks import layout_to_mask
 
 __all__ = ["block_sparse_attention", "block_attention_reference", "block_sparse_linear_attention",
@@ -58,7 +59,7 @@ ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton")
 # ----------------------------------------------------------------------------------- checks
 
 def _check_inputs(q, k, v, layout, block_size, causal, scale):
-    """Validate arguments; returns (block_size, scale)."""
+    """Validate arguments (registering a layout tensor); returns (layout key, block_size, scale)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -80,33 +81,64 @@ def _check_inputs(q, k, v, layout, block_size, causal, scale):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     block_size = check_int("block_size", block_size)
     T = q.shape[2]
+    if T == 0:
+        raise ValueError("sequence length T (q.shape[2]) must be >= 1, got 0")
     if T % block_size:
         raise ValueError(f"sequence length T={T} (q.shape[2]) is not a multiple of block_size={block_size}")
     n_blocks = T // block_size
-    if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool:
-        raise ValueError(f"layout must be a bool tensor, got "
+    if isinstance(layout, int) and not isinstance(layout, bool):
+        entry = registered_layout(layout)
+        if entry.block_size != block_size:
+            raise ValueError(f"layout key {layout} was registered with block_size={entry.block_size}, "
+                             f"not block_size={block_size}")
+        shape = tuple(entry.layout.shape)
+    elif isinstance(layout, torch.Tensor) and layout.dtype == torch.bool:
+        shape = tuple(layout.shape)
+    else:
+        raise ValueError(f"layout must be a bool tensor or a key from register_layout, got "
                          f"{getattr(layout, 'dtype', type(layout).__name__)}")
-    if tuple(layout.shape) != (n_blocks, n_blocks):
+    if shape != (n_blocks, n_blocks):
         raise ValueError(f"layout must have shape (T/b, T/b) = ({n_blocks}, {n_blocks}) for T={T}, "
-                         f"block_size={block_size}; got {tuple(layout.shape)}")
+                         f"block_size={block_size}; got {shape}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])     # the usual softmax(Q K^T / sqrt(D))
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    return block_size, float(scale)
+    # a tensor is registered here (one host read per call: layers register once and pass the key)
+    key = layout if isinstance(layout, int) else _register(layout, block_size)
+    _rows_checked(key, causal)                   # raises for a row with no block, once per key
+    return key, block_size, float(scale)
 
 
-def _effective_layout(layout: torch.Tensor, causal: bool) -> torch.Tensor:
-    """The CPU layout of blocks that hold at least one kept score; raises for an empty row."""
-    cpu = layout.detach().cpu()
+@torch.compiler.assume_constant_result
+def _register(layout: torch.Tensor, block_size: int) -> int:
+    """register_layout, seen by torch.compile as a constant (a layout captured by a compiled function)."""
+    return register_layout(layout, block_size)
+
+
+@torch.compiler.assume_constant_result
+def _rows_checked(key: int, causal: bool) -> bool:
+    """True once every row of the registered layout keeps a block (host-side, cached per key)."""
+    _effective_layout(key, causal)
+    return True
+
+
+def _check_rows(layout: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The layout of blocks that hold at least one kept score; raises for an empty row."""
     if causal:
-        cpu = torch.tril(cpu)                    # blocks above the diagonal hold no c <= r entry
-    empty = (~cpu.any(1)).nonzero().flatten()
+        layout = torch.tril(layout)              # blocks above the diagonal hold no c <= r entry
+    empty = (~layout.any(1)).nonzero().flatten()
     if len(empty):
         why = " at or below the diagonal (causal)" if causal else ""
         raise ValueError(f"layout rows {empty[:8].tolist()} keep no block{why}: their softmax would "
                          f"be over no entry (NaN); keep at least one block per row, e.g. the diagonal")
-    return cpu
+    return layout
+
+
+def _effective_layout(key: int, causal: bool) -> torch.Tensor:
+    """The registered layout's effective CPU layout (tril when causal), checked once per (key, causal)."""
+    return derived(key, "attention_layout_causal" if causal else "attention_layout",
+                   lambda entry: _check_rows(entry.layout, causal))
 
 
 # ------------------------------------------------------------------------------- reference
@@ -117,9 +149,8 @@ def block_attention_reference(q, k, v, layout, block_size: int, *, causal: bool 
 
     Same arguments and result as :func:`block_sparse_attention`.
     """
-    block_size, scale = _check_inputs(q, k, v, layout, block_size, causal, scale)
-    _effective_layout(layout, causal)
-    mask = layout_to_mask(layout.to(q.device), block_size)
+    key, block_size, scale = _check_inputs(q, k, v, layout, block_size, causal, scale)
+    mask = layout_to_mask(registered_layout(key).layout.to(q.device), block_size)
     if causal:
         mask = torch.tril(mask)
     scores = (q @ k.transpose(-1, -2)) * scale
@@ -145,17 +176,14 @@ class _Plan:
     buckets: tuple[_Bucket, ...]
 
 
-# Plans by (layout bytes, R, block_size, causal, device). Layouts are tiny ((T/b)^2 bits), so
-# hashing them on the CPU is cheap next to any attention call; the cache is bounded.
-_PLANS: dict = {}
-_PLAN_CACHE_SIZE = 64
+def _plan(key: int, causal: bool, device) -> _Plan:
+    """The torch path's plan of a registered layout on ``device``, built once per (key, causal, device)."""
+    return derived(key, "attention_plan_causal" if causal else "attention_plan",
+                   lambda entry, dev: _build_plan(_effective_layout(key, causal), entry.block_size, causal, dev),
+                   device)
 
 
-def _plan(layout_cpu: torch.Tensor, block_size: int, causal: bool, device) -> _Plan:
-    key = (layout_cpu.numpy().tobytes(), layout_cpu.shape[0], block_size, causal, str(device))
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
+def _build_plan(layout_cpu: torch.Tensor, block_size: int, causal: bool, device) -> _Plan:
     R = layout_cpu.shape[0]
     fan_in = layout_cpu.sum(1)
     buckets = []
@@ -176,11 +204,7 @@ def _plan(layout_cpu: torch.Tensor, block_size: int, causal: bool, device) -> _P
                 masked = masked.to(device)
         buckets.append(_Bucket(rows.to(device), cols.to(device), cols.flatten().to(device),
                                len(rows) == R, masked))
-    plan = _Plan(tuple(buckets))
-    if len(_PLANS) >= _PLAN_CACHE_SIZE:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[key] = plan
-    return plan
+    return _Plan(tuple(buckets))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -286,75 +310,81 @@ def _use_triton(q: torch.Tensor, block_size: int) -> bool:
     return block_size in BLOCK_SIZES
 
 
-def _forward_impl(q, k, v, layout, block_size, causal, scale, backend):
-    layout_cpu = _effective_layout(layout, causal)
+def _triton_tables(key: int, causal: bool, device):
+    """The Triton kernels' CSR/CSC tables of a registered layout, once per (key, causal, device)."""
+    from pixelfly_lab.ops.triton_attention import attention_tables
+    return derived(key, "attention_triton_causal" if causal else "attention_triton",
+                   lambda entry, dev: attention_tables(_effective_layout(key, causal), dev), device)
+
+
+def _forward_impl(q, k, v, layout_key, causal, scale, backend):
+    block_size = registered_layout(layout_key).block_size
     if backend == "triton":
         from pixelfly_lab.ops.triton_attention import triton_attention_forward
-        return triton_attention_forward(q, k, v, layout_cpu, block_size, causal, scale)
-    plan = _plan(layout_cpu, block_size, causal, q.device)
-    return _torch_forward(q, k, v, plan, block_size, scale)
+        return triton_attention_forward(q, k, v, _triton_tables(layout_key, causal, q.device), block_size,
+                                        causal, scale)
+    return _torch_forward(q, k, v, _plan(layout_key, causal, q.device), block_size, scale)
 
 
-def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, scale, backend):
-    layout_cpu = _effective_layout(layout, causal)
+def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, scale, backend):
+    block_size = registered_layout(layout_key).block_size
     if backend == "triton":
         from pixelfly_lab.ops.triton_attention import triton_attention_backward
         delta = _delta(grad_out, out, lse, grad_lse)
-        return triton_attention_backward(grad_out, q, k, v, lse, delta, layout_cpu, block_size, causal, scale)
-    plan = _plan(layout_cpu, block_size, causal, q.device)
-    return _torch_backward(grad_out.contiguous(), q, k, v, out, lse, plan, block_size, scale, grad_lse)
+        return triton_attention_backward(grad_out, q, k, v, lse, delta, _triton_tables(layout_key, causal, q.device),
+                                         block_size, causal, scale)
+    return _torch_backward(grad_out.contiguous(), q, k, v, out, lse, _plan(layout_key, causal, q.device),
+                           block_size, scale, grad_lse)
 
 
 # Registered ops (torch >= 2.4): torch.compile sees one opaque node with a fake (shape-only)
 # implementation instead of tracing Python control flow that depends on the layout's values.
+# The layout travels as its registry key (an int): nothing is read from a tensor per call.
 @torch.library.custom_op("pixelfly_lab::block_attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
-                      block_size: int, causal: bool, scale: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _forward_impl(q, k, v, layout, block_size, causal, scale, backend)
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_key: int, causal: bool,
+                      scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _forward_impl(q, k, v, layout_key, causal, scale, backend)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, layout, block_size, causal, scale, backend):
+def _(q, k, v, layout_key, causal, scale, backend):
     B, H, T, _ = q.shape
     return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("pixelfly_lab::block_attention_bwd", mutates_args=())
 def _attention_bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, layout: torch.Tensor,
-                      block_size: int, causal: bool, scale: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, scale,
-                                backend)
+                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, layout_key: int, causal: bool,
+                      scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, scale, backend)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_attention_bwd_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, scale, backend):
+def _(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout, block_size, causal, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], layout)
-    ctx.args = (block_size, causal, scale, backend)
+    q, k, v, layout_key, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1])
+    ctx.args = (layout_key, causal, scale, backend)
 
 
 def _op_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, layout = ctx.saved_tensors
+    q, k, v, out, lse = ctx.saved_tensors
     # an unused output's gradient may come as None: zeros keep the op's schema fixed
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
-    dq, dk, dv = _attention_bwd_op(grad_out, grad_lse, q, k, v, out, lse, layout, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _attention_bwd_op(grad_out, grad_lse, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor | int,
                            block_size: int, *, causal: bool = False, scale: float | None = None,
                            backend: str = "auto", return_lse: bool = False):
     """Softmax attention restricted to the kept blocks of a (T/b, T/b) layout.
@@ -365,10 +395,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
 
     Args:
         q, k: (B, H, T, D) queries and keys; v: (B, H, T, Dv) values; same dtype and device.
-        layout: bool (T / block_size, T / block_size); every row must keep at least one entry
-            (with ``causal``: at least one block at or left of the diagonal). It is read on the
-            host (validation, cached plans): keep it on the CPU even for CUDA q, k, v, or each
-            call copies it to the host (a sync).
+        layout: the int key of a bool (T / block_size, T / block_size) layout registered with
+            :func:`pixelfly_lab.ops.registry.register_layout` (what layers pass: nothing is read,
+            planned or hashed per call; plans are cached per (key, causal, device)), or the bool
+            layout itself (registered here on every call: a host read and a hash, a device sync
+            if it lives on a GPU). Every row must keep at least one entry (with ``causal``: at
+            least one block at or left of the diagonal).
         block_size: b, the side of a block; T must be a multiple of it.
         causal: also drop j > i (decoder attention).
         scale: score scale; default 1 / sqrt(D), the scaled dot-product attention of Vaswani et al.
@@ -391,18 +423,18 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     if backend == "reference":
         return block_attention_reference(q, k, v, layout, block_size, causal=causal, scale=scale,
                                          return_lse=return_lse)
-    block_size, scale = _check_inputs(q, k, v, layout, block_size, causal, scale)
+    key, block_size, scale = _check_inputs(q, k, v, layout, block_size, causal, scale)
     if backend == "auto":
         backend = "triton" if _use_triton(q, block_size) else "torch"
     elif backend == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError("backend='triton' needs CUDA tensors (q is on the CPU; TRITON_INTERPRET=1 "
                          "runs the kernels on CPU tensors, for tests)")
-    out, lse = _attention_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), layout, block_size, causal,
-                                 scale, backend)
+    out, lse = _attention_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), key, causal, scale, backend)
     return (out, lse) if return_lse else out
 
 
-def block_sparse_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
+def block_sparse_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                                  layout: torch.Tensor | int,
                                   block_size: int, *, causal: bool = False) -> torch.Tensor:
     """Unnormalised kernel attention on the layout: sum_{j in S(i)} (phi_q_i . phi_k_j) v_j.
 
@@ -425,8 +457,8 @@ def block_sparse_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: t
         >>> torch.allclose(full, (phi @ phi.transpose(-1, -2)) @ v, atol=1e-6)
         True
     """
-    block_size, _ = _check_inputs(phi_q, phi_k, v, layout, block_size, causal, None)
-    plan = _plan(_effective_layout(layout, causal), block_size, causal, phi_q.device)
+    key, block_size, _ = _check_inputs(phi_q, phi_k, v, layout, block_size, causal, None)
+    plan = _plan(key, causal, phi_q.device)
     B, H, T, m = phi_q.shape
     R, b, Dv = T // block_size, block_size, v.shape[-1]
     q5, k5, v5 = phi_q.reshape(B, H, R, b, m), phi_k.reshape(B, H, R, b, m), v.reshape(B, H, R, b, Dv)

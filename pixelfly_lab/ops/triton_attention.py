@@ -35,14 +35,16 @@ import triton.language as tl
 from pixelfly_lab._tf32 import tf32_allowed
 from pixelfly_lab.ops.triton_kernels import layout_tables
 
-__all__ = ["BLOCK_SIZES", "triton_attention_forward", "triton_attention_backward"]
+__all__ = ["BLOCK_SIZES", "attention_tables", "triton_attention_forward", "triton_attention_backward"]
 
 from pixelfly_lab.ops.registry import BLOCK_SIZES  # noqa: E402  (one tuple, in the registry)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-def _tables(layout_cpu: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
-    """CSR (row_ptr, row_cols) and CSC (col_ptr, col_rows) int32 tables: the block-sparse matmul's
-    tables (:func:`pixelfly_lab.ops.triton_kernels.layout_tables`, cached per layout and device)."""
+def attention_tables(layout_cpu: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+    """CSR (row_ptr, row_cols) and CSC (col_ptr, col_rows) int32 tables of the effective layout on
+    ``device``: the block-sparse matmul's tables (:func:`pixelfly_lab.ops.triton_kernels.layout_tables`).
+    :mod:`pixelfly_lab.ops.attention` builds them once per (layout key, causal, device) through the
+    registry and hands them to the kernels below."""
     t = layout_tables(layout_cpu, device)
     return t.row_ptr, t.row_cols, t.col_ptr, t.col_rows
 
@@ -192,14 +194,14 @@ def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def triton_attention_forward(q, k, v, layout_cpu, block_size: int, causal: bool, scale: float):
+def triton_attention_forward(q, k, v, tables, block_size: int, causal: bool, scale: float):
     """(out (B, H, T, Dv), lse (B, H, T)) of block-sparse attention; q, k, v contiguous (B, H, T, D).
 
-    ``layout_cpu`` is the effective bool layout on the CPU (see the module docstring).
+    ``tables`` are :func:`attention_tables` of the effective layout on q's device.
     """
     _check(q, block_size)
     B, H, T, D = q.shape
-    row_ptr, row_cols, _, _ = _tables(layout_cpu, q.device)
+    row_ptr, row_cols, _, _ = tables
     out = q.new_empty(B, H, T, v.shape[-1])
     lse = q.new_empty(B, H, T, dtype=_stat_dtype(q.dtype))
     grid = (T // block_size, B * H)
@@ -208,12 +210,12 @@ def triton_attention_forward(q, k, v, layout_cpu, block_size: int, causal: bool,
     return out, lse
 
 
-def triton_attention_backward(grad_out, q, k, v, lse, delta, layout_cpu, block_size: int, causal: bool,
+def triton_attention_backward(grad_out, q, k, v, lse, delta, tables, block_size: int, causal: bool,
                               scale: float):
     """(dq, dk, dv) of block-sparse attention from the forward's lse and delta = rowsum(dO * O) - dlse."""
     _check(q, block_size)
     B, H, T, D = q.shape
-    row_ptr, row_cols, col_ptr, col_rows = _tables(layout_cpu, q.device)
+    row_ptr, row_cols, col_ptr, col_rows = tables
     grad_out = grad_out.contiguous()
     delta = delta.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -25,9 +25,9 @@ from collections.abc import Iterable, Sequence
 import pandas as pd
 import torch
 
-from pixelfly_lab._checks import check_int
+from pixelfly_lab._checks import check_int, is_power_of_two
 
-__all__ = ["block_connectivity"]
+__all__ = ["block_connectivity", "spanning_butterfly_layout"]
 
 
 def _as_layouts(layouts) -> list[torch.Tensor]:
@@ -91,3 +91,58 @@ def block_connectivity(layouts: torch.Tensor | Sequence[torch.Tensor],
         reach = (layer @ reach.to(torch.float64)) > 0
         fractions[depth] = reach.sum().item() / n_blocks ** 2
     return pd.DataFrame({"hops": depths, "linked_fraction": [fractions[depth] for depth in depths]})
+
+
+def spanning_butterfly_layout(n_blocks: int, causal: bool = False, band: int = 0) -> torch.Tensor:
+    """A block layout whose butterfly strides span the whole grid, so every block reaches every other.
+
+    With strides S = {1, 2, 4, ...} below ``n_blocks`` = R:
+
+    * not causal, R a power of two: the flat butterfly with all log2(R) factors,
+      ``r XOR c in {0} | S`` (:func:`pixelfly_lab.structure.masks.flat_butterfly_mask` (R, log2 R));
+      flipping one bit of the block index per layer links any pair within log2(R) layers;
+    * otherwise: cyclic offsets ``(r - c) mod R in {0} | S`` (not causal) or offsets
+      ``r - c in {0} | S`` (causal: block c reaches r > c by the binary digits of r - c, every step
+      forwards; the XOR partners above the diagonal that a causal mask drops would leave only the
+      pairs whose bits nest).
+
+    Either way every (linked) pair is joined within ceil(log2 R) layers and each row keeps at most
+    1 + ceil(log2 R) blocks. ``band`` > 0 also keeps the blocks with ``|r - c| <= band`` (causal:
+    ``0 <= r - c <= band``): local context on top of the long-range strides.
+
+    Args:
+        n_blocks: R >= 1, blocks per side.
+        causal: build the causal form (only c <= r kept).
+        band: half-width of the local band, >= 0.
+
+    Returns:
+        bool (R, R) on the CPU.
+
+    Example:
+        >>> spanning_butterfly_layout(8).sum(1).tolist()
+        [4, 4, 4, 4, 4, 4, 4, 4]
+    """
+    check_int("n_blocks", n_blocks)
+    check_int("band", band, 0)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    r = torch.arange(n_blocks, device="cpu")[:, None]
+    c = torch.arange(n_blocks, device="cpu")[None, :]
+    strides = [1 << i for i in range(max(n_blocks - 1, 0).bit_length()) if 1 << i < n_blocks]
+    if causal:
+        offsets = r - c
+        layout = offsets == 0
+        for stride in strides:
+            layout |= offsets == stride
+        return layout | ((offsets >= 0) & (offsets <= band))
+    if is_power_of_two(n_blocks):
+        partner = r ^ c
+        layout = partner == 0
+        for stride in strides:
+            layout |= partner == stride
+    else:
+        offsets = (r - c) % n_blocks
+        layout = offsets == 0
+        for stride in strides:
+            layout |= offsets == stride
+    return layout | ((r - c).abs() <= band)
