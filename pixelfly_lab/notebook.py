@@ -11,7 +11,7 @@ Example (in a notebook cell):
     >>> error, other = 0.12, 0.30
     >>> pl.say(f"Pixelfly's error {error:.2f} is {pl.pick(error < other, 'below', 'not below')} "
     ...        f"low-rank's {other:.2f}.")                                        # doctest: +SKIP
-    >>> pl.check(error < other, "Pixelfly beat low-rank here.", "Pixelfly did not beat low-rank here.")
+    >>> pl.check(error < other, "Pixelfly beat low-rank here.", "Pixelfly did not beat low-rank here.")  # doctest: +SKIP
 
 IPython is imported only inside the functions (outside a notebook the text is printed).
 """
@@ -72,7 +72,7 @@ def pick(condition, if_true: str, if_false: str) -> str:
     return if_true if bool(condition) else if_false
 
 
-def check(condition, holds: str, fails: str) -> bool:
+def check(condition, holds: str, fails: str) -> None:
     """Check a statement against this run's numbers and say which of two texts is true.
 
     The displayed text starts with "Check holds:" or "Check does NOT hold:" and its output metadata
@@ -85,7 +85,7 @@ def check(condition, holds: str, fails: str) -> bool:
         fails: the sentence that is true when it does not (say what was measured instead).
 
     Returns:
-        ``bool(condition)``.
+        None (so that a check ending a cell prints nothing more); the outcome is in the displayed text.
     """
     if not isinstance(holds, str):
         raise TypeError(f"holds must be a str, got {type(holds).__name__}")
@@ -94,7 +94,6 @@ def check(condition, holds: str, fails: str) -> bool:
     held = bool(condition)
     text = f"✔ **Check holds:** {holds}" if held else f"✘ **Check does NOT hold:** {fails}"
     _show(text, {CHECK_KEY: held})
-    return held
 
 
 def learned(points: Iterable[str], title: str = "What we learned") -> None:

@@ -184,4 +184,3 @@ def test_prose_helpers_reject_bad_input():
     with pytest.raises(ValueError, match="points"):
         pixelfly_lab.learned([])
     assert pixelfly_lab.pick(2 > 1, "above", "below") == "above"
-    assert pixelfly_lab.check(False, "a", "b") is False
