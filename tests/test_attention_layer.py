@@ -5,15 +5,16 @@ import math
 import pytest
 import torch
 
-from pixelfly_lab.nn.attention import ATTENTION_LAYOUTS, PixelflyAttention, attention_layout
+from pixelfly_lab.nn.attention import ATTENTION_LAYOUTS, PixelflyAttention, attention_layout, connected_layout
 from pixelfly_lab.ops.attention import block_attention_reference
+from pixelfly_lab.structure.connectivity import block_connectivity, spanning_butterfly_layout
 from pixelfly_lab.structure.masks import layout_to_mask
 from pixelfly_lab.nn.random_features import performer_features
 
 
-def make(layout="pixelfly", causal=False, features=None, T=64, dim=24, heads=2, **kwargs):
+def make(layout="pixelfly", causal=False, features=None, T=64, dim=24, heads=2, budget=0.5, **kwargs):
     torch.manual_seed(0)
-    return PixelflyAttention(dim, heads, T, budget=0.5, block_size=8, causal=causal, lowrank_features=features,
+    return PixelflyAttention(dim, heads, T, budget=budget, block_size=8, causal=causal, lowrank_features=features,
                              layout=layout, **kwargs).double()
 
 
@@ -27,9 +28,9 @@ def heads_out(attn, x, A):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout,features,global_tokens",
                          [("pixelfly", None, 0), ("pixelfly", 0, 0), ("pixelfly", 6, 5), ("bigbird", 4, 0),
-                          ("local", None, 0), ("random", 3, 0)])
+                          ("local", None, 0), ("random", 3, 0), ("connected", None, 0), ("connected", 3, 9)])
 def test_output_and_gradients_equal_the_dense_matrix(causal, layout, features, global_tokens):
-    attn = make(layout, causal, features, global_tokens=global_tokens)
+    attn = make(layout, causal, features, global_tokens=global_tokens, budget=None if layout == "connected" else 0.5)
     x = torch.randn(2, 64, 24, dtype=torch.float64, requires_grad=True)
     out = attn(x)
     A = attn.attention_matrix(x)
@@ -77,21 +78,71 @@ def test_full_layout_is_exact_softmax_whatever_the_features():
     torch.testing.assert_close(attn.attention_matrix(x), torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(12), -1))
 
 
-def test_shorter_inputs_use_the_layout_corner():
-    attn = make(causal=True, features=3)
-    x = torch.randn(1, 64, 24, dtype=torch.float64)
-    # causal: the first 32 outputs do not depend on later tokens, so a 32-token input gives them
-    torch.testing.assert_close(attn(x[:, :32]), attn(x)[:, :32])
+@pytest.mark.parametrize("name", ["connected", "pixelfly"])
+def test_shorter_inputs_plan_their_own_layout_and_density_says_so(name):
+    attn = make(name, causal=True, features=0 if name == "connected" else 3, budget=0.5, T=128)
+    x = torch.randn(1, 128, 24, dtype=torch.float64)
+    attn(x)
+    assert attn.density == pytest.approx(attn.density_at(128))
+    short = attn(x[:, :64])
+    expected_layout, _ = attention_layout(name, 64, 0.5, 8, lowrank_features=attn.features, causal=True)
+    assert torch.equal(attn.layout_for(64), expected_layout) and not torch.equal(expected_layout, attn.layout[:8, :8])
+    assert attn.density == pytest.approx(expected_layout.float().mean().item() + 2 * attn.features / 64)
+    torch.testing.assert_close(short, heads_out(attn, x[:, :64], attn.attention_matrix(x[:, :64])))
+
+
+def test_shorter_input_below_the_floor_uses_the_smallest_connected_layout():
+    attn = make("connected", budget=0.3, T=256)                 # R = 32: floor 6/32 <= 0.3
+    attn(torch.randn(1, 32, 24, dtype=torch.float64))           # R = 4: floor 3/4 > 0.3
+    assert torch.equal(attn.layout_for(32), spanning_butterfly_layout(4))
+    assert attn.density == 0.75
 
 
 @pytest.mark.parametrize("name", ATTENTION_LAYOUTS)
 def test_layouts_stay_within_budget_and_keep_the_diagonal(name):
-    layout, m = attention_layout(name, 256, 0.25, 16, lowrank_features=None if name == "pixelfly" else 4)
+    layout, m = attention_layout(name, 256, 0.5, 16, lowrank_features=None if name == "pixelfly" else 4)
     assert layout.shape == (16, 16)
     assert layout.diagonal().all()
-    assert layout.float().mean().item() + 2 * m / 256 <= 0.25 + 1e-12
-    with_global, _ = attention_layout(name, 256, 0.25, 16, lowrank_features=m, global_tokens=20)
+    assert layout.float().mean().item() + 2 * m / 256 <= 0.5 + 1e-12
+    with_global, _ = attention_layout(name, 256, 0.5, 16, lowrank_features=m, global_tokens=20)
     assert with_global[:2].all() and with_global[:, :2].all() and (with_global | ~layout).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_connected_layout_links_every_pair_at_every_length_and_budget(causal):
+    """The budget rule: the spanning butterfly floor, then the widest band that fits; connected always."""
+    for n_blocks in range(1, 41):
+        hops = max(1, math.ceil(math.log2(n_blocks)))
+        reachable = (n_blocks + 1) / (2 * n_blocks) if causal else 1.0       # causal: pairs with c <= r
+        floor = spanning_butterfly_layout(n_blocks, causal)
+        floor_density = floor.float().mean().item()
+        for budget in (None, 0.05, 0.1, 0.25, 0.5, 1.0):
+            if budget is not None and budget < floor_density:
+                with pytest.raises(ValueError, match="below the connected layout's floor"):
+                    connected_layout(8 * n_blocks, 8, budget, causal=causal)
+                continue
+            layout, band = connected_layout(8 * n_blocks, 8, budget, causal=causal)
+            effective = torch.tril(layout) if causal else layout
+            linked = block_connectivity(effective, hops=hops)["linked_fraction"].item()
+            assert linked == pytest.approx(reachable), (n_blocks, budget)
+            assert (layout | ~floor).all() and layout.diagonal().all()
+            assert layout.sum(1).max() <= 1 + hops + 2 * band
+            if budget is None:
+                assert torch.equal(layout, floor)
+            else:
+                assert layout.float().mean().item() <= budget + 1e-12
+                wider = spanning_butterfly_layout(n_blocks, causal, band + 1)
+                assert band + 1 >= n_blocks or wider.float().mean().item() > budget   # the widest band that fits
+
+
+def test_paper_layout_is_not_connected_and_the_default_is():
+    paper = PixelflyAttention(64, 2, 2048, budget=0.1, block_size=32, layout="pixelfly")
+    default = PixelflyAttention(64, 2, 2048, block_size=32)
+    assert block_connectivity(paper.layout, hops=8)["linked_fraction"].item() < 0.2
+    assert block_connectivity(default.layout, hops=6)["linked_fraction"].item() == 1.0
+    assert default.features == 0 and default.layout_name == "connected"
+    assert "butterfly strides 1..32 + band 0" in repr(default) and "features=0" in repr(default)
+    assert default.density == pytest.approx(7 / 64)
 
 
 def test_pixelfly_layout_is_a_flat_block_butterfly():
@@ -109,12 +160,34 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="divisible by heads"):
         PixelflyAttention(16, 3, 32, block_size=8)
     with pytest.raises(ValueError, match="lowrank_features"):
-        PixelflyAttention(16, 2, 32, block_size=8, budget=0.25, lowrank_features=4)
+        PixelflyAttention(16, 2, 32, block_size=8, budget=0.25, lowrank_features=4, layout="pixelfly")
     with pytest.raises(ValueError, match="global_tokens"):
         PixelflyAttention(16, 2, 32, block_size=8, global_tokens=40)
-    attn = PixelflyAttention(16, 2, 32, block_size=8, budget=0.5)
-    with pytest.raises(ValueError, match="sequence length 40"):
-        attn(torch.randn(1, 40, 16))
+    with pytest.raises(ValueError, match="budget=0.5 is below the connected layout's floor 0.75"):
+        PixelflyAttention(16, 2, 32, block_size=8, budget=0.5)
+
+
+@pytest.mark.parametrize("features", [0, 3])
+def test_bad_inputs_get_named_errors(features):
+    attn = PixelflyAttention(16, 2, 32, block_size=8, lowrank_features=features)
+    cases = [(torch.randn(1, 0, 16), "T=0"), (torch.randn(1, 32, 12), "width dim=16"),
+             (torch.randn(1, 20, 16), "not a multiple of block_size=8"),
+             (torch.randn(1, 40, 16), "above the built length seq_len=32"), (torch.randn(32, 16), "shape \\(B, T, dim\\)")]
+    for x, message in cases:
+        with pytest.raises(ValueError, match=message):
+            attn(x)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout,features", [("connected", 0), ("connected", 4), ("pixelfly", None)])
+def test_nan_in_one_example_never_reaches_another(causal, layout, features):
+    attn = make(layout, causal, features, budget=None if layout == "connected" else 0.5)
+    x = torch.randn(3, 64, 24, dtype=torch.float64)
+    alone = attn(x[1:])
+    x[0, 5, 3] = float("nan")
+    out = attn(x)
+    assert torch.isnan(out[0]).any()
+    torch.testing.assert_close(out[1:], alone, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,attention", [("vit", "pixelfly"), ("gpt", "bigbird"), ("vit", "local")])
@@ -147,6 +220,54 @@ def test_train_with_attention_option(tmp_path):
                                progress=False, track_rank=False))
     assert isinstance(result.model.blocks[0].attn, PixelflyAttention)
     assert 0.0 <= result.summary["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("features", [0, 4])
+def test_layer_with_features_compiles_fullgraph_and_features_are_a_buffer(features):
+    attn = PixelflyAttention(32, 2, 64, block_size=8, lowrank_features=features)
+    x = torch.randn(2, 64, 32)
+    compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), attn(x))
+    assert ("feature_weights" in attn.state_dict()) and attn.feature_weights.shape == (features, 16)
+    if features:
+        before = attn(x)
+        attn.redraw_features(seed=7)
+        assert not torch.allclose(attn(x), before)
+        attn.redraw_features(seed=0)
+        torch.testing.assert_close(attn(x), before)
+
+
+def test_training_steps_plan_once_and_read_nothing_from_the_host(monkeypatch):
+    """Registered at construction; one plan per (layer, causal, device) over many steps; meta tensors
+    (no values: any host read raises) run forward and backward, as on a GPU with no sync."""
+    from pixelfly_lab.ops import attention as ops_attention
+    from pixelfly_lab.ops.registry import registered_count
+
+    builds = []
+    real = ops_attention._build_plan
+    monkeypatch.setattr(ops_attention, "_build_plan", lambda *a: builds.append(a[1:]) or real(*a))
+    layers = [PixelflyAttention(24, 2, 96, block_size=8, causal=True, lowrank_features=f, seed=11 + f)
+              for f in (0, 3)]
+    registered = registered_count()
+    optimizer = torch.optim.SGD([p for layer in layers for p in layer.parameters()], lr=0.1)
+    after_step = []
+    for _ in range(4):
+        x = torch.randn(2, 96, 24)
+        loss = sum(layer(x).square().mean() for layer in layers)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        after_step.append(len(builds))
+    assert registered_count() == registered                      # nothing registered per call
+    keys = {layer._layout_key(96) for layer in layers}            # equal layouts share a key
+    # at most one plan per distinct layout (forward, backward and the feature discount share it), none per step
+    assert after_step[0] <= len(keys) and after_step == after_step[:1] * 4
+    for layer in layers:
+        meta = layer.to("meta")
+        x = torch.empty(2, 96, 24, device="meta", requires_grad=True)
+        y = meta(x)
+        grads = torch.autograd.grad(y.sum(), [x, *meta.parameters()])
+        assert y.is_meta and all(g.is_meta for g in grads)
 
 
 def test_sparse_only_layer_compiles_without_graph_break():

@@ -42,7 +42,7 @@ def test_fixed_sparse_attention_is_masked_softmax():
 def test_pixelfly_attention_is_the_matrix_the_layer_applies(seed):
     torch.manual_seed(seed)
     n, dim = 64, 8
-    layer = PixelflyAttention(dim, heads=1, seq_len=n, budget=0.25, block_size=8, seed=seed).double()
+    layer = PixelflyAttention(dim, heads=1, seq_len=n, budget=0.25, block_size=8, seed=seed, layout="pixelfly").double()
     x = torch.randn(1, n, dim, dtype=F64)
     q, k = layer.q(x)[0].detach(), layer.k(x)[0].detach()
     ours = pixelfly_attention(q, k, math.sqrt(dim), 0.25, block_size=8, seed=seed)

@@ -20,6 +20,15 @@ numerator and denominator are computed in O(T * (fan-in * b + m)) without formin
 ``lowrank_features=0`` leaves the sparse part alone. Baseline layouts 'bigbird', 'local' and
 'random' at the same budget come from :func:`pixelfly_lab.structure.patterns.make_pattern`.
 
+The default layout is 'connected' (not the paper's): the paper's flat block butterfly at these
+sizes is block-diagonal (no block outside a group of 2^n_factors is ever reached, however many
+layers are stacked; :func:`pixelfly_lab.structure.connectivity.block_connectivity`), so only the
+noisy random features link distant tokens. 'connected' keeps the butterfly strides that span the
+whole block grid (every block reaches every other within ceil(log2(T/b)) layers), widens a local
+band with what the budget leaves, and uses no random features unless asked (at equal budget they
+did not lower the error of the sparse part; see ``PixelflyAttention``). The paper's layout stays
+available as ``layout='pixelfly'``.
+
 Example:
     >>> attn = PixelflyAttention(64, heads=2, seq_len=128, budget=0.25, block_size=16)
     >>> x = torch.randn(3, 128, 64)
@@ -38,24 +47,81 @@ from torch import nn
 
 from pixelfly_lab._checks import check_budget, check_int
 from pixelfly_lab.ops.attention import block_sparse_attention, block_sparse_linear_attention
+from pixelfly_lab.ops.registry import register_layout, registered_layout
+from pixelfly_lab.structure.connectivity import spanning_butterfly_layout
 from pixelfly_lab.structure.masks import layout_to_mask
 from pixelfly_lab.structure.patterns import make_pattern
-from pixelfly_lab.nn.random_features import performer_features
+from pixelfly_lab.nn.random_features import draw_feature_weights, performer_features
 
-__all__ = ["PixelflyAttention", "attention_layout", "ATTENTION_LAYOUTS"]
+__all__ = ["PixelflyAttention", "attention_layout", "connected_layout", "ATTENTION_LAYOUTS"]
 
-ATTENTION_LAYOUTS = ("pixelfly", "bigbird", "local", "random")
+ATTENTION_LAYOUTS = ("connected", "pixelfly", "bigbird", "local", "random")
 
 
-def attention_layout(name: str, seq_len: int, budget: float, block_size: int, *,
+def connected_layout(seq_len: int, block_size: int, budget: float | None = None, *,
+                     causal: bool = False) -> tuple[torch.Tensor, int]:
+    """The 'connected' layout's budget rule: spanning butterfly strides first, then a local band.
+
+    The rule (R = T / b blocks per side):
+
+    1. the floor is :func:`pixelfly_lab.structure.connectivity.spanning_butterfly_layout` (R):
+       strides 1, 2, 4, ... < R (XOR partners, or offsets c = r - s when causal or R is not a
+       power of two), at most 1 + ceil(log2 R) blocks a row; every block reaches every other
+       (causal: every earlier one) within ceil(log2 R) stacked layers;
+    2. the rest of the budget widens a band of local blocks around the diagonal (|r - c| <= w,
+       causal 0 <= r - c <= w): the widest w whose layout still fits the budget;
+    3. ``budget=None`` is the floor alone; a budget below the floor raises a ValueError that
+       names the floor (no connected layout fits; layout='pixelfly' is the paper's, not connected).
+
+    The budget is the fraction of the T^2 scores the layout keeps (blocks counted on the whole
+    grid, causal or not).
+
+    Args:
+        seq_len: T, a multiple of ``block_size``.
+        block_size: b.
+        budget: fraction of T^2 in (0, 1], or None for the floor.
+        causal: the causal form.
+
+    Returns:
+        (layout bool (R, R), band half-width w).
+
+    Example:
+        >>> layout, band = connected_layout(1024, 32)
+        >>> layout.sum(1).max().item(), band          # 1 + log2(32) blocks a row, no band
+        (6, 0)
+    """
+    check_int("block_size", block_size)
+    check_int("seq_len", seq_len)
+    if seq_len % block_size:
+        raise ValueError(f"seq_len={seq_len} is not a multiple of block_size={block_size}")
+    R = seq_len // block_size
+    floor = spanning_butterfly_layout(R, causal)
+    if budget is None:
+        return floor, 0
+    budget = check_budget(budget)
+    floor_density = floor.float().mean().item()
+    if floor_density > budget + 1e-12:
+        raise ValueError(f"budget={budget:.4g} is below the connected layout's floor {floor_density:.4g} at "
+                         f"seq_len={seq_len}, block_size={block_size} (1 + ceil(log2(T/b)) blocks a row); "
+                         f"give budget >= {floor_density:.4g} or None, a smaller block_size, or layout='pixelfly' "
+                         f"(the paper's layout, not connected)")
+    band = 0
+    while band + 1 < R and spanning_butterfly_layout(R, causal, band + 1).float().mean().item() <= budget + 1e-12:
+        band += 1
+    return spanning_butterfly_layout(R, causal, band), band
+
+
+def attention_layout(name: str, seq_len: int, budget: float | None, block_size: int, *,
                      lowrank_features: int | None = None, global_tokens: int = 0,
-                     seed: int = 0) -> tuple[torch.Tensor, int]:
+                     seed: int = 0, causal: bool = False) -> tuple[torch.Tensor, int]:
     """The block layout of the T x T attention scores and the number of random features.
 
     The budget is the fraction of the T^2 scores computed, the low-rank part included: m random
     features cost 2 T m, like a rank-m factor (Sec. 3 of the Pixelfly paper counts a rank-r
     term as r (in + out)).
 
+    * 'connected' (the layer's default): :func:`connected_layout`'s rule within budget - 2 m / T,
+      m = ``lowrank_features`` (None means 0); ``budget=None`` is its floor (plus 2 m / T).
     * 'pixelfly' with ``lowrank_features=None``: :func:`pixelfly_lab.structure.patterns.plan_pixelfly` on
       the (T, T) score matrix splits the budget into a flat block butterfly layout and a rank,
       used as the number of features, exactly as for a weight.
@@ -72,11 +138,12 @@ def attention_layout(name: str, seq_len: int, budget: float, block_size: int, *,
     Args:
         name: one of :data:`ATTENTION_LAYOUTS`.
         seq_len: T, a multiple of ``block_size``.
-        budget: fraction of T^2 in (0, 1].
+        budget: fraction of T^2 in (0, 1]; None: 'connected''s floor, 0.25 for the others.
         block_size: b, the edge of a block.
         lowrank_features: m >= 0, or None for the rule above.
         global_tokens: g >= 0.
         seed: seeds the random blocks of 'random' and 'bigbird'.
+        causal: 'connected' builds its causal form (the others ignore it).
 
     Returns:
         (layout bool (T/b, T/b), m).
@@ -88,7 +155,8 @@ def attention_layout(name: str, seq_len: int, budget: float, block_size: int, *,
     """
     if name not in ATTENTION_LAYOUTS:
         raise ValueError(f"layout must be one of {ATTENTION_LAYOUTS}, got {name!r}")
-    budget = check_budget(budget)
+    if budget is not None or name != "connected":
+        budget = check_budget(0.25 if budget is None else budget)
     check_int("block_size", block_size)
     check_int("seq_len", seq_len)
     if seq_len % block_size:
@@ -97,7 +165,14 @@ def attention_layout(name: str, seq_len: int, budget: float, block_size: int, *,
     if global_tokens > seq_len:
         raise ValueError(f"global_tokens={global_tokens} exceeds seq_len={seq_len}")
     R = seq_len // block_size
-    if name == "pixelfly" and lowrank_features is None:
+    if name == "connected":
+        features = 0 if lowrank_features is None else check_int("lowrank_features", lowrank_features, 0)
+        sparse_budget = None if budget is None else budget - 2 * features / seq_len
+        if sparse_budget is not None and sparse_budget <= 0:
+            raise ValueError(f"lowrank_features={features} uses the whole budget={budget} at seq_len="
+                             f"{seq_len} (m features cost 2 m / T = {2 * features / seq_len:.4f})")
+        layout = connected_layout(seq_len, block_size, sparse_budget, causal=causal)[0]
+    elif name == "pixelfly" and lowrank_features is None:
         pattern = make_pattern("pixelfly", seq_len, seq_len, budget, block_size)
         layout, features = pattern.layout.clone(), pattern.rank
     else:
@@ -137,31 +212,41 @@ class PixelflyAttention(nn.Module):
     :class:`pixelfly_lab.training.models.Attention` (so :func:`pixelfly_lab.nn.sparsification.sparsify` can swap
     them too). The attention is the Scatterbrain combination of the module docstring.
 
+    The block layout is registered with the layout registry at construction
+    (:func:`pixelfly_lab.ops.registry.register_layout`): a forward or backward passes its key and
+    reads, plans or hashes nothing. The random features' projection W is drawn once into the
+    buffer ``feature_weights`` (persistent: a state dict carries it; :meth:`redraw_features` draws
+    anew), so the layer compiles with ``fullgraph=True``. Examples of a batch never mix: every
+    shift is per example, row and head.
+
     Args:
         dim: model width, divisible by ``heads``.
         heads: attention heads (head dim D = dim / heads).
-        seq_len: the longest T; inputs may be shorter (a multiple of ``block_size``): the top-left
-            corner of the layout is used.
-        budget: fraction of the T^2 scores computed, low-rank included. 0.25 by default, the
-            budget the paper's MLPs use: at T = 1024, b = 32 the plan keeps 6 blocks of 32 per
-            row (3/16 of the scores) and 32 random features (1/16).
+        seq_len: the longest T. A shorter T (a multiple of ``block_size``) gets a layout of its own,
+            planned by the same rule at T with the same features (registered on its first call);
+            :attr:`density` reports the T of the latest call.
+        budget: fraction of the T^2 scores computed, random features included (m features cost
+            2 m / T). None: for 'connected' the smallest connected layout (1 + ceil(log2(T/b))
+            blocks a row: density 6/32 at T=1024, b=32; 8/128 at T=4096), 0.25 for the others.
         block_size: b; 32 matches GPU tiles and the authors' released code; small T wants 8-16.
         causal: decoder attention (j <= i); the Performer part then uses prefix sums.
-        lowrank_features: m random features; None plans them from the budget ('pixelfly') or
-            uses none (baselines); 0 gives the sparse part alone.
-        global_tokens: the first tokens see and are seen by all (rounded up to blocks).
-        layout: 'pixelfly' (flat block butterfly), 'bigbird', 'local' or 'random'.
-        seed: seeds the layout's random blocks and the random features (fixed after construction).
+        lowrank_features: m random features; None plans them from the budget for 'pixelfly' (the
+            paper's split) and uses none for the others, 'connected' (the default) included.
+        global_tokens: the first tokens see and are seen by all (rounded up to blocks), on top of
+            the budget.
+        layout: 'connected' (default: :func:`connected_layout`), 'pixelfly' (the paper's flat block
+            butterfly and planner split), 'bigbird', 'local' or 'random'.
+        seed: seeds the layout's random blocks and the random features.
 
     Example:
-        >>> attn = PixelflyAttention(32, 2, 64, block_size=8, causal=True, lowrank_features=0)
+        >>> attn = PixelflyAttention(32, 2, 64, block_size=8, causal=True)
         >>> attn(torch.randn(1, 64, 32)).shape
         torch.Size([1, 64, 32])
     """
 
-    def __init__(self, dim: int, heads: int, seq_len: int, *, budget: float = 0.25, block_size: int = 32,
+    def __init__(self, dim: int, heads: int, seq_len: int, *, budget: float | None = None, block_size: int = 32,
                  causal: bool = False, lowrank_features: int | None = None, global_tokens: int = 0,
-                 layout: str = "pixelfly", seed: int = 0):
+                 layout: str = "connected", seed: int = 0, device=None, dtype=None):
         super().__init__()
         check_int("dim", dim)
         check_int("heads", heads)
@@ -171,62 +256,122 @@ class PixelflyAttention(nn.Module):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         block_layout, features = attention_layout(layout, seq_len, budget, block_size,
                                                   lowrank_features=lowrank_features,
-                                                  global_tokens=global_tokens, seed=seed)
-        self.heads, self.seq_len, self.block_size, self.causal = heads, seq_len, block_size, causal
+                                                  global_tokens=global_tokens, seed=seed, causal=causal)
+        self.dim, self.heads, self.seq_len, self.block_size, self.causal = dim, heads, seq_len, block_size, causal
         self.layout_name, self.features, self.seed = layout, features, seed
-        self.register_buffer("layout", block_layout, persistent=False)
-        # the kernels read the layout on the host (plans and index tables are cached per layout):
-        # a CPU copy that .to(device) leaves alone spares a device-to-host copy (a sync) per call
-        self._host_layout = block_layout.clone()
-        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.budget, self.global_tokens = budget, global_tokens
+        self._last_len = seq_len
+        # one registry key per sequence length used (the built one now, shorter ones on first use)
+        self._layout_keys = {seq_len: register_layout(block_layout, block_size)}
+        self.register_buffer("layout", block_layout.to(device), persistent=False)
+        head_dim = dim // heads
+        weights = draw_feature_weights(head_dim, features, seed) if features else torch.zeros(0, head_dim,
+                                                                                              dtype=torch.float64)
+        self.register_buffer("feature_weights", weights.to(device))
+        factory = {"device": device, "dtype": dtype}
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim, **factory) for _ in range(4))
+
+    def redraw_features(self, seed: int | None = None) -> None:
+        """Draw the random features' projection W anew (with ``seed``, or the next seed after the last)."""
+        self.seed = self.seed + 1 if seed is None else check_int("seed", seed, 0)
+        if self.features:
+            weights = draw_feature_weights(self.dim // self.heads, self.features, self.seed)
+            with torch.no_grad():
+                self.feature_weights.copy_(weights.to(self.feature_weights.dtype))
+
+    def layout_for(self, seq_len: int) -> torch.Tensor:
+        """The CPU block layout (T/b, T/b) the layer uses at sequence length T (planned on first use)."""
+        return registered_layout(self._layout_key(seq_len)).layout
+
+    def density_at(self, seq_len: int) -> float:
+        """Fraction of the T^2 scores computed at T: kept blocks plus the features' share 2 m / T."""
+        return self.layout_for(seq_len).float().mean().item() + 2 * self.features / seq_len
 
     @property
     def density(self) -> float:
-        """Fraction of the T^2 scores computed exactly, plus the features' share 2 m / T."""
-        return self.layout.float().mean().item() + 2 * self.features / self.seq_len
+        """:meth:`density_at` the sequence length of the latest call (``seq_len`` before any call)."""
+        return self.density_at(self._last_len)
+
+    def _layout_key(self, T: int) -> int:
+        key = self._layout_keys.get(T)
+        if key is None:
+            options = dict(lowrank_features=self.features, global_tokens=min(self.global_tokens, T),
+                           seed=self.seed, causal=self.causal)
+            try:
+                layout, _ = attention_layout(self.layout_name, T, self.budget, self.block_size, **options)
+            except ValueError:
+                if self.layout_name != "connected":
+                    raise
+                # below the floor at this shorter T: the smallest connected layout (density says so)
+                layout, _ = attention_layout(self.layout_name, T, None, self.block_size, **options)
+            key = self._layout_keys[T] = register_layout(layout, self.block_size)
+        return key
+
+    def choice(self) -> str:
+        """What the layout rule chose at ``seq_len``, in words (the repr shows it)."""
+        R = self.seq_len // self.block_size
+        layout = self.layout_for(self.seq_len)
+        fan_in = layout.sum(1)
+        words = f"{R}x{R} blocks of {self.block_size}, {int(fan_in.min())}-{int(fan_in.max())} a row"
+        if self.layout_name == "connected":
+            band = connected_layout(self.seq_len, self.block_size, None if self.budget is None else
+                                    self.budget - 2 * self.features / self.seq_len, causal=self.causal)[1]
+            words += f": butterfly strides 1..{1 << max(R - 1, 0).bit_length() >> 1} + band {band}"
+        if self.global_tokens:
+            words += f", {-(-self.global_tokens // self.block_size)} global block(s)"
+        return words
 
     def extra_repr(self) -> str:
-        return (f"heads={self.heads}, seq_len={self.seq_len}, layout={self.layout_name!r}, "
-                f"block_size={self.block_size}, features={self.features}, causal={self.causal}, "
-                f"density={self.density:.3f}")
+        return (f"heads={self.heads}, seq_len={self.seq_len}, layout={self.layout_name!r} ({self.choice()}), "
+                f"features={self.features}, causal={self.causal}, density={self.density:.3f}")
 
     def _heads(self, x: torch.Tensor):
-        """(B, T, C) -> q, k, v (B, heads, T, C / heads) and the layout for T."""
+        """(B, T, C) -> q, k, v (B, heads, T, C / heads) and the layout key for T."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3:
             raise ValueError(f"x must have shape (B, T, dim), got {tuple(x.shape)}")
         B, T, C = x.shape
-        if T > self.seq_len or T % self.block_size:
-            raise ValueError(f"sequence length {T} must be <= seq_len={self.seq_len} and a multiple of "
-                             f"block_size={self.block_size}")
+        if C != self.dim:
+            raise ValueError(f"x must have width dim={self.dim} (shape (B, T, {self.dim})), got {tuple(x.shape)}")
+        if T == 0:
+            raise ValueError("x has sequence length T=0: attention needs at least one block of tokens")
+        if T > self.seq_len:
+            raise ValueError(f"sequence length {T} is above the built length seq_len={self.seq_len}: build the "
+                             f"layer with seq_len >= {T}")
+        if T % self.block_size:
+            raise ValueError(f"sequence length {T} is not a multiple of block_size={self.block_size}: pad it to "
+                             f"{-(-T // self.block_size) * self.block_size}")
+        self._last_len = T
+
         def split(t):
             return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        R = T // self.block_size
-        return split(self.q(x)), split(self.k(x)), split(self.v(x)), self._host_layout[:R, :R]
+        return split(self.q(x)), split(self.k(x)), split(self.v(x)), self._layout_key(T)
 
     def _log_features(self, q, k):
         # softmax(q.k / sqrt(D)) is Performer's exp(q.k / t) at temperature t = sqrt(D)
         t = math.sqrt(q.shape[-1])
-        return (performer_features(q, t, self.features, self.seed),
-                performer_features(k, t, self.features, self.seed))
+        return (performer_features(q, t, self.features, weights=self.feature_weights),
+                performer_features(k, t, self.features, weights=self.feature_weights))
 
-    def _attend(self, q, k, v, layout):
+    def _attend(self, q, k, v, key):
         if self.features == 0:
-            return block_sparse_attention(q, k, v, layout, self.block_size, causal=self.causal)
-        exact, lse = block_sparse_attention(q, k, v, layout, self.block_size, causal=self.causal,
-                                            return_lse=True)
+            return block_sparse_attention(q, k, v, key, self.block_size, causal=self.causal)
+        exact, lse = block_sparse_attention(q, k, v, key, self.block_size, causal=self.causal, return_lse=True)
         log_q, log_k = self._log_features(q, k)
-        # One shift per row, shared by both parts, cancels in the normalisation; it keeps the
-        # largest exact or estimated score of a row near 1, so low temperatures do not overflow.
-        key_shift = log_k.amax().detach()
-        shift = torch.maximum(lse, log_q.amax(-1) + key_shift).detach()          # (B, H, T)
-        phi_q = (log_q - (shift - key_shift).unsqueeze(-1)).exp()
+        # Shifts per example and head (never across the batch: a NaN in one example stays there),
+        # shared by both parts of a row, cancel in the normalisation; they keep the largest exact or
+        # estimated score of a row near 1, so low temperatures do not overflow.
+        key_shift = log_k.amax((-2, -1), keepdim=True).detach()                  # (B, H, 1, 1)
+        shift = torch.maximum(lse, log_q.amax(-1) + key_shift[..., 0]).detach()  # (B, H, T)
+        phi_q = (log_q - (shift.unsqueeze(-1) - key_shift)).exp()
         phi_k = (log_k - key_shift).exp()
         v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)                    # [v, 1]: numerator, denominator
         if self.causal:
             everywhere = _causal_linear_attention(phi_q, phi_k, v1, self.block_size)
         else:
             everywhere = phi_q @ (phi_k.transpose(-1, -2) @ v1)
-        off_support = everywhere - block_sparse_linear_attention(phi_q, phi_k, v1, layout, self.block_size,
+        off_support = everywhere - block_sparse_linear_attention(phi_q, phi_k, v1, key, self.block_size,
                                                                  causal=self.causal)
         weight = (lse - shift).exp().to(v.dtype).unsqueeze(-1)                  # exp(L_i - shift_i)
         numerator = weight * exact + off_support[..., :-1]
@@ -234,9 +379,9 @@ class PixelflyAttention(nn.Module):
         return numerator / denominator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, dim) -> (B, T, dim)."""
-        q, k, v, layout = self._heads(x)
-        y = self._attend(q, k, v, layout)
+        """(B, T, dim) -> (B, T, dim); T <= seq_len, a multiple of block_size."""
+        q, k, v, key = self._heads(x)
+        y = self._attend(q, k, v, key)
         B, T, C = x.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -245,18 +390,18 @@ class PixelflyAttention(nn.Module):
 
         O(T^2) memory, for teaching and tests. Rows sum to 1; with ``causal``, A_ij = 0 for j > i.
         """
-        q, k, _, layout = self._heads(x)
+        q, k, _, key = self._heads(x)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        support = layout_to_mask(layout.to(q.device), self.block_size)
+        support = layout_to_mask(registered_layout(key).layout.to(q.device), self.block_size)
         allowed = torch.ones_like(support)
         if self.causal:
             support, allowed = torch.tril(support), torch.tril(allowed)
         if self.features == 0:
             return torch.softmax(scores.masked_fill(~support, float("-inf")), -1)
         log_q, log_k = self._log_features(q, k)
-        key_shift = log_k.amax()
-        exact_max = scores.masked_fill(~support, float("-inf")).amax(-1)
-        shift = torch.maximum(exact_max, log_q.amax(-1) + key_shift).unsqueeze(-1)
+        key_shift = log_k.amax((-2, -1), keepdim=True)
+        exact_max = scores.masked_fill(~support, float("-inf")).amax(-1, keepdim=True)
+        shift = torch.maximum(exact_max, log_q.amax(-1, keepdim=True) + key_shift)
         estimate = (log_q - (shift - key_shift)).exp() @ (log_k - key_shift).exp().transpose(-1, -2)
         unnormalised = torch.where(support, (scores - shift).exp(), estimate) * allowed
         return unnormalised / unnormalised.sum(-1, keepdim=True)
