@@ -27,8 +27,14 @@ def _good_run(out, config, *, device):
     CALLS.append(("good", config.size))
     (out / "table.csv").write_text("a,b\n1,2\n")
     return [Claim("two is two (held when 2 == 2)", "2", True, None, kind="check"),
-            Claim("Paper, Sec. 1: one is one (held when 1 == 1)", "1", True, None, kind="paper"),
-            Claim("Paper, Sec. 2: one is two (held when 1 == 2)", "1 != 2", False, None, kind="paper")]
+            Claim("Paper, Sec. 1: one is one (held when 1 == 1)", "1", True, None, kind="paper", effect=0.2,
+                  ci=(0.1, 0.3), seeds=3,
+                  members=[dict(name="pixelfly", verdict="held", effect=0.2, ci=(0.1, 0.3), seeds=3),
+                           dict(name="gated", verdict="undecided", effect=0.05, ci=(-0.1, 0.2), seeds=3,
+                                seeds_to_decide=9)]),
+            Claim("Paper, Sec. 2: one is two (held when 1 == 2)", "1 != 2", False, None, kind="paper"),
+            Claim("fast enough (held when >= 2x)", "3x", True, None, kind="target"),
+            Claim("faster still (held when >= 4x)", "3x", False, None, kind="target")]
 
 
 def _bad_run(out, config, *, device):
@@ -67,20 +73,25 @@ def test_failure_is_reported_and_does_not_lose_other_results(tmp_path, fake_stud
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
     record = json.loads((tmp_path / "good" / "claims.json").read_text())
     assert record["preset"] == "quick" and record["config"] == {"size": 2}
-    assert [c["kind"] for c in record["claims"]] == ["check", "paper", "paper"]
+    assert [c["kind"] for c in record["claims"]] == ["check", "paper", "paper", "target", "target"]
 
 
 def test_report_lists_paper_claims_first_with_their_count(tmp_path, fake_studies):
     rp.reproduce(tmp_path, preset="tiny", device="cpu", progress=False)
     report = (tmp_path / "report.md").read_text()
     assert "Preset of this run: `tiny`" in report and "Seeds" in report and "pass rule" in report
-    assert "1 of 2 paper claims held; 1 of 1 checks held" in report
+    assert "2 distinct paper claims (1 of them families, members listed): 1 held, 1 refuted, 0 not decided; " \
+           "1 of 1 checks held; 1 of 2 speed targets met" in report
     assert "failed studies: bad, absent" in report and "RuntimeError: boom" in report
     paper_section, rest = report.split("## Paper claims", 1)[1].split("## Good", 1)
+    paper_section, targets = paper_section.split("## Speed targets of the toolkit", 1)
+    assert "**met** (good)" in targets and "**missed** (good)" in targets and "fast enough" not in paper_section
     assert "one is one" in paper_section and "one is two" in paper_section and "two is two" not in paper_section
     assert "**held** (good)" in paper_section and "**did NOT hold** (good)" in paper_section
     assert "preset tiny" in rest and "two is two" in rest and "Config: `size=1`" in rest
-    assert "1 of 2 paper claims held" in (tmp_path / "report.html").read_text()
+    assert "1 held, 1 refuted" in (tmp_path / "report.html").read_text()
+    # a family counts once, its members and the seeds that would decide an undecided claim are printed
+    assert "member pixelfly: held (effect +0.2" in report and "~9 seeds would decide it" in report
 
 
 def test_rerun_skips_up_to_date_unless_forced(tmp_path, fake_studies):
@@ -178,4 +189,4 @@ def test_reproduce_command_end_to_end(tmp_path):
     assert record["status"] == "ok" and record["preset"] == "tiny" and all(c["held"] for c in record["claims"])
     assert (tmp_path / "patterns" / "baselines.png").stat().st_size > 0
     assert (tmp_path / "patterns" / "baselines.pdf").stat().st_size > 0
-    assert "paper claims held" in out.stdout
+    assert "distinct paper claims" in out.stdout

@@ -72,7 +72,10 @@ class NTKStudyConfig:
     # 8, not the training lab's 16: at 16 the Mixer's 64x256 channel MLPs have a 4x16 block grid
     # on which local, butterfly and pixelfly are the same layout (and pixelfly has no rank left)
     block_size: int = 8
-    size: str = "tiny"              # models.SIZES preset: MLP 40-256-256-10, Mixer dim 64
+    size: str = "tiny"              # models.SIZES preset: MLP width 256, Mixer dim 64
+    # the MLP's depth: 4 hidden layers, the three 256x256 ones sparsified (94% of the parameters; at
+    # the preset's depth 2 one layer was, and the patterns were hard to tell apart)
+    mlp_depth: int = 4
     n_kernel: int = 128             # held-out examples the kernels are computed on
     # training for the distance-accuracy correlation: an epoch budget at which dense has converged
     # (its test accuracy flat over the last epochs: see the study's 'dense converged' reading)
@@ -126,10 +129,14 @@ def _data_options(cfg: NTKStudyConfig) -> dict:
     return {"seed": cfg.data_seed, **sizes}
 
 
+def _model_options(family: str, cfg: NTKStudyConfig) -> dict:
+    return {"depth": cfg.mlp_depth} if family == "mlp" else {}
+
+
 def _model(family: str, label: str, seed: int, data, cfg: NTKStudyConfig):
     pattern, options = pattern_options(label)
     return build_model(family, data, size=cfg.size, pattern=pattern, budget=cfg.budget, block_size=cfg.block_size,
-                       seed=seed, **options).to(cfg.device)
+                       seed=seed, **options, **_model_options(family, cfg)).to(cfg.device)
 
 
 def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **overrides) -> pd.DataFrame:
@@ -193,7 +200,7 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
         # trained exactly as built above: train() builds the same model from the same seed and options
         train = dict(model=family, data=cfg.data, size=cfg.size, budget=cfg.budget, block_size=cfg.block_size,
                      batch_size=cfg.batch_size, lr=cfg.lr, data_options=_data_options(cfg), device=cfg.device,
-                     track_rank=False, progress=False)
+                     model_options=_model_options(family, cfg), track_rank=False, progress=False)
         runs = compare_patterns(cfg.patterns, cfg.seeds, epochs=cfg.epochs, **train)
         bar.update(len(cfg.patterns) * len(cfg.seeds))
         # the convergence check: dense again for twice the epochs (its own cosine schedule, so a run
