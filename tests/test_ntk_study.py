@@ -35,7 +35,7 @@ def test_study_spread_and_distances_match_kernels_built_by_hand():
     probe = data.x_test[:6]
 
     def kernel(seed, pattern="dense"):
-        model = build_model("mlp", data, pattern=pattern, budget=0.25, block_size=8, seed=seed)
+        model = build_model("mlp", data, pattern=pattern, budget=0.25, block_size=8, seed=seed, depth=TINY.mlp_depth)
         return empirical_ntk(model, probe, progress=False)
 
     k5, k6, k0, p0 = kernel(5), kernel(6), kernel(0), kernel(0, "pixelfly")
