@@ -12,6 +12,7 @@
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from torch import nn
 
 from pixelfly_lab.ops import matmul as kernels
@@ -190,6 +191,7 @@ def test_compiled_under_cpu_autocast_matches_eager():
 TRITON_OP_COMPILED = """
 import os; os.environ["TRITON_INTERPRET"] = "1"
 import torch
+import torch.utils._python_dispatch
 from torch import nn
 from pixelfly_lab.nn.layers import PixelflyLinear
 torch.manual_seed(0)
@@ -239,3 +241,55 @@ def test_unpickled_layer_registers_its_layout_in_the_new_process(monkeypatch):
     copy = pickle.loads(data)
     assert kernels.registered_layout(copy.sparse._layout_key).layout.equal(layer.sparse.layout)
     torch.testing.assert_close(copy(x), want)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten and custom ops that run (by name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_steps_plan_nothing_after_the_first(autocast):
+    """Plans and index tables are built once per (layout, device) in the registry: later forward
+    and backward passes of the layer (also under autocast) register and build nothing."""
+    from pixelfly_lab.ops import registry
+
+    torch.manual_seed(0)
+    layer = PixelflyLinear(256, 1024, butterfly_size=8, n_factors=2, rank=4, block_size=32, backend="torch")
+    x = torch.randn(16, 256, requires_grad=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        y.float().sum().backward()
+    step()
+    layouts, builds = registry.registered_count(), registry.derived_count()
+    for _ in range(3):
+        step()
+    assert (registry.registered_count(), registry.derived_count()) == (layouts, builds)
+
+
+def test_autocast_casts_once_and_runs_one_op():
+    """Under autocast the product casts each operand once and calls the custom op once (no second
+    pass through the checks and dispatch); values as the reference's under the same autocast."""
+    torch.manual_seed(0)
+    layer = PixelflyLinear(256, 1024, butterfly_size=8, n_factors=2, rank=4, block_size=32, backend="torch")
+    x = torch.randn(16, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _OpCounter() as counter:
+        y = layer(x)
+    ops = [n for n in counter.names if n.startswith("pixelfly_lab.")]
+    assert ops == ["pixelfly_lab.sparse_lowrank_torch"], counter.names
+    # x, the blocks, U, V and the bias: five float32 tensors, each cast once
+    assert counter.names.count("aten._to_copy") == 5, counter.names
+    layer.backend = "reference"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -287,9 +287,6 @@ KNOWN_VIOLATIONS = {
     # the package's own modules): move them to the top of the module
     "lazy: pixelfly_lab.approx.expressiveness:": "nn.butterfly, tqdm",
     "lazy: pixelfly_lab.ntk.structured:": "nn.layers (being edited by the NTK work; the layers' own hooks replace it)",
-    "lazy: pixelfly_lab.ops.torch_kernels:": "concurrent.futures, time, contextlib, torch.utils._python_dispatch",
-    "lazy: pixelfly_lab.ops.triton_check:": "from pixelfly_lab import _tf32",
-    "lazy: pixelfly_lab.ops.triton_kernels:": "inspect",
     "lazy: pixelfly_lab.speed.attention:": "subprocess, sys",
     "lazy: pixelfly_lab.studies.attention:": "nn.attention",
     "lazy: pixelfly_lab.studies.estimators:": "nn.attention, tqdm",
@@ -301,9 +298,6 @@ KNOWN_VIOLATIONS = {
     "lazy: pixelfly_lab.training.loop:": "pandas, numpy, tqdm, _version",
     "lazy: pixelfly_lab.training.models:": "pandas, nn.sparsification",
     "lazy: pixelfly_lab.training.rank:": "pandas",
-    # the compile check swaps triton_kernels' private _fits and _tf32.tf32_allowed for a sweep
-    "monkeypatch: pixelfly_lab.ops.triton_check:": "sets triton_kernels._fits, _tf32.tf32_allowed",
-    "private: pixelfly_lab.ops.triton_check:": "reads triton_kernels._fits, _MAX_TILE_N, _shared_bytes",
 }
 
 

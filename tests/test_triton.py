@@ -234,6 +234,18 @@ def test_layout_tables_cache():
     assert tk.layout_tables(layout).nnz == 4
 
 
+def test_tables_of_a_key_are_built_once_in_the_registry():
+    """The ops take a layer's key: its tables come from the registry's one cache, built once per device."""
+    from pixelfly_lab.ops import registry
+
+    key = registry.register_layout(torch.tensor([[True, True, False], [False, True, True]]), 16)
+    first = tk.tables_for(key, "cpu")
+    builds = registry.derived_count()
+    assert tk.tables_for(key, "cpu") is first and registry.derived_count() == builds
+    assert registry.derived(key, "triton_tables", None, "cpu") is first   # the registry's entry, no rebuild
+    assert first.nnz == 4 and first.row_cols.tolist() == [0, 1, 1, 2]
+
+
 @pytest.mark.skipif(not hasattr(torch, "get_autocast_dtype"), reason="needs torch.get_autocast_dtype")
 def test_autocast_float16():
     """Under autocast the kernels compute in the autocast dtype; gradients return in the parameters' dtype."""

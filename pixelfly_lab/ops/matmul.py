@@ -80,8 +80,9 @@ BACKENDS = ("auto", "torch", "reference", "triton")
 
 # ----------------------------------------------------------------------------- plans
 
-def _plan(key: int) -> torch_kernels.Plan:
-    return derived(key, "torch_plan", lambda entry: plan_for(entry.layout, entry.block_size))
+def _plan(key: int, device: torch.device) -> torch_kernels.Plan:
+    """The 'torch' path's plan of a registered layout, its indices on ``device`` (built once)."""
+    return derived(key, "torch_plan", lambda entry, dev: plan_for(entry.layout, entry.block_size, dev), device)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -204,7 +205,7 @@ def _torch_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[tor
     """(y, z = x2 V or (N, 0)) of the 'torch' path (:func:`torch_kernels.sparse_lowrank_forward`)."""
     entry = registered_layout(layout_key)
     y, z = torch_kernels.sparse_lowrank_forward(x2.contiguous(), values.contiguous(), bias, u, v,
-                                                _plan(layout_key), entry.out_features)
+                                                _plan(layout_key, x2.device), entry.out_features)
     return y, x2.new_empty(x2.shape[0], 0) if z is None else z
 
 
@@ -227,7 +228,7 @@ def _torch_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor,
                        needed: Sequence[bool]) -> List[torch.Tensor]:
     """(dx2, dvalues, dbias, du, dv) of the 'torch' path; an empty tensor where not ``needed``."""
     grads = torch_kernels.sparse_lowrank_backward(gy, x2.contiguous(), values.contiguous(), u, v, z,
-                                                  _plan(layout_key), tuple(needed), needed[2])
+                                                  _plan(layout_key, x2.device), tuple(needed), needed[2])
     return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
 
 
@@ -255,7 +256,7 @@ torch.library.register_autograd("pixelfly_lab::sparse_lowrank_torch", _backward_
 
 def _triton_tables(layout_key: int, device: torch.device):
     from pixelfly_lab.ops import triton_kernels
-    return triton_kernels.layout_tables(registered_layout(layout_key).layout, device)  # cached per tensor and device
+    return triton_kernels.tables_for(layout_key, device)  # cached by the registry per key and device
 
 
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton", mutates_args=())
@@ -411,13 +412,19 @@ def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.T
     """
     entry = _check_operands(x, values, layout, bias, u, v, layout_key)
     chosen = resolve_backend(x, backend, entry.block_size, entry.out_features)
-    if _autocast_enabled(x.device.type):
-        # compute in the autocast dtype, as F.linear would; the kernels below then see one dtype
-        # (the casts are differentiable: gradients come back in the parameters' dtypes)
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, values, bias, u, v = (t if t is None else t.to(dtype) for t in (x, values, bias, u, v))
-        with torch.autocast(x.device.type, enabled=False):
-            return sparse_lowrank_matmul(x, values, layout, u, v, bias, backend=chosen, layout_key=entry.key)
+    if not _autocast_enabled(x.device.type):
+        return _dispatch(chosen, backend, entry, x, values, layout, bias, u, v)
+    # compute in the autocast dtype, as F.linear would: cast once, dispatch once (the casts are
+    # differentiable, so gradients come back in the parameters' dtypes); the kernels then see one
+    # dtype, and autocast is off inside them so that nothing is cast again
+    dtype = torch.get_autocast_dtype(x.device.type)
+    x, values, bias, u, v = (t if t is None else t.to(dtype) for t in (x, values, bias, u, v))
+    with torch.autocast(x.device.type, enabled=False):
+        return _dispatch(chosen, backend, entry, x, values, layout, bias, u, v)
+
+
+def _dispatch(chosen: str, backend: str, entry: RegisteredLayout, x, values, layout, bias, u, v) -> torch.Tensor:
+    """Run the chosen backend on checked operands of one dtype."""
     if chosen == "reference":
         return _reference(x, values, layout, bias, u, v)
     if entry.key < 0:

@@ -20,7 +20,7 @@ from typing import Callable, TypeVar
 import torch
 
 __all__ = ["BLOCK_SIZES", "RegisteredLayout", "register_layout", "registered_layout", "derived",
-           "registered_count"]
+           "registered_count", "derived_count"]
 
 # The block sizes the Triton kernels take (tl.dot needs tiles >= 16; above 128 a block no longer
 # fits a tile). One tuple, read by dispatch (no triton import needed), the kernels and the
@@ -59,6 +59,7 @@ _LOCK = threading.Lock()
 _ENTRIES: list[RegisteredLayout] = []
 _KEYS: dict[tuple, int] = {}
 _DERIVED: dict[tuple, object] = {}
+_BUILDS = [0]   # derived objects built so far (a race may build one twice; one is kept)
 
 
 def register_layout(layout: torch.Tensor, block_size: int) -> int:
@@ -108,6 +109,12 @@ def registered_count() -> int:
     return len(_ENTRIES)
 
 
+def derived_count() -> int:
+    """How many derived objects (plans, index tables, ...) have been built: a forward or backward
+    of a layer that ran once builds none (tests count with it)."""
+    return _BUILDS[0]
+
+
 def derived(key: int, what: str, build: Callable[[RegisteredLayout], T], device: torch.device | str | None = None) -> T:
     """What an op derives from a registered layout, built once per (key, what, device) and cached.
 
@@ -127,5 +134,6 @@ def derived(key: int, what: str, build: Callable[[RegisteredLayout], T], device:
         entry = registered_layout(key)
         found = build(entry) if device is None else build(entry, torch.device(device))
         with _LOCK:
+            _BUILDS[0] += 1
             found = _DERIVED.setdefault(slot, found)
     return found

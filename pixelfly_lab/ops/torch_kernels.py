@@ -33,11 +33,18 @@ from __future__ import annotations
 
 import math
 import threading
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+
+try:   # hides a measurement from dispatch modes (FLOP counters, profilers); private in torch since 2.0
+    from torch.utils._python_dispatch import _disable_current_modes as _hidden_from_modes
+except ImportError:   # a torch without it: measure in the open
+    _hidden_from_modes = nullcontext
 
 __all__ = ["Plan", "plan_for", "CHUNK_ROWS", "MIN_ROWS_PER_WORKER", "POOL_MIN_BYTES", "POOL_PER_SIZE", "release_buffers",
            "ROUTE_MIN_MACS", "ROUTE_MAX_WEIGHT", "dense_gemm_wins", "sparse_lowrank_forward",
@@ -53,16 +60,14 @@ class _Group:
     r0: int                                  # element offsets of the rows
     r1: int
     runs: tuple[tuple[int, int], ...]        # element column runs [c0, c1), in order
-    vidx: torch.Tensor                       # long (rows_in_group, k): storage index of each block
-    # vidx.flatten() per device, copied once: a CPU -> GPU copy per call would stall the host
-    _flat_on: dict = field(default_factory=dict, compare=False, repr=False)
+    vidx: torch.Tensor                       # long (rows_in_group, k) on the CPU: storage index of each block
+    # vidx.flatten() on the plan's device, copied once when the plan is built (a CPU -> GPU copy
+    # per call would stall the host); the registry caches one plan per (layout, device)
+    index: torch.Tensor
 
     def flat_index(self, device: torch.device) -> torch.Tensor:
-        """vidx.flatten() on ``device`` (cached per device)."""
-        key = str(device)
-        if key not in self._flat_on:
-            self._flat_on[key] = self.vidx.flatten().to(device)
-        return self._flat_on[key]
+        """vidx.flatten() on ``device`` (the plan's own copy when it is on that device)."""
+        return self.index if self.index.device == torch.device(device) else self.index.to(device)
 
     @property
     def width(self) -> int:
@@ -127,7 +132,7 @@ def _runs(cols: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _build_plan(layout: torch.Tensor, block_size: int, transposed: bool) -> Plan:
+def _build_plan(layout: torch.Tensor, block_size: int, transposed: bool, device: torch.device) -> Plan:
     storage = torch.full(layout.shape, -1, dtype=torch.long)
     nz = layout.nonzero()
     storage[nz[:, 0], nz[:, 1]] = torch.arange(len(nz))
@@ -141,7 +146,7 @@ def _build_plan(layout: torch.Tensor, block_size: int, transposed: bool) -> Plan
             cols = col_sets[start]
             vidx = storage[start:i][:, cols] if cols else torch.empty(i - start, 0, dtype=torch.long)
             runs = tuple((c0 * b, c1 * b) for c0, c1 in _runs(cols))
-            groups.append(_Group(start * b, i * b, runs, vidx.contiguous()))
+            groups.append(_Group(start * b, i * b, runs, vidx.contiguous(), vidx.flatten().to(device)))
             start = i
     runs = sorted(run for g in groups for run in g.runs)
     covers_once = (bool(runs) and runs[0][0] == 0 and runs[-1][1] == layout.shape[1] * b
@@ -149,12 +154,12 @@ def _build_plan(layout: torch.Tensor, block_size: int, transposed: bool) -> Plan
     return Plan(transposed, tuple(groups), block_size, covers_once)
 
 
-_PLAN_CACHE: dict[tuple, Plan] = {}
-_PLAN_CACHE_SIZE = 256  # layouts of a whole model fit; cleared wholesale when exceeded
+def plan_for(layout: torch.Tensor, block_size: int, device: torch.device | str = "cpu") -> Plan:
+    """The GEMM plan of ``layout`` for the 'torch' path, its block indices on ``device``.
 
-
-def plan_for(layout: torch.Tensor, block_size: int) -> Plan:
-    """The cached GEMM plan of ``layout`` for the 'torch' path.
+    Built afresh on every call (index arithmetic on the host): the ops take the plan the layout
+    registry caches per (layout, device) (:func:`pixelfly_lab.ops.registry.derived`, what
+    ``'torch_plan'``), never this function per call.
 
     Orientation: gathering (or scattering) costs one pass over N * (sum over groups of the
     group's column width) elements, so the plan groups the rows of whichever of layout and
@@ -163,15 +168,9 @@ def plan_for(layout: torch.Tensor, block_size: int) -> Plan:
     Fewer groups (fewer, larger GEMMs) break ties.
     """
     cpu_layout = layout.detach().to("cpu", torch.bool)
-    key = (tuple(cpu_layout.shape), block_size, cpu_layout.numpy().tobytes())
-    plan = _PLAN_CACHE.get(key)
-    if plan is None:
-        candidates = [_build_plan(cpu_layout, block_size, transposed) for transposed in (False, True)]
-        plan = min(candidates, key=lambda p: (sum(g.vidx.shape[1] for g in p.groups), len(p.groups)))
-        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = plan
-    return plan
+    device = torch.device(device)
+    candidates = [_build_plan(cpu_layout, block_size, transposed, device) for transposed in (False, True)]
+    return min(candidates, key=lambda p: (sum(g.vidx.shape[1] for g in p.groups), len(p.groups)))
 
 
 # ----------------------------------------------------------------------------- large outputs
@@ -310,8 +309,6 @@ def _sweep(n_rows: int, body, workers: int) -> None:
         for rows in chunks:
             body(rows, 0)
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     with _EXECUTOR_LOCK:
         if not _EXECUTOR or _EXECUTOR[0]._max_workers < workers:
             _EXECUTOR[:] = [ThreadPoolExecutor(workers, thread_name_prefix="pixelfly-sweep")]
@@ -691,8 +688,6 @@ def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, 
 
 def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, rank: int, dtype) -> bool:
     """True when the dense route's best forward+backward time beats the grouped route's."""
-    import time
-
     gen = torch.Generator().manual_seed(0)
     nnz = sum(g.vidx.numel() for g in plan.groups)
     b = plan.block_size
@@ -715,11 +710,7 @@ def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, 
     best = {grouped: float("inf"), dense: float("inf")}
     # the measurement is no part of the caller's computation: hidden from dispatch modes such as
     # FLOP counters and profilers that are active around the call that triggered it
-    try:
-        from torch.utils._python_dispatch import _disable_current_modes as hidden
-    except ImportError:   # a torch without it: measure in the open
-        from contextlib import nullcontext as hidden
-    with torch.no_grad(), hidden():
+    with torch.no_grad(), _hidden_from_modes():
         for _ in range(3):
             for route in best:
                 tick = time.perf_counter()

@@ -204,44 +204,37 @@ def compile_variant(v: Variant, arch: int, every_config: bool = False) -> list[R
     """Compile the configs the pruner keeps for variant ``v`` at sm_``arch`` (and the fixed config
     used without autotuning); their resources. ``every_config``: compile every config of the tuning
     list instead (calibrating the pruning model: :attr:`Resources.model_fits` against the compile)."""
-    from pixelfly_lab import _tf32
     from pixelfly_lab.ops import triton_kernels as tk
 
     tables, ops = _operands(v)
-    saved = _tf32.tf32_allowed, tk._fits
-    _tf32.tf32_allowed = lambda: v.precision == "tf32"   # the precision the variant asks for
-    if every_config:
-        tk._fits = lambda kernel, block, group, *rest, **kw: group * block <= tk._MAX_TILE_N
+    # the precision the variant asks for; every_config: the configs the model would prune too
+    options = dict(warmup=True, precision=v.precision, prune=not every_config)
     compiled = {}
-    try:
-        with target(arch):
-            for autotune in (None, False):              # the tuned configs, then the fixed one
-                started = time.perf_counter()
-                if v.kernel == "sdd":
-                    pairs = tk.sdd_matmul(ops["gy"], ops["x"], tables, v.block, split=1, warmup=True,
-                                          autotune=autotune)
-                else:
-                    a = ops["gy"] if v.transpose else ops["x"]
-                    n_out = (tables.shape[1] if v.transpose else tables.shape[0]) * v.block
-                    lowrank = None
-                    if v.lowrank:
-                        lowrank = (torch.empty(a.shape[0], ops["rank"], device="meta", dtype=a.dtype),
-                                   torch.empty(n_out, ops["rank"], device="meta", dtype=a.dtype))
-                    pairs = tk.dsd_matmul(a, ops["values"], tables, transpose=v.transpose,
-                                          bias=ops["bias"][:n_out] if v.bias else None, lowrank=lowrank,
-                                          warmup=True, autotune=autotune)
-                seconds = (time.perf_counter() - started) / max(len(pairs), 1)
-                for config, kernel in pairs:
-                    compiled.setdefault(tuple(sorted(config.items())), (config, kernel, seconds))
-    finally:
-        _tf32.tf32_allowed, tk._fits = saved
+    with target(arch):
+        for autotune in (None, False):              # the tuned configs, then the fixed one
+            started = time.perf_counter()
+            if v.kernel == "sdd":
+                pairs = tk.sdd_matmul(ops["gy"], ops["x"], tables, v.block, split=1, autotune=autotune, **options)
+            else:
+                a = ops["gy"] if v.transpose else ops["x"]
+                n_out = (tables.shape[1] if v.transpose else tables.shape[0]) * v.block
+                lowrank = None
+                if v.lowrank:
+                    lowrank = (torch.empty(a.shape[0], ops["rank"], device="meta", dtype=a.dtype),
+                               torch.empty(n_out, ops["rank"], device="meta", dtype=a.dtype))
+                pairs = tk.dsd_matmul(a, ops["values"], tables, transpose=v.transpose,
+                                      bias=ops["bias"][:n_out] if v.bias else None, lowrank=lowrank,
+                                      autotune=autotune, **options)
+            seconds = (time.perf_counter() - started) / max(len(pairs), 1)
+            for config, kernel in pairs:
+                compiled.setdefault(tuple(sorted(config.items())), (config, kernel, seconds))
     out = []
     for config, kernel, seconds in compiled.values():
         regs, stack, stores, loads = ptxas_resources(kernel.asm["ptx"], arch)
-        fits = saved[1](v.kernel, v.block, config["GROUP"], config["BLOCK_M"], config["num_warps"],
+        fits = tk.config_fits(v.kernel, v.block, config["GROUP"], config["BLOCK_M"], config["num_warps"],
                         config["num_stages"], _DTYPES[v.dtype].itemsize, precision=v.precision,
                         lowrank=v.lowrank, smem_limit=tk.SMEM_BY_ARCH[arch])
-        shared = tk._shared_bytes(v.kernel, v.block, config["GROUP"], config["BLOCK_M"], config["num_stages"],
+        shared = tk.shared_bytes(v.kernel, v.block, config["GROUP"], config["BLOCK_M"], config["num_stages"],
                                   _DTYPES[v.dtype].itemsize, v.lowrank)
         name = " ".join(f"{k}={config[k]}" for k in ("BLOCK_M", "GROUP", "num_warps", "num_stages"))
         out.append(Resources(v, arch, name, int(kernel.metadata.shared), regs, stack, stores, loads, seconds,

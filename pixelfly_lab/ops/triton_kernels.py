@@ -42,10 +42,9 @@ Example (on a CUDA machine):
 from __future__ import annotations
 
 import contextlib
-import functools
+import inspect
 import itertools
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -54,11 +53,11 @@ import triton.language as tl
 
 from pixelfly_lab import _tf32
 
-__all__ = ["BLOCK_SIZES", "DTYPES", "LayoutTables", "layout_tables", "dsd_matmul", "sdd_matmul",
+__all__ = ["BLOCK_SIZES", "DTYPES", "LayoutTables", "layout_tables", "tables_for", "dsd_matmul", "sdd_matmul",
            "sparse_lowrank_forward", "sparse_lowrank_backward", "check_operands", "DSD_CONFIGS", "SDD_CONFIGS",
-           "SMEM_BY_ARCH"]
+           "SMEM_BY_ARCH", "MAX_TILE_N", "config_fits", "shared_bytes"]
 
-from pixelfly_lab.ops.registry import BLOCK_SIZES  # noqa: E402  (one tuple, in the registry)
+from pixelfly_lab.ops.registry import BLOCK_SIZES, derived, register_layout  # noqa: E402  (one tuple, in the registry)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: exact tests only
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_LOWRANK_TILE = 64  # the low-rank rank is walked in chunks of at most 64 columns
@@ -120,11 +119,9 @@ def _pointers(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-@functools.lru_cache(maxsize=128)
-def _tables_from_bytes(data: bytes, shape: tuple[int, int], device: str) -> LayoutTables:
-    R, C = shape
-    layout = (torch.frombuffer(bytearray(data), dtype=torch.bool) if data else torch.zeros(0, dtype=torch.bool))
-    layout = layout.reshape(R, C)
+def _build_tables(layout: torch.Tensor, device: torch.device) -> LayoutTables:
+    """The index tables of a CPU bool layout, on ``device``."""
+    R, C = layout.shape
     rows, cols = layout.nonzero(as_tuple=True)            # row-major: the k-th pair is block k
     csc = torch.sort(cols * R + rows, stable=True).indices  # blocks ordered by (column, row)
     row_counts, col_counts = layout.sum(1), layout.sum(0)
@@ -140,20 +137,31 @@ def _tables_from_bytes(data: bytes, shape: tuple[int, int], device: str) -> Layo
                         col_group=_group(layout.T), **tables)
 
 
-# (id(layout), device) -> (weak reference, version, tables): repeated calls with the same layout tensor
-# (a layer's buffer) find their tables without reading the layout back from the GPU.
-_BY_TENSOR: dict[tuple[int, str], tuple] = {}
+def tables_for(key: int, device: torch.device | str) -> LayoutTables:
+    """The index tables of a registered layout (:func:`pixelfly_lab.ops.registry.register_layout`)
+    on ``device``: built on first use and cached by the registry (what ``'triton_tables'``), so a
+    forward or backward reads nothing from the host.
+
+    Args:
+        key: the layout's registry key.
+        device: where the tables live (the device of the tensors they index).
+
+    Returns:
+        :class:`LayoutTables`.
+    """
+    return derived(key, "triton_tables", lambda entry, dev: _build_tables(entry.layout, dev), device)
 
 
 def layout_tables(layout: torch.Tensor, device: torch.device | str | None = None) -> LayoutTables:
-    """The layout's index tables on ``device`` (default: the layout's), built once per layout.
+    """The index tables of a layout tensor on ``device`` (default: the layout's).
 
-    Cached twice: by tensor identity and version (no device sync on a hit), and by content (a
-    new tensor with a known layout reuses its tables).
+    For callers without a registry key: the layout is read to the host and registered (a device
+    sync for a GPU layout, and a hash of its bytes, on every call), then the tables come from
+    :func:`tables_for`. Ops call :func:`tables_for` with the key their layer registered.
 
     Args:
-        layout: bool (R, C).
-        device: where the tables live (the device of the tensors they index).
+        layout: bool (R, C) on the CPU or a GPU.
+        device: where the tables live.
 
     Returns:
         :class:`LayoutTables`.
@@ -161,16 +169,8 @@ def layout_tables(layout: torch.Tensor, device: torch.device | str | None = None
     if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool or layout.dim() != 2:
         raise TypeError(f"layout must be a 2-D bool tensor, got {getattr(layout, 'dtype', type(layout))} "
                         f"of shape {tuple(getattr(layout, 'shape', ()))}")
-    device = str(torch.device(device) if device is not None else layout.device)
-    key = (id(layout), device)
-    hit = _BY_TENSOR.get(key)
-    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
-        return hit[2]
-    data = layout.detach().cpu().contiguous().numpy().tobytes()
-    tables = _tables_from_bytes(data, tuple(layout.shape), device)
-    ref = weakref.ref(layout, lambda _, key=key: _BY_TENSOR.pop(key, None))
-    _BY_TENSOR[key] = (ref, layout._version, tables)
-    return tables
+    # block size 1: the tables do not depend on it (a layer's key, at its block size, is another one)
+    return tables_for(register_layout(layout, 1), device if device is not None else layout.device)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -272,7 +272,7 @@ def _sdd_kernel(g_ptr, x_ptr, out_ptr, leads_ptr, fanin_ptr, rows_ptr, cols_ptr,
 
 # ----------------------------------------------------------------------------- configs
 
-_MAX_TILE_N = 256  # widest output tile (GROUP * b) one program computes
+MAX_TILE_N = 256  # widest output tile (GROUP * b) one program computes
 # Shared memory a block may use, by compute capability (CUDA's per-block opt-in maxima); used
 # where torch cannot ask the device (it can: shared_memory_per_block_optin), e.g. when
 # compiling for a target without one (pixelfly_lab.ops.triton_check).
@@ -297,7 +297,7 @@ def _smem_limit(device: torch.device) -> int:
     return SMEM_BY_ARCH.get(arch, min(SMEM_BY_ARCH.values()))
 
 
-def _shared_bytes(kernel: str, block: int, group: int, block_m: int, stages: int, size: int,
+def shared_bytes(kernel: str, block: int, group: int, block_m: int, stages: int, size: int,
                   lowrank: bool = False, block_r: int = 64) -> int:
     """Model of the shared memory of a config: ``stages`` buffers of the pipelined tiles.
 
@@ -348,16 +348,16 @@ def _max_acc(precision: str, size: int, lowrank: bool, warps: int = 8) -> int:
     return 64 if warps >= 8 else 32
 
 
-def _fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages: int, size: int, *,
+def config_fits(kernel: str, block: int, group: int, block_m: int, warps: int, stages: int, size: int, *,
           precision: str = "tf32", lowrank: bool = False, block_r: int = 64,
           smem_limit: int = min(SMEM_BY_ARCH.values()), registers: bool = True) -> bool:
     """Whether a config fits: shared memory within ``smem_limit`` and (``registers``) no register
     spill, by the models above; under the interpreter (numpy: no registers, no shared memory) only
     the tile width counts."""
     if _INTERPRET:
-        return group * block <= _MAX_TILE_N
-    return (group * block <= _MAX_TILE_N
-            and _shared_bytes(kernel, block, group, block_m, stages, size, lowrank, block_r) <= smem_limit
+        return group * block <= MAX_TILE_N
+    return (group * block <= MAX_TILE_N
+            and shared_bytes(kernel, block, group, block_m, stages, size, lowrank, block_r) <= smem_limit
             and (not registers
                  or _acc_per_thread(kernel, block, group, block_m, warps) <= _max_acc(precision, size, lowrank, warps)))
 
@@ -372,14 +372,14 @@ def _fixed_config(kernel: str, block: int, size: int, max_group: int = 1, **fit)
     for registers, order in ((True, ((64, 32, 16), (3, 2, 1), (4, 8))), (False, ((16, 32, 64), (1, 2, 3), (8, 4)))):
         for group in (max_group, *[g for g in (8, 4, 2, 1) if g < max_group]) if registers else (1,):
             for block_m, stages, warps in itertools.product(*order):
-                if _fits(kernel, block, group, block_m, warps, stages, size, registers=registers, **fit):
+                if config_fits(kernel, block, group, block_m, warps, stages, size, registers=registers, **fit):
                     return dict(BLOCK_M=block_m, GROUP=group, num_warps=warps, num_stages=stages)
     raise ValueError(f"no {kernel} kernel config fits block size {block} with {size}-byte elements on this "
                      "GPU (registers, shared memory); use a smaller block or backend='torch'")
 
 
 def _fit_args(kernel: str, named_args: dict, meta: dict) -> dict:
-    """The _fits keywords of one launch: precision, fused low rank, the device's shared memory."""
+    """The config_fits keywords of one launch: precision, fused low rank, the device's shared memory."""
     tensor = named_args["a_ptr" if kernel == "dsd" else "g_ptr"]
     return dict(precision=meta["PRECISION"], lowrank=bool(meta.get("HAS_LOWRANK", False)),
                 block_r=meta.get("BLOCK_R", 64), smem_limit=_smem_limit(tensor.device))
@@ -390,10 +390,10 @@ def _pruner(kernel: str):
         """Keep the configs that fit (and whose group the layout allows); at least the fixed config."""
         block = kwargs["BLOCK"]
         size = named_args["a_ptr" if kernel == "dsd" else "g_ptr"].element_size()
-        max_group = min(named_args["MAX_GROUP"], max(1, _MAX_TILE_N // block))
+        max_group = min(named_args["MAX_GROUP"], max(1, MAX_TILE_N // block))
         fit = _fit_args(kernel, named_args, kwargs)
         kept = [c for c in configs if c.kwargs["GROUP"] <= max_group
-                and _fits(kernel, block, c.kwargs["GROUP"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages, size, **fit)]
+                and config_fits(kernel, block, c.kwargs["GROUP"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages, size, **fit)]
         if not kept:
             fixed = _fixed_config(kernel, block, size, max_group, **fit)
             kept = [triton.Config({k: v for k, v in fixed.items() if k in ("BLOCK_M", "GROUP")},
@@ -405,8 +405,6 @@ def _pruner(kernel: str):
 def _autotune_options() -> dict:
     """Short benchmark runs (2 + 10 ms a config, against triton's default 25 + 100) keep the first
     call of a new shape to about a second beyond compiling; Triton < 3.2 takes warmup/rep instead."""
-    import inspect
-
     if "do_bench" in inspect.signature(triton.autotune).parameters:
         return dict(do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=2, rep=10, quantiles=quantiles))
     return dict(warmup=2, rep=10)
@@ -442,11 +440,14 @@ def _use_autotune(autotune: bool | None) -> bool:
     return (not _INTERPRET) if autotune is None else bool(autotune) and not _INTERPRET
 
 
-def _precision(dtype: torch.dtype) -> tuple[str, object]:
-    """(tl.dot input precision, accumulator dtype): TF32 for float32 only where torch allows it."""
+def _precision(dtype: torch.dtype, precision: str | None = None) -> tuple[str, object]:
+    """(tl.dot input precision, accumulator dtype): TF32 for float32 only where torch allows it
+    (or where ``precision`` says 'tf32'; 'ieee' asks for FMA dots)."""
     if dtype == torch.float64:
         return "ieee", tl.float64
-    if dtype == torch.float32 and not _tf32.tf32_allowed():
+    if precision not in (None, "tf32", "ieee"):
+        raise ValueError(f"precision must be None, 'tf32' or 'ieee', got {precision!r}")
+    if dtype == torch.float32 and (precision == "ieee" or precision is None and not _tf32.tf32_allowed()):
         return "ieee", tl.float32
     return "tf32", tl.float32  # ignored by tl.dot for 16-bit inputs
 
@@ -457,13 +458,18 @@ def _on_device(t: torch.Tensor):
 
 
 def _launch(kernel: str, args: tuple, meta: dict, grid, autotune: bool | None, warmup: bool, size: int,
-            block: int, max_group: int, device_tensor: torch.Tensor):
+            block: int, max_group: int, device_tensor: torch.Tensor, prune: bool = True):
     """Run (or with ``warmup``, only compile) one launch: tuned, or with the fixed config.
 
+    ``prune=False`` (warmup only): every tuning config whose tile the layout allows, whether the
+    resource model keeps it or not (calibrating the model against real compiles).
     Returns [(config dict, compiled kernel)] when warming up (every config the tuner would try), else None.
     """
     jit, tuned = (_dsd_kernel, _dsd_tuned) if kernel == "dsd" else (_sdd_kernel, _sdd_tuned)
-    if _use_autotune(autotune) or (warmup and autotune is not False):
+    if warmup and not prune:
+        configs = [(c.kwargs, dict(num_warps=c.num_warps, num_stages=c.num_stages)) for c in tuned.configs
+                   if c.kwargs["GROUP"] <= max_group and c.kwargs["GROUP"] * block <= MAX_TILE_N]
+    elif _use_autotune(autotune) or (warmup and autotune is not False):
         configs = [(c.kwargs, dict(num_warps=c.num_warps, num_stages=c.num_stages))
                    for c in _pruner(kernel)(tuned.configs, dict(zip(jit.arg_names, args)), **meta)]
     else:
@@ -487,7 +493,8 @@ def _launch(kernel: str, args: tuple, meta: dict, grid, autotune: bool | None, w
 
 def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, transpose: bool = False,
                bias: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
-               out: torch.Tensor | None = None, autotune: bool | None = None, warmup: bool = False):
+               out: torch.Tensor | None = None, autotune: bool | None = None, warmup: bool = False,
+               precision: str | None = None, prune: bool = True):
     """Dense times block-sparse, one launch: out = a W^T (transpose=False) or a W (transpose=True).
 
     Args:
@@ -503,6 +510,10 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
         warmup: compile the kernels this call would run (every config the tuner keeps), launch
             nothing, and return [(config, compiled kernel)] (works on meta tensors: see
             :mod:`pixelfly_lab.ops.triton_check`).
+        precision: float32 dots: None (TF32 where torch allows it, :func:`pixelfly_lab._tf32.tf32_allowed`),
+            'tf32' or 'ieee' (FMA); other dtypes ignore it.
+        prune: with ``warmup``, False compiles every tuning config the layout allows, not only
+            those the resource model keeps (:func:`config_fits`).
 
     Returns:
         out (M, N), N = R*b (forward) or C*b (input gradient); with ``warmup``, the compiled kernels.
@@ -516,7 +527,7 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
     else:          # y[:, i] = sum_j x[:, j] @ values[k]^T: walk the rows
         n_blocks, ptr, idx, blk = R, tables.row_ptr, tables.row_cols, tables.row_cols
         fanin, max_group, v_strides = tables.max_row_fanin, tables.row_group, (1, block)
-    max_group = min(max_group, max(1, _MAX_TILE_N // block))
+    max_group = min(max_group, max(1, MAX_TILE_N // block))
     N = n_blocks * block
     if out is None:
         out = torch.empty(M, N, device=a.device, dtype=a.dtype)
@@ -524,7 +535,7 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
         return out
     e, f = lowrank if lowrank is not None else (a, a)  # dummies, never read
     rank = e.shape[1] if lowrank is not None else 0
-    precision, acc_dtype = _precision(a.dtype)
+    precision, acc_dtype = _precision(a.dtype, precision)
     args = (a, values, out, bias if bias is not None else a, e, f, ptr, idx, blk,
             M, rank, a.stride(0), a.stride(1), out.stride(0), out.stride(1), e.stride(0), e.stride(1),
             f.stride(0), f.stride(1), *v_strides, triton.next_power_of_2(M), N, fanin, max_group)
@@ -534,7 +545,7 @@ def dsd_matmul(a: torch.Tensor, values: torch.Tensor, tables: LayoutTables, *, t
 
     def grid(group, block_m):
         return ((n_blocks // group) * triton.cdiv(M, block_m),)
-    compiled = _launch("dsd", args, meta, grid, autotune, warmup, a.element_size(), block, max_group, a)
+    compiled = _launch("dsd", args, meta, grid, autotune, warmup, a.element_size(), block, max_group, a, prune)
     return compiled if warmup else out
 
 
@@ -551,7 +562,8 @@ def _split_count(M: int, programs: int, device: torch.device) -> int:
 
 
 def sdd_matmul(g: torch.Tensor, x: torch.Tensor, tables: LayoutTables, block: int, *, split: int | None = None,
-               out: torch.Tensor | None = None, autotune: bool | None = None, warmup: bool = False):
+               out: torch.Tensor | None = None, autotune: bool | None = None, warmup: bool = False,
+               precision: str | None = None, prune: bool = True):
     """Sampled dense-dense product: the layout's blocks of g^T x, i.e. the weight gradient.
 
     Args:
@@ -562,7 +574,7 @@ def sdd_matmul(g: torch.Tensor, x: torch.Tensor, tables: LayoutTables, block: in
         split: chunks the M reduction is split into (default: enough programs to fill the GPU);
             with split > 1, float32 partial sums are added up by torch.
         out: (nnz, b, b) result buffer (every element is written), or None to allocate.
-        autotune, warmup: as in :func:`dsd_matmul`.
+        autotune, warmup, precision, prune: as in :func:`dsd_matmul`.
 
     Returns:
         out (nnz, b, b): out[k] = g[:, i-block]^T @ x[:, j-block] for the k-th block (i, j);
@@ -577,20 +589,20 @@ def sdd_matmul(g: torch.Tensor, x: torch.Tensor, tables: LayoutTables, block: in
     if M == 0 and not warmup:
         return out.zero_()
     max_group = tables.row_group  # the leads table's runs; configs use GROUP <= that (and tile width)
-    fewest_programs = max(1, nnz // min(max_group, max(1, _MAX_TILE_N // block)))
+    fewest_programs = max(1, nnz // min(max_group, max(1, MAX_TILE_N // block)))
     split = _split_count(M, fewest_programs, g.device) if split is None else split
     chunk = triton.cdiv(triton.cdiv(max(M, 1), split), 128) * 128  # whole tiles for every BLOCK_M
     split = triton.cdiv(max(M, 1), chunk)
     partial = out if split == 1 else torch.empty(split, nnz, block, block, device=g.device,
                                                  dtype=torch.promote_types(g.dtype, torch.float32))
-    precision, acc_dtype = _precision(g.dtype)
+    precision, acc_dtype = _precision(g.dtype, precision)
     args = (g, x, partial, tables.group_leads, tables.group_fanin, tables.block_rows, tables.row_cols, M, chunk,
             nnz, max_group, g.stride(0), g.stride(1), x.stride(0), x.stride(1), triton.next_power_of_2(M))
     meta = dict(BLOCK=block, PRECISION=precision, ACC_DTYPE=acc_dtype)
 
     def grid(group, block_m):
         return (nnz // group, split)
-    compiled = _launch("sdd", args, meta, grid, autotune, warmup, g.element_size(), block, max_group, g)
+    compiled = _launch("sdd", args, meta, grid, autotune, warmup, g.element_size(), block, max_group, g, prune)
     if warmup:
         return compiled
     if split > 1:
