@@ -259,7 +259,7 @@ def test_training_steps_plan_once_and_read_nothing_from_the_host(monkeypatch):
         optimizer.step()
         after_step.append(len(builds))
     assert registered_count() == registered                      # nothing registered per call
-    keys = {layer._layout_key(96) for layer in layers}            # equal layouts share a key
+    keys = {layer._key_for_length(96) for layer in layers}            # equal layouts share a key
     # at most one plan per distinct layout (forward, backward and the feature discount share it), none per step
     assert after_step[0] <= len(keys) and after_step == after_step[:1] * 4
     for layer in layers:

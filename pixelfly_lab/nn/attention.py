@@ -262,7 +262,7 @@ class PixelflyAttention(nn.Module):
         self.budget, self.global_tokens = budget, global_tokens
         self._last_len = seq_len
         # one registry key per sequence length used (the built one now, shorter ones on first use)
-        self._layout_keys = {seq_len: register_layout(block_layout, block_size)}
+        self._keys_by_length = {seq_len: register_layout(block_layout, block_size)}
         self.register_buffer("layout", block_layout.to(device), persistent=False)
         head_dim = dim // heads
         weights = draw_feature_weights(head_dim, features, seed) if features else torch.zeros(0, head_dim,
@@ -281,7 +281,7 @@ class PixelflyAttention(nn.Module):
 
     def layout_for(self, seq_len: int) -> torch.Tensor:
         """The CPU block layout (T/b, T/b) the layer uses at sequence length T (planned on first use)."""
-        return registered_layout(self._layout_key(seq_len)).layout
+        return registered_layout(self._key_for_length(seq_len)).layout
 
     def density_at(self, seq_len: int) -> float:
         """Fraction of the T^2 scores computed at T: kept blocks plus the features' share 2 m / T."""
@@ -292,8 +292,8 @@ class PixelflyAttention(nn.Module):
         """:meth:`density_at` the sequence length of the latest call (``seq_len`` before any call)."""
         return self.density_at(self._last_len)
 
-    def _layout_key(self, T: int) -> int:
-        key = self._layout_keys.get(T)
+    def _key_for_length(self, T: int) -> int:
+        key = self._keys_by_length.get(T)
         if key is None:
             options = dict(lowrank_features=self.features, global_tokens=min(self.global_tokens, T),
                            seed=self.seed, causal=self.causal)
@@ -304,7 +304,7 @@ class PixelflyAttention(nn.Module):
                     raise
                 # below the floor at this shorter T: the smallest connected layout (density says so)
                 layout, _ = attention_layout(self.layout_name, T, None, self.block_size, **options)
-            key = self._layout_keys[T] = register_layout(layout, self.block_size)
+            key = self._keys_by_length[T] = register_layout(layout, self.block_size)
         return key
 
     def choice(self) -> str:
@@ -346,7 +346,7 @@ class PixelflyAttention(nn.Module):
 
         def split(t):
             return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        return split(self.q(x)), split(self.k(x)), split(self.v(x)), self._layout_key(T)
+        return split(self.q(x)), split(self.k(x)), split(self.v(x)), self._key_for_length(T)
 
     def _log_features(self, q, k):
         # softmax(q.k / sqrt(D)) is Performer's exp(q.k / t) at temperature t = sqrt(D)
