@@ -277,3 +277,16 @@ def test_sparse_only_layer_compiles_without_graph_break():
     x = torch.randn(2, 64, 32)
     compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), attn(x))
+
+
+def test_error_against_dense_is_zero_on_a_full_layout_and_matches_a_direct_computation():
+    attn = make("connected", causal=True, features=0, budget=None)
+    q, k = torch.randn(2, 1, 2, 64, 12, dtype=torch.float64).unbind(0)
+    A = attn.attention_weights(q, k)
+    dense = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(12)).masked_fill(
+        ~torch.ones(64, 64, dtype=torch.bool).tril(), float("-inf")), -1)
+    assert attn.error_against_dense(q, k) == pytest.approx(((A - dense).norm() / dense.norm()).item())
+    full = make("pixelfly", features=3, global_tokens=64)
+    assert full.error_against_dense(q, k) < 1e-12
+    with pytest.raises(ValueError, match="q and k"):
+        attn.attention_weights(q[..., :5], k)

@@ -390,7 +390,23 @@ class PixelflyAttention(nn.Module):
 
         O(T^2) memory, for teaching and tests. Rows sum to 1; with ``causal``, A_ij = 0 for j > i.
         """
-        q, k, _, key = self._heads(x)
+        q, k, _, _ = self._heads(x)
+        return self.attention_weights(q, k)
+
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The dense (B, heads, T, T) matrix the layer's attention gives per-head queries and keys.
+
+        Args:
+            q, k: (B, heads, T, D) with D = dim / heads (e.g. chosen Q, K to study the approximation).
+
+        Returns:
+            (B, heads, T, T), rows summing to 1, scores q.k / sqrt(D) exact on the layout at T and
+            estimated by the random features off it.
+        """
+        if q.dim() != 4 or k.shape != q.shape or q.shape[-1] != self.dim // self.heads:
+            raise ValueError(f"q and k must have one shape (B, heads, T, {self.dim // self.heads}), "
+                             f"got {tuple(q.shape)} and {tuple(k.shape)}")
+        key = self._key_for_length(q.shape[2])
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         support = layout_to_mask(registered_layout(key).layout.to(q.device), self.block_size)
         allowed = torch.ones_like(support)
@@ -405,3 +421,13 @@ class PixelflyAttention(nn.Module):
         estimate = (log_q - (shift - key_shift)).exp() @ (log_k - key_shift).exp().transpose(-1, -2)
         unnormalised = torch.where(support, (scores - shift).exp(), estimate) * allowed
         return unnormalised / unnormalised.sum(-1, keepdim=True)
+
+    def error_against_dense(self, q: torch.Tensor, k: torch.Tensor) -> float:
+        """Relative Frobenius error ||A - softmax(q k^T / sqrt(D))||_F / ||softmax(...)||_F of
+        :meth:`attention_weights` (dense causal softmax when ``causal``); inputs as there."""
+        A = self.attention_weights(q, k)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if self.causal:
+            scores = scores.masked_fill(~torch.ones_like(scores, dtype=torch.bool).tril(), float("-inf"))
+        dense = torch.softmax(scores, -1)
+        return ((A - dense).norm() / dense.norm()).item()
