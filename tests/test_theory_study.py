@@ -105,9 +105,9 @@ def test_block_butterfly_claim_is_undecided_when_a_containing_fit_is_worse(monke
     # every fitted class contains the plain butterfly: fitting worse than it means no convergence
     from pixelfly_lab.studies import theory as study
 
-    def fake(n, block_sizes, steps):
+    def fake(n, block_sizes, steps, kinds=("hadamard", "butterfly")):
         rows = []
-        for kind in ("hadamard", "butterfly"):
+        for kind in kinds:
             rows += [dict(kind=kind, method="butterfly (log2 n factors)", block_size=1, n_factors=4, params=128,
                           error=0.1, error_worst=0.2),
                      dict(kind=kind, method="block butterfly (block 4)", block_size=4, n_factors=2, params=256,
@@ -117,7 +117,9 @@ def test_block_butterfly_claim_is_undecided_when_a_containing_fit_is_worse(monke
         return pd.DataFrame(rows)
 
     monkeypatch.setattr(study, "block_vs_butterfly", fake)
-    claim = study._block_butterfly(tmp_path, study.TheoryConfig(n_block=16, block_sizes=(4,)))[0]
+    check, claim, _ = study._block_butterfly(tmp_path, study.TheoryConfig(n_block=16, block_sizes=(4,)))
+    assert check.kind == "check" and check.held is (deep_error >= 0.05 - study.BLOCK_TOLERANCE)
+    assert "hadamard" in check.measured and "dct" in claim.measured and "gaussian" in claim.measured
     assert claim.held is expected and claim.kind == "paper" and "undecided" in claim.claim
     assert claim.measured.startswith("undecided") == (expected is None)
 

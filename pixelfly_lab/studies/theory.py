@@ -4,17 +4,21 @@
    shrinks as lam^2 and, relative to the perturbation ||R - I||, as lam. Both slopes are fixed
    by the algebra: 'check's of the code, not tests of the paper.
 2. Block butterfly (Sec. 3.2, the talk's "block butterfly retains the expressiveness of
-   butterfly"): block butterfly products fitted to butterfly products (Hadamard, a random one)
-   against butterfly products with the same number of parameters: a 'paper' claim, with a
-   sanity gate: every class fitted contains the plain butterfly product, so a containing fit
-   worse than the plain one means the fits did not converge and the claim is undecided. That
-   blocks of 2 contain every butterfly product exactly is algebra: a 'check'.
+   butterfly"): block butterfly products against butterfly products with the same number of
+   parameters, fitted by Adam. On Hadamard and a random butterfly product, which both classes
+   contain exactly, the comparison measures the optimiser: a 'check'. The 'paper' claim is on
+   targets outside both classes (DCT, a Gaussian matrix), with a sanity gate: every class fitted
+   contains the plain butterfly product, so a containing fit worse than the plain one means the
+   fits did not converge and the claim is undecided. That blocks of 2 contain every butterfly
+   product exactly is algebra: a 'check'.
 3. Sparse + low-rank (Thm 2, Sec. 4: there exist matrices where sparse + low-rank beats either
-   part): with the *fixed* flat block butterfly support, on a grid of attention-like targets
-   (temperature x locality, all reported), the claim holds when on at least one target of the
-   grid the best split beats either part alone by a margin on every seed. The adaptive-support
-   variant (top-k + low-rank) is robust PCA (Candes et al., 2011) / Scatterbrain's oracle, not
-   a statement of the Pixelfly paper: 'info'.
+   part): with the *fixed* flat block butterfly support. The 'paper' claim is decided in one
+   regime fixed up front (local attention at temperature 1), paired by seed
+   (:func:`pixelfly_lab.studies.stats.paired_decision` on the relative gain of the best split
+   over the better part, margin 5%); "on some target of a grid" is an existence statement that
+   a wide grid always satisfies: a 'check'. The adaptive-support variant (top-k + low-rank) is
+   robust PCA (Candes et al., 2011) / Scatterbrain's oracle, not a statement of the Pixelfly
+   paper: 'info'.
 4. Lazy training (Thm 3): as the width grows, the NTK of a flat block butterfly network moves
    less during full-batch gradient descent (log-log slope against width, predicted -1/2), and
    no more than a dense network's at the widest: a 'paper' claim over seeds.
@@ -39,7 +43,8 @@ from pixelfly_lab.approx.targets import random_butterfly_factors, target_matrix
 from pixelfly_lab.studies.theorems import (block_butterfly_factor_masks, block_vs_butterfly, exact_butterflies, loglog_slope, lowrank_share_sweep, ntk_change_vs_width,
                       plot_block_vs_butterfly, plot_exact_butterflies, plot_lowrank_share_sweep, plot_ntk_change,
                       plot_residual_flat_gap, residual_flat_gap)
-from pixelfly_lab.studies.claims import Claim, save_figure, save_table
+from pixelfly_lab.studies.claims import Claim, decision_fields, save_figure, save_table
+from pixelfly_lab.studies.stats import paired_decision
 
 __all__ = ["TheoryConfig", "FULL", "QUICK", "TINY", "run"]
 
@@ -51,7 +56,9 @@ class TheoryConfig:
     n_gap: int = 64             # residual vs flat butterfly size (the slopes do not depend on it)
     n_sweep: int = 256          # low-rank share sweeps
     sweep_block: int = 8        # block of the fixed flat block butterfly support in the sweeps
-    sweep_seeds: int = 3        # Thm 2 must hold on every seed, with the margin below
+    # Thm 2's regime claim is paired by seed; 5 in FULL: QUICK's 3 seeds decide it when the gain's sd
+    # is below ~half its distance to the margin (seeds_for_power(sd, gain, 0.05) <= 5 then)
+    sweep_seeds: int = 5
     n_exact: int = 64           # exact transforms
     fit_steps: int = 2000       # gradient fit of a butterfly product (shown beside the exact one)
     budget: float = 0.2         # the sweeps' fixed budget
@@ -67,18 +74,24 @@ class TheoryConfig:
 FULL = TheoryConfig()
 # block 4 at n = 32: 3 factors, 768 of the 1024 parameters, so the block claim is not the
 # containment algebra (block 2) and the class is not dense
-QUICK = TheoryConfig(n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=32, block_sizes=(4,),
+QUICK = TheoryConfig(sweep_seeds=3, n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=32, block_sizes=(4,),
                      block_steps=400, widths=(64, 128, 256, 512), ntk_steps=300, ntk_seeds=2)
 TINY = TheoryConfig(n_gap=16, n_sweep=32, sweep_block=4, sweep_seeds=2, n_exact=8, fit_steps=50, n_block=8,
                     block_sizes=(2,), block_steps=60, widths=(32, 64), ntk_steps=30, ntk_seeds=1,
-                    thm2_temperatures=(0.5, 2.0))
+                    thm2_temperatures=(1.0,))
 
 # Thm 2's margin: the best split must beat the best single part by 5% of its error on every seed,
 # so that a tie within the projections' stopping tolerance is not read as a win
 THM2_MARGIN = 0.05
+# Thm 2's paper claim is decided in this regime, chosen before measuring: local attention at mid
+# temperature (cold rows are sparse, hot ones low-rank: a mix needs both parts)
+THM2_REGIME = "attention (t=1, local)"
 # Block butterfly "retains" butterfly's expressiveness: its fitted error may exceed the butterfly
 # product's at equal parameters by at most this much (fits stop near 1e-2 on hard targets)
 BLOCK_TOLERANCE = 0.02
+# Targets outside both classes for the block butterfly paper claim (on Hadamard and butterfly products,
+# which both classes contain exactly, the comparison measures the optimiser: a check)
+OUTSIDE_TARGETS = ("dct", "gaussian")
 # Thm 3: the predicted slope is -1/2; the measured one must be at most this
 THM3_SLOPE = -0.4
 # Thm 3: at the widest network the sparse NTK change may be at most this many times the dense one's
@@ -115,35 +128,55 @@ def _thm1(out, config) -> list[Claim]:
                   abs(slope_change - 1.0) < 0.05, figure, kind="check", table=csv)]
 
 
-def _block_butterfly(out, config) -> list[Claim]:
-    n = config.n_block
-    df = block_vs_butterfly(n, config.block_sizes, steps=config.block_steps)
-    csv = save_table(df, out, "block_vs_butterfly")
-    figure = save_figure(plot_block_vs_butterfly(df, n), out, "block_vs_butterfly")
+def _block_rows(df, block_sizes):
+    """Per (target, block size): the block product's error, the equal-parameter butterfly's, and the plain one's."""
     err = df.set_index(["kind", "method"]).error
     worst = df.set_index(["kind", "method"]).error_worst
     plain = "butterfly (log2 n factors)"
-    verdicts, parts, unconverged = [], [], []
-    for b in config.block_sizes:
+    rows = []
+    for b in block_sizes:
         for kind in df.kind.unique():
             block, deep = f"block butterfly (block {b})", f"butterfly, params of block {b}"
-            verdicts.append(err[kind, block] <= err[kind, deep] + BLOCK_TOLERANCE)
-            parts.append(f"{kind} b={b}: block {err[kind, block]:.3f} (worst restart {worst[kind, block]:.3f}) vs "
-                         f"butterfly {err[kind, deep]:.3f} (worst restart {worst[kind, deep]:.3f})")
-            # both classes contain the plain butterfly product: a worse fit is an optimisation failure
-            unconverged += [f"{kind} {m} {err[kind, m]:.3f} > plain {err[kind, plain]:.3f}"
-                            for m in (block, deep) if err[kind, m] > err[kind, plain] + BLOCK_TOLERANCE]
-    held = None if unconverged else all(verdicts)
-    return [Claim("Pixelfly paper, Sec. 3.2 and the talk: block butterfly (products of block butterfly factors) "
-                  "retains the expressiveness of butterfly at equal parameters (fitted by Adam to Hadamard and a "
-                  "random butterfly product; held when on every target the block product's error is at most the "
-                  f"error of a butterfly product with the same parameter count + {BLOCK_TOLERANCE}; undecided when a "
-                  "fitted class that contains the plain log2 n butterfly product fits worse than it by more than "
+            rows.append(dict(kind=kind, b=b, block=err[kind, block], deep=err[kind, deep], plain=err[kind, plain],
+                             block_worst=worst[kind, block], deep_worst=worst[kind, deep]))
+    return rows
+
+
+def _block_butterfly(out, config) -> list[Claim]:
+    """The fits on the classes' own ground (a check of the optimiser), and the paper claim on targets outside both."""
+    n = config.n_block
+    home = block_vs_butterfly(n, config.block_sizes, steps=config.block_steps)
+    away = block_vs_butterfly(n, config.block_sizes, kinds=OUTSIDE_TARGETS, steps=config.block_steps)
+    df = pd.concat([home.assign(ground="inside both classes"), away.assign(ground="outside both classes")])
+    csv = save_table(df, out, "block_vs_butterfly")
+    figure = save_figure(plot_block_vs_butterfly(df, n), out, "block_vs_butterfly")
+
+    def parts(rows):
+        return "; ".join(f"{r['kind']} b={r['b']}: block {r['block']:.3f} (worst restart {r['block_worst']:.3f}) vs "
+                         f"butterfly {r['deep']:.3f} (worst restart {r['deep_worst']:.3f}), plain log2 n butterfly "
+                         f"{r['plain']:.3f}" for r in rows)
+
+    home_rows, away_rows = _block_rows(home, config.block_sizes), _block_rows(away, config.block_sizes)
+    # every fitted class contains the plain butterfly product: fitting worse than it is an optimisation failure
+    unconverged = [f"{r['kind']} b={r['b']} {m} {r[m]:.3f} > plain {r['plain']:.3f}" for r in home_rows + away_rows
+                   for m in ("block", "deep") if r[m] > r["plain"] + BLOCK_TOLERANCE]
+    home_ok = all(r["block"] <= r["deep"] + BLOCK_TOLERANCE for r in home_rows)
+    held = None if unconverged else all(r["block"] <= r["deep"] + BLOCK_TOLERANCE for r in away_rows)
+    setting = f"n={n}, {config.block_steps} Adam steps, best of 2 restarts"
+    return [Claim("Block butterfly fits, check of the optimiser on the classes' own ground: Hadamard and a random "
+                  "butterfly product lie in both classes (block butterfly and butterfly with as many parameters), so "
+                  "their fits must agree (held when the block product's error is at most the equal-parameter "
+                  f"butterfly's + {BLOCK_TOLERANCE} on both)",
+                  parts(home_rows) + f" ({setting})", home_ok, figure, kind="check", table=csv),
+            Claim("Pixelfly paper, Sec. 3.2 and the talk: block butterfly (products of block butterfly factors) "
+                  "retains the expressiveness of butterfly at equal parameters -- on targets outside both classes ("
+                  f"{', '.join(OUTSIDE_TARGETS)}), fitted by Adam (held when on every target the block product's "
+                  f"error is at most the error of a butterfly product with the same parameter count + "
+                  f"{BLOCK_TOLERANCE}, refuted when it exceeds it on one; undecided when a fitted class that "
+                  "contains the plain log2 n butterfly product fits worse than it by more than "
                   f"{BLOCK_TOLERANCE}: the fits did not converge)",
                   ("undecided, fits not converged: " + "; ".join(unconverged) + ". " if unconverged else "")
-                  + "; ".join(parts) + f" (n={n}, {config.block_steps} steps, best of 2 restarts; the plain log2 n "
-                  "butterfly: " + ", ".join(f"{k} {err[k, plain]:.3f}" for k in df.kind.unique()) + ")",
-                  held, figure, kind="paper", table=csv),
+                  + parts(away_rows) + f" ({setting})", held, figure, kind="paper", table=csv),
             _containment(n, figure)]
 
 
@@ -203,7 +236,22 @@ def _thm2(out, config) -> list[Claim]:
         share_min=("share", "min"), share_max=("share", "max"))
     held = bool(cells.wins.any())
     grid = f"t in {list(config.thm2_temperatures)} x locality in [0, 1]"
-    return [Claim(f"Pixelfly paper, Thm 2 (Sec. 4): there exist attention-like matrices on which flat block butterfly "
+    # the paper claim: the regime stated up front, paired by seed (1 - split / better part >= the margin)
+    regime = fixed[fixed.target == THM2_REGIME]
+    gain = (1 - regime.split / regime.single).to_numpy()
+    decision = paired_decision(gain, margin=THM2_MARGIN, alternative="greater")
+    regime_claim = Claim(
+        f"Pixelfly paper, Thm 2 (Sec. 4), in the regime fixed before measuring, {THM2_REGIME} (local attention at mid "
+        f"temperature, where neither part alone should fit): flat block butterfly + low-rank beats the flat block "
+        f"butterfly alone and low-rank alone at equal budget {budget} (block {block}). Per seed (a seed draws Q, K), "
+        f"the relative gain 1 - (best interior split's error) / (better single part's error); held when the 90% t "
+        f"interval of its mean lies above {THM2_MARGIN}, refuted when it lies below, otherwise undecided",
+        (f"gain per seed: " + ", ".join(f"{g:.3f}" for g in gain) + f"; mean {decision.describe()}; verdict: "
+         f"{decision.verdict}" if len(gain) else f"not measured: {THM2_REGIME} is not on this preset's grid; "
+         "undecided"), **decision_fields(decision), figure=figure, kind="paper", table=csv)
+    return [regime_claim,
+            Claim(f"Thm 2's existence statement, check (an existence claim over a grid cannot fail on a grid wide "
+                  f"enough): there exist attention-like matrices on which flat block butterfly "
                   f"+ low-rank beats the flat block butterfly alone and low-rank alone at equal budget, with the fixed "
                   f"support (block {block}, budget {budget}; targets: softmax(Q K^T / t) on the grid {grid}, all "
                   f"reported; held when on at least one target of the grid, on every one of the seeds, the best "
@@ -214,7 +262,7 @@ def _thm2(out, config) -> list[Claim]:
                   + "; ".join(f"{t} {'WIN' if r.wins else 'no'} {r.split:.3f} / {r.butterfly:.3f} / {r.lowrank:.3f} "
                               f"(share {r.share_min:.2f}" + (f"-{r.share_max:.2f})" if r.share_max > r.share_min else ")")
                               for t, r in cells.iterrows())
-                  + f" (n={n}, {config.sweep_seeds} seeds)", held, figure, kind="paper", table=csv),
+                  + f" (n={n}, {config.sweep_seeds} seeds)", held, figure, kind="check", table=csv),
             Claim(f"Robust PCA (Candes et al., 2011) / Scatterbrain's oracle (Chen et al., 2021, Sec. 3), not a "
                   f"statement of the Pixelfly paper: with an adaptive support (top-k + low-rank, the support chosen "
                   f"from the target), the best interior split against top-k alone and low-rank alone (budget {budget})",
