@@ -21,14 +21,20 @@ from pixelfly_lab.studies.reproduce import EXPERIMENTS
 
 __all__ = ["VERDICTS", "claims_table", "study_figures", "show_study"]
 
-# How a claim's ``held`` reads: True, False, None (for 'info' claims None is a reading, not undecided).
-VERDICTS = ("held", "did not hold", "undecided", "reading")
+# How a claim's ``held`` reads: True, False, None. An 'info' claim is a reading; a 'target' (the toolkit's own speed
+# targets, reported with the machine's load, never a failed check) is met, missed or not measured.
+VERDICTS = ("held", "did not hold", "undecided", "reading", "target met", "target missed", "target not measured")
 
 
 def _verdict(claim: dict) -> str:
-    if claim.get("held") is None:
-        return "reading" if claim.get("kind") == "info" else "undecided"
-    return "held" if claim["held"] else "did not hold"
+    held, kind = claim.get("held"), claim.get("kind", "paper")
+    if kind == "info":
+        return "reading"
+    if kind == "target":
+        return {True: "target met", False: "target missed", None: "target not measured"}[held]
+    if held is None:
+        return "undecided"
+    return "held" if held else "did not hold"
 
 
 def _record(folder: Path) -> dict | None:
@@ -45,7 +51,7 @@ def claims_table(out="results") -> pd.DataFrame:
         out: the folder ``reproduce`` wrote (``results`` by default).
 
     Returns:
-        DataFrame with columns study, preset, kind ('paper', 'check', 'info'), verdict (one of
+        DataFrame with columns study, preset, kind ('paper', 'check', 'target', 'info'), verdict (one of
         :data:`VERDICTS`), claim, measured, figure (file name or None); empty (same columns) when
         ``out`` holds no results.
     """
