@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pixelfly_lab.studies.training import (GPU_SPEEDUPS, SpeedModel, TaskSpec, parity_claims, sparsified_budgets,
-                                           speed_claims, unmeasured_speed_claims)
+from pixelfly_lab.studies.training import (GPU_SPEEDUPS, SpeedModel, TaskSpec, flop_ceiling, parity_claims,
+                                           sparsified_budgets, speed_claims, unmeasured_speed_claims)
 from pixelfly_lab.studies.training_comparison import compare_patterns, pattern_options
 
 ACCURACY = TaskSpec("task", "mlp", "mnist1d", "test_accuracy", 2.0)
@@ -155,11 +155,13 @@ def test_speed_claims_have_the_talks_thresholds(tmp_path):
     assert [c.held for c in unmeasured] == [None] * 4 and all(c.kind == "paper" for c in unmeasured)
     assert all("not measured" in c.measured for c in unmeasured)
     # the measuring code path, at toy sizes on the CPU
-    toy = (SpeedModel("toy GPT", "gpt", 2.1, {"dim": 64, "depth": 1, "heads": 2}, 2, context=32, vocab=64),
-           SpeedModel("toy Mixer", "mixer", 2.3, {"dim": 64, "depth": 1, "heads": 2}, 2, image=32, patch=16))
+    # thresholds under the toy models' FLOP ceilings, so that both are timed
+    toy = (SpeedModel("toy GPT", "gpt", 1.1, {"dim": 64, "depth": 1, "heads": 2}, 2, context=32, vocab=64),
+           SpeedModel("toy Mixer", "mixer", 1.2, {"dim": 64, "depth": 1, "heads": 2}, 2, image=32, patch=16))
     claims = speed_claims(tmp_path, "cpu", models=toy, block_size=16, steps=1, rounds=1)
     assert len(claims) == 2 and all(type(c.held) is bool for c in claims)
-    assert "2.1x faster" in claims[0].claim and "2.3x faster" in claims[1].claim
+    assert "1.1x faster" in claims[0].claim and "1.2x faster" in claims[1].claim
+    assert all("FLOP ceiling" in c.measured for c in claims)
     assert (tmp_path / "gpu_step_time.csv").is_file()
     json.dumps([c.to_dict() for c in claims])  # the report stores claims as JSON
 
@@ -170,3 +172,34 @@ def test_model_options_must_be_a_dict():
     with pytest.raises(TypeError, match="model_options"):
         TrainConfig(model_options=["gating"])
     assert TrainConfig(model_options={"gating": True}).model_options == {"gating": True}
+
+
+@pytest.mark.parametrize("family, extra", [("gpt", dict(context=32, vocab=64)), ("mixer", dict(image=32, patch=8)),
+                                           ("vit", dict(image=32, patch=8))])
+def test_flop_ceiling_counts_what_the_step_timer_counts(family, extra):
+    import torch.nn.functional as F
+
+    from pixelfly_lab.speed.timer import time_training_steps
+    from pixelfly_lab.studies.training import _speed_data, flop_ceiling
+    from pixelfly_lab.training.models import build_model
+
+    spec = SpeedModel("toy", family, 2.0, {"dim": 64, "depth": 2, "heads": 2}, 2, **extra)
+    data = _speed_data(spec)
+    dense = build_model(family, data, size="gpt2-small", **({} if family == "gpt" else {"patch": spec.patch}),
+                        **spec.dims)
+    table = time_training_steps({"dense": dense}, data.x_train, data.y_train, steps=1, rounds=1, warmup=0,
+                                loss_fn=lambda out, y: F.cross_entropy(out.flatten(0, -2), y.flatten()))
+    counts = flop_ceiling(spec, 0.25)
+    assert counts["dense"] == pytest.approx(1e9 * table.gmacs.iloc[0], rel=1e-9)   # the dispatch counter's MACs
+    assert 1 < counts["ceiling"] < flop_ceiling(spec, 0.1)["ceiling"] < 1 / (1 - counts["sparse_share"])
+
+
+def test_talks_gpt_claims_are_untestable_at_this_configuration():
+    ceilings = {s.label: flop_ceiling(s, 0.25)["ceiling"] for s in GPU_SPEEDUPS}
+    assert ceilings["GPT-2 small"] == pytest.approx(1.47, abs=0.02) and ceilings["GPT-2 medium"] < 2.5
+    claims = {s.label: c for s, c in zip(GPU_SPEEDUPS, unmeasured_speed_claims("cpu"))}
+    assert "untestable" in claims["GPT-2 small"].measured and "untestable" not in claims["Mixer-B/16"].measured
+    assert "Mixer has no attention" in claims["Mixer-B/16"].claim and "FLOP ceiling" in claims["ViT-B/16"].claim
+    toy = SpeedModel("toy GPT", "gpt", 9.0, {"dim": 64, "depth": 1, "heads": 2}, 2, context=32, vocab=64)
+    skipped = speed_claims(None, "cpu", models=(toy,))   # ceiling below 9x: not timed, nothing written
+    assert skipped[0].held is None and skipped[0].measured.startswith("not measured: FLOP ceiling")
