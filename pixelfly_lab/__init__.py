@@ -33,6 +33,7 @@ from pixelfly_lab.nn.layers import (
 )
 from pixelfly_lab.nn.butterfly import ButterflyLinear
 from pixelfly_lab.nn.sparsification import sparsify
+from pixelfly_lab.nn.materialize import materialize
 from pixelfly_lab.ops.attention import block_sparse_attention
 from pixelfly_lab.nn.attention import PixelflyAttention
 from pixelfly_lab.approx.targets import TARGET_KINDS, target_matrix
@@ -63,7 +64,7 @@ __all__ = [
     # kernels, layers, whole models
     "block_sparse_matmul", "sparse_lowrank_matmul",
     "MaskedLinear", "BlockSparseLinear", "LowRankLinear", "SparseLowRankLinear", "PixelflyLinear",
-    "MonarchLinear", "ButterflyLinear", "layer_from_pattern", "sparsify",
+    "MonarchLinear", "ButterflyLinear", "layer_from_pattern", "sparsify", "materialize",
     # attention on a block layout of the scores
     "block_sparse_attention", "PixelflyAttention",
     # expressiveness

@@ -14,11 +14,16 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 __all__ = ["is_power_of_two", "check_int", "check_power_of_two", "check_budget", "check_number",
-           "check_input_width"]
+           "check_input_width", "check_divides", "check_bool", "check_choice", "check_lowrank_init",
+           "check_finite", "LOWRANK_INITS"]
+
+# The initialisations of a low-rank factor pair U V^T (see pixelfly_lab.nn.layers.LowRankLinear).
+LOWRANK_INITS = ("svd", "kaiming")
 
 
 def is_power_of_two(n) -> bool:
@@ -44,12 +49,16 @@ def check_power_of_two(name: str, value, minimum: int = 1) -> int:
 
 
 def check_budget(budget) -> float:
-    """A budget (fraction of a dense layer's parameters): a real number in (0, 1], as a float."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budget must be a number in (0, 1], got {type(budget).__name__}")
-    if not (0.0 < float(budget) <= 1.0) or math.isnan(budget):
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
-    return float(budget)
+    """A budget (fraction of a dense layer's parameters): a real number in (0, 1], as a float.
+
+    Any real number type counts (numpy scalars, Fraction); bools do not. 1 is a dense layer.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget must be a real number in (0, 1], got {type(budget).__name__}")
+    value = float(budget)
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"budget must be in (0, 1] (a fraction of the dense parameters), got {budget}")
+    return value
 
 
 def check_number(name: str, value, low: float = 0.0, high: float = math.inf, include_low: bool = False) -> float:
@@ -68,3 +77,39 @@ def check_input_width(x: torch.Tensor, expected: int, owner: str = "layer") -> N
     if x.dim() == 0 or x.shape[-1] != expected:
         raise ValueError(f"{owner}: expected input x with last dimension in_features={expected}, "
                          f"got shape {tuple(x.shape)}")
+
+
+def check_divides(name: str, value: int, in_features: int, out_features: int) -> int:
+    """``value`` if it is an int >= 1 dividing both sizes, else a ValueError naming it."""
+    check_int(name, value)
+    if in_features % value or out_features % value:
+        raise ValueError(f"{name}={value} must divide in_features={in_features} and out_features={out_features}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool, else a TypeError naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value, choices: tuple) -> object:
+    """``value`` if it is one of ``choices``, else a ValueError naming it and the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_lowrank_init(value, name: str = "lowrank_init") -> str:
+    """One of :data:`LOWRANK_INITS` ('svd', 'kaiming')."""
+    return check_choice(name, value, LOWRANK_INITS)
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if every entry is finite, else a ValueError naming it and the count (one host read)."""
+    bad = int((~torch.isfinite(tensor.detach())).sum())
+    if bad:
+        raise ValueError(f"{name} has {bad} non-finite entr{'y' if bad == 1 else 'ies'} (NaN or inf) of "
+                         f"{tensor.numel()}")
+    return tensor

@@ -296,7 +296,6 @@ KNOWN_VIOLATIONS = {
     "lazy: pixelfly_lab.studies.training_comparison:": "training.rank",
     "lazy: pixelfly_lab.studies.verdicts:": "io, PIL",
     "lazy: pixelfly_lab.training.loop:": "pandas, numpy, tqdm, _version",
-    "lazy: pixelfly_lab.training.models:": "pandas, nn.sparsification",
     "lazy: pixelfly_lab.training.rank:": "pandas",
 }
 
@@ -374,7 +373,7 @@ MAX_LINES = 450
 OVERSIZED = ("pixelfly_lab.ops.matmul", "pixelfly_lab.ops.attention", "pixelfly_lab.ops.triton_kernels",
              "pixelfly_lab.ops.torch_kernels", "pixelfly_lab.training.data", "pixelfly_lab.training.loop",
              "pixelfly_lab.approx.expressiveness", "pixelfly_lab.ntk.empirical", "pixelfly_lab.speed.bench",
-             "pixelfly_lab.nn.layers", "pixelfly_lab.nn.sparsification")
+             "pixelfly_lab.studies.training")
 
 
 def oversized(sizes: dict[str, int], limit: int = MAX_LINES) -> list[str]:

@@ -1,5 +1,6 @@
 """sparsify: which layers are replaced, by what, within which budget, how they start; the model still works."""
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -11,6 +12,8 @@ from torch import nn
 from pixelfly_lab.nn.layers import (BlockSparseLinear, LowRankLinear, MonarchLinear, PixelflyLinear,
                                  StructuredLinear, layer_from_pattern)
 from pixelfly_lab.structure.patterns import PATTERN_NAMES, make_pattern
+from pixelfly_lab._checks import check_budget
+from pixelfly_lab.nn.materialize import materialize
 from pixelfly_lab.nn.sparsification import linear_layers, sparsify
 
 
@@ -152,14 +155,12 @@ def test_meta_model_sparsifies_and_materialises():
         model = make_model()
     report = sparsify(model, "pixelfly", budget=0.3, block_size=8)
     assert list(report[report["replaced"]]["name"]) == REPLACED
-    assert "to_empty" in report.set_index("name").loc["0.fc1", "note"]
+    assert "materialize" in report.set_index("name").loc["0.fc1", "note"]
     assert {p.device.type for p in model.parameters()} == {"meta"}
-    model.to_empty(device="cpu")
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-        if isinstance(module, nn.MultiheadAttention):
-            module._reset_parameters()                      # torch's own spelling
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # every module's init is reached
+        materialize(model, "cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
     y = model(torch.randn(2, 5, 64))
     assert torch.isfinite(y).all()
     layer = model[0].fc1
@@ -177,12 +178,25 @@ def test_any_real_number_is_a_budget(budget):
     assert report["replaced"].item() and report["budget"].item() <= 0.25
 
 
-@pytest.mark.parametrize("budget", [1, 1.0, 1.5, np.float32(1.0), Fraction(3, 2)])
-def test_budget_of_one_or_more_leaves_layers_dense(budget):
+@pytest.mark.parametrize("budget", [1, 1.0, np.float32(1.0), Fraction(1, 1)])
+def test_budget_of_one_leaves_layers_dense(budget):
     model = nn.Sequential(nn.Linear(64, 64))
-    report = sparsify(model, "pixelfly", budget=budget, block_size=8)
-    assert not report["replaced"].item() and ">= 1" in report["note"].item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # asked for dense: no "replaced too few" warning
+        report = sparsify(model, "pixelfly", budget=budget, block_size=8)
+    assert not report["replaced"].item() and report["note"].item() == "budget=1: dense"
     assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("budget, error", [(1.5, ValueError), (Fraction(3, 2), ValueError), (0, ValueError),
+                                           (float("nan"), ValueError), (True, TypeError), ("0.5", TypeError),
+                                           ({"*": 2.0}, ValueError)])
+def test_budget_outside_zero_one_is_refused_by_the_one_budget_rule(budget, error):
+    """sparsify and every layer take a budget through pixelfly_lab._checks.check_budget: (0, 1]."""
+    with pytest.raises(error, match="budget"):
+        sparsify(nn.Sequential(nn.Linear(64, 64)), budget=budget)
+    with pytest.raises(error, match="budget"):
+        check_budget(budget if not isinstance(budget, dict) else 2.0)
 
 
 def test_sparsify_twice_leaves_structured_layers_and_says_so():
@@ -199,7 +213,8 @@ def test_sparsify_twice_leaves_structured_layers_and_says_so():
 
 def test_block_size_auto_takes_the_largest_block_dividing_both_sizes():
     model = nn.Sequential(nn.Linear(196, 384), nn.GELU(), nn.Linear(384, 196), nn.Linear(256, 512))
-    fixed = sparsify(nn.Sequential(nn.Linear(196, 384)), budget=0.3).set_index("name")
+    with pytest.warns(UserWarning, match="replaced 0 of the 1"):
+        fixed = sparsify(nn.Sequential(nn.Linear(196, 384)), budget=0.3, block_size=32).set_index("name")
     assert "not divisible by block_size=32" in fixed.loc["0", "note"]
     # 196 = 4 * 49 admits butterfly sizes 2 and 4 only, so a flat butterfly needs budget > 0.5 there
     rows = sparsify(model, "pixelfly", budget=0.6, block_size="auto").set_index("name")
@@ -341,14 +356,13 @@ def test_gating_and_lowrank_init_reach_the_layers():
 
 @pytest.mark.parametrize("rank_budget", [0.3, 0.6])
 def test_weight_std_from_the_factors_equals_the_dense_std(rank_budget):
-    from pixelfly_lab.nn.sparsification import _weight_std
     torch.manual_seed(0)
     layer = PixelflyLinear(64, 128, budget=rank_budget, block_size=8, dtype=torch.float64)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3)                                     # a nonzero mean, to check the centring
     assert layer.rank > 0
-    assert _weight_std(layer) == pytest.approx(layer.dense_weight().std().item(), rel=1e-10)
+    assert layer.weight_std() == pytest.approx(layer.dense_weight().std().item(), rel=1e-10)
 
 
 def test_build_model_where_a_family_glob_matches_nothing_still_builds():

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pixelfly_lab._checks import check_power_of_two
-from pixelfly_lab.nn.layers import StructuredLinear
+from pixelfly_lab.nn.base import StructuredLinear, ambient_device
 
 __all__ = ["ButterflyLinear", "bit_reversal_permutation"]
 
@@ -88,12 +88,12 @@ class ButterflyLinear(StructuredLinear):
         factory = {"device": device, "dtype": dtype}
         shape = (self.n_factors, n // 2, 2, 2) + ((2,) if self.complex else ())
         self.twiddle = nn.Parameter(torch.empty(shape, **factory))
-        self.register_buffer("perm", torch.empty(n, dtype=torch.long, device=device))
+        self.register_buffer("perm", torch.empty(n, dtype=torch.long, device=ambient_device(device)))
         self._make_bias(bias, factory)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Re-draw the twiddles (see Init), restore the identity permutation, re-draw the bias.
+    def _reset_weight(self) -> None:
+        """Re-draw the twiddles (see Init) and restore the identity permutation.
 
         (Also what makes a layer built on the meta device usable after ``to_empty``.)
         """
@@ -102,7 +102,15 @@ class ButterflyLinear(StructuredLinear):
         with torch.no_grad():
             t.copy_(torch.randn(t.shape, dtype=t.dtype, device=t.device) * std)
             self.perm.copy_(torch.arange(self.n, device=self.perm.device))
-        self._reset_bias()
+
+    def _scale_weight(self, c: float) -> None:
+        """W = F_{m-1} ... F_0 P: each factor's twiddles times c^(1/m) (c = 0: the first factor zero)."""
+        if self.residual:
+            raise ValueError("a residual butterfly prod (I + lam B_f) cannot be rescaled factor by factor")
+        if c == 0:
+            self.twiddle[0].zero_()
+        else:
+            self.twiddle.mul_(c ** (1.0 / self.n_factors))
 
     @classmethod
     def from_transform(cls, kind: str, n: int, device=None, dtype=None) -> "ButterflyLinear":

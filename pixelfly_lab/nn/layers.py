@@ -26,321 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelfly_lab._checks import check_input_width, check_int
-from pixelfly_lab.ops.matmul import (BACKENDS, block_sparse_matmul, blocks_to_dense, register_layout, registered_layout,
-                      sparse_lowrank_matmul)
+from pixelfly_lab._checks import LOWRANK_INITS, check_bool, check_int, check_lowrank_init
+from pixelfly_lab.nn.base import StructuredLinear
+from pixelfly_lab.nn.lowrank import LowRankLinear
+from pixelfly_lab.nn.monarch import MonarchLinear
+from pixelfly_lab.nn.sparse import BlockSparseLinear, MaskedLinear
+from pixelfly_lab.ops.matmul import dense_to_blocks, registered_layout, sparse_lowrank_matmul
 from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
 from pixelfly_lab.structure.patterns import Pattern, PixelflyPlan, plan_pixelfly
 from pixelfly_lab.structure.projections import lowrank_factors
 
+# Every structured layer is found here (``from pixelfly_lab.nn.layers import ...``); the base class
+# and the single-structure layers are defined in pixelfly_lab.nn.base, .sparse, .lowrank, .monarch.
 __all__ = ["LOWRANK_INITS", "StructuredLinear", "MaskedLinear", "BlockSparseLinear", "LowRankLinear",
-           "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear",
-           "layer_from_pattern"]
-
-
-def _check_divides(name: str, value: int, in_features: int, out_features: int) -> None:
-    if in_features % value or out_features % value:
-        raise ValueError(f"{name}={value} must divide in_features={in_features} and "
-                         f"out_features={out_features}")
-
-
-def _uniform_(tensor: torch.Tensor, bound) -> torch.Tensor:
-    """In place U(-bound, bound); ``bound`` may be a tensor broadcast against ``tensor``."""
-    with torch.no_grad():
-        return tensor.uniform_(-1.0, 1.0).mul_(bound)
-
-
-class StructuredLinear(nn.Module):
-    """Base class: y = x W^T + bias with W structured; subclasses define W.
-
-    Subclasses implement ``_forward(x)``, ``dense_weight()`` and ``weight_params``; ``forward``
-    checks the input width first, so every layer rejects a wrong width the same way.
-
-    Construction on the meta device: ``layer = PixelflyLinear(..., device='meta')`` allocates
-    nothing; ``layer.to_empty(device=...)`` then calling ``reset_parameters()`` on every module
-    (``for m in model.modules(): m.reset_parameters()`` where defined; each resets its own direct
-    parameters and buffers, as torch.nn's layers do) gives a layer initialised as if built there.
-    Fixed structure (layouts, masks) is validated and kept on the host at construction, so no
-    forward or backward reads a tensor back to the host.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.in_features = check_int("in_features", in_features)
-        self.out_features = check_int("out_features", out_features)
-
-    def _init_bias(self, bias: bool, factory: dict) -> None:
-        """Bias like nn.Linear's: U(-1/sqrt(in), 1/sqrt(in)), or None."""
-        self._make_bias(bias, factory)
-        self._reset_bias()
-
-    def _make_bias(self, bias: bool, factory: dict) -> None:
-        """The bias parameter (not yet drawn: :meth:`_reset_bias` draws it), or None."""
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-
-    def _reset_bias(self) -> None:
-        if self.bias is not None:
-            _uniform_(self.bias, 1.0 / math.sqrt(self.in_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_width(x, self.in_features, type(self).__name__)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def dense_weight(self) -> torch.Tensor:
-        """The equivalent dense weight W, (out_features, in_features): y = x W^T + bias."""
-        raise NotImplementedError
-
-    @property
-    def weight_params(self) -> int:
-        """Stored weight entries, bias excluded (what a parameter budget counts)."""
-        raise NotImplementedError
-
-    @property
-    def budget(self) -> float:
-        """weight_params / (in_features * out_features): the fraction of a dense layer used."""
-        return self.weight_params / (self.in_features * self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={getattr(self, 'bias', None) is not None}, budget={self.budget:.4f}")
-
-
-class MaskedLinear(StructuredLinear):
-    """Dense storage times a fixed element mask: the slow, obviously correct reference.
-
-    W = weight * mask. Off-mask entries start at zero and receive zero gradient, so optimisers
-    with decoupled weight decay (AdamW) keep them at zero.
-
-    Args:
-        in_features, out_features: sizes.
-        mask: bool (out_features, in_features).
-        bias: learn a bias.
-
-    Init: each row r of the kept entries ~ U(-a, a) * sqrt(in / nnz_r) with a = 1/sqrt(in), so
-    every output has the variance it would have in a dense nn.Linear.
-    """
-
-    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__(in_features, out_features)
-        factory = {"device": device, "dtype": dtype}
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (out_features, in_features):
-            raise ValueError(f"mask must be a tensor of shape (out_features, in_features)="
-                             f"{(out_features, in_features)}, got {tuple(getattr(mask, 'shape', ()))}")
-        if mask.is_meta:
-            raise ValueError("mask must hold values (build it on the CPU); the layer may live on 'meta'")
-        # a host copy: reset_parameters restores the buffer after to_empty(), and weight_params
-        # needs no device read
-        self._mask_source = mask.detach().to("cpu", torch.bool).clone()
-        self._nnz = int(self._mask_source.sum())
-        self.register_buffer("mask", self._mask_source.to(device=device))
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self._make_bias(bias, factory)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Restore the mask buffer, re-draw the weight (see the class docstring) and the bias."""
-        with torch.no_grad():
-            self.mask.copy_(self._mask_source)
-            nnz_row = self._mask_source.sum(1, keepdim=True).clamp(min=1).to(self.weight.device)
-            _uniform_(self.weight, (self.in_features / nnz_row).sqrt() / math.sqrt(self.in_features))
-            self.weight.mul_(self.mask)
-        self._reset_bias()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        mask = state_dict.get(prefix + "mask")
-        if isinstance(mask, torch.Tensor) and not mask.is_meta:  # a new mask: read it once, here
-            self._mask_source = mask.detach().to("cpu", torch.bool).clone()
-            self._nnz = int(self._mask_source.sum())
-
-    def _forward(self, x):
-        return F.linear(x, self.weight * self.mask, self.bias)
-
-    def dense_weight(self):
-        return self.weight * self.mask
-
-    @property
-    def weight_params(self):
-        return self._nnz
-
-
-class BlockSparseLinear(StructuredLinear):
-    """y = x W^T + bias with W stored as its nonzero (b x b) blocks on a fixed block layout.
-
-    Args:
-        in_features, out_features: sizes, divisible by ``block_size``.
-        layout: bool (out_features / block_size, in_features / block_size).
-        block_size: block edge b.
-        bias: learn a bias.
-        backend: kernel backend ('auto', 'torch', 'reference', 'triton'; see
-            :mod:`pixelfly_lab.ops.matmul`); an attribute, changeable at any time.
-
-    Attributes:
-        values: Parameter (nnz, b, b), block k = the k-th True entry of ``layout`` (row-major).
-        layout, block_size, backend.
-
-    Init (as the released Pixelfly code): blocks ~ U(-1/sqrt(in), 1/sqrt(in)) like a dense
-    layer, then block row i scaled by sqrt(C / nnz_i) (C blocks per row, nnz_i kept), so each
-    output's variance matches nn.Linear's.
-    """
-
-    def __init__(self, in_features: int, out_features: int, layout: torch.Tensor, block_size: int,
-                 bias: bool = True, backend: str = "auto", device=None, dtype=None):
-        super().__init__(in_features, out_features)
-        factory = {"device": device, "dtype": dtype}
-        self.block_size = check_int("block_size", block_size)
-        _check_divides("block_size", block_size, in_features, out_features)
-        shape = (out_features // block_size, in_features // block_size)
-        if not isinstance(layout, torch.Tensor) or tuple(layout.shape) != shape:
-            raise ValueError(f"layout must be a tensor of shape (out/b, in/b)={shape}, "
-                             f"got {tuple(getattr(layout, 'shape', ()))}")
-        if layout.is_meta:
-            raise ValueError("layout must hold values (build it on the CPU); the layer may live on 'meta'")
-        # validated and read to the host once, here: the kernels get its key, so no forward or
-        # backward reads the layout back (no device sync; torch.compile traces without breaks)
-        self._layout_key = register_layout(layout.to(torch.bool), block_size)
-        self.register_buffer("layout", registered_layout(self._layout_key).layout.to(device))
-        self.backend = backend
-        nnz = registered_layout(self._layout_key).nnz
-        self.values = nn.Parameter(torch.empty(nnz, block_size, block_size, **factory))
-        self._make_bias(bias, factory)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Restore the layout buffer, re-draw the blocks (see the class docstring) and the bias."""
-        layout = registered_layout(self._layout_key).layout
-        row_of_block = layout.nonzero()[:, 0]
-        nnz_row = layout.sum(1)[row_of_block].double()
-        scale = (layout.shape[1] / nnz_row).sqrt() / math.sqrt(self.in_features)
-        with torch.no_grad():
-            self.layout.copy_(layout)
-            _uniform_(self.values, scale[:, None, None].to(self.values.device, self.values.dtype))
-        self._reset_bias()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        layout = state_dict.get(prefix + "layout")
-        if isinstance(layout, torch.Tensor) and not layout.is_meta:  # validate a new layout once, here
-            key = register_layout(layout.to(torch.bool), self.block_size)
-            if tuple(layout.shape) != tuple(self.layout.shape):
-                raise ValueError(f"{prefix}layout has shape {tuple(layout.shape)}, the layer's is "
-                                 f"{tuple(self.layout.shape)}")
-            self._layout_key = key
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def __setstate__(self, state):
-        """Unpickling (torch.save of a whole model, copy.deepcopy, spawned workers): the layout key
-        is this process's, so the layout buffer that came with the state is registered again."""
-        super().__setstate__(state)
-        if not self.layout.is_meta:
-            self._layout_key = register_layout(self.layout, self.block_size)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
-
-    def _forward(self, x):
-        return block_sparse_matmul(x, self.values, self.layout, self.bias, backend=self.backend,
-                                   layout_key=self._layout_key)
-
-    def dense_weight(self):
-        return blocks_to_dense(self.values, self.layout)
-
-    def mask(self) -> torch.Tensor:
-        """bool (out_features, in_features): the element support of W."""
-        return layout_to_mask(self.layout, self.block_size)
-
-    @property
-    def weight_params(self):
-        return self.values.numel()
-
-    def extra_repr(self):
-        return (f"{super().extra_repr()}, block_size={self.block_size}, "
-                f"blocks={registered_layout(self._layout_key).nnz}/{self.layout.numel()}, "
-                f"backend={self.backend!r}")
-
-
-LOWRANK_INITS = ("svd", "kaiming")
-
-
-class LowRankLinear(StructuredLinear):
-    """y = x V U^T + bias: W = U V^T with U (out_features, rank), V (in_features, rank).
-
-    Init (``init=``):
-
-    * 'svd' (default): the best rank-r approximation (truncated SVD) of an nn.Linear
-      initialisation W0 = A diag(s) B^T, split evenly: U = A_r diag(sqrt(s_r)),
-      V = B_r diag(sqrt(s_r)). Computed by torch.svd_lowrank (randomised, rank + 8 directions,
-      2 power iterations): U and V are exactly balanced, the singular values within ~8% of the
-      exact top ones (a random W0's spectrum is flat), at a few GEMMs' cost. W starts as the
-      part of a dense init a rank-r matrix can hold.
-    * 'kaiming': the two factors drawn like two stacked nn.Linear layers in -> rank -> out, as
-      the authors' released low-rank layer: V ~ U(-1/sqrt(in), 1/sqrt(in)),
-      U ~ U(-1/sqrt(rank), 1/sqrt(rank)) (kaiming-uniform with a = sqrt(5), torch's default).
-
-    Attributes:
-        u: Parameter (out_features, rank); v: Parameter (in_features, rank); init.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 init: str = "svd", device=None, dtype=None):
-        super().__init__(in_features, out_features)
-        factory = {"device": device, "dtype": dtype}
-        self.rank = check_int("rank", rank)
-        if rank > min(in_features, out_features):
-            raise ValueError(f"rank must be <= min(in_features, out_features)="
-                             f"{min(in_features, out_features)}, got {rank}")
-        if init not in LOWRANK_INITS:
-            raise ValueError(f"init must be one of {LOWRANK_INITS}, got {init!r}")
-        self.init = init
-        self.u = nn.Parameter(torch.empty(out_features, rank, **factory))
-        self.v = nn.Parameter(torch.empty(in_features, rank, **factory))
-        self._make_bias(bias, factory)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Re-draw U, V (by ``init``; 'svd' computes on the host) and the bias."""
-        rank, in_features, out_features = self.rank, self.in_features, self.out_features
-        if self.init == "kaiming":
-            _uniform_(self.v, 1.0 / math.sqrt(in_features))
-            _uniform_(self.u, 1.0 / math.sqrt(rank))
-            self._reset_bias()
-            return
-        with torch.no_grad():
-            # on the host in float32 (float64 for a float64 layer), randomised at every size: an
-            # exact float64 SVD of a 3072x768 matrix costs ~1 s, a third of a minute per GPT-2 in
-            # sparsify, for ~25 of its 768 singular vectors
-            work = torch.float64 if self.u.dtype == torch.float64 else torch.float32
-            w0 = _uniform_(torch.empty(out_features, in_features, dtype=work), 1.0 / math.sqrt(in_features))
-            u, v = lowrank_factors(w0, rank)
-            self.u.copy_(u)
-            self.v.copy_(v)
-        self._reset_bias()
-
-    def _forward(self, x):
-        return F.linear(x @ self.v, self.u, self.bias)
-
-    def dense_weight(self):
-        return self.u @ self.v.T
-
-    @property
-    def weight_params(self):
-        return self.rank * (self.in_features + self.out_features)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, rank={self.rank}" + (f", init={self.init!r}" if self.init != "svd" else "")
+           "SparseLowRankLinear", "PixelflyLinear", "MonarchLinear", "layer_from_pattern"]
 
 
 class SparseLowRankLinear(StructuredLinear):
@@ -365,6 +64,9 @@ class SparseLowRankLinear(StructuredLinear):
     keeps the structured NTK rules exact; the SVD init starts U V^T as the best rank-r part of a
     dense init instead of a random product. Both are a keyword away, and the studies run both.
 
+    ``project_(W0)``: S = W0 on the support, U V^T the truncated SVD of the rest, S refitted.
+    ``rescale_``/``match_`` scale both parts (each remembers the factor for its reset_parameters).
+
     Sub-modules: ``sparse`` (BlockSparseLinear, no bias), ``lowrank`` (LowRankLinear, no bias).
     Ungated, both run in one fused kernel call (:func:`pixelfly_lab.ops.matmul.sparse_lowrank_matmul`).
     """
@@ -374,20 +76,67 @@ class SparseLowRankLinear(StructuredLinear):
                  backend: str = "auto", device=None, dtype=None):
         super().__init__(in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        if not isinstance(gating, bool):
-            raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
-        if lowrank_init not in LOWRANK_INITS:
-            raise ValueError(f"lowrank_init must be one of {LOWRANK_INITS}, got {lowrank_init!r}")
+        check_bool("gating", gating)
+        check_lowrank_init(lowrank_init)
         self.sparse = BlockSparseLinear(in_features, out_features, layout, block_size, bias=False,
                                         backend=backend, **factory)
         self.lowrank = (LowRankLinear(in_features, out_features, rank, bias=False, init=lowrank_init, **factory)
                         if check_int("rank", rank, 0) else None)
         self.gate = nn.Linear(in_features, 1, **factory) if gating else None
-        self._init_bias(bias, factory)
+        self._make_bias(bias, factory)
+        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Re-draw the bias; ``sparse``, ``lowrank`` and ``gate`` reset their own parameters."""
-        self._reset_bias()
+    def _reset_weight(self) -> None:
+        """Nothing: ``sparse``, ``lowrank`` and ``gate`` reset their own parameters (and scales)."""
+
+    def rescale_(self, c: float, remember: bool = False) -> "SparseLowRankLinear":
+        """Scale S and U V^T by ``c`` (each part remembers it with ``remember``); the gate is kept."""
+        self.sparse.rescale_(c, remember)
+        if self.lowrank is not None:
+            self.lowrank.rescale_(c, remember)
+        return self
+
+    def weight_std(self) -> float:
+        """Standard deviation of the entries of S + U V^T, from the factors (W is not formed).
+
+        sum W = sum S + (1^T U)(V^T 1), sum W^2 = ||S||^2 + 2 <S, U V^T> + <U^T U, V^T V>, where
+        <S, U V^T> = sum over kept blocks (i, j) of <S_ij, U_i V_j^T>: a fifth of the work of
+        forming W at GPT-2's shapes. A gated layer's S + U V^T (both at full weight) is measured.
+        """
+        count = self.in_features * self.out_features
+        sparse = self.sparse
+        with torch.no_grad():
+            work = torch.promote_types(sparse.values.dtype, torch.float32)   # bf16 sums lose too much
+            values = sparse.values.detach().to(work)
+            total, square = values.sum(), values.square().sum()
+            if self.lowrank is not None:
+                u, v, b = self.lowrank.u.detach().to(work), self.lowrank.v.detach().to(work), sparse.block_size
+                rows, cols = registered_layout(sparse.layout_key).layout.nonzero(as_tuple=True)
+                u_rows = u.reshape(-1, b, self.rank)[rows.to(u.device)]        # (nnz, b, r): U_i per block
+                v_cols = v.reshape(-1, b, self.rank)[cols.to(v.device)]        # (nnz, b, r): V_j per block
+                cross = (torch.bmm(values.transpose(1, 2), u_rows) * v_cols).sum()
+                total = total + u.sum(0) @ v.sum(0)
+                square = square + 2 * cross + ((u.T @ u) * (v.T @ v)).sum()
+            variance = (square - total * total / count) / max(count - 1, 1)
+            return float(variance.clamp(min=0).sqrt())
+
+    def _project(self, work):
+        """S = W0 on the support, U V^T = truncated SVD of the residual, then S refitted to
+        W0 - U V^T (which can only lower the error); the residual is (W0 - U V^T) off the support."""
+        if self.gate is not None:
+            raise ValueError("project_ needs an ungated layer (a gated layer has no dense weight to fit); "
+                             "use gating=False")
+        sparse, remainder = self.sparse, work
+        off_support = ~layout_to_mask(registered_layout(sparse.layout_key).layout, sparse.block_size).to(work.device)
+        if self.lowrank is not None:
+            u, v = lowrank_factors(work * off_support, self.rank)
+            self.lowrank.u.copy_(u)
+            self.lowrank.v.copy_(v)
+            self.lowrank.init_scale = 1.0
+            remainder = work - u @ v.T
+        sparse.values.copy_(dense_to_blocks(remainder, sparse.layout.to(work.device), sparse.block_size))
+        sparse.init_scale = 1.0
+        return remainder * off_support
 
     @property
     def rank(self) -> int:
@@ -405,7 +154,7 @@ class SparseLowRankLinear(StructuredLinear):
         if self.gate is None:
             u, v = (None, None) if self.lowrank is None else (self.lowrank.u, self.lowrank.v)
             return sparse_lowrank_matmul(x, self.sparse.values, self.sparse.layout, u, v, self.bias,
-                                         backend=self.backend, layout_key=self.sparse._layout_key)
+                                         backend=self.backend, layout_key=self.sparse.layout_key)
         g = torch.sigmoid(self.gate(x))
         y = (1 - g) * self.sparse(x)
         if self.lowrank is not None:
@@ -416,8 +165,16 @@ class SparseLowRankLinear(StructuredLinear):
         if self.gate is not None:
             raise RuntimeError("a gated layer mixes S and U V^T by an input-dependent gate, so it "
                                "has no dense weight; build it with gating=False")
+        return self._sum_weight()
+
+    def _sum_weight(self) -> torch.Tensor:
         weight = self.sparse.dense_weight()
         return weight if self.lowrank is None else weight + self.lowrank.dense_weight()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """S + U V^T as a detached dense copy (a gated layer's too: both parts at full weight)."""
+        return self._sum_weight().detach()
 
     @property
     def weight_params(self):
@@ -481,85 +238,6 @@ class PixelflyLinear(SparseLowRankLinear):
                 + (f", global_size={self.global_size}" if self.global_size else ""))
 
 
-class MonarchLinear(StructuredLinear):
-    """Monarch: W = P L P^T R, two block-diagonal factors and the reshape-transpose permutation.
-
-    With nb = nblocks, middle width mid = min(in_features, out_features) (as the authors'
-    MonarchLinear), m = in_features / nb, q = mid / nb, s = out_features / nb:
-
-    * R = blockdiag(R_0..R_{nb-1}), R_k (q, m): u[k*q + i] = sum_j R_k[i, j] x[k*m + j];
-    * P^T regroups the mid-vector u: group d of L's input is u[c*nb + d] for c = 0..q-1 (view u
-      as (q, nb), transpose to (nb, q));
-    * L = blockdiag(L_0..L_{nb-1}), L_d (s, q), acting on group d;
-    * P places row e of block d at output e*nb + d (view the (nb, s) result as (s, nb)).
-
-    Parameters: nb*q*m + nb*s*q = mid * (in + out) / nb, i.e. (in^2 + out*in)/nb when in < out
-    and (out*in + out^2)/nb when in >= out, equal to :func:`pixelfly_lab.structure.patterns.monarch_params`.
-    Forward = two batched matmuls (Dao et al. 2022).
-
-    Init: R_k entries with variance 1/m (U(-sqrt(3/m), sqrt(3/m)): each entry of u has the
-    input's variance), L_d like nn.Linear with fan-in q, so the output variance matches a dense
-    layer's.
-
-    Attributes:
-        r_blocks: Parameter (nb, q, m); l_blocks: Parameter (nb, s, q).
-
-    Example:
-        >>> MonarchLinear(4096, 1024, nblocks=4).weight_params == (1024 * 4096 + 1024 ** 2) // 4
-        True
-    """
-
-    def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__(in_features, out_features)
-        factory = {"device": device, "dtype": dtype}
-        self.nblocks = check_int("nblocks", nblocks)
-        _check_divides("nblocks", nblocks, in_features, out_features)
-        m, s = in_features // nblocks, out_features // nblocks
-        q = min(in_features, out_features) // nblocks
-        self.r_blocks = nn.Parameter(torch.empty(nblocks, q, m, **factory))
-        self.l_blocks = nn.Parameter(torch.empty(nblocks, s, q, **factory))
-        self._make_bias(bias, factory)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Re-draw R, L (see the class docstring) and the bias."""
-        m, q = self.r_blocks.shape[2], self.r_blocks.shape[1]
-        _uniform_(self.r_blocks, math.sqrt(3.0 / m))
-        _uniform_(self.l_blocks, 1.0 / math.sqrt(q))
-        self._reset_bias()
-
-    def _forward(self, x):
-        nb, m = self.nblocks, self.in_features // self.nblocks
-        q = self.r_blocks.shape[1]
-        batch = x.shape[:-1]
-        xb = x.reshape(-1, nb, m).transpose(0, 1)                       # (nb, N, m)
-        u = torch.bmm(xb, self.r_blocks.transpose(1, 2))                # (nb, N, q): R_k per block
-        u = u.transpose(0, 1).reshape(-1, q, nb).permute(2, 0, 1)       # P^T: (nb, N, q), group d
-        w = torch.bmm(u, self.l_blocks.transpose(1, 2))                 # (nb, N, s): L_d per group
-        y = w.permute(1, 2, 0).reshape(*batch, self.out_features)       # P: row e of block d -> e*nb + d
-        return y if self.bias is None else y + self.bias
-
-    def dense_weight(self):
-        """P L P^T R built from block_diag and index permutations (independent of the bmm path)."""
-        nb, s, q = self.l_blocks.shape
-        left = torch.block_diag(*self.l_blocks)                          # (out, mid)
-        right = torch.block_diag(*self.r_blocks)                         # (mid, in)
-        d, c = torch.meshgrid(torch.arange(nb), torch.arange(q), indexing="ij")
-        perm_mid = (c * nb + d).flatten()       # (P^T u)[d*q + c] = u[c*nb + d]
-        e, d2 = torch.meshgrid(torch.arange(s), torch.arange(nb), indexing="ij")
-        perm_out = (d2 * s + e).flatten()       # (P y)[e*nb + d] = y[d*s + e]
-        dev = left.device
-        return left[perm_out.to(dev)] @ right[perm_mid.to(dev)]
-
-    @property
-    def weight_params(self):
-        return self.r_blocks.numel() + self.l_blocks.numel()
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, nblocks={self.nblocks}"
-
-
 def layer_from_pattern(pattern: Pattern, bias: bool = True, backend: str = "auto", *, gating: bool = False,
                        lowrank_init: str = "svd", device=None, dtype=None) -> nn.Module:
     """The layer that implements ``pattern`` (from :func:`pixelfly_lab.structure.patterns.make_pattern`).
@@ -579,10 +257,8 @@ def layer_from_pattern(pattern: Pattern, bias: bool = True, backend: str = "auto
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a pixelfly_lab.structure.patterns.Pattern, got {type(pattern).__name__}")
     p, factory = pattern, {"device": device, "dtype": dtype}
-    if not isinstance(gating, bool):
-        raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
-    if lowrank_init not in LOWRANK_INITS:
-        raise ValueError(f"lowrank_init must be one of {LOWRANK_INITS}, got {lowrank_init!r}")
+    check_bool("gating", gating)
+    check_lowrank_init(lowrank_init)
     mixed = dict(gating=gating, lowrank_init=lowrank_init)
     if p.is_dense:
         return nn.Linear(p.in_features, p.out_features, bias=bias, **factory)

@@ -1,7 +1,9 @@
 """Butterfly supports and the flat block butterfly layout, as boolean masks.
 
 Pure index arithmetic: every function returns a ``torch.bool`` tensor and allocates nothing
-else. Rows r and columns c are indexed from 0; every size called ``n`` or ``butterfly_size``
+else. The masks built from sizes are CPU tensors whatever the ambient device (``with
+torch.device("meta")`` included: :func:`on_host`), so a layer built under that context plans on
+the host and puts only its parameters on the ambient device. Rows r and columns c are indexed from 0; every size called ``n`` or ``butterfly_size``
 is a power of two.
 
 Definitions (Dao, Chen et al., "Pixelated Butterfly", ICLR 2022, arXiv 2112.00029, Sec. 3-4):
@@ -22,11 +24,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pixelfly_lab._checks import check_int, check_power_of_two, is_power_of_two
 
 __all__ = [
+    "on_host",
     "is_power_of_two",
     "butterfly_factor_mask",
     "butterfly_product_mask",
@@ -36,6 +41,20 @@ __all__ = [
     "layout_to_mask",
     "mask_to_layout",
 ]
+
+
+def on_host(function):
+    """Decorator: run ``function`` with the CPU as the ambient device.
+
+    Index arithmetic (masks, layouts, plans) must hold values whatever device context the caller
+    is in: under ``with torch.device("meta")`` a bare ``torch.arange`` is a meta tensor with no
+    values to plan from. Tensors passed in keep their own device.
+    """
+    @functools.wraps(function)
+    def on_cpu(*args, **kwargs):
+        with torch.device("cpu"):
+            return function(*args, **kwargs)
+    return on_cpu
 
 
 def _check_n_factors(n_factors, n: int, size_name: str = "n") -> int:
@@ -54,6 +73,7 @@ def _xor_grid(n: int) -> torch.Tensor:
     return idx[:, None] ^ idx[None, :]
 
 
+@on_host
 def butterfly_factor_mask(n: int, stride: int) -> torch.Tensor:
     """Support of the butterfly factor matrix B_{2*stride}^(n).
 
@@ -72,6 +92,7 @@ def butterfly_factor_mask(n: int, stride: int) -> torch.Tensor:
     return (x == 0) | (x == stride)
 
 
+@on_host
 def butterfly_product_mask(n: int, n_factors: int | None = None) -> torch.Tensor:
     """Support of the product B_{2^m} ... B_4 B_2 of the first ``m = n_factors`` factors.
 
@@ -89,6 +110,7 @@ def butterfly_product_mask(n: int, n_factors: int | None = None) -> torch.Tensor
     return _xor_grid(n) < (1 << m)
 
 
+@on_host
 def flat_butterfly_mask(n: int, n_factors: int) -> torch.Tensor:
     """Support of the flat butterfly I + sum_{i < n_factors} B_{2^(i+1)}^(n).
 
@@ -142,6 +164,7 @@ def mask_to_layout(mask: torch.Tensor, block_size: int) -> torch.Tensor:
     return blocks.any(dim=3).any(dim=1)
 
 
+@on_host
 def block_butterfly_mask(n: int, n_factors: int, block_size: int) -> torch.Tensor:
     """Flat block butterfly: the flat butterfly support with every cell a block_size^2 block.
 
@@ -151,6 +174,7 @@ def block_butterfly_mask(n: int, n_factors: int, block_size: int) -> torch.Tenso
     return layout_to_mask(flat_butterfly_mask(n, n_factors), block_size)
 
 
+@on_host
 def flat_block_butterfly_layout(
     out_features: int,
     in_features: int,

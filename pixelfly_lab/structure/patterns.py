@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pixelfly_lab._checks import check_budget, check_int
-from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask, on_host
 
 __all__ = ["Pattern", "PixelflyPlan", "PATTERN_NAMES", "LOWRANK_SHARE", "MIN_RANK", "make_pattern",
            "plan_pixelfly", "monarch_params", "butterfly_candidates", "check_budget"]
@@ -154,6 +154,7 @@ def monarch_params(out_features: int, in_features: int, nblocks: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
+@on_host
 def butterfly_candidates(out_features, in_features, block_size) -> tuple[tuple[int, int, int], ...]:
     """Every distinct flat block butterfly layout of the shape as (butterfly_size, n_factors, nnz).
 
@@ -199,6 +200,7 @@ def _best_butterfly(out_features, in_features, block_size, max_params):
     return min(fits, key=lambda c: (-c[2], c[1], c[0]), default=None)
 
 
+@on_host
 def plan_pixelfly(out_features: int, in_features: int, budget: float, block_size: int = 32) -> PixelflyPlan:
     """Map a parameter budget to Pixelfly hyper-parameters (the paper's workflow, Figure 1).
 
@@ -325,6 +327,7 @@ def _blockdiag_layout(R, C, budget):
                      f"{R}x{C} blocks (at least {1 / math.gcd(R, C):.4f})")
 
 
+@on_host
 def make_pattern(name: str, out_features: int, in_features: int, budget: float = 1.0,
                  block_size: int = 32, seed: int = 0) -> Pattern:
     """A named sparsity pattern for an (out_features, in_features) weight within ``budget``.

@@ -29,12 +29,14 @@ import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pixelfly_lab.nn.attention import ATTENTION_LAYOUTS, PixelflyAttention
-from pixelfly_lab._checks import check_budget, check_int
+from pixelfly_lab.nn.sparsification import sparsify
+from pixelfly_lab._checks import check_bool, check_budget, check_int, check_lowrank_init
 from pixelfly_lab.structure.patterns import PATTERN_NAMES
 
 __all__ = ["MODEL_NAMES", "ATTENTION_NAMES", "SIZES", "SPARSIFY_WHERE", "ModelSize", "MLP", "Mixer", "Transformer",
@@ -275,6 +277,12 @@ class Transformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_features)
 
+    def reset_parameters(self) -> None:
+        """Re-draw the position embedding, N(0, 0.02) as GPT-2's (the sub-modules reset their own):
+        what :func:`pixelfly_lab.nn.materialize.materialize` calls after building on the meta device."""
+        with torch.no_grad():
+            self.pos.normal_(0.0, 0.02)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch is not None:
             x = patchify(x, self.patch)
@@ -309,19 +317,13 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
     Returns:
         The sparsify report (DataFrame, one row per replaced layer); empty for 'dense'.
     """
-    import pandas as pd
-
     if family not in SPARSIFY_WHERE:
         raise ValueError(f"unknown model name {family!r}; known: {', '.join(MODEL_NAMES)}")
     _check_pattern_args(pattern, budget, block_size)
-    if not isinstance(gating, bool):    # checked here too: a dense model never reaches sparsify
-        raise TypeError(f"gating must be a bool, got {type(gating).__name__}")
-    if lowrank_init not in ("svd", "kaiming"):    # pixelfly_lab.nn.layers.LOWRANK_INITS (not imported for dense)
-        raise ValueError(f"lowrank_init must be 'svd' or 'kaiming', got {lowrank_init!r}")
+    check_bool("gating", gating)                  # checked here too: a dense model never reaches sparsify
+    check_lowrank_init(lowrank_init)
     if pattern == "dense":
         return pd.DataFrame()
-    from pixelfly_lab.nn.sparsification import sparsify  # the layers module is only needed for sparse models
-
     # a predicate, not the globs: at depth 1 the MLP has no hidden-to-hidden layer, and sparsify
     # refuses a glob that matches nothing (a user's typo); here that is the paper's choice at work
     where = SPARSIFY_WHERE[family]

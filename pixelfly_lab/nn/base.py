@@ -1,0 +1,209 @@
+"""The base of every structured linear layer: y = x W^T + bias for a structured W.
+
+A structured layer gives its W as a dense (out_features, in_features) tensor through
+``dense_weight()`` (the oracle every fast path is tested against) and owns what it is made of:
+
+* ``rescale_(c)`` multiplies W by c (sums scale each term, products each factor by sqrt(c));
+* ``project_(W0)`` sets W to a best fit of a dense W0 on the layer's structure;
+* ``weight_std()`` is the standard deviation of W's entries;
+* ``match_(std)`` rescales W to a given standard deviation and *remembers* the factor, so
+  ``reset_parameters()`` (after ``to_empty``, in :func:`pixelfly_lab.nn.materialize.materialize`)
+  draws the layer's own init times that factor again; ``zero_bias`` makes it draw a zero bias.
+
+``sparsify`` (:mod:`pixelfly_lab.nn.sparsification`) and the structured NTK ask the layer
+through these methods and never test its type.
+
+Construction under ``with torch.device("meta")`` (or ``device='meta'``) allocates nothing:
+masks, layouts and plans are index arithmetic on the host, parameters and buffers follow the
+ambient device.
+
+Paper: Dao, Chen et al., "Pixelated Butterfly", ICLR 2022, arXiv 2112.00029.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pixelfly_lab._checks import check_input_width, check_int
+
+__all__ = ["StructuredLinear", "uniform_", "ambient_device"]
+
+
+def uniform_(tensor: torch.Tensor, bound) -> torch.Tensor:
+    """In place U(-bound, bound); ``bound`` may be a tensor broadcast against ``tensor``."""
+    with torch.no_grad():
+        return tensor.uniform_(-1.0, 1.0).mul_(bound)
+
+
+def ambient_device(device=None) -> torch.device:
+    """``device``, or the device a factory call would use now (the ``with torch.device(...)`` context)."""
+    return torch.empty(0, device=device).device
+
+
+class StructuredLinear(nn.Module):
+    """Base class: y = x W^T + bias with W structured; subclasses define W.
+
+    Subclasses implement ``_forward(x)``, ``dense_weight()``, ``weight_params``,
+    ``_reset_weight()`` (the layer's own init of W), ``_scale_weight(c)`` and ``_project(W0)``;
+    ``forward`` checks the input width first, so every layer rejects a wrong width the same way.
+
+    Attributes:
+        init_scale: factor on the layer's own init that ``reset_parameters`` applies (1; set by
+            :meth:`match_`, i.e. ``sparsify(init='match')``).
+        zero_bias: ``reset_parameters`` draws a zero bias instead of nn.Linear's U(+-1/sqrt(in)).
+        weight: the dense-equivalent weight, a detached copy, for code that reads ``.weight``
+            (Hugging Face's ``init_weights`` writes into it, which leaves the layer as it is).
+
+    Construction on the meta device: ``layer.to_empty(device=...)`` then ``reset_parameters()``
+    on every module (any order: each resets its own direct parameters and buffers, as torch.nn's
+    layers do) gives a layer initialised as if built there, ``match_`` included.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
+        self.init_scale, self.zero_bias = 1.0, False
+
+    # --- bias -------------------------------------------------------------------------------------
+    def _make_bias(self, bias: bool, factory: dict) -> None:
+        """The bias parameter (not yet drawn: :meth:`reset_parameters` draws it), or None."""
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+
+    def _reset_bias(self) -> None:
+        if self.bias is not None:
+            if self.zero_bias:
+                with torch.no_grad():
+                    self.bias.zero_()
+            else:
+                uniform_(self.bias, 1.0 / math.sqrt(self.in_features))
+
+    # --- initialisation -----------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Re-draw W by the layer's own init times ``init_scale``, and the bias (zero if ``zero_bias``)."""
+        self._reset_weight()
+        if self.init_scale != 1.0:
+            self._scale_weight(self.init_scale)
+        self._reset_bias()
+
+    def _reset_weight(self) -> None:
+        raise NotImplementedError
+
+    def _scale_weight(self, c: float) -> None:
+        raise NotImplementedError
+
+    def rescale_(self, c: float, remember: bool = False) -> "StructuredLinear":
+        """Multiply W (not the bias) by ``c`` >= 0 in place; ``remember``: reset_parameters does too.
+
+        Sums scale each term; products (U V^T, P L P^T R, butterflies) scale each of their k
+        factors by c^(1/k). For c = 0 only the first factor is zeroed, so gradients reach all.
+        """
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
+            raise ValueError(f"c must be a finite number >= 0, got {c!r}")
+        with torch.no_grad():
+            self._scale_weight(float(c))
+        if remember:
+            self.init_scale *= float(c)
+        return self
+
+    def weight_std(self) -> float:
+        """Standard deviation (unbiased) of the entries of W = dense_weight()."""
+        if self.in_features * self.out_features < 2:
+            return 0.0
+        with torch.no_grad():
+            return float(self.dense_weight().detach().double().std())
+
+    def match_(self, std: float, zero_bias: bool | None = None) -> float:
+        """Rescale W to standard deviation ``std`` (init='match'), remembered by reset_parameters.
+
+        Args:
+            std: the target standard deviation (>= 0), e.g. the replaced dense weight's.
+            zero_bias: if given, set :attr:`zero_bias` (a replaced layer whose bias was zero).
+
+        Returns:
+            The factor applied (0 when W is zero).
+        """
+        current = self.weight_std()
+        factor = std / current if current > 0 else 0.0
+        self.rescale_(factor, remember=True)
+        if zero_bias is not None:
+            self.zero_bias = bool(zero_bias)
+        return factor
+
+    def defer_match(self, replaced: nn.Module | None) -> None:
+        """Keep the (meta) layer this one replaced, for :func:`pixelfly_lab.nn.materialize.materialize`.
+
+        On the meta device ``init='match'`` has no std to match: materialising initialises the
+        replaced layer as the model would (e.g. Hugging Face's ``init_weights``), then calls
+        :meth:`match_` with its std. Not registered as a sub-module (no parameters, no state).
+        """
+        self.__dict__["_replaced"] = replaced
+
+    @property
+    def deferred_match(self) -> nn.Module | None:
+        """The replaced layer whose initialised std :meth:`match_` still waits for (or None)."""
+        return self.__dict__.get("_replaced")
+
+    def project_(self, weight: torch.Tensor) -> float:
+        """Set W to a best fit of the dense ``weight`` (out, in) on the layer's structure (init='project').
+
+        The fit is the layer's own (:meth:`_project`); ``init_scale`` returns to 1 (a later
+        reset_parameters draws the layer's own init). The bias is left as it is.
+
+        Returns:
+            ||weight - W||_F / ||weight||_F (the absolute error for a zero ``weight``).
+        """
+        shape = (self.out_features, self.in_features)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
+            raise ValueError(f"weight must be a tensor of shape (out_features, in_features)={shape}, "
+                             f"got {tuple(getattr(weight, 'shape', ()))}")
+        if weight.is_meta:
+            raise ValueError("weight is on the meta device: there are no values to project")
+        work = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        with torch.no_grad():
+            residual = self._project(work)
+            norm, error = torch.linalg.norm(work), torch.linalg.norm(residual)
+        self.init_scale = 1.0
+        return float(error / norm) if norm > 0 else float(error)
+
+    def _project(self, work: torch.Tensor) -> torch.Tensor:
+        """Write the fit of ``work`` (float32/64, (out, in)) into the parameters; return work - W."""
+        raise NotImplementedError(f"{type(self).__name__} cannot project a dense weight on its structure")
+
+    # --- forward and what W is ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_width(x, self.in_features, type(self).__name__)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense weight W, (out_features, in_features): y = x W^T + bias."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W as a detached dense (out_features, in_features) copy (writing into it changes nothing)."""
+        return self.dense_weight().detach()
+
+    @property
+    def weight_params(self) -> int:
+        """Stored weight entries, bias excluded (what a parameter budget counts)."""
+        raise NotImplementedError
+
+    @property
+    def budget(self) -> float:
+        """weight_params / (in_features * out_features): the fraction of a dense layer used."""
+        return self.weight_params / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={getattr(self, 'bias', None) is not None}, budget={self.budget:.4f}"
+                + (f", init_scale={self.init_scale:.4g}" if self.init_scale != 1.0 else ""))
