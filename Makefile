@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: install reproduce test lab bench clean chromium
+.PHONY: install reproduce test lab bench clean chromium docs
 
 install: $(STAMP)
 
@@ -45,6 +45,14 @@ lab: $(TSTAMP)
 
 bench: $(STAMP)
 	$(PY) -m pixelfly_lab bench
+
+# Executed copies of the notebooks for readers who do not run them: docs/<notebook>.html (nbconvert), at full
+# size (each notebook about 3 minutes or less on 2 cores; 06 reads results/, so run `make reproduce` first or it
+# runs the quick reproduction itself). `make docs DOCS_QUICK=1` renders the quick mode in about two minutes.
+DOCS_QUICK ?= 0
+docs: $(TSTAMP)
+	PIXELFLY_QUICK=$(DOCS_QUICK) MPLBACKEND=Agg $(VENV)/bin/jupyter nbconvert --to html --execute \
+	  --ExecutePreprocessor.timeout=900 --output-dir docs notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis
