@@ -182,3 +182,12 @@ def test_bad_correlation_input(x, y, match):
         spearman_permutation_test([1, 2, 3], [3, 2, 1], alternative="lower")
     with pytest.raises(ValueError, match="n_permutations"):
         spearman_permutation_test([1, 2, 3], [3, 2, 1], n_permutations=0)
+
+
+def test_seeds_to_decide_account_for_the_tests_sharing_alpha():
+    alone = paired_decision(_data(-0.5, n=3))          # on its way to refuted
+    assert alone.shared(4).seeds_to_decide() == seeds_for_power(1.0, -0.5, alpha=0.05 / 4) > alone.seeds_to_decide()
+    from pixelfly_lab.studies.stats import every_held
+
+    _, whole = every_held({"a": alone, "b": paired_decision(_data(2.0, n=3))})
+    assert whole.refute_tests == 2 and whole.seeds_to_decide() == seeds_for_power(1.0, -0.5, alpha=0.025)

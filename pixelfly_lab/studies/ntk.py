@@ -115,6 +115,8 @@ def _closest_claim(frame, family, setup, png, csv, metrics=SCALE_FREE_METRICS) -
         return Claim(_CLOSEST_TEXT.format(family=family), "undecided: fewer than 2 patterns to compare; "
                      + "; ".join(parts), None, png, kind="paper", table=csv)
     verdict, verdicts = family_verdicts(decisions, ALPHA)
+    decisions = [d.shared(len(decisions)) for d in decisions]
+    members = [(name, d) for (name, _), d in zip(members, decisions)]
     listed = [member(name, d, v) for (name, d), v in zip(members, verdicts)]
     best = min(range(len(decisions)), key=lambda i: decisions[i].p_held)
     return Claim(

@@ -79,6 +79,9 @@ class Decision:
         p_held, p_refuted: one-sided p-values of the claim and of its opposite (the largest and
             smallest over the two sides for 'equivalent'); 1.0 with n < 2.
         margin, alternative, alpha: the rule.
+        hold_tests, refute_tests: how many tests share alpha on the way to held / to refuted (a
+            family's Holm, the others of an intersection-union refutation): the seed count that
+            would decide divides alpha by them (Bonferroni, the worst case of Holm).
     """
 
     verdict: str
@@ -92,6 +95,12 @@ class Decision:
     margin: float
     alternative: str
     alpha: float
+    hold_tests: int = 1
+    refute_tests: int = 1
+
+    def shared(self, tests: int) -> "Decision":
+        """This decision as one of ``tests`` members of a Holm family (for :meth:`seeds_to_decide`)."""
+        return replace(self, hold_tests=self.hold_tests * tests, refute_tests=self.refute_tests * tests)
 
     def boundary(self) -> float:
         """The margin the mean is nearest to on the way to a verdict (the bound it must clear)."""
@@ -106,7 +115,11 @@ class Decision:
         """
         if self.n < 2:
             return None
-        return seeds_for_power(self.sd, self.mean, self.boundary(), power=power, alpha=self.alpha)
+        toward_held = (self.mean > self.boundary()) == (self.alternative != "less")
+        if self.alternative == "equivalent":
+            toward_held = abs(self.mean) < self.margin
+        tests = self.hold_tests if toward_held else self.refute_tests
+        return seeds_for_power(self.sd, self.mean, self.boundary(), power=power, alpha=self.alpha / tests)
 
     def describe(self, digits: int = 3) -> str:
         """'+0.012 [-0.003, +0.027], 3 seeds' (mean, interval, seeds)."""
@@ -313,7 +326,8 @@ def every_held(decisions: dict) -> tuple[str, Decision]:
         critical = max(range(len(members)), key=lambda i: members[i].p_held)
         verdict = "held" if all(d.verdict == "held" for d in members) else "undecided"
     whole = replace(members[critical], verdict=verdict, p_held=max(d.p_held for d in members),
-                    p_refuted=min(1.0, len(members) * min(d.p_refuted for d in members)))
+                    p_refuted=min(1.0, len(members) * min(d.p_refuted for d in members)),
+                    refute_tests=members[critical].refute_tests * len(members))
     return names[critical], whole
 
 

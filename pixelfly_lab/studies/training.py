@@ -250,6 +250,7 @@ def parity_claims(task: TaskSpec, summary: pd.DataFrame, png: str, csv: str, bud
     if "dense" in table.columns:
         decisions = {v: _not_worse(task, table, v, "dense", task.margin) for v in variants}
         verdict, verdicts = family_verdicts(list(decisions.values()), ALPHA)
+        decisions = {v: d.shared(len(decisions)) for v, d in decisions.items()}
         notes = []
         negatives = {c: _not_worse(task, table, c, "dense", task.margin) for c in NEGATIVE_CONTROLS
                      if c in table.columns}
@@ -295,6 +296,7 @@ def parity_claims(task: TaskSpec, summary: pd.DataFrame, png: str, csv: str, bud
         for v in variants:
             criticals[v], wholes[v] = every_held({o: _not_worse(task, table, v, o, margin) for o in others})
         verdict, verdicts = family_verdicts(list(wholes.values()), ALPHA)
+        wholes = {v: d.shared(len(wholes)) for v, d in wholes.items()}
         notes = []
         rivals = [o for o in others if o != "lowrank"]
         if "lowrank" in table.columns and rivals:
