@@ -50,6 +50,7 @@ class AttentionConfig:
 
 
 FULL = AttentionConfig(block_size=16)
+FULL_MINUTES = 3  # estimate: QUICK's half minute x 4 (n 512 against 256) x 2 (6 seeds against 3), 10 temperatures
 # 3 seeds (the verdict needs an sd), 4 temperatures to stay within the time budget
 QUICK = AttentionConfig(n=256, seeds=3, temperatures=4)
 TINY = AttentionConfig(n=64, seeds=1, temperatures=2, block_size=4)

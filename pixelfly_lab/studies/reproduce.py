@@ -297,9 +297,11 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
              f"held, {refuted} refuted, {len(paper) - held - refuted} not decided; {checks_held} of {len(checks)} "
              f"checks held; {met} of {len(targets)} speed targets met (not paper claims: see their section)"
              + (f"; failed studies: {', '.join(failed)}" if failed else "") + ".**",
-             (f"The full preset (`--preset full`) takes about {sum(minutes.values()):.0f} minutes on 2 CPU cores "
-              "(the studies' own estimates: " + ", ".join(f"{k} {v:g}" for k, v in minutes.items()) + ")."
-              if minutes else ""),
+             (f"The full preset (`--preset full`): about {sum(minutes.values()):.0f} minutes on 2 CPU cores for the "
+              "studies that state an estimate (FULL_MINUTES, extrapolated from QUICK, not measured: "
+              + ", ".join(f"{k} {v:g}" for k, v in minutes.items()) + ")"
+              + (f"; no estimate from {', '.join(e.name for e in EXPERIMENTS if e.name not in minutes)}"
+                 if len(minutes) < len(EXPERIMENTS) else "") + "." if minutes else ""),
              "", f"Environment: {env_text}"]
     md = ["# pixelfly_lab reproduction report", "", *intro, "",
           "## Paper claims", ""]

@@ -113,7 +113,7 @@ _DATA = {"seed": 0}  # the data's seed, fixed: TaskSpec.seeds vary the initialis
 # margin) at 80% power needs 5-8 seeds: FULL trains 8.
 FULL_SEEDS = tuple(range(8))
 MNIST1D = TaskSpec("MNIST-1D MLP", "mlp", "mnist1d", "test_accuracy", 2.0, seeds=FULL_SEEDS,
-                   train=dict(_MLP, epochs=30, batch_size=64, data_options=dict(_DATA, n_test=10_000)))
+                   train=dict(_MLP, epochs=20, batch_size=64, data_options=dict(_DATA, n_test=10_000)))
 MNIST1D_SPARSE = replace(MNIST1D, train=dict(MNIST1D.train, budget=0.1))
 # ~15 s an epoch per run (4000 examples, one CPU thread): 21 runs of 10 epochs, about an hour of the full run
 LISTOPS = TaskSpec("ListOps transformer", "vit", "listops", "test_accuracy", 2.0,
@@ -128,7 +128,9 @@ CHARS = TaskSpec("character GPT", "gpt", "chars", "val_loss", 0.01,
 class TrainingConfig:
     """Sizes of the 'training' study."""
 
-    tasks: tuple = (MNIST1D, MNIST1D_SPARSE, LISTOPS, CHARS)
+    # ListOps is defined above but not in FULL: dense stays near chance at laptop sizes (QUICK: at
+    # chance), so parity there tells nothing, and it cost an hour of the full run
+    tasks: tuple = (MNIST1D, MNIST1D_SPARSE, CHARS)
     rank_task: int = 0                           # the task whose ranks and spectra are shown
     timing_steps: int = 20                       # timed steps per pattern and round (step time figure)
     timing_rounds: int = 3
@@ -136,6 +138,9 @@ class TrainingConfig:
 
 
 FULL = TrainingConfig()
+# estimate: 2 MNIST-1D tasks x (9 patterns + the positive control) x 8 seeds at 4000 examples x 20
+# epochs (~8 QUICK runs' time each) and the character GPT's 3 epochs
+FULL_MINUTES = 45
 # MNIST-1D at budgets 0.25 and 0.1 (2000 training, 10000 test examples, 15 epochs, 3 seeds, dense
 # again with 3 other seeds as the positive control) and, as a reading only, 75 steps of a tiny GPT
 # (its loss still falls: no verdict); ListOps (tens of seconds per run) in the full run only.
