@@ -89,7 +89,8 @@ class StructuredLinear(nn.Module):
         """Re-draw W by the layer's own init times ``init_scale``, and the bias (zero if ``zero_bias``)."""
         self._reset_weight()
         if self.init_scale != 1.0:
-            self._scale_weight(self.init_scale)
+            with torch.no_grad():
+                self._scale_weight(self.init_scale)
         self._reset_bias()
 
     def _reset_weight(self) -> None:

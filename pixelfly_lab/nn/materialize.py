@@ -10,7 +10,9 @@ weights (each module gets its own new tensor); :func:`materialize` does the whol
 2. ``to_empty(device)``, then the shared parameters (GPT-2's ``lm_head`` and ``wte``) are tied
    again as they were;
 3. the dense init: the model's own ``init_weights()`` where it has one (Hugging Face models;
-   it ties too), else ``reset_parameters()`` of every module that has one;
+   it ties too), else ``reset_parameters()`` of every module that has one, sub-modules before
+   their parent (the order in which an eager build draws: a layer built on meta and
+   materialised with the same seed equals the one built on the CPU, exactly);
 4. every structured layer is re-initialised (``reset_parameters`` of it and its sub-modules:
    its own init times the factor it remembers); the swapped ones are put back and ``match_`` the
    std their dense stand-in got, keeping its bias, exactly what ``sparsify`` does eagerly.
@@ -63,8 +65,19 @@ def _reset_of(module: nn.Module):
     return reset if callable(reset) else None
 
 
+def _post_order(module: nn.Module, seen: set[int]):
+    """Sub-modules before their parent, in registration order: the order an eager build draws in
+    (a layer's parts are built, and draw, before its own bias), each module once."""
+    for child in module.children():
+        yield from _post_order(child, seen)
+    if id(module) not in seen:
+        seen.add(id(module))
+        yield module
+
+
 def _reset_all(module: nn.Module) -> None:
-    for m in module.modules():
+    """``reset_parameters`` of ``module`` and every sub-module, in the order an eager build draws."""
+    for m in _post_order(module, set()):
         reset = _reset_of(m)
         if reset is not None:
             reset()
@@ -101,7 +114,10 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Modu
     retie()
     init_weights = getattr(model, "init_weights", None)
     if callable(init_weights):
-        init_weights()
+        init_weights()                     # reaches no structured layer: they reset themselves
+        for module in model.modules():
+            if isinstance(module, StructuredLinear):
+                _reset_all(module)
     else:
         uninitialised = [name for name, m in model.named_modules()
                          if any(True for _ in m.parameters(recurse=False)) and _reset_of(m) is None]
@@ -109,9 +125,6 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Modu
         if uninitialised:
             warnings.warn(f"materialize: {len(uninitialised)} module(s) hold parameters but have no "
                           f"reset_parameters (their values are undefined): {uninitialised[:5]}", stacklevel=2)
-    for module in model.modules():
-        if isinstance(module, StructuredLinear):
-            _reset_all(module)
     for layer in waiting:
         dense = layer.deferred_match
         weight = linear_weight(dense, linear_kind(dense)).detach()
