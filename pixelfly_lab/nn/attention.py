@@ -281,7 +281,7 @@ class PixelflyAttention(nn.Module):
 
     def layout_for(self, seq_len: int) -> torch.Tensor:
         """The CPU block layout (T/b, T/b) the layer uses at sequence length T (planned on first use)."""
-        return registered_layout(self._key_for_length(seq_len)).layout
+        return registered_layout(self.layout_key(seq_len)).layout
 
     def density_at(self, seq_len: int) -> float:
         """Fraction of the T^2 scores computed at T: kept blocks plus the features' share 2 m / T."""
@@ -292,7 +292,9 @@ class PixelflyAttention(nn.Module):
         """:meth:`density_at` the sequence length of the latest call (``seq_len`` before any call)."""
         return self.density_at(self._last_len)
 
-    def _key_for_length(self, T: int) -> int:
+    def layout_key(self, T: int) -> int:
+        """The layout registry key of the layout used at sequence length T (planned on first use):
+        what :func:`pixelfly_lab.ops.attention.block_sparse_attention` takes."""
         key = self._keys_by_length.get(T)
         if key is None:
             options = dict(lowrank_features=self.features, global_tokens=min(self.global_tokens, T),
@@ -346,7 +348,7 @@ class PixelflyAttention(nn.Module):
 
         def split(t):
             return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        return split(self.q(x)), split(self.k(x)), split(self.v(x)), self._key_for_length(T)
+        return split(self.q(x)), split(self.k(x)), split(self.v(x)), self.layout_key(T)
 
     def _log_features(self, q, k):
         # softmax(q.k / sqrt(D)) is Performer's exp(q.k / t) at temperature t = sqrt(D)
@@ -406,7 +408,7 @@ class PixelflyAttention(nn.Module):
         if q.dim() != 4 or k.shape != q.shape or q.shape[-1] != self.dim // self.heads:
             raise ValueError(f"q and k must have one shape (B, heads, T, {self.dim // self.heads}), "
                              f"got {tuple(q.shape)} and {tuple(k.shape)}")
-        key = self._key_for_length(q.shape[2])
+        key = self.layout_key(q.shape[2])
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         support = layout_to_mask(registered_layout(key).layout.to(q.device), self.block_size)
         allowed = torch.ones_like(support)

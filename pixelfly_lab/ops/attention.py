@@ -13,13 +13,12 @@ flat block butterfly layout of the scores; any layout works (local, BigBird, glo
 Three paths compute the same function:
 
 * ``'reference'``: a dense (T, T) masked softmax, obviously correct, O(T^2) memory; for tests.
-* ``'torch'`` (CPU, and CUDA without Triton): rows of blocks are bucketed by their fan-in f (the
-  number of kept blocks); a bucket gathers the f key/value blocks of each of its rows and takes
-  one softmax over the row's f * b scores, so scores cost O(T * f * b) memory, never T x T, and
-  rows of unequal fan-in (global rows next to local ones) each pay for their own blocks only.
-  The backward recomputes the probabilities from the saved log-sum-exp, flash-attention style
-  (Dao et al. 2022, arXiv 2205.14135, Alg. 2): dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
-  dQ = dS K, dK = dS^T Q (times ``scale``), scattered back to the key blocks with index_add_.
+* ``'torch'`` (CPU, and CUDA without Triton), :mod:`pixelfly_lab.ops.torch_attention`: rows of
+  blocks are bucketed by their fan-in f (the number of kept blocks); a chunk of a bucket's rows
+  gathers their f key/value blocks and takes one softmax over each row's f * b scores, so
+  memory beyond inputs and outputs is one cache-sized chunk, never T x T, and rows of unequal
+  fan-in (global rows next to local ones) each pay for their own blocks only. The backward
+  recomputes the probabilities from the saved log-sum-exp, flash-attention style.
 * ``'triton'`` (CUDA): block-sparse flash attention, forward and backward, in
   :mod:`pixelfly_lab.ops.triton_attention` (imported on first CUDA use only).
 
@@ -42,12 +41,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 
 from pixelfly_lab._checks import check_int
 from pixelfly_lab.ops.registry import derived, register_layout, registered_layout
+from pixelfly_lab.ops.torch_attention import (AttentionPlan, accumulation_dtype, attention_delta,
+                                              build_attention_plan, torch_attention_backward,
+                                              torch_attention_forward, torch_linear_attention)
 from pixelfly_lab.structure.masks import layout_to_mask
 
 __all__ = ["block_sparse_attention", "block_attention_reference", "block_sparse_linear_attention",
@@ -161,140 +162,12 @@ def block_attention_reference(q, k, v, layout, block_size: int, *, causal: bool 
 
 # ------------------------------------------------------------------------------ torch path
 
-@dataclass(frozen=True)
-class _Bucket:
-    """Block rows that keep the same number of blocks."""
-    rows: torch.Tensor                # (nr,) block-row indices
-    cols: torch.Tensor                # (nr, f) kept block columns of each row, ascending
-    flat_cols: torch.Tensor           # (nr * f,) = cols.flatten(), for index_add_
-    all_rows: bool                    # rows == arange(R): no gather / scatter of rows needed
-    masked: torch.Tensor | None       # (nr, b, f * b) True where j > i (causal, diagonal block)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    buckets: tuple[_Bucket, ...]
-
-
-def _plan(key: int, causal: bool, device) -> _Plan:
+def _plan(key: int, causal: bool, device) -> AttentionPlan:
     """The torch path's plan of a registered layout on ``device``, built once per (key, causal, device)."""
     return derived(key, "attention_plan_causal" if causal else "attention_plan",
-                   lambda entry, dev: _build_plan(_effective_layout(key, causal), entry.block_size, causal, dev),
+                   lambda entry, dev: build_attention_plan(_effective_layout(key, causal), entry.block_size, causal,
+                                                           dev),
                    device)
-
-
-def _build_plan(layout_cpu: torch.Tensor, block_size: int, causal: bool, device) -> _Plan:
-    R = layout_cpu.shape[0]
-    fan_in = layout_cpu.sum(1)
-    buckets = []
-    for f in sorted(set(fan_in.tolist())):
-        rows = (fan_in == f).nonzero().flatten()
-        # nonzero is row-major, so each row's columns come out ascending
-        cols = layout_cpu[rows].nonzero()[:, 1].reshape(len(rows), f)
-        masked = None
-        if causal:
-            on_diagonal = cols == rows[:, None]                                   # (nr, f)
-            i = torch.arange(block_size)
-            upper = i[None, :] > i[:, None]                                       # (b, b): j > i
-            masked = (on_diagonal[:, None, :, None] & upper[None, :, None, :])    # (nr, b, f, b)
-            masked = masked.reshape(len(rows), block_size, f * block_size)
-            if not masked.any():
-                masked = None
-            else:
-                masked = masked.to(device)
-        buckets.append(_Bucket(rows.to(device), cols.to(device), cols.flatten().to(device),
-                               len(rows) == R, masked))
-    return _Plan(tuple(buckets))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # softmax statistics of half-precision inputs in float32, as flash attention keeps them
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _gather_rows(x5: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
-    return x5 if bucket.all_rows else x5.index_select(2, bucket.rows)
-
-
-def _gather_cols(x5: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
-    """(B, H, R, b, D) -> (B, H, nr, f * b, D): each row's kept key (or value) blocks."""
-    B, H, _, b, D = x5.shape
-    nr, f = bucket.cols.shape
-    # index_select copies whole (b, D) blocks; ~15% faster than advanced indexing here
-    return x5.index_select(2, bucket.flat_cols).reshape(B, H, nr, f * b, D)
-
-
-def _probabilities(qs_rows, k_cols, bucket, lse=None):
-    """Scores of a bucket, softmaxed in place; returns (P, lse). qs_rows is already scaled."""
-    s = qs_rows @ k_cols.transpose(-1, -2)                       # (B, H, nr, b, f * b)
-    acc = _acc_dtype(s.dtype)
-    if acc != s.dtype:
-        s = s.to(acc)
-    if bucket.masked is not None:
-        s.masked_fill_(bucket.masked, float("-inf"))
-    if lse is None:
-        m = s.amax(-1, keepdim=True)
-        s.sub_(m).exp_()
-        total = s.sum(-1, keepdim=True)
-        s.div_(total)
-        return s, (m + total.log()).squeeze(-1)
-    return s.sub_(lse.unsqueeze(-1)).exp_(), lse
-
-
-def _torch_forward(q, k, v, plan: _Plan, block_size: int, scale: float):
-    B, H, T, D = q.shape
-    R, b = T // block_size, block_size
-    q5 = (q * scale).reshape(B, H, R, b, D)
-    k5, v5 = k.reshape(B, H, R, b, D), v.reshape(B, H, R, b, v.shape[-1])
-    out = q.new_empty(B, H, R, b, v.shape[-1])
-    lse = q.new_empty(B, H, R, b, dtype=_acc_dtype(q.dtype))
-    for bucket in plan.buckets:
-        p, row_lse = _probabilities(_gather_rows(q5, bucket), _gather_cols(k5, bucket), bucket)
-        o = p.to(v.dtype) @ _gather_cols(v5, bucket)            # (B, H, nr, b, Dv)
-        if bucket.all_rows:
-            out, lse = o, row_lse
-        else:
-            out[:, :, bucket.rows] = o
-            lse[:, :, bucket.rows] = row_lse
-    return out.reshape(B, H, T, -1), lse.reshape(B, H, T)
-
-
-def _delta(grad_out, out, lse, grad_lse):
-    """Delta_i = rowsum(dO * O)_i - dL_i: dS = P * (dP - Delta) covers both outputs (dL/dS = P)."""
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-    return delta if grad_lse is None else delta - grad_lse.to(lse.dtype)
-
-
-def _torch_backward(grad_out, q, k, v, out, lse, plan: _Plan, block_size: int, scale: float, grad_lse=None):
-    B, H, T, D = q.shape
-    Dv = v.shape[-1]
-    R, b = T // block_size, block_size
-    q5 = (q * scale).reshape(B, H, R, b, D)
-    k5, v5 = k.reshape(B, H, R, b, D), v.reshape(B, H, R, b, Dv)
-    do5 = grad_out.reshape(B, H, R, b, Dv)
-    lse5 = lse.reshape(B, H, R, b)
-    delta5 = _delta(grad_out, out, lse, grad_lse).reshape(B, H, R, b)
-    dq = torch.empty_like(q5)
-    dk = torch.zeros_like(k5)
-    dv = torch.zeros_like(v5)
-    for bucket in plan.buckets:
-        nr, f = bucket.cols.shape
-        q_rows, do_rows = _gather_rows(q5, bucket), _gather_rows(do5, bucket)
-        k_cols, v_cols = _gather_cols(k5, bucket), _gather_cols(v5, bucket)
-        p, _ = _probabilities(q_rows, k_cols, bucket, _gather_rows(lse5, bucket))
-        p_in = p.to(q.dtype)
-        dv.index_add_(2, bucket.flat_cols, (p_in.transpose(-1, -2) @ do_rows).reshape(B, H, nr * f, b, Dv))
-        ds = (do_rows @ v_cols.transpose(-1, -2)).to(p.dtype)
-        ds.sub_(_gather_rows(delta5, bucket).unsqueeze(-1)).mul_(p)
-        ds = ds.to(q.dtype)
-        dq_rows = (ds @ k_cols).mul_(scale)
-        if bucket.all_rows:
-            dq = dq_rows
-        else:
-            dq[:, :, bucket.rows] = dq_rows
-        # q_rows already carries the scale: dK = scale * dS^T Q
-        dk.index_add_(2, bucket.flat_cols, (ds.transpose(-1, -2) @ q_rows).reshape(B, H, nr * f, b, D))
-    return dq.reshape(B, H, T, D), dk.reshape(B, H, T, D), dv.reshape(B, H, T, Dv)
 
 
 # ------------------------------------------------------------------------- dispatch + autograd
@@ -323,18 +196,18 @@ def _forward_impl(q, k, v, layout_key, causal, scale, backend):
         from pixelfly_lab.ops.triton_attention import triton_attention_forward
         return triton_attention_forward(q, k, v, _triton_tables(layout_key, causal, q.device), block_size,
                                         causal, scale)
-    return _torch_forward(q, k, v, _plan(layout_key, causal, q.device), block_size, scale)
+    return torch_attention_forward(q, k, v, _plan(layout_key, causal, q.device), block_size, scale)
 
 
 def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, scale, backend):
     block_size = registered_layout(layout_key).block_size
     if backend == "triton":
         from pixelfly_lab.ops.triton_attention import triton_attention_backward
-        delta = _delta(grad_out, out, lse, grad_lse)
+        delta = attention_delta(grad_out, out, lse, grad_lse)
         return triton_attention_backward(grad_out, q, k, v, lse, delta, _triton_tables(layout_key, causal, q.device),
                                          block_size, causal, scale)
-    return _torch_backward(grad_out.contiguous(), q, k, v, out, lse, _plan(layout_key, causal, q.device),
-                           block_size, scale, grad_lse)
+    return torch_attention_backward(grad_out.contiguous(), q, k, v, out, lse, _plan(layout_key, causal, q.device),
+                                    block_size, scale, grad_lse)
 
 
 # Registered ops (torch >= 2.4): torch.compile sees one opaque node with a fake (shape-only)
@@ -350,7 +223,7 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_
 @_attention_fwd_op.register_fake
 def _(q, k, v, layout_key, causal, scale, backend):
     B, H, T, _ = q.shape
-    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=_acc_dtype(q.dtype))
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("pixelfly_lab::block_attention_bwd", mutates_args=())
@@ -458,15 +331,4 @@ def block_sparse_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: t
         True
     """
     key, block_size, _ = _check_inputs(phi_q, phi_k, v, layout, block_size, causal, None)
-    plan = _plan(key, causal, phi_q.device)
-    B, H, T, m = phi_q.shape
-    R, b, Dv = T // block_size, block_size, v.shape[-1]
-    q5, k5, v5 = phi_q.reshape(B, H, R, b, m), phi_k.reshape(B, H, R, b, m), v.reshape(B, H, R, b, Dv)
-    out = v.new_zeros(B, H, R, b, Dv)
-    for bucket in plan.buckets:
-        scores = _gather_rows(q5, bucket) @ _gather_cols(k5, bucket).transpose(-1, -2)   # (B, H, nr, b, f*b)
-        if bucket.masked is not None:
-            scores = scores.masked_fill(bucket.masked, 0.0)
-        rows = scores @ _gather_cols(v5, bucket)
-        out = rows if bucket.all_rows else out.index_copy(2, bucket.rows, rows)
-    return out.reshape(B, H, T, Dv)
+    return torch_linear_attention(phi_q, phi_k, v, _plan(key, causal, phi_q.device), block_size)

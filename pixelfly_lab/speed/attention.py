@@ -1,22 +1,30 @@
-"""Block-sparse attention against dense scaled dot-product attention: time and memory against T.
+"""Pixelfly attention against dense scaled dot-product attention: time, FLOP limit and memory against T.
 
-Times :func:`pixelfly_lab.ops.attention.block_sparse_attention` on a flat butterfly layout of
-(T/b, T/b) blocks with a fixed number of factors (so a fixed fan-in of n_factors + 1 blocks per
-row and density (n_factors + 1) b / T) against ``F.scaled_dot_product_attention``, forward and
-forward+backward, interleaved round by round in one process (load from other processes hits
-both alike; medians are reported). With a fixed fan-in the FLOP ratio T / ((n_factors + 1) b)
-doubles with T: the Long Range Arena setting of the Pixelfly paper (Dao, Chen et al., ICLR
-2022, arXiv 2112.00029, Sec. 5), where the sparse Transformer's speed-up grows with length.
+What a user puts in a model is the layer, so the layer is what is timed:
+:class:`pixelfly_lab.nn.attention.PixelflyAttention` (its defaults unless told otherwise) forward +
+backward against :class:`SDPAAttention`, the same layer (the same q, k, v and output projections)
+calling ``F.scaled_dot_product_attention``. The bare kernel
+(:func:`pixelfly_lab.ops.attention.block_sparse_attention` on the layer's layout against SDPA on the
+same q, k, v) is the second row of each length. Cases are interleaved round by round in one
+process (load from other processes hits both alike; medians are reported).
+
+The FLOP limit of a row is dense FLOPs / sparse FLOPs, the q, k, v and output projections
+included for the layer, and for ``causal`` only the scores with j <= i counted on both sides
+(dense: T (T + 1) / 2; sparse: the kept blocks below the diagonal plus half of each diagonal
+block): the causal limit is not 1 / density. With a fan-in that grows like log2(T / b) the limit
+grows with T: the Long Range Arena setting of the Pixelfly paper (Dao, Chen et al., ICLR 2022,
+arXiv 2112.00029, Sec. 5).
 
 Example:
-    >>> table = attention_speed_table((128,), heads=1, head_dim=16, block_size=16, n_factors=1, repeats=1,
+    >>> table = attention_speed_table((128,), dim=32, heads=2, block_size=16, causal=False, repeats=1,
     ...                               memory=False)
-    >>> table["T"].tolist(), table["density"].tolist()
-    ([128], [0.25])
+    >>> table["row"].tolist(), table["T"].tolist()
+    (['layer', 'kernel'], [128, 128])
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -24,123 +32,214 @@ import time
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from pixelfly_lab.nn.attention import PixelflyAttention
 from pixelfly_lab.ops.attention import block_sparse_attention
-from pixelfly_lab.structure.masks import flat_butterfly_mask
 from pixelfly_lab.threads import num_threads
 
-__all__ = ["attention_speed_table", "peak_memory_mb"]
+__all__ = ["SDPAAttention", "attention_flops", "attention_speed_table", "peak_memory_mb"]
+
+
+class SDPAAttention(nn.Module):
+    """The dense twin of a :class:`PixelflyAttention`: its own projections, softmax over all keys (SDPA).
+
+    Args:
+        layer: the PixelflyAttention whose q, k, v and proj (shared, not copied) and causal flag it uses.
+    """
+
+    def __init__(self, layer: PixelflyAttention):
+        super().__init__()
+        if not isinstance(layer, PixelflyAttention):
+            raise TypeError(f"layer must be a PixelflyAttention, got {type(layer).__name__}")
+        self.heads, self.causal = layer.heads, layer.causal
+        self.q, self.k, self.v, self.proj = layer.q, layer.k, layer.v, layer.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) -> (B, T, dim)."""
+        B, T, C = x.shape
+
+        def split(t):
+            return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=self.causal)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def attention_flops(layer: PixelflyAttention, T: int, batch: int = 1, *, dense: bool = False,
+                    projections: bool = True) -> float:
+    """Forward multiply-add FLOPs (x2) of the layer (or its dense twin) at length T.
+
+    Scores and the weighted sum cost 2 * 2 * D per kept (i, j) and head; with ``causal`` only
+    j <= i is kept (dense: T (T + 1) / 2 pairs; sparse: b^2 per kept block below the diagonal,
+    b (b + 1) / 2 per diagonal block). Projections: 4 * 2 * T * dim^2. Random features (m > 0):
+    feature maps 2 * 2 T m D, the low-rank product 2 * 2 T m (D + 1) and the discount on the
+    support 2 * pairs * (m + D + 1), per head.
+
+    Args:
+        layer: the layer (its layout at T, heads, dim, features).
+        T: sequence length.
+        batch: B.
+        dense: count the dense twin (SDPA) instead.
+        projections: include the four projections (False: the attention kernel alone).
+
+    Returns:
+        FLOPs of one forward pass.
+    """
+    D = layer.dim // layer.heads
+    b = layer.block_size
+    if dense:
+        pairs = T * (T + 1) / 2 if layer.causal else T * T
+    else:
+        layout = layer.layout_for(T)
+        if layer.causal:
+            below = torch.tril(layout, diagonal=-1).sum().item()
+            pairs = below * b * b + layout.diagonal().sum().item() * b * (b + 1) / 2
+        else:
+            pairs = layout.sum().item() * b * b
+    flops = 4 * D * pairs * layer.heads
+    if not dense and layer.features:
+        m = layer.features
+        flops += layer.heads * (4 * T * m * D + 4 * T * m * (D + 1) + 2 * pairs * (m + D + 1))
+    if projections:
+        flops += 4 * 2 * T * layer.dim ** 2
+    return batch * flops
 
 
 _MEMORY_SCRIPT = """
-import sys, torch, torch.nn.functional as F
+import json, sys, torch
+from pixelfly_lab.nn.attention import PixelflyAttention
 from pixelfly_lab.ops.attention import block_sparse_attention
-from pixelfly_lab.structure.masks import flat_butterfly_mask
-method, B, H, T, D, b, n_factors, causal = sys.argv[1], *map(int, sys.argv[2:])
+from pixelfly_lab.speed.attention import SDPAAttention
+import torch.nn.functional as F
+case = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 def status(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
 def step(T):
-    layout = flat_butterfly_mask(T // b, n_factors)
-    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
-    grad = torch.randn(B, H, T, D)
+    layer = PixelflyAttention(case["dim"], case["heads"], T, **case["options"])
+    B, H, D = case["batch"], case["heads"], case["dim"] // case["heads"]
+    if case["row"] == "layer":
+        x = torch.randn(B, T, case["dim"], requires_grad=True)
+        fn = layer if case["method"] == "sparse" else SDPAAttention(layer)
+        run = lambda: fn(x)
+    else:
+        q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+        key = layer.layout_key(T)
+        if case["method"] == "sparse":
+            run = lambda: block_sparse_attention(q, k, v, key, layer.block_size, causal=layer.causal)
+        else:
+            run = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)
     open("/proc/self/clear_refs", "w").write("5")
     before = status("VmRSS")
-    if method == "dense":
-        F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal)).backward(grad)
-    else:
-        block_sparse_attention(q, k, v, layout, b, causal=bool(causal)).backward(grad)
+    out = run()
+    out.backward(torch.ones_like(out))
     return (status("VmHWM") - before) / 1024
-step(b * 2 ** n_factors)     # first call at the smallest size: one-time library set-up, small buffers
-print(step(T))
+step(4 * case["options"].get("block_size", 32))   # one-time set-up at the smallest size
+print(step(case["T"]))
 """
 
 
-def peak_memory_mb(method: str, batch: int, heads: int, T: int, head_dim: int, block_size: int, n_factors: int,
-                   causal: bool = False) -> float | None:
+def peak_memory_mb(method: str, row: str, T: int, *, dim: int, heads: int, batch: int = 1,
+                   options: dict | None = None) -> float | None:
     """Peak resident memory added by one forward+backward, in MB, measured in a fresh process (Linux).
 
-    ``method`` 'dense' (SDPA) or 'sparse' (block_sparse_attention on the flat butterfly layout).
-    The child first runs the method once at the smallest length (one-time set-up: lazy imports,
-    dispatch tables, ~150 MB that would otherwise swamp the figure, with buffers too small to
-    be reused), then resets its high-water mark after building the inputs
-    (``/proc/self/clear_refs``) and reports VmHWM - VmRSS: the inputs are excluded, their
-    gradients and every temporary included. A fresh process, because an allocator that kept
-    memory from an earlier call of the same size would hide the growth. None where /proc is
-    missing (not Linux).
+    Args:
+        method: 'sparse' (PixelflyAttention / block_sparse_attention) or 'dense' (SDPA twin / SDPA).
+        row: 'layer' (the modules, input x (B, T, dim)) or 'kernel' (q, k, v (B, heads, T, dim / heads)).
+        T, dim, heads, batch: sizes.
+        options: keyword arguments of PixelflyAttention (its layout is the kernel's too).
+
+    Returns:
+        MB, or None where /proc is missing (not Linux). The child runs once at a small length
+        (one-time set-up: lazy imports, dispatch tables), builds the inputs, resets its high-water
+        mark (``/proc/self/clear_refs``) and reports VmHWM - VmRSS: the parameters and inputs are
+        excluded, their gradients and every temporary included. A fresh process, because an
+        allocator that kept memory from an earlier call of the same size would hide the growth.
     """
     import subprocess
     import sys
 
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    args = [method, batch, heads, T, head_dim, block_size, n_factors, int(causal)]
-    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, *map(str, args)], capture_output=True, text=True,
+    case = {"method": method, "row": row, "T": T, "dim": dim, "heads": heads, "batch": batch,
+            "options": options or {}}
+    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(case)], capture_output=True, text=True,
                             check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return float(result.stdout.split()[-1])
 
 
-def _median_ms(times) -> float:
-    return 1e3 * statistics.median(times)
-
-
-def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, heads: int = 8, head_dim: int = 64,
-                          block_size: int = 64, n_factors: int = 3, causal: bool = False, repeats: int = 5,
-                          batch: int = 1, threads: int | None = 1, memory: bool = True) -> pd.DataFrame:
-    """Forward and forward+backward times of block-sparse vs dense attention at each length.
+def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, heads: int = 8, batch: int = 1,
+                          causal: bool | tuple = (False, True), block_size: int = 32, options: dict | None = None,
+                          repeats: int = 5, threads: int | None = 1, memory: bool = True,
+                          progress: bool = False) -> pd.DataFrame:
+    """Forward+backward of PixelflyAttention against its SDPA twin (row 'layer') and of the kernel
+    against SDPA (row 'kernel'), at each length and causal flag.
 
     Args:
-        lengths: T values (multiples of block_size, T / block_size a power of two >= 2^n_factors).
-        heads, head_dim, batch: q, k, v are (batch, heads, T, head_dim) float32.
-        block_size, n_factors: the flat butterfly layout; the defaults (64, 3) are the issue's
-            setting: fan-in 4 blocks of 64, density 1/16 at T = 4096.
-        causal: decoder attention for both.
+        lengths: T values (multiples of ``block_size``).
+        dim, heads, batch: the layer's width and heads (head dim = dim / heads), x is (batch, T, dim).
+        causal: a bool or a tuple of them (both by default).
+        block_size: the layer's b (32, its default).
+        options: other keyword arguments of PixelflyAttention (default: none, its defaults).
         repeats: interleaved rounds; medians are reported.
-        threads: torch threads while timing (1: the issue's single-thread setting; None: as set).
-        memory: also measure each method's peak memory (:func:`peak_memory_mb`, a child process each).
+        threads: torch threads while timing (1: the targets' single-thread setting; None: as set).
+        memory: also measure each case's peak memory (:func:`peak_memory_mb`, a child process each).
+        progress: show a tqdm bar over the cases.
 
     Returns:
-        DataFrame, one row per T: density, flop_limit (1 / density), *_ms medians, speedup_forward,
-        speedup_forward_backward, and dense_peak_mb, sparse_peak_mb when ``memory``.
+        DataFrame, one row per (T, causal, row): density (of the layout at T), flop_limit (dense /
+        sparse FLOPs, see the module docstring), dense_ms and sparse_ms (medians of forward +
+        backward), speedup, fraction_of_limit (speedup / flop_limit), and dense_peak_mb,
+        sparse_peak_mb, memory_ratio when ``memory``.
     """
+    from tqdm.auto import tqdm
+
+    flags = (causal,) if isinstance(causal, bool) else tuple(causal)
+    cases = [(T, c) for T in lengths for c in flags]
     rows = []
     with num_threads(threads):
-        for T in lengths:
-            layout = flat_butterfly_mask(T // block_size, n_factors)
-            shape = (batch, heads, T, head_dim)
+        for T, is_causal in tqdm(cases, disable=not progress, desc="attention speed"):
+            layer_options = {"block_size": block_size, "causal": is_causal, **(options or {})}
+            torch.manual_seed(0)
+            layer = PixelflyAttention(dim, heads, T, **layer_options)
+            twin = SDPAAttention(layer)
+            x = torch.randn(batch, T, dim, requires_grad=True)
+            shape = (batch, heads, T, dim // heads)
             q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-            grad = torch.randn(shape)
-
-            def dense():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-            def sparse():
-                return block_sparse_attention(q, k, v, layout, block_size, causal=causal)
-
-            def forward(fn):
-                with torch.no_grad():
-                    fn()
-
-            cases = {"dense_forward": lambda: forward(dense), "sparse_forward": lambda: forward(sparse),
-                     "dense_forward_backward": lambda: dense().backward(grad),
-                     "sparse_forward_backward": lambda: sparse().backward(grad)}
-            for fn in cases.values():          # warm-up: plans, allocator, first-call dispatch
-                fn()
-            times = {name: [] for name in cases}
+            key = layer.layout_key(T)            # the kernel row runs on the layer's registered layout
+            grad_x, grad_q = torch.randn(batch, T, dim), torch.randn(shape)
+            runs = {
+                ("layer", "sparse"): lambda: layer(x).backward(grad_x),
+                ("layer", "dense"): lambda: twin(x).backward(grad_x),
+                ("kernel", "sparse"): lambda: block_sparse_attention(q, k, v, key, block_size,
+                                                                     causal=is_causal).backward(grad_q),
+                ("kernel", "dense"): lambda: F.scaled_dot_product_attention(q, k, v,
+                                                                            is_causal=is_causal).backward(grad_q),
+            }
+            for run in runs.values():            # warm-up: plans, allocator, first-call dispatch
+                run()
+            times = {name: [] for name in runs}
             for _ in range(repeats):
-                for name, fn in cases.items():
+                for name, run in runs.items():
                     start = time.perf_counter()
-                    fn()
+                    run()
                     times[name].append(time.perf_counter() - start)
-            density = layout.float().mean().item()
-            row = {"T": T, "heads": heads, "head_dim": head_dim, "block_size": block_size, "causal": causal,
-                   "density": density, "flop_limit": 1 / density}
-            row.update({f"{name}_ms": _median_ms(t) for name, t in times.items()})
-            row["speedup_forward"] = row["dense_forward_ms"] / row["sparse_forward_ms"]
-            row["speedup_forward_backward"] = row["dense_forward_backward_ms"] / row["sparse_forward_backward_ms"]
-            if memory:
-                for method in ("dense", "sparse"):
-                    row[f"{method}_peak_mb"] = peak_memory_mb(method, batch, heads, T, head_dim, block_size,
-                                                              n_factors, causal)
-            rows.append(row)
+            for row in ("layer", "kernel"):
+                projections = row == "layer"
+                limit = (attention_flops(layer, T, batch, dense=True, projections=projections)
+                         / attention_flops(layer, T, batch, projections=projections))
+                entry = {"T": T, "causal": is_causal, "row": row, "dim": dim, "heads": heads, "batch": batch,
+                         "block_size": block_size, "features": layer.features, "density": layer.density_at(T),
+                         "flop_limit": limit,
+                         "dense_ms": 1e3 * statistics.median(times[(row, "dense")]),
+                         "sparse_ms": 1e3 * statistics.median(times[(row, "sparse")])}
+                entry["speedup"] = entry["dense_ms"] / entry["sparse_ms"]
+                entry["fraction_of_limit"] = entry["speedup"] / limit
+                if memory:
+                    for method in ("dense", "sparse"):
+                        entry[f"{method}_peak_mb"] = peak_memory_mb(method, row, T, dim=dim, heads=heads,
+                                                                    batch=batch, options=layer_options)
+                    if entry["dense_peak_mb"]:
+                        entry["memory_ratio"] = entry["sparse_peak_mb"] / entry["dense_peak_mb"]
+                rows.append(entry)
     return pd.DataFrame(rows)
