@@ -8,7 +8,7 @@ import pytest
 import scipy.fft
 import scipy.linalg
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from pixelfly_lab.studies.estimators import attention_table, performer_attention, scatterbrain_attention
 from pixelfly_lab.nn.layers import MonarchLinear
@@ -118,6 +118,8 @@ def test_target_refuses_bad_input(kwargs, match):
 @settings(max_examples=15, deadline=None)
 @given(name=st.sampled_from(MASK_NAMES), budget=st.floats(0.1, 1.0), block_size=st.sampled_from([1, 4]),
        seed=st.integers(0, 3), complex_=st.booleans())
+# found by hypothesis: block-diagonal kept the dense layout (512 of 512) at budget 1 - 2^-53
+@example(name="blockdiag", budget=0.9999999999999999, block_size=1, seed=0, complex_=False)
 def test_mask_projection_error_is_the_norm_off_the_mask(name, budget, block_size, seed, complex_):
     a = randn(32, 16, seed=seed, dtype=torch.complex128 if complex_ else F64)
     try:

@@ -319,7 +319,9 @@ def _sparse_layout(name, R, C, k, seed):
 def _blockdiag_layout(R, C, budget):
     """Block-diagonal with g groups (density 1/g): the smallest g dividing R and C with 1/g <= budget."""
     for groups in range(1, math.gcd(R, C) + 1):
-        if math.gcd(R, C) % groups == 0 and 1.0 / groups <= budget + 1e-12:
+        # kept cells R C / groups against budget R C, the count the caller checks (no tolerance: at
+        # budget 1 - 2^-53 a tolerance let the dense layout through, one cell over the budget)
+        if math.gcd(R, C) % groups == 0 and R * C // groups <= budget * R * C:
             r = torch.arange(R)[:, None] // (R // groups)
             c = torch.arange(C)[None, :] // (C // groups)
             return r == c
