@@ -154,6 +154,9 @@ def test_patterns_notebook_runs_in_jupyterlab(jupyter_lab):
             tracebacks = [e for e in errors if "Traceback" in e or "Error" in e]
             assert not tracebacks, tracebacks[:2]
             assert page.locator(".jp-RenderedImage img").count() >= 5, "figures did not render"
+            # prose rendered from the results (pl.say / pl.check) shows as Markdown, and every check holds
+            assert page.locator(".jp-OutputArea-output.jp-RenderedMarkdown", has_text="Check holds").count() >= 3
+            assert page.get_by_text("Check does NOT hold").count() == 0, "a rendered check did not hold"
             assert page.get_by_text("Error displaying widget").count() == 0
             assert page.locator(".jupyter-widgets .widget-slider").count() >= 3, "widget panel did not render"
             page.locator(".jupyter-widgets").first.scroll_into_view_if_needed()

@@ -186,3 +186,35 @@ def test_prose_helpers_reject_bad_input():
     with pytest.raises(ValueError, match="points"):
         pixelfly_lab.learned([])
     assert pixelfly_lab.pick(2 > 1, "above", "below") == "above"
+
+
+def test_start_here_maps_every_notebook_and_keeps_the_glossary():
+    opening = "".join(src for _, src in _cells(NOTEBOOKS[0], "markdown"))
+    assert NOTEBOOKS[0].name == "00_start_here.ipynb"
+    assert not [p.name for p in NOTEBOOKS if p.name not in opening], "00's map misses a notebook"
+    assert "## Glossary" in opening
+
+
+def test_claims_table_spells_the_verdicts_and_lists_each_figure_once(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pixelfly_lab.studies import claims_table, study_figures
+
+    folder = tmp_path / "theory"
+    folder.mkdir()
+    plt.imsave(folder / "fig.png", [[0.0, 1.0], [1.0, 0.0]])
+    claims = [dict(claim="a", measured="1", held=True, figure="fig.png", kind="paper"),
+              dict(claim="b", measured="2", held=False, figure="fig.png", kind="paper"),
+              dict(claim="c", measured="3", held=None, figure=None, kind="paper"),
+              dict(claim="d", measured="4", held=None, figure=None, kind="info"),
+              dict(claim="e", measured="5", held=False, figure=None, kind="target")]
+    (folder / "claims.json").write_text(json.dumps({"preset": "tiny", "claims": claims}))
+    table = claims_table(tmp_path)
+    assert table.verdict.tolist() == ["held", "did not hold", "undecided", "reading", "target missed"]
+    assert study_figures(tmp_path, "theory") == [folder / "fig.png"]
+    assert claims_table(tmp_path / "nothing").empty
+    with pytest.raises(ValueError, match="name"):
+        study_figures(tmp_path, "no such study")
