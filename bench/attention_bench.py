@@ -1,9 +1,11 @@
-"""Block-sparse attention against dense SDPA on one CPU thread: forward and forward+backward ratios.
+"""PixelflyAttention (its defaults) against the same layer with dense SDPA, and the bare kernel, on one CPU thread.
 
-The issue-13 setting by default: T=4096, 8 heads of 64, flat butterfly layout of blocks of 64
-with 3 factors (fan-in 4 blocks, density 1/16; FLOP limit 16x). Interleaved rounds in one
-process, medians and their ratios (see pixelfly_lab.speed.attention).
-Run: OMP_NUM_THREADS=1 python bench/attention_bench.py [--T 1024 2048 4096] [--causal] [--memory]
+Forward+backward at each length, causal and not: interleaved rounds in one process, medians and
+their ratios, the FLOP limit of each row (projections included for the layer; causal pairs
+counted as such), peak memory in child processes (see pixelfly_lab.speed.attention). The CPU
+model, its flags and the load average are printed above the table: on a loaded machine the
+ratios are noisy, rerun when it is quiet.
+Run: OMP_NUM_THREADS=1 python bench/attention_bench.py [--T 1024 2048 4096 8192] [--causal both] [--no-memory]
 """
 
 import argparse
@@ -11,27 +13,31 @@ import argparse
 import pandas as pd
 
 from pixelfly_lab.speed.attention import attention_speed_table
+from pixelfly_lab.speed.bench import machine_header
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--T", type=int, nargs="+", default=[4096])
+    parser.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--n-factors", type=int, default=3)
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--memory", action="store_true", help="peak memory of each method, in child processes")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     args = parser.parse_args()
-    table = attention_speed_table(args.T, heads=args.heads, head_dim=args.head_dim, block_size=args.block,
-                                  n_factors=args.n_factors, causal=args.causal, repeats=args.rounds,
-                                  memory=args.memory)
-    columns = ["T", "density", "dense_forward_ms", "sparse_forward_ms", "speedup_forward",
-               "dense_forward_backward_ms", "sparse_forward_backward_ms", "speedup_forward_backward"]
-    columns += ["dense_peak_mb", "sparse_peak_mb"] if args.memory else []
-    with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
+    causal = {"no": False, "yes": True, "both": (False, True)}[args.causal]
+    print(machine_header())
+    table = attention_speed_table(args.T, dim=args.dim, heads=args.heads, batch=args.batch, causal=causal,
+                                  block_size=args.block, repeats=args.rounds, memory=not args.no_memory,
+                                  progress=True)
+    columns = ["T", "causal", "row", "density", "flop_limit", "dense_ms", "sparse_ms", "speedup",
+               "fraction_of_limit", "load_avg"]
+    columns += [] if args.no_memory else ["dense_peak_mb", "sparse_peak_mb", "memory_ratio"]
+    with pd.option_context("display.width", 250, "display.float_format", "{:.3f}".format):
         print(table[columns].to_string(index=False))
+    print(machine_header())
 
 
 if __name__ == "__main__":

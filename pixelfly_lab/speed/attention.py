@@ -190,7 +190,7 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
         DataFrame, one row per (T, causal, row): density (of the layout at T), flop_limit (dense /
         sparse FLOPs, see the module docstring), dense_ms and sparse_ms (medians of forward +
         backward), speedup, fraction_of_limit (speedup / flop_limit), and dense_peak_mb,
-        sparse_peak_mb, memory_ratio when ``memory``.
+        sparse_peak_mb, memory_ratio when ``memory``; load_avg (1-minute, after the row's timing).
     """
     from tqdm.auto import tqdm
 
@@ -234,6 +234,7 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
                          "dense_ms": 1e3 * statistics.median(times[(row, "dense")]),
                          "sparse_ms": 1e3 * statistics.median(times[(row, "sparse")])}
                 entry["speedup"] = entry["dense_ms"] / entry["sparse_ms"]
+                entry["load_avg"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
                 entry["fraction_of_limit"] = entry["speedup"] / limit
                 if memory:
                     for method in ("dense", "sparse"):
