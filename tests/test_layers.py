@@ -245,3 +245,98 @@ def test_bench_command_writes_csv_and_figure(tmp_path):
                                       "--no-models"])
     assert args._run(args) == 0
     assert {"speed.csv", "speed.png", "speed.pdf"} <= {p.name for p in tmp_path.iterdir()}
+
+
+# --- what each layer owns: rescale_, project_, weight_std, match_, linear_parts, .weight -----------
+
+OWNERS = [n for n in BUILDERS if n not in ("blocksparse_reference",)] + ["butterfly"]
+
+
+def build_owner(name, seed=0):
+    from pixelfly_lab.nn.butterfly import ButterflyLinear
+    torch.manual_seed(seed)
+    return (ButterflyLinear(16, n_factors=3, bias=True) if name == "butterfly" else BUILDERS[name]()).to(F64)
+
+
+@pytest.mark.parametrize("name", OWNERS)
+@pytest.mark.parametrize("c", [0.3, 0.0])
+def test_rescale_multiplies_the_dense_weight_and_keeps_the_bias(name, c):
+    layer = build_owner(name)
+    before = layer.dense_weight().detach().clone()
+    bias = None if layer.bias is None else layer.bias.detach().clone()
+    layer.rescale_(c)
+    torch.testing.assert_close(layer.dense_weight(), c * before, rtol=1e-12, atol=1e-14)
+    assert (bias is None or torch.equal(layer.bias, bias)) and layer.init_scale == 1.0   # remembered only if asked
+    weights = [p for n, p in layer.named_parameters() if n != "bias" and not n.startswith("gate")]
+    if c == 0 and len(weights) > 1:   # a product: one factor zeroed, the others keep getting gradients
+        assert any(p.abs().sum() > 0 for p in weights)
+    with pytest.raises(ValueError, match="c must be"):
+        layer.rescale_(-1.0)
+
+
+@pytest.mark.parametrize("name", OWNERS)
+def test_weight_std_and_match_and_the_read_only_weight(name):
+    layer = build_owner(name)
+    dense = layer.dense_weight().detach()
+    assert layer.weight_std() == pytest.approx(dense.std().item(), rel=1e-10)
+    factor = layer.match_(0.5 * layer.weight_std())
+    assert factor == pytest.approx(0.5, rel=1e-10) and layer.weight_std() == pytest.approx(0.5 * dense.std().item())
+    torch.testing.assert_close(layer.weight, layer.dense_weight().detach())
+    if name != "masked":                                  # MaskedLinear's weight is its parameter
+        layer.weight.zero_()                              # a copy: writing into it changes nothing
+        assert layer.dense_weight().abs().sum() > 0 and not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("name", ["masked", "blocksparse_torch", "lowrank", "monarch"])
+def test_project_recovers_a_weight_that_has_the_structure(name):
+    target = build_owner(name, seed=1).dense_weight().detach()
+    layer = build_owner(name, seed=2)
+    error = layer.project_(target)
+    assert error < 1e-10
+    torch.testing.assert_close(layer.dense_weight(), target, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["masked", "blocksparse_torch", "sparse_lowrank", "pixelfly"])
+def test_project_on_a_support_is_the_target_there_and_sparse_plus_lowrank_is_never_worse(name):
+    torch.manual_seed(3)
+    layer = build_owner(name)
+    target = torch.randn(layer.out_features, layer.in_features, dtype=F64)
+    error = layer.project_(target)
+    support = (BUILDERS["masked"]().mask if name == "masked" else
+               (layer.sparse if hasattr(layer, "sparse") else layer).mask()).to(torch.bool)
+    off = (target * ~support).norm() / target.norm()
+    if name in ("masked", "blocksparse_torch"):        # exact oracle: W0 on the support, 0 off it
+        torch.testing.assert_close(layer.dense_weight(), target * support)
+        assert error == pytest.approx(off.item(), rel=1e-10)
+    else:                                               # U V^T only lowers what S leaves
+        assert error <= off.item() + 1e-12 and error == pytest.approx(
+            ((target - layer.dense_weight()).norm() / target.norm()).item(), rel=1e-10)
+    with pytest.raises(ValueError, match="shape"):
+        layer.project_(target.T[:3])
+
+
+def test_project_refuses_a_gated_layer_and_a_butterfly():
+    gated = PixelflyLinear(32, 32, butterfly_size=4, n_factors=1, rank=2, block_size=8, gating=True)
+    with pytest.raises(ValueError, match="ungated"):
+        gated.project_(torch.randn(32, 32))
+    with pytest.raises(NotImplementedError, match="ButterflyLinear"):
+        build_owner("butterfly").project_(torch.randn(16, 16, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["blocksparse_torch", "lowrank", "sparse_lowrank", "pixelfly", "pixelfly_contracting"])
+def test_linear_parts_sum_to_the_dense_weight(name):
+    layer = build_owner(name)
+    total = torch.zeros(layer.out_features, layer.in_features, dtype=F64)
+    for part in layer.linear_parts():
+        if part.kind == "block_sparse":
+            values = layer.get_parameter(part.names[0])
+            dense = torch.zeros_like(total)
+            b = part.block_size
+            for k, (r, c) in enumerate(part.layout.nonzero().tolist()):   # the row-major order of the blocks
+                dense[r * b:(r + 1) * b, c * b:(c + 1) * b] = values[k]
+            total += dense
+        else:
+            u, v = (layer.get_parameter(n) for n in part.names)
+            total += u @ v.T
+    torch.testing.assert_close(total, layer.dense_weight())
+    assert build_owner("masked").linear_parts() is None and build_owner("monarch").linear_parts() is None

@@ -294,7 +294,6 @@ KNOWN_VIOLATIONS = {
     "lazy: pixelfly_lab.studies.reproduce:": "torch, tqdm",
     "lazy: pixelfly_lab.studies.theorems:": "nn.butterfly, structure.masks",
     "lazy: pixelfly_lab.studies.training_comparison:": "training.rank",
-    "lazy: pixelfly_lab.studies.verdicts:": "io, PIL",
     "lazy: pixelfly_lab.training.loop:": "pandas, numpy, tqdm, _version",
     "lazy: pixelfly_lab.training.rank:": "pandas",
 }
@@ -370,7 +369,7 @@ def test_tier_rules_accept_good_cases():
 # One concept per module: none over ~450 lines. The modules listed are over it today and are
 # other engineers' to split (delete a line once its module is split).
 MAX_LINES = 450
-OVERSIZED = ("pixelfly_lab.ops.matmul", "pixelfly_lab.ops.attention", "pixelfly_lab.ops.triton_kernels",
+OVERSIZED = ("pixelfly_lab.ops.matmul", "pixelfly_lab.ops.triton_kernels",
              "pixelfly_lab.ops.torch_kernels", "pixelfly_lab.training.data", "pixelfly_lab.training.loop",
              "pixelfly_lab.approx.expressiveness", "pixelfly_lab.ntk.empirical", "pixelfly_lab.speed.bench",
              "pixelfly_lab.studies.training")

@@ -310,7 +310,8 @@ def test_replaced_layers_match_their_dense_weight_on_real_activations():
 
 def test_too_small_or_too_tight_stays_dense_with_a_reason():
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(64, 64))
-    report = sparsify(model, "pixelfly", budget=0.05, block_size=16).set_index("name")
+    with pytest.warns(UserWarning, match="replaced 0 of the 2"):
+        report = sparsify(model, "pixelfly", budget=0.05, block_size=16).set_index("name")
     assert not report.loc["0", "replaced"] and "budget" in report.loc["0", "note"]
     assert linear_layers(model)[0][0] == "0"
 
@@ -421,3 +422,63 @@ def test_a_lazy_linear_is_left_until_it_has_a_shape():
     model(torch.randn(2, 16))                          # now an nn.Linear(16, 32)
     again = sparsify(model, "pixelfly", budget=0.5, block_size=8, include="0").set_index("name")
     assert again.loc["0", "replaced"]
+
+
+# --- no silent no-ops (issue 22): one warning with the count and reasons; NaN weights named -------
+
+def test_a_model_without_linear_layers_warns_that_nothing_was_replaced():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Conv1d(8, 8, 3))
+    with pytest.warns(UserWarning, match="no linear layer"):
+        report = sparsify(model)
+    assert report.empty
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(budget=0.001), "too small"),                       # no plan fits the budget
+    (dict(block_size=24), "not divisible by block_size=24"),  # a fixed block that divides nothing
+])
+def test_replacing_nothing_warns_once_with_the_count_and_first_reasons(options, why):
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = sparsify(model, **{"budget": 0.25, **options})
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "replaced 0 of the 2" in messages[0] and why in messages[0], messages
+    assert not report["replaced"].any()
+
+
+def test_fewer_than_half_warns_and_half_or_more_does_not():
+    def mlp():
+        return nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10))
+
+    with pytest.warns(UserWarning, match=r"replaced 1 of the 4 .*3 stay dense, e.g. 1: budget=0.001"):
+        sparsify(mlp(), budget={"0": 0.25, "*": 0.001}, block_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = sparsify(mlp(), budget=0.25, block_size=16)   # 3 of 4 (the 10-wide head stays dense)
+    assert report["replaced"].sum() == 3
+
+
+def test_block_size_auto_is_the_default_and_covers_a_small_mlp():
+    """A fixed block 32 leaves a 64-wide MLP dense at budget 0.25 (with a warning); 'auto' replaces all."""
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.Linear(64, 64))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = sparsify(mlp(), budget=0.25)
+    assert report["replaced"].all() and set(report["block_size"]) <= {32, 16, 8, 4}
+    with pytest.warns(UserWarning, match="replaced 0 of the 3"):
+        fixed = sparsify(mlp(), budget=0.25, block_size=32)
+    assert not fixed["replaced"].any()
+
+
+@pytest.mark.parametrize("init", ["match", "project", "kaiming"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_raise_naming_the_layer(init, bad):
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[2].weight[3, 5] = bad
+    with pytest.raises(ValueError, match=r"layer '2' has 1 non-finite entry"):
+        sparsify(model, budget=0.5, block_size=8, init=init)

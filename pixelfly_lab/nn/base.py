@@ -23,13 +23,37 @@ Paper: Dao, Chen et al., "Pixelated Butterfly", ICLR 2022, arXiv 2112.00029.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pixelfly_lab._checks import check_input_width, check_int
 
-__all__ = ["StructuredLinear", "uniform_", "ambient_device"]
+__all__ = ["StructuredLinear", "LinearPart", "uniform_", "ambient_device"]
+
+
+@dataclass(frozen=True)
+class LinearPart:
+    """One term of a layer's W = sum of its parts, for code that differentiates W part by part.
+
+    Attributes:
+        kind: 'block_sparse' (the parameter ``names[0]``, (nnz, b, b), holds the kept blocks of
+            ``layout`` row-major) or 'lowrank' (``names`` = (U, V): W_part = U V^T, U (out, r),
+            V (in, r)).
+        names: parameter names relative to the layer (``layer.get_parameter(name)``).
+        layout: bool (out/b, in/b) host tensor ('block_sparse'), else None.
+        block_size: b ('block_sparse'), else None.
+    """
+
+    kind: str
+    names: tuple[str, ...]
+    layout: torch.Tensor | None = None
+    block_size: int | None = None
+
+    def prefixed(self, prefix: str) -> "LinearPart":
+        """The same part seen from a parent module that holds this layer as ``prefix``."""
+        return LinearPart(self.kind, tuple(f"{prefix}.{n}" for n in self.names), self.layout, self.block_size)
 
 
 def uniform_(tensor: torch.Tensor, bound) -> torch.Tensor:
@@ -176,6 +200,11 @@ class StructuredLinear(nn.Module):
     def _project(self, work: torch.Tensor) -> torch.Tensor:
         """Write the fit of ``work`` (float32/64, (out, in)) into the parameters; return work - W."""
         raise NotImplementedError(f"{type(self).__name__} cannot project a dense weight on its structure")
+
+    def linear_parts(self) -> list[LinearPart] | None:
+        """W as a sum of block-sparse and low-rank parts (for the structured NTK), or None when
+        W is not such a sum (then its derivatives come from autograd)."""
+        return None
 
     # --- forward and what W is ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

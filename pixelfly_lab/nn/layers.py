@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelfly_lab._checks import LOWRANK_INITS, check_bool, check_int, check_lowrank_init
-from pixelfly_lab.nn.base import StructuredLinear
+from pixelfly_lab.nn.base import LinearPart, StructuredLinear
 from pixelfly_lab.nn.lowrank import LowRankLinear
 from pixelfly_lab.nn.monarch import MonarchLinear
 from pixelfly_lab.nn.sparse import BlockSparseLinear, MaskedLinear
@@ -119,6 +119,13 @@ class SparseLowRankLinear(StructuredLinear):
                 square = square + 2 * cross + ((u.T @ u) * (v.T @ v)).sum()
             variance = (square - total * total / count) / max(count - 1, 1)
             return float(variance.clamp(min=0).sqrt())
+
+    def linear_parts(self) -> list[LinearPart] | None:
+        """S's part and U V^T's (None for a gated layer: not linear in x)."""
+        if self.gate is not None:
+            return None
+        parts = [part.prefixed("sparse") for part in self.sparse.linear_parts()]
+        return parts + ([] if self.lowrank is None else [part.prefixed("lowrank") for part in self.lowrank.linear_parts()])
 
     def _project(self, work):
         """S = W0 on the support, U V^T = truncated SVD of the residual, then S refitted to

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelfly_lab._checks import check_int, check_lowrank_init
-from pixelfly_lab.nn.base import StructuredLinear, uniform_
+from pixelfly_lab.nn.base import LinearPart, StructuredLinear, uniform_
 from pixelfly_lab.structure.projections import lowrank_factors
 
 __all__ = ["LowRankLinear"]
@@ -86,6 +86,10 @@ class LowRankLinear(StructuredLinear):
         self.u.copy_(u)
         self.v.copy_(v)
         return work - u @ v.T
+
+    def linear_parts(self) -> list[LinearPart]:
+        """One low-rank part: U V^T."""
+        return [LinearPart("lowrank", ("u", "v"))]
 
     def _forward(self, x):
         return F.linear(x @ self.v, self.u, self.bias)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelfly_lab._checks import check_divides, check_int
-from pixelfly_lab.nn.base import StructuredLinear, ambient_device, uniform_
+from pixelfly_lab.nn.base import LinearPart, StructuredLinear, ambient_device, uniform_
 from pixelfly_lab.ops.matmul import (BACKENDS, block_sparse_matmul, blocks_to_dense, dense_to_blocks, register_layout,
                                      registered_layout)
 from pixelfly_lab.structure.masks import layout_to_mask
@@ -185,6 +185,10 @@ class BlockSparseLinear(StructuredLinear):
         super().__setstate__(state)
         if not self.layout.is_meta:
             self._layout_key = register_layout(self.layout, self.block_size)
+
+    def linear_parts(self) -> list[LinearPart]:
+        """One block-sparse part: ``values`` on the (host) layout."""
+        return [LinearPart("block_sparse", ("values",), registered_layout(self._layout_key).layout, self.block_size)]
 
     @property
     def layout_key(self):
