@@ -77,3 +77,14 @@ def test_lowrank_share_is_validated():
         approximate(target, "pixelfly", 0.3, block_size=4, lowrank_share=1.5)
     with pytest.raises(ValueError, match="block_size"):
         approximate(target_matrix("gaussian", 36), "pixelfly", 0.3, block_size=5)
+
+
+@pytest.mark.parametrize("name", ["random+lowrank", "local+lowrank"])
+def test_lowrank_baselines_get_a_split_search_like_pixelfly(name):
+    # the baseline's class contains its sparse part alone and rank alone: never worse than either
+    target = target_matrix("attention", 64, seed=1, temperature=1.0, locality=1.0)
+    best = approximate(target, name, 0.3, block_size=4)
+    for share in (0.0, 1.0):
+        assert best.error <= approximate(target, name, 0.3, block_size=4, lowrank_share=share).error + 1e-12
+    assert len(best.candidates) >= 3 and best.params <= 0.3 * target.numel()
+    assert best.error == min(c["error"] for c in best.candidates)

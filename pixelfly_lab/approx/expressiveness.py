@@ -34,7 +34,7 @@ from pixelfly_lab.structure.projections import (few_threads, monarch_dense, mona
 from pixelfly_lab.approx.targets import target_matrix
 
 __all__ = ["APPROXIMATION_NAMES", "Approximation", "approximate", "expressiveness_table",
-           "plot_error_vs_budget", "ORACLE_NAMES"]
+           "plot_error_vs_budget", "ORACLE_NAMES", "LOWRANK_SHARES"]
 
 ORACLE_NAMES = ("topk", "topk_blocks", "topk+lowrank")
 APPROXIMATION_NAMES = PATTERN_NAMES + ORACLE_NAMES + ("butterfly_product",)
@@ -162,8 +162,9 @@ def approximate(matrix: torch.Tensor, pattern: str | Pattern, budget: float | No
         seed: seeds random patterns and the butterfly fit.
         lowrank_share: for sparse + low-rank names ('pixelfly', 'X+lowrank', 'topk+lowrank'),
             the share of the budget given to the low-rank term (0 = sparse alone, 1 = low-rank
-            alone). None: 'pixelfly' searches every split (below); the others keep their own
-            split (LOWRANK_SHARE = 15% before rounding).
+            alone). None: 'pixelfly' searches every split (below); 'X+lowrank' searches the
+            shares of :data:`LOWRANK_SHARES` the same way (a baseline must get the search Pixelfly
+            gets); 'topk+lowrank' keeps its split (LOWRANK_SHARE = 15% before rounding).
         max_iter, tol: stopping rule of the sparse + low-rank alternation (relative improvement
             per round below ``tol``: the default 1e-4 stops where the curve is flat to the eye).
         fit_steps: Adam steps of the butterfly fit.
@@ -225,7 +226,11 @@ def _approximate(matrix, pattern, budget, block_size, seed, lowrank_share, max_i
             pattern = _split_pattern(name, matrix, budget, block_size, seed,
                                      LOWRANK_SHARE if name == "topk+lowrank" else 0.0)
         elif name == "pixelfly":
-            return _pixelfly_class(matrix, budget, block_size, max_iter, tol)
+            return _split_class(matrix, _pixelfly_splits(matrix, budget, block_size), "pixelfly", budget, max_iter,
+                                tol)
+        elif name.endswith("+lowrank"):
+            return _split_class(matrix, _lowrank_splits(name, matrix, budget, block_size, seed), name, budget,
+                                max_iter, tol)
         else:
             pattern = make_pattern(name, *matrix.shape, budget, block_size, seed)
     else:
@@ -284,18 +289,38 @@ def _pixelfly_splits(matrix: torch.Tensor, budget: float, block_size: int):
 SCREEN_ROUNDS, REFINED = 3, 2
 
 
-def _pixelfly_class(matrix, budget, block_size, max_iter, tol) -> Approximation:
-    """Best Pixelfly approximation over :func:`_pixelfly_splits` (ties go to the earlier split)."""
-    screened = [_project(matrix, pattern, "pixelfly", min(max_iter, SCREEN_ROUNDS), tol)
-                for pattern in _pixelfly_splits(matrix, budget, block_size)]
+# The split grid of the X+lowrank baselines: the low-rank shares tried (0 = the sparse pattern of the
+# whole budget, 1 = rank alone), so that every baseline gets a search like Pixelfly's
+LOWRANK_SHARES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def _lowrank_splits(name: str, matrix: torch.Tensor, budget: float, block_size: int, seed: int):
+    """The X+lowrank class: :func:`_split_pattern` at every share of :data:`LOWRANK_SHARES` that fits."""
+    seen = set()
+    for share in LOWRANK_SHARES:
+        try:
+            pattern = _split_pattern(name, matrix, budget, block_size, seed, share)
+        except ValueError as err:  # the sparse part's share is below its smallest layout
+            if "too small" not in str(err):
+                raise
+            continue
+        key = (pattern.sparse_params, pattern.rank)
+        if key not in seen:
+            seen.add(key)
+            yield pattern
+
+
+def _split_class(matrix, splits, name, budget, max_iter, tol) -> Approximation:
+    """Best sparse + low-rank approximation over a grid of splits (ties go to the earlier split)."""
+    screened = [_project(matrix, pattern, name, min(max_iter, SCREEN_ROUNDS), tol) for pattern in splits]
     if not screened:
-        raise ValueError(f"budget={budget} is too small for pattern 'pixelfly' on matrix {tuple(matrix.shape)}")
+        raise ValueError(f"budget={budget} is too small for pattern {name!r} on matrix {tuple(matrix.shape)}")
     order = sorted(range(len(screened)), key=lambda i: screened[i].error)
     results = list(screened)
     if max_iter > SCREEN_ROUNDS:
         for i in order[:REFINED]:
             if len(screened[i].history) > SCREEN_ROUNDS:    # stopped by the round limit, not by tol
-                refined = _project(matrix, screened[i].pattern, "pixelfly", max_iter, tol)
+                refined = _project(matrix, screened[i].pattern, name, max_iter, tol)
                 results[i] = min(refined, screened[i], key=lambda r: r.error)
     rows = tuple(dict(butterfly_size=r.pattern.plan.butterfly_size if r.pattern.plan else 0,
                       n_factors=r.pattern.plan.n_factors if r.pattern.plan else 0, rank=r.rank,
