@@ -8,7 +8,7 @@ import pixelfly_lab
 CONTRACT = ["butterfly_factor_mask", "flat_butterfly_mask", "flat_block_butterfly_layout", "layout_to_mask",
             "make_pattern", "plan_pixelfly", "PixelflyLinear", "BlockSparseLinear", "LowRankLinear",
             "MaskedLinear", "MonarchLinear", "ButterflyLinear", "sparsify", "empirical_ntk", "kernel_distance",
-            "target_matrix", "approximate", "block_sparse_attention", "PixelflyAttention"]
+            "target_matrix", "approximate", "block_sparse_attention", "PixelflyAttention", "materialize"]
 
 
 def test_contract_names_are_exported():
@@ -22,6 +22,8 @@ def test_every_layer_has_a_dense_weight():
     for name in ["PixelflyLinear", "BlockSparseLinear", "LowRankLinear", "MaskedLinear", "MonarchLinear",
                  "ButterflyLinear"]:
         assert callable(getattr(getattr(pixelfly_lab, name), "dense_weight", None)), name
+        for method in ("project_", "rescale_", "match_", "weight_std", "reset_parameters", "linear_parts"):
+            assert callable(getattr(getattr(pixelfly_lab, name), method, None)), (name, method)
 
 
 def test_import_does_not_load_triton_or_matplotlib():
