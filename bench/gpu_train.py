@@ -13,8 +13,9 @@ run on tensor cores):
   channel MLP 3072, 1000 classes, batch 64.
 
 A step = forward under torch.autocast(bfloat16) (float32 parameters, as mixed-precision training
-runs), cross-entropy, backward, AdamW; its median time over steps after >= 200 ms of warm-up
-(which autotunes the Triton kernels), dense and Pixelfly interleaved, eager (no CUDA graphs:
+runs), cross-entropy, backward, AdamW, timed by the toolkit's one step timer
+(:func:`pixelfly_lab.speed.timer.time_training_steps`): its median over 10 rounds after 5 warm-up
+steps (which autotune the Triton kernels), dense and Pixelfly interleaved, eager (no CUDA graphs:
 the optimiser's state and autocast's cast cache make a captured step a different program).
 Everything runs under one deadline (--deadline seconds from the interpreter's start); a model
 the deadline reaches is reported as trimmed. Output: a summary on stdout, gpu_train.csv and
@@ -32,7 +33,6 @@ START = time.perf_counter()
 import argparse  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -78,49 +78,14 @@ def build(name: str, pattern: str, smoke: bool, budget: float, block: int, devic
     return model.to(device), x.to(device), y.to(device)
 
 
-def step_fn(model, x, y, device: str):
+def final_loss(model, x, y, device: str) -> float:
+    """The loss of one more forward (bf16 autocast), to check that training kept it finite."""
     import torch
     import torch.nn.functional as F
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = torch.bfloat16
-
-    def step():
-        with torch.autocast(device, dtype=dtype):
-            out = model(x)
-            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-    return step
-
-
-def timed(steps, device: str, warmup_s: float, reps: int):
-    """Median ms of each step fn, interleaved, after >= warmup_s of warm-up each; last losses."""
-    import torch
-
-    losses = []
-    for fn in steps:
-        t0 = time.perf_counter()
-        while True:
-            loss = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if time.perf_counter() - t0 >= warmup_s:
-                break
-        losses.append(float(loss))
-    times = [[] for _ in steps]
-    for _ in range(reps):
-        for i, fn in enumerate(steps):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[i].append(1e3 * (time.perf_counter() - t0))
-    return [statistics.median(t) for t in times], losses
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        out = model(x)
+        return float(F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1)))
 
 
 def main(argv=None) -> int:
@@ -129,6 +94,7 @@ def main(argv=None) -> int:
     if torch is None:
         return 2
     import pandas as pd
+    from pixelfly_lab.speed.timer import time_training_steps
 
     out = Path(args.out)
     device = "cpu" if args.smoke else "cuda"
@@ -155,8 +121,12 @@ def main(argv=None) -> int:
             continue
         try:
             built = {p: build(name, p, args.smoke, args.budget, args.block, device) for p in ("dense", "pixelfly")}
-            steps = [step_fn(*built[p], device) for p in ("dense", "pixelfly")]
-            (dense_ms, pf_ms), losses = timed(steps, device, 0.0 if args.smoke else 0.2, 2 if args.smoke else 10)
+            _, x, y = built["dense"]        # build() seeds alike: the same batch for both
+            table = time_training_steps({p: built[p][0] for p in built}, x, y, steps=1,
+                                        warmup=1 if args.smoke else 5, rounds=2 if args.smoke else 10,
+                                        threads=None, autocast=torch.bfloat16)
+            dense_ms, pf_ms = table["step_ms"]
+            losses = [final_loss(built[p][0], x, y, device) for p in built]
         except Exception as err:   # one model failing must not lose the other
             failures.append(f"{name}: {type(err).__name__}: {err}"[:300])
             say(f"{name}: FAILED {failures[-1]}")
@@ -171,7 +141,7 @@ def main(argv=None) -> int:
             f"(talk x{TALK[name]}); params {params[0] / 1e6:.1f}M -> {params[1] / 1e6:.1f}M; "
             f"losses {losses[0]:.3f} / {losses[1]:.3f}" + (" (smoke: meaningless)" if args.smoke else ""))
         pd.DataFrame(rows).to_csv(out / "gpu_train.csv", index=False)
-        del built, steps
+        del built, table
         if device == "cuda":
             torch.cuda.empty_cache()
     if trimmed:

@@ -56,10 +56,12 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from pixelfly_lab.ntk.structured import (contract_jacobians, contract_term, feature_numel, structured_features,
-                             structured_rules)
+from pixelfly_lab.ntk.structured import (contract_jacobians, contract_term, feature_numel, pair_numel,
+                                         structured_features, structured_rules)
+from pixelfly_lab.outputs import check_output_fn, model_output
 
 __all__ = ["METHODS", "DISTANCE_METRICS", "SCALE_FREE_METRICS", "empirical_ntk", "kernel_distance",
            "seed_spread", "spectra"]
@@ -89,10 +91,15 @@ class _Problem:
     trace: bool
     budget: int         # max_memory in elements of the working dtype
     progress: bool | None
+    output_fn: object = None   # output -> tensor (default: the tensor, ['logits'] or .logits)
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output tensor for a batch x."""
+        return model_output(self.model(x), self.output_fn)
 
     def forward_one(self, tensors: dict, x: torch.Tensor) -> torch.Tensor:
         """(O,) outputs of one example, the parameters replaced by ``tensors``."""
-        return functional_call(self.model, tensors, (x.unsqueeze(0),)).reshape(-1)
+        return model_output(functional_call(self.model, tensors, (x.unsqueeze(0),)), self.output_fn).reshape(-1)
 
     def kernel(self) -> torch.Tensor:
         tail = () if self.trace else (self.n_out, self.n_out)
@@ -106,13 +113,20 @@ class _Problem:
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
                   method: str = "auto", trace: bool = True, chunk_size: int | None = None,
-                  max_memory: int | None = None, progress: bool | None = None) -> torch.Tensor:
+                  max_memory: int | None = None, progress: bool | None = None,
+                  output_fn=None) -> torch.Tensor:
     """Empirical NTK K = J(x1) J(x2)^T of ``model`` at its current parameters.
 
+    Attention runs on PyTorch's math kernel of ``scaled_dot_product_attention`` while the kernel
+    is computed: it is made of batched matmuls, so vmap vectorises it, where the fused CPU
+    kernel has no batching rule and vmap would fall back to a loop over examples and outputs.
+
     Args:
-        model: any nn.Module mapping a batch (B, *E) to outputs (B, ...); the Jacobian is taken
-            with respect to every parameter with ``requires_grad`` (for sparse layers: their
-            stored values, so the kernel is the sparse model's own).
+        model: any nn.Module mapping a batch (B, *E) to outputs (B, ...), returned as a tensor,
+            a mapping with 'logits' or an object with ``.logits`` (a Hugging Face model's
+            output); the Jacobian is taken with respect to every parameter with
+            ``requires_grad`` (for sparse layers: their stored values, so the kernel is the
+            sparse model's own).
         x1: (N1, *E) inputs.
         x2: (N2, *E) inputs, or None for K(x1, x1) (each Jacobian computed once).
         method: 'auto', 'loop', 'jacobian', 'ntvp' or 'structured' (see the module docstring).
@@ -121,6 +135,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         max_memory: bytes the largest intermediates may take (default: a quarter of
             the device's free memory, see :func:`default_max_memory`).
         progress: show a progress bar over kernel blocks (None: tqdm's default, on a terminal).
+        output_fn: optional callable output -> (B, ...) tensor choosing what the kernel is of,
+            e.g. ``lambda out: out.logits[:, -1]`` for the last position's logits.
 
     Returns:
         (N1, N2) kernel if ``trace`` else (N1, N2, O, O), in the model's dtype, on x1's device.
@@ -130,7 +146,12 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         >>> empirical_ntk(net, torch.randn(5, 3)).shape
         torch.Size([5, 5])
     """
-    prob = _setup(model, x1, x2, method, trace, chunk_size, max_memory, progress)
+    with sdpa_kernel(SDPBackend.MATH):
+        prob = _setup(model, x1, x2, method, trace, chunk_size, max_memory, progress, output_fn)
+        return _compute(prob, method, chunk_size)
+
+
+def _compute(prob: _Problem, method: str, chunk_size) -> torch.Tensor:
     if method == "loop":
         return _loop_ntk(prob)
     rules = structured_rules(prob) if method in ("auto", "structured") else []
@@ -140,8 +161,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         method = "structured" if 2 * covered >= total else "jacobian"
     kernel = prob.kernel()
     if method == "structured" and rules:
-        _structured_into(prob, rules, kernel, chunk_size)
         rest = [name for name in prob.trainable if all(name not in r.params for r in rules)]
+        rest = _structured_into(prob, rules, kernel, chunk_size, rest)
     else:
         rest = prob.trainable
     if rest:
@@ -150,9 +171,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
 
 
 # ----------------------------------------------------------------------------- input checks
-def _setup(model, x1, x2, method, trace, chunk_size, max_memory, progress) -> _Problem:
+def _setup(model, x1, x2, method, trace, chunk_size, max_memory, progress, output_fn=None) -> _Problem:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_output_fn(output_fn)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if not isinstance(trace, bool):
@@ -185,14 +207,14 @@ def _setup(model, x1, x2, method, trace, chunk_size, max_memory, progress) -> _P
         raise ValueError(f"model's parameters are on {sorted(map(str, devices))} but x1 is on {x1.device}")
     base = {name: t.detach() for name, t in [*named.items(), *model.named_buffers()]}
     with torch.no_grad():
-        out = model(x1[:1])
-    if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != 1:
-        raise TypeError(f"model must return a tensor with a batch axis; for a batch of one it "
-                        f"returned {type(out).__name__}{tuple(getattr(out, 'shape', ()))}")
+        out = model_output(model(x1[:1]), output_fn)
+    if out.dim() < 1 or out.shape[0] != 1:
+        raise TypeError(f"model must return a tensor with a batch axis (or output_fn must pick one); for a "
+                        f"batch of one it gave {type(out).__name__}{tuple(out.shape)}")
     dtype = named[trainable[0]].dtype
     budget = max(1, (max_memory or default_max_memory(x1.device)) // (torch.finfo(dtype).bits // 8))
     return _Problem(model, base, trainable, x1, x1 if symmetric else x2, symmetric,
-                    out[0].numel(), trace, budget, progress)
+                    out[0].numel(), trace, budget, progress, output_fn)
 
 
 def default_max_memory(device: torch.device) -> int:
@@ -222,7 +244,7 @@ def _loop_ntk(prob: _Problem) -> torch.Tensor:
     def jacobian(x):
         rows = []
         for i in range(len(x)):
-            out = prob.model(x[i:i + 1]).reshape(-1)
+            out = prob.call(x[i:i + 1]).reshape(-1)
             for o in range(prob.n_out):
                 grads = torch.autograd.grad(out[o], params, retain_graph=True, allow_unused=True)
                 rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
@@ -372,16 +394,21 @@ def _ntvp_contract(prob: _Problem, f, slices):
     return contract
 
 
-def _structured_into(prob: _Problem, rules: list, kernel, chunk_size) -> None:
-    """Add the rules' parameters' kernel; their features are small, so cached when they fit."""
-    features = structured_features(prob, rules)
-    terms = [term for rule in rules for term in rule.terms]
-    per_example = feature_numel(features(prob.x1[:1]))
-    # the largest Gram stack a block contracts, per pair of examples
-    per_pair = max((t.layout.shape[0] + t.layout.shape[1]) * (1 if prob.trace else prob.n_out ** 2)
-                   for t in terms)
+def _structured_into(prob: _Problem, rules: list, kernel, chunk_size, rest: list) -> list:
+    """Add the rules' parameters' kernel; their features are small, so cached when they fit.
+
+    The parameters ``rest`` without a rule join the same backward passes (their Jacobians beside
+    the rules' cotangents) when all of theirs fit the memory budget at once; returns those left.
+    """
     usable = max(1, prob.budget // _OVERHEAD)
     n_eval = len(prob.x1) + (0 if prob.symmetric else len(prob.x2))
+    extra = tuple(rest) if n_eval * prob.n_out * sum(prob.base[n].numel() for n in rest) <= usable // 2 else ()
+    features = structured_features(prob, rules, extra)
+    terms = [term for rule in rules for term in rule.terms] + [None] * len(extra)
+    first = features(prob.x1[:1])
+    per_example = feature_numel(first)
+    # the largest Gram stack a block contracts, per pair of examples
+    per_pair = max(pair_numel(t, f, prob.n_out, prob.trace) for t, f in zip(terms, first))
     chunk = chunk_size or max(1, min(max(len(prob.x1), len(prob.x2)), math.isqrt(usable // per_pair),
                                      usable // per_example))
 
@@ -389,6 +416,7 @@ def _structured_into(prob: _Problem, rules: list, kernel, chunk_size) -> None:
         return sum(contract_term(t, ta, tb, prob.trace) for t, ta, tb in zip(terms, fa, fb))
 
     _assemble(prob, kernel, features, contract, chunk, n_eval * per_example <= usable, "NTK (structured)")
+    return [] if extra else rest
 
 
 # ----------------------------------------------------------------------------- kernels compared
@@ -485,7 +513,7 @@ def kernel_distance(k1: torch.Tensor, k2: torch.Tensor, metric: str = "relative_
 
 
 def seed_spread(model_factory, x: torch.Tensor, seeds=(0, 1, 2), metrics=DISTANCE_METRICS, *,
-                method: str = "auto") -> pd.DataFrame:
+                method: str = "auto", output_fn=None) -> pd.DataFrame:
     """The seed-to-seed spread of each kernel distance: the yardstick for a distance to a model.
 
     A distance between a sparse model's kernel and the dense one's means little alone: two dense
@@ -501,7 +529,8 @@ def seed_spread(model_factory, x: torch.Tensor, seeds=(0, 1, 2), metrics=DISTANC
         seeds: at least two distinct ints; three (the default) is the fewest that gives a
             standard deviation over more than one pair.
         metrics: names from :data:`DISTANCE_METRICS`.
-        method: passed to :func:`empirical_ntk`.
+        method, output_fn: passed to :func:`empirical_ntk` (the models may return a mapping or
+            an object with ``.logits``, as a Hugging Face model does).
 
     Returns:
         DataFrame, one row per metric: metric, mean, sd (sample standard deviation over pairs,
@@ -528,7 +557,7 @@ def seed_spread(model_factory, x: torch.Tensor, seeds=(0, 1, 2), metrics=DISTANC
         model = model_factory(seed)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model_factory({seed}) must return an nn.Module, got {type(model).__name__}")
-        kernels.append(empirical_ntk(model, x, method=method))
+        kernels.append(empirical_ntk(model, x, method=method, output_fn=output_fn))
     rows = []
     for metric in metrics:
         pairs = [(i, j) for i in range(len(seeds)) for j in range(len(seeds))

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
-__all__ = ["contract_jacobians", "structured_rules", "structured_features", "feature_numel", "contract_term"]
+__all__ = ["contract_jacobians", "structured_rules", "structured_features", "feature_numel", "pair_numel",
+           "contract_term"]
 
 
 def contract_jacobians(ja: torch.Tensor, jb: torch.Tensor, trace: bool) -> torch.Tensor:
@@ -87,7 +88,7 @@ def _ones_side(a, g):
 def _bias_terms(module, name) -> list:
     if getattr(module, "bias", None) is None:
         return []
-    return [_Term(name("bias"), _DENSE, (module.out_features, 1), _output_side, _ones_side)]
+    return [_Term(name("bias"), _DENSE, (module.bias.shape[0], 1), _output_side, _ones_side)]
 
 
 def _linear_terms(module, name, weight, layout, block) -> list:
@@ -105,6 +106,13 @@ def _lowrank_terms(name, u: torch.Tensor, v: torch.Tensor) -> list:
 _DENSE = torch.ones(1, 1, dtype=torch.bool)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections), recognised without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf)
+
+
 def rule_for(prefix: str, module: nn.Module) -> _Rule | None:
     """Terms of ``module`` if its type has a rule (exact types: a subclass may compute otherwise)."""
     from pixelfly_lab.nn import layers  # imported here: layers imports the kernels, ntk works without them
@@ -113,6 +121,10 @@ def rule_for(prefix: str, module: nn.Module) -> _Rule | None:
     kind = type(module)
     if kind is nn.Linear:
         return _Rule(module, _linear_terms(module, name, "weight", _DENSE, tuple(module.weight.shape)))
+    if _is_conv1d(module):   # y = x W + b with W stored (in, out): the transpose of nn.Linear's
+        in_f, out_f = module.weight.shape
+        return _Rule(module, [_Term(name("weight"), _DENSE, (out_f, in_f), _output_side, _input_side, True)]
+                     + _bias_terms(module, name))
     if kind is layers.BlockSparseLinear:
         b = module.block_size
         return _Rule(module, _linear_terms(module, name, "values", module.layout.cpu(), (b, b)))
@@ -164,20 +176,41 @@ def _probe_outputs(prob, modules: list) -> dict:
     hooks = [m.register_forward_hook(lambda m, i, o: shapes[id(m)].append((o.shape, len(i)))) for m in modules]
     try:
         with torch.no_grad():
-            prob.model(prob.x1[:1])
+            prob.call(prob.x1[:1])
     finally:
         for hook in hooks:
             hook.remove()
     return shapes
 
 
-def structured_features(prob, rules: list):
-    """features(x) for a chunk: per term of every rule, its factors or its Jacobian.
+def _gram_form(prob, term: _Term, positions: int) -> bool:
+    """Whether a term shared over ``positions`` > 1 positions is contracted as Gram matrices.
+
+    Traced, its kernel is sum_{s, s'} <a_s, a'_s'> sum_o <g_os, g'_os'> over the stored blocks:
+    S^2 (O out_t + in_t) per pair of examples, no Jacobian kept. Its factored Jacobian
+    sum_s g_os a_s^T costs O S P_t per example to build, O P_t per pair to contract and O P_t
+    of memory per example: cheaper for few outputs and positions (a Mixer's class scores), far
+    dearer for a language model's (T, V) logits. Untraced kernels always take the Jacobian.
+    """
+    if not prob.trace:
+        return False
+    n1, n2 = len(prob.x1), len(prob.x2)
+    n_eval, pairs = (n1, n1 * (n1 + 1) // 2) if prob.symmetric else (n1 + n2, n1 * n2)
+    (bo, bi), (rows, cols) = term.block, term.layout.shape
+    p_t = int(term.layout.sum()) * bo * bi
+    gram = pairs * positions ** 2 * (prob.n_out * rows * bo + cols * bi + rows * cols)
+    direct = (n_eval * positions + pairs) * prob.n_out * p_t
+    return gram < direct
+
+
+def structured_features(prob, rules: list, extra: tuple = ()):
+    """features(x) for a chunk: per term of every rule, its factors or its Jacobian; then per name
+    in ``extra`` (parameters without a rule) its Jacobian (c, O, P), from the same backward passes.
 
     Without extra axes (S = 1) a term's features are (left (c, O, 1, out_t), right (c, 1, in_t)),
-    contracted as Gram matrices. A weight shared over S > 1 positions gets its factored
-    Jacobian sum_s left_s (x) right_s (c, O, P_t) instead, built once here: its Gram form would
-    cost S^2 (O out_t + in_t) per pair against O out_t in_t, more for the sizes of the models here.
+    contracted as Gram matrices. A weight shared over S > 1 positions keeps its factors too when
+    :func:`_gram_form` says the Gram form costs less; else it gets its factored Jacobian
+    sum_s left_s (x) right_s (c, O, P_t), built once here.
 
     A zero "tap" is added to each rule's output; d f / d tap is the output cotangent g, so one
     vmap(jacrev) over the taps gives every g without differentiating any weight.
@@ -188,17 +221,20 @@ def structured_features(prob, rules: list):
         state["inputs"].append(inputs[0])
         return output + state["deltas"][state["index"][id(module)]]
 
-    def f(deltas, x):
+    def f(deltas, values, x):
         state.update(deltas=deltas, inputs=[])
-        return prob.forward_one(prob.base, x), tuple(state["inputs"])
+        tensors = {**prob.base, **dict(zip(extra, values))} if extra else prob.base
+        return prob.forward_one(tensors, x), tuple(state["inputs"])
 
     shapes = _probe_outputs(prob, [r.module for r in rules])
     deltas = tuple(torch.zeros(shapes[id(r.module)][0][0], dtype=prob.dtype, device=prob.x1.device) for r in rules)
+    values = tuple(prob.base[name] for name in extra)
 
     def features(x):
         handles = [r.module.register_forward_hook(hook) for r in rules]
         try:
-            grads, inputs = vmap(jacrev(f, has_aux=True), in_dims=(None, 0))(deltas, x)
+            (grads, jacobians), inputs = vmap(jacrev(f, argnums=(0, 1), has_aux=True),
+                                              in_dims=(None, None, 0))(deltas, values, x)
         finally:
             for h in handles:
                 h.remove()
@@ -207,8 +243,9 @@ def structured_features(prob, rules: list):
             a, g = a.reshape(c, -1, a.shape[-1]), g.reshape(c, prob.n_out, -1, g.shape[-1])
             for term in rule.terms:
                 left, right = term.left(a, g), term.right(a, g)
-                feats.append((left, right) if a.shape[1] == 1 else _direct_jacobian(term, left, right))
-        return feats
+                factored = a.shape[1] == 1 or _gram_form(prob, term, a.shape[1])
+                feats.append((left, right) if factored else _direct_jacobian(term, left, right))
+        return feats + [jac.reshape(c, prob.n_out, -1) for jac in jacobians]
 
     return features
 
@@ -223,13 +260,26 @@ def _direct_jacobian(term: _Term, left: torch.Tensor, right: torch.Tensor) -> to
     return (jac.transpose(-1, -2) if term.transposed else jac).reshape(c, n_out, -1)
 
 
-def _term_jacobian(term: _Term, feature) -> torch.Tensor:
-    return feature if isinstance(feature, torch.Tensor) else _direct_jacobian(term, *feature)
+def _projected_gradient(term: _Term, feature, weights: torch.Tensor) -> torch.Tensor:
+    """(P_t,) gradient of sum_o weights_o f_o for the first example of a chunk's feature."""
+    if isinstance(feature, torch.Tensor):
+        return weights @ feature[0]
+    left, right = feature
+    left = torch.einsum("o,osw->sw", weights, left[0])[None, None]     # (1, 1, S, out_t)
+    return _direct_jacobian(term, left, right[:1])[0, 0]
 
 
 def feature_numel(features: list) -> int:
     """Elements held by a chunk's features."""
     return sum(f.numel() if isinstance(f, torch.Tensor) else f[0].numel() + f[1].numel() for f in features)
+
+
+def pair_numel(term: _Term, feature, n_out: int, trace: bool) -> int:
+    """Elements of the largest intermediate per pair of examples when contracting ``feature``."""
+    if isinstance(feature, torch.Tensor):
+        return 1 if trace else n_out ** 2
+    positions = feature[0].shape[2]
+    return (term.layout.shape[0] + term.layout.shape[1]) * positions ** 2 * (1 if trace else n_out ** 2)
 
 
 def _verified(prob, rules: list) -> list:
@@ -240,7 +290,7 @@ def _verified(prob, rules: list) -> list:
     weights = torch.randn(prob.n_out, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     weights = weights.to(device=x0.device, dtype=prob.dtype)
     params = [named[name] for rule in rules for name in rule.params]
-    grads = dict(zip(map(id, params), torch.autograd.grad(prob.model(x0).reshape(-1) @ weights, params,
+    grads = dict(zip(map(id, params), torch.autograd.grad(prob.call(x0).reshape(-1) @ weights, params,
                                                           allow_unused=True)))
     kept = []
     for rule in rules:
@@ -248,7 +298,7 @@ def _verified(prob, rules: list) -> list:
         for term in rule.terms:
             true = grads[id(named[term.param])]
             true = torch.zeros_like(named[term.param]) if true is None else true
-            error += float((weights @ _term_jacobian(term, next(feats))[0] - true.reshape(-1)).square().sum())
+            error += float((_projected_gradient(term, next(feats), weights) - true.reshape(-1)).square().sum())
             norm += float(true.square().sum())
         tol = 1e-9 if prob.dtype == torch.float64 else 1e-3
         if math.sqrt(error) <= tol * (1.0 + math.sqrt(norm)):
@@ -261,10 +311,17 @@ def _verified(prob, rules: list) -> list:
 
 def contract_term(term: _Term, fa, fb, trace: bool) -> torch.Tensor:
     """One term's kernel block: sum over its stored blocks (r, c) of G_r * A_c (Gram matrices)."""
-    if isinstance(fa, torch.Tensor):     # weight shared over extra axes: its factored Jacobian
+    if isinstance(fa, torch.Tensor):     # a Jacobian: a weight shared over extra axes, or no rule
         return contract_jacobians(fa, fb, trace)
     (left_a, right_a), (left_b, right_b) = fa, fb
-    (bo, bi), (ca, n_out), cb = term.block, left_a.shape[:2], left_b.shape[0]
+    (bo, bi), (ca, n_out, positions), cb = term.block, left_a.shape[:3], left_b.shape[0]
+    if positions > 1:    # traced only (_gram_form): sum over position pairs (s, t) as well
+        left_a, left_b = left_a.reshape(ca, n_out, positions, -1, bo), left_b.reshape(cb, n_out, positions, -1, bo)
+        gram_g = torch.einsum("aosrw,botrw->rabst", left_a, left_b)                 # (R, ca, cb, S, S)
+        gram_a = torch.einsum("ascw,btcw->cabst", right_a.reshape(ca, positions, -1, bi),
+                              right_b.reshape(cb, positions, -1, bi))               # (C, ca, cb, S, S)
+        mixed = torch.einsum("rc,cabst->rabst", term.layout.to(gram_a), gram_a)
+        return (gram_g * mixed).sum((0, 3, 4))
     left_a, left_b = left_a.reshape(ca, n_out, -1, bo), left_b.reshape(cb, n_out, -1, bo)
     gram_g = (torch.einsum("aorw,borw->rab", left_a, left_b) if trace
               else torch.einsum("aorw,bprw->rabop", left_a, left_b))        # (R, ca, cb[, O, O])

@@ -533,18 +533,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shapes", nargs="+", metavar="INxOUT", help="e.g. 1024x4096 (default: 512x2048 768x3072 1024x4096)")
     parser.add_argument("--rows", nargs="+", type=int, default=[default.rows],
                         help="rows of x (tokens); several, e.g. 4096 512, give one table each")
-    parser.add_argument("--budgets", nargs="+", type=float, default=list(default.budgets))
-    parser.add_argument("--block-sizes", nargs="+", type=int, default=list(default.block_sizes))
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(default.budgets),
+                        help="Pixelfly budgets to time, fractions of the dense parameters")
+    parser.add_argument("--block-sizes", nargs="+", type=int, default=list(default.block_sizes),
+                        help="sparse block sizes to time")
     parser.add_argument("--backends", nargs="+", default=list(default.backends),
-                        choices=("auto", "torch", "reference", "triton"))
-    parser.add_argument("--peers", nargs="*", default=list(default.peers), choices=("monarch", "masked", "bsr"))
-    parser.add_argument("--repeats", type=int, default=default.repeats)
+                        choices=("auto", "torch", "reference", "triton"), help="block-sparse matmul backends")
+    parser.add_argument("--peers", nargs="*", default=list(default.peers), choices=("monarch", "masked", "bsr"),
+                        help="other sparse layers timed at each budget (block 32)")
+    parser.add_argument("--repeats", type=int, default=default.repeats,
+                        help="timed runs per case; the median is reported")
     parser.add_argument("--threads", nargs="+", type=int, default=[default.threads],
                         help="torch CPU threads (default 1); several, e.g. 1 2, give one table each")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                         help="compute dtype: bfloat16 on the CPU runs both layers under torch.autocast "
                              "(float32 parameters); default float32 on the CPU, bfloat16 on CUDA")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to time (default cpu)")
     parser.add_argument("--allocator", default=default.allocator, choices=("retain", "default"),
                         help="'retain': glibc keeps freed memory (as jemalloc/tcmalloc would); 'default': as is")
     models = parser.add_mutually_exclusive_group()

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pixelfly_lab.outputs import check_output_fn, model_output
+
 __all__ = ["time_training_steps"]
 
 
@@ -80,8 +82,8 @@ def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
 
 
 def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None = None, *,
-                        loss_fn=None, optimizer=None, steps: int = 3, warmup: int = 1, rounds: int = 3,
-                        threads: int | None = 1) -> pd.DataFrame:
+                        loss_fn=None, output_fn=None, optimizer=None, steps: int = 3, warmup: int = 1,
+                        rounds: int = 3, threads: int | None = 1, autocast: torch.dtype | None = None) -> pd.DataFrame:
     """Median wall time of one training step of each model on one batch, interleaved.
 
     A step is forward, loss, backward and ``optimizer.step()``. Every model first runs
@@ -97,12 +99,17 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
             is the baseline, e.g. {'dense': model, 'pixelfly': sparsified_copy}. Trained in place.
         batch: the input, passed as ``model(batch)``.
         target: passed to ``loss_fn``; None with the default loss means a zero target.
-        loss_fn: (output, target) -> scalar; default cross-entropy for an integer target, mean
-            squared error otherwise.
+        loss_fn: (output, target) -> scalar, ``output`` being the tensor the model returned (or
+            its ``['logits']`` / ``.logits``, as a Hugging Face model returns them, or what
+            ``output_fn`` picks); default cross-entropy for an integer target ((B,) classes or
+            (B, T) next tokens), mean squared error otherwise.
+        output_fn: optional callable (model's output) -> tensor handed to ``loss_fn``.
         optimizer: model -> torch.optim.Optimizer; default AdamW (lr 1e-4: the step's cost does
             not depend on it, and small steps keep the weights finite over many timed steps).
         steps, warmup, rounds: timed steps per round, untimed steps per model, rounds.
         threads: torch CPU threads while timing (restored after); None leaves them as they are.
+        autocast: a dtype (``torch.bfloat16``) to run forward and loss under ``torch.autocast`` on
+            the batch's device, as mixed-precision training does; None: no autocast.
 
     Returns:
         DataFrame, one row per model: model, step_ms (median), ratio (baseline's median / this),
@@ -125,15 +132,30 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
     for name, value in (("steps", steps), ("rounds", rounds), ("warmup", warmup)):
         if not isinstance(value, int) or value < (0 if name == "warmup" else 1):
             raise ValueError(f"{name} must be an int >= {0 if name == 'warmup' else 1}, got {value!r}")
-    loss_fn = loss_fn or _default_loss
+    check_output_fn(output_fn)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable (output, target) -> scalar or None, got {type(loss_fn).__name__}")
+    user_loss = loss_fn or _default_loss
+
+    def loss_fn(output, target):
+        return user_loss(model_output(output, output_fn), target)
+
     optimizers = {name: (optimizer or (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4)))(model)
                   for name, model in models.items()}
     cuda = batch.is_cuda
+    if autocast is not None and not isinstance(autocast, torch.dtype):
+        raise TypeError(f"autocast must be a torch.dtype or None, got {type(autocast).__name__}")
+
+    def loss_of(model):
+        if autocast is None:
+            return loss_fn(model(batch), target)
+        with torch.autocast(batch.device.type, dtype=autocast):
+            return loss_fn(model(batch), target)
 
     def step(name):
         model, opt = models[name], optimizers[name]
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(batch), target).backward()
+        loss_of(model).backward()
         opt.step()
 
     previous = torch.get_num_threads()
@@ -143,7 +165,7 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         macs = {}
         for name, model in models.items():
             with _MacCounter() as counter:
-                loss_fn(model(batch), target).backward()
+                loss_of(model).backward()
             model.zero_grad(set_to_none=True)
             macs[name] = counter.macs
             for _ in range(warmup):

@@ -374,7 +374,8 @@ def add_arguments(parser) -> None:
                              "(the paper-scale run; the default)")
     parser.add_argument("--quick", action="store_true", help="alias of --preset quick")
     parser.add_argument("--out", default="results", help="output folder (default: results)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: CUDA when available (GPU claims need it)")
     parser.add_argument("--force", action="store_true", help="rerun studies that are up to date")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only these studies: " + ", ".join(e.name for e in EXPERIMENTS))

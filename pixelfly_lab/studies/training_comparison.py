@@ -11,10 +11,7 @@ fraction of the parameters, 2.3-2.5x faster on GPUs) are checked by the study th
 
 from __future__ import annotations
 
-import contextlib
-import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch
 from pixelfly_lab.training.data import TaskData
 from pixelfly_lab.training.models import build_model, count_params
 from pixelfly_lab.training.loop import TrainConfig, task_loss, train
+from pixelfly_lab.speed.timer import time_training_steps
 
 __all__ = ["PATTERN_VARIANTS", "pattern_options", "Comparison", "compare_patterns", "step_speed", "plot_curves",
            "plot_parity", "plot_ranks", "plot_step_times"]
@@ -107,36 +105,19 @@ def compare_patterns(patterns, seeds=(0,), workdir=None, **config) -> Comparison
                       pd.concat(ranks, ignore_index=True), models)
 
 
-def _timed_steps(model, x, y, task, steps, autocast) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for _ in range(steps):
-        tick = time.perf_counter()
-        with autocast():
-            loss = task_loss(model(x), y, task)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - tick)
-    return times
-
-
 def step_speed(model_name: str, data: TaskData, patterns=("dense", "pixelfly"), *, size="tiny", budget=0.25,
                block_size=16, batch_size=32, device="cpu", steps=10, warmup=3, rounds=3, **model_options):
     """Median time of one AdamW training step per pattern, measured interleaved.
 
-    The models are built once; then ``rounds`` times, each pattern runs ``warmup`` untimed and
-    ``steps`` timed steps on the same batch, so that drifts of the machine's speed hit every
-    pattern alike. bf16 autocast on CUDA.
+    The models are built once, then timed by :func:`pixelfly_lab.speed.timer.time_training_steps`
+    (the toolkit's one step timer): ``warmup`` untimed steps each, then ``rounds`` rounds of
+    ``steps`` timed steps, patterns interleaved so that drifts of the machine's speed hit every
+    pattern alike. bf16 autocast on CUDA; torch's threads as they are.
 
     Returns:
         DataFrame with pattern, params, step_time (median seconds), speedup (dense's time / this).
     """
     device = torch.device(device)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else contextlib.nullcontext)
     x, y = data.x_train[:batch_size].to(device), data.y_train[:batch_size].to(device)
     models = {}
     for label in patterns:
@@ -144,16 +125,13 @@ def step_speed(model_name: str, data: TaskData, patterns=("dense", "pixelfly"), 
         models[label] = build_model(model_name, data, size=size, pattern=pattern,
                                     budget=1.0 if pattern == "dense" else budget, block_size=block_size,
                                     **{**model_options, **options}).to(device)
-    times = {p: [] for p in patterns}
-    for _ in range(rounds):
-        for pattern, model in models.items():
-            _timed_steps(model, x, y, data.task, warmup, autocast)
-            times[pattern] += _timed_steps(model, x, y, data.task, steps, autocast)
-    rows = [{"pattern": p, "params": count_params(models[p]), "step_time": statistics.median(t)}
-            for p, t in times.items()]
-    frame = pd.DataFrame(rows)
-    if "dense" in times:
-        frame["speedup"] = statistics.median(times["dense"]) / frame["step_time"]
+    table = time_training_steps(models, x, y, loss_fn=lambda output, target: task_loss(output, target, data.task),
+                                steps=steps, warmup=warmup, rounds=rounds, threads=None,
+                                autocast=torch.bfloat16 if device.type == "cuda" else None)
+    frame = pd.DataFrame({"pattern": table["model"], "params": [count_params(models[p]) for p in models],
+                          "step_time": table["step_ms"] / 1e3})
+    if "dense" in models:
+        frame["speedup"] = float(frame.loc[frame.pattern == "dense", "step_time"].iloc[0]) / frame["step_time"]
     return frame
 
 

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from pixelfly_lab._checks import check_budget, check_int
+from pixelfly_lab.outputs import check_output_fn, model_output
 from pixelfly_lab.training.data import DATASETS, load_data
 from pixelfly_lab.training.models import ATTENTION_NAMES, MODEL_NAMES, SIZES, SPARSIFY_WHERE, build_model, count_params
 from pixelfly_lab.structure.patterns import PATTERN_NAMES
@@ -245,14 +246,14 @@ def task_loss(output: torch.Tensor, target: torch.Tensor, task: str, reduction: 
 
 
 @torch.no_grad()
-def _evaluate(model, x, y, task: str, d: _Dist, autocast, batch: int) -> dict:
+def _evaluate(model, x, y, task: str, d: _Dist, autocast, batch: int, output_fn=None) -> dict:
     """Test metrics over this rank's share (examples rank, rank + world, ...), summed over ranks."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     for index in torch.arange(d.rank, len(x), d.world).split(batch):
         xb, yb = x[index], y[index]
         with autocast():
-            output = model(xb)
+            output = model_output(model(xb), output_fn)
         sums[0] += float(task_loss(output, yb, task, reduction="sum"))
         if task != "regression":
             sums[1] += float((output.argmax(-1) == yb).sum())
@@ -360,13 +361,14 @@ def _summary(config, data, model, metrics, history, d, device, *, step, total_st
         dist.all_gather_object(fingerprints, _fingerprint(model))
     unit, per_example = ("tokens", data.x_train.shape[1]) if data.task == "lm" else ("examples", 1)
     step_times = [row["step_time"] for row in history if row["event"] == "step"]
-    params, report = count_params(model), model.report
+    params = count_params(model)
+    report, dense_params = getattr(model, "report", None), getattr(model, "dense_params", params)
     return {
         **metrics, "completed": step >= total_steps, "epochs": config.epochs, "steps": step,
-        "total_steps": total_steps, "params": params, "dense_params": model.dense_params,
-        "density": params / model.dense_params,
-        "sparsified_layers": int(report["replaced"].sum()) if len(report) else 0,
-        "sparsified_budget": report.attrs.get("budget", 1.0), "seconds": seconds,
+        "total_steps": total_steps, "params": params, "dense_params": dense_params,
+        "density": params / dense_params,
+        "sparsified_layers": int(report["replaced"].sum()) if report is not None and len(report) else 0,
+        "sparsified_budget": report.attrs.get("budget", 1.0) if report is not None else None, "seconds": seconds,
         f"{unit}_per_second": examples * per_example / step_seconds if step_seconds else None,
         "median_step_time": float(torch.tensor(step_times).median()) if step_times else None,
         "world_size": d.world, "ranks_agree": len(set(fingerprints)) == 1, "rank_fingerprints": fingerprints,
@@ -374,11 +376,20 @@ def _summary(config, data, model, metrics, history, d, device, *, step, total_st
     }
 
 
-def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
+def train(config: TrainConfig | None = None, *, module: torch.nn.Module | None = None, loss_fn=None,
+          output_fn=None, **overrides) -> TrainResult:
     """Train one model as ``config`` says; write history.csv, ranks.csv, summary.json, checkpoint.pt.
 
     Args:
         config: a :class:`TrainConfig` (default: TrainConfig()).
+        module: your own model (trained in place) instead of the one ``config.model`` names, e.g. a
+            sparsified Hugging Face GPT-2 on ``data='chars'``; its forward may return a tensor, a
+            mapping with 'logits' or an object with ``.logits``. ``config.model``, ``size``,
+            ``pattern`` and ``budget`` are then only recorded; ranks are tracked only for
+            ``config.rank_layers``.
+        loss_fn: optional (output, target) -> scalar replacing the task's loss (cross-entropy, or
+            mean squared error for regression) in training; evaluation keeps the task's metrics.
+        output_fn: optional callable (model's output) -> tensor, e.g. ``lambda out: out.logits``.
         **overrides: TrainConfig fields replacing the config's (``train(model="gpt", data="chars")``).
 
     Returns:
@@ -388,6 +399,11 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     from tqdm.auto import tqdm
 
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+    if module is not None and not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be an nn.Module or None, got {type(module).__name__}")
+    check_output_fn(output_fn)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable (output, target) -> scalar or None, got {type(loss_fn).__name__}")
     d, device = _setup(config.device)
     try:
         data = _load_data(config)
@@ -397,9 +413,12 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         if config.batch_size % d.world:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by the world size {d.world}")
         total_steps = config.epochs * steps_per_epoch
-        model = build_model(config.model, data, size=config.size, pattern=config.pattern, budget=config.budget,
-                            block_size=config.block_size, seed=config.seed, attention=config.attention,
-                            **config.model_options).to(device)
+        if module is None:
+            model = build_model(config.model, data, size=config.size, pattern=config.pattern, budget=config.budget,
+                                block_size=config.block_size, seed=config.seed, attention=config.attention,
+                                **config.model_options).to(device)
+        else:
+            model = module.to(device)
         optimizer = _optimizer(model, config)
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -421,7 +440,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         started, step_seconds, examples = time.perf_counter(), 0.0, 0
 
         def evaluate() -> dict:
-            return _evaluate(model, x_test, y_test, data.task, d, autocast, 4 * config.batch_size)
+            return _evaluate(model, x_test, y_test, data.task, d, autocast, 4 * config.batch_size, output_fn)
 
         def checkpoint() -> None:
             if d.rank == 0:
@@ -445,8 +464,9 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
                 group["lr"] = lr
             tick = time.perf_counter()
             with autocast():
-                output = net(x_train[index])
-            loss = task_loss(output, y_train[index], data.task)
+                output = model_output(net(x_train[index]), output_fn)
+            loss = (loss_fn(output, y_train[index]) if loss_fn is not None
+                    else task_loss(output, y_train[index], data.task))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
@@ -469,7 +489,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
                 history.append({"event": "eval", "epoch": epoch, "step": step,
                                 "train_loss": sum(window) / len(window), **metrics})
                 window = []
-                if config.track_rank and d.rank == 0:
+                if config.track_rank and d.rank == 0 and (module is None or config.rank_layers):
                     chosen = config.rank_layers or SPARSIFY_WHERE[config.model]
                     for row in weight_ranks(model, chosen).to_dict("records"):
                         ranks.append({"epoch": epoch, "step": step, **row})
@@ -506,26 +526,36 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
 def add_arguments(parser) -> None:
     """``python -m pixelfly_lab train`` options: every TrainConfig field."""
     defaults = TrainConfig()
-    parser.add_argument("--model", default=defaults.model, choices=MODEL_NAMES)
-    parser.add_argument("--data", default=defaults.data, choices=DATASETS)
+    parser.add_argument("--model", default=defaults.model, choices=MODEL_NAMES,
+                        help=f"model family (default {defaults.model})")
+    parser.add_argument("--data", default=defaults.data, choices=DATASETS,
+                        help=f"data set, generated or shipped; nothing is downloaded (default {defaults.data})")
     parser.add_argument("--pattern", default=defaults.pattern, choices=PATTERN_NAMES, metavar="NAME",
                         help="sparsity pattern: " + ", ".join(PATTERN_NAMES))
     parser.add_argument("--attention", default=defaults.attention, choices=ATTENTION_NAMES,
                         help="vit/gpt attention: dense, or PixelflyAttention with that layout")
     parser.add_argument("--budget", type=float, default=defaults.budget,
                         help="fraction of each sparsified layer's dense parameters, in (0, 1]")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the training set "
+                        f"(default {defaults.epochs})")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seeds the weights, the example order and the data generators (default 0)")
+    parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"),
+                        help="auto: CUDA when available (default auto)")
     parser.add_argument("--out", default=defaults.out, help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--size", default=defaults.size, choices=tuple(SIZES))
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--size", default=defaults.size, choices=tuple(SIZES),
+                        help=f"model size preset, tiny (CPU seconds) to GPT-2 small (default {defaults.size})")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size,
+                        help=f"sparse block size; must divide the sparsified widths (default {defaults.block_size})")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--lr", type=float, default=defaults.lr,
+                        help=f"peak learning rate of AdamW's warmup-cosine schedule (default {defaults.lr:g})")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help=f"AdamW weight decay on matrices and sparse blocks (default {defaults.weight_decay:g})")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="share of steps warming up")
-    parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip,
+                        help=f"max global gradient norm, 0 for none (default {defaults.grad_clip:g})")
     parser.add_argument("--data-dir", default=None, help="cifar10: folder holding cifar-10-batches-py")
     parser.add_argument("--context", type=int, default=defaults.context, help="chars: window length")
     parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE", dest="data_options",
