@@ -286,7 +286,6 @@ KNOWN_VIOLATIONS = {
     # function-local imports of modules that are neither optional nor slow (stdlib, pandas, tqdm, torch,
     # the package's own modules): move them to the top of the module
     "lazy: pixelfly_lab.approx.expressiveness:": "nn.butterfly, tqdm",
-    "lazy: pixelfly_lab.ntk.structured:": "nn.layers (being edited by the NTK work; the layers' own hooks replace it)",
     "lazy: pixelfly_lab.speed.attention:": "subprocess, sys",
     "lazy: pixelfly_lab.studies.attention:": "nn.attention",
     "lazy: pixelfly_lab.studies.estimators:": "nn.attention, tqdm",

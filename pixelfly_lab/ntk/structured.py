@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
+from pixelfly_lab.nn.base import StructuredLinear
+
 __all__ = ["contract_jacobians", "structured_rules", "structured_features", "feature_numel", "pair_numel",
            "contract_term"]
 
@@ -114,9 +116,8 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def rule_for(prefix: str, module: nn.Module) -> _Rule | None:
-    """Terms of ``module`` if its type has a rule (exact types: a subclass may compute otherwise)."""
-    from pixelfly_lab.nn import layers  # imported here: layers imports the kernels, ntk works without them
-
+    """Terms of ``module`` if it has a rule: nn.Linear and Conv1D by exact type; a structured layer
+    by what it says its W is made of (:meth:`pixelfly_lab.nn.base.StructuredLinear.linear_parts`)."""
     name = lambda local: f"{prefix}.{local}" if prefix else local
     kind = type(module)
     if kind is nn.Linear:
@@ -125,18 +126,19 @@ def rule_for(prefix: str, module: nn.Module) -> _Rule | None:
         in_f, out_f = module.weight.shape
         return _Rule(module, [_Term(name("weight"), _DENSE, (out_f, in_f), _output_side, _input_side, True)]
                      + _bias_terms(module, name))
-    if kind is layers.BlockSparseLinear:
-        b = module.block_size
-        return _Rule(module, _linear_terms(module, name, "values", module.layout.cpu(), (b, b)))
-    if kind is layers.LowRankLinear:
-        return _Rule(module, _lowrank_terms(name, module.u, module.v) + _bias_terms(module, name))
-    if kind in (layers.SparseLowRankLinear, layers.PixelflyLinear) and module.gate is None:
-        sparse, b = module.sparse, module.sparse.block_size
-        terms = _linear_terms(module, name, "sparse.values", sparse.layout.cpu(), (b, b))
-        if module.lowrank is not None:
-            terms += _lowrank_terms(lambda local: name(f"lowrank.{local}"), module.lowrank.u, module.lowrank.v)
-        return _Rule(module, terms)
-    return None
+    parts = module.linear_parts() if isinstance(module, StructuredLinear) else None
+    if parts is None:            # no rule (a gated, masked, Monarch or butterfly layer): autograd
+        return None
+    terms = []
+    for part in parts:
+        if part.kind == "block_sparse":
+            b = part.block_size
+            terms.append(_Term(name(part.names[0]), part.layout, (b, b), _output_side, _input_side))
+        else:                    # 'lowrank': W_part = U V^T
+            u_name, v_name = part.names
+            terms += _lowrank_terms(lambda local, u=u_name, v=v_name: name(u if local == "u" else v),
+                                    module.get_parameter(u_name), module.get_parameter(v_name))
+    return _Rule(module, terms + _bias_terms(module, name))
 
 
 def structured_rules(prob) -> list:
