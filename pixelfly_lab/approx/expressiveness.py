@@ -392,6 +392,8 @@ def _targets(kinds, n, seeds):
         for seed in seeds:
             if isinstance(spec, torch.Tensor):
                 yield label, seed, spec
+            elif callable(spec):
+                yield label, seed, spec(seed)
             elif isinstance(spec, Mapping):
                 options = dict(spec)
                 yield label, seed, target_matrix(options.pop("kind"), n, seed, **options)
@@ -406,8 +408,9 @@ def expressiveness_table(kinds, patterns, budgets, n: int = 128, seeds=1, *, blo
     Args:
         kinds: target kinds (names of :data:`~pixelfly_lab.approx.targets.TARGET_KINDS`), or a mapping
             label -> kind name, label -> dict(kind=..., **target_matrix options) (e.g.
-            ``{'attention t=0.1': dict(kind='attention', temperature=0.1)}``), or label -> a
-            ready matrix (used as is for every seed).
+            ``{'attention t=0.1': dict(kind='attention', temperature=0.1)}``), label -> a
+            ready matrix (used as is for every seed), or label -> a function of the seed
+            returning the matrix (e.g. the weight of a network trained from that seed).
         patterns: names from :data:`APPROXIMATION_NAMES`.
         budgets: fractions in (0, 1].
         n: target size.
