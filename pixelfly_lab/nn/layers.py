@@ -4,8 +4,11 @@ Every layer computes y = x W^T + bias like ``nn.Linear`` for a structured W, and
 a dense (out_features, in_features) tensor through ``dense_weight()``, the oracle every fast path
 is tested against. ``weight_params`` counts the stored weight entries (bias excluded) and
 ``budget`` = weight_params / (in_features * out_features), the quantity
-:func:`pixelfly_lab.structure.patterns.make_pattern` budgets. ``ButterflyLinear`` lives in
-:mod:`pixelfly_lab.nn.butterfly`, which builds on this module.
+:func:`pixelfly_lab.structure.patterns.make_pattern` budgets. Each layer owns its internals
+(:class:`pixelfly_lab.nn.base.StructuredLinear`: ``project_``, ``rescale_``, ``match_``,
+``linear_parts``). Defined here: the sparse + low-rank layers and :func:`layer_from_pattern`; the
+single-structure layers come from :mod:`.sparse`, :mod:`.lowrank` and :mod:`.monarch` and are
+importable from here; ``ButterflyLinear`` lives in :mod:`pixelfly_lab.nn.butterfly`.
 
 Papers: Pixelfly = flat block butterfly + low-rank (Dao, Chen et al., ICLR 2022,
 arXiv 2112.00029); Monarch M = P L P^T R (Dao et al., ICML 2022, arXiv 2204.00595).

@@ -86,10 +86,11 @@ def turn_off_fast_path(model: nn.Module, replaced: set[int]) -> dict[int, str]:
 
     ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder`` on its first layer) hand
     ``linear1.weight`` / ``linear2.weight`` to one fused kernel in eval mode under no_grad; a
-    structured layer's ``.weight`` is only a copy of its dense equivalent. Setting ``activation_relu_or_gelu = 0`` (read only by
-    the fast-path check; the slow path calls ``self.activation``) and ``use_nested_tensor =
-    False`` sends those modules down the ordinary path, which calls the layers. Returns
-    {id(replaced layer): note}.
+    structured layer's ``.weight`` is only a copy of its dense equivalent (the kernel would run
+    dense, without gradients to the layer's parameters). Setting ``activation_relu_or_gelu = 0``
+    (read only by the fast-path check; the slow path calls ``self.activation``) and
+    ``use_nested_tensor = False`` sends those modules down the ordinary path, which calls the
+    layers. Returns {id(replaced layer): note}.
     """
     notes = {}
     for module in model.modules():
