@@ -58,6 +58,16 @@ def test_layer_built_on_meta_and_materialised_equals_the_cpu_build(name):
     torch.testing.assert_close(meta(x), cpu(x))
 
 
+def test_building_on_meta_draws_nothing_from_the_global_rng():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        for build in LAYERS.values():
+            build()
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))            # the SVD init's host draw is skipped on meta
+
+
 def test_masks_and_plans_are_host_tensors_whatever_the_ambient_device():
     with torch.device("meta"):
         layout = pl.flat_block_butterfly_layout(64, 64, 8, 2, 8)

@@ -58,8 +58,10 @@ class LowRankLinear(StructuredLinear):
         self.reset_parameters()
 
     def _reset_weight(self) -> None:
-        """Re-draw U, V by ``init`` ('svd' computes on the host)."""
+        """Re-draw U, V by ``init`` ('svd' computes on the host; nothing on the meta device)."""
         rank, in_features, out_features = self.rank, self.in_features, self.out_features
+        if self.u.is_meta:       # no values to set: no host draw, no SVD, the global RNG untouched
+            return
         if self.init == "kaiming":
             uniform_(self.v, 1.0 / math.sqrt(in_features))
             uniform_(self.u, 1.0 / math.sqrt(rank))
