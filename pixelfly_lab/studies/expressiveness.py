@@ -67,7 +67,11 @@ class ExpressivenessConfig:
     block_size: int = 16                                  # the released code's blocks are 32 at n = 1024-4096
 
 
-FULL = ExpressivenessConfig()
+# n = 256 at block 8 as QUICK, more seeds, budgets and reading targets: at n = 512 each split search
+# costs ~8x (SVDs), and the five searched classes on every target, seed and budget ran for hours
+FULL = ExpressivenessConfig(n=256, block_size=8, budgets=(0.05, 0.1, 0.15, 0.25, 0.4),
+                            kinds=("sparse_lowrank", "attention", "dct", "gaussian"))
+FULL_MINUTES = 20  # estimate: ~500 split searches of ~2 s on a quiet 2-core machine
 # n = 256 at block 8 (32 blocks a side) is the smallest size where a flat block butterfly of 2-3
 # factors, a local band and a rank of 10+ all fit a budget of 0.1 (issue 14, item 11); 3 seeds for
 # the paired intervals; two reading targets besides the claim's, to stay within QUICK's time
