@@ -59,6 +59,33 @@ def test_mnist1d_shapes_balance_determinism():
     assert torch.cdist(means, means).max() > 2.0
 
 
+def test_mnist1d_default_is_the_reference_data_set_generated_offline(monkeypatch):
+    """seed 0 at 4000 + 1000 is mnist1d's make_dataset with its default arguments, bit for bit, made
+    with every network connection refused; the global random states are left as they were."""
+    import random
+    import socket
+
+    import numpy as np
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    def refuse(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    random.seed(5)
+    np.random.seed(5)
+    before = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
+    data = make_mnist1d()
+    assert (random.random(), np.random.rand()) == before
+    reference = make_dataset(get_dataset_args())
+    assert np.array_equal(data.x_train[:, 0].numpy(), reference["x"].astype(np.float32))
+    assert np.array_equal(data.x_test[:, 0].numpy(), reference["x_test"].astype(np.float32))
+    assert np.array_equal(data.y_train.numpy(), reference["y"]) and np.array_equal(data.y_test.numpy(), reference["y_test"])
+    assert data.info["seed"] == 42 and len(data.x_train) == 4000 and len(data.x_test) == 1000
+
+
 def test_listops_labels_match_an_independent_evaluator():
     data = make_listops(n_train=150, n_test=50, max_len=48, max_depth=3, seed=1)
     assert data.x_train.shape == (150, 48) and data.vocab_size == len(LISTOPS_VOCAB) == 16

@@ -187,3 +187,57 @@ def test_every_command_line_option_has_help():
                if not action.help]
     assert not missing
     assert len({path for path, _ in _actions(build_parser())}) >= 3   # reproduce, bench, train at least
+
+
+# ----------------------------------------------------------------------------- the budget chooser
+
+def _options(*rows):
+    return [dict(pattern="dense" if i == 0 else "pixelfly", asked=1.0, block_size=0, params=p, ms=ms)
+            for i, (p, ms) in enumerate(rows)]
+
+
+def test_greedy_plan_meets_a_parameter_budget_and_stops_at_the_speed_target():
+    from pixelfly_lab.speed.planner import _greedy
+
+    options = {"a": _options((100, 10.0), (50, 6.0), (20, 3.0)),     # a gains 4 ms for 50 params first
+               "b": _options((100, 10.0), (50, 9.0), (20, 8.0))}     # b gains little
+    # budget: every layer at the largest option within it
+    assert _greedy(["a", "b"], options, 30.0, None, 0.5) == {"a": 1, "b": 1}
+    assert _greedy(["a", "b"], options, 30.0, None, 0.3) == {"a": 2, "b": 2}
+    # speed-up 30 / 26 needs one move: the best time per parameter (a: 4/50 > b: 1/50)
+    assert _greedy(["a", "b"], options, 30.0, 30 / 26, None) == {"a": 1, "b": 0}
+    # out of reach: everything at its fastest option
+    assert _greedy(["a", "b"], options, 30.0, 10.0, None) == {"a": 2, "b": 2}
+
+
+def test_plan_model_plans_applies_and_measures_a_users_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 10))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    plan = pl.plan_model(model, x, budget=0.5, target=y, budgets=(0.25, 0.5), block_sizes=(16,), rounds=1)
+    assert list(plan["name"]) == ["0", "2", "4"] and list(plan["rows"]) == [32, 32, 32]
+    sparse = plan[plan["pattern"] == "pixelfly"]
+    assert list(sparse["name"]) == ["0", "2"] and (sparse["params_after"] <= 0.5 * sparse["params_before"]).all()
+    assert plan["note"].iloc[2].startswith("no Pixelfly plan") and plan.attrs["reached"]   # 64 -> 10: no block 16
+    assert plan.attrs["measured_speedup"] > 0 and plan.attrs["predicted_speedup"] > 0
+    assert type(model[0]) is nn.Linear                       # the model itself is untouched
+    copy_ = __import__("copy").deepcopy(model)
+    report = pl.apply_plan(copy_, plan)
+    assert list(report["name"]) == list(sparse["name"])
+    assert report["params_after"].tolist() == sparse["params_after"].tolist()   # the planned patterns, exactly
+    for name in sparse["name"]:
+        assert type(copy_.get_submodule(name)).__name__ == "PixelflyLinear"
+
+
+def test_plan_model_bad_input_names_the_argument():
+    model, x = nn.Sequential(nn.Linear(32, 32)), torch.randn(4, 32)
+    with pytest.raises(ValueError, match="speedup .* or budget"):
+        pl.plan_model(model, x)
+    with pytest.raises(ValueError, match="speedup"):
+        pl.plan_model(model, x, speedup=0.5)
+    with pytest.raises(ValueError, match="budget"):
+        pl.plan_model(model, x, budget=1.5)
+    with pytest.raises(ValueError, match="no linear layer"):
+        pl.plan_model(nn.Sequential(nn.ReLU()), x, budget=0.5)
+    with pytest.raises(TypeError, match="example_batch"):
+        pl.plan_model(model, [1.0], budget=0.5)
