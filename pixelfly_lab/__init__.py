@@ -52,6 +52,8 @@ from pixelfly_lab.training.rank import layer_weights, singular_values
 from pixelfly_lab.speed.timer import time_training_steps
 from pixelfly_lab.speed.planner import apply_plan, plan_model
 from pixelfly_lab.speed.bench import MODEL_CASES, BenchConfig, ModelCase, model_speed_table, plot_speed, speed_table
+from pixelfly_lab.speed.attention import attention_speed_table
+from pixelfly_lab.approx.targets import attention_inputs
 from pixelfly_lab.notebook import check, learned, pick, say
 
 from pixelfly_lab._version import __version__ as __version__
@@ -67,7 +69,7 @@ __all__ = [
     "MaskedLinear", "BlockSparseLinear", "LowRankLinear", "SparseLowRankLinear", "PixelflyLinear",
     "MonarchLinear", "ButterflyLinear", "layer_from_pattern", "sparsify", "materialize",
     # attention on a block layout of the scores
-    "block_sparse_attention", "PixelflyAttention",
+    "block_sparse_attention", "PixelflyAttention", "attention_speed_table", "attention_inputs",
     # expressiveness
     "TARGET_KINDS", "target_matrix", "Approximation", "approximate", "expressiveness_table",
     # neural tangent kernel
