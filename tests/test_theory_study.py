@@ -141,6 +141,7 @@ def test_thm3_claim_needs_the_slope_and_the_dense_comparison(monkeypatch, tmp_pa
                              for w in widths for s in range(seeds)])
 
     monkeypatch.setattr(study, "ntk_change_vs_width", fake)
-    claim = study._thm3(tmp_path, study.TheoryConfig(widths=(64, 128, 256), ntk_seeds=seeds))[0]
+    claim, convergence = study._thm3(tmp_path, study.TheoryConfig(widths=(64, 128, 256), ntk_seeds=seeds))
     assert claim.held is expected and "undecided with one seed" in claim.claim
+    assert convergence.held is True and "positive control" in convergence.claim  # both losses fall to 1e-9
     assert f"<= {study.THM3_SLOPE}" in claim.claim and f"{study.THM3_DENSE_FACTOR} x the dense" in claim.claim
