@@ -107,8 +107,15 @@ def check_lowrank_init(value, name: str = "lowrank_init") -> str:
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` if every entry is finite, else a ValueError naming it and the count (one host read)."""
-    bad = int((~torch.isfinite(tensor.detach())).sum())
+    """``tensor`` if every entry is finite, else a ValueError naming it and the count.
+
+    One sum and one host read when all is well (a NaN or inf anywhere makes the sum non-finite; a
+    finite sum that overflows is counted exactly and passes).
+    """
+    data = tensor.detach()
+    if data.numel() == 0 or bool(torch.isfinite(data.sum())):
+        return tensor
+    bad = int((~torch.isfinite(data)).sum())
     if bad:
         raise ValueError(f"{name} has {bad} non-finite entr{'y' if bad == 1 else 'ies'} (NaN or inf) of "
                          f"{tensor.numel()}")

@@ -340,3 +340,23 @@ def test_linear_parts_sum_to_the_dense_weight(name):
             total += u @ v.T
     torch.testing.assert_close(total, layer.dense_weight())
     assert build_owner("masked").linear_parts() is None and build_owner("monarch").linear_parts() is None
+
+
+@pytest.mark.parametrize("name", ["masked", "blocksparse_torch", "pixelfly", "monarch"])
+def test_project_writes_every_value_of_a_layer_fresh_from_to_empty(name):
+    """sparsify(init='project') builds on meta and projects: layouts and masks come back too."""
+    torch.manual_seed(4)
+    reference = build_owner(name)
+    target = torch.randn(reference.out_features, reference.in_features, dtype=F64)
+    with torch.device("meta"):
+        torch.manual_seed(4)
+        fresh = BUILDERS[name]().to(F64)
+    fresh.to_empty(device="cpu")
+    errors = []
+    for layer in (reference, fresh):
+        torch.manual_seed(5)                    # the randomised SVD draws its test matrix
+        errors.append(layer.project_(target))
+    assert errors[1] == pytest.approx(errors[0], rel=1e-9)
+    for (key, want), (_, got) in zip(reference.state_dict().items(), fresh.state_dict().items()):
+        if key != "bias":
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=key)

@@ -111,11 +111,15 @@ class StructuredLinear(nn.Module):
     # --- initialisation -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """Re-draw W by the layer's own init times ``init_scale``, and the bias (zero if ``zero_bias``)."""
+        self._restore_buffers()
         self._reset_weight()
         if self.init_scale != 1.0:
             with torch.no_grad():
                 self._scale_weight(self.init_scale)
         self._reset_bias()
+
+    def _restore_buffers(self) -> None:
+        """Write the fixed structure (a layout, a mask) into its buffers again, e.g. after ``to_empty``."""
 
     def _reset_weight(self) -> None:
         raise NotImplementedError
@@ -178,7 +182,9 @@ class StructuredLinear(nn.Module):
     def project_(self, weight: torch.Tensor) -> float:
         """Set W to a best fit of the dense ``weight`` (out, in) on the layer's structure (init='project').
 
-        The fit is the layer's own (:meth:`_project`); ``init_scale`` returns to 1 (a later
+        The fit is the layer's own (:meth:`_project`); it writes every weight value, so the layer
+        may come straight from ``to_empty`` (``sparsify(init='project')`` builds it on the meta
+        device: no init is drawn to be overwritten). ``init_scale`` returns to 1 (a later
         reset_parameters draws the layer's own init). The bias is left as it is.
 
         Returns:
@@ -192,6 +198,9 @@ class StructuredLinear(nn.Module):
             raise ValueError("weight is on the meta device: there are no values to project")
         work = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
         with torch.no_grad():
+            for module in self.modules():          # a layer fresh from to_empty has no structure yet
+                if isinstance(module, StructuredLinear):
+                    module._restore_buffers()
             residual = self._project(work)
             norm, error = torch.linalg.norm(work), torch.linalg.norm(residual)
         self.init_scale = 1.0

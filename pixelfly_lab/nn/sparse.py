@@ -73,10 +73,13 @@ class MaskedLinear(StructuredLinear):
         except KeyError:
             raise AttributeError("weight") from None
 
-    def _reset_weight(self) -> None:
-        """Restore the mask buffer and re-draw the weight (see the class docstring)."""
+    def _restore_buffers(self) -> None:
         with torch.no_grad():
             self.mask.copy_(self._mask_source)
+
+    def _reset_weight(self) -> None:
+        """Re-draw the weight (see the class docstring)."""
+        with torch.no_grad():
             nnz_row = self._mask_source.sum(1, keepdim=True).clamp(min=1).to(self.weight.device)
             uniform_(self.weight, (self.in_features / nnz_row).sqrt() / math.sqrt(self.in_features))
             self.weight.mul_(self.mask)
@@ -150,14 +153,17 @@ class BlockSparseLinear(StructuredLinear):
         self._make_bias(bias, factory)
         self.reset_parameters()
 
+    def _restore_buffers(self) -> None:
+        with torch.no_grad():
+            self.layout.copy_(registered_layout(self._layout_key).layout)
+
     def _reset_weight(self) -> None:
-        """Restore the layout buffer and re-draw the blocks (see the class docstring)."""
+        """Re-draw the blocks (see the class docstring)."""
         layout = registered_layout(self._layout_key).layout
         row_of_block = layout.nonzero()[:, 0]
         nnz_row = layout.sum(1)[row_of_block].double()
         scale = (layout.shape[1] / nnz_row).sqrt() / math.sqrt(self.in_features)
         with torch.no_grad():
-            self.layout.copy_(layout)
             uniform_(self.values, scale[:, None, None].to(self.values.device, self.values.dtype))
 
     def _scale_weight(self, c: float) -> None:

@@ -173,11 +173,14 @@ def _build(name: str, layer: nn.Module, kind: str, planned, init: str, **options
     if meta and init == "project":
         raise ValueError(f"init='project' needs the weights of {name!r}, which is on the meta device")
     dense = None if meta else check_finite(f"the weight of layer {name!r}", linear_weight(layer, kind))
-    new = layer_from_pattern(planned, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype,
-                             **options)
-    if init == "project":
+    if init == "project":   # every value is written by the projection: build on meta, allocate, project
+        new = layer_from_pattern(planned, bias=layer.bias is not None, device="meta", dtype=weight.dtype, **options)
+        new.to_empty(device=weight.device)
         error = new.project_(dense)
-    elif init == "match" and meta:
+    else:
+        new = layer_from_pattern(planned, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype,
+                                 **options)
+    if init == "match" and meta:
         new.defer_match(layer)
     elif init == "match":
         zero_bias = layer.bias is not None and not bool(layer.bias.detach().any())
