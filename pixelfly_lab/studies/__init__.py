@@ -21,7 +21,11 @@ Adding a study ``NAME`` (one module, ``studies/NAME.py``):
    :func:`~pixelfly_lab.studies.claims.save_table` into ``out`` and returns its claims. A claim
    of kind ``'paper'`` names its source in the paper (section, figure, table, theorem) or the
    talk and states its condition and threshold in its text ("held when ..."); ``'check'`` is an
-   oracle or sanity check that holds whenever the code is right; ``'info'`` has no verdict. A
+   oracle or sanity check that holds whenever the code is right; ``'target'`` is one of the
+   toolkit's own speed targets (own report section, never a failed check); ``'info'`` has no
+   verdict. A comparison is decided by :mod:`pixelfly_lab.studies.stats` (``paired_decision``:
+   a t interval of the mean paired difference, held / refuted / undecided; Holm within a family;
+   the Claim carries effect, interval, seeds and the seeds that would decide it). A
    paper claim this run cannot decide has ``held=None`` and says why: "undecided ..." in its
    text (e.g. a spread over one seed) or a measurement starting "not measured: ..." (a GPU claim
    on the CPU);
