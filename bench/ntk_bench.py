@@ -16,6 +16,7 @@ by one pixel. Model: pixelfly_lab.training.models.MLP(64 -> 1024 -> 1024 -> 10),
 
 Usage:
     .venv/bin/python bench/ntk_bench.py            # full table (~10 min on a 2-core CPU)
+    .venv/bin/python bench/ntk_bench.py --gpt2     # a Hugging Face GPT-2's 8x8 kernel (transformers needed)
     .venv/bin/python bench/ntk_bench.py --quick    # a smaller table (~2 min)
 """
 
@@ -100,9 +101,35 @@ def measure(spec: dict, mem_cap_gib: float) -> dict:
     return json.loads(lines[-1])
 
 
+def gpt2_times(threads: int, contexts=(8, 32)) -> None:
+    """8x8 NTK of a Hugging Face GPT-2 (4 layers, width 256, 4 heads, 65 tokens; built from a config,
+    nothing downloaded): all-position logits (the default, T x 65 outputs) and the last position's."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    from pixelfly_lab.ntk.empirical import empirical_ntk
+
+    logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=65, n_positions=64)).eval()
+    for context in contexts:
+        x = torch.randint(0, 65, (8, context))
+        for label, output_fn in (("all positions", None), ("last position", lambda out: out.logits[:, -1])):
+            tick = time.perf_counter()
+            empirical_ntk(model, x, output_fn=output_fn)
+            print(f"GPT-2 8x8 NTK, T={context}, {label}: {time.perf_counter() - tick:.1f} s "
+                  f"({threads} threads, load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (~2 min)")
+    parser.add_argument("--gpt2", action="store_true", help="only the Hugging Face GPT-2 8x8 kernel times")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per measurement")
     parser.add_argument("--mem-cap", type=float, default=8.0, help="GiB a measurement may allocate")
     parser.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
@@ -110,6 +137,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.gpt2:
+        gpt2_times(args.threads)
         return 0
 
     import pandas as pd
