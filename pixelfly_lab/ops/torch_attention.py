@@ -123,21 +123,15 @@ def _cols(x5: torch.Tensor, flat_cols: torch.Tensor, n: int) -> torch.Tensor:
     return x5.index_select(2, flat_cols).reshape(B, H, n, -1, D)
 
 
-def _probabilities(qs_rows, k_cols, masked, lse=None):
-    """Scores of a chunk, softmaxed in place; returns (P, lse). qs_rows is already scaled."""
-    s = qs_rows @ k_cols.transpose(-1, -2)                       # (B, H, n, b, f * b)
+def _scores(qs_rows, k_cols, masked):
+    """Scores of a chunk (B, H, n, b, f * b) in the accumulation dtype, j > i masked. qs_rows is already scaled."""
+    s = qs_rows @ k_cols.transpose(-1, -2)
     acc = accumulation_dtype(s.dtype)
     if acc != s.dtype:
         s = s.to(acc)
     if masked is not None:
         s.masked_fill_(masked, float("-inf"))
-    if lse is None:
-        m = s.amax(-1, keepdim=True)
-        s.sub_(m).exp_()
-        total = s.sum(-1, keepdim=True)
-        s.div_(total)
-        return s, (m + total.log()).squeeze(-1)
-    return s.sub_(lse.unsqueeze(-1)).exp_(), lse
+    return s
 
 
 def torch_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scale: float):
@@ -153,9 +147,12 @@ def torch_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scale
         for i, j in _chunks(bucket, k5, f):
             flat = bucket.cols[i:j].reshape(-1)
             masked = None if bucket.masked is None else bucket.masked[i:j]
-            p, row_lse = _probabilities(_rows(q5, bucket, i, j), _cols(k5, flat, j - i), masked)
-            _put(out, bucket, i, j, p.to(v.dtype) @ _cols(v5, flat, j - i))
-            _put(lse, bucket, i, j, row_lse)
+            s = _scores(_rows(q5, bucket, i, j), _cols(k5, flat, j - i), masked)
+            m = s.amax(-1, keepdim=True)
+            s.sub_(m).exp_()                                    # unnormalised: divide the (b, Dv) output instead
+            total = s.sum(-1, keepdim=True)
+            _put(out, bucket, i, j, (s.to(v.dtype) @ _cols(v5, flat, j - i)).div_(total.to(v.dtype)))
+            _put(lse, bucket, i, j, (m + total.log()).squeeze(-1))
     return out.reshape(B, H, T, -1), lse.reshape(B, H, T)
 
 
@@ -187,7 +184,7 @@ def torch_attention_backward(grad_out, q, k, v, out, lse, plan: AttentionPlan, b
             masked = None if bucket.masked is None else bucket.masked[i:j]
             q_rows, do_rows = _rows(q5, bucket, i, j), _rows(do5, bucket, i, j)
             k_cols, v_cols = _cols(k5, flat, n), _cols(v5, flat, n)
-            p, _ = _probabilities(q_rows, k_cols, masked, _rows(lse5, bucket, i, j))
+            p = _scores(q_rows, k_cols, masked).sub_(_rows(lse5, bucket, i, j).unsqueeze(-1)).exp_()
             dv.index_add_(2, flat, (p.to(q.dtype).transpose(-1, -2) @ do_rows).reshape(B, H, n * f, b, Dv))
             ds = (do_rows @ v_cols.transpose(-1, -2)).to(p.dtype)
             ds.sub_(_rows(delta5, bucket, i, j).unsqueeze(-1)).mul_(p)
