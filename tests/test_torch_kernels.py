@@ -36,12 +36,17 @@ def _reference_grads(layout, gy, x, values, bias, u, v):
     return y.detach(), [None if t is None else next(grads) for t in leaves]
 
 
+@pytest.mark.parametrize("fill", [None, torch_kernels.PAD_FILL, 0.3])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False), (0, False)])
-def test_plain_forward_and_backward_match_reference(name, rank, bias):
+def test_plain_forward_and_backward_match_reference(name, rank, bias, fill):
+    """Grouped and padded plans (zero blocks where a row stores none) give the reference's values
+    and gradients."""
     layout, b = LAYOUTS[name]
     x, values, bias_t, u, v = _operands(layout, b, rank, bias)
-    plan = torch_kernels.plan_for(layout, b)
+    plan = torch_kernels.plan_for(layout, b, fill=fill)
+    if fill is not None:
+        assert any(g.zero_at is not None for g in plan.groups)   # the test covers padded groups
     y, z = torch_kernels.sparse_lowrank_forward(x, values, bias_t, u, v, plan, layout.shape[0] * b)
     gy = torch.linspace(-1, 1, y.numel(), dtype=F64).reshape(y.shape)   # not all-ones: catches mixups
     y_ref, g_ref = _reference_grads(layout, gy, x, values, bias_t, u, v)
@@ -103,7 +108,7 @@ def test_outputs_kept_across_calls_stay_intact_with_pooling(name, monkeypatch):
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, False)])
 def test_dense_route_matches_reference(name, rank, bias, monkeypatch):
     monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *args: True)
-    test_plain_forward_and_backward_match_reference(name, rank, bias)
+    test_plain_forward_and_backward_match_reference(name, rank, bias, torch_kernels.PAD_FILL)
 
 
 def test_route_is_measured_once_per_shape_and_only_in_its_size_band(monkeypatch):
@@ -172,7 +177,7 @@ def test_sweeps_shared_among_worker_threads_match_reference(name, rank, bias, th
     try:
         assert torch_kernels._workers(7, torch.zeros(1)) == threads
         assert torch_kernels._workers(7, torch.zeros(1, device="meta")) == 1
-        test_plain_forward_and_backward_match_reference(name, rank, bias)
+        test_plain_forward_and_backward_match_reference(name, rank, bias, None)
         assert torch.get_num_threads() == threads                      # restored after each product
         layout, b = LAYOUTS[name]
         ops = _operands(layout, b, rank, bias)
@@ -200,9 +205,9 @@ def test_grouped_products_run_torch_single_threaded_with_the_callers_workers(mon
     seen = []
     sweep = torch_kernels._sweep
 
-    def spy(n_rows, body, workers):
+    def spy(n_rows, body, workers, like=None):
         seen.append((torch.get_num_threads(), workers))
-        sweep(n_rows, body, workers)
+        sweep(n_rows, body, workers, like)
     monkeypatch.setattr(torch_kernels, "_sweep", spy)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -217,3 +222,53 @@ def test_grouped_products_run_torch_single_threaded_with_the_callers_workers(mon
     finally:
         torch.set_num_threads(previous)
     assert seen and all(s == (1, 2) for s in seen[:2])    # torch single-threaded, two sweep workers
+
+
+HOLES = torch.tensor([[True, False, False, True], [False, False, False, False], [True, True, False, True]])
+
+
+@pytest.mark.parametrize("layout,b", [*LAYOUTS.values(), (HOLES, 4), (HOLES.T.contiguous(), 4)])
+def test_scatter_pieces_write_each_column_first_then_add(layout, b):
+    """Exact oracle: replaying the groups in order, a column's first product is written, later
+    ones added; columns no group reads are the holes; the pieces tile each group's product."""
+    for plan in (torch_kernels._build_plan(layout, b, t, torch.device("cpu")) for t in (False, True)):
+        pieces, holes = plan.scatter_pieces
+        width = (layout.shape[0] if plan.transposed else layout.shape[1]) * b
+        seen = torch.zeros(width, dtype=torch.int)
+        for g, own in zip(plan.groups, pieces):
+            assert sum(c1 - c0 for _, c0, c1, _ in own) == g.width
+            for off, c0, c1, write in own:
+                assert bool((seen[c0:c1] == 0).all()) == write and bool((seen[c0:c1] > 0).all()) != write
+                # the piece's product columns are the gathered columns c0..c1
+                gathered = [c for r0, r1 in g.runs for c in range(r0, r1)]
+                assert gathered[off:off + c1 - c0] == list(range(c0, c1))
+                seen[c0:c1] += 1
+        hole_cols = [c for c0, c1 in holes for c in range(c0, c1)]
+        assert hole_cols == (seen == 0).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("fill", [None, torch_kernels.PAD_FILL])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk", [2, None])
+@pytest.mark.parametrize("layout,b", [LAYOUTS["expanding"], LAYOUTS["contracting"], (HOLES, 4)])
+def test_bfloat16_sweeps_match_the_reference(layout, b, chunk, threads, fill, monkeypatch):
+    """16-bit inputs sweep in their own chunks (one per worker by default): values and gradients
+    as the float64 reference computed from the same bfloat16 numbers, to bfloat16 rounding."""
+    if chunk:
+        monkeypatch.setattr(torch_kernels, "CHUNK_ROWS_16BIT", chunk)
+    monkeypatch.setattr(torch_kernels, "MIN_ROWS_PER_WORKER", 1)
+    ops = [t if t is None else t.bfloat16() for t in _operands(layout, b, 3, True)]
+    plan = torch_kernels.plan_for(layout, b, fill=fill)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, z = torch_kernels.sparse_lowrank_forward(*ops, plan, layout.shape[0] * b)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=F64).reshape(y.shape).bfloat16()
+        grads = torch_kernels.sparse_lowrank_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan, (True,) * 5, True)
+    finally:
+        torch.set_num_threads(previous)
+    y_ref, g_ref = _reference_grads(layout, gy.double(), *[t.double() for t in ops])
+    for got, want in zip([y, *grads], [y_ref, *g_ref]):
+        assert got.dtype == torch.bfloat16
+        scale = want.abs().max().clamp_min(1e-3)
+        assert ((got.double() - want).abs().max() / scale) < 3e-2

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from pixelfly_lab._checks import check_input_width
+from pixelfly_lab._compile import assume_constant
 from pixelfly_lab.ops import torch_kernels
 from pixelfly_lab._tf32 import tf32_allowed
 from pixelfly_lab.ops.torch_kernels import plan_for
@@ -80,8 +81,13 @@ BACKENDS = ("auto", "torch", "reference", "triton")
 
 # ----------------------------------------------------------------------------- plans
 
-def _plan(key: int, device: torch.device) -> torch_kernels.Plan:
-    """The 'torch' path's plan of a registered layout, its indices on ``device`` (built once)."""
+def _plan(key: int, device: torch.device, dtype: torch.dtype) -> torch_kernels.Plan:
+    """The 'torch' path's plan of a registered layout for ``dtype``, its indices on ``device``
+    (built once per layout and device): padded groups for 16-bit dtypes (see
+    :func:`pixelfly_lab.ops.torch_kernels.plan_for`)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return derived(key, "torch_plan_padded", lambda entry, dev: plan_for(
+            entry.layout, entry.block_size, dev, fill=torch_kernels.PAD_FILL), device)
     return derived(key, "torch_plan", lambda entry, dev: plan_for(entry.layout, entry.block_size, dev), device)
 
 
@@ -205,7 +211,7 @@ def _torch_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[tor
     """(y, z = x2 V or (N, 0)) of the 'torch' path (:func:`torch_kernels.sparse_lowrank_forward`)."""
     entry = registered_layout(layout_key)
     y, z = torch_kernels.sparse_lowrank_forward(x2.contiguous(), values.contiguous(), bias, u, v,
-                                                _plan(layout_key, x2.device), entry.out_features)
+                                                _plan(layout_key, x2.device, x2.dtype), entry.out_features)
     return y, x2.new_empty(x2.shape[0], 0) if z is None else z
 
 
@@ -228,7 +234,7 @@ def _torch_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor,
                        needed: Sequence[bool]) -> List[torch.Tensor]:
     """(dx2, dvalues, dbias, du, dv) of the 'torch' path; an empty tensor where not ``needed``."""
     grads = torch_kernels.sparse_lowrank_backward(gy, x2.contiguous(), values.contiguous(), u, v, z,
-                                                  _plan(layout_key, x2.device), tuple(needed), needed[2])
+                                                  _plan(layout_key, x2.device, x2.dtype), tuple(needed), needed[2])
     return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
 
 
@@ -316,18 +322,7 @@ def _triton_runs_here(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _assume_constant(fn):
-    """torch.compile evaluates ``fn`` once while tracing and keeps the result (no graph break).
-
-    What ``torch.compiler.assume_constant_result`` does (the same attribute, read by dynamo since
-    torch 2.0), without its import: that would import torch._dynamo, which imports triton, at
-    package import.
-    """
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_assume_constant
+@assume_constant
 def _triton_wins(device_index: int, dtype: torch.dtype, block_size: int | None) -> bool:
     """Whether 'auto' sends a CUDA product on this device, dtype and block size to Triton.
 

@@ -46,7 +46,7 @@ try:   # hides a measurement from dispatch modes (FLOP counters, profilers); pri
 except ImportError:   # a torch without it: measure in the open
     _hidden_from_modes = nullcontext
 
-__all__ = ["Plan", "plan_for", "CHUNK_ROWS", "MIN_ROWS_PER_WORKER", "POOL_MIN_BYTES", "POOL_PER_SIZE", "release_buffers",
+__all__ = ["Plan", "plan_for", "PAD_FILL", "CHUNK_ROWS", "CHUNK_ROWS_16BIT", "MIN_ROWS_PER_WORKER", "POOL_MIN_BYTES", "POOL_PER_SIZE", "release_buffers",
            "ROUTE_MIN_MACS", "ROUTE_MAX_WEIGHT", "dense_gemm_wins", "sparse_lowrank_forward",
            "sparse_lowrank_backward"]
 
@@ -60,10 +60,16 @@ class _Group:
     r0: int                                  # element offsets of the rows
     r1: int
     runs: tuple[tuple[int, int], ...]        # element column runs [c0, c1), in order
-    vidx: torch.Tensor                       # long (rows_in_group, k) on the CPU: storage index of each block
-    # vidx.flatten() on the plan's device, copied once when the plan is built (a CPU -> GPU copy
-    # per call would stall the host); the registry caches one plan per (layout, device)
+    vidx: torch.Tensor                       # long (rows_in_group, k) on the CPU: storage index of each
+    #                                          block, -1 for a zero block of a padded group
+    # vidx.flatten() on the plan's device (-1 as 0), copied once when the plan is built (a CPU ->
+    # GPU copy per call would stall the host); the registry caches one plan per (layout, device)
     index: torch.Tensor
+    # padded groups only (else None), on the plan's device: positions in vidx.flatten() of the
+    # zero blocks, and of the stored ones with their storage indices
+    zero_at: torch.Tensor | None = None
+    stored_at: torch.Tensor | None = None
+    stored_index: torch.Tensor | None = None
 
     def flat_index(self, device: torch.device) -> torch.Tensor:
         """vidx.flatten() on ``device`` (the plan's own copy when it is on that device)."""
@@ -87,12 +93,14 @@ class Plan:
         block_size: b.
         covers_once: the groups' column runs tile all columns exactly once (a block-diagonal
             layout), so "scatter" products are written instead of added onto zeros.
+        columns: element columns of the gathered (or scattered) side.
     """
 
     transposed: bool
     groups: tuple[_Group, ...]
     block_size: int
     covers_once: bool
+    columns: int = 0        # element columns of the gathered side (in_features, or out if transposed)
 
     def packed(self, values: torch.Tensor, g: _Group, transpose: bool = False) -> torch.Tensor:
         """M_g: the group's blocks as one dense (rows*b, k*b) matrix of W (of W^T if the plan is
@@ -100,12 +108,41 @@ class Plan:
         operand of a GEMM."""
         n_rows, k = g.vidx.shape
         b = self.block_size
-        blocks = values.index_select(0, g.flat_index(values.device)).view(n_rows, k, b, b)
+        blocks = values.index_select(0, g.flat_index(values.device))
+        if g.zero_at is not None:   # a padded group: its absent blocks are zeros
+            blocks.index_fill_(0, g.zero_at.to(values.device), 0)
+        blocks = blocks.view(n_rows, k, b, b)
         if transpose:
             order, shape = ((1, 2, 0, 3) if self.transposed else (1, 3, 0, 2)), (k * b, n_rows * b)
         else:
             order, shape = ((0, 3, 1, 2) if self.transposed else (0, 2, 1, 3)), (n_rows * b, k * b)
         return blocks.permute(*order).reshape(shape)
+
+    @cached_property
+    def scatter_pieces(self) -> tuple[tuple[tuple[int, int, int, bool], ...], tuple[tuple[int, int], ...]]:
+        """How the groups' products, taken in order, land on the columns they cover: per group
+        (offset in the product, c0, c1, write) pieces, ``write`` where no earlier group covered
+        those columns (so no output needs zeroing first, and the first product is copied, not
+        added); and the column runs no group covers (to be zeroed).
+        """
+        b = self.block_size
+        covered = [False] * (self.columns // b)
+        per_group = []
+        for g in self.groups:
+            pieces, offset = [], 0
+            for c0, c1 in g.runs:
+                for blk in range(c0 // b, c1 // b):   # split the run where "covered" changes
+                    write = not covered[blk]
+                    covered[blk] = True
+                    lo = offset + blk * b - c0
+                    if pieces and pieces[-1][3] == write and pieces[-1][2] == blk * b:
+                        pieces[-1] = (pieces[-1][0], pieces[-1][1], (blk + 1) * b, write)
+                    else:
+                        pieces.append((lo, blk * b, (blk + 1) * b, write))
+                offset += c1 - c0
+            per_group.append(tuple(pieces))
+        holes = tuple((blk * b, (blk + 1) * b) for blk, done in enumerate(covered) if not done)
+        return tuple(per_group), holes
 
     @cached_property
     def signature(self) -> tuple:
@@ -118,7 +155,10 @@ class Plan:
         b = self.block_size
         order = (0, 2, 3, 1) if self.transposed else (0, 2, 1, 3)
         blocks = grad_m.reshape(n_rows, b, k, b).permute(*order).reshape(n_rows * k, b, b)
-        grad.index_copy_(0, g.flat_index(grad.device), blocks)
+        if g.zero_at is None:
+            grad.index_copy_(0, g.flat_index(grad.device), blocks)
+        else:                       # a padded group: only its stored blocks have a gradient
+            grad.index_copy_(0, g.stored_index.to(grad.device), blocks.index_select(0, g.stored_at.to(grad.device)))
 
 
 def _runs(cols: list[int]) -> list[tuple[int, int]]:
@@ -132,7 +172,41 @@ def _runs(cols: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _build_plan(layout: torch.Tensor, block_size: int, transposed: bool, device: torch.device) -> Plan:
+def _padded_group(groups: list[_Group], storage: torch.Tensor, b: int, device: torch.device) -> _Group:
+    """One group over consecutive groups' rows and the union of their columns (one run): the
+    blocks no row stores are zeros."""
+    r0, r1 = groups[0].r0, groups[-1].r1
+    c0 = min(c for g in groups for c, _ in g.runs) // b
+    c1 = max(c for g in groups for _, c in g.runs) // b
+    vidx = storage[r0 // b:r1 // b, c0:c1].contiguous()
+    flat = vidx.flatten()
+    absent = flat < 0
+    return _Group(r0, r1, ((c0 * b, c1 * b),), vidx, flat.clamp_min(0).to(device),
+                  absent.nonzero().flatten().to(device), (~absent).nonzero().flatten().to(device),
+                  flat[~absent].to(device))
+
+
+def _pad_groups(groups: list[_Group], storage: torch.Tensor, b: int, fill: float, device) -> list[_Group]:
+    """Merge runs of consecutive groups whose columns together form one contiguous run into
+    one padded group, while at least ``fill`` of its blocks are stored (greedy, in order)."""
+    merged, i = [], 0
+    while i < len(groups):
+        j = i + 1
+        while j < len(groups):
+            part = groups[i:j + 1]
+            cols = sorted({c for g in part for c0, c1 in g.runs for c in range(c0 // b, c1 // b)})
+            stored = sum(g.vidx.numel() for g in part)
+            rows = (part[-1].r1 - part[0].r0) // b
+            if not cols or cols[-1] - cols[0] + 1 != len(cols) or stored < fill * rows * len(cols):
+                break
+            j += 1
+        merged.append(groups[i] if j == i + 1 else _padded_group(groups[i:j], storage, b, device))
+        i = j
+    return merged
+
+
+def _build_plan(layout: torch.Tensor, block_size: int, transposed: bool, device: torch.device,
+                fill: float | None = None) -> Plan:
     storage = torch.full(layout.shape, -1, dtype=torch.long)
     nz = layout.nonzero()
     storage[nz[:, 0], nz[:, 1]] = torch.arange(len(nz))
@@ -148,14 +222,29 @@ def _build_plan(layout: torch.Tensor, block_size: int, transposed: bool, device:
             runs = tuple((c0 * b, c1 * b) for c0, c1 in _runs(cols))
             groups.append(_Group(start * b, i * b, runs, vidx.contiguous(), vidx.flatten().to(device)))
             start = i
+    if fill is not None:
+        groups = _pad_groups(groups, storage, b, fill, device)
     runs = sorted(run for g in groups for run in g.runs)
     covers_once = (bool(runs) and runs[0][0] == 0 and runs[-1][1] == layout.shape[1] * b
                    and all(a[1] == c[0] for a, c in zip(runs, runs[1:])))
-    return Plan(transposed, tuple(groups), block_size, covers_once)
+    return Plan(transposed, tuple(groups), block_size, covers_once, layout.shape[1] * b)
 
 
-def plan_for(layout: torch.Tensor, block_size: int, device: torch.device | str = "cpu") -> Plan:
+# Fill of a padded group (see plan_for's ``fill``): a flat block butterfly with two factors has
+# groups of 4 block-row cells reading 4 contiguous cells, 3 of them stored in each row (0.75).
+PAD_FILL = 0.75
+
+
+def plan_for(layout: torch.Tensor, block_size: int, device: torch.device | str = "cpu",
+             fill: float | None = None) -> Plan:
     """The GEMM plan of ``layout`` for the 'torch' path, its block indices on ``device``.
+
+    With ``fill``, consecutive groups whose columns together form one contiguous run are merged
+    into one padded group (zero blocks where a row stores none) as long as at least ``fill`` of
+    its blocks are stored: fewer, wider GEMMs whose inputs are views (no gathering) and whose
+    outputs are written once (no adds), at the price of the zero blocks' multiply-adds (1/3 more
+    at :data:`PAD_FILL`). What 16-bit inputs take, whose GEMMs (AMX) are fast enough that the
+    gathers and adds dominate.
 
     Built afresh on every call (index arithmetic on the host): the ops take the plan the layout
     registry caches per (layout, device) (:func:`pixelfly_lab.ops.registry.derived`, what
@@ -169,7 +258,7 @@ def plan_for(layout: torch.Tensor, block_size: int, device: torch.device | str =
     """
     cpu_layout = layout.detach().to("cpu", torch.bool)
     device = torch.device(device)
-    candidates = [_build_plan(cpu_layout, block_size, transposed, device) for transposed in (False, True)]
+    candidates = [_build_plan(cpu_layout, block_size, transposed, device, fill) for transposed in (False, True)]
     return min(candidates, key=lambda p: (sum(g.vidx.shape[1] for g in p.groups), len(p.groups)))
 
 
@@ -240,12 +329,20 @@ def release_buffers() -> int:
 # gradient slices then stay in cache between the copies and the GEMMs that use them; on a 2-core
 # CPU this made the forward ~20% faster than whole-batch GEMMs (512 x 1024 floats = 2 MB of x).
 CHUNK_ROWS = 512
+# The same for 16-bit inputs: one chunk per worker. Their GEMMs (AMX/AVX512-BF16) are several
+# times faster, so the per-chunk Python and elementwise work would dominate, and the blocks'
+# gradient is then one GEMM over all rows, accumulated in float32 inside it rather than summed
+# chunk by chunk in bfloat16 (measured, released configuration at 4096 rows on one AVX-512 core
+# under autocast: 512-row chunks ~10% slower than 2048).
+CHUNK_ROWS_16BIT = 1 << 30
 
 
-def _chunks(n: int, parts: int = 1):
-    """Row slices of at most CHUNK_ROWS, of equal sizes (to within one) so that no chunk is a
-    thin remainder (1568 rows are 4 x 392, not 3 x 512 + 32); a multiple of ``parts`` of them."""
-    count = -(-max(1, -(-n // CHUNK_ROWS)) // parts) * parts
+def _chunks(n: int, parts: int = 1, limit: int | None = None):
+    """Row slices of at most ``limit`` (default CHUNK_ROWS), of equal sizes (to within one) so
+    that no chunk is a thin remainder (1568 rows are 4 x 392, not 3 x 512 + 32); a multiple of
+    ``parts`` of them."""
+    limit = limit or CHUNK_ROWS
+    count = -(-max(1, -(-n // limit)) // parts) * parts
     bounds = [n * i // count for i in range(count + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
@@ -294,8 +391,10 @@ def _workers(n_rows: int, like: torch.Tensor) -> int:
     return max(1, min(threads, n_rows // MIN_ROWS_PER_WORKER))
 
 
-def _sweep(n_rows: int, body, workers: int) -> None:
-    """body(rows, worker) over the row chunks, on ``workers`` threads (chunk k on worker k % workers).
+def _sweep(n_rows: int, body, workers: int, like: torch.Tensor | None = None) -> None:
+    """body(rows, worker, first) over the row chunks, on ``workers`` threads (chunk k on worker
+    k % workers; ``first``: the worker's first chunk). Chunks of :data:`CHUNK_ROWS` rows, or
+    :data:`CHUNK_ROWS_16BIT` when ``like`` is a 16-bit tensor.
 
     With several threads the chunks are shared among Python threads that each run torch
     single-threaded: the GEMMs release the GIL and overlap. torch's own threading of each small
@@ -304,10 +403,11 @@ def _sweep(n_rows: int, body, workers: int) -> None:
     one. torch's thread count is 1 while the sweep runs (process-wide) and restored after; the
     caller's grad and inference modes are carried into the workers.
     """
-    chunks = _chunks(n_rows, workers)
+    sixteen = like is not None and like.dtype in (torch.bfloat16, torch.float16)
+    chunks = _chunks(n_rows, workers, CHUNK_ROWS_16BIT if sixteen else None)
     if workers == 1:
-        for rows in chunks:
-            body(rows, 0)
+        for i, rows in enumerate(chunks):
+            body(rows, 0, i == 0)
         return
     with _EXECUTOR_LOCK:
         if not _EXECUTOR or _EXECUTOR[0]._max_workers < workers:
@@ -317,8 +417,8 @@ def _sweep(n_rows: int, body, workers: int) -> None:
 
     def work(k):
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            for rows in chunks[k::workers]:
-                body(rows, k)
+            for i, rows in enumerate(chunks[k::workers]):
+                body(rows, k, i == 0)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -356,6 +456,16 @@ def _right_operands(values, plan: Plan, extra_w=None, transpose: bool = False):
     return rights
 
 
+def _scatter_pieces(out_rows: torch.Tensor, product: torch.Tensor, pieces) -> None:
+    """Write or add product's columns into out_rows by :attr:`Plan.scatter_pieces` of a group."""
+    for offset, c0, c1, write in pieces:
+        part = product[:, offset:offset + c1 - c0]
+        if write:
+            out_rows[:, c0:c1].copy_(part)
+        else:
+            out_rows[:, c0:c1].add_(part)
+
+
 def _scatter(out_rows: torch.Tensor, product: torch.Tensor, runs, write: bool) -> int:
     """Add (or write) product's leading columns into out_rows' column runs; return columns used."""
     offset = 0
@@ -377,7 +487,7 @@ def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None, ex
     threads (4.5 of ~55 ms, x (4096, 1024) -> 4096, r = 32)."""
     out = _new_output((a.shape[0], width), a)
 
-    def chunk(rows, _):
+    def chunk(rows, *_):
         if extra_w is not None:
             extra[rows] = _times_narrow(a[rows], extra_w)
         a_c, extra_c = a[rows], None if extra is None else extra[rows]
@@ -389,20 +499,29 @@ def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None, ex
                 torch.mm(_gather(a_c, g.runs, extra_c), right, out=target)
             else:
                 torch.addmm(bias[g.r0:g.r1], _gather(a_c, g.runs, extra_c), right, out=target)
-    _sweep(a.shape[0], chunk, _workers(a.shape[0], a))
+    _sweep(a.shape[0], chunk, _workers(a.shape[0], a), a)
     return out
 
 
 def _scatter_forward(a, plan: Plan, rights, width: int, init=None):
-    """out[:, runs_g] += a[:, rows_g] @ rights[g] onto ``init`` (else zeros), chunk by chunk."""
-    write = init is None and plan.covers_once          # every column written exactly once
-    out = init if init is not None else _new_output((a.shape[0], width), a, zero=not write)
+    """out[:, runs_g] += a[:, rows_g] @ rights[g] onto ``init`` (else zeros), chunk by chunk.
 
-    def chunk(rows, _):
-        for g, right in zip(plan.groups, rights):
+    Without ``init`` each column's first product is written, not added (no zeroing first)."""
+    out = init if init is not None else _new_output((a.shape[0], width), a)
+    pieces, holes = plan.scatter_pieces
+
+    def chunk(rows, *_):
+        if init is None:
+            for c0, c1 in holes:
+                out[rows, c0:c1] = 0
+        for g, right, own in zip(plan.groups, rights, pieces):
             if right is not None:
-                _scatter(out[rows], a[rows, g.r0:g.r1] @ right, g.runs, write)
-    _sweep(a.shape[0], chunk, _workers(a.shape[0], a))
+                product = a[rows, g.r0:g.r1] @ right
+                if init is None:
+                    _scatter_pieces(out[rows], product, own)
+                else:
+                    _scatter(out[rows], product, g.runs, False)
+    _sweep(a.shape[0], chunk, _workers(a.shape[0], a), a)
     return out
 
 
@@ -416,12 +535,22 @@ def _init_output(rows: int, width: int, z=None, w=None, bias=None):
     return torch.addmm(bias, z, w.T, out=out) if bias is not None else torch.mm(z, w.T, out=out)
 
 
-def _grad_accumulators(plan: Plan, like: torch.Tensor, extra_cols: int):
-    """Per group a zero (k*b + extra_cols, rows*b) buffer for dM_g^T (and the extra columns).
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc = a @ b on a worker's first chunk (acc is uninitialised then), acc += a @ b after."""
+    if first:
+        torch.mm(a, b, out=acc)
+    else:
+        acc.addmm_(a, b)
+
+
+def _grad_accumulators(plan: Plan, like: torch.Tensor, extra_cols: int, written=None):
+    """Per group a (k*b + extra_cols, rows*b) buffer for dM_g^T (and the extra columns):
+    uninitialised where ``written(g)`` (the sweep's first chunk writes it), zero elsewhere.
 
     Transposed because (gathered side)^T @ (row side) ran ~15% faster than (row side)^T @
     (gathered side) in MKL's sgemm on an AVX-512 CPU, the row side being a strided slice."""
-    return [like.new_zeros(g.width + extra_cols, g.r1 - g.r0) for g in plan.groups]
+    return [(like.new_empty if written is None or written(g) else like.new_zeros)(g.width + extra_cols, g.r1 - g.r0)
+            for g in plan.groups]
 
 
 def _summed(accs):
@@ -534,10 +663,10 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
         grad_x = _new_output(tuple(x2.shape), gy) if need_x else None
         workers = _workers(gy.shape[0], gy)
         # one set of accumulators per worker, summed after the sweep
-        accs = [_grad_accumulators(plan, gy, lowrank_cols) for _ in range(workers)] \
-            if need_values or need_v else None
+        accs = [_grad_accumulators(plan, gy, lowrank_cols, lambda g: g.runs or gz is not None)
+                for _ in range(workers)] if need_values or need_v else None
 
-        def chunk(rows, k):
+        def chunk(rows, k, first):
             gy_c, gz_c = gy[rows], None if gz is None else gz[rows]
             for i, g in enumerate(plan.groups):
                 left = _gather(gy_c, g.runs, gz_c) if g.runs or gz_c is not None else None
@@ -547,8 +676,8 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
                     else:
                         torch.mm(left, rights[i], out=grad_x[rows, g.r0:g.r1])
                 if accs is not None and left is not None:
-                    accs[k][i].addmm_(left.T, x2[rows, g.r0:g.r1])
-        _sweep(gy.shape[0], chunk, workers)
+                    _accumulate(accs[k][i], left.T, x2[rows, g.r0:g.r1], first)
+        _sweep(gy.shape[0], chunk, workers, gy)
         grads = _summed(accs)
         if grads is not None:
             grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
@@ -558,32 +687,36 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
     else:                    # rows of the plan = W's block rows; x is the gathered side
         lowrank = u is not None and (need_x or need_v)
         rights = _right_operands(values, plan, u if lowrank else None) if need_x or lowrank else None
-        write = plan.covers_once
-        grad_x = _new_output(tuple(x2.shape), gy, zero=not write) if need_x else None
-        gz = gy.new_zeros(gy.shape[0], u.shape[1]) if lowrank else None
+        pieces, holes = plan.scatter_pieces
+        grad_x = _new_output(tuple(x2.shape), gy) if need_x else None   # every column written below
+        gz = gy.new_empty(gy.shape[0], u.shape[1]) if lowrank else None  # every group has U's rows
         # with a low-rank term the bias gradient is one more column of the dS GEMMs: [z, 1]
         fold_bias = z is not None and need_bias
         if fold_bias:
             z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
         extra_cols = z.shape[1] if z is not None and (need_u or fold_bias) else 0
         workers = _workers(gy.shape[0], gy)
-        accs = [_grad_accumulators(plan, gy, extra_cols) for _ in range(workers)] \
-            if need_values or extra_cols else None
+        accs = [_grad_accumulators(plan, gy, extra_cols, lambda g: g.runs or extra_cols)
+                for _ in range(workers)] if need_values or extra_cols else None
 
-        def chunk(rows, k):
+        def chunk(rows, k, first):
             x_c, z_c = x2[rows], None if z is None else z[rows]
+            if need_x:
+                for c0, c1 in holes:
+                    grad_x[rows, c0:c1] = 0
             for i, g in enumerate(plan.groups):
                 gy_g = gy[rows, g.r0:g.r1]
                 if rights is not None and rights[i] is not None:
                     product = gy_g @ rights[i]
-                    used = _scatter(grad_x[rows], product, g.runs, write) if need_x else g.width
-                    if lowrank:
-                        gz[rows] += product[:, used:]
+                    if need_x:
+                        _scatter_pieces(grad_x[rows], product, pieces[i])
+                    if lowrank:   # group 0 writes this chunk's gz, the others add
+                        gz[rows].copy_(product[:, g.width:]) if i == 0 else gz[rows].add_(product[:, g.width:])
                 if accs is not None and (g.runs or extra_cols):
-                    accs[k][i].addmm_(_gather(x_c, g.runs, z_c if extra_cols else None).T, gy_g)
+                    _accumulate(accs[k][i], _gather(x_c, g.runs, z_c if extra_cols else None).T, gy_g, first)
             if need_x and lowrank:   # gz of this chunk is complete; its rows of dX are in cache
                 grad_x[rows].addmm_(gz[rows], v.T)
-        _sweep(gy.shape[0], chunk, workers)
+        _sweep(gy.shape[0], chunk, workers, gy)
         grads = _summed(accs)
         if grads is not None:
             grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
@@ -689,7 +822,7 @@ def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, 
 def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, rank: int, dtype) -> bool:
     """True when the dense route's best forward+backward time beats the grouped route's."""
     gen = torch.Generator().manual_seed(0)
-    nnz = sum(g.vidx.numel() for g in plan.groups)
+    nnz = sum(int((g.vidx >= 0).sum()) for g in plan.groups)
     b = plan.block_size
 
     def rand(*shape):
