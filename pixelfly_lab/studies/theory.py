@@ -6,7 +6,7 @@
 2. Block butterfly (Sec. 3.2, the talk's "block butterfly retains the expressiveness of
    butterfly"): block butterfly products against butterfly products with the same number of
    parameters, fitted by Adam. On Hadamard and a random butterfly product, which both classes
-   contain exactly, the comparison measures the optimiser: a 'check'. The 'paper' claim is on
+   contain exactly, the comparison measures the optimiser: a reading ('info'). The 'paper' claim is on
    targets outside both classes (DCT, a Gaussian matrix), with a sanity gate: every class fitted
    contains the plain butterfly product, so a containing fit worse than the plain one means the
    fits did not converge and the claim is undecided. That blocks of 2 contain every butterfly
@@ -160,16 +160,20 @@ def _block_butterfly(out, config) -> list[Claim]:
 
     home_rows, away_rows = _block_rows(home, config.block_sizes), _block_rows(away, config.block_sizes)
     # every fitted class contains the plain butterfly product: fitting worse than it is an optimisation failure
-    unconverged = [f"{r['kind']} b={r['b']} {m} {r[m]:.3f} > plain {r['plain']:.3f}" for r in home_rows + away_rows
-                   for m in ("block", "deep") if r[m] > r["plain"] + BLOCK_TOLERANCE]
-    home_ok = all(r["block"] <= r["deep"] + BLOCK_TOLERANCE for r in home_rows)
-    held = None if unconverged else all(r["block"] <= r["deep"] + BLOCK_TOLERANCE for r in away_rows)
+    def unconverged(rows):
+        return [f"{r['kind']} b={r['b']} {m} {r[m]:.3f} > plain {r['plain']:.3f}" for r in rows
+                for m in ("block", "deep") if r[m] > r["plain"] + BLOCK_TOLERANCE]
+
+    stuck = unconverged(away_rows)
+    held = None if stuck else all(r["block"] <= r["deep"] + BLOCK_TOLERANCE for r in away_rows)
     setting = f"n={n}, {config.block_steps} Adam steps, best of 2 restarts"
-    return [Claim("Block butterfly fits, check of the optimiser on the classes' own ground: Hadamard and a random "
-                  "butterfly product lie in both classes (block butterfly and butterfly with as many parameters), so "
-                  "their fits must agree (held when the block product's error is at most the equal-parameter "
-                  f"butterfly's + {BLOCK_TOLERANCE} on both)",
-                  parts(home_rows) + f" ({setting})", home_ok, figure, kind="check", table=csv),
+    home_stuck = unconverged(home_rows)
+    return [Claim("Block butterfly fits on the classes' own ground, a reading of the optimiser: Hadamard and a random "
+                  "butterfly product lie in both classes (block butterfly, and butterfly with as many parameters), so "
+                  "a fit short of 0 is Adam's, not the class's (Adam converging is not guaranteed: no verdict)",
+                  parts(home_rows) + f" ({setting})" + ("; fits worse than the plain butterfly they contain: "
+                                                        + "; ".join(home_stuck) if home_stuck else ""),
+                  None, figure, kind="info", table=csv),
             Claim("Pixelfly paper, Sec. 3.2 and the talk: block butterfly (products of block butterfly factors) "
                   "retains the expressiveness of butterfly at equal parameters -- on targets outside both classes ("
                   f"{', '.join(OUTSIDE_TARGETS)}), fitted by Adam (held when on every target the block product's "
@@ -177,7 +181,7 @@ def _block_butterfly(out, config) -> list[Claim]:
                   f"{BLOCK_TOLERANCE}, refuted when it exceeds it on one; undecided when a fitted class that "
                   "contains the plain log2 n butterfly product fits worse than it by more than "
                   f"{BLOCK_TOLERANCE}: the fits did not converge)",
-                  ("undecided, fits not converged: " + "; ".join(unconverged) + ". " if unconverged else "")
+                  ("undecided, fits not converged: " + "; ".join(stuck) + ". " if stuck else "")
                   + parts(away_rows) + f" ({setting})", held, figure, kind="paper", table=csv),
             _containment(n, figure)]
 
