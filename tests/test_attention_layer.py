@@ -290,3 +290,18 @@ def test_error_against_dense_is_zero_on_a_full_layout_and_matches_a_direct_compu
     assert full.error_against_dense(q, k) < 1e-12
     with pytest.raises(ValueError, match="q and k"):
         attn.attention_weights(q[..., :5], k)
+
+
+def test_built_on_meta_then_materialised_equals_the_cpu_build():
+    import pixelfly_lab as pl
+
+    torch.manual_seed(3)
+    reference = PixelflyAttention(24, 2, 64, block_size=8, lowrank_features=3, seed=5)
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        layer = PixelflyAttention(24, 2, 64, block_size=8, lowrank_features=3, seed=5)
+    assert layer.q.weight.is_meta
+    pl.materialize(layer)
+    x = torch.randn(2, 64, 24)
+    torch.testing.assert_close(layer(x), reference(x))
+    assert torch.equal(layer.layout, reference.layout) and torch.equal(layer.feature_weights, reference.feature_weights)

@@ -183,7 +183,7 @@ def attention_layout(name: str, seq_len: int, budget: float | None, block_size: 
                              f"{seq_len} (m features cost 2 m / T = {2 * features / seq_len:.4f})")
         base = "butterfly" if name == "pixelfly" else name
         layout = make_pattern(base, seq_len, seq_len, sparse_budget, block_size, seed).layout.clone()
-    layout |= torch.eye(R, dtype=torch.bool)
+    layout |= torch.eye(R, dtype=torch.bool, device="cpu")
     n_global = -(-global_tokens // block_size)
     layout[:n_global] = True
     layout[:, :n_global] = True
@@ -263,13 +263,24 @@ class PixelflyAttention(nn.Module):
         self._last_len = seq_len
         # one registry key per sequence length used (the built one now, shorter ones on first use)
         self._keys_by_length = {seq_len: register_layout(block_layout, block_size)}
-        self.register_buffer("layout", block_layout.to(device), persistent=False)
+        # buffers follow the ambient device like the parameters (meta included: reset_parameters refills them)
+        where = torch.get_default_device() if device is None else torch.device(device)
+        self.register_buffer("layout", block_layout.to(where), persistent=False)
         head_dim = dim // heads
-        weights = draw_feature_weights(head_dim, features, seed) if features else torch.zeros(0, head_dim,
-                                                                                              dtype=torch.float64)
-        self.register_buffer("feature_weights", weights.to(device))
+        weights = (draw_feature_weights(head_dim, features, seed) if features
+                   else torch.zeros(0, head_dim, dtype=torch.float64, device="cpu"))
+        self.register_buffer("feature_weights", weights.to(where))
         factory = {"device": device, "dtype": dtype}
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim, **factory) for _ in range(4))
+
+    def reset_parameters(self) -> None:
+        """Restore the buffers (the layout, the features' W from ``seed``), e.g. after ``to_empty``;
+        the q, k, v and proj layers reset themselves (:func:`pixelfly_lab.nn.materialize.materialize`)."""
+        with torch.no_grad():
+            self.layout.copy_(registered_layout(self._keys_by_length[self.seq_len]).layout)
+            if self.features:
+                weights = draw_feature_weights(self.dim // self.heads, self.features, self.seed)
+                self.feature_weights.copy_(weights.to(self.feature_weights.dtype))
 
     def redraw_features(self, seed: int | None = None) -> None:
         """Draw the random features' projection W anew (with ``seed``, or the next seed after the last)."""
