@@ -19,11 +19,10 @@ Backends (``backend=``):
 * ``'torch'``: the fast CPU path (:mod:`pixelfly_lab.ops.torch_kernels`). Block rows that read the
   same block columns form one dense GEMM over their gathered inputs (a flat block butterfly has
   butterfly_size such groups; block-diagonal layouts need no gather at all), the low-rank term
-  rides in the same GEMMs as extra columns, and rows are swept in cache-sized chunks.
-  Measured on a 2-core AMD EPYC with MKL, one thread, float32, x (4096, 1024) -> 4096, the
-  released Pixelfly configuration (16, 2, rank 32, block 32, budget 0.227): forward ~3.5x and
-  forward+backward ~3x faster than nn.Linear (FLOP limit 4.4x; the group GEMMs, 256 output
-  columns wide, run at ~85% of a large dense GEMM's rate). ``python -m pixelfly_lab bench``.
+  rides in the same GEMMs as extra columns, and rows are swept in cache-sized chunks; 16-bit
+  inputs take padded groups (wider GEMMs over contiguous inputs). How fast it is depends on the
+  machine's own GEMM rate: ``python -m pixelfly_lab bench`` prints, beside each speed-up, the
+  useful rate as a fraction of nn.Linear's rate on the same machine (the README's Notes).
 * ``'triton'``: :mod:`pixelfly_lab.ops.triton_kernels` (the low-rank term and the bias fused into the
   block-sparse kernels) for CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``; imported
   lazily, only when used.

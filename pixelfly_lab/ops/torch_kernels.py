@@ -17,7 +17,15 @@ y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a blo
   single-threaded (:func:`_sweep`), and the work around the sweep runs single-threaded too
   (:func:`_torch_serial`: OpenMP threads left spinning would take a worker's core);
 * when in_features > out_features the plan groups the transposed layout instead (products are
-  then added into y's column runs), so that the narrower side is the one gathered;
+  then added into y's column runs), so that the narrower side is the one gathered; a column's
+  first product is written, later ones added (:attr:`Plan.scatter_pieces`), so no output or
+  gradient buffer is zero-filled first;
+* 16-bit inputs (bf16/fp16 under autocast: AMX/AVX512-BF16 GEMMs, several times faster than
+  float32) take a *padded* plan (:func:`plan_for` with ``fill``): consecutive groups whose columns
+  together form one run become one GEMM with zero blocks where a row stores none (for a flat
+  block butterfly with two factors, 4 cell rows over 4 contiguous cells, 3/4 stored), so inputs
+  are views and outputs are written once, for 1/3 more multiply-adds of the sparse part; and
+  one row chunk per worker, so that the blocks' gradient is one GEMM accumulated in float32;
 * outputs of 32 MB and more reuse retained buffers once nothing references them
   (:data:`POOL_MIN_BYTES`): glibc would map and page-fault them afresh on every call;
 * narrow low-rank products run in the r-row orientation (:func:`_times_narrow`);
