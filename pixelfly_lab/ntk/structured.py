@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from pixelfly_lab.nn.base import StructuredLinear
+from pixelfly_lab.nn.linear_like import is_conv1d
 
 __all__ = ["contract_jacobians", "structured_rules", "structured_features", "feature_numel", "pair_numel",
            "contract_term"]
@@ -108,13 +109,6 @@ def _lowrank_terms(name, u: torch.Tensor, v: torch.Tensor) -> list:
 _DENSE = torch.ones(1, 1, dtype=torch.bool)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2's projections), recognised without importing transformers."""
-    weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
-            and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf)
-
-
 def rule_for(prefix: str, module: nn.Module) -> _Rule | None:
     """Terms of ``module`` if it has a rule: nn.Linear and Conv1D by exact type; a structured layer
     by what it says its W is made of (:meth:`pixelfly_lab.nn.base.StructuredLinear.linear_parts`)."""
@@ -122,7 +116,7 @@ def rule_for(prefix: str, module: nn.Module) -> _Rule | None:
     kind = type(module)
     if kind is nn.Linear:
         return _Rule(module, _linear_terms(module, name, "weight", _DENSE, tuple(module.weight.shape)))
-    if _is_conv1d(module):   # y = x W + b with W stored (in, out): the transpose of nn.Linear's
+    if is_conv1d(module):    # y = x W + b with W stored (in, out): the transpose of nn.Linear's
         in_f, out_f = module.weight.shape
         return _Rule(module, [_Term(name("weight"), _DENSE, (out_f, in_f), _output_side, _input_side, True)]
                      + _bias_terms(module, name))
