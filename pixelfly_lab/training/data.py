@@ -148,8 +148,11 @@ def make_mnist1d(n_train: int = 4000, n_test: int = 1000, seed: int = 0) -> Task
     | GRU | 91 +- 2 % |
     | human expert | 96 +- 1 % |
 
-    This toolkit's dense MLP (``python -m pixelfly_lab train --model mlp --data mnist1d --size small
-    --epochs 30``, one seed) reaches the accuracy printed in ``summary.json``; the README quotes it.
+    This toolkit's dense MLP beside them (four hidden layers of 512, ``python -m pixelfly_lab train
+    --model mlp --data mnist1d --size small --epochs 30 --seed S --data-option seed=0``, seeds 0, 1, 2,
+    measured 2026-12-06): 76.1 %, 74.1 %, 77.7 % test accuracy (mean 76.0 %), above the paper's MLP
+    (a smaller one) and far below its CNN, as the data set intends: a fully connected net does not
+    share what it learns across positions.
 
     Args:
         n_train, n_test: examples per split. Other sizes generate 10 * ceil((n_train + n_test) / 10)
