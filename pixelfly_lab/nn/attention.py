@@ -32,7 +32,7 @@ features raised (or left) the error against dense softmax for sharp attention (t
 The paper's layout stays available as ``layout='pixelfly'``.
 
 Example:
-    >>> attn = PixelflyAttention(64, heads=2, seq_len=128, budget=0.25, block_size=16)
+    >>> attn = PixelflyAttention(64, heads=2, seq_len=128, block_size=16)      # connected, no features
     >>> x = torch.randn(3, 128, 64)
     >>> attn(x).shape
     torch.Size([3, 128, 64])
