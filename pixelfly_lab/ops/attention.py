@@ -44,6 +44,7 @@ import os
 
 import torch
 
+from pixelfly_lab._compile import assume_constant
 from pixelfly_lab._checks import check_int
 from pixelfly_lab.ops.registry import derived, register_layout, registered_layout
 from pixelfly_lab.ops.torch_attention import (AttentionPlan, accumulation_dtype, attention_delta,
@@ -111,13 +112,13 @@ def _check_inputs(q, k, v, layout, block_size, causal, scale):
     return key, block_size, float(scale)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant
 def _register(layout: torch.Tensor, block_size: int) -> int:
     """register_layout, seen by torch.compile as a constant (a layout captured by a compiled function)."""
     return register_layout(layout, block_size)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant
 def _rows_checked(key: int, causal: bool) -> bool:
     """True once every row of the registered layout keeps a block (host-side, cached per key)."""
     _effective_layout(key, causal)
