@@ -251,7 +251,8 @@ def _statistics(claim: dict) -> str:
 
 
 def _members(claim: dict) -> list[str]:
-    return [f"{m['name']}: {m['verdict']}" + (f" ({_statistics({**m, 'kind': 'paper', 'held': None})})"
+    held = {"held": True, "refuted": False}
+    return [f"{m['name']}: {m['verdict']}" + (f" ({_statistics({**m, 'kind': 'paper', 'held': held.get(m['verdict'])})})"
                                              if m.get("effect") is not None else "")
             for m in claim.get("members") or []]
 
