@@ -35,6 +35,7 @@ import os
 import statistics
 import time
 import warnings
+from fnmatch import fnmatchcase
 
 import pandas as pd
 import torch
@@ -214,8 +215,6 @@ def plan_model(model: nn.Module, example_batch: torch.Tensor, *, speedup: float 
     for value in block_sizes:
         check_int("block_sizes", value)
     globs = [include] if isinstance(include, str) else include
-    from fnmatch import fnmatchcase
-
     owners = parameter_owners(model)
     layers = {name: module for name, module in linear_layers(model)
               if linear_kind(module) in ("linear", "conv1d") and len(owners[id(module.weight)]) == 1
@@ -227,7 +226,6 @@ def plan_model(model: nn.Module, example_batch: torch.Tensor, *, speedup: float 
     rows = _layer_rows(model, example_batch, layers)
     layers = {name: module for name, module in layers.items() if name in rows}   # those the forward ran
     shapes = {name: linear_features(module, linear_kind(module)) for name, module in layers.items()}
-    show = progress if progress is not None else None
     with num_threads(threads):
         keys = sorted({(shapes[n][0], shapes[n][1], rows[n]) for n in layers})
         cases, labels = [], []
@@ -239,7 +237,7 @@ def plan_model(model: nn.Module, example_batch: torch.Tensor, *, speedup: float 
                 layer = layer_from_pattern(pattern, device=device)
                 cases.append((layer, n_rows, in_f, out_f))
                 labels.append(((out_f, in_f, n_rows), "pixelfly", asked, block, pattern.params))
-        times = _time_layers(cases, rounds, device, bool(show) if show is not None else len(cases) > 20)
+        times = _time_layers(cases, rounds, device, progress if progress is not None else len(cases) > 20)
     options_by_key = {}
     for (key, pattern, asked, block, params), ms in zip(labels, times):
         options_by_key.setdefault(key, []).append(dict(pattern=pattern, asked=asked, block_size=block,

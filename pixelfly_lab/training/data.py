@@ -164,9 +164,8 @@ def make_mnist1d(n_train: int = 4000, n_test: int = 1000, seed: int = 0) -> Task
     Returns:
         :class:`TaskData`, x (N, 1, 40) float32, y int64 in 0..9.
     """
-    import random
-
-    from mnist1d.data import get_dataset_args, make_dataset   # the reference generator (a requirement)
+    # imported here, not at the top: mnist1d imports matplotlib.pyplot, which `import pixelfly_lab` must not
+    from mnist1d.data import get_dataset_args, make_dataset
 
     _check_sizes(n_train=n_train, n_test=n_test)
     check_int("seed", seed, 0)
