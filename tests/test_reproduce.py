@@ -80,7 +80,8 @@ def test_report_lists_paper_claims_first_with_their_count(tmp_path, fake_studies
     rp.reproduce(tmp_path, preset="tiny", device="cpu", progress=False)
     report = (tmp_path / "report.md").read_text()
     assert "Preset of this run: `tiny`" in report and "Seeds" in report and "pass rule" in report
-    assert "2 distinct paper claims (1 of them families, members listed): 1 held, 1 refuted, 0 not decided; " \
+    assert "2 distinct paper claims (1 of them families, members listed): 1 held, 1 refuted, 0 not decided (0 of " \
+           "them not measured on this machine, e.g. GPU claims on a CPU); " \
            "1 of 1 checks held; 1 of 2 speed targets met" in report
     assert "failed studies: bad, absent" in report and "RuntimeError: boom" in report
     paper_section, rest = report.split("## Paper claims", 1)[1].split("## Good", 1)

@@ -280,6 +280,7 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
     held = sum(1 for _, c in paper if c.get("held") is True)
     refuted = sum(1 for _, c in paper if c.get("held") is False)
     families = sum(1 for _, c in paper if c.get("members"))
+    unmeasured = sum(1 for _, c in paper if c.get("held") is None and c["measured"].startswith("not measured"))
     checks = [c for rec in records.values() for c in rec.get("claims", []) if c.get("kind") == "check"]
     checks_held = sum(1 for c in checks if c.get("held") is True)
     targets = [(name, c) for name, rec in records.items() for c in rec.get("claims", []) if c.get("kind") == "target"]
@@ -295,7 +296,8 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
              "difference (pixelfly_lab.studies.stats): held or refuted when it lies beyond the margin, otherwise "
              "undecided, with the seeds that would decide it; families are Holm-corrected and counted once.",
              f"**Summary: {len(paper)} distinct paper claims ({families} of them families, members listed): {held} "
-             f"held, {refuted} refuted, {len(paper) - held - refuted} not decided; {checks_held} of {len(checks)} "
+             f"held, {refuted} refuted, {len(paper) - held - refuted} not decided ({unmeasured} of them not measured "
+             f"on this machine, e.g. GPU claims on a CPU); {checks_held} of {len(checks)} "
              f"checks held; {met} of {len(targets)} speed targets met (not paper claims: see their section)"
              + (f"; failed studies: {', '.join(failed)}" if failed else "") + ".**",
              (f"The full preset (`--preset full`): about {sum(minutes.values()):.0f} minutes on 2 CPU cores for the "
