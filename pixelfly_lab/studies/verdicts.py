@@ -91,7 +91,7 @@ def study_figures(out, name: str) -> list[Path]:
 
 
 def show_study(out, name: str, width: int = 900) -> pd.DataFrame:
-    """Display one study's claims (verdict, claim, measured) and each of its figures once.
+    """Display one study's claims (verdict, claim, measured), each of its figures once, and its verdicts counted.
 
     Args:
         out: the results folder.
@@ -121,6 +121,11 @@ def show_study(out, name: str, width: int = 900) -> pd.DataFrame:
     display(Markdown("\n".join(lines)))
     for path in study_figures(out, name):
         display(Image(data=_shrunk_png(path, width)))
+    tally = rows[rows.kind == "paper"].verdict.value_counts()
+    display(Markdown(f"*The `{name}` study's paper claims in this run: {tally.get('held', 0)} held, "
+                     f"{tally.get('did not hold', 0)} did not hold, {tally.get('undecided', 0)} undecided.*"
+                     if tally.sum() else f"*The `{name}` study has no paper claims in this run, only checks and "
+                     "readings.*"))
     return rows
 
 
