@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pixelfly_lab.ops import torch_kernels
+from pixelfly_lab.ops import torch_sweep
 from pixelfly_lab.ops.matmul import (block_sparse_matmul, blocks_to_dense, dense_to_blocks, plan_for,
                                   resolve_backend, sparse_lowrank_matmul)
 from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
@@ -204,7 +204,7 @@ def test_triton_backend_dispatch_under_the_interpreter():
 
 @pytest.mark.parametrize("name", ["butterfly_expanding", "butterfly_contracting", "empty_rows_and_cols", "blockdiag"])
 def test_row_chunked_sweeps_match_reference(name, monkeypatch):
-    monkeypatch.setattr(torch_kernels, "CHUNK_ROWS", 2)  # 7 rows: three full chunks and a partial one
+    monkeypatch.setattr(torch_sweep, "CHUNK_ROWS", 2)  # 7 rows: three full chunks and a partial one
     layout, b = LAYOUTS[name]
     _assert_matches_reference(layout, b, rank=2, batch=(7,))
     _assert_matches_reference(layout, b, rank=0, batch=(7,))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pixelfly_lab.ops import torch_kernels
+from pixelfly_lab.ops import torch_buffers, torch_grouped, torch_kernels, torch_plan, torch_sweep
 from pixelfly_lab.ops.matmul import blocks_to_dense
 from pixelfly_lab.structure.masks import flat_block_butterfly_layout
 
@@ -72,25 +72,25 @@ def test_backward_computes_only_what_is_asked():
 
 
 def test_pooled_outputs_are_reused_only_when_nothing_references_them(monkeypatch):
-    monkeypatch.setattr(torch_kernels, "POOL_MIN_BYTES", 1)
-    torch_kernels.release_buffers()
+    monkeypatch.setattr(torch_buffers, "POOL_MIN_BYTES", 1)
+    torch_buffers.release_buffers()
     like = torch.zeros(1)
-    first = torch_kernels._new_output((4, 5), like)
+    first = torch_buffers.new_output((4, 5), like)
     view = first[1:]
     del first
-    second = torch_kernels._new_output((4, 5), like)     # the first is still referenced by a view
+    second = torch_buffers.new_output((4, 5), like)     # the first is still referenced by a view
     assert second.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
     ptr = view.untyped_storage().data_ptr()
     del view
-    third = torch_kernels._new_output((2, 10), like, zero=True)   # same size: the freed buffer
+    third = torch_buffers.new_output((2, 10), like, zero=True)   # same size: the freed buffer
     assert third.untyped_storage().data_ptr() == ptr
     assert third.shape == (2, 10) and bool((third == 0).all())
-    assert torch_kernels.release_buffers() >= 2 * 20 * 4
+    assert torch_buffers.release_buffers() >= 2 * 20 * 4
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_outputs_kept_across_calls_stay_intact_with_pooling(name, monkeypatch):
-    monkeypatch.setattr(torch_kernels, "POOL_MIN_BYTES", 1)
+    monkeypatch.setattr(torch_buffers, "POOL_MIN_BYTES", 1)
     layout, b = LAYOUTS[name]
     plan = torch_kernels.plan_for(layout, b)
     first = _operands(layout, b, 2, True, seed=1)
@@ -101,7 +101,7 @@ def test_outputs_kept_across_calls_stay_intact_with_pooling(name, monkeypatch):
     assert y1.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
     torch.testing.assert_close(y1, kept, rtol=0, atol=0)
     torch.testing.assert_close(y2, _reference_grads(layout, torch.zeros_like(y2), *second)[0])
-    torch_kernels.release_buffers()
+    torch_buffers.release_buffers()
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -170,13 +170,13 @@ def test_gradients_share_no_storage(name, dense_route, monkeypatch):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False)])
 def test_sweeps_shared_among_worker_threads_match_reference(name, rank, bias, threads, monkeypatch):
-    monkeypatch.setattr(torch_kernels, "CHUNK_ROWS", 2)            # 7 rows: several chunks per worker
-    monkeypatch.setattr(torch_kernels, "MIN_ROWS_PER_WORKER", 1)
+    monkeypatch.setattr(torch_sweep, "CHUNK_ROWS", 2)            # 7 rows: several chunks per worker
+    monkeypatch.setattr(torch_sweep, "MIN_ROWS_PER_WORKER", 1)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert torch_kernels._workers(7, torch.zeros(1)) == threads
-        assert torch_kernels._workers(7, torch.zeros(1, device="meta")) == 1
+        assert torch_sweep.sweep_workers(7, torch.zeros(1)) == threads
+        assert torch_sweep.sweep_workers(7, torch.zeros(1, device="meta")) == 1
         test_plain_forward_and_backward_match_reference(name, rank, bias, None)
         assert torch.get_num_threads() == threads                      # restored after each product
         layout, b = LAYOUTS[name]
@@ -190,25 +190,25 @@ def test_sweeps_shared_among_worker_threads_match_reference(name, rank, bias, th
 
 
 def test_chunks_are_equal_and_a_multiple_of_the_workers():
-    sizes = [s.stop - s.start for s in torch_kernels._chunks(1568)]
+    sizes = [s.stop - s.start for s in torch_sweep.row_chunks(1568)]
     assert sizes == [392] * 4
-    parts = torch_kernels._chunks(1000, 3)
+    parts = torch_sweep.row_chunks(1000, 3)
     assert len(parts) % 3 == 0 and parts[0].start == 0 and parts[-1].stop == 1000
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
 
 
 def test_grouped_products_run_torch_single_threaded_with_the_callers_workers(monkeypatch):
-    monkeypatch.setattr(torch_kernels, "MIN_ROWS_PER_WORKER", 1)
+    monkeypatch.setattr(torch_sweep, "MIN_ROWS_PER_WORKER", 1)
     layout, b = LAYOUTS["expanding"]
     ops = _operands(layout, b, 3, True)
     plan = torch_kernels.plan_for(layout, b)
     seen = []
-    sweep = torch_kernels._sweep
+    sweep = torch_sweep.sweep
 
     def spy(n_rows, body, workers, like=None):
         seen.append((torch.get_num_threads(), workers))
         sweep(n_rows, body, workers, like)
-    monkeypatch.setattr(torch_kernels, "_sweep", spy)
+    monkeypatch.setattr(torch_grouped, "sweep", spy)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -231,7 +231,7 @@ HOLES = torch.tensor([[True, False, False, True], [False, False, False, False], 
 def test_scatter_pieces_write_each_column_first_then_add(layout, b):
     """Exact oracle: replaying the groups in order, a column's first product is written, later
     ones added; columns no group reads are the holes; the pieces tile each group's product."""
-    for plan in (torch_kernels._build_plan(layout, b, t, torch.device("cpu")) for t in (False, True)):
+    for plan in (torch_plan._build_plan(layout, b, t, torch.device("cpu")) for t in (False, True)):
         pieces, holes = plan.scatter_pieces
         width = (layout.shape[0] if plan.transposed else layout.shape[1]) * b
         seen = torch.zeros(width, dtype=torch.int)
@@ -255,8 +255,8 @@ def test_bfloat16_sweeps_match_the_reference(layout, b, chunk, threads, fill, mo
     """16-bit inputs sweep in their own chunks (one per worker by default): values and gradients
     as the float64 reference computed from the same bfloat16 numbers, to bfloat16 rounding."""
     if chunk:
-        monkeypatch.setattr(torch_kernels, "CHUNK_ROWS_16BIT", chunk)
-    monkeypatch.setattr(torch_kernels, "MIN_ROWS_PER_WORKER", 1)
+        monkeypatch.setattr(torch_sweep, "CHUNK_ROWS_16BIT", chunk)
+    monkeypatch.setattr(torch_sweep, "MIN_ROWS_PER_WORKER", 1)
     ops = [t if t is None else t.bfloat16() for t in _operands(layout, b, 3, True)]
     plan = torch_kernels.plan_for(layout, b, fill=fill)
     previous = torch.get_num_threads()

@@ -1,0 +1,266 @@
+"""The grouped GEMMs of the 'torch' path: forward and backward of y = x S^T + (x V) U^T + bias.
+
+One GEMM per group of a :class:`pixelfly_lab.ops.torch_plan.Plan`, its input columns gathered
+(a view when they form one run) and its blocks packed as one dense matrix; the low-rank factors
+and the bias gradient ride in the block GEMMs as extra columns; rows are swept in chunks on
+worker threads (:mod:`pixelfly_lab.ops.torch_sweep`). The dispatch between these and one dense
+GEMM lives in :mod:`pixelfly_lab.ops.torch_kernels` (the module docstring there gives the
+measurements behind each choice). Tested against the float64 reference in
+tests/test_torch_kernels.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pixelfly_lab.ops.torch_buffers import new_output
+from pixelfly_lab.ops.torch_plan import Plan
+from pixelfly_lab.ops.torch_sweep import sweep, sweep_workers
+
+__all__ = ["times_narrow", "gather_columns", "scatter_columns", "grouped_forward", "grouped_backward"]
+
+
+def times_narrow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (N, K) @ b (K, r) for a narrow b, computed as (b^T a^T)^T: with r = 5-32 columns MKL's
+    sgemm ran the r-row orientation 1-9x faster on one AVX-512 core (x2^T dY V: 23 -> 2.6 ms at
+    r = 5). Returned contiguous (a copy of N * r values): its row slices are gathered later."""
+    return (b.T @ a.T).T.contiguous()
+
+
+def gather_columns(a: torch.Tensor, runs, extra: torch.Tensor | None) -> torch.Tensor:
+    """a's columns over ``runs`` side by side (a view when one run and no extra), then ``extra``."""
+    pieces = [a[:, c0:c1] for c0, c1 in runs]
+    if extra is not None:
+        pieces.append(extra)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+
+
+def _right_operands(values, plan: Plan, extra_w=None, transpose: bool = False):
+    """Per group: M_g^T (transpose) or M_g, with extra_w's rows of the group appended (as rows
+    of M_g^T, columns of M_g): the low-rank factor riding in the block GEMM. None for empty groups."""
+    rights = []
+    for g in plan.groups:
+        parts = [plan.packed(values, g, transpose)] if g.runs else []
+        if extra_w is not None:
+            lr = extra_w[g.r0:g.r1]
+            parts.append(lr.T if transpose else lr)
+        rights.append(None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 0 if transpose else 1))
+    return rights
+
+
+def _scatter_pieces(out_rows: torch.Tensor, product: torch.Tensor, pieces) -> None:
+    """Write or add product's columns into out_rows by :attr:`Plan.scatter_pieces` of a group."""
+    for offset, c0, c1, write in pieces:
+        part = product[:, offset:offset + c1 - c0]
+        if write:
+            out_rows[:, c0:c1].copy_(part)
+        else:
+            out_rows[:, c0:c1].add_(part)
+
+
+def scatter_columns(out_rows: torch.Tensor, product: torch.Tensor, runs, write: bool) -> int:
+    """Add (or write) product's leading columns into out_rows' column runs; return columns used."""
+    offset = 0
+    for c0, c1 in runs:
+        part = product[:, offset:offset + c1 - c0]
+        if write:
+            out_rows[:, c0:c1].copy_(part)
+        else:
+            out_rows[:, c0:c1].add_(part)
+        offset += c1 - c0
+    return offset
+
+
+def _gather_forward(a, plan: Plan, rights, width: int, extra=None, bias=None, extra_w=None):
+    """out[:, rows_g] = [a[:, runs_g], extra] @ rights[g] (+ bias[rows_g]), chunk by chunk.
+
+    With ``extra_w`` (K, r), ``extra`` (N, r) is written chunk by chunk first as a @ extra_w, by
+    the sweep's workers: computed beforehand it was the largest serial part of the forward on 2
+    threads (4.5 of ~55 ms, x (4096, 1024) -> 4096, r = 32)."""
+    out = new_output((a.shape[0], width), a)
+
+    def chunk(rows, *_):
+        if extra_w is not None:
+            extra[rows] = times_narrow(a[rows], extra_w)
+        a_c, extra_c = a[rows], None if extra is None else extra[rows]
+        for g, right in zip(plan.groups, rights):
+            target = out[rows, g.r0:g.r1]
+            if right is None:   # block rows with nothing stored and no low-rank term
+                target.copy_(bias[g.r0:g.r1].expand_as(target)) if bias is not None else target.zero_()
+            elif bias is None:
+                torch.mm(gather_columns(a_c, g.runs, extra_c), right, out=target)
+            else:
+                torch.addmm(bias[g.r0:g.r1], gather_columns(a_c, g.runs, extra_c), right, out=target)
+    sweep(a.shape[0], chunk, sweep_workers(a.shape[0], a), a)
+    return out
+
+
+def _scatter_forward(a, plan: Plan, rights, width: int, init=None):
+    """out[:, runs_g] += a[:, rows_g] @ rights[g] onto ``init`` (else zeros), chunk by chunk.
+
+    Without ``init`` each column's first product is written, not added (no zeroing first)."""
+    out = init if init is not None else new_output((a.shape[0], width), a)
+    pieces, holes = plan.scatter_pieces
+
+    def chunk(rows, *_):
+        if init is None:
+            for c0, c1 in holes:
+                out[rows, c0:c1] = 0
+        for g, right, own in zip(plan.groups, rights, pieces):
+            if right is not None:
+                product = a[rows, g.r0:g.r1] @ right
+                if init is None:
+                    _scatter_pieces(out[rows], product, own)
+                else:
+                    scatter_columns(out[rows], product, g.runs, False)
+    sweep(a.shape[0], chunk, sweep_workers(a.shape[0], a), a)
+    return out
+
+
+def _init_output(rows: int, width: int, z=None, w=None, bias=None):
+    """(rows, width) = z @ w^T + bias, what scattered products are added onto (None: zeros)."""
+    if z is None and bias is None:
+        return None
+    out = new_output((rows, width), z if z is not None else bias)
+    if z is None:
+        return out.copy_(bias.expand(rows, width))
+    return torch.addmm(bias, z, w.T, out=out) if bias is not None else torch.mm(z, w.T, out=out)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc = a @ b on a worker's first chunk (acc is uninitialised then), acc += a @ b after."""
+    if first:
+        torch.mm(a, b, out=acc)
+    else:
+        acc.addmm_(a, b)
+
+
+def _grad_accumulators(plan: Plan, like: torch.Tensor, extra_cols: int, written=None):
+    """Per group a (k*b + extra_cols, rows*b) buffer for dM_g^T (and the extra columns):
+    uninitialised where ``written(g)`` (the sweep's first chunk writes it), zero elsewhere.
+
+    Transposed because (gathered side)^T @ (row side) ran ~15% faster than (row side)^T @
+    (gathered side) in MKL's sgemm on an AVX-512 CPU, the row side being a strided slice."""
+    return [(like.new_empty if written is None or written(g) else like.new_zeros)(g.width + extra_cols, g.r1 - g.r0)
+            for g in plan.groups]
+
+
+def _summed(accs):
+    """The first worker's accumulators with the others' added in (None stays None)."""
+    if accs is None:
+        return None
+    for other in accs[1:]:
+        for total, part in zip(accs[0], other):
+            total.add_(part)
+    return accs[0]
+
+
+def _unpack_grads(plan: Plan, values, grads, extra_cols: int):
+    """Blocks' gradient (nnz, b, b) and the extra columns' (plan rows * b, extra_cols) or None."""
+    grad_values = values.new_zeros(values.shape)
+    grad_extra = grads[0].new_empty(plan.groups[-1].r1, extra_cols) if extra_cols else None
+    for g, grad_mt in zip(plan.groups, grads):
+        grad_m = grad_mt.T
+        if g.runs:
+            plan.store_grad(grad_values, grad_m[:, :g.width], g)
+        if extra_cols:
+            grad_extra[g.r0:g.r1] = grad_m[:, g.width:]
+    return grad_values, grad_extra
+
+
+def grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
+    if plan.transposed:
+        z = times_narrow(x2, v) if u is not None else None
+        init = _init_output(x2.shape[0], out_features, z, u, bias)
+        y = _scatter_forward(x2, plan, _right_operands(values, plan), out_features, init)
+    else:   # z = x2 V is written chunk by chunk in the sweep
+        z = x2.new_empty(x2.shape[0], u.shape[1]) if u is not None else None
+        y = _gather_forward(x2, plan, _right_operands(values, plan, u, transpose=True), out_features, z, bias,
+                            extra_w=v)
+    return y, z
+
+
+def grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
+    gy = gy.contiguous()
+    need_x, need_values, need_bias, need_u, need_v = needs_input_grad
+    need_bias = need_bias and has_bias
+    grad_x = grad_values = grad_bias = grad_u = grad_v = None
+    # dX = gy S + (gy U) V^T, dU = gy^T z, dV = x^T (gy U), dbias = gy^T 1, dS_g = (row side)^T
+    # (gathered column side). One sweep over row chunks computes dX and dS together, so each
+    # chunk of gy is reused from cache; the low-rank factor on the plan's row side rides in the
+    # group GEMMs as extra columns (r-column GEMMs alone run at half the efficiency).
+    if plan.transposed:      # rows of the plan = W's block columns; gy is the gathered side
+        gz = times_narrow(gy, u) if u is not None and (need_x or need_v) else None
+        lowrank_cols = 0 if gz is None else gz.shape[1]
+        rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
+        grad_x = new_output(tuple(x2.shape), gy) if need_x else None
+        workers = sweep_workers(gy.shape[0], gy)
+        # one set of accumulators per worker, summed after the sweep
+        accs = [_grad_accumulators(plan, gy, lowrank_cols, lambda g: g.runs or gz is not None)
+                for _ in range(workers)] if need_values or need_v else None
+
+        def chunk(rows, k, first):
+            gy_c, gz_c = gy[rows], None if gz is None else gz[rows]
+            for i, g in enumerate(plan.groups):
+                left = gather_columns(gy_c, g.runs, gz_c) if g.runs or gz_c is not None else None
+                if need_x:
+                    if left is None:
+                        grad_x[rows, g.r0:g.r1] = 0
+                    else:
+                        torch.mm(left, rights[i], out=grad_x[rows, g.r0:g.r1])
+                if accs is not None and left is not None:
+                    _accumulate(accs[k][i], left.T, x2[rows, g.r0:g.r1], first)
+        sweep(gy.shape[0], chunk, workers, gy)
+        grads = _summed(accs)
+        if grads is not None:
+            grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
+            grad_v = grad_v if need_v else None
+        if need_u:
+            grad_u = (z.T @ gy).T
+    else:                    # rows of the plan = W's block rows; x is the gathered side
+        lowrank = u is not None and (need_x or need_v)
+        rights = _right_operands(values, plan, u if lowrank else None) if need_x or lowrank else None
+        pieces, holes = plan.scatter_pieces
+        grad_x = new_output(tuple(x2.shape), gy) if need_x else None   # every column written below
+        gz = gy.new_empty(gy.shape[0], u.shape[1]) if lowrank else None  # every group has U's rows
+        # with a low-rank term the bias gradient is one more column of the dS GEMMs: [z, 1]
+        fold_bias = z is not None and need_bias
+        if fold_bias:
+            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        extra_cols = z.shape[1] if z is not None and (need_u or fold_bias) else 0
+        workers = sweep_workers(gy.shape[0], gy)
+        accs = [_grad_accumulators(plan, gy, extra_cols, lambda g: g.runs or extra_cols)
+                for _ in range(workers)] if need_values or extra_cols else None
+
+        def chunk(rows, k, first):
+            x_c, z_c = x2[rows], None if z is None else z[rows]
+            if need_x:
+                for c0, c1 in holes:
+                    grad_x[rows, c0:c1] = 0
+            for i, g in enumerate(plan.groups):
+                gy_g = gy[rows, g.r0:g.r1]
+                if rights is not None and rights[i] is not None:
+                    product = gy_g @ rights[i]
+                    if need_x:
+                        _scatter_pieces(grad_x[rows], product, pieces[i])
+                    if lowrank:   # group 0 writes this chunk's gz, the others add
+                        gz[rows].copy_(product[:, g.width:]) if i == 0 else gz[rows].add_(product[:, g.width:])
+                if accs is not None and (g.runs or extra_cols):
+                    _accumulate(accs[k][i], gather_columns(x_c, g.runs, z_c if extra_cols else None).T, gy_g, first)
+            if need_x and lowrank:   # gz of this chunk is complete; its rows of dX are in cache
+                grad_x[rows].addmm_(gz[rows], v.T)
+        sweep(gy.shape[0], chunk, workers, gy)
+        grads = _summed(accs)
+        if grads is not None:
+            grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
+            if extra_cols:   # columns: U's gradient, then (folded) the bias's; copied apart, as
+                # gradients that share storage may not leave a custom op (kernels.py registers one)
+                grad_u = grad_z[:, :u.shape[1]].contiguous() if need_u else None
+                grad_bias = grad_z[:, -1].contiguous() if fold_bias else None
+        if need_v:
+            grad_v = (gz.T @ x2).T
+    if need_bias and grad_bias is None:
+        grad_bias = gy.sum(0)
+    return grad_x, grad_values, grad_bias, grad_u, grad_v
+
+
