@@ -141,14 +141,15 @@ FULL = TrainingConfig()
 # estimate: 2 MNIST-1D tasks x (9 patterns + the positive control) x 8 seeds at 4000 examples x 20
 # epochs (~8 QUICK runs' time each) and the character GPT's 3 epochs
 FULL_MINUTES = 45
-# MNIST-1D at budgets 0.25 and 0.1 (2000 training, 10000 test examples, 10 epochs, 3 seeds; at 0.25
+# MNIST-1D at budgets 0.25 and 0.1 (1000 training, 10000 test examples, 12 epochs, 3 seeds; at 0.25
 # dense again with 3 other seeds as the positive control, at 0.1 the primary layers and the controls
 # only) and, as a reading only, 75 steps of a tiny GPT (its loss still falls: no verdict); ListOps in
-# no preset (see TrainingConfig). About 4 minutes on a quiet 2-core machine (42 runs of the depth-4 MLP).
+# no preset (see TrainingConfig). 39 runs of the depth-4 MLP: at 2000 examples and 10 epochs they took
+# 12 minutes on a loaded 2-core machine (load ~7-11), so 1000 examples and 12 epochs (0.6 x the steps).
 _QUICK_MNIST = TaskSpec("MNIST-1D MLP", "mlp", "mnist1d", "test_accuracy", 2.0,
                         patterns=("dense", "pixelfly", "pixelfly-gated", "lowrank", "random+lowrank", "random",
                                   "monarch"),
-                        train=dict(_MLP, epochs=10, batch_size=64, data_options=dict(_DATA, n_train=2000,
+                        train=dict(_MLP, epochs=12, batch_size=64, data_options=dict(_DATA, n_train=1000,
                                                                                      n_test=10_000)))
 QUICK = TrainingConfig(
     tasks=(_QUICK_MNIST,
