@@ -198,6 +198,10 @@ def _listops_claims(out: Path, config: LongRangeConfig, device: str, speed: pd.D
         measured += (f"; undecided: dense is not {CHANCE_MARGIN:.0f} points above the majority class at this "
                      "preset, so the task does not tell the two models apart")
         fields["held"] = None
+    elif fields["held"] is None:
+        measured += (f"; undecided: the interval contains -2 points (about {fields['seeds_to_decide']} seeds would "
+                     "decide a difference of this size)" if fields["seeds_to_decide"] else
+                     "; undecided: the interval contains -2 points")
     ratio = dense["step"] / pixel["step"]
     beside = "" if speed is None else "; " + ", ".join(
         f"{r.row} at T={r.T}{' causal' if r.causal else ''}: {r.speedup:.2f}x"
