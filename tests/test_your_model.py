@@ -22,7 +22,7 @@ import pixelfly_lab as pl
 from pixelfly_lab.cli import build_parser
 from pixelfly_lab.outputs import model_output
 
-VOCAB, T = 11, 6
+VOCAB, T = 23, 6      # T x VOCAB = 138 logits: the structured NTK chunks its backward passes (> 128)
 
 
 def gpt2(seed=0, width=32, dtype=torch.float64):

@@ -107,6 +107,7 @@ def _lowrank_terms(name, u: torch.Tensor, v: torch.Tensor) -> list:
 
 
 _DENSE = torch.ones(1, 1, dtype=torch.bool)
+_OUTPUT_CHUNK = 32
 
 
 def rule_for(prefix: str, module: nn.Module) -> _Rule | None:
@@ -225,11 +226,14 @@ def structured_features(prob, rules: list, extra: tuple = ()):
     shapes = _probe_outputs(prob, [r.module for r in rules])
     deltas = tuple(torch.zeros(shapes[id(r.module)][0][0], dtype=prob.dtype, device=prob.x1.device) for r in rules)
     values = tuple(prob.base[name] for name in extra)
+    # Many outputs (a language model's T x V logits): backward passes in chunks of outputs, whose
+    # activations stay in cache (2x faster at 520 outputs per example on one CPU thread; same values)
+    chunk = _OUTPUT_CHUNK if prob.n_out > 4 * _OUTPUT_CHUNK else None
 
     def features(x):
         handles = [r.module.register_forward_hook(hook) for r in rules]
         try:
-            (grads, jacobians), inputs = vmap(jacrev(f, argnums=(0, 1), has_aux=True),
+            (grads, jacobians), inputs = vmap(jacrev(f, argnums=(0, 1), has_aux=True, chunk_size=chunk),
                                               in_dims=(None, None, 0))(deltas, values, x)
         finally:
             for h in handles:
