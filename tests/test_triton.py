@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 from pixelfly_lab.ops import matmul as kernels  # noqa: E402
 from pixelfly_lab.ops import triton_kernels as tk  # noqa: E402
 
-if not CUDA and not tk._INTERPRET:
+if not CUDA and not tk.INTERPRET:
     pytest.skip("no GPU, and triton_kernels was imported before TRITON_INTERPRET=1 was set",
                 allow_module_level=True)
 

@@ -67,6 +67,7 @@ from pixelfly_lab._compile import assume_constant
 from pixelfly_lab.ops import torch_kernels
 from pixelfly_lab._tf32 import tf32_allowed
 from pixelfly_lab.ops.torch_kernels import plan_for
+from pixelfly_lab.ops.triton_tables import tables_for
 from pixelfly_lab.ops.registry import (BLOCK_SIZES, RegisteredLayout, derived, register_layout,
                                         registered_layout)
 
@@ -260,8 +261,7 @@ torch.library.register_autograd("pixelfly_lab::sparse_lowrank_torch", _backward_
 
 
 def _triton_tables(layout_key: int, device: torch.device):
-    from pixelfly_lab.ops import triton_kernels
-    return triton_kernels.tables_for(layout_key, device)  # cached by the registry per key and device
+    return tables_for(layout_key, device)  # cached by the registry per key and device
 
 
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton", mutates_args=())

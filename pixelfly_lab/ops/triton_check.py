@@ -8,7 +8,7 @@ gets. Triton's compiler and the ptxas bundled in its wheel need no GPU: a stand-
 the target (sm_80, sm_90). For each compiled kernel this reports the shared memory Triton
 allocated and, from ``ptxas -v``, registers, stack frame and spill bytes; a config passes when it
 spills nothing, has no stack frame and fits the target's shared memory
-(:data:`pixelfly_lab.ops.triton_kernels.SMEM_BY_ARCH`). The exit status counts the tensor-core
+(:data:`pixelfly_lab.ops.triton_configs.SMEM_BY_ARCH`). The exit status counts the tensor-core
 variants (bfloat16, float16, float32 with TF32: what backend='auto' runs); the FMA variants
 (float32 without TF32, float64: exact tests, backend='triton' only) are compiled and reported, and
 a few of their configs carry small stack frames (8-16 B, measured with Triton 3.7) that the
@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from pixelfly_lab.ops.triton_tables import layout_tables
 
 __all__ = ["Variant", "Resources", "variants", "compile_variant", "toolchain_problem", "target", "main"]
 
@@ -72,7 +74,7 @@ class Resources:
 
     @property
     def ok(self) -> bool:
-        from pixelfly_lab.ops.triton_kernels import SMEM_BY_ARCH
+        from pixelfly_lab.ops.triton_configs import SMEM_BY_ARCH
 
         return (self.spill_stores == 0 and self.spill_loads == 0 and self.stack == 0
                 and self.shared <= SMEM_BY_ARCH[self.arch])
@@ -187,8 +189,6 @@ def ptxas_resources(ptx: str, arch: int) -> tuple[int, int, int, int]:
 def _operands(v: Variant, rows: int = 4096):
     """Meta operands shaped like a flat block butterfly layer whose rows repeat in runs of 8
     (every GROUP a config may use is allowed)."""
-    from pixelfly_lab.ops.triton_kernels import layout_tables
-
     dtype = _DTYPES[v.dtype]
     base = torch.eye(4, dtype=torch.bool) | torch.eye(4, dtype=torch.bool).roll(1, 1)
     layout = base.repeat_interleave(8, 0).repeat_interleave(8, 1)     # (32, 32) blocks
@@ -204,7 +204,7 @@ def compile_variant(v: Variant, arch: int, every_config: bool = False) -> list[R
     """Compile the configs the pruner keeps for variant ``v`` at sm_``arch`` (and the fixed config
     used without autotuning); their resources. ``every_config``: compile every config of the tuning
     list instead (calibrating the pruning model: :attr:`Resources.model_fits` against the compile)."""
-    from pixelfly_lab.ops import triton_kernels as tk
+    from pixelfly_lab.ops import triton_configs, triton_kernels as tk
 
     tables, ops = _operands(v)
     # the precision the variant asks for; every_config: the configs the model would prune too
@@ -231,11 +231,12 @@ def compile_variant(v: Variant, arch: int, every_config: bool = False) -> list[R
     out = []
     for config, kernel, seconds in compiled.values():
         regs, stack, stores, loads = ptxas_resources(kernel.asm["ptx"], arch)
-        fits = tk.config_fits(v.kernel, v.block, config["GROUP"], config["BLOCK_M"], config["num_warps"],
-                        config["num_stages"], _DTYPES[v.dtype].itemsize, precision=v.precision,
-                        lowrank=v.lowrank, smem_limit=tk.SMEM_BY_ARCH[arch])
-        shared = tk.shared_bytes(v.kernel, v.block, config["GROUP"], config["BLOCK_M"], config["num_stages"],
-                                  _DTYPES[v.dtype].itemsize, v.lowrank)
+        fits = triton_configs.config_fits(v.kernel, v.block, config["GROUP"], config["BLOCK_M"],
+                                          config["num_warps"], config["num_stages"], _DTYPES[v.dtype].itemsize,
+                                          precision=v.precision, lowrank=v.lowrank,
+                                          smem_limit=triton_configs.SMEM_BY_ARCH[arch])
+        shared = triton_configs.shared_bytes(v.kernel, v.block, config["GROUP"], config["BLOCK_M"],
+                                             config["num_stages"], _DTYPES[v.dtype].itemsize, v.lowrank)
         name = " ".join(f"{k}={config[k]}" for k in ("BLOCK_M", "GROUP", "num_warps", "num_stages"))
         out.append(Resources(v, arch, name, int(kernel.metadata.shared), regs, stack, stores, loads, seconds,
                              fits, shared))
