@@ -27,14 +27,15 @@ Backends (``backend=``):
   block-sparse kernels) for CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``; imported
   lazily, only when used.
 * ``'auto'`` (default): 'reference' inside torch.func transforms (vmap/grad/jacrev), which the
-  custom ops below do not support; 'triton' for CUDA inputs where it beats cuBLAS: bfloat16 and
-  float16 on compute capability >= 8.0 (tensor cores), float32 only when TF32 is allowed
+  custom ops (:mod:`pixelfly_lab.ops.matmul_ops`) do not support; 'triton' for CUDA inputs where
+  it beats cuBLAS: bfloat16 and float16 on compute capability >= 8.0 (tensor cores), float32 only
+  when TF32 is allowed
   (:func:`tf32_allowed`; without TF32, Triton's fp32 FMA path is slower than cuBLAS) and never
   float64; else 'reference' for small products (below :data:`AUTO_MIN_MACS` multiply-adds, where
   per-call overhead dominates) and 'torch' for the rest.
 
 torch.compile: the 'torch' and 'triton' paths are torch custom ops (``torch.ops.pixelfly_lab.*``,
-registered with ``torch.library.custom_op`` and their autograd formula), so
+in :mod:`pixelfly_lab.ops.matmul_ops`, registered with ``torch.library.custom_op`` and their autograd formula), so
 ``torch.compile(model, fullgraph=True)`` traces a model through them, forward and backward,
 without graph breaks. A custom op cannot take a Python object, so a layout is registered once
 (:func:`register_layout`, which reads it to the host and validates it) and the ops get its int
@@ -57,38 +58,22 @@ Example:
 
 import functools
 import os
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from pixelfly_lab._checks import check_input_width
 from pixelfly_lab._compile import assume_constant
-from pixelfly_lab.ops import torch_kernels
 from pixelfly_lab._tf32 import tf32_allowed
-from pixelfly_lab.ops.torch_kernels import plan_for
-from pixelfly_lab.ops.triton_tables import tables_for
-from pixelfly_lab.ops.registry import (BLOCK_SIZES, RegisteredLayout, derived, register_layout,
-                                        registered_layout)
+from pixelfly_lab.ops.matmul_ops import torch_forward_op, triton_forward_op
+from pixelfly_lab.ops.registry import BLOCK_SIZES, RegisteredLayout, register_layout, registered_layout
+from pixelfly_lab.ops.torch_kernels import plan_for  # re-exported: tests and callers import it from here
 
 __all__ = ["BACKENDS", "AUTO_MIN_MACS", "block_sparse_matmul", "sparse_lowrank_matmul", "blocks_to_dense",
            "dense_to_blocks", "check_input_width", "resolve_backend", "plan_for", "register_layout",
            "registered_layout", "RegisteredLayout", "tf32_allowed"]
 
 BACKENDS = ("auto", "torch", "reference", "triton")
-
-
-
-# ----------------------------------------------------------------------------- plans
-
-def _plan(key: int, device: torch.device, dtype: torch.dtype) -> torch_kernels.Plan:
-    """The 'torch' path's plan of a registered layout for ``dtype``, its indices on ``device``
-    (built once per layout and device): padded groups for 16-bit dtypes (see
-    :func:`pixelfly_lab.ops.torch_kernels.plan_for`)."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return derived(key, "torch_plan_padded", lambda entry, dev: plan_for(
-            entry.layout, entry.block_size, dev, fill=torch_kernels.PAD_FILL), device)
-    return derived(key, "torch_plan", lambda entry, dev: plan_for(entry.layout, entry.block_size, dev), device)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -178,123 +163,6 @@ def _reference(x, values, layout, bias, u, v):
     if u is not None:
         weight = weight + u @ v.T
     return F.linear(x, weight, bias)
-
-
-# ----------------------------------------------------------------------------- custom ops
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    """The stand-in for an absent gradient (a custom op returns tensors, never None)."""
-    return like.new_empty(0)
-
-
-def _own(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """t as an op output: never a view (outputs may not alias each other), an empty tensor for None."""
-    if t is None:
-        return _empty(like)
-    return t.clone() if t._is_view() else t
-
-
-def _needed(needs, has_bias: bool) -> list[bool]:
-    return [bool(needs[0]), bool(needs[1]), bool(needs[2]) and has_bias, bool(needs[3]), bool(needs[4])]
-
-
-def _grad_shapes(x2, values, u, v, entry: RegisteredLayout, needed) -> list:
-    shapes = [x2.shape, values.shape, (entry.out_features,), None if u is None else u.shape,
-              None if v is None else v.shape]
-    return [x2.new_empty(shape) if need and shape is not None else _empty(x2) for shape, need in zip(shapes, needed)]
-
-
-@torch.library.custom_op("pixelfly_lab::sparse_lowrank_torch", mutates_args=())
-def _torch_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
-                      u: Optional[torch.Tensor], v: Optional[torch.Tensor],
-                      layout_key: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, z = x2 V or (N, 0)) of the 'torch' path (:func:`torch_kernels.sparse_lowrank_forward`)."""
-    entry = registered_layout(layout_key)
-    y, z = torch_kernels.sparse_lowrank_forward(x2.contiguous(), values.contiguous(), bias, u, v,
-                                                _plan(layout_key, x2.device, x2.dtype), entry.out_features)
-    return y, x2.new_empty(x2.shape[0], 0) if z is None else z
-
-
-def _forward_fake(x2, values, bias, u, v, layout_key):
-    """Shapes of a forward op's outputs (what torch.compile and the meta device see)."""
-    rank = 0 if u is None else u.shape[1]
-    return x2.new_empty(x2.shape[0], registered_layout(layout_key).out_features), x2.new_empty(x2.shape[0], rank)
-
-
-def _backward_fake(gy, x2, values, u, v, z, layout_key, needed):
-    return _grad_shapes(x2, values, u, v, registered_layout(layout_key), needed)
-
-
-_torch_forward_op.register_fake(_forward_fake)
-
-
-@torch.library.custom_op("pixelfly_lab::sparse_lowrank_torch_backward", mutates_args=())
-def _torch_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, u: Optional[torch.Tensor],
-                       v: Optional[torch.Tensor], z: Optional[torch.Tensor], layout_key: int,
-                       needed: Sequence[bool]) -> List[torch.Tensor]:
-    """(dx2, dvalues, dbias, du, dv) of the 'torch' path; an empty tensor where not ``needed``."""
-    grads = torch_kernels.sparse_lowrank_backward(gy, x2.contiguous(), values.contiguous(), u, v, z,
-                                                  _plan(layout_key, x2.device, x2.dtype), tuple(needed), needed[2])
-    return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
-
-
-_torch_backward_op.register_fake(_backward_fake)
-
-
-def _setup_context(ctx, inputs, output):
-    x2, values, bias, u, v, layout_key = inputs
-    ctx.layout_key, ctx.has_bias = layout_key, bias is not None
-    ctx.save_for_backward(x2, values, u, v, output[1] if u is not None else None)
-
-
-def _backward_with(op):
-    def backward(ctx, gy, _grad_z):
-        x2, values, u, v, z = ctx.saved_tensors
-        needed = _needed(ctx.needs_input_grad, ctx.has_bias)
-        grads = op(gy, x2, values, u, v, z, ctx.layout_key, needed)
-        return (*[g if need else None for g, need in zip(grads, needed)], None)
-    return backward
-
-
-torch.library.register_autograd("pixelfly_lab::sparse_lowrank_torch", _backward_with(_torch_backward_op),
-                                setup_context=_setup_context)
-
-
-def _triton_tables(layout_key: int, device: torch.device):
-    return tables_for(layout_key, device)  # cached by the registry per key and device
-
-
-@torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton", mutates_args=())
-def _triton_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
-                       u: Optional[torch.Tensor], v: Optional[torch.Tensor],
-                       layout_key: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, t = x2 V or (N, 0)) of the 'triton' path (:func:`triton_kernels.sparse_lowrank_forward`)."""
-    from pixelfly_lab.ops import triton_kernels
-    y, t = triton_kernels.sparse_lowrank_forward(x2, values.contiguous(), bias, u, v,
-                                                 _triton_tables(layout_key, x2.device))
-    return y, x2.new_empty(x2.shape[0], 0) if t is None else t
-
-
-_triton_forward_op.register_fake(_forward_fake)
-
-
-@torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton_backward", mutates_args=())
-def _triton_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, u: Optional[torch.Tensor],
-                        v: Optional[torch.Tensor], t: Optional[torch.Tensor], layout_key: int,
-                        needed: Sequence[bool]) -> List[torch.Tensor]:
-    """(dx2, dvalues, dbias, du, dv) of the 'triton' path; an empty tensor where not ``needed``."""
-    from pixelfly_lab.ops import triton_kernels
-    grads = triton_kernels.sparse_lowrank_backward(gy, x2, values.contiguous(), u, v, t,
-                                                   _triton_tables(layout_key, x2.device), tuple(needed))
-    return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
-
-
-_triton_backward_op.register_fake(_backward_fake)
-
-
-torch.library.register_autograd("pixelfly_lab::sparse_lowrank_triton", _backward_with(_triton_backward_op),
-                                setup_context=_setup_context)
-
 
 # ----------------------------------------------------------------------------- dispatch
 
@@ -423,7 +291,7 @@ def _dispatch(chosen: str, backend: str, entry: RegisteredLayout, x, values, lay
         return _reference(x, values, layout, bias, u, v)
     if entry.key < 0:
         raise ValueError(f"backend={backend!r} does not run inside torch.func transforms; use 'auto' or 'reference'")
-    op = _triton_forward_op if chosen == "triton" else _torch_forward_op
+    op = triton_forward_op if chosen == "triton" else torch_forward_op
     if chosen == "triton":
         from pixelfly_lab.ops.triton_kernels import DTYPES
         if x.dtype not in DTYPES:
