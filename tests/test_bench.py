@@ -150,7 +150,7 @@ def test_bench_command_prints_one_table_per_thread_and_row_count(tmp_path, capsy
 def test_gpt_case_swaps_in_pixelfly_attention_and_mlps():
     from pixelfly_lab.nn.attention import PixelflyAttention
     from pixelfly_lab.nn.layers import PixelflyLinear
-    from pixelfly_lab.speed.bench import _model_pair
+    from pixelfly_lab.speed.model_speed import _model_pair
 
     case = ModelCase("GPT, 1 block", "gpt", batch=1, depth=1, dim=192, context=128, block_size=16,
                      attention="pixelfly")

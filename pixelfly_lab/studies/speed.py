@@ -1,4 +1,4 @@
-"""Study 'speed': layer speed against dense nn.Linear (composes :mod:`pixelfly_lab.speed.bench`).
+"""Study 'speed': layer speed against dense nn.Linear (composes :mod:`pixelfly_lab.speed.bench`'s tables).
 
 The paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029, abstract and Sec. 5) reports GPU
 training speed-ups; it makes no claim about CPU layers. What this study decides is the
@@ -7,7 +7,7 @@ load and the dense GEMM rate; a loaded machine or a kernel regression misses the
 n_factors 2, rank 32, block 32) at 1024 -> 4096 with 4096 rows at least 3.3x faster than
 nn.Linear forward+backward and forward alone (FLOP limit 4.41x), or 0.8 of the FLOP limit on a
 GPU; budget 0.1 there at least 6x; a Mixer-B/16 training step (channel MLPs at budget 0.25,
-batch 8) at least 2x faster than dense (:func:`pixelfly_lab.speed.bench.model_speed_table`).
+batch 8) at least 2x faster than dense (:func:`pixelfly_lab.speed.model_speed.model_speed_table`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pixelfly_lab.speed.bench import MODEL_CASES, BenchConfig, ModelCase, model_speed_table, plot_speed, speed_table
+from pixelfly_lab.speed.bench import plot_speed
+from pixelfly_lab.speed.layer_speed import BenchConfig, speed_table
+from pixelfly_lab.speed.model_speed import MODEL_CASES, ModelCase, model_speed_table
 from pixelfly_lab.studies.claims import Claim, save_figure, save_table
 
 __all__ = ["SpeedConfig", "FULL", "QUICK", "TINY", "run"]
