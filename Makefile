@@ -51,7 +51,7 @@ bench: $(STAMP)
 # runs the quick reproduction itself). `make docs DOCS_QUICK=1` renders the quick mode in about two minutes.
 DOCS_QUICK ?= 0
 docs: $(TSTAMP)
-	PIXELFLY_QUICK=$(DOCS_QUICK) MPLBACKEND=Agg $(VENV)/bin/jupyter nbconvert --to html --execute \
+	PIXELFLY_QUICK=$(DOCS_QUICK) $(VENV)/bin/jupyter nbconvert --to html --execute \
 	  --ExecutePreprocessor.timeout=900 --output-dir docs notebooks/*.ipynb
 
 clean:
