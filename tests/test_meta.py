@@ -153,9 +153,6 @@ def test_materialize_warns_when_a_module_has_no_init():
         pl.materialize("not a model")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="nn/attention.py attention_layout mixes its host layout with tensors made under the "
-                          "ambient meta device (line ~186); decorating it with structure.masks.on_host fixes it")
 def test_pixelfly_attention_builds_on_meta():
     kw = dict(budget=0.5, block_size=8)
     torch.manual_seed(0)

@@ -287,16 +287,12 @@ KNOWN_VIOLATIONS = {
     # function-local imports of modules that are neither optional nor slow (stdlib, pandas, tqdm, torch,
     # the package's own modules): move them to the top of the module
     "lazy: pixelfly_lab.approx.expressiveness:": "nn.butterfly, tqdm",
-    "lazy: pixelfly_lab.speed.attention:": "subprocess, sys",
     "lazy: pixelfly_lab.studies.attention:": "nn.attention",
     "lazy: pixelfly_lab.studies.estimators:": "nn.attention, tqdm",
     "lazy: pixelfly_lab.studies.ntk_comparison:": "tqdm, time",
     "lazy: pixelfly_lab.studies.reproduce:": "torch, tqdm",
     "lazy: pixelfly_lab.studies.theorems:": "nn.butterfly, structure.masks",
     "lazy: pixelfly_lab.studies.training_comparison:": "training.rank",
-    "lazy: pixelfly_lab.training.loop:": "pandas, numpy, tqdm, _version",
-    "lazy: pixelfly_lab.training.data:": "random (mnist1d itself is optional: lazy is right for it)",
-    "lazy: pixelfly_lab.speed.planner:": "fnmatch",
     "lazy: pixelfly_lab.training.rank:": "pandas",
 }
 

@@ -27,12 +27,15 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from pixelfly_lab.nn.attention import PixelflyAttention
 from pixelfly_lab.ops.attention import block_sparse_attention
@@ -156,8 +159,6 @@ def peak_memory_mb(method: str, row: str, T: int, *, dim: int, heads: int, batch
         excluded, their gradients and every temporary included. A fresh process, because an
         allocator that kept memory from an earlier call of the same size would hide the growth.
     """
-    import subprocess
-    import sys
 
     if not os.path.exists("/proc/self/clear_refs"):
         return None
@@ -192,7 +193,6 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
         backward), speedup, fraction_of_limit (speedup / flop_limit), and dense_peak_mb,
         sparse_peak_mb, memory_ratio when ``memory``; load_avg (1-minute, after the row's timing).
     """
-    from tqdm.auto import tqdm
 
     flags = (causal,) if isinstance(causal, bool) else tuple(causal)
     cases = [(T, c) for T in lengths for c in flags]

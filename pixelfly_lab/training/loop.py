@@ -52,10 +52,14 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from pixelfly_lab._checks import check_budget, check_int
+from pixelfly_lab._version import __version__
 from pixelfly_lab.outputs import check_output_fn, model_output
 from pixelfly_lab.training.data import DATASETS, load_data
 from pixelfly_lab.training.models import ATTENTION_NAMES, MODEL_NAMES, SIZES, SPARSIFY_WHERE, build_model, count_params
@@ -297,17 +301,11 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict:
 
 
 def _write_tables(out: Path, history: list, ranks: list) -> None:
-    import pandas as pd
-
     for name, rows in (("history.csv", history), ("ranks.csv", ranks)):
         _atomic_write(out / name, lambda f, rows=rows: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))
 
 
 def _versions() -> dict:
-    import numpy
-
-    from pixelfly_lab._version import __version__
-
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "pixelfly_lab": __version__}
 
@@ -395,8 +393,6 @@ def train(config: TrainConfig | None = None, *, module: torch.nn.Module | None =
     Returns:
         :class:`TrainResult` (model, history, ranks, summary, out folder).
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
 
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     if module is not None and not isinstance(module, torch.nn.Module):
