@@ -14,7 +14,7 @@ import importlib
 COMMANDS = {
     "reproduce": ("pixelfly_lab.studies.reproduce", "the paper's studies: every figure, table and claim, and a report"),
     "bench": ("pixelfly_lab.speed.bench", "layer speed: sparse layers against dense nn.Linear"),
-    "train": ("pixelfly_lab.training.loop", "train a small sparse model"),
+    "train": ("pixelfly_lab.training.command", "train a small sparse model"),
 }
 
 

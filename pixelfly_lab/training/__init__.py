@@ -2,7 +2,11 @@
 
 * :mod:`.data` — data sets generated or shipped (no downloads);
 * :mod:`.models` — MLP, MLP-Mixer, ViT, GPT with sparse layers where asked;
-* :mod:`.loop` — ``train`` and ``TrainConfig`` (the ``train`` command), DDP included;
+* :mod:`.config` — ``TrainConfig`` (one commented dataclass), ``TrainResult``, the ``lr_at`` schedule;
+* :mod:`.loop` — ``train``: the loop, its evaluation and summary;
+* :mod:`.checkpoints` — checkpoints and output files, written atomically;
+* :mod:`.distributed` — torchrun's process group, sums over ranks, parameter fingerprints;
+* :mod:`.command` — the ``train`` command (``python -m pixelfly_lab train``);
 * :mod:`.rank` — singular-value spectra of trained weights.
 
 Beside ``approx`` and ``ntk`` (neither imports the others); imports only ``nn`` and below.
