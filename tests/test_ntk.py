@@ -18,6 +18,7 @@ from torch import nn
 
 from pixelfly_lab.nn import layers
 from pixelfly_lab.ntk import empirical as ntk
+from pixelfly_lab.ntk import methods
 from pixelfly_lab.training.models import Mixer
 from pixelfly_lab.ntk.empirical import empirical_ntk, kernel_distance, spectra
 from pixelfly_lab.structure.patterns import make_pattern
@@ -106,7 +107,7 @@ def test_small_budget_cuts_parameters_into_groups():
     """A budget below one tensor's Jacobian cuts it into slices; the groups cover it exactly."""
     model, x = MODELS["dense"][0](), _inputs((6,), 5, 1)
     prob = ntk._setup(model, x, None, "jacobian", True, None, 4096, None)
-    chunk, groups, cache = ntk._plan_groups(prob, prob.trainable, None)
+    chunk, groups, cache = methods._plan_groups(prob, prob.trainable, None)
     assert len(groups) > len(prob.trainable)
     covered = {}
     for group in groups:
@@ -122,12 +123,12 @@ def test_small_budget_cuts_parameters_into_groups():
 def test_symmetric_case_computes_each_jacobian_once(monkeypatch, method):
     """With x2=None and a cache that fits, every example goes through features() exactly once."""
     seen = []
-    assemble = ntk._assemble
+    assemble = methods._assemble
 
     def spy(prob, kernel, features, *args):
         return assemble(prob, kernel, lambda x: (seen.append(len(x)), features(x))[1], *args)
 
-    monkeypatch.setattr(ntk, "_assemble", spy)
+    monkeypatch.setattr(methods, "_assemble", spy)
     model, x = MODELS["dense"][0](), _inputs((6,), 9, 1)
     empirical_ntk(model, x, method=method, chunk_size=2)
     assert sum(seen) == 9
