@@ -1,6 +1,9 @@
 """Tier 4 — training: data, small models, the training loop and the rank of weights.
 
-* :mod:`.data` — data sets generated or shipped (no downloads);
+* :mod:`.data` — ``load_data``: the data sets by name (no downloads);
+* :mod:`.tasks` — ``TaskData``, what every loader returns;
+* :mod:`.generated` — MNIST-1D, ListOps, teacher-student regression;
+* :mod:`.readers` — digits (scikit-learn), the shipped character corpus, a local CIFAR-10;
 * :mod:`.models` — MLP, MLP-Mixer, ViT, GPT with sparse layers where asked;
 * :mod:`.config` — ``TrainConfig`` (one commented dataclass), ``TrainResult``, the ``lr_at`` schedule;
 * :mod:`.loop` — ``train``: the loop, its evaluation and summary;
