@@ -27,6 +27,7 @@ __all__ = ["VERDICTS", "claims_table", "study_figures", "show_study"]
 # How a claim's ``held`` reads: True, False, None. An 'info' claim is a reading; a 'target' (the toolkit's own speed
 # targets, reported with the machine's load, never a failed check) is met, missed or not measured.
 VERDICTS = ("held", "did not hold", "undecided", "reading", "target met", "target missed", "target not measured")
+_KIND_WORDS = {"check": "checks", "info": "readings", "target": "speed targets", "paper": "paper claims"}
 
 
 def _verdict(claim: dict) -> str:
@@ -124,8 +125,8 @@ def show_study(out, name: str, width: int = 900) -> pd.DataFrame:
     tally = rows[rows.kind == "paper"].verdict.value_counts()
     display(Markdown(f"*The `{name}` study's paper claims in this run: {tally.get('held', 0)} held, "
                      f"{tally.get('did not hold', 0)} did not hold, {tally.get('undecided', 0)} undecided.*"
-                     if tally.sum() else f"*The `{name}` study has no paper claims in this run, only checks and "
-                     "readings.*"))
+                     if tally.sum() else f"*The `{name}` study has no paper claims in this run, only "
+                     f"{', '.join(dict.fromkeys(_KIND_WORDS.get(k, k) for k in rows.kind))}.*"))
     return rows
 
 
