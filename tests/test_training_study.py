@@ -42,6 +42,7 @@ def test_parity_is_held_only_when_the_controls_behave():
     loose = parity_claims(ACCURACY, _summary("test_accuracy", dict(MEANS, lowrank=0.798), 0.003), "f.png", "t.csv",
                           control=_control())[0]
     assert loose.held is None and "does not tell patterns apart" in loose.measured
+    assert loose.seeds_to_decide is None   # more seeds do not make a task tell patterns apart
     # dense against dense refuted: the measurement is broken, nothing is decided
     broken = parity_claims(ACCURACY, _summary("test_accuracy", MEANS, 0.003), "f.png", "t.csv",
                            control=_control(0.70))[0]
