@@ -12,8 +12,9 @@ from hypothesis import example, given, settings, strategies as st
 
 from pixelfly_lab.studies.estimators import attention_table, performer_attention, scatterbrain_attention
 from pixelfly_lab.nn.layers import MonarchLinear
-from pixelfly_lab.approx.expressiveness import (APPROXIMATION_NAMES, Approximation, approximate, expressiveness_table,
-                                         plot_error_vs_budget)
+from pixelfly_lab.approx import expressiveness
+from pixelfly_lab.approx.approximation import APPROXIMATION_NAMES, Approximation, approximate
+from pixelfly_lab.approx.expressiveness import expressiveness_table, plot_error_vs_budget
 from pixelfly_lab.structure.patterns import PATTERN_NAMES, Pattern, make_pattern
 from pixelfly_lab.structure.projections import (monarch_dense, monarch_project, relative_error, sparse_plus_lowrank,
                                       topk_block_layout, topk_mask, truncated_svd)
@@ -425,3 +426,10 @@ def test_expressiveness_claim_needs_every_target_and_beats_the_controls(monkeypa
     assert len(paper) == 1 and [m["name"].split(" (critical")[0] for m in paper[0].members] == list(study.NETWORK_KINDS)
     assert paper[0].held is expected and "sparse_lowrank" not in paper[0].measured.split("verdict")[1]
     assert "vs random+lowrank" in paper[0].measured and paper[0].seeds == 4
+
+
+def test_expressiveness_re_exports_the_approximation_classes():
+    """Importers of the table's module (notebooks, studies) still find the classes there, the same objects."""
+    for name in ("APPROXIMATION_NAMES", "ORACLE_NAMES", "LOWRANK_SHARES", "Approximation", "approximate"):
+        assert name in expressiveness.__all__
+    assert expressiveness.approximate is approximate and expressiveness.Approximation is Approximation

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pixelfly_lab.approx.expressiveness import approximate
+from pixelfly_lab.approx.approximation import approximate
 from pixelfly_lab.structure.patterns import make_pattern
 from pixelfly_lab.approx.targets import target_matrix
 
