@@ -181,7 +181,7 @@ def test_flop_ceiling_counts_what_the_step_timer_counts(family, extra):
     import torch.nn.functional as F
 
     from pixelfly_lab.speed.timer import time_training_steps
-    from pixelfly_lab.studies.training import _speed_data, flop_ceiling
+    from pixelfly_lab.studies.training_speed import _speed_data, flop_ceiling
     from pixelfly_lab.training.models import build_model
 
     spec = SpeedModel("toy", family, 2.0, {"dim": 64, "depth": 2, "heads": 2}, 2, **extra)
