@@ -25,9 +25,11 @@ sizes is block-diagonal (no block outside a group of 2^n_factors is ever reached
 layers are stacked; :func:`pixelfly_lab.structure.connectivity.block_connectivity`), so only the
 noisy random features link distant tokens. 'connected' keeps the butterfly strides that span the
 whole block grid (every block reaches every other within ceil(log2(T/b)) layers), widens a local
-band with what the budget leaves, and uses no random features unless asked: at equal budget the
-features raised (or left) the error against dense softmax for sharp attention (temperature up to
-1, random and local q, k) and lowered it only for nearly uniform rows (notebook 08 measures it with
+band with what the budget leaves, and uses no random features unless asked: features cost 2 m / T
+of the budget (they may fit into what the band leaves unused, so the layout can stay the same) and
+lengthen the layer's step; at equal budget they left (or raised) the error against dense softmax
+for sharp attention (temperature up to 1, random and local q, k) and lowered it for nearly uniform
+rows, where ``lowrank_features=m`` is worth its cost (notebook 08 measures both, the error with
 :meth:`PixelflyAttention.error_against_dense`).
 The paper's layout stays available as ``layout='pixelfly'``.
 
