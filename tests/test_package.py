@@ -281,27 +281,9 @@ def _package_sources() -> dict[str, str]:
     return {name: path.read_text() for name, path in MODULES.items()}
 
 
-# Breaches in modules that other engineers are changing now: listed here so that the test holds
-# the rules for every other module and fails when one of these is mended (then delete its line).
-KNOWN_VIOLATIONS = {
-    # function-local imports of modules that are neither optional nor slow (stdlib, pandas, tqdm, torch,
-    # the package's own modules): move them to the top of the module
-    "lazy: pixelfly_lab.studies.attention:": "nn.attention",
-    "lazy: pixelfly_lab.studies.estimators:": "nn.attention, tqdm",
-    "lazy: pixelfly_lab.studies.ntk_comparison:": "tqdm, time",
-    "lazy: pixelfly_lab.studies.reproduce:": "torch, tqdm",
-    "lazy: pixelfly_lab.studies.theorems:": "nn.butterfly, structure.masks",
-    "lazy: pixelfly_lab.studies.training_comparison:": "training.rank",
-    "lazy: pixelfly_lab.training.rank:": "pandas",
-}
-
-
 def test_tier_rules_hold():
     found = tier_violations(_package_sources())
-    known = {line for line in found if any(line.startswith(k) for k in KNOWN_VIOLATIONS)}
-    assert not (set(found) - known), "tier rules broken:\n" + "\n".join(sorted(set(found) - known))
-    mended = [k for k in KNOWN_VIOLATIONS if not any(line.startswith(k) for line in found)]
-    assert not mended, "mended, delete from KNOWN_VIOLATIONS:\n" + "\n".join(mended)
+    assert not found, "tier rules broken:\n" + "\n".join(sorted(found))
 
 
 def test_tier_map_covers_the_package():
@@ -363,10 +345,8 @@ def test_tier_rules_accept_good_cases():
     assert tier_violations({**_STUB, **good}) == []
 
 
-# One concept per module: none over ~450 lines. The modules listed are over it today and are
-# other engineers' to split (delete a line once its module is split).
+# One concept per module: none over ~450 lines.
 MAX_LINES = 450
-OVERSIZED = ()
 
 
 def oversized(sizes: dict[str, int], limit: int = MAX_LINES) -> list[str]:
@@ -377,7 +357,5 @@ def oversized(sizes: dict[str, int], limit: int = MAX_LINES) -> list[str]:
 def test_no_module_over_the_size_limit():
     assert oversized({"a": MAX_LINES + 1}) == ["a: 451 lines"] and not oversized({"a": MAX_LINES}), "the rule can fail"
     sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
-    over = oversized({name: n for name, n in sizes.items() if name not in OVERSIZED})
+    over = oversized(sizes)
     assert not over, "split by concept:\n" + "\n".join(over)
-    split = [name for name in OVERSIZED if name in sizes and sizes[name] <= MAX_LINES]
-    assert not split, f"now within {MAX_LINES} lines, delete from OVERSIZED: {split}"

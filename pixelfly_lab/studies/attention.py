@@ -29,6 +29,7 @@ import pandas as pd
 from pixelfly_lab.studies.estimators import ATTENTION_ESTIMATORS, ATTENTION_ORACLES, attention_table, plot_attention_examples, plot_attention_table
 from pixelfly_lab.studies.claims import Claim, decision_fields, member, save_figure, save_table
 from pixelfly_lab.studies.stats import every_held, paired_decision
+from pixelfly_lab.nn.attention import attention_layout
 
 __all__ = ["AttentionConfig", "FULL", "QUICK", "TINY", "run"]
 
@@ -133,7 +134,6 @@ def run(out: Path, config: AttentionConfig = QUICK, *, device: str = "cpu") -> l
 
 def _budget_split(n: int, budget: float, block: int) -> str:
     """How each estimator spends the budget (m random features cost 2 n m of the n^2 scores)."""
-    from pixelfly_lab.nn.attention import attention_layout
 
     layout, m = attention_layout("pixelfly", n, budget, block)
     rank = max(1, int(budget * n / 2))     # as pixelfly_lab.studies.estimators: Performer's features

@@ -44,6 +44,8 @@ from pixelfly_lab.structure.masks import layout_to_mask
 from pixelfly_lab.structure.projections import few_threads, relative_error, topk_mask
 from pixelfly_lab.nn.random_features import performer_features
 from pixelfly_lab.approx.targets import attention_inputs
+from pixelfly_lab.nn.attention import attention_layout
+from tqdm.auto import tqdm
 
 __all__ = ["performer_features", "performer_attention", "sparse_lowrank_attention", "scatterbrain_attention",
            "pixelfly_attention", "fixed_sparse_attention", "attention_table", "plot_attention_table",
@@ -139,7 +141,6 @@ def pixelfly_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, bud
     features, the diagonal blocks kept), so this is the matrix that
     :class:`~pixelfly_lab.nn.attention.PixelflyAttention` applies, at score scale 1 / t.
     """
-    from pixelfly_lab.nn.attention import attention_layout  # the layer imports this module's features
 
     layout, n_features = attention_layout("pixelfly", q.shape[0], budget, block_size)
     support = layout_to_mask(layout, block_size).to(q.device)
@@ -182,7 +183,6 @@ def _approximations(q, k, attention, temperature, budget, block_size, seed):
 def _sparse_layout(name: str, n: int, budget: float, block_size: int, seed: int) -> torch.Tensor:
     """The sparse-only baselines of the attention layer ('butterfly' is its densest flat block
     butterfly): diagonal blocks kept, so no row is empty ('bigbird' may exceed the budget by them)."""
-    from pixelfly_lab.nn.attention import attention_layout
 
     return attention_layout("pixelfly" if name == "butterfly" else name, n, budget, block_size,
                             lowrank_features=0, seed=seed)[0]
@@ -209,7 +209,6 @@ def attention_table(n: int = 256, temperatures=None, budget: float = 0.25, seeds
         1/n = uniform), and kept: the fraction of the n^2 scores a fixed-support sparse estimator
         keeps (NaN for the others).
     """
-    from tqdm.auto import tqdm
 
     temperatures = np.logspace(np.log10(0.05), 1, 8) if temperatures is None else temperatures
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)

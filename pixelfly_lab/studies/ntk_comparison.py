@@ -44,6 +44,8 @@ from pixelfly_lab.training.data import load_data
 from pixelfly_lab.training.models import build_model, count_params
 from pixelfly_lab.ntk.empirical import empirical_ntk, kernel_distance, seed_spread, spectra
 from pixelfly_lab.studies.training_comparison import compare_patterns, pattern_options
+from tqdm.auto import tqdm
+import time
 
 __all__ = ["STUDY_PATTERNS", "STUDY_METRICS", "SCALE_FREE_METRICS", "NTKStudyConfig", "QUICK",
            "kernel_distances", "ntk_study", "method_table", "plot_kernel", "plot_distance_at_init",
@@ -165,7 +167,6 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
         >>> frame = ntk_study(QUICK, patterns=("dense", "lowrank", "pixelfly"))   # doctest: +SKIP
         >>> frame.groupby("pattern").relative_frobenius_normalized.mean()                  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
 
     cfg = replace(config or NTKStudyConfig(), **overrides)
     _check_config(cfg)
@@ -239,7 +240,6 @@ def method_table(model, x1, x2=None, methods=("loop", "jacobian", "ntvp", "struc
     Returns:
         DataFrame with columns method, seconds, max_abs_diff (against the loop's kernel).
     """
-    import time
 
     rows, reference = [], None
     for method in ("loop",) + tuple(m for m in methods if m != "loop"):

@@ -29,6 +29,8 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+import torch
+from tqdm.auto import tqdm
 
 __all__ = ["EXPERIMENTS", "PRESETS", "Experiment", "reproduce", "load_results", "show_experiment",
            "add_arguments", "run"]
@@ -75,7 +77,6 @@ def _source_hash() -> str:
 
 
 def _environment(device: str) -> dict:
-    import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "platform": platform.platform(), "device": device, "threads": torch.get_num_threads()}
@@ -85,7 +86,6 @@ def _environment(device: str) -> dict:
 
 
 def _resolve_device(device: str) -> str:
-    import torch
 
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
@@ -156,7 +156,6 @@ def reproduce(out="results", *, preset: str = "full", device: str = "auto", forc
     Example:
         >>> records = reproduce("results", preset="tiny", only=["patterns"])   # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")

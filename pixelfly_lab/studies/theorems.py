@@ -36,6 +36,9 @@ import torch
 from pixelfly_lab.approx.expressiveness import approximate
 from pixelfly_lab.structure.projections import few_threads, relative_error
 from pixelfly_lab.approx.targets import random_butterfly_factors, target_matrix
+from pixelfly_lab.nn.butterfly import ButterflyLinear
+from pixelfly_lab.structure.masks import butterfly_factor_mask
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
 
 __all__ = ["residual_flat_gap", "loglog_slope", "lowrank_share_sweep", "exact_butterflies", "plot_residual_flat_gap",
            "plot_lowrank_share_sweep", "plot_exact_butterflies", "block_butterfly_factor_masks", "fit_factor_product",
@@ -126,7 +129,6 @@ def exact_butterflies(n: int = 32, fit_steps: int = 1500, block_size: int = 4) -
     Returns:
         DataFrame with columns transform, method, budget_used, error.
     """
-    from pixelfly_lab.nn.butterfly import ButterflyLinear
 
     budget = 2 * (n.bit_length() - 1) / n
     rows = []
@@ -226,7 +228,6 @@ def block_butterfly_factor_masks(n: int, block_size: int = 1, n_factors: int | N
         >>> [int(m.sum()) for m in block_butterfly_factor_masks(16, 4)]     # 2 n b each
         [128, 128]
     """
-    from pixelfly_lab.structure.masks import butterfly_factor_mask
 
     if n % block_size or n // block_size < 2 or (n // block_size) & (n // block_size - 1):
         raise ValueError(f"n / block_size must be a power of two >= 2, got n={n}, block_size={block_size}")
@@ -360,7 +361,6 @@ def ntk_change_vs_width(widths=(64, 128, 256, 512), sparse: bool = True, n_sampl
         >>> bool(df.ntk_change.iloc[1] < df.ntk_change.iloc[0]), bool((df.loss_ratio < 0.1).all())
         (True, True)
     """
-    from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
 
     rows = []
     for width in widths:

@@ -252,7 +252,7 @@ def _thm2(out, config) -> list[Claim]:
         f"butterfly alone and low-rank alone at equal budget {budget} (block {block}). Per seed (a seed draws Q, K), "
         f"the relative gain 1 - (best interior split's error) / (better single part's error); held when the 90% t "
         f"interval of its mean lies above {THM2_MARGIN}, refuted when it lies below, otherwise undecided",
-        (f"gain per seed: " + ", ".join(f"{g:.3f}" for g in gain) + f"; mean {decision.describe()}; verdict: "
+        ("gain per seed: " + ", ".join(f"{g:.3f}" for g in gain) + f"; mean {decision.describe()}; verdict: "
          f"{decision.verdict}" if len(gain) else f"not measured: {THM2_REGIME} is not on this preset's grid; "
          "undecided"), **decision_fields(decision), figure=figure, kind="paper", table=csv)
     return [regime_claim,

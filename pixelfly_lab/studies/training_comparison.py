@@ -22,6 +22,7 @@ from pixelfly_lab.training.data import TaskData
 from pixelfly_lab.training.models import build_model, count_params
 from pixelfly_lab.training.loop import TrainConfig, task_loss, train
 from pixelfly_lab.speed.timer import time_training_steps
+from pixelfly_lab.training.rank import plot_spectra
 
 __all__ = ["PATTERN_VARIANTS", "pattern_options", "Comparison", "compare_patterns", "step_speed", "plot_curves",
            "plot_parity", "plot_ranks", "plot_step_times"]
@@ -181,7 +182,6 @@ def plot_ranks(ranks: pd.DataFrame, layer: str, spectra: dict, title: str):
     """Effective rank of ``layer`` per epoch for each pattern, and its final singular-value spectra."""
     import matplotlib.pyplot as plt
 
-    from pixelfly_lab.training.rank import plot_spectra
 
     fig, (ax_rank, ax_spec) = plt.subplots(1, 2, figsize=(10, 3.6))
     chosen = ranks[ranks.layer == layer].groupby(["pattern", "epoch"], sort=False).effective_rank.mean()

@@ -115,7 +115,7 @@ def show_study(out, name: str, width: int = 900) -> pd.DataFrame:
         display(Markdown(f"*`{name}` has no results in `{out}`: run `make reproduce` "
                          f"(or `python -m pixelfly_lab reproduce --preset quick --only {name}`).*"))
         return rows
-    lines = [f"| verdict | kind | claim | measured |", "|---|---|---|---|"]
+    lines = ["| verdict | kind | claim | measured |", "|---|---|---|---|"]
     for row in rows.itertuples():
         cells = [f"**{row.verdict}**", row.kind, row.claim, row.measured]
         lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")

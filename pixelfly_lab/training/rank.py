@@ -19,6 +19,7 @@ import fnmatch
 
 import torch
 from torch import nn
+import pandas as pd
 
 __all__ = ["singular_values", "effective_rank", "stable_rank", "layer_weights", "gated_layers", "weight_ranks",
            "weight_spectra", "plot_spectra"]
@@ -120,7 +121,6 @@ def weight_ranks(model: nn.Module, include=("*",)):
         DataFrame with columns layer, out_features, in_features, effective_rank, stable_rank; gated
         Pixelfly layers have no weight matrix and no row (``df.attrs['skipped']`` names them).
     """
-    import pandas as pd
 
     rows = []
     for name, weight in layer_weights(model, include).items():
@@ -138,7 +138,6 @@ def weight_spectra(model: nn.Module, include=("*",)):
     Returns:
         DataFrame with columns layer, index (0 = largest), singular_value, normalised (s_i / s_1).
     """
-    import pandas as pd
 
     frames = []
     for name, weight in layer_weights(model, include).items():
