@@ -246,7 +246,7 @@ def parity_claims(task: TaskSpec, summary: pd.DataFrame, png: str, csv: str, bud
     if budgets:
         setup += ("; sparsified layers' parameters / dense's (target " + f"{target:g}): "
                   + ", ".join(f"{p} {b:.3f}" for p, b in budgets.items())
-                  + (f"; more than {100 * UNDER_BUDGET:g}% under it, left out of the comparison: {', '.join(short)}"
+                  + (f"; more than {100 * UNDER_BUDGET:g}% under it, left out of the best-other comparison (parity still compares them): {', '.join(short)}"
                      if short else ""))
     variants = [v for v in VARIANTS if v in table.columns]
     kind = "info" if task.kind == "info" else "paper"
