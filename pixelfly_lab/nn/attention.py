@@ -280,19 +280,19 @@ class PixelflyAttention(nn.Module):
     def reset_parameters(self) -> None:
         """Restore the buffers (the layout, the features' W from ``seed``), e.g. after ``to_empty``;
         the q, k, v and proj layers reset themselves (:func:`pixelfly_lab.nn.materialize.materialize`)."""
-        with torch.no_grad():
-            self.layout.copy_(registered_layout(self._keys_by_length[self.seq_len]).layout)
-            if self.features:
-                weights = draw_feature_weights(self.dim // self.heads, self.features, self.seed)
-                self.feature_weights.copy_(weights.to(self.feature_weights.dtype))
+        self.layout.detach().copy_(registered_layout(self._keys_by_length[self.seq_len]).layout)
+        self._draw_features()
+
+    def _draw_features(self) -> None:
+        """The features' W, drawn from ``self.seed`` into its buffer (nothing when there are no features)."""
+        if self.features:
+            weights = draw_feature_weights(self.dim // self.heads, self.features, self.seed)
+            self.feature_weights.detach().copy_(weights.to(self.feature_weights.dtype))
 
     def redraw_features(self, seed: int | None = None) -> None:
         """Draw the random features' projection W anew (with ``seed``, or the next seed after the last)."""
         self.seed = self.seed + 1 if seed is None else check_int("seed", seed, 0)
-        if self.features:
-            weights = draw_feature_weights(self.dim // self.heads, self.features, self.seed)
-            with torch.no_grad():
-                self.feature_weights.copy_(weights.to(self.feature_weights.dtype))
+        self._draw_features()
 
     def layout_for(self, seq_len: int) -> torch.Tensor:
         """The CPU block layout (T/b, T/b) the layer uses at sequence length T (planned on first use)."""

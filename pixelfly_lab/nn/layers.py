@@ -23,10 +23,8 @@ Example:
 
 from __future__ import annotations
 
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pixelfly_lab._checks import LOWRANK_INITS, check_bool, check_int, check_lowrank_init
@@ -244,7 +242,7 @@ class PixelflyLinear(SparseLowRankLinear):
     def extra_repr(self):
         return (f"{super().extra_repr()}, butterfly_size={self.butterfly_size}, "
                 f"n_factors={self.n_factors}, block_size={self.sparse.block_size}"
-                + (f", shuffle=True" if self.shuffle else "")
+                + (", shuffle=True" if self.shuffle else "")
                 + (f", global_size={self.global_size}" if self.global_size else ""))
 
 

@@ -253,7 +253,7 @@ def structured_features(prob, rules: list, extra: tuple = ()):
 def _direct_jacobian(term: _Term, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """(c, O, P_term) Jacobian sum_s left_s (x) right_s on the term's blocks, in storage order."""
     c, n_out, s, _ = left.shape
-    (bo, bi), (rows, cols) = term.block, term.layout.to(left.device).nonzero().T
+    (bo, bi), (rows, cols) = term.block, term.layout.nonzero().T.to(left.device)   # host layout: no device sync
     left = left.reshape(c, n_out, s, -1, bo)[:, :, :, rows]           # (c, O, S, nnz, bo)
     right = right.reshape(c, s, -1, bi)[:, :, cols]                   # (c, S, nnz, bi)
     jac = torch.einsum("aoskw,aski->aokwi", left, right)              # (c, O, nnz, bo, bi)

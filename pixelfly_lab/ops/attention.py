@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -46,7 +47,7 @@ import torch
 
 from pixelfly_lab._compile import assume_constant
 from pixelfly_lab._checks import check_int
-from pixelfly_lab.ops.registry import derived, register_layout, registered_layout
+from pixelfly_lab.ops.registry import BLOCK_SIZES, derived, register_layout, registered_layout
 from pixelfly_lab.ops.torch_attention import (AttentionPlan, accumulation_dtype, attention_delta,
                                               build_attention_plan, torch_attention_backward,
                                               torch_attention_forward, torch_linear_attention)
@@ -173,15 +174,18 @@ def _plan(key: int, causal: bool, device) -> AttentionPlan:
 
 # ------------------------------------------------------------------------- dispatch + autograd
 
-def _use_triton(q: torch.Tensor, block_size: int) -> bool:
-    """'auto' picks Triton for CUDA tensors when it is installed and the block fits a tile."""
-    if not q.is_cuda:
-        return False
+@functools.cache  # Python does not remember a failed import: without triton each call would retry it
+def _triton_available() -> bool:
     try:
-        from pixelfly_lab.ops.triton_attention import BLOCK_SIZES
+        from pixelfly_lab.ops import triton_attention  # noqa: F401
     except ImportError:
         return False
-    return block_size in BLOCK_SIZES
+    return True
+
+
+def _use_triton(q: torch.Tensor, block_size: int) -> bool:
+    """'auto' picks Triton for CUDA tensors when it is installed and the block fits a tile."""
+    return q.is_cuda and block_size in BLOCK_SIZES and _triton_available()
 
 
 def _triton_tables(key: int, causal: bool, device):

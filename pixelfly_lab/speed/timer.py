@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pixelfly_lab.threads import num_threads
 from pixelfly_lab.outputs import check_output_fn, model_output
 
 __all__ = ["time_training_steps"]
@@ -159,9 +160,7 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         opt.step()
 
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         macs = {}
         for name, model in models.items():
             with _MacCounter() as counter:
@@ -182,8 +181,6 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                     if cuda:
                         torch.cuda.synchronize()
                     times[name].append(time.perf_counter() - tick)
-    finally:
-        torch.set_num_threads(previous)
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

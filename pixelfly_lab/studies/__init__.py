@@ -55,7 +55,7 @@ _NOTEBOOK_EXPORTS = {
     "pixelfly_lab.studies.stats": ("spearman_permutation_test",),
     "pixelfly_lab.studies.training_comparison": ("compare_patterns", "plot_curves", "plot_parity", "plot_ranks",
                                                  "plot_step_times", "step_speed"),
-    "pixelfly_lab.studies.reproduce": ("reproduce", "load_results", "show_experiment"),
+    "pixelfly_lab.studies.reproduce": ("reproduce", "load_results"),
     "pixelfly_lab.studies.verdicts": ("claims_table", "study_figures", "show_study"),
 }
 _EXPORT_MODULE = {name: module for module, names in _NOTEBOOK_EXPORTS.items() for name in names}

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["EXPERIMENTS", "PRESETS", "Experiment", "reproduce", "load_results", "show_experiment",
+__all__ = ["EXPERIMENTS", "PRESETS", "Experiment", "reproduce", "load_results",
            "add_arguments", "run"]
 
 PRESETS = ("tiny", "quick", "full")
@@ -198,25 +198,6 @@ def load_results(out="results") -> dict[str, dict]:
     """The records of every study found under ``out`` ({name: record}), in report order."""
     out = Path(out)
     return {e.name: rec for e in EXPERIMENTS if (rec := _load_record(out / e.name))}
-
-
-def show_experiment(out, name: str) -> None:
-    """Display one study's claims and figures in a notebook (IPython.display)."""
-    from IPython.display import Image, Markdown, display
-
-    if name not in {e.name for e in EXPERIMENTS}:
-        raise ValueError(f"unknown experiment name {name!r}; known: {', '.join(e.name for e in EXPERIMENTS)}")
-    record = _load_record(Path(out) / name)
-    if record is None:
-        display(Markdown(f"*`{name}` has no results in `{out}` yet: run `make reproduce` "
-                         f"(or `python -m pixelfly_lab reproduce --only {name}`).*"))
-        return
-    display(Markdown(f"*Preset `{record.get('preset', '?')}`.*"))
-    for claim in record["claims"]:
-        display(Markdown(f"**{claim.get('kind', 'paper').capitalize()}:** {claim['claim']}  \n"
-                         f"**Measured:** {claim['measured']}  \n**Verdict:** {_verdict(claim)}"))
-        if claim.get("figure"):
-            display(Image(filename=str(Path(out) / name / claim["figure"])))
 
 
 def _verdict(claim: dict) -> str:

@@ -13,14 +13,13 @@ Example:
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pixelfly_lab.studies.reproduce import EXPERIMENTS
+from pixelfly_lab.studies.reproduce import EXPERIMENTS, load_results
 
 __all__ = ["VERDICTS", "claims_table", "study_figures", "show_study"]
 
@@ -41,13 +40,6 @@ def _verdict(claim: dict) -> str:
     return "held" if held else "did not hold"
 
 
-def _record(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "claims.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def claims_table(out="results") -> pd.DataFrame:
     """Every claim of every study found under ``out``, one row each, in report order.
 
@@ -62,10 +54,9 @@ def claims_table(out="results") -> pd.DataFrame:
     if not isinstance(out, (str, Path)):
         raise TypeError(f"out must be a path, got {type(out).__name__}")
     rows = []
-    for exp in EXPERIMENTS:
-        record = _record(Path(out) / exp.name)
-        for claim in (record or {}).get("claims", []):
-            rows.append({"study": exp.name, "preset": record.get("preset"), "kind": claim.get("kind", "paper"),
+    for name, record in load_results(out).items():
+        for claim in record.get("claims", []):
+            rows.append({"study": name, "preset": record.get("preset"), "kind": claim.get("kind", "paper"),
                          "verdict": _verdict(claim), "claim": claim["claim"], "measured": claim["measured"],
                          "figure": claim.get("figure")})
     columns = ["study", "preset", "kind", "verdict", "claim", "measured", "figure"]
