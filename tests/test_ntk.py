@@ -18,7 +18,7 @@ from torch import nn
 
 from pixelfly_lab.nn import layers
 from pixelfly_lab.ntk import empirical as ntk
-from pixelfly_lab.ntk import methods
+from pixelfly_lab.ntk import methods, structured
 from pixelfly_lab.training.models import Mixer
 from pixelfly_lab.ntk.empirical import empirical_ntk, kernel_distance, spectra
 from pixelfly_lab.structure.patterns import make_pattern
@@ -135,6 +135,18 @@ def test_symmetric_case_computes_each_jacobian_once(monkeypatch, method):
     seen.clear()
     empirical_ntk(model, x, _inputs((6,), 4, 2), method=method, chunk_size=2)
     assert sum(seen) == 13
+
+
+@pytest.mark.parametrize("method", ["structured", "auto"])
+def test_structured_probes_the_outputs_once(monkeypatch, method):
+    """One no-grad forward finds each rule's calls and output shape; the check and the kernel reuse it."""
+    probes = []
+    probe = structured._probe_outputs
+    monkeypatch.setattr(structured, "_probe_outputs", lambda prob, modules: (probes.append(1), probe(prob, modules))[1])
+    model, x = MODELS["pixelfly"][0](), _inputs((6,), 4, 1)
+    kernel = empirical_ntk(model, x, method=method)
+    assert len(probes) == 1
+    torch.testing.assert_close(kernel, empirical_ntk(model, x, method="loop"), **TOL)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -68,8 +68,11 @@ class _Term:
 
 @dataclass
 class _Rule:
+    """A module's terms, and the shape of its output in one forward of a single example."""
+
     module: nn.Module
     terms: list
+    output_shape: tuple | None = None   # set by structured_rules' one probe; the taps take this shape
 
     @property
     def params(self) -> tuple:
@@ -162,9 +165,15 @@ def structured_rules(prob) -> list:
             rules.append(rule)
     if not rules:
         return []
+    # the one probe of the model's outputs: the taps need one call per forward, with the input
+    # passed positionally, and take the output's shape (kept on the rule for structured_features)
     calls = _probe_outputs(prob, [rule.module for rule in rules])
-    # the taps need one call per forward, with the input passed positionally
-    return _verified(prob, [rule for rule in rules if [n for _, n in calls[id(rule.module)]] == [1]])
+    single = []
+    for rule in rules:
+        if [n for _, n in calls[id(rule.module)]] == [1]:
+            rule.output_shape = tuple(calls[id(rule.module)][0][0])
+            single.append(rule)
+    return _verified(prob, single)
 
 
 def _probe_outputs(prob, modules: list) -> dict:
@@ -203,6 +212,7 @@ def _gram_form(prob, term: _Term, positions: int) -> bool:
 def structured_features(prob, rules: list, extra: tuple = ()):
     """features(x) for a chunk: per term of every rule, its factors or its Jacobian; then per name
     in ``extra`` (parameters without a rule) its Jacobian (c, O, P), from the same backward passes.
+    ``rules`` come from :func:`structured_rules` (each knows its output shape: no probe here).
 
     Without extra axes (S = 1) a term's features are (left (c, O, 1, out_t), right (c, 1, in_t)),
     contracted as Gram matrices. A weight shared over S > 1 positions keeps its factors too when
@@ -223,8 +233,7 @@ def structured_features(prob, rules: list, extra: tuple = ()):
         tensors = {**prob.base, **dict(zip(extra, values))} if extra else prob.base
         return prob.forward_one(tensors, x), tuple(state["inputs"])
 
-    shapes = _probe_outputs(prob, [r.module for r in rules])
-    deltas = tuple(torch.zeros(shapes[id(r.module)][0][0], dtype=prob.dtype, device=prob.x1.device) for r in rules)
+    deltas = tuple(torch.zeros(r.output_shape, dtype=prob.dtype, device=prob.x1.device) for r in rules)
     values = tuple(prob.base[name] for name in extra)
     # Many outputs (a language model's T x V logits): backward passes in chunks of outputs, whose
     # activations stay in cache (2x faster at 520 outputs per example on one CPU thread; same values)
