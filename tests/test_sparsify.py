@@ -242,6 +242,23 @@ def test_init_match_gives_the_replaced_std_and_kaiming_is_the_layers_own():
     torch.testing.assert_close(dense[0].dense_weight(), reference.dense_weight(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("zero_bias", [False, True])
+def test_match_layer_takes_the_replaced_std_and_bias_in_either_orientation(zero_bias):
+    """match_layer_ (sparsify's and materialize's one 'match' step): nn.Linear and Conv1D ((in, out))."""
+    torch.manual_seed(0)
+    for replaced in (nn.Linear(64, 128), Conv1D(128, 64)):
+        nn.init.normal_(replaced.weight, std=0.03)
+        if zero_bias:
+            nn.init.zeros_(replaced.bias)
+        layer = layer_from_pattern(make_pattern("pixelfly", 128, 64, 0.3, block_size=8))
+        before = layer.weight_std()
+        factor = layer.match_layer_(replaced)
+        assert factor == pytest.approx(float(replaced.weight.std()) / before, rel=1e-6)
+        assert layer.weight_std() == pytest.approx(float(replaced.weight.std()), rel=1e-5)
+        assert torch.equal(layer.bias, replaced.bias) and layer.zero_bias == zero_bias
+        assert layer.init_scale == 1.0 and layer.sparse.init_scale == pytest.approx(factor)  # remembered
+
+
 def test_init_project_is_the_projection_of_the_weight():
     torch.manual_seed(0)
     a, b = torch.randn(128, 8), torch.randn(8, 64)

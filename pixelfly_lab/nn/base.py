@@ -8,7 +8,8 @@ A structured layer gives its W as a dense (out_features, in_features) tensor thr
 * ``weight_std()`` is the standard deviation of W's entries;
 * ``match_(std)`` rescales W to a given standard deviation and *remembers* the factor, so
   ``reset_parameters()`` (after ``to_empty``, in :func:`pixelfly_lab.nn.materialize.materialize`)
-  draws the layer's own init times that factor again; ``zero_bias`` makes it draw a zero bias.
+  draws the layer's own init times that factor again; ``zero_bias`` makes it draw a zero bias;
+  ``match_layer_(replaced)`` is ``match_`` against the layer this one replaces (its std, its bias).
 
 ``sparsify`` (:mod:`pixelfly_lab.nn.sparsification`) and the structured NTK ask the layer
 through these methods and never test its type.
@@ -121,6 +122,15 @@ class StructuredLinear(nn.Module):
     def _restore_buffers(self) -> None:
         """Write the fixed structure (a layout, a mask) into its buffers again, e.g. after ``to_empty``."""
 
+    def restore_structure_(self) -> "StructuredLinear":
+        """Write the fixed structure (layouts, masks) of this layer and its structured parts into their
+        buffers again, e.g. after ``to_empty``, so that W can be read; no weight is drawn or changed."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, StructuredLinear):
+                    module._restore_buffers()
+        return self
+
     def _reset_weight(self) -> None:
         raise NotImplementedError
 
@@ -165,12 +175,35 @@ class StructuredLinear(nn.Module):
             self.zero_bias = bool(zero_bias)
         return factor
 
+    def match_layer_(self, replaced: nn.Module) -> float:
+        """``init='match'`` against the layer this one replaces: :meth:`match_` its weight's std, take its bias.
+
+        W is rescaled to the standard deviation of ``replaced.weight`` (its layout, (out, in) or
+        Hugging Face Conv1D's (in, out), does not change the std) and the factor remembered; a
+        replaced bias that is all zero is remembered as :attr:`zero_bias`, and the bias is copied.
+        What ``sparsify`` does eagerly and :func:`pixelfly_lab.nn.materialize.materialize` after the
+        dense init of a model built on the meta device.
+
+        Args:
+            replaced: a linear-like module with ``weight`` and ``bias`` (None or a tensor), on a real device.
+
+        Returns:
+            The factor applied to W (0 when W is zero).
+        """
+        weight, bias = replaced.weight.detach(), getattr(replaced, "bias", None)
+        zero_bias = bias is not None and not bool(bias.detach().any())
+        factor = self.match_(float(weight.std()) if weight.numel() > 1 else 0.0, zero_bias=zero_bias)
+        if bias is not None and self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(bias)
+        return factor
+
     def defer_match(self, replaced: nn.Module | None) -> None:
         """Keep the (meta) layer this one replaced, for :func:`pixelfly_lab.nn.materialize.materialize`.
 
         On the meta device ``init='match'`` has no std to match: materialising initialises the
         replaced layer as the model would (e.g. Hugging Face's ``init_weights``), then calls
-        :meth:`match_` with its std. Not registered as a sub-module (no parameters, no state).
+        :meth:`match_layer_` with it. Not registered as a sub-module (no parameters, no state).
         """
         self.__dict__["_replaced"] = replaced
 
@@ -197,10 +230,8 @@ class StructuredLinear(nn.Module):
         if weight.is_meta:
             raise ValueError("weight is on the meta device: there are no values to project")
         work = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        self.restore_structure_()                  # a layer fresh from to_empty has no structure yet
         with torch.no_grad():
-            for module in self.modules():          # a layer fresh from to_empty has no structure yet
-                if isinstance(module, StructuredLinear):
-                    module._restore_buffers()
             residual = self._project(work)
             norm, error = torch.linalg.norm(work), torch.linalg.norm(residual)
         self.init_scale = 1.0

@@ -10,12 +10,22 @@ weights (each module gets its own new tensor); :func:`materialize` does the whol
 2. ``to_empty(device)``, then the shared parameters (GPT-2's ``lm_head`` and ``wte``) are tied
    again as they were;
 3. the dense init: the model's own ``init_weights()`` where it has one (Hugging Face models;
-   it ties too), else ``reset_parameters()`` of every module that has one, sub-modules before
-   their parent (the order in which an eager build draws: a layer built on meta and
-   materialised with the same seed equals the one built on the CPU, exactly);
-4. every structured layer is re-initialised (``reset_parameters`` of it and its sub-modules:
-   its own init times the factor it remembers); the swapped ones are put back and ``match_`` the
-   std their dense stand-in got, keeping its bias, exactly what ``sparsify`` does eagerly.
+   it ties too; the structured layers' layouts are written back first, since it reads their
+   ``.weight``), else ``reset_parameters()`` of every module that has one, sub-modules before
+   their parent (the order in which an eager build draws);
+4. the structured layers that step 3 did not reach (the swapped ones, and every one under
+   ``init_weights``) are put back and re-initialised in model order, each layer's parts before
+   the layer; the swapped ones then ``match_layer_`` their dense stand-in (its std, its bias),
+   exactly what ``sparsify`` does eagerly.
+
+Every parameter is drawn exactly once, so the draws of the global RNG are those of the eager
+build: a model built on meta (and sparsified there with ``init='match'``, as ``build_model``
+does) and materialised with the same seed equals the CPU build exactly when its modules
+construct in registration order and each parent draws nothing of its own before its
+sub-modules (``tests/test_meta.py``: every layer, the MLP and the Mixer). Otherwise (a
+Transformer whose position embedding is drawn before its blocks; Hugging Face models, whose
+constructors draw and whose ``init_weights`` then draws again) the statistics are the same,
+the draws are not.
 
 Paper: the Pixelfly workflow on a whole model (Dao, Chen et al., ICLR 2022, arXiv 2112.00029).
 
@@ -35,7 +45,6 @@ import torch
 from torch import nn
 
 from pixelfly_lab.nn.base import StructuredLinear
-from pixelfly_lab.nn.linear_like import linear_kind, linear_weight
 
 __all__ = ["materialize"]
 
@@ -75,9 +84,10 @@ def _post_order(module: nn.Module, seen: set[int]):
         yield module
 
 
-def _reset_all(module: nn.Module) -> None:
-    """``reset_parameters`` of ``module`` and every sub-module, in the order an eager build draws."""
-    for m in _post_order(module, set()):
+def _reset_all(module: nn.Module, seen: set[int]) -> None:
+    """``reset_parameters`` of ``module`` and every sub-module not in ``seen`` (which it extends), in
+    the order an eager build draws."""
+    for m in _post_order(module, seen):
         reset = _reset_of(m)
         if reset is not None:
             reset()
@@ -114,27 +124,28 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Modu
     retie()
     init_weights = getattr(model, "init_weights", None)
     if callable(init_weights):
-        init_weights()                     # reaches no structured layer: they reset themselves
-        for module in model.modules():
-            if isinstance(module, StructuredLinear):
-                _reset_all(module)
+        for module in model.modules():     # init_weights may read a structured layer's .weight (GPT-2's
+            if isinstance(module, StructuredLinear):   # c_proj): give it valid layouts; it writes a copy
+                module.restore_structure_()
+        init_weights()                     # reaches no structured layer: each resets itself below
+        pending = {id(m) for m in model.modules() if isinstance(m, StructuredLinear)}
     else:
         uninitialised = [name for name, m in model.named_modules()
                          if any(True for _ in m.parameters(recurse=False)) and _reset_of(m) is None]
-        _reset_all(model)
+        _reset_all(model, set())           # structured layers in place included, each once
+        pending = set()
         if uninitialised:
             warnings.warn(f"materialize: {len(uninitialised)} module(s) hold parameters but have no "
                           f"reset_parameters (their values are undefined): {uninitialised[:5]}", stacklevel=2)
     for layer in waiting:
-        dense = layer.deferred_match
-        weight = linear_weight(dense, linear_kind(dense)).detach()
-        _reset_all(layer)
-        zero_bias = dense.bias is not None and not bool(dense.bias.detach().any())
-        layer.match_(float(weight.std()) if weight.numel() > 1 else 0.0, zero_bias=zero_bias)
-        if dense.bias is not None and layer.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(dense.bias)
-        layer.defer_match(None)
-        _swap(model, dense, layer)
+        _swap(model, layer.deferred_match, layer)
+    pending |= {id(layer) for layer in waiting}
+    seen: set[int] = set()                 # shared: a structured layer's parts reset with it, once
+    for module in model.modules():         # model order
+        if id(module) in pending:
+            _reset_all(module, seen)
+            if module.deferred_match is not None:
+                module.match_layer_(module.deferred_match)
+                module.defer_match(None)
     retie()
     return model

@@ -164,7 +164,7 @@ def _build(name: str, layer: nn.Module, kind: str, planned, init: str, **options
     """The structured layer for ``planned``, initialised by ``init``, with ``layer``'s bias,
     ``requires_grad``, mode, device and dtype; and the projection error (NaN unless 'project').
 
-    The new layer is asked to do the work: ``project_`` (init='project'), ``match_`` (init='match',
+    The new layer is asked to do the work: ``project_`` (init='project'), ``match_layer_`` (init='match',
     remembered by its reset_parameters); on the meta device 'match' waits for the replaced
     layer's initialised std (``defer_match``, done by :func:`pixelfly_lab.nn.materialize.materialize`).
     """
@@ -183,12 +183,11 @@ def _build(name: str, layer: nn.Module, kind: str, planned, init: str, **options
     if init == "match" and meta:
         new.defer_match(layer)
     elif init == "match":
-        zero_bias = layer.bias is not None and not bool(layer.bias.detach().any())
-        new.match_(float(dense.detach().std()) if dense.numel() > 1 else 0.0, zero_bias=zero_bias)
-    if layer.bias is not None:
+        new.match_layer_(layer)            # the replaced weight's std, its bias
+    elif layer.bias is not None and not meta:
         with torch.no_grad():
-            if not meta:
-                new.bias.copy_(layer.bias)
+            new.bias.copy_(layer.bias)
+    if layer.bias is not None:
         new.bias.requires_grad_(layer.bias.requires_grad)
     if not weight.requires_grad:  # frozen stays frozen
         for param_name, param in new.named_parameters():
