@@ -60,6 +60,32 @@ def test_plain_forward_and_backward_match_reference(name, rank, bias, fill):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+RANDOM = torch.rand(16, 8, generator=torch.Generator().manual_seed(4)) < 0.45   # groups of 2-5 column runs
+
+
+@pytest.mark.parametrize("max_split", [0, 2, 100])
+@pytest.mark.parametrize("layout,b", [*LAYOUTS.values(), (RANDOM, 4), (RANDOM.T.contiguous(), 4)])
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False)])
+def test_split_and_gathered_products_match_reference(layout, b, rank, bias, max_split, monkeypatch):
+    """Runs read as views (one GEMM each), products written straight into their pieces, and the
+    gathered fallback (groups with more runs or pieces than MAX_SPLIT) all give the reference."""
+    monkeypatch.setattr(torch_grouped, "MAX_SPLIT", max_split)
+    plan = torch_kernels.plan_for(layout, b)
+    if max_split == 2 and layout.shape == RANDOM.shape:   # both routes within one plan
+        assert {len(g.runs) > 2 for g in plan.groups} == {True, False}
+    x, values, bias_t, u, v = _operands(layout, b, rank, bias)
+    y, z = torch_kernels.sparse_lowrank_forward(x, values, bias_t, u, v, plan, layout.shape[0] * b)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=F64).reshape(y.shape)
+    y_ref, g_ref = _reference_grads(layout, gy, x, values, bias_t, u, v)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    needs = tuple(t is not None for t in (x, values, bias_t, u, v))
+    grads = torch_kernels.sparse_lowrank_backward(gy, x, values, u, v, z, plan, needs, bias)
+    for got, want in zip(grads, g_ref):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_backward_computes_only_what_is_asked():
     layout, b = LAYOUTS["expanding"]
     x, values, bias, u, v = _operands(layout, b, 2, True)

@@ -5,12 +5,16 @@ y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a blo
 
 * a :class:`~pixelfly_lab.ops.torch_plan.Plan` cuts the layout into groups of consecutive block rows that read the same
   block columns (a flat block butterfly has butterfly_size of them: every block row of a cell
-  row shares its set); each group is one GEMM, its input columns gathered (a zero-copy view when
-  they form one run, as in block-diagonal layouts) and its blocks packed as one dense matrix;
-* the low-rank term rides in the same GEMMs as r extra input columns (z = x V) and r extra
-  weight rows (U^T), so y is written once; in the backward, gy U and gy^T [z, 1] (dU and the
-  bias gradient) ride in the block GEMMs as extra columns too, because GEMMs with only r = 32
-  output columns run at about half the rate of the block GEMMs on a CPU;
+  row shares its set); each group's blocks are packed as one dense matrix; a group whose columns
+  form at most two runs reads them as views, one GEMM per run accumulated into its output slice,
+  and a product that lands in at most two column pieces is written straight into them
+  (:data:`~pixelfly_lab.ops.torch_grouped.MAX_SPLIT`: no gather, no temporary); groups with more
+  runs gather them into one GEMM;
+* the low-rank term is one more GEMM per group on [z, 1] = [x V, 1] and [U, bias] (the bias
+  folded in); in the backward gy U is one GEMM per row chunk (K = out_features runs at the
+  block GEMMs' rate), and gy^T [z, 1] (dU and the bias gradient) rides in the blocks' gradient
+  GEMMs as extra columns, because GEMMs with only r = 32 output columns and K = 512 rows run at
+  about half the rate of the block GEMMs on a CPU;
 * rows of x are swept in chunks (:data:`~pixelfly_lab.ops.torch_sweep.CHUNK_ROWS`) so that
   gathered inputs, output slices and gradient slices stay in cache; the backward computes dX and
   the blocks' gradient in one sweep; with several torch threads the chunks are shared among
