@@ -110,3 +110,24 @@ def test_counts_and_errors():
         ButterflyLinear(12)
     with pytest.raises(ValueError, match="kind"):
         ButterflyLinear.from_transform("dct", 8)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_the_one_factor_rescale_rule(k):
+    """scale_factors_ (every product layer's rescale): each of k factors times c^(1/k), the product
+    times c; c = 0 zeroes the first factor only. A butterfly of k factors follows it."""
+    from pixelfly_lab.nn.base import scale_factors_
+    factors = [torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(i)) for i in range(k)]
+    product = torch.linalg.multi_dot(factors) if k > 1 else factors[0]
+    scaled = [f.clone() for f in factors]
+    scale_factors_(scaled, 0.3)
+    for before, after in zip(factors, scaled):
+        torch.testing.assert_close(after, before * 0.3 ** (1 / k), rtol=1e-15, atol=0)
+    torch.testing.assert_close(torch.linalg.multi_dot(scaled) if k > 1 else scaled[0], 0.3 * product)
+    zeroed = [f.clone() for f in factors]
+    scale_factors_(zeroed, 0.0)
+    assert torch.all(zeroed[0] == 0) and all(torch.equal(a, b) for a, b in zip(zeroed[1:], factors[1:]))
+    layer = ButterflyLinear(8, n_factors=k, dtype=F64)
+    twiddle = layer.twiddle.detach().clone()
+    layer.rescale_(0.0)
+    assert torch.all(layer.twiddle[0] == 0) and torch.equal(layer.twiddle[1:], twiddle[1:])

@@ -31,7 +31,7 @@ from torch import nn
 
 from pixelfly_lab._checks import check_input_width, check_int
 
-__all__ = ["StructuredLinear", "LinearPart", "uniform_", "ambient_device"]
+__all__ = ["StructuredLinear", "LinearPart", "uniform_", "scale_factors_", "ambient_device"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,25 @@ def uniform_(tensor: torch.Tensor, bound) -> torch.Tensor:
     """In place U(-bound, bound); ``bound`` may be a tensor broadcast against ``tensor``."""
     with torch.no_grad():
         return tensor.uniform_(-1.0, 1.0).mul_(bound)
+
+
+def scale_factors_(factors, c: float) -> None:
+    """In place: W = F_1 F_2 ... F_k becomes c W by scaling each of the k factors by c^(1/k).
+
+    The one rescale rule of every product layer (U V^T, P L P^T R, butterflies). c = 0 zeroes the
+    first factor only, so gradients still reach all of them. k = 2 takes ``math.sqrt`` (correctly
+    rounded), other k ``c ** (1/k)``.
+
+    Args:
+        factors: the k factor tensors (parameters, or views of one), k >= 1; changed in place.
+        c: the factor, a finite float >= 0 (checked by :meth:`StructuredLinear.rescale_`).
+    """
+    if c == 0:
+        factors[0].zero_()
+        return
+    root = math.sqrt(c) if len(factors) == 2 else c ** (1.0 / len(factors))
+    for factor in factors:
+        factor.mul_(root)
 
 
 def ambient_device(device=None) -> torch.device:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pixelfly_lab._checks import check_power_of_two
-from pixelfly_lab.nn.base import StructuredLinear, ambient_device
+from pixelfly_lab.nn.base import StructuredLinear, ambient_device, scale_factors_
 
 __all__ = ["ButterflyLinear", "bit_reversal_permutation"]
 
@@ -107,10 +107,7 @@ class ButterflyLinear(StructuredLinear):
         """W = F_{m-1} ... F_0 P: each factor's twiddles times c^(1/m) (c = 0: the first factor zero)."""
         if self.residual:
             raise ValueError("a residual butterfly prod (I + lam B_f) cannot be rescaled factor by factor")
-        if c == 0:
-            self.twiddle[0].zero_()
-        else:
-            self.twiddle.mul_(c ** (1.0 / self.n_factors))
+        scale_factors_(list(self.twiddle), c)
 
     @classmethod
     def from_transform(cls, kind: str, n: int, device=None, dtype=None) -> "ButterflyLinear":

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelfly_lab._checks import check_int, check_lowrank_init
-from pixelfly_lab.nn.base import LinearPart, StructuredLinear, uniform_
+from pixelfly_lab.nn.base import LinearPart, StructuredLinear, scale_factors_, uniform_
 from pixelfly_lab.structure.projections import lowrank_factors
 
 __all__ = ["LowRankLinear"]
@@ -78,9 +78,7 @@ class LowRankLinear(StructuredLinear):
             self.v.copy_(v)
 
     def _scale_weight(self, c: float) -> None:
-        self.u.mul_(math.sqrt(c))
-        if c > 0:
-            self.v.mul_(math.sqrt(c))
+        scale_factors_([self.u, self.v], c)
 
     def _project(self, work):
         """U V^T = the truncated SVD of ``work`` (randomised, :func:`torch.svd_lowrank`)."""

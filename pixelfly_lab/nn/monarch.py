@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pixelfly_lab._checks import check_divides
-from pixelfly_lab.nn.base import StructuredLinear, uniform_
+from pixelfly_lab.nn.base import StructuredLinear, scale_factors_, uniform_
 from pixelfly_lab.structure.projections import monarch_project
 
 __all__ = ["MonarchLinear"]
@@ -64,9 +64,7 @@ class MonarchLinear(StructuredLinear):
         uniform_(self.l_blocks, 1.0 / math.sqrt(q))
 
     def _scale_weight(self, c: float) -> None:
-        self.l_blocks.mul_(math.sqrt(c))
-        if c > 0:
-            self.r_blocks.mul_(math.sqrt(c))
+        scale_factors_([self.l_blocks, self.r_blocks], c)
 
     def _project(self, work):
         left, right = monarch_project(work, self.nblocks)
