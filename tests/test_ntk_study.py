@@ -59,10 +59,9 @@ def test_study_spread_and_distances_match_kernels_built_by_hand():
     assert frame.set_index("pattern").loc["pixelfly", "top_share"] == pytest.approx(top, rel=1e-5)
     constant = float(p0.double().sum() / len(p0) / torch.linalg.matrix_norm(p0.double()))
     assert frame.set_index("pattern").loc["pixelfly", "constant_share"] == pytest.approx(abs(constant), rel=1e-5)
-    conv = frame.attrs["convergence"]
-    assert list(conv.seed) == [0] and conv.accuracy_e.iloc[0] == pytest.approx(
+    conv = frame.attrs["convergence"]  # dense's learning curve: one evaluation per epoch, the last is its accuracy
+    assert list(conv.seed) == [0] and list(conv.epoch) == [1] and conv.test_accuracy.iloc[0] == pytest.approx(
         float(frame.set_index("pattern").loc["dense", "test_accuracy"]))
-    assert 0 <= conv.accuracy_2e.iloc[0] <= 1
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -77,10 +76,10 @@ def test_study_rejects_bad_configs(overrides, match):
         ntk_study(TINY, progress=False, **overrides)
 
 
-def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001, gain=0.001):
+def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001, gain=0.001, epochs=10):
     """A study frame with given means per pattern; seeds spread by +- jitter, the sign alternating
-    between patterns (so that paired differences have an sd of about 2 jitter); dense gains
-    ``gain`` accuracy from E to 2E epochs."""
+    between patterns (so that paired differences have an sd of about 2 jitter); dense's learning
+    curve gains 0.05 per epoch, then ``gain`` per epoch over the last fifth of ``epochs``."""
     rows = []
     for k, (pattern, d) in enumerate(distances.items()):
         for i, seed in enumerate(seeds):
@@ -91,8 +90,10 @@ def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001, gai
     frame = pd.DataFrame(rows)
     frame.attrs["spread"] = pd.DataFrame([dict(family="mlp", metric=m, mean=0.1, sd=0.01, pairs=6)
                                           for m in STUDY_METRICS])
-    frame.attrs["convergence"] = pd.DataFrame([dict(family="mlp", seed=s, accuracy_e=0.5, accuracy_2e=0.5 + gain)
-                                               for s in seeds])
+    tail = epochs - max(1, round(0.2 * epochs))
+    curve = [0.5 - 0.05 * max(0, tail - e) + gain * max(0, e - tail) for e in range(1, epochs + 1)]
+    frame.attrs["convergence"] = pd.DataFrame([dict(family="mlp", seed=s, epoch=e, test_accuracy=a + 0.001 * s)
+                                               for s in seeds for e, a in enumerate(curve, 1)])
     return frame
 
 
@@ -114,10 +115,19 @@ def test_correlation_claim_rule():
     claim = _correlation_claim(_frame({"dense": 0.0, "a": 0.4, "b": 0.3, "c": 0.2, "pixelfly": 0.1}, acc),
                                "mlp", metric, 5, None, None)
     assert claim.held is False and "opposite sign p = 0.042" in claim.measured
-    # perfectly anti-correlated, but dense still gains 0.6 points from E to 2E epochs: undecided
-    unconverged = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, gain=0.006)
-    claim = _correlation_claim(unconverged, "mlp", metric, 5, None, None)
-    assert claim.held is None and "gain +0.6 points" in claim.measured and "2E = 10 epochs" in claim.claim
+    # perfectly anti-correlated, but dense still gains 2 x 0.3 points over the last evaluation interval
+    # (epochs 8 -> 10 of 10): undecided (not converged), with what would decide it; 0.2 x 2 passes the gate
+    unconverged = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, gain=0.003)
+    claim = _correlation_claim(unconverged, "mlp", metric, 10, None, None)
+    assert claim.held is None and "gain +0.60 points" in claim.measured and "epoch 8" in claim.measured
+    assert "undecided (not converged)" in claim.measured and "not more seeds" in claim.measured
+    assert "less than 0.5 points over the last evaluation interval" in claim.claim
+    passed = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, gain=0.002)
+    assert _correlation_claim(passed, "mlp", metric, 10, None, None).held is True
+    # one evaluation only: convergence unknown, undecided
+    single = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, epochs=1)
+    claim = _correlation_claim(single, "mlp", metric, 1, None, None)
+    assert claim.held is None and "convergence unknown" in claim.measured
     # too few sparse patterns: undecided
     two = _frame({"dense": 0.0, "a": 0.1, "pixelfly": 0.2}, acc)
     assert _correlation_claim(two, "mlp", metric, 5, None, None).held is None
@@ -131,18 +141,31 @@ def test_closest_claim_rule():
     clear = _frame({"dense": 0.1, "pixelfly": 0.20, "pixelfly-gated": 0.5, "random": 0.25, "lowrank": 0.4}, acc)
     claim = _closest_claim(clear, "mlp", "", None, None)
     assert claim.held is True and len(claim.members) == 4   # {ungated, gated} x {centred, CKA}
+    # the headline (ungated, centred) first, then the secondary readings
+    assert claim.members[0]["name"].startswith("pixelfly, relative Frobenius of centred")
     assert [m["verdict"] for m in claim.members] == ["held", "refuted", "held", "refuted"]
     assert claim.ci[0] > 0 and claim.seeds == 3 and claim.seeds_to_decide is None
-    # the gated layer is primary too: gated closest, ungated not -> the family holds by the gated member
+    assert claim.effect == pytest.approx(claim.members[0]["effect"])
+    # the headline decides alone: gated closest, ungated not -> refuted, though the gated reading holds
     gated = _frame({"dense": 0.1, "pixelfly": 0.5, "pixelfly-gated": 0.20, "random": 0.25, "lowrank": 0.4}, acc)
     verdict, critical, whole = closest_verdict(gated, "mlp", metric)
     assert (verdict, critical) == ("refuted", "random") and whole.mean == pytest.approx(-0.25)
-    assert _closest_claim(gated, "mlp", "", None, None).held is True
+    claim = _closest_claim(gated, "mlp", "", None, None)
+    assert claim.held is False and claim.members[1]["verdict"] == "held" and "(headline)" in claim.measured
+    # and the other way round: the headline holds although every secondary reading is refuted
+    ungated = _frame({"dense": 0.1, "pixelfly": 0.20, "pixelfly-gated": 0.5, "random": 0.25, "lowrank": 0.4}, acc)
+    ungated.loc[ungated.pattern == "pixelfly", "cka"] = 0.6
+    claim = _closest_claim(ungated, "mlp", "", None, None)
+    assert claim.held is True and [m["verdict"] for m in claim.members] == ["held", "refuted", "refuted", "refuted"]
     # smallest mean, but random within the noise of the paired differences: undecided, with the seeds that decide
     noisy = _frame({"dense": 0.1, "pixelfly": 0.20, "random": 0.21, "lowrank": 0.4}, acc, jitter=0.05)
     claim = _closest_claim(noisy, "mlp", "", None, None)
     assert claim.held is None and "verdict: undecided" in claim.measured and "critical: random" in claim.measured
     assert claim.seeds_to_decide and claim.seeds_to_decide > 3
+    # one seed count per comparison: the claim's is the headline member's, printed once in the text
+    assert claim.seeds_to_decide == claim.members[0]["seeds_to_decide"]
+    headline = claim.measured.split("(headline)")[1].split("; ")[0]
+    assert headline.count("seeds would decide") == 1 and f"~{claim.seeds_to_decide} seeds" in headline
     # the same when random's mean is slightly below Pixelfly's, inside the noise: undecided, not refuted
     assert closest_verdict(_frame({"pixelfly": 0.21, "random": 0.20}, acc, jitter=0.05), "mlp", metric)[0] == \
         "undecided"

@@ -80,19 +80,38 @@ def test_report_lists_paper_claims_first_with_their_count(tmp_path, fake_studies
     rp.reproduce(tmp_path, preset="tiny", device="cpu", progress=False)
     report = (tmp_path / "report.md").read_text()
     assert "Preset of this run: `tiny`" in report and "Seeds" in report and "pass rule" in report
-    assert "2 distinct paper claims (1 of them families, members listed): 1 held, 1 refuted, 0 not decided (0 of " \
+    assert "2 distinct paper claims (1 of them families, members listed): 1 held, 1 did not hold, 0 undecided (0 of " \
            "them not measured on this machine, e.g. GPU claims on a CPU); " \
            "1 of 1 checks held; 1 of 2 speed targets met" in report
     assert "failed studies: bad, absent" in report and "RuntimeError: boom" in report
     paper_section, rest = report.split("## Paper claims", 1)[1].split("## Good", 1)
     paper_section, targets = paper_section.split("## Speed targets of the toolkit", 1)
-    assert "**met** (good)" in targets and "**missed** (good)" in targets and "fast enough" not in paper_section
+    assert "**target met** (good)" in targets and "**target missed** (good)" in targets
+    assert "fast enough" not in paper_section
     assert "one is one" in paper_section and "one is two" in paper_section and "two is two" not in paper_section
-    assert "**held** (good)" in paper_section and "**did NOT hold** (good)" in paper_section
+    assert "**held** (good)" in paper_section and "**did not hold** (good)" in paper_section
     assert "preset tiny" in rest and "two is two" in rest and "Config: `size=1`" in rest
-    assert "1 held, 1 refuted" in (tmp_path / "report.html").read_text()
+    assert "1 held, 1 did not hold" in (tmp_path / "report.html").read_text()
     # a family counts once, its members and the seeds that would decide an undecided claim are printed
     assert "member pixelfly: held (effect +0.2" in report and "~9 seeds would decide it" in report
+    assert "member gated: undecided" in report
+
+
+def test_report_and_claims_table_say_the_same_words(tmp_path, fake_studies):
+    from pixelfly_lab.studies.claims import VERDICT_WORDS
+    from pixelfly_lab.studies.verdicts import VERDICTS, claims_table
+
+    rp.reproduce(tmp_path, preset="tiny", device="cpu", progress=False)
+    report = (tmp_path / "report.md").read_text()
+    table = claims_table(tmp_path)
+    assert VERDICTS == VERDICT_WORDS and set(table.verdict) <= set(VERDICT_WORDS)
+    for row in table.itertuples():  # each claim's verdict word is the one the report prints for it
+        if row.kind != "info":
+            assert f"**{row.verdict}** (good): {row.claim}" in report or f"verdict: {row.verdict}" in report, row
+    # the command's last line counts from the same tally as the report
+    count = rp.tally(rp.load_results(tmp_path))
+    assert (count["held"], count["refuted"], count["undecided"], count["met"]) == (1, 1, 0, 1)
+    assert count["families"] == 1 and count["checks_held"] == 1 and len(count["targets"]) == 2
 
 
 def test_rerun_skips_up_to_date_unless_forced(tmp_path, fake_studies):

@@ -191,3 +191,37 @@ def test_seeds_to_decide_account_for_the_tests_sharing_alpha():
 
     _, whole = every_held({"a": alone, "b": paired_decision(_data(2.0, n=3))})
     assert whole.refute_tests == 2 and whole.seeds_to_decide() == seeds_for_power(1.0, -0.5, alpha=0.025)
+
+
+def test_family_claim_headline_decides_alone_and_seeds_are_counted_once(monkeypatch):
+    from pixelfly_lab.studies.claims import Claim, family_claim
+
+    strong, noise, against = paired_decision(_data(3.0)), paired_decision(_data(0.3, n=4)), paired_decision(_data(-3.0))
+    # no headline: Holm over all members, held when one is held (as family_verdicts)
+    family = family_claim({"a": noise, "b": strong, "c": against})
+    assert (family.verdict, list(family.verdicts)) == family_verdicts([noise, strong, against])
+    assert family.names[family.lead] == "b" and family.fields()["effect"] == pytest.approx(3.0)
+    # a headline decides alone, at its own alpha: a held secondary member cannot rescue it ...
+    family = family_claim({"a": noise, "b": strong, "c": against}, headline="a")
+    assert family.verdict == "undecided" and family.verdicts == ("undecided", "held", "refuted")
+    assert family.names == ("a", "b", "c") and family.decisions[0].hold_tests == 1
+    assert family.decisions[1].hold_tests == 2   # the secondary readings share alpha among themselves
+    fields = family.fields()
+    assert fields["held"] is None and fields["seeds_to_decide"] == noise.seeds_to_decide()
+    assert [m["seeds_to_decide"] for m in fields["members"]] == [noise.seeds_to_decide(), None, None]
+    # ... and a refuted secondary member cannot sink it
+    assert family_claim({"b": strong, "c": against}, headline="b").verdict == "held"
+    # a rule beyond the statistics (controls) may override the verdict; then no seed count when seeds cannot help
+    assert family.fields("undecided", more_seeds_decide=False)["seeds_to_decide"] is None
+    Claim("c (held when x)", "m", **family.fields())
+    # the noncentral-t search runs once per undecided member, however often the fields are read
+    calls = []
+    original = Decision.seeds_to_decide
+    monkeypatch.setattr(Decision, "seeds_to_decide", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    family = family_claim({"a": noise, "b": strong, "c": against}, headline="a")
+    family.fields(), family.fields(), family.members(), family.describe()
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="headline"):
+        family_claim({"a": noise}, headline="z")
+    with pytest.raises(ValueError, match="decisions"):
+        family_claim({})

@@ -21,19 +21,47 @@ A comparison claim carries its statistics (:func:`decision_fields` of a
 confidence interval, the seeds, and for an undecided claim the seeds that would decide it. A
 *family* (one statement tried on several members: two primary layers, two metrics; Holm-corrected)
 is one Claim whose ``members`` list each member's verdict and statistics; the report counts it once.
+:func:`family_claim` does a family's bookkeeping once (Holm, the seeds that would decide each
+undecided member, the Claim's fields), with or without a headline member declared in advance.
+
+One wording of the verdicts everywhere (:func:`verdict_word`): the report, ``claims_table`` and the
+notebooks say "held", "did not hold", "undecided", "reading", "target met", "target missed",
+"target not measured".
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pixelfly_lab.studies.stats import Decision
+from pixelfly_lab.studies.stats import Decision, family_verdicts
 
-__all__ = ["CLAIM_KINDS", "HELD", "Claim", "decision_fields", "member", "save_figure", "save_table"]
+__all__ = ["CLAIM_KINDS", "HELD", "VERDICT_WORDS", "Claim", "Family", "decision_fields", "family_claim", "member",
+           "save_figure", "save_table", "verdict_word"]
 
 CLAIM_KINDS = ("paper", "check", "target", "info")
 HELD = {"held": True, "refuted": False, "undecided": None}  # a verdict of studies.stats as Claim.held
+# How a claim's verdict reads, in the report, in verdicts.claims_table and in the notebooks (one wording):
+# a paper claim or check is held / did not hold / undecided; an 'info' claim is a reading; a 'target' (the
+# toolkit's own speed targets) is met, missed or not measured.
+VERDICT_WORDS = ("held", "did not hold", "undecided", "reading", "target met", "target missed", "target not measured")
+
+
+def verdict_word(claim: dict) -> str:
+    """The verdict of a claim (a :meth:`Claim.to_dict`) in the words of :data:`VERDICT_WORDS`.
+
+    Example:
+        >>> verdict_word({"kind": "paper", "held": False}), verdict_word({"kind": "target", "held": None})
+        ('did not hold', 'target not measured')
+    """
+    held, kind = claim.get("held"), claim.get("kind", "paper")
+    if kind == "info":
+        return "reading"
+    if kind == "target":
+        return {True: "target met", False: "target missed", None: "target not measured"}[held]
+    if held is None:
+        return "undecided"
+    return "held" if held else "did not hold"
 
 
 @dataclass
@@ -91,17 +119,118 @@ def _number(value):
 def decision_fields(decision: Decision) -> dict:
     """Claim fields of a decision: held, effect, ci, seeds, seeds_to_decide (only when undecided)."""
     undecided = decision.verdict == "undecided"
-    return dict(held=HELD[decision.verdict], effect=_number(decision.mean),
-                ci=None if decision.n < 2 else (_number(decision.low), _number(decision.high)), seeds=decision.n,
+    return dict(held=HELD[decision.verdict], **_statistics(decision),
                 seeds_to_decide=decision.seeds_to_decide() if undecided else None)
 
 
 def member(name: str, decision: Decision, verdict: str | None = None) -> dict:
     """One member of a family: its name, its (Holm-corrected) verdict and its statistics."""
-    fields = decision_fields(decision)
     verdict = verdict or decision.verdict
-    return dict(name=name, verdict=verdict, effect=fields["effect"], ci=fields["ci"], seeds=fields["seeds"],
+    return dict(name=name, verdict=verdict, **_statistics(decision),
                 seeds_to_decide=decision.seeds_to_decide() if verdict == "undecided" else None)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One statement tried on several members, decided once: see :func:`family_claim`.
+
+    Attributes:
+        verdict: the family's verdict ('held', 'refuted', 'undecided').
+        names: the members' names, in order; the headline first when there is one.
+        decisions: their :class:`~pixelfly_lab.studies.stats.Decision`\\ s, each marked as sharing alpha with
+            the tests of its Holm family (:meth:`Decision.shared`).
+        verdicts: their (Holm-corrected) verdicts.
+        to_decide: for each undecided member the seeds that would decide it (computed once), else None.
+        headline: the headline member's name, or None (then every member is primary).
+        lead: index of the member whose statistics stand for the family (the headline, or the one
+            nearest to being held).
+    """
+
+    verdict: str
+    names: tuple
+    decisions: tuple
+    verdicts: tuple
+    to_decide: tuple
+    headline: str | None
+    lead: int
+
+    def members(self) -> list[dict]:
+        """The Claim's ``members``: {name, verdict, effect, ci, seeds, seeds_to_decide} each."""
+        rows = []
+        for name, decision, verdict, to_decide in zip(self.names, self.decisions, self.verdicts, self.to_decide):
+            fields = _statistics(decision)
+            rows.append(dict(name=name, verdict=verdict, **fields, seeds_to_decide=to_decide))
+        return rows
+
+    def fields(self, verdict: str | None = None, *, more_seeds_decide: bool = True) -> dict:
+        """The Claim's fields: held, effect, ci, seeds, seeds_to_decide (of the lead member) and members.
+
+        Args:
+            verdict: the claim's verdict when a rule beyond the statistics overrides the family's
+                (e.g. controls that did not behave); default the family's.
+            more_seeds_decide: False when the claim is undecided for a reason seeds cannot fix
+                (then no seed count is printed).
+        """
+        verdict = verdict or self.verdict
+        to_decide = self.to_decide[self.lead] if verdict == "undecided" and more_seeds_decide else None
+        return dict(held=HELD[verdict], **_statistics(self.decisions[self.lead]), seeds_to_decide=to_decide,
+                    members=self.members())
+
+    def describe(self, digits: int = 3) -> str:
+        """'name: verdict +0.01 [...] (90% t interval, 3 seeds), ~9 seeds would decide; ...' per member."""
+        return "; ".join(
+            f"{name}{' (headline)' if name == self.headline else ''}: {verdict} {d.describe(digits)}"
+            + (f", ~{n} seeds would decide" if n else "")
+            for name, d, verdict, n in zip(self.names, self.decisions, self.verdicts, self.to_decide))
+
+
+def _statistics(decision: Decision) -> dict:
+    return dict(effect=_number(decision.mean),
+                ci=None if decision.n < 2 else (_number(decision.low), _number(decision.high)), seeds=decision.n)
+
+
+def family_claim(decisions: dict, *, headline: str | None = None, alpha: float | None = None) -> Family:
+    """A family of comparisons decided once: Holm, the verdicts, the seeds that would decide, the Claim's fields.
+
+    Without a headline every member is primary: Holm across all of them
+    (:func:`~pixelfly_lab.studies.stats.family_verdicts`); the family is held when a member is held,
+    refuted when every member is. With a ``headline`` declared before measuring, the family's
+    verdict is the headline member's own (at level alpha, no correction: it is the one test of the
+    claim) and the other members are secondary readings, Holm-corrected among themselves.
+
+    Args:
+        decisions: {member name: :class:`~pixelfly_lab.studies.stats.Decision`} (at least one).
+        headline: the name of the headline member, or None.
+        alpha: the family-wise level (default: the members' own).
+
+    Returns:
+        :class:`Family`; ``Claim(text, measured, **family.fields(), ...)`` makes its Claim.
+
+    Example:
+        >>> from pixelfly_lab.studies.stats import paired_decision
+        >>> f = family_claim({"a": paired_decision([1.0, 1.1, 0.9]), "b": paired_decision([-1.0, 0.2, 1.0])},
+        ...                  headline="a")
+        >>> f.verdict, f.verdicts
+        ('held', ('held', 'undecided'))
+    """
+    if not isinstance(decisions, dict) or not decisions:
+        raise ValueError("decisions must be a non-empty dict {member name: Decision}")
+    if headline is not None and headline not in decisions:
+        raise ValueError(f"headline must be one of {list(decisions)}, got {headline!r}")
+    names = ([headline] if headline is not None else []) + [n for n in decisions if n != headline]
+    if headline is None:
+        verdict, verdicts = family_verdicts(list(decisions.values()), alpha)
+        shared = [decisions[n].shared(len(names)) for n in names]
+    else:
+        head = decisions[headline]
+        head = head if alpha is None else replace(head, alpha=alpha)
+        verdict = "held" if head.p_held < head.alpha else "refuted" if head.p_refuted < head.alpha else "undecided"
+        others = [decisions[n] for n in names[1:]]
+        verdicts = [verdict] + (family_verdicts(others, alpha)[1] if others else [])
+        shared = [head] + [d.shared(len(others)) for d in others]
+    to_decide = tuple(d.seeds_to_decide() if v == "undecided" else None for d, v in zip(shared, verdicts))
+    lead = 0 if headline is not None else min(range(len(names)), key=lambda i: shared[i].p_held)
+    return Family(verdict, tuple(names), tuple(shared), tuple(verdicts), to_decide, headline, lead)
 
 
 def save_figure(fig, out: Path, name: str) -> str:

@@ -7,7 +7,8 @@ it succeeds, so a crash never leaves half a result and never destroys the previo
 study is recorded in the report and the others still run; a study module that cannot be
 imported is a failure too, never a skip. A rerun skips studies whose results are up to date
 (same package source, same preset and device) unless ``--force``. ``report.md`` and
-``report.html`` list the paper's claims first ("k of n paper claims held"), then each study's
+``report.html`` list the paper's claims first ("k of n paper claims held"; the verdicts in the words of
+:func:`pixelfly_lab.studies.claims.verdict_word`, as ``verdicts.claims_table`` and the notebooks say them), then each study's
 figures beside its claims, checks and readings, with the measured numbers and the verdicts.
 The paper's claims come with their statistics (effect, confidence interval, seeds, and for an
 undecided one the seeds that would decide it); a family of claims counts once, its members listed;
@@ -32,7 +33,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["EXPERIMENTS", "PRESETS", "Experiment", "reproduce", "load_results",
+from pixelfly_lab.studies.claims import HELD, verdict_word
+
+__all__ = ["EXPERIMENTS", "PRESETS", "Experiment", "reproduce", "load_results", "tally",
            "add_arguments", "run"]
 
 PRESETS = ("tiny", "quick", "full")
@@ -200,14 +203,6 @@ def load_results(out="results") -> dict[str, dict]:
     return {e.name: rec for e in EXPERIMENTS if (rec := _load_record(out / e.name))}
 
 
-def _verdict(claim: dict) -> str:
-    if claim.get("held") is None:
-        return "informational" if claim.get("kind") == "info" else "not decided at these sizes"
-    if claim.get("kind") == "target":
-        return "met" if claim["held"] else "missed"
-    return "held" if claim["held"] else "did NOT hold"
-
-
 def _kind_label(kind: str) -> str:
     return {"paper": "Paper claim", "check": "Check", "target": "Speed target", "info": "Reading"}.get(kind, kind)
 
@@ -231,8 +226,7 @@ def _statistics(claim: dict) -> str:
 
 
 def _members(claim: dict) -> list[str]:
-    held = {"held": True, "refuted": False}
-    return [f"{m['name']}: {m['verdict']}" + (f" ({_statistics({**m, 'kind': 'paper', 'held': held.get(m['verdict'])})})"
+    return [f"{m['name']}: {verdict_word({'kind': 'paper', 'held': HELD.get(m['verdict'])})}" + (f" ({_statistics({**m, 'kind': 'paper', 'held': HELD.get(m['verdict'])})})"
                                              if m.get("effect") is not None else "")
             for m in claim.get("members") or []]
 
@@ -250,22 +244,42 @@ def full_minutes() -> dict[str, float]:
     return minutes
 
 
+def tally(records: dict[str, dict]) -> dict:
+    """The report's counts, written once (the report's summary and the command's last line read them).
+
+    Args:
+        records: {study name: record} as :func:`reproduce` returns them.
+
+    Returns:
+        dict: paper ([(study, claim)] of kind 'paper': a family is one claim), held, refuted, undecided,
+        families, unmeasured (undecided because not measured here, e.g. GPU claims), checks, checks_held,
+        targets ([(study, claim)]), met, failed (study names).
+    """
+    def of(kind):
+        return [(name, c) for name, rec in records.items() for c in rec.get("claims", [])
+                if c.get("kind", "paper") == kind]
+
+    paper, checks, targets = of("paper"), of("check"), of("target")
+    held = sum(1 for _, c in paper if c.get("held") is True)
+    refuted = sum(1 for _, c in paper if c.get("held") is False)
+    return dict(paper=paper, held=held, refuted=refuted, undecided=len(paper) - held - refuted,
+                families=sum(1 for _, c in paper if c.get("members")),
+                unmeasured=sum(1 for _, c in paper if c.get("held") is None
+                               and c["measured"].startswith("not measured")),
+                checks=checks, checks_held=sum(1 for _, c in checks if c.get("held") is True), targets=targets,
+                met=sum(1 for _, c in targets if c.get("held") is True),
+                failed=[name for name, rec in records.items() if rec["status"] == "failed"])
+
+
 def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) -> None:
     """Write report.md and report.html (atomically) from the studies' records."""
     titles = {e.name: e.title for e in EXPERIMENTS}
     env_text = ", ".join(f"{k} {v}" for k, v in env.items())
     presets = sorted({rec.get("preset", "?") for rec in records.values()})
-    paper = [(name, c) for name, rec in records.items() for c in rec.get("claims", [])
-             if c.get("kind", "paper") == "paper"]
-    held = sum(1 for _, c in paper if c.get("held") is True)
-    refuted = sum(1 for _, c in paper if c.get("held") is False)
-    families = sum(1 for _, c in paper if c.get("members"))
-    unmeasured = sum(1 for _, c in paper if c.get("held") is None and c["measured"].startswith("not measured"))
-    checks = [c for rec in records.values() for c in rec.get("claims", []) if c.get("kind") == "check"]
-    checks_held = sum(1 for c in checks if c.get("held") is True)
-    targets = [(name, c) for name, rec in records.items() for c in rec.get("claims", []) if c.get("kind") == "target"]
-    met = sum(1 for _, c in targets if c.get("held") is True)
-    failed = [name for name, rec in records.items() if rec["status"] == "failed"]
+    count = tally(records)
+    paper, targets, failed = count["paper"], count["targets"], count["failed"]
+    held, refuted, families, unmeasured = count["held"], count["refuted"], count["families"], count["unmeasured"]
+    checks, checks_held, met = count["checks"], count["checks_held"], count["met"]
     minutes = full_minutes()
     intro = [f"Preset of this run: `{preset}`" + (f" (results on this page come from presets {', '.join(presets)})"
                                                   if presets != [preset] else "") + ".",
@@ -276,7 +290,7 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
              "difference (pixelfly_lab.studies.stats): held or refuted when it lies beyond the margin, otherwise "
              "undecided, with the seeds that would decide it; families are Holm-corrected and counted once.",
              f"**Summary: {len(paper)} distinct paper claims ({families} of them families, members listed): {held} "
-             f"held, {refuted} refuted, {len(paper) - held - refuted} not decided ({unmeasured} of them not measured "
+             f"held, {refuted} did not hold, {count['undecided']} undecided ({unmeasured} of them not measured "
              f"on this machine, e.g. GPU claims on a CPU); {checks_held} of {len(checks)} "
              f"checks held; {met} of {len(targets)} speed targets met (not paper claims: see their section)"
              + (f"; failed studies: {', '.join(failed)}" if failed else "") + ".**",
@@ -293,10 +307,10 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
     body.append("<h2>Paper claims</h2><ul>")
     for name, claim in paper:
         stats = _statistics(claim)
-        md += [f"- **{_verdict(claim)}** ({name}): {claim['claim']}", f"  - measured: {claim['measured']}"]
+        md += [f"- **{verdict_word(claim)}** ({name}): {claim['claim']}", f"  - measured: {claim['measured']}"]
         md += [f"  - statistics: {stats}"] if stats else []
         md += [f"  - member {m}" for m in _members(claim)]
-        body.append(f"<li><b>{_verdict(claim)}</b> ({html.escape(name)}): {html.escape(claim['claim'])}<br>"
+        body.append(f"<li><b>{verdict_word(claim)}</b> ({html.escape(name)}): {html.escape(claim['claim'])}<br>"
                     f"measured: {html.escape(claim['measured'])}"
                     + (f"<br>statistics: {html.escape(stats)}" if stats else "")
                     + "".join(f"<br>member {html.escape(m)}" for m in _members(claim)) + "</li>")
@@ -310,8 +324,8 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
                "dense GEMM rate (in each measurement); a loaded machine misses them.", ""]
         body.append("<h2>Speed targets of the toolkit</h2><ul>")
         for name, claim in targets:
-            md += [f"- **{_verdict(claim)}** ({name}): {claim['claim']}", f"  - measured: {claim['measured']}"]
-            body.append(f"<li><b>{_verdict(claim)}</b> ({html.escape(name)}): {html.escape(claim['claim'])}<br>"
+            md += [f"- **{verdict_word(claim)}** ({name}): {claim['claim']}", f"  - measured: {claim['measured']}"]
+            body.append(f"<li><b>{verdict_word(claim)}</b> ({html.escape(name)}): {html.escape(claim['claim'])}<br>"
                         f"measured: {html.escape(claim['measured'])}</li>")
         md.append("")
         body.append("</ul>")
@@ -328,7 +342,7 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
             md += [f"**Failed:** `{rec['error']}`", ""]
             body.append(f"<p><b>Failed:</b> <code>{html.escape(rec['error'])}</code></p>")
         for claim in rec.get("claims", []):
-            label, verdict = _kind_label(claim.get("kind", "paper")), _verdict(claim)
+            label, verdict = _kind_label(claim.get("kind", "paper")), verdict_word(claim)
             stats = _statistics(claim)
             md += [f"- **{label}:** {claim['claim']}", f"  - measured: {claim['measured']}",
                    f"  - verdict: {verdict}" + (f" ({stats})" if stats else "")]
@@ -369,11 +383,9 @@ def run(args) -> int:
         raise SystemExit(f"--quick is an alias of --preset quick; it contradicts --preset {args.preset}")
     preset = "quick" if args.quick else (args.preset or "full")
     records = reproduce(args.out, preset=preset, device=args.device, force=args.force, only=args.only)
-    failed = [name for name, rec in records.items() if rec["status"] == "failed"]
-    paper = [c for rec in records.values() for c in rec.get("claims", []) if c.get("kind") == "paper"]
-    held = sum(1 for c in paper if c.get("held") is True)
-    refuted = sum(1 for c in paper if c.get("held") is False)
+    count = tally(records)
+    failed = count["failed"]
     print(f"report: {Path(args.out) / 'report.md'} (preset {preset}; {len(records) - len(failed)} ok or up to date, "
-          f"{len(failed)} failed; {len(paper)} distinct paper claims: {held} held, {refuted} refuted, "
-          f"{len(paper) - held - refuted} not decided)")
+          f"{len(failed)} failed; {len(count['paper'])} distinct paper claims: {count['held']} held, "
+          f"{count['refuted']} did not hold, {count['undecided']} undecided)")
     return 1 if failed else 0

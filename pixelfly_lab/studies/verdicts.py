@@ -19,25 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pixelfly_lab.studies.claims import VERDICT_WORDS, verdict_word
 from pixelfly_lab.studies.reproduce import EXPERIMENTS, load_results
 
 __all__ = ["VERDICTS", "claims_table", "study_figures", "show_study"]
 
-# How a claim's ``held`` reads: True, False, None. An 'info' claim is a reading; a 'target' (the toolkit's own speed
-# targets, reported with the machine's load, never a failed check) is met, missed or not measured.
-VERDICTS = ("held", "did not hold", "undecided", "reading", "target met", "target missed", "target not measured")
+# How a claim's ``held`` reads: one wording, shared with the report (claims.verdict_word).
+VERDICTS = VERDICT_WORDS
 _KIND_WORDS = {"check": "checks", "info": "readings", "target": "speed targets", "paper": "paper claims"}
-
-
-def _verdict(claim: dict) -> str:
-    held, kind = claim.get("held"), claim.get("kind", "paper")
-    if kind == "info":
-        return "reading"
-    if kind == "target":
-        return {True: "target met", False: "target missed", None: "target not measured"}[held]
-    if held is None:
-        return "undecided"
-    return "held" if held else "did not hold"
 
 
 def claims_table(out="results") -> pd.DataFrame:
@@ -57,7 +46,7 @@ def claims_table(out="results") -> pd.DataFrame:
     for name, record in load_results(out).items():
         for claim in record.get("claims", []):
             rows.append({"study": name, "preset": record.get("preset"), "kind": claim.get("kind", "paper"),
-                         "verdict": _verdict(claim), "claim": claim["claim"], "measured": claim["measured"],
+                         "verdict": verdict_word(claim), "claim": claim["claim"], "measured": claim["measured"],
                          "figure": claim.get("figure")})
     columns = ["study", "preset", "kind", "verdict", "claim", "measured", "figure"]
     return pd.DataFrame(rows, columns=columns)
