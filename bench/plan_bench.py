@@ -14,23 +14,20 @@ plan_<model>.csv. The machine's load moves both numbers; rerun to see the spread
 from __future__ import annotations
 
 import argparse
-import os
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 import pixelfly_lab as pl
-from pixelfly_lab.training.models import Mixer, Transformer
+from pixelfly_lab.speed.machine import load_average
+from pixelfly_lab.speed.model_speed import MODEL_CASES, dense_model
 
 
 def models(depth: int):
-    """(name, model, batch, target) at Mixer-B/16 (batch 8 images) and GPT-2 small (batch 4 x 256 tokens) shapes."""
-    torch.manual_seed(0)
-    mixer = Mixer((3, 224, 224), 16, 768, depth, 1000, token_hidden=384)
-    yield "mixer-b16", mixer, torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-    gpt = Transformer(256, 768, depth, 12, 50257, causal=True, vocab_size=50257, per_token=True)
-    tokens = torch.randint(0, 50257, (4, 256))
-    yield "gpt2-small", gpt, tokens, torch.randint(0, 50257, (4, 256))
+    """(name, model, batch, target): :data:`MODEL_CASES`' Mixer-B/16 (batch 8 images) and GPT-2 small
+    (batch 4 x 256 tokens) shapes, ``depth`` blocks, dense (the planner sparsifies them)."""
+    for case in MODEL_CASES:
+        name = case.name.lower().replace("gpt-2", "gpt2").replace("/", "").replace(" ", "-")   # mixer-b16, gpt2-small
+        yield (name, *dense_model(replace(case, depth=depth)))
 
 
 def main(argv=None) -> int:
@@ -51,7 +48,7 @@ def main(argv=None) -> int:
         print(f"{name} depth {args.depth}: target x{args.speedup}, predicted x{a['predicted_speedup']:.2f}, "
               f"measured x{a['measured_speedup']:.2f} (measured/predicted {a['measured_ratio_of_predicted']:.2f}); "
               f"{len(sparse)}/{len(plan)} layers sparse, budget {a['budget']:.3f}; dense step {a['dense_step_ms']:.0f} ms; "
-              f"load {os.getloadavg()[0]:.1f}; threads {a['threads']}", flush=True)
+              f"load {load_average()[0]:.1f}; threads {a['threads']}", flush=True)
     return 0
 
 

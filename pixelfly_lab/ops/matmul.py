@@ -78,8 +78,9 @@ BACKENDS = ("auto", "torch", "reference", "triton")
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_operands(x, values, layout, bias, u, v, layout_key) -> RegisteredLayout:
-    """Validate shapes, devices and dtypes (no tensor is read); return the layout's registry entry."""
+def _check_operands(x, values, layout, bias, u, v, layout_key, autocast: bool) -> RegisteredLayout:
+    """Validate shapes, devices and dtypes (no tensor is read; dtypes may differ under
+    ``autocast``); return the layout's registry entry."""
     if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"values must have shape (nnz_blocks, b, b), got "
                          f"{tuple(getattr(values, 'shape', ()))}")
@@ -106,7 +107,6 @@ def _check_operands(x, values, layout, bias, u, v, layout_key) -> RegisteredLayo
     if u is not None:
         if u.dim() != 2 or v.dim() != 2 or u.shape[0] != rows or v.shape[0] != cols or u.shape[1] != v.shape[1]:
             raise ValueError(f"u must be ({rows}, r) and v ({cols}, r), got {tuple(u.shape)} and {tuple(v.shape)}")
-    autocast = _autocast_enabled(x.device.type)
     for name, t in (("values", values), ("bias", bias), ("u", u), ("v", v)):
         if t is None:
             continue
@@ -272,9 +272,10 @@ def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.T
         >>> y.shape
         torch.Size([3, 8])
     """
-    entry = _check_operands(x, values, layout, bias, u, v, layout_key)
+    autocast = _autocast_enabled(x.device.type)   # queried once per call
+    entry = _check_operands(x, values, layout, bias, u, v, layout_key, autocast)
     chosen = resolve_backend(x, backend, entry.block_size, entry.out_features)
-    if not _autocast_enabled(x.device.type):
+    if not autocast:
         return _dispatch(chosen, backend, entry, x, values, layout, bias, u, v)
     # compute in the autocast dtype, as F.linear would: cast once, dispatch once (the casts are
     # differentiable, so gradients come back in the parameters' dtypes); the kernels then see one

@@ -18,7 +18,7 @@ import torch
 from pixelfly_lab.ops import torch_kernels
 from pixelfly_lab.ops.registry import RegisteredLayout, derived, registered_layout
 from pixelfly_lab.ops.torch_kernels import plan_for
-from pixelfly_lab.ops.triton_tables import tables_for
+from pixelfly_lab.ops.triton_tables import tables_for   # cached by the registry per key and device
 
 __all__ = ["torch_forward_op", "triton_forward_op"]
 
@@ -114,10 +114,6 @@ torch.library.register_autograd("pixelfly_lab::sparse_lowrank_torch", _backward_
                                 setup_context=_setup_context)
 
 
-def _triton_tables(layout_key: int, device: torch.device):
-    return tables_for(layout_key, device)  # cached by the registry per key and device
-
-
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton", mutates_args=())
 def triton_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
                        u: Optional[torch.Tensor], v: Optional[torch.Tensor],
@@ -125,7 +121,7 @@ def triton_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[tor
     """(y, t = x2 V or (N, 0)) of the 'triton' path (:func:`triton_kernels.sparse_lowrank_forward`)."""
     from pixelfly_lab.ops import triton_kernels
     y, t = triton_kernels.sparse_lowrank_forward(x2, values.contiguous(), bias, u, v,
-                                                 _triton_tables(layout_key, x2.device))
+                                                 tables_for(layout_key, x2.device))
     return y, x2.new_empty(x2.shape[0], 0) if t is None else t
 
 
@@ -139,7 +135,7 @@ def _triton_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor
     """(dx2, dvalues, dbias, du, dv) of the 'triton' path; an empty tensor where not ``needed``."""
     from pixelfly_lab.ops import triton_kernels
     grads = triton_kernels.sparse_lowrank_backward(gy, x2, values.contiguous(), u, v, t,
-                                                   _triton_tables(layout_key, x2.device), tuple(needed))
+                                                   tables_for(layout_key, x2.device), tuple(needed))
     return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
 
 

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 
+from pixelfly_lab.threads import num_threads
+
 __all__ = ["CHUNK_ROWS", "CHUNK_ROWS_16BIT", "MIN_ROWS_PER_WORKER", "row_chunks", "torch_serial", "sweep_workers",
            "sweep"]
 
@@ -112,11 +114,7 @@ def sweep(n_rows: int, body, workers: int, like: torch.Tensor | None = None) -> 
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             for i, rows in enumerate(chunks[k::workers]):
                 body(rows, k, i == 0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         for future in [pool.submit(work, k) for k in range(workers)]:
             future.result()
-    finally:
-        torch.set_num_threads(previous)
 

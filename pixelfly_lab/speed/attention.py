@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from pixelfly_lab.nn.attention import PixelflyAttention
 from pixelfly_lab.ops.attention import block_sparse_attention
 from pixelfly_lab.threads import num_threads
+from pixelfly_lab.speed.machine import load_average
 
 __all__ = ["SDPAAttention", "attention_flops", "attention_speed_table", "peak_memory_mb"]
 
@@ -234,7 +235,7 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
                          "dense_ms": 1e3 * statistics.median(times[(row, "dense")]),
                          "sparse_ms": 1e3 * statistics.median(times[(row, "sparse")])}
                 entry["speedup"] = entry["dense_ms"] / entry["sparse_ms"]
-                entry["load_avg"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+                entry["load_avg"] = load_average()[0]
                 entry["fraction_of_limit"] = entry["speedup"] / limit
                 if memory:
                     for method in ("dense", "sparse"):

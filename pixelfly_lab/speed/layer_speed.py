@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import os
 import pickle
 import statistics
 import subprocess
@@ -35,9 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pixelfly_lab.nn.layers import MaskedLinear, MonarchLinear, PixelflyLinear
+from pixelfly_lab.speed.machine import load_average
 from pixelfly_lab.structure.patterns import make_pattern
+from pixelfly_lab.threads import num_threads
 
-__all__ = ["BenchConfig", "RELEASED", "MODES", "speed_table", "add_rate_columns"]
+__all__ = ["BenchConfig", "RELEASED", "MODES", "speed_table", "add_rate_columns", "time_layer_call"]
 
 # The released Pixelfly configuration (the paper's code for GPT-2 / Mixer MLPs).
 RELEASED = {"butterfly_size": 16, "n_factors": 2, "rank": 32, "block_size": 32}
@@ -160,9 +161,24 @@ def _clocks(device: str):
     return lambda: (time.perf_counter(), time.process_time())
 
 
-def _time_case(layer, x, grad, now, backward: bool, autocast: torch.dtype | None = None) -> tuple[float, float]:
-    """(wall, CPU) seconds of one forward (no grad) or forward+backward (dx and parameter grads),
-    under ``torch.autocast(x.device.type, autocast)`` when given."""
+def time_layer_call(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, backward: bool = True,
+                    autocast: torch.dtype | None = None, now=None) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward (no grad) or forward+backward (dx and parameter grads).
+
+    The one timing of a layer call: :func:`speed_table` and the model planner
+    (:mod:`pixelfly_lab.speed.planner`) both take it.
+
+    Args:
+        layer: the module; its and x's gradients are cleared first.
+        x: (rows, in_features), requires_grad for dx; grad: (rows, out_features), the output gradient.
+        backward: forward+backward (True) or forward only, without grad.
+        autocast: run under ``torch.autocast(x.device.type, autocast)`` (None: off).
+        now: the clock (default: wall, synchronised on CUDA, and this process's CPU time).
+
+    Returns:
+        (wall seconds, CPU seconds; NaN on CUDA).
+    """
+    now = now or _clocks(x.device.type)
     for p in layer.parameters():
         p.grad = None
     x.grad = None
@@ -213,14 +229,12 @@ def add_rate_columns(table: pd.DataFrame) -> pd.DataFrame:
 def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
     """The timing loop of :func:`speed_table`, in this process."""
     allocator = "retain" if config.allocator == "retain" and _use_retaining_allocator() else "default"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     now = _clocks(config.device)
     compute = str(config.autocast or config.dtype).replace("torch.", "") + (" (autocast)" if config.autocast else "")
     common = {"rows": config.rows, "threads": config.threads, "device": config.device, "dtype": compute,
               "allocator": allocator}
     rows = []
-    try:
+    with num_threads(config.threads):
         for in_f, out_f in tqdm(config.shapes, desc="bench shapes", disable=not progress):
             torch.manual_seed(config.seed)
             cases, skipped = [], []
@@ -240,15 +254,15 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
                     layer, record = cases[i][1], times[i]
                     for mode in MODES:
                         try:
-                            wall, cpu = _time_case(layer, x, grad, now, mode == "forward_backward",
-                                                   config.autocast)
+                            wall, cpu = time_layer_call(layer, x, grad, mode == "forward_backward",
+                                                        config.autocast, now)
                         except RuntimeError as err:   # e.g. no autograd for BSR tensors on the CPU
                             record["note"] = f"{mode}: {str(err).splitlines()[0][:80]}"
                             continue
                         if run_index >= config.warmup:
                             record[mode].append(wall)
                             record[f"{mode}_cpu"].append(cpu)
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            load = load_average()[0]
             for (label, layer), record in zip(cases, times):
                 budget = _weight_budget(layer, in_f, out_f)
                 medians = {f"{key}_ms": 1e3 * statistics.median(record[key]) if record[key] else float("nan")
@@ -256,8 +270,6 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
                 rows.append({"in_features": in_f, "out_features": out_f, **common, **label, "budget": budget,
                              **medians, "flop_limit": 1.0 / budget, "note": record["note"], "load_avg": load})
             rows.extend(skipped)
-    finally:
-        torch.set_num_threads(threads)
     table = pd.DataFrame(rows)
     dense = table[table["layer"] == "nn.Linear"].set_index(["in_features", "out_features"])
     index = pd.MultiIndex.from_frame(table[["in_features", "out_features"]])

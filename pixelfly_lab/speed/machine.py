@@ -11,9 +11,19 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["machine", "machine_header"]
+__all__ = ["machine", "machine_header", "load_average"]
 
 _FLAGS = ("avx2", "avx512", "amx", "fma")   # flag prefixes that decide a CPU's GEMM rate
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1-, 5- and 15-minute load averages (NaN where the platform has none, e.g. Windows).
+
+    Example:
+        >>> len(load_average())
+        3
+    """
+    return os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
 
 
 def machine() -> dict:
@@ -37,8 +47,7 @@ def machine() -> dict:
             model = value.strip()
         elif name == "flags" and not flags:
             flags = [f for f in value.split() if f.startswith(_FLAGS)]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"model": model, "flags": " ".join(flags), "load_avg": tuple(round(v, 2) for v in load),
+    return {"model": model, "flags": " ".join(flags), "load_avg": tuple(round(v, 2) for v in load_average()),
             "cores": os.cpu_count()}
 
 

@@ -21,7 +21,7 @@ from pixelfly_lab.nn.layers import PixelflyLinear
 from pixelfly_lab.speed.timer import time_training_steps
 from pixelfly_lab.training.models import Mixer, Transformer
 
-__all__ = ["ModelCase", "MODEL_CASES", "model_speed_table"]
+__all__ = ["ModelCase", "MODEL_CASES", "dense_model", "model_speed_table"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,14 @@ MODEL_CASES = (ModelCase("Mixer-B/16", "mixer", batch=8),
                ModelCase("GPT-2 small", "gpt", batch=4, attention="pixelfly"))
 
 
-def _model_pair(case: ModelCase, seed: int):
-    """(dense model, sparsified copy, batch, target): the copy's MLP layers are PixelflyLinear."""
+def dense_model(case: ModelCase, seed: int = 0):
+    """(dense model, batch, target) at ``case``'s shape, weights and batch seeded by ``seed``.
+
+    Example:
+        >>> model, batch, target = dense_model(ModelCase("Mixer-B/16, 1 block", "mixer", batch=1, depth=1))
+        >>> tuple(batch.shape)
+        (1, 3, 224, 224)
+    """
     torch.manual_seed(seed)
     if case.family == "mixer":
         dense = Mixer((3, 224, 224), 16, case.dim, case.depth, 1000, token_hidden=case.dim // 2)
@@ -67,6 +73,12 @@ def _model_pair(case: ModelCase, seed: int):
         batch, target = (torch.randint(0, 50257, (case.batch, case.context)) for _ in range(2))
     else:
         raise ValueError(f"ModelCase.family must be 'mixer' or 'gpt', got {case.family!r}")
+    return dense, batch, target
+
+
+def _model_pair(case: ModelCase, seed: int):
+    """(dense model, sparsified copy, batch, target): the copy's MLP layers are PixelflyLinear."""
+    dense, batch, target = dense_model(case, seed)
     sparse = copy.deepcopy(dense)
     if case.family == "gpt" and case.attention != "dense":
         for block in sparse.blocks:

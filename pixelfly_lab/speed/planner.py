@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import statistics
-import time
 import warnings
 from fnmatch import fnmatchcase
 
@@ -50,6 +48,8 @@ from pixelfly_lab.outputs import check_output_fn
 from pixelfly_lab.speed.timer import time_training_steps
 from pixelfly_lab.structure.patterns import make_pattern
 from pixelfly_lab.threads import num_threads
+from pixelfly_lab.speed.layer_speed import time_layer_call
+from pixelfly_lab.speed.machine import load_average
 
 __all__ = ["PLAN_BUDGETS", "plan_model", "apply_plan"]
 
@@ -102,17 +102,7 @@ def _time_layers(cases: list, rounds: int, device, progress: bool) -> list:
             inputs[rows, in_f, out_f] = x, torch.randn(rows, out_f, device=device)
 
     def once(layer, key):
-        x, grad = inputs[key]
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tick = time.perf_counter()
-        layer(x).backward(grad)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return 1e3 * (time.perf_counter() - tick)
+        return 1e3 * time_layer_call(layer, *inputs[key])[0]   # wall seconds of forward+backward
 
     times = [[] for _ in cases]
     for layer, rows, in_f, out_f in cases:   # warm-up: first calls allocate and plan
@@ -273,7 +263,7 @@ def plan_model(model: nn.Module, example_batch: torch.Tensor, *, speedup: float 
                        budget=float(table["params_after"].sum() / table["params_before"].sum()), reached=reached,
                        target={"speedup": speedup, "budget": budget},
                        threads=threads if threads is not None else torch.get_num_threads(),
-                       load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+                       load_avg=load_average()[0])
     if measure:
         planned = copy.deepcopy(model)
         apply_plan(planned, table)

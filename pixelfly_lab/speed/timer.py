@@ -11,7 +11,6 @@ FLOP limit of a sparse model is measured, not assumed.
 from __future__ import annotations
 
 import copy  # noqa: F401  (used by the docstring example)
-import os
 import statistics
 import time
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pixelfly_lab.threads import num_threads
 from pixelfly_lab.outputs import check_output_fn, model_output
+from pixelfly_lab.speed.machine import load_average
 
 __all__ = ["time_training_steps"]
 
@@ -183,7 +183,7 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                     times[name].append(time.perf_counter() - tick)
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()[0]
     rows = []
     for name, model in models.items():
         ratio, limit = medians[base] / medians[name], macs[base] / max(macs[name], 1)
