@@ -94,3 +94,24 @@ def test_build_model_passes_gating_and_lowrank_init_to_every_pixelfly_layer():
     assert all(m.gate is None for m in plain.modules() if isinstance(m, PixelflyLinear))
     with pytest.raises(ValueError, match="lowrank_init"):
         build_model("mlp", data, pattern="pixelfly", budget=0.4, block_size=4, lowrank_init="zeros")
+
+
+def test_sparse_lowrank_projection_fits_its_parts_through_their_fit():
+    """project_ of S + U V^T: U V^T = the low-rank part's own fit of W0 off the support, S = the sparse
+    part's own fit of W0 - U V^T; each part's fit_ returns work - W; every part's init_scale is reset."""
+    torch.manual_seed(0)
+    layer = PixelflyLinear(32, 64, butterfly_size=4, n_factors=1, rank=3, block_size=8, dtype=F64)
+    layer.match_(0.5)
+    w0 = torch.randn(64, 32, dtype=F64)
+    torch.manual_seed(1)
+    error = layer.project_(w0)
+    assert layer.sparse.init_scale == layer.lowrank.init_scale == layer.init_scale == 1.0
+    on = layer.sparse.mask()
+    low = LowRankLinear(32, 64, 3, dtype=F64)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        residual = low.fit_(w0 * ~on)                                # the same randomised SVD draws
+    torch.testing.assert_close(residual, w0 * ~on - low.dense_weight(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(layer.lowrank.dense_weight(), low.dense_weight(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.sparse.dense_weight(), (w0 - low.dense_weight()) * on, rtol=0, atol=1e-14)
+    assert error == pytest.approx(float(torch.linalg.norm((w0 - layer.dense_weight()) * ~on) / torch.linalg.norm(w0)))

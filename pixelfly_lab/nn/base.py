@@ -251,10 +251,24 @@ class StructuredLinear(nn.Module):
         work = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
         self.restore_structure_()                  # a layer fresh from to_empty has no structure yet
         with torch.no_grad():
-            residual = self._project(work)
+            residual = self.fit_(work)
             norm, error = torch.linalg.norm(work), torch.linalg.norm(residual)
-        self.init_scale = 1.0
+        for module in self.modules():              # its parts' too: each draws its own init again
+            if isinstance(module, StructuredLinear):
+                module.init_scale = 1.0
         return float(error / norm) if norm > 0 else float(error)
+
+    def fit_(self, work: torch.Tensor) -> torch.Tensor:
+        """The fit inside :meth:`project_`, without its checks, for a layer that fits its parts.
+
+        Args:
+            work: float32/64 (out_features, in_features) on the layer's device (not changed).
+
+        Returns:
+            work - W, (out_features, in_features), after writing the layer's best fit W of ``work``
+            into its parameters (under no_grad, structure in place: :meth:`project_` sees to both).
+        """
+        return self._project(work)
 
     def _project(self, work: torch.Tensor) -> torch.Tensor:
         """Write the fit of ``work`` (float32/64, (out, in)) into the parameters; return work - W."""

@@ -32,10 +32,9 @@ from pixelfly_lab.nn.base import LinearPart, StructuredLinear
 from pixelfly_lab.nn.lowrank import LowRankLinear
 from pixelfly_lab.nn.monarch import MonarchLinear
 from pixelfly_lab.nn.sparse import BlockSparseLinear, MaskedLinear
-from pixelfly_lab.ops.matmul import dense_to_blocks, registered_layout, sparse_lowrank_matmul
-from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
+from pixelfly_lab.ops.matmul import registered_layout, sparse_lowrank_matmul
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout
 from pixelfly_lab.structure.patterns import Pattern, PixelflyPlan, plan_pixelfly
-from pixelfly_lab.structure.projections import lowrank_factors
 
 # Every structured layer is found here (``from pixelfly_lab.nn.layers import ...``); the base class
 # and the single-structure layers are defined in pixelfly_lab.nn.base, .sparse, .lowrank, .monarch.
@@ -134,17 +133,12 @@ class SparseLowRankLinear(StructuredLinear):
         if self.gate is not None:
             raise ValueError("project_ needs an ungated layer (a gated layer has no dense weight to fit); "
                              "use gating=False")
-        sparse, remainder = self.sparse, work
-        off_support = ~layout_to_mask(registered_layout(sparse.layout_key).layout, sparse.block_size).to(work.device)
+        remainder = work
         if self.lowrank is not None:
-            u, v = lowrank_factors(work * off_support, self.rank)
-            self.lowrank.u.copy_(u)
-            self.lowrank.v.copy_(v)
-            self.lowrank.init_scale = 1.0
-            remainder = work - u @ v.T
-        sparse.values.copy_(dense_to_blocks(remainder, sparse.layout.to(work.device), sparse.block_size))
-        sparse.init_scale = 1.0
-        return remainder * off_support
+            # U V^T fits W0 off the support; its residual is W0 - U V^T there and -U V^T on it
+            on_support = self.sparse.mask().to(work.device)
+            remainder = self.lowrank.fit_(work * ~on_support) + work * on_support      # W0 - U V^T
+        return self.sparse.fit_(remainder)       # S = the remainder on the support; residual off it
 
     @property
     def rank(self) -> int:
