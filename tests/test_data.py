@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
 from pixelfly_lab.training.data import (CHARS_PATH, DATASETS, LISTOPS_VOCAB, load_chars, load_cifar10, load_data,
-                               make_listops, make_mnist1d, make_teacher)
+                               make_listops, make_mnist1d, make_teacher, make_teacher_student)
 
 
 def _evaluate_listops(tokens):
@@ -117,6 +117,121 @@ def test_teacher_labels_are_teacher_plus_noise():
     assert data.task == "regression" and data.y_train.shape == (4000, 4)
 
 
+def _flat_butterfly_block_mask(width, butterfly_size, n_factors, block_size):
+    """Oracle of the structured teacher's support, from the definition (DESIGN: flat block butterfly, no shuffle).
+
+    Cell (i, j) of the butterfly_size grid is kept when i XOR j is 0 or 2^k (k < n_factors); each
+    cell covers a (width / butterfly_size) square; a block_size block is kept when it touches a kept cell.
+    """
+    cell = torch.arange(width) * butterfly_size // width
+    xor = cell[:, None] ^ cell[None, :]
+    element = (xor == 0) | torch.stack([xor == 2 ** k for k in range(n_factors)]).any(0)
+    blocks = element.reshape(width // block_size, block_size, width // block_size, block_size).any(3).any(1)
+    return blocks.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+
+
+@pytest.mark.parametrize("width, budget, block_size", [(128, 0.25, 8), (64, 0.5, 4), (256, 0.1, 16)])
+def test_pixelfly_teacher_has_the_stated_support_and_rank(width, budget, block_size):
+    data = make_teacher_student("pixelfly", n_train=16, n_test=8, width=width, n_hidden=2, budget=budget,
+                                block_size=block_size, seed=1)
+    for layer in data.info["hidden"]:
+        plan_mask = _flat_butterfly_block_mask(width, *_plan(width, budget, block_size)[:2], block_size)
+        sparse, u, v = layer["sparse"], layer["u"], layer["v"]
+        assert torch.equal(sparse != 0, plan_mask)                      # Gaussian entries: nonzero a.s.
+        assert torch.equal(layer["layout"].repeat_interleave(block_size, 0).repeat_interleave(block_size, 1),
+                           plan_mask)
+        assert u.shape == v.shape == (width, layer["rank"]) and layer["rank"] == _plan(width, budget, block_size)[2]
+        assert int(torch.linalg.matrix_rank(layer["weight"] - sparse)) == layer["rank"]
+        torch.testing.assert_close(layer["weight"], sparse + u @ v.T, rtol=0, atol=0)
+        # the parameters the structure uses fit the budget it was planned for
+        assert int(plan_mask.sum()) + layer["rank"] * 2 * width <= budget * width * width
+        assert layer["budget"] <= budget
+
+
+def _plan(width, budget, block_size):
+    from pixelfly_lab.structure.patterns import plan_pixelfly
+
+    plan = plan_pixelfly(width, width, budget, block_size)
+    return plan.butterfly_size, plan.n_factors, plan.rank
+
+
+def test_dense_teacher_has_no_structure():
+    data = make_teacher_student("dense", n_train=16, n_test=8, width=64, seed=0)
+    weight = data.info["hidden"][0]["weight"]
+    assert set(data.info["hidden"][0]) == {"weight"} and bool((weight != 0).all())
+    assert int(torch.linalg.matrix_rank(weight)) == 64
+    assert abs(float(weight.std()) * 8 - 1) < 0.1                      # N(0, 1/width)
+
+
+@pytest.mark.parametrize("structure", ["pixelfly", "dense"])
+def test_teacher_student_labels_shapes_and_determinism(structure):
+    data = make_teacher_student(structure, n_train=400, n_test=100, width=64, n_hidden=2, n_outputs=5, seed=3)
+    assert data.name == f"teacher-{structure}" and data.task == "regression" and data.kind == "features"
+    assert data.x_train.shape == (400, 64) and data.y_train.shape == (400, 5) and data.y_test.shape == (100, 5)
+    assert data.x_train.dtype == data.y_train.dtype == torch.float32
+    # the labels are the teacher's function of the inputs (recomputed here from its stored weights)
+    h = torch.cat([data.x_train, data.x_test]).double()
+    for layer in data.info["hidden"]:
+        h = torch.nn.functional.gelu(h @ layer["weight"].T)
+    y = (h @ data.info["head"].T + data.info["bias"]) / data.info["scale"]
+    torch.testing.assert_close(y.float(), torch.cat([data.y_train, data.y_test]), rtol=1e-4, atol=1e-4)
+    assert abs(float(data.y_train.std()) - 1) < 1e-3 and float(data.y_train.mean(0).abs().max()) < 1e-5
+    again = make_teacher_student(structure, n_train=400, n_test=100, width=64, n_hidden=2, n_outputs=5, seed=3)
+    assert torch.equal(again.x_train, data.x_train) and torch.equal(again.y_test, data.y_test)
+    other = make_teacher_student(structure, n_train=400, n_test=100, width=64, n_hidden=2, n_outputs=5, seed=4)
+    assert not torch.equal(other.info["hidden"][0]["weight"], data.info["hidden"][0]["weight"])
+    # the teacher depends on the seed only, not on how many examples are drawn
+    more = make_teacher_student(structure, n_train=800, n_test=100, width=64, n_hidden=2, n_outputs=5, seed=3)
+    assert torch.equal(more.info["hidden"][1]["weight"], data.info["hidden"][1]["weight"])
+    assert torch.equal(more.x_train[:400], data.x_train)
+    # the two variants are different teachers on different inputs
+    twin = make_teacher_student("dense" if structure == "pixelfly" else "pixelfly", n_train=400, n_test=100,
+                                width=64, n_hidden=2, n_outputs=5, seed=3)
+    assert not torch.equal(twin.x_train, data.x_train)
+
+
+def test_teacher_student_classification_is_the_argmax():
+    data = make_teacher_student("pixelfly", n_train=2000, n_test=10, width=64, n_outputs=10, task="classification")
+    assert data.task == "classification" and data.y_train.dtype == torch.int64 and data.n_outputs == 10
+    h = torch.nn.functional.gelu(data.x_train.double() @ data.info["hidden"][0]["weight"].T)
+    assert torch.equal((h @ data.info["head"].T + data.info["bias"]).argmax(1), data.y_train)
+    shares = data.info["class_shares"]
+    assert float(shares.sum()) == pytest.approx(1.0) and float(shares.min()) > 0.02   # every class present
+
+
+def test_pixelfly_student_contains_the_pixelfly_teacher_exactly():
+    """An MLP whose layers are Pixelfly at the teacher's budget and block reproduces its labels."""
+    from pixelfly_lab.training.models import build_model
+
+    data = make_teacher_student("pixelfly", n_train=64, n_test=8, width=128, n_outputs=6, seed=2)
+    teacher = data.info["hidden"][0]
+    model = build_model("mlp", data, size="tiny", pattern="pixelfly", budget=0.25, block_size=8, dim=32, depth=1,
+                        where=("layers.*",))
+    layer = model.layers[0]
+    with torch.no_grad():
+        assert layer.sparse.project_(teacher["sparse"].float()) == pytest.approx(0.0, abs=1e-6)
+        layer.lowrank.u.copy_(teacher["u"]), layer.lowrank.v.copy_(teacher["v"]), layer.bias.zero_()
+        model.head.weight.copy_(data.info["head"] / data.info["scale"])
+        model.head.bias.copy_(data.info["bias"] / data.info["scale"])
+        torch.testing.assert_close(model(data.x_train), data.y_train, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_student_is_registered_and_checks_its_arguments():
+    from pixelfly_lab.training.loop import TrainConfig
+
+    assert {"teacher-pixelfly", "teacher-dense"} <= set(DATASETS)
+    data = load_data("teacher-dense", seed=1, n_train=32, n_test=8, width=32, block_size=8)
+    assert data.name == "teacher-dense" and data.info["seed"] == 1
+    assert TrainConfig(data="teacher-pixelfly").data == "teacher-pixelfly"
+    for bad, match in ((dict(structure="butterfly"), "structure"), (dict(task="lm"), "task"),
+                       (dict(width=60), "block_size=8 must divide width=60"), (dict(budget=1.5), "budget"),
+                       (dict(n_outputs=1, task="classification"), "n_outputs")):
+        with pytest.raises(ValueError, match=match):
+            make_teacher_student(**{"n_train": 8, "n_test": 4, **bad})
+    with pytest.raises(TypeError, match="n_hidden"):
+        make_teacher_student(n_hidden=1.0)
+
+
 def test_chars_windows_and_vocabulary():
     data = load_chars(context=32)
     text = CHARS_PATH.read_text()
@@ -198,7 +313,8 @@ def test_load_data_errors_and_subset():
         load_data("teacher", seed=-1)
     data = load_data("teacher", max_train=10, max_test=3, n_train=50, n_test=20)
     assert len(data.x_train) == 10 and len(data.x_test) == 3
-    assert set(DATASETS) == {"digits", "mnist1d", "listops", "teacher", "chars", "cifar10"}
+    assert set(DATASETS) == {"digits", "mnist1d", "listops", "teacher", "teacher-pixelfly", "teacher-dense", "chars",
+                             "cifar10"}
 
 
 def test_listops_long_sequences_within_min_and_max_len():

@@ -40,7 +40,7 @@ class TrainConfig:
 
     # --- what to train
     model: str = "mlp"            # 'mlp', 'mixer', 'vit' or 'gpt' (models.MODEL_NAMES)
-    data: str = "digits"          # data.DATASETS: digits, mnist1d, listops, teacher, chars, cifar10
+    data: str = "digits"          # data.DATASETS: digits, mnist1d, listops, teacher(-pixelfly, -dense), chars, cifar10
     size: str = "tiny"            # models.SIZES preset: tiny (CPU seconds) ... gpt2-small (GPU)
     pattern: str = "dense"        # patterns.PATTERN_NAMES: dense, pixelfly, butterfly, lowrank, ...
     budget: float = 0.25          # fraction of each sparsified layer's dense parameters (not used by 'dense')

@@ -304,7 +304,8 @@ def _check_pattern_args(pattern, budget, block_size) -> None:
 
 
 def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", budget: float = 0.25,
-                   block_size: int = 16, seed: int = 0, *, gating: bool = False, lowrank_init: str = "svd"):
+                   block_size: int = 16, seed: int = 0, *, gating: bool = False, lowrank_init: str = "svd",
+                   where: tuple | list | None = None):
     """Replace the nn.Linear layers the paper sparsifies (:data:`SPARSIFY_WHERE`) by sparse ones.
 
     Args:
@@ -313,6 +314,9 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
         pattern, budget, block_size, seed: passed to :func:`pixelfly_lab.nn.sparsification.sparsify`.
         gating, lowrank_init: options of the sparse + low-rank layers (see
             :class:`pixelfly_lab.nn.layers.SparseLowRankLinear`), passed to ``sparsify``.
+        where: module-name globs replacing :data:`SPARSIFY_WHERE`'s for this model (e.g.
+            ``('layers.*',)``: every MLP layer but the head, for a teacher whose structured layer
+            reads the input); None: the paper's choice.
 
     Returns:
         The sparsify report (DataFrame, one row per replaced layer); empty for 'dense'.
@@ -326,7 +330,9 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
         return pd.DataFrame()
     # a predicate, not the globs: at depth 1 the MLP has no hidden-to-hidden layer, and sparsify
     # refuses a glob that matches nothing (a user's typo); here that is the paper's choice at work
-    where = SPARSIFY_WHERE[family]
+    if where is not None and (isinstance(where, str) or not all(isinstance(g, str) for g in where)):
+        raise TypeError(f"where must be a tuple of module-name globs, got {where!r}")
+    where = SPARSIFY_WHERE[family] if where is None else tuple(where)
     return sparsify(model, pattern=pattern, budget=budget,
                     include=lambda name, module: any(fnmatchcase(name, glob) for glob in where),
                     block_size=block_size, seed=seed, gating=gating, lowrank_init=lowrank_init)
@@ -335,7 +341,7 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
 def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", budget: float = 1.0,
                 block_size: int = 16, seed: int = 0, patch: int | None = None, attention: str = "dense",
                 attention_budget: float = 0.25, gating: bool = False,
-                lowrank_init: str = "svd", **overrides) -> nn.Module:
+                lowrank_init: str = "svd", where: tuple | list | None = None, **overrides) -> nn.Module:
     """Build a model for a data set, sparsified where the paper does.
 
     Args:
@@ -351,6 +357,8 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
             :class:`pixelfly_lab.nn.layers.SparseLowRankLinear`): ``gating=True,
             lowrank_init='kaiming'`` is the authors' released Pixelfly layer; the defaults (ungated,
             SVD init) keep each layer linear with a dense weight.
+        where: module-name globs of the layers to sparsify instead of :data:`SPARSIFY_WHERE`'s
+            (see :func:`sparsify_model`); None: where the paper sparsifies.
         attention: 'vit' and 'gpt' only: 'dense' (scaled dot-product attention) or one of
             :data:`ATTENTION_NAMES`' layouts of :class:`~pixelfly_lab.nn.attention.PixelflyAttention`
             ('pixelfly': flat block butterfly + Performer features, as the paper's LRA model;
@@ -413,5 +421,5 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
                                 **extra)
         model.family, model.dense_params = name, count_params(model)
         model.report = sparsify_model(model, name, pattern, budget, block_size, seed, gating=gating,
-                                      lowrank_init=lowrank_init)
+                                      lowrank_init=lowrank_init, where=where)
     return model
