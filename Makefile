@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: install reproduce test lab bench clean chromium docs
+.PHONY: install reproduce test lab bench clean chromium docs docs-html
 
 install: $(STAMP)
 
@@ -49,10 +49,18 @@ bench: $(STAMP)
 # Executed copies of the notebooks for readers who do not run them: docs/<notebook>.html (nbconvert), at full
 # size (each notebook about 3 minutes or less on 2 cores; 06 reads results/, so run `make reproduce` first or it
 # runs the quick reproduction itself). `make docs DOCS_QUICK=1` renders the quick mode in about two minutes.
+# The executed notebooks stay in build/docs (ignored); docs/render.py renders them with nbconvert's lab template,
+# every page linking one stylesheet, docs/style.css, instead of embedding it. `make docs-html` re-renders the
+# pages from build/docs without running the notebooks again.
 DOCS_QUICK ?= 0
+DOCS_BUILD := build/docs
 docs: $(TSTAMP)
-	PIXELFLY_QUICK=$(DOCS_QUICK) $(VENV)/bin/jupyter nbconvert --to html --execute \
-	  --ExecutePreprocessor.timeout=900 --output-dir docs notebooks/*.ipynb
+	PIXELFLY_QUICK=$(DOCS_QUICK) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
+	  --ExecutePreprocessor.timeout=900 --output-dir $(DOCS_BUILD) notebooks/*.ipynb
+	$(MAKE) docs-html
+
+docs-html: $(TSTAMP)
+	$(PY) docs/render.py --out docs $(DOCS_BUILD)/*.ipynb
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis
