@@ -3,8 +3,10 @@
 A structured layer gives its W as a dense (out_features, in_features) tensor through
 ``dense_weight()`` (the oracle every fast path is tested against) and owns what it is made of:
 
-* ``rescale_(c)`` multiplies W by c (sums scale each term, products each factor by sqrt(c));
-* ``project_(W0)`` sets W to a best fit of a dense W0 on the layer's structure;
+* ``rescale_(c)`` multiplies W by c (sums scale each term, a product of k factors each factor by
+  c^(1/k): :func:`scale_factors_`);
+* ``project_(W0)`` sets W to a best fit of a dense W0 on the layer's structure (``fit_``, the same
+  fit without checks, is what a layer made of parts asks each part for);
 * ``weight_std()`` is the standard deviation of W's entries;
 * ``match_(std)`` rescales W to a given standard deviation and *remembers* the factor, so
   ``reset_parameters()`` (after ``to_empty``, in :func:`pixelfly_lab.nn.materialize.materialize`)
@@ -102,8 +104,10 @@ class StructuredLinear(nn.Module):
             (Hugging Face's ``init_weights`` writes into it, which leaves the layer as it is).
 
     Construction on the meta device: ``layer.to_empty(device=...)`` then ``reset_parameters()``
-    on every module (any order: each resets its own direct parameters and buffers, as torch.nn's
-    layers do) gives a layer initialised as if built there, ``match_`` included.
+    once on every module (each resets its own direct parameters and buffers, as torch.nn's layers
+    do) gives a layer initialised as if built there, ``match_`` included; parts before the layer
+    (the eager build's order, what :func:`pixelfly_lab.nn.materialize.materialize` does) gives the
+    CPU build's very draws.
     """
 
     def __init__(self, in_features: int, out_features: int):
