@@ -70,6 +70,8 @@ def test_study_spread_and_distances_match_kernels_built_by_hand():
     ({"reference_seeds": (0, 5)}, "must differ"),
     ({"epochs": 0}, "epochs"),
     ({"n_test": 4}, "n_test"),
+    ({"train_seeds": 0}, "train_seeds"),
+    ({"train_seeds": 2}, "train_seeds"),   # more than the one seed
 ])
 def test_study_rejects_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -174,3 +176,19 @@ def test_closest_claim_rule():
     assert claim.held is False and "dense seed-to-seed 0.100+-0.010" in claim.measured
     one_seed = _frame({"dense": 0.1, "pixelfly": 0.2, "random": 0.3}, acc, seeds=(0,))
     assert _closest_claim(one_seed, "mlp", "", None, None).held is None
+
+
+def test_train_seeds_trains_the_first_seeds_only():
+    from dataclasses import replace
+
+    from pixelfly_lab.studies import ntk
+
+    frame = ntk_study(replace(TINY, seeds=(0, 1), train_seeds=1), progress=False)
+    trained = frame.set_index("seed").test_accuracy
+    assert trained.loc[0].notna().all() and trained.loc[1].isna().all()
+    assert set(frame.attrs["convergence"].seed) == {0}
+    # FULL trains fewer seeds than it probes, long enough for the convergence gate (see ntk.FULL_EPOCHS)
+    assert ntk.FULL.train_seeds < len(ntk.FULL.seeds) and ntk.FULL.epochs == ntk.FULL_EPOCHS >= 2 * ntk.QUICK.epochs
+    from pixelfly_lab.studies.ntk_comparison import _check_config
+
+    _check_config(ntk.FULL)  # FULL's config passes the checks

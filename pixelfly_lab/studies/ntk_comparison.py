@@ -87,6 +87,9 @@ class NTKStudyConfig:
     n_test: int = 10_000
     data_seed: int = 0              # the data's seed, fixed: the seeds vary the initialisation only
     epochs: int = 30
+    # how many of ``seeds`` (the first ones) are trained, for the accuracies; None: all. The kernels need many
+    # seeds (paired differences of distances); the correlation's points are pattern means, which need fewer
+    train_seeds: int | None = None
     batch_size: int = 64
     lr: float = 3e-3                # the training lab's learning rate for the tiny presets
     device: str = "cpu"
@@ -119,10 +122,19 @@ def _check_config(cfg: NTKStudyConfig) -> None:
     if set(cfg.reference_seeds) & set(cfg.seeds):
         raise ValueError(f"reference_seeds {cfg.reference_seeds} must differ from seeds {cfg.seeds}: a dense model "
                          "of a reference's own seed is at distance 0")
+    if cfg.train_seeds is not None and (isinstance(cfg.train_seeds, bool) or not isinstance(cfg.train_seeds, int)
+                                        or not 1 <= cfg.train_seeds <= len(cfg.seeds)):
+        raise ValueError(f"train_seeds must be None or an int in [1, {len(cfg.seeds)}] (len(seeds)), "
+                         f"got {cfg.train_seeds!r}")
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
     if cfg.n_test < cfg.n_kernel:
         raise ValueError(f"n_test ({cfg.n_test}) must be at least n_kernel ({cfg.n_kernel}): the probe is test data")
+
+
+def _trained_seeds(cfg: NTKStudyConfig) -> tuple:
+    """The seeds trained for the accuracies: the first ``train_seeds`` of ``seeds`` (all when None)."""
+    return tuple(cfg.seeds) if cfg.train_seeds is None else tuple(cfg.seeds)[:cfg.train_seeds]
 
 
 def _data_options(cfg: NTKStudyConfig) -> dict:
@@ -155,7 +167,8 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
         DataFrame, one row per (family, pattern, seed): params, density, kernel_trace, trace_ratio
         (tr K / mean tr K_ref), top_share (largest eigenvalue / tr K), constant_share
         (|mean K| N / ||K||_F: the constant part's share of the norm), the mean distance to the reference kernels for each of
-        :data:`STUDY_METRICS`, and test_accuracy, test_loss after ``epochs`` of training.
+        :data:`STUDY_METRICS`, and test_accuracy, test_loss after ``epochs`` of training (NaN for a seed
+        beyond ``train_seeds``: not trained).
         ``frame.attrs['spread']``: the dense seed-to-seed spread (family, metric, mean, sd, pairs);
         ``frame.attrs['history']``: the training histories (family, pattern, seed, event, step,
         epoch, train_loss, test_accuracy, ...); ``frame.attrs['spectra']``: the eigenvalue spectra
@@ -204,7 +217,7 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
         train = dict(model=family, data=cfg.data, size=cfg.size, budget=cfg.budget, block_size=cfg.block_size,
                      batch_size=cfg.batch_size, lr=cfg.lr, data_options=_data_options(cfg), device=cfg.device,
                      model_options=_model_options(family, cfg), track_rank=False, progress=False)
-        runs = compare_patterns(cfg.patterns, cfg.seeds, epochs=cfg.epochs, **train)
+        runs = compare_patterns(cfg.patterns, _trained_seeds(cfg), epochs=cfg.epochs, **train)
         bar.update(len(cfg.patterns) * len(cfg.seeds))
         # dense's learning curve (test accuracy at each evaluation: every epoch's end; epoch = epochs completed,
         # the history's epoch counts from 0), for the convergence gate
@@ -214,8 +227,9 @@ def ntk_study(config: NTKStudyConfig | None = None, *, progress: bool = True, **
         trained = runs.summary[["pattern", "seed", "test_accuracy", "test_loss"]]
         for row in rows:
             if row["family"] == family:
-                match = trained[(trained.pattern == row["pattern"]) & (trained.seed == row["seed"])].iloc[0]
-                row.update(test_accuracy=float(match.test_accuracy), test_loss=float(match.test_loss))
+                match = trained[(trained.pattern == row["pattern"]) & (trained.seed == row["seed"])]
+                row.update(test_accuracy=float(match.test_accuracy.iloc[0]) if len(match) else float("nan"),
+                           test_loss=float(match.test_loss.iloc[0]) if len(match) else float("nan"))
         histories.append(runs.history.assign(family=family))
     bar.close()
     frame = pd.DataFrame(rows)
