@@ -1,6 +1,9 @@
 """Expressiveness lab against exact oracles: targets, projections, approximate, table, theory, attention."""
 
 import math
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -390,42 +393,111 @@ def test_attention_table_covers_every_method_and_regime():
     assert df.top_mass.iloc[0] > df.top_mass.iloc[-1]
 
 
-@pytest.mark.parametrize("local, weight, control, expected", [
-    ((0.40, 0.80, 0.60), (0.50, 0.90, 0.60), 0.45, True),    # >= 5% better than each part, better than the controls
-    ((0.40, 0.80, 0.40), (0.50, 0.90, 0.60), 0.45, False),   # a tie with low-rank on one target: refuted
-    ((0.40, 0.80, 0.60), (0.50, 0.90, 0.60), 0.38, False),   # a control (another support) beats it: refuted
-])
-def test_expressiveness_claim_needs_every_target_and_beats_the_controls(monkeypatch, tmp_path, local, weight,
-                                                                        control, expected):
-    # errors per target (pixelfly, butterfly, lowrank); random/local+lowrank at `control` on the local target
+def _fake_study(monkeypatch, errors, shares=None, seeds=4):
+    """Run the expressiveness study on a made-up table: errors {kind: {pattern: error}}, shares {kind: {pattern:
+    low-rank share of the split}} (default 0.5 for sparse + low-rank patterns), no training."""
     import matplotlib.pyplot as plt
 
     from pixelfly_lab.studies import expressiveness as study
 
-    errors = {"attention (local)": local, "trained weight": weight, "sparse_lowrank": (0.99, 0.10, 0.60)}
+    shares = shares or {}
+    n = 32
 
     def fake(kinds, patterns, budgets, n, seeds, **_):
         rows = []
-        for kind, (pixelfly, butterfly, lowrank) in errors.items():
-            controls = control if kind == "attention (local)" else 0.99
+        for kind in kinds:
             for seed in range(seeds):
                 for budget in budgets:
-                    for pattern, error, rank in (("pixelfly", pixelfly, 4), ("butterfly", butterfly, 0),
-                                                 ("lowrank", lowrank, 8), ("random+lowrank", controls, 4),
-                                                 ("local+lowrank", controls, 4), ("topk", 0.05, 0)):
-                        # per-pattern noise, so the paired differences have an sd
-                        noise = 0.004 * ((seed + len(pattern)) % 3 - 1)
-                        rows.append(dict(kind=kind, seed=seed, n=n, pattern=pattern, budget=budget,
-                                         budget_used=budget, rank=rank, error=error + noise))
+                    for pattern, error in errors.get(kind, {"pixelfly": 0.5, "lowrank": 0.6, "topk": 0.1}).items():
+                        share = shares.get(kind, {}).get(pattern, 0.5 if pattern.endswith(("lowrank", "fly")) else 0)
+                        share = 1.0 if pattern == "lowrank" else share
+                        noise = 0.004 * ((seed + len(pattern)) % 3 - 1)   # so the paired differences have an sd
+                        rows.append(dict(kind=kind, seed=seed, n=n, pattern=pattern, budget=budget, budget_used=budget,
+                                         rank=share * budget * n / 2, error=error + noise))
         return pd.DataFrame(rows)
 
+    def targets(config, cache=None, fallbacks=()):
+        units = config.networks * config.per_network
+        return ({k: [torch.eye(n, dtype=torch.float64)] * units for k in study.NETWORK_KINDS},
+                pd.DataFrame([dict(target="ViT MLP weight", seed=0, test_accuracy=0.7)]))
+
     monkeypatch.setattr(study, "expressiveness_table", fake)
+    monkeypatch.setattr(study, "trained_targets", targets)
     monkeypatch.setattr(study, "plot_error_vs_budget", lambda df, title: plt.figure())
-    claims = study.run(tmp_path, study.ExpressivenessConfig(n=32, seeds=4, budgets=(0.2, 0.3), block_size=4))
-    paper = [c for c in claims if c.kind == "paper" and "low-rank matrix" not in c.claim]
+    config = study.ExpressivenessConfig(n=n, seeds=2, budgets=(0.2, 0.3), block_size=4, kinds=("sparse_lowrank",),
+                                        networks=replace(study.TINY.networks, networks=2, per_network=seeds // 2))
+    return study, study.run(Path(tempfile.mkdtemp()), config)
+
+
+GOOD = dict(pixelfly=0.40, butterfly=0.80, lowrank=0.60, **{"random+lowrank": 0.55, "local+lowrank": 0.55}, topk=0.05)
+
+
+@pytest.mark.parametrize("vit, gpt, expected", [
+    (GOOD, GOOD, True),                                                   # >= 5% better than each part and control
+    ({**GOOD, "lowrank": 0.40}, GOOD, False),                             # a tie with low-rank on one target
+    (GOOD, {**GOOD, "local+lowrank": 0.38}, False),                       # a control (another support) beats it
+])
+def test_expressiveness_claim_needs_every_target_and_beats_the_controls(monkeypatch, vit, gpt, expected):
+    study, claims = _fake_study(monkeypatch, {"ViT MLP weight": vit, "GPT attention map": gpt})
+    paper = [c for c in claims if c.kind == "paper"]
     assert len(paper) == 1 and [m["name"].split(" (critical")[0] for m in paper[0].members] == list(study.NETWORK_KINDS)
     assert paper[0].held is expected and "sparse_lowrank" not in paper[0].measured.split("verdict")[1]
-    assert "vs random+lowrank" in paper[0].measured and paper[0].seeds == 4
+    assert "vs random+lowrank" in paper[0].measured and "vs local+lowrank" in paper[0].measured
+    assert paper[0].seeds == 4 and "after Holm" in paper[0].measured
+
+
+def test_expressiveness_names_a_low_rank_dominated_target_and_a_collapsed_control(monkeypatch):
+    # the ViT weight: pixelfly's search ends at low-rank alone (a tie with low-rank, sd 0): not a member;
+    # on the GPT maps random+lowrank's search ends at low-rank alone: it is low-rank, not a second control
+    tie = {**GOOD, "pixelfly": 0.60, "lowrank": 0.60}
+    study, claims = _fake_study(monkeypatch, {"ViT MLP weight": tie, "GPT attention map": {**GOOD, "random+lowrank": 0.6}},
+                                shares={"ViT MLP weight": {"pixelfly": 1.0},
+                                        "GPT attention map": {"random+lowrank": 1.0}})
+    (paper,) = [c for c in claims if c.kind == "paper"]
+    assert [m["name"].split(" (critical")[0] for m in paper.members] == ["GPT attention map"]
+    assert paper.held is True and "ViT MLP weight: low-rank dominated, not a member" in paper.measured
+    gpt = paper.measured.split("GPT attention map: ")[1]
+    assert "random+lowrank collapsed to low-rank alone" in gpt and "vs random+lowrank" not in gpt
+    study, claims = _fake_study(monkeypatch, {"ViT MLP weight": tie, "GPT attention map": tie},
+                                shares={k: {"pixelfly": 1.0} for k in ("ViT MLP weight", "GPT attention map")})
+    (paper,) = [c for c in claims if c.kind == "paper"]
+    assert paper.held is None and "every target is low-rank dominated" in paper.measured
+
+
+def test_expressiveness_marks_a_zero_sd_gain():
+    from pixelfly_lab.studies import expressiveness as study
+    from pixelfly_lab.studies.stats import paired_decision
+
+    assert "sd 0" in study._describe(paired_decision([0.0, 0.0, 0.0]))
+    assert "sd 0" not in study._describe(paired_decision([0.1, 0.0, 0.2]))
+
+
+def test_comparison_labels_say_refuted_only_after_holm():
+    from dataclasses import replace as swap
+
+    from pixelfly_lab.studies.expressiveness import comparison_labels
+    from pixelfly_lab.studies.stats import paired_decision
+
+    base = paired_decision([0.1, -0.1, 0.05])
+    # unadjusted, p 0.03 refutes at 0.05; Holm across two comparisons needs 0.025: undecided
+    decisions = {"a": swap(base, verdict="refuted", p_refuted=0.03), "b": swap(base, p_refuted=0.5)}
+    assert comparison_labels(decisions) == {"a": "undecided", "b": "undecided"}
+    decisions["a"] = swap(base, verdict="refuted", p_refuted=0.01)
+    assert comparison_labels(decisions)["a"] == "refuted"
+    decisions["b"] = swap(base, verdict="held", p_held=0.001, p_refuted=0.9)
+    assert comparison_labels(decisions)["b"] == "held"
+
+
+def test_x_plus_lowrank_searches_pixelflys_splits_too():
+    # every sparse share Pixelfly's grid tries at this budget, random+lowrank tries too (to one block); at 0.3
+    # the shares of LOWRANK_SHARES alone miss Pixelfly's 0.125 (nearest 0.15)
+    target = target_matrix("sparse_lowrank", 64)
+    mine = approximate(target, "pixelfly", 0.3, block_size=4).candidates
+    theirs = approximate(target, "random+lowrank", 0.3, block_size=4).candidates
+    block = 4 * 4 / target.numel()
+    assert len(theirs) > len(expressiveness.LOWRANK_SHARES) - 2
+    for row in mine:
+        assert min(abs(row["sparse_budget"] - other["sparse_budget"]) for other in theirs) <= block + 1e-12
 
 
 def test_expressiveness_re_exports_the_approximation_classes():
@@ -433,3 +505,55 @@ def test_expressiveness_re_exports_the_approximation_classes():
     for name in ("APPROXIMATION_NAMES", "ORACLE_NAMES", "LOWRANK_SHARES", "Approximation", "approximate"):
         assert name in expressiveness.__all__
     assert expressiveness.approximate is approximate and expressiveness.Approximation is Approximation
+
+
+def test_attention_maps_reproduce_the_attention_layer():
+    # maps @ V per head, merged and projected, is what each block's attention returns (causal and not)
+    from pixelfly_lab.studies.network_targets import attention_maps
+    from pixelfly_lab.training.models import Transformer
+
+    for causal in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(16, 32, 2, 4, 5, causal=causal, vocab_size=11).eval()
+        tokens = torch.randint(0, 11, (1, 16))
+        inputs = {}
+        hooks = [b.attn.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, (a[0], o)))
+                 for i, b in enumerate(model.blocks)]
+        maps = attention_maps(model, tokens)
+        model(tokens)
+        for h in hooks:
+            h.remove()
+        assert maps.shape == (2, 4, 16, 16) and torch.allclose(maps.sum(-1), torch.ones(2, 4, 16, dtype=F64))
+        assert bool((maps.triu(1) == 0).all()) == causal
+        for i, block in enumerate(model.blocks):
+            x, out = inputs[i]
+            v = block.attn.v(x).view(1, 16, 4, 8).transpose(1, 2).to(F64)
+            mixed = (maps[i] @ v[0]).transpose(0, 1).reshape(1, 16, 32).float()
+            torch.testing.assert_close(block.attn.proj(mixed), out, atol=1e-5, rtol=1e-5)
+
+
+def test_trained_targets_vary_by_unit_and_come_from_the_cache(tmp_path):
+    from pixelfly_lab.studies.network_targets import NetworkTargets, mlp_weight_blocks, trained_targets
+
+    config = NetworkTargets(n=32, networks=1, per_network=2, vit_heads=2, vit_epochs=1, gpt_steps=3, gpt_batch=4)
+    targets, metrics = trained_targets(config, cache=tmp_path / "a")
+    assert set(targets) == {"ViT MLP weight", "GPT attention map"} and len(metrics) == 2
+    for matrices in targets.values():
+        assert len(matrices) == 2 and all(m.shape == (32, 32) for m in matrices)
+        assert all(abs(torch.linalg.norm(m).item() - 1) < 1e-12 for m in matrices)
+        assert not torch.equal(matrices[0], matrices[1])                   # units differ
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["gpt-seed0.pt", "vit-seed0.pt"]
+    again, _ = trained_targets(config, cache=tmp_path / "b", fallbacks=(tmp_path / "a",))   # read, not trained
+    assert all(torch.equal(x, y) for k in targets for x, y in zip(targets[k], again[k]))
+    saved = torch.load(tmp_path / "b" / "vit-seed0.pt", weights_only=False)
+    assert saved["key"]["train"]["model_options"]["dim"] == 32 and saved["key"]["per_network"] == 2
+    other, _ = trained_targets(replace(config, vit_epochs=2), fallbacks=(tmp_path / "a",))   # another run: retrained
+    assert not torch.equal(other["ViT MLP weight"][0], targets["ViT MLP weight"][0])
+    from pixelfly_lab.training.models import Transformer
+
+    model = Transformer(16, 8, 2, 2, 5, causal=False, vocab_size=11)    # 2 layers x (fc1, fc2) x 4 blocks of 8
+    blocks = mlp_weight_blocks(model, 16)
+    assert torch.equal(blocks[1], model.blocks[0].mlp.fc2.weight[:, :8].double())
+    assert torch.equal(blocks[2], model.blocks[1].mlp.fc1.weight[:8].double())
+    with pytest.raises(ValueError, match="count=17"):
+        mlp_weight_blocks(model, 17)

@@ -161,8 +161,9 @@ def approximate(matrix: torch.Tensor, pattern: str | Pattern, budget: float | No
         lowrank_share: for sparse + low-rank names ('pixelfly', 'X+lowrank', 'topk+lowrank'),
             the share of the budget given to the low-rank term (0 = sparse alone, 1 = low-rank
             alone). None: 'pixelfly' searches every split (below); 'X+lowrank' searches the
-            shares of :data:`LOWRANK_SHARES` the same way (a baseline must get the search Pixelfly
-            gets); 'topk+lowrank' keeps its split (LOWRANK_SHARE = 15% before rounding).
+            shares of :data:`LOWRANK_SHARES` and the low-rank shares of Pixelfly's own grid at the
+            same budget, the same way (a baseline must get the search Pixelfly gets);
+            'topk+lowrank' keeps its split (LOWRANK_SHARE = 15% before rounding).
         max_iter, tol: stopping rule of the sparse + low-rank alternation (relative improvement
             per round below ``tol``: the default 1e-4 stops where the curve is flat to the eye).
         fit_steps: Adam steps of the butterfly fit.
@@ -293,9 +294,11 @@ LOWRANK_SHARES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
 def _lowrank_splits(name: str, matrix: torch.Tensor, budget: float, block_size: int, seed: int):
-    """The X+lowrank class: :func:`_split_pattern` at every share of :data:`LOWRANK_SHARES` that fits."""
+    """The X+lowrank class: :func:`_split_pattern` at every share of :data:`LOWRANK_SHARES` and at every
+    low-rank share of Pixelfly's own grid at this budget (:func:`_pixelfly_shares`) that fits: the
+    split search Pixelfly gets, on another sparse support."""
     seen = set()
-    for share in LOWRANK_SHARES:
+    for share in sorted(set(LOWRANK_SHARES) | _pixelfly_shares(matrix, budget, block_size)):
         try:
             pattern = _split_pattern(name, matrix, budget, block_size, seed, share)
         except ValueError as err:  # the sparse part's share is below its smallest layout
@@ -306,6 +309,17 @@ def _lowrank_splits(name: str, matrix: torch.Tensor, budget: float, block_size: 
         if key not in seen:
             seen.add(key)
             yield pattern
+
+
+def _pixelfly_shares(matrix: torch.Tensor, budget: float, block_size: int) -> set:
+    """Low-rank shares 1 - nnz / (budget * size) of the flat block butterfly layouts of Pixelfly's grid
+    (:func:`_pixelfly_splits`) within the budget; empty where the block does not divide the shape."""
+    out_features, in_features = matrix.shape
+    if out_features % block_size or in_features % block_size:
+        return set()
+    total = budget * matrix.numel()
+    return {round(1.0 - nnz / total, 9) for _, _, nnz in butterfly_candidates(out_features, in_features, block_size)
+            if nnz <= total}
 
 
 def _split_class(matrix, splits, name, budget, max_iter, tol) -> Approximation:

@@ -15,9 +15,9 @@ Three measurements (Dao, Chen et al., "Pixelated Butterfly", ICLR 2022, arXiv 21
    the same budget trade that exactness for hardware-friendly sparsity (:func:`exact_butterflies`).
    Block butterfly products (b x b blocks) against butterfly products with as many parameters,
    fitted to the butterfly family's own targets (:func:`block_vs_butterfly`; Sec. 3.2).
-4. Lazy training (Thm 3): as the width grows, the NTK of a network whose hidden layer is a flat
-   block butterfly moves less during full-batch gradient descent while the loss still goes to
-   ~0, as for a dense network (:func:`ntk_change_vs_width`).
+   Fits start from random factors and from the hierarchical factorisation
+   (:func:`butterfly_factorization`), exact on members of the class.
+4. Lazy training (Thm 3) lives in :mod:`pixelfly_lab.studies.lazy_training`.
 
 Example:
     >>> df = residual_flat_gap(16, [1e-3, 1e-2])
@@ -38,11 +38,10 @@ from pixelfly_lab.structure.projections import few_threads, relative_error
 from pixelfly_lab.approx.targets import random_butterfly_factors, target_matrix
 from pixelfly_lab.nn.butterfly import ButterflyLinear
 from pixelfly_lab.structure.masks import butterfly_factor_mask
-from pixelfly_lab.structure.masks import flat_block_butterfly_layout, layout_to_mask
 
 __all__ = ["residual_flat_gap", "loglog_slope", "lowrank_share_sweep", "exact_butterflies", "plot_residual_flat_gap",
            "plot_lowrank_share_sweep", "plot_exact_butterflies", "block_butterfly_factor_masks", "fit_factor_product",
-           "fit_factor_product_restarts", "block_vs_butterfly", "plot_block_vs_butterfly", "ntk_change_vs_width", "plot_ntk_change"]
+           "fit_factor_product_restarts", "butterfly_factorization", "block_vs_butterfly", "plot_block_vs_butterfly"]
 
 
 def residual_flat_gap(n: int = 64, lams=None, seed: int = 0) -> pd.DataFrame:
@@ -240,181 +239,163 @@ def block_butterfly_factor_masks(n: int, block_size: int = 1, n_factors: int | N
     return [torch.kron(butterfly_factor_mask(grid, 1 << (k % depth)), ones) for k in range(n_factors)]
 
 
+def butterfly_factorization(target: torch.Tensor, block_size: int = 1) -> list[torch.Tensor]:
+    """Factors of a block butterfly product fitted to A by the hierarchical rank-b split (closed form).
+
+    The product F_{L-1} ... F_0 (F_k on :func:`block_butterfly_factor_masks` (n, b)[k], L = log2(n/b))
+    splits as A = F_{L-1} diag(R_1, R_2): the largest-stride factor holds, for each block row i of
+    the top half, the pair of b x b blocks [D1_i; D3_i] (and [D2_i; D4_i] for the right half), so
+    the 2b x (n/2) rows {block i, block i + g/2} of A's left half equal [D1_i; D3_i] R_1[block i],
+    of rank <= b. Their truncated SVD (rank b, singular values split evenly between the sides)
+    gives both, and R_1, R_2 are factored the same way, down to dense 2b x 2b factors. On a member
+    of the class every split is exact (error at rounding); elsewhere it is a fast, usually good,
+    start for gradient descent (the hierarchical algorithm of Le Magoarou and Gribonval 2016, and
+    Zheng, Riccietti and Gribonval 2023 for butterflies).
+
+    Args:
+        target: (n, n) real matrix, n / block_size a power of two >= 2.
+        block_size: b.
+
+    Returns:
+        L float64 (n, n) factors, smallest stride first, each zero off its mask.
+
+    Example:
+        >>> from pixelfly_lab.approx.targets import target_matrix
+        >>> h = target_matrix("hadamard", 16)
+        >>> relative_error(h, torch.linalg.multi_dot(butterfly_factorization(h)[::-1])) < 1e-12
+        True
+    """
+    a = torch.as_tensor(target, dtype=torch.float64)
+    n, b = a.shape[0], block_size
+    block_butterfly_factor_masks(n, b)          # checks n and b
+    if a.shape != (n, n):
+        raise ValueError(f"target must be square, got shape {tuple(a.shape)}")
+
+    def split(m: torch.Tensor) -> list[torch.Tensor]:     # factors of m (size s), smallest stride first
+        s = m.shape[0]
+        if s == 2 * b:
+            return [m.clone()]
+        half, top = s // 2, torch.zeros_like(m)
+        rest = torch.zeros(s, s, dtype=m.dtype)
+        for i in range(half // b):
+            rows = torch.cat([torch.arange(i * b, (i + 1) * b), torch.arange(half + i * b, half + (i + 1) * b)])
+            for side in (0, 1):
+                cols = slice(side * half, (side + 1) * half)
+                u, sv, vh = torch.linalg.svd(m[rows][:, cols], full_matrices=False)
+                root = sv[:b].sqrt()
+                top[rows, side * half + i * b: side * half + (i + 1) * b] = u[:, :b] * root
+                rest[side * half + i * b: side * half + (i + 1) * b, cols] = root[:, None] * vh[:b]
+        lower = [torch.block_diag(p, q) for p, q in zip(split(rest[:half, :half]), split(rest[half:, half:]))]
+        return lower + [top]
+
+    return split(a)
+
+
 def fit_factor_product(target: torch.Tensor, masks, steps: int = 1500, seed: int = 0, restarts: int = 2,
-                       lr: float = 0.1) -> float:
+                       lr: float = 0.1, init: list | None = None) -> float:
     """Relative error of the best product F_K ... F_1 (F_k supported on masks[k]) found by Adam.
 
     Minimises ||F_K ... F_1 - A||_F^2 from ``restarts`` random starts near the identity
     (I + N(0, 0.1^2) on the support, so that deep products neither vanish nor explode) with a
     cosine learning-rate decay; products of sparse factors have poor local minima, hence the
     restarts (Dao et al. 2019 search over many). The default lr 0.1 reached the Hadamard
-    transform to 1e-16 in 1500 steps at n = 16 where 0.02 stalled at 0.15. Returns the smallest
-    relative error.
+    transform to 1e-16 in 1500 steps at n = 16 where 0.02 stalled at 0.15. With ``init`` (a list
+    of factors, e.g. from :func:`butterfly_factorization`) one more fit starts there, at lr / 10
+    so as not to leave it at once, and counts with its start's error too (the class contains the
+    start). Returns the smallest relative error.
     """
-    return min(fit_factor_product_restarts(target, masks, steps, seed, restarts, lr))
+    return min(fit_factor_product_restarts(target, masks, steps, seed, restarts, lr, init))
+
+
+def _product(factors, masks, eye):
+    product = eye
+    for f, m in zip(factors, masks):
+        product = (f * m) @ product
+    return product
 
 
 def fit_factor_product_restarts(target: torch.Tensor, masks, steps: int = 1500, seed: int = 0, restarts: int = 2,
-                                lr: float = 0.1) -> list[float]:
-    """:func:`fit_factor_product`'s relative error from every restart (a list of ``restarts`` floats),
-    so that the spread of the fits can be reported beside the best."""
+                                lr: float = 0.1, init: list | None = None) -> list[float]:
+    """:func:`fit_factor_product`'s relative error from every restart (``restarts`` floats, then the
+    fit from ``init`` when given), so that the spread of the fits can be reported beside the best."""
     target = torch.as_tensor(target, dtype=torch.float64)
     n = target.shape[0]
     masks = [m.to(torch.float64) for m in masks]
+    if init is not None and len(init) != len(masks):
+        raise ValueError(f"init must hold one factor per mask ({len(masks)}), got {len(init)}")
     eye = torch.eye(n, dtype=torch.float64)
     errors = []
-    for restart in range(restarts):
-        generator = torch.Generator().manual_seed(seed * restarts + restart)
-        factors = [((eye + 0.1 * torch.randn(n, n, generator=generator, dtype=torch.float64)) * m)
-                   .requires_grad_() for m in masks]
-        opt = torch.optim.Adam(factors, lr=lr)
+    starts = list(range(restarts)) + ([None] if init is not None else [])
+    for restart in starts:
+        if restart is None:
+            factors = [(torch.as_tensor(f, dtype=torch.float64) * m).clone().requires_grad_()
+                       for f, m in zip(init, masks)]
+            with torch.no_grad():
+                start = relative_error(target, _product(factors, masks, eye))
+        else:
+            generator = torch.Generator().manual_seed(seed * restarts + restart)
+            factors = [((eye + 0.1 * torch.randn(n, n, generator=generator, dtype=torch.float64)) * m)
+                       .requires_grad_() for m in masks]
+            start = math.inf
+        opt = torch.optim.Adam(factors, lr=lr if restart is not None else lr / 10)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
         with few_threads(n * n):
             for _ in range(steps):
                 opt.zero_grad()
-                product = eye
-                for f, m in zip(factors, masks):
-                    product = (f * m) @ product
-                loss = (product - target).square().sum()
+                loss = (_product(factors, masks, eye) - target).square().sum()
                 loss.backward()
                 opt.step()
                 schedule.step()
             with torch.no_grad():
-                product = eye
-                for f, m in zip(factors, masks):
-                    product = (f * m) @ product
-        errors.append(relative_error(target, product.detach()))
+                product = _product(factors, masks, eye)
+        errors.append(min(start, relative_error(target, product.detach())))
     return errors
 
 
 def block_vs_butterfly(n: int = 32, block_sizes=(2, 4), kinds=("hadamard", "butterfly"),
-                       steps: int = 1500, seed: int = 0) -> pd.DataFrame:
+                       steps: int = 1500, seed: int = 0, restarts: int = 2) -> pd.DataFrame:
     """Block butterfly products against butterfly products with the same number of parameters.
 
     For each block size b the block butterfly product of full depth log2(n/b) (2 n b log2(n/b)
     parameters, dense support) is fitted to each target, beside a butterfly product (b = 1) with
     as many factors as that parameter count buys (b log2(n/b) factors of 2 n: a deeper
-    composition cycling through the strides) and the plain butterfly of log2 n factors. The
-    targets are the butterfly family's home ground, butterfly products themselves: Hadamard and a
-    random butterfly product (the DCT is one only after a permutation, so it is left out by
-    default). Every class here contains the plain butterfly product (set the extra factors to the
-    identity, or merge factors as block 2 does), so a fit of a containing class worse than the
-    plain butterfly's is an optimisation failure, not a lack of expressiveness.
+    composition cycling through the strides) and the plain butterfly of log2 n factors. Each fit
+    is the best of ``restarts`` random starts and one start from the closed-form hierarchical
+    factorisation (:func:`butterfly_factorization`: of the block class for block products, of the
+    plain butterfly for the others, their extra factors the identity). The default targets are
+    the butterfly family's home ground, butterfly products themselves: Hadamard and a random
+    butterfly product (the DCT is one only after a permutation, so it is left out by default):
+    every class fits them exactly, so a fit short of 0 there is the optimiser's failure, which
+    makes them the positive control of a comparison on other targets. Every class here contains
+    the plain butterfly product (set the extra factors to the identity, or merge factors as block
+    2 does), so a containing class fitting worse than the plain butterfly is an optimisation
+    failure, not a lack of expressiveness.
 
     Returns:
-        DataFrame with columns kind, method, block_size, n_factors, params, error (best restart),
-        error_worst (worst restart).
+        DataFrame with columns kind, method, block_size, n_factors, params, error (best fit),
+        error_worst (worst random restart), error_random (best random restart), error_init (the
+        fit from the closed-form start).
     """
     rows = []
     depth = n.bit_length() - 1
     for kind in kinds:
         target = target_matrix(kind, n, seed)
         target = target.real if target.is_complex() else target
-        configs = [("butterfly (log2 n factors)", 1, depth)]
+        plain = butterfly_factorization(target, 1)
+        eye = torch.eye(n, dtype=torch.float64)
+        configs = [("butterfly (log2 n factors)", 1, depth, plain)]
         for b in block_sizes:
             block_depth = (n // b).bit_length() - 1
-            configs += [(f"block butterfly (block {b})", b, block_depth),
-                        (f"butterfly, params of block {b}", 1, b * block_depth)]
-        for method, b, k in configs:
+            configs += [(f"block butterfly (block {b})", b, block_depth, butterfly_factorization(target, b)),
+                        (f"butterfly, params of block {b}", 1, b * block_depth,
+                         plain + [eye] * (b * block_depth - depth))]
+        for method, b, k, init in configs:
             masks = block_butterfly_factor_masks(n, b, k)
-            errors = fit_factor_product_restarts(target, masks, steps, seed)
+            errors = fit_factor_product_restarts(target, masks, steps, seed, restarts, init=init)
             rows.append(dict(kind=kind, method=method, block_size=b, n_factors=k,
-                             params=int(sum(m.sum().item() for m in masks)),
-                             error=min(errors), error_worst=max(errors)))
+                             params=int(sum(m.sum().item() for m in masks)), error=min(errors),
+                             error_worst=max(errors[:-1]), error_random=min(errors[:-1]), error_init=errors[-1]))
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------- Thm 3: lazy training, NTK
-
-def _mlp(params: dict, x: torch.Tensor, mask: torch.Tensor, fan_in: int) -> torch.Tensor:
-    # NTK parametrisation (Jacot et al. 2018): weights N(0, 1), each layer scaled by
-    # 1 / sqrt(its fan-in), so the kernel has a width-independent limit
-    h1 = torch.relu(x @ params["w1"].T / math.sqrt(x.shape[1]))
-    h2 = torch.relu(h1 @ (params["w2"] * mask).T / math.sqrt(fan_in))
-    return h2 @ params["v"] / math.sqrt(h2.shape[1])
-
-
-def _ntk(params, x, mask, fan_in) -> torch.Tensor:
-    jac = torch.func.jacrev(_mlp)(params, x, mask, fan_in)
-    flat = torch.cat([j.reshape(x.shape[0], -1) for j in jac.values()], 1)
-    return flat @ flat.T
-
-
-def ntk_change_vs_width(widths=(64, 128, 256, 512), sparse: bool = True, n_samples: int = 16, dim: int = 16,
-                        steps: int = 1000, seeds: int = 1, butterfly_size: int = 16,
-                        n_factors: int = 2) -> pd.DataFrame:
-    """Relative change of the NTK of a two-hidden-layer ReLU MLP under full-batch gradient descent.
-
-    The hidden (width x width) layer is masked by a flat block butterfly layout with
-    ``butterfly_size`` blocks per side (block width / butterfly_size, density
-    (1 + n_factors) / butterfly_size at every width, so a unit's fan-in grows with the width as
-    Thm 3 of the Pixelfly paper needs) or dense (``sparse=False``). Training: gradient descent
-    on L = ||f(X) - y||^2 / (2 N) with step N / lambda_max(K_0), y = +-1 labels of N random unit
-    inputs; in the lazy (NTK) regime the kernel moves by O(1 / sqrt(width)).
-
-    Returns:
-        DataFrame with columns width, seed, density, ntk_change = ||K_T - K_0||_F / ||K_0||_F,
-        loss_ratio = L_T / L_0.
-
-    Example:
-        >>> df = ntk_change_vs_width((32, 128), steps=100)
-        >>> bool(df.ntk_change.iloc[1] < df.ntk_change.iloc[0]), bool((df.loss_ratio < 0.1).all())
-        (True, True)
-    """
-
-    rows = []
-    for width in widths:
-        if sparse:
-            block = width // butterfly_size
-            layout = flat_block_butterfly_layout(width, width, butterfly_size, n_factors, block)
-            mask = layout_to_mask(layout, block).to(torch.float64)
-        else:
-            mask = torch.ones(width, width, dtype=torch.float64)
-        fan_in = int(mask.sum(1).max().item())       # every row keeps the same number of entries
-        for seed in range(seeds):
-            generator = torch.Generator().manual_seed(seed)
-            x = torch.randn(n_samples, dim, generator=generator, dtype=torch.float64)
-            x = x / x.norm(dim=1, keepdim=True) * math.sqrt(dim)
-            y = torch.randint(0, 2, (n_samples,), generator=generator).to(torch.float64) * 2 - 1
-            params = {"w1": torch.randn(width, dim, generator=generator, dtype=torch.float64),
-                      "w2": torch.randn(width, width, generator=generator, dtype=torch.float64),
-                      "v": torch.randn(width, generator=generator, dtype=torch.float64)}
-            with few_threads(width * width):
-                k0 = _ntk(params, x, mask, fan_in)
-                lr = n_samples / torch.linalg.eigvalsh(k0).max().item()
-                loss0 = (_mlp(params, x, mask, fan_in) - y).square().mean().item() / 2
-                for _ in range(steps):
-                    grads = torch.func.grad(lambda p: (_mlp(p, x, mask, fan_in) - y).square().mean() / 2)(params)
-                    params = {name: p - lr * grads[name] for name, p in params.items()}
-                loss = (_mlp(params, x, mask, fan_in) - y).square().mean().item() / 2
-                k1 = _ntk(params, x, mask, fan_in)
-            rows.append(dict(width=width, seed=seed, density=mask.mean().item(),
-                             ntk_change=(torch.linalg.norm(k1 - k0) / torch.linalg.norm(k0)).item(),
-                             loss_ratio=loss / loss0))
-    return pd.DataFrame(rows)
-
-
-def plot_ntk_change(tables: dict, slopes: dict):
-    """NTK change and final loss against width, one line per network ({label: ntk_change_vs_width table})."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (label, df) in enumerate(tables.items()):
-        mean = df.groupby("width").mean(numeric_only=True)
-        axes[0].loglog(mean.index, mean.ntk_change, "o-", color=f"C{i}", label=f"{label} (slope {slopes[label]:.2f})")
-        axes[1].loglog(mean.index, mean.loss_ratio, "o-", color=f"C{i}", label=label)
-    ref = next(iter(tables.values())).groupby("width").ntk_change.mean()
-    axes[0].loglog(ref.index, ref.iloc[0] * (ref.index / ref.index[0]) ** -0.5, "--", color="grey",
-                   label="width^-1/2 reference")
-    axes[0].set_ylabel("||K_T - K_0|| / ||K_0||")
-    axes[1].set_ylabel("training loss L_T / L_0")
-    for ax in axes:
-        ax.set_xlabel("width")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.suptitle("Lazy training: the NTK moves less as the width grows (Pixelfly paper, Thm 3)")
-    fig.tight_layout()
-    return fig
 
 
 def plot_block_vs_butterfly(df: pd.DataFrame, n: int):
