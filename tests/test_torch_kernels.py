@@ -157,7 +157,11 @@ def test_route_is_measured_once_per_shape_and_only_in_its_size_band(monkeypatch)
     assert not torch_kernels.dense_gemm_wins(plan, rows, 128, 128, 0, like.to(torch.device("meta")))
     monkeypatch.setattr(torch_kernels, "ROUTE_MAX_WEIGHT", 128 * 128)
     assert not torch_kernels.dense_gemm_wins(plan, 4 * rows, 128, 128, 0, like)     # large weights: grouped
-    assert len(calls) == 1
+    monkeypatch.setattr(torch_kernels, "ROUTE_MAX_MACS_16BIT", 4 * rows * 128 * 128)
+    half = like.to(torch.bfloat16)
+    assert torch_kernels.dense_gemm_wins(plan, 4 * rows, 128, 128, 0, half)   # 16-bit, few MACs: measured
+    assert not torch_kernels.dense_gemm_wins(plan, 8 * rows, 128, 128, 0, half)  # 16-bit, more MACs: grouped
+    assert calls == [128, 512]                                                      # 404 rows: bucket 512
 
 
 def test_route_measurement_runs_both_routes():

@@ -68,7 +68,7 @@ except ImportError:   # a torch without it: measure in the open
 
 # Plan, plan_for, PAD_FILL (torch_plan) and release_buffers (torch_buffers) are re-exported: the
 # layout registry's callers and the tests import them from here
-__all__ = ["Plan", "plan_for", "PAD_FILL", "release_buffers", "ROUTE_MIN_MACS", "ROUTE_MAX_WEIGHT",
+__all__ = ["Plan", "plan_for", "PAD_FILL", "release_buffers", "ROUTE_MIN_MACS", "ROUTE_MAX_WEIGHT", "ROUTE_MAX_MACS_16BIT",
            "dense_gemm_wins", "sparse_lowrank_forward", "sparse_lowrank_backward"]
 
 
@@ -180,6 +180,11 @@ ROUTE_MIN_MACS = 2 ** 26
 # Weights of at least this many entries (1024 x 4096) take the grouped GEMMs unmeasured: at
 # budgets below 0.5 they won at every row count tried, and timing their dense GEMMs costs seconds.
 ROUTE_MAX_WEIGHT = 2 ** 22
+# 16-bit products of at most this many multiply-adds are measured whatever their weight's size:
+# their GEMMs (AMX) run 4-7x faster than float32's, so the grouped route's fixed costs weigh that
+# much more, and a large layer at few rows can lose to one dense GEMM (bf16 autocast, 1024 -> 4096
+# at 512 rows on 2 threads: 0.87x of nn.Linear, issue 21); timing both routes there costs ~0.2 s once.
+ROUTE_MAX_MACS_16BIT = 2 ** 31
 _ROUTES: dict[tuple, bool] = {}
 
 
@@ -193,7 +198,9 @@ def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, 
     """Whether one dense GEMM beats the grouped GEMMs for this product (measured once, cached).
 
     Measured on the CPU for products of at least :data:`ROUTE_MIN_MACS` multiply-adds with
-    weights under :data:`ROUTE_MAX_WEIGHT` entries: forward+backward of both routes on random
+    weights under :data:`ROUTE_MAX_WEIGHT` entries, or 16-bit products (bf16/fp16 autocast) of
+    at most :data:`ROUTE_MAX_MACS_16BIT` multiply-adds whatever their weight (so the sparse layer
+    is not slower than dense at small batches where AMX makes dense GEMMs fast): forward+backward of both routes on random
     operands of this shape (rows rounded up to a power of two, at most 2048), three rounds
     interleaved, the best time of each; cached per (plan, rows bucket, rank, dtype, threads) for
     the life of the process (so a backward always takes its forward's route). Elsewhere, and
@@ -209,7 +216,8 @@ def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, 
         False
     """
     weight = in_features * out_features
-    if (like.device.type != "cpu" or rows * weight < ROUTE_MIN_MACS or weight >= ROUTE_MAX_WEIGHT
+    small_16bit = like.dtype in (torch.bfloat16, torch.float16) and rows * weight <= ROUTE_MAX_MACS_16BIT
+    if (like.device.type != "cpu" or rows * weight < ROUTE_MIN_MACS or (weight >= ROUTE_MAX_WEIGHT and not small_16bit)
             or like.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         return False
     key = (plan.signature, _row_bucket(rows), rank, like.dtype, torch.get_num_threads())
