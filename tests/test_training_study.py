@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pixelfly_lab.studies.training import (GPU_SPEEDUPS, SpeedModel, TaskSpec, flop_ceiling, parity_claims,
-                                           sparsified_budgets, speed_claims, unmeasured_speed_claims)
+from pixelfly_lab.studies.training import (FULL, FULL_MINUTES, FULL_SEEDS, GPU_SPEEDUPS, QUICK, TINY, SpeedModel,
+                                           TaskSpec, flop_ceiling, parity_claims, sparsified_budgets, speed_claims,
+                                           unmeasured_speed_claims)
+from pixelfly_lab.studies.stats import seeds_for_power
+from pixelfly_lab.studies.training_rules import CONVERGENCE_SHARE, TaskRuns, task_claims
 from pixelfly_lab.studies.training_comparison import compare_patterns, pattern_options
 
 ACCURACY = TaskSpec("task", "mlp", "mnist1d", "test_accuracy", 2.0)
@@ -67,10 +70,14 @@ def test_best_other_is_not_held_when_low_rank_stands_in_for_pixelfly():
         swapped.loc[swapped.pattern == variant, "test_accuracy"] = swapped.loc[lowrank, "test_accuracy"].to_numpy()
     claim = parity_claims(ACCURACY, swapped, "f.png", "t.csv")[1]
     assert claim.held is False and "critical: random" in claim.measured
-    # a task on which low-rank is as good as the rest: low-rank passes the rule too -> undecided
+    # a task on which every pattern is as good as the rest: no other pattern fails the same rule -> undecided
     flat = _summary("test_accuracy", dict(MEANS, lowrank=0.795, **{"random+lowrank": 0.795}), 0.003)
     claim = parity_claims(ACCURACY, flat, "f.png", "t.csv")[1]
-    assert claim.held is None and "low-rank passes the same rule" in claim.measured
+    assert claim.held is None and "does not separate patterns" in claim.measured
+    assert "lowrank held" in claim.measured and claim.seeds_to_decide is None   # more seeds do not separate a task
+    # Pixelfly's rule passes, and one other pattern fails it: the task separates, held
+    assert parity_claims(ACCURACY, _summary("test_accuracy", dict(MEANS, random=0.795), 0.003), "f.png",
+                         "t.csv")[1].held is True
     # one seed: no interval
     assert parity_claims(ACCURACY, summary.query("seed == 0"), "f.png", "t.csv")[1].held is None
 
@@ -78,12 +85,77 @@ def test_best_other_is_not_held_when_low_rank_stands_in_for_pixelfly():
 def test_parity_rules_for_a_loss_and_info_tasks():
     means = {"dense": 2.00, "pixelfly": 2.005, "pixelfly-gated": 2.01, "lowrank": 2.10}
     claims = parity_claims(LOSS, _summary("val_loss", means, 0.002), "f.png", "t.csv")
-    # lower is better: pixelfly 0.25% above dense (margin 1%), low-rank 5% above: refuted, the control behaves
-    assert [c.held for c in claims] == [True, None]  # best other: low-rank is the only other, its own control
+    # lower is better: pixelfly 0.25% above dense (margin 1%), low-rank 5% above: refuted, the control behaves;
+    # best other: low-rank, the only other, fails the same rule (5% worse than Pixelfly): the task separates
+    assert [c.held for c in claims] == [True, True]
     info = parity_claims(replace(LOSS, kind="info"), _summary("val_loss", means, 0.002), "f.png", "t.csv")
     assert all(c.kind == "info" and c.held is None for c in info) and "verdict: held" in info[0].measured
     with pytest.raises(ValueError, match="kind"):
         replace(LOSS, kind="maybe")
+
+
+def _history(dense_curve, steps=(10, 20, 30)):
+    """Evaluation rows of dense (every seed alike) on a learning curve."""
+    return pd.DataFrame([{"event": "eval", "pattern": "dense", "seed": s, "step": step, "test_accuracy": value}
+                         for s in range(4) for step, value in zip(steps, dense_curve)])
+
+
+def test_parity_is_undecided_while_dense_still_gains():
+    summary = _summary("test_accuracy", MEANS, 0.003)
+    limit = CONVERGENCE_SHARE * ACCURACY.margin   # 0.5 points
+    gaining = parity_claims(ACCURACY, summary, "f.png", "t.csv", control=_control(),
+                            history=_history([0.70, 0.78, 0.80 - 0.01 * limit * 1.5]))[0]
+    assert gaining.held is None and "not converged" in gaining.measured and gaining.seeds_to_decide is None
+    converged = parity_claims(ACCURACY, summary, "f.png", "t.csv", control=_control(),
+                              history=_history([0.70, 0.798, 0.800]))[0]
+    assert converged.held is True and "converged when <= 0.5" in converged.measured
+    # a refutation on a run that has not converged is held back too
+    worse = _summary("test_accuracy", dict(MEANS, pixelfly=0.75, **{"pixelfly-gated": 0.75}), 0.003)
+    assert parity_claims(ACCURACY, worse, "f.png", "t.csv", history=_history([0.6, 0.7, 0.8]))[0].held is None
+    assert parity_claims(ACCURACY, worse, "f.png", "t.csv", history=_history([0.6, 0.8, 0.8]))[0].held is False
+
+
+def test_budgets_are_one_family():
+    """Parity at two budgets is one claim: four members (two layers x two budgets), Holm across them."""
+    at_01 = replace(ACCURACY, train={"budget": 0.1})
+    good, broken = _summary("test_accuracy", MEANS, 0.003), _control(0.70)
+    results = [TaskRuns(ACCURACY, good, "f.png", "t.csv", control=_control()),
+               TaskRuns(at_01, _summary("test_accuracy", MEANS, 0.003, seed=1), "g.png", "u.csv", control=broken)]
+    parity, best = task_claims(results)
+    assert [m["name"] for m in parity.members] == ["pixelfly @0.25", "pixelfly-gated @0.25", "pixelfly @0.1",
+                                                   "pixelfly-gated @0.1"]
+    assert "budget(s) 0.25, 0.1" in parity.claim and len(best.members) == 4
+    # budget 0.1's positive control failed: its members decide nothing, 0.25's hold the family
+    verdicts = {m["name"]: m["verdict"] for m in parity.members}
+    assert verdicts["pixelfly @0.1"] == verdicts["pixelfly-gated @0.1"] == "undecided" and parity.held is True
+    assert "budget 0.1: undecided: the positive control failed" in parity.measured
+    # both budgets refuted: the family is refuted; one refuted, one undecided: undecided
+    worse = _summary("test_accuracy", dict(MEANS, pixelfly=0.75, **{"pixelfly-gated": 0.75}), 0.003)
+    both = task_claims([TaskRuns(ACCURACY, worse), TaskRuns(at_01, worse)])[0]
+    assert both.held is False and {m["verdict"] for m in both.members} == {"refuted"}
+    noisy = _summary("test_accuracy", dict(MEANS, pixelfly=0.78, **{"pixelfly-gated": 0.78}), 0.03, seeds=3)
+    assert task_claims([TaskRuns(ACCURACY, worse), TaskRuns(at_01, noisy)])[0].held is None
+
+
+def test_a_pattern_that_must_fail_the_rule_holds_back_the_check():
+    teacher = TaskSpec("teacher", "mlp", "teacher-pixelfly", "test_mse", 0.05, kind="check", parity=False,
+                       must_fail=("lowrank", "random"))
+    means = {"pixelfly": 0.25, "pixelfly-gated": 0.245, "lowrank": 0.34, "random+lowrank": 0.30, "random": 0.325}
+    claims = parity_claims(teacher, _summary("test_mse", means, 0.004), "f.png", "t.csv")
+    assert len(claims) == 1 and claims[0].kind == "check" and claims[0].held is True
+    assert "lowrank refuted" in claims[0].measured and "random refuted" in claims[0].measured
+    # random as good as Pixelfly: the control does not separate what it must
+    close = parity_claims(teacher, _summary("test_mse", dict(means, random=0.251), 0.004), "f.png", "t.csv")[0]
+    assert close.held is None and "random did not fall behind" in close.measured
+
+
+def test_presets_carry_the_teacher_tasks_and_full_seeds_from_power():
+    assert len(FULL_SEEDS) == seeds_for_power(1.0, -1.0, -2.0, alpha=0.05 / 4) >= 3
+    labels = {t.label: t for t in QUICK.tasks}
+    assert {"teacher-pixelfly student", "teacher-dense student"} <= set(labels)
+    assert labels["teacher-pixelfly student"].kind == "check" and labels["teacher-dense student"].kind == "paper"
+    assert all(len(t.seeds) == len(FULL_SEEDS) for t in FULL.tasks if t.kind != "info" and t.data != "chars")
+    assert any(t.data == "teacher-pixelfly" for t in TINY.tasks) and 10 < FULL_MINUTES < 200
 
 
 def test_patterns_under_budget_are_named_and_left_out():

@@ -1,105 +1,56 @@
-"""Study 'training': parity of Pixelfly with dense training, rank of the weights, time per step.
+"""Study 'training': parity of Pixelfly with dense training, which pattern to use, rank of the weights, time per step.
 
 Composes :func:`pixelfly_lab.studies.training_comparison.compare_patterns` and
-:func:`~pixelfly_lab.studies.training_comparison.step_speed`. What the paper claims (Dao, Chen et al.,
-ICLR 2022, arXiv 2112.00029, Sec. 5): sparse models with the Pixelfly pattern reach the dense
-models' quality with a fraction of the parameters, and train faster on GPUs. At laptop scale,
-on tasks where patterns differ (on scikit-learn's digits every pattern reaches ~97% and nothing
-can fail), with several seeds (mean +- sd; the data's seed is fixed, the seeds vary the
-initialisation and the example order). The MLP sparsifies every hidden layer, at budgets 0.25 and
-0.1. Both Pixelfly layers are primary, as one Holm-corrected family per claim: the library's
-ungated layer and the authors' gated, Kaiming-initialised one. Comparisons are paired by seed
-and decided by :func:`pixelfly_lab.studies.stats.paired_decision` (90% t interval of the mean
-difference: held beyond the margin on the claim's side, refuted on the other side, otherwise
-undecided; the report prints the seeds that would decide an undecided claim). Each task states
-its pass rules before measuring:
+:func:`~pixelfly_lab.studies.training_comparison.step_speed`; the pass rules are in
+:mod:`pixelfly_lab.studies.training_rules`. What the paper claims (Dao, Chen et al., ICLR 2022,
+arXiv 2112.00029, Sec. 5): sparse models with the Pixelfly pattern reach the dense models' quality
+with a fraction of the parameters, and train faster on GPUs. At laptop scale, on tasks where
+patterns differ (on scikit-learn's digits every pattern reaches ~97% and nothing can fail), with
+several seeds (the data's seed is fixed, the seeds vary the initialisation and the example order):
 
-* parity: not worse than dense by more than the task's margin (MNIST-1D MLP and ListOps
-  transformer: 2 accuracy points; character GPT: validation loss at most 1% above dense's);
-  decided only when the controls behave: low-rank and random+lowrank at the same budget
-  (negative controls) refuted by the same rule, dense against dense of other seeds (positive
-  control) not refuted;
-* not worse than any other sparse pattern (so than the best of them) by more than half that
-  margin, with low-rank through the same rule as a negative control. Patterns whose sparsified
-  layers hold more than 5% fewer parameters than the budget are left out of that list (named in
-  the measured text; every pattern's share is printed).
+* MNIST-1D, an MLP with every hidden layer sparsified, at budgets 0.25 and 0.1: parity with dense
+  (one family over both budgets and both primary Pixelfly layers, the library's ungated one and the
+  authors' gated, Kaiming-initialised one; controls and a convergence gate) and "Pixelfly is the
+  pattern to use" (the same rule run for every pattern);
+* teacher-student regression (:func:`pixelfly_lab.training.generated.make_teacher_student`): on a
+  teacher whose weights have Pixelfly's structure, low-rank and random must fall behind Pixelfly at
+  equal budget (kind 'check': the study's rule can separate patterns when the task does); on a
+  teacher with unstructured Gaussian weights the same rule is a paper claim that no structure
+  favours;
+* as a reading, a few dozen steps of a character GPT (its loss still falls: no verdict).
 
-A task of kind 'info' (the QUICK character GPT: a few dozen steps, its loss still falling) is a
-reading with its step count, not a verdict. Also: the rank of trained weights (Pixelfly's
-effective rank far above low-rank's, which cannot exceed its rank), time per step at these sizes
-(a reading), and on a CUDA GPU the per-step speed-up at the talk's model shapes against the talk's
-end-to-end figures (Mixer-B/16 2.3x, ViT-B/16 2.0x, GPT-2 small 2.1x, GPT-2 medium 2.5x), each
-beside its FLOP ceiling (:mod:`pixelfly_lab.studies.training_speed`); on a CPU that claim reports
-"not measured".
+Also: the rank of trained weights (Pixelfly's effective rank far above low-rank's, which cannot
+exceed its rank), time per step at these sizes (a reading), and on a CUDA GPU the per-step speed-up
+at the talk's model shapes against the talk's end-to-end figures (Mixer-B/16 2.3x, ViT-B/16 2.0x,
+GPT-2 small 2.1x, GPT-2 medium 2.5x), each beside its FLOP ceiling
+(:mod:`pixelfly_lab.studies.training_speed`); on a CPU that claim reports "not measured".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pixelfly_lab.training.data import load_data
 from pixelfly_lab.training.rank import layer_weights, singular_values
 from pixelfly_lab.threads import num_threads
-from pixelfly_lab.studies.training_comparison import compare_patterns, plot_curves, plot_parity, plot_ranks, plot_step_times, step_speed
-from pixelfly_lab.studies.claims import Claim, decision_fields, member, save_figure, save_table
-from pixelfly_lab.studies.stats import Decision, every_held, family_verdicts, paired_decision
+from pixelfly_lab.studies.training_comparison import (Comparison, compare_patterns, plot_curves, plot_parity,
+                                                      plot_ranks, plot_step_times, step_speed)
+from pixelfly_lab.studies.claims import Claim, save_figure, save_table
+from pixelfly_lab.studies.stats import seeds_for_power
+from pixelfly_lab.studies.training_rules import (TaskRuns, TaskSpec, parity_claims, sparsified_budgets,
+                                                 task_claims)
 from pixelfly_lab.studies.training_speed import (GPU_SPEEDUPS, SpeedModel, flop_ceiling, speed_claims,
-                                             unmeasured_speed_claims)
+                                                 unmeasured_speed_claims)
 
-__all__ = ["TaskSpec", "TrainingConfig", "FULL", "QUICK", "TINY", "run", "parity_claims", "SpeedModel", "GPU_SPEEDUPS",
-           "flop_ceiling",
-           "speed_claims", "unmeasured_speed_claims"]
+__all__ = ["TaskSpec", "TrainingConfig", "FULL", "QUICK", "TINY", "FULL_MINUTES", "run", "parity_claims",
+           "task_claims", "sparsified_budgets", "SpeedModel", "GPU_SPEEDUPS", "flop_ceiling", "speed_claims",
+           "unmeasured_speed_claims"]
 
-PIXELFLY = "pixelfly"                        # the variant the claims test, chosen before measuring
-VARIANTS = ("pixelfly", "pixelfly-gated")    # not "other patterns": the gated layer is Pixelfly too
-ALL_PATTERNS = ("dense", "pixelfly", "pixelfly-gated", "lowrank", "random+lowrank", "butterfly", "random", "local",
-                "monarch")
-UNDER_BUDGET = 0.05  # a pattern whose sparsified layers fall more than this share below the budget is left out
-ALPHA = 0.05  # level of each one-sided test (90% t intervals)
-NEGATIVE_CONTROLS = ("lowrank", "random+lowrank")  # parity must refute these for the task to tell patterns apart
-# "not worse than the best other" by at most this share of the parity margin (1 point of MNIST-1D's 2)
-BEST_OTHER_SHARE = 0.5
 CONTROL_SEED = 100  # the positive control's dense seeds: task.seeds shifted by this
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One task of the parity comparison.
-
-    Attributes:
-        label: its name in figures and claims.
-        model, data: :class:`pixelfly_lab.training.loop.TrainConfig`'s model and data.
-        metric: the summary column compared ('test_accuracy' or 'val_loss').
-        margin: parity margin: accuracy points (accuracy) or a relative excess (loss: 0.05 = 5%).
-        patterns, seeds: what is trained.
-        train: other TrainConfig fields (epochs, sizes, block size, ...).
-        kind: 'paper' (verdicts) or 'info' (a reading: a run too short for a verdict).
-        positive_control: train dense again with other seeds (the positive control of parity).
-    """
-
-    label: str
-    model: str
-    data: str
-    metric: str
-    margin: float
-    patterns: tuple = ALL_PATTERNS
-    seeds: tuple = (0, 1, 2)
-    train: dict = field(default_factory=dict)
-    kind: str = "paper"
-    positive_control: bool = True
-
-    def __post_init__(self):
-        if self.kind not in ("paper", "info"):
-            raise ValueError(f"kind must be 'paper' or 'info', got {self.kind!r}")
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.metric != "val_loss"
-
 
 # block 8 on the tiny presets: at block 16 a 64x256 layer has a 4x16 block grid on which Pixelfly
 # at budget 0.25 has no rank left and is the butterfly layout
@@ -109,11 +60,14 @@ _COMMON = dict(size="tiny", budget=0.25, block_size=8, lr=3e-3, track_rank=True)
 # every pattern landed within 0.3 points of the others at budget 0.25: the task told nothing apart.
 _MLP = dict(_COMMON, model_options={"depth": 4})
 _DATA = {"seed": 0}  # the data's seed, fixed: TaskSpec.seeds vary the initialisation and the example order
-# Seeds of the full preset, from a power computation on QUICK's paired sd (studies.stats.seeds_for_power):
-# QUICK's MNIST-1D paired differences (pattern - dense, 3 seeds) have sd ~0.6-1 points; deciding a
-# 1-point gap against the 2-point parity margin (or a half-point gap against the 1-point best-other
-# margin) at 80% power needs 5-8 seeds: FULL trains 8.
-FULL_SEEDS = tuple(range(8))
+# Seeds of the full preset, from a power computation on the QUICK run's paired sd
+# (studies.stats.seeds_for_power, 80% power, one-sided 0.05 split over the 4 members of the parity
+# family): QUICK (3 seeds, 2026-12-06) measured pixelfly - dense -4.25 +- 1.0 points at 0.25 and
+# -4.45 +- 1.0 at 0.1 (refuted: decided at 3 seeds); deciding a member whose true gap sits 1 point
+# from the 2-point margin at that sd needs seeds_for_power(1.0, -1.0, 0.0, alpha=0.05 / 4) = 11 seeds
+# (printed by `python -m pixelfly_lab.studies.training`). FULL trains that many.
+QUICK_SD, QUICK_GAP, PARITY_MEMBERS = 1.0, 1.0, 4  # sd, distance of the true gap to the 2-point margin, family size
+FULL_SEEDS = tuple(range(seeds_for_power(QUICK_SD, -2.0 + QUICK_GAP, -2.0, alpha=0.05 / PARITY_MEMBERS)))
 MNIST1D = TaskSpec("MNIST-1D MLP", "mlp", "mnist1d", "test_accuracy", 2.0, seeds=FULL_SEEDS,
                    train=dict(_MLP, epochs=20, batch_size=64, data_options=dict(_DATA, n_test=10_000)))
 MNIST1D_SPARSE = replace(MNIST1D, train=dict(MNIST1D.train, budget=0.1))
@@ -124,6 +78,24 @@ LISTOPS = TaskSpec("ListOps transformer", "vit", "listops", "test_accuracy", 2.0
 CHARS = TaskSpec("character GPT", "gpt", "chars", "val_loss", 0.01,
                  train=dict(_COMMON, context=64, size="small", epochs=3, batch_size=32, max_test=2048,
                             eval_every=200))
+# Teacher-student regression (training.generated.make_teacher_student, defaults: width 128, one
+# structured layer, 64 outputs, 8000 examples): the student MLP has the teacher's width (dim 32 x
+# mlp_ratio 4) and its one hidden layer, the input layer, sparsified (where=layers.*): behind a
+# dense input layer no student found the teacher's alignment (Pixelfly 0.337 vs random 0.340 test
+# MSE, width 256). Margin 5% of the test MSE (best other: 2.5%). Only the sparse patterns: no parity.
+_TEACHER = dict(_COMMON, track_rank=False, epochs=3, batch_size=64, data_options=_DATA,
+                model_options={"depth": 1, "dim": 32, "where": ("layers.*",)})
+_TEACHER_PATTERNS = ("pixelfly", "pixelfly-gated", "lowrank", "random+lowrank", "random")
+TEACHER_PIXELFLY = TaskSpec(
+    "teacher-pixelfly student", "mlp", "teacher-pixelfly", "test_mse", 0.05, patterns=_TEACHER_PATTERNS,
+    train=_TEACHER, kind="check", parity=False, must_fail=("lowrank", "random"),
+    statement="Control of the study (teacher with Pixelfly's structure: flat block butterfly + low-rank hidden "
+              "weights): the best-other rule separates patterns where the task does; Pixelfly is not worse than "
+              "the best other and low-rank alone and random fall behind it")
+TEACHER_DENSE = replace(
+    TEACHER_PIXELFLY, label="teacher-dense student", data="teacher-dense", kind="paper", must_fail=(),
+    statement="Pixelfly paper (Sec. 5), on a teacher with no structure (Gaussian hidden weights, where no pattern is "
+              "favoured by its support): Pixelfly is the pattern to use at a given budget")
 
 
 @dataclass(frozen=True)
@@ -132,23 +104,21 @@ class TrainingConfig:
 
     # ListOps is defined above but not in FULL: dense stays near chance at laptop sizes (QUICK: at
     # chance), so parity there tells nothing, and it cost an hour of the full run
-    tasks: tuple = (MNIST1D, MNIST1D_SPARSE, CHARS)
+    tasks: tuple = (MNIST1D, MNIST1D_SPARSE, TEACHER_PIXELFLY, TEACHER_DENSE, CHARS)
     rank_task: int = 0                           # the task whose ranks and spectra are shown
     timing_steps: int = 20                       # timed steps per pattern and round (step time figure)
     timing_rounds: int = 3
     gpu_speed: bool = True                       # on CUDA: the talk's models' step times
 
 
-FULL = TrainingConfig()
-# estimate: 2 MNIST-1D tasks x (9 patterns + the positive control) x 8 seeds at 4000 examples x 20
-# epochs (~8 QUICK runs' time each) and the character GPT's 3 epochs
-FULL_MINUTES = 45
-# MNIST-1D at budgets 0.25 and 0.1 (2000 training, 10000 test examples, 10 epochs, 3 seeds; at 0.25
-# dense again with 3 other seeds as the positive control, at 0.1 the primary layers and the controls
-# only) and, as a reading only, 75 steps of a tiny GPT (its loss still falls: no verdict); ListOps in
-# no preset (see TrainingConfig). 39 runs of the depth-4 MLP: 12 minutes on a loaded 2-core machine
-# (load ~7-11). At 1000 examples x 12 epochs (6 minutes) dense no longer separated from low-rank (the
-# controls failed, every verdict undecided), so QUICK keeps 2000 x 10.
+FULL = TrainingConfig(tasks=(MNIST1D, MNIST1D_SPARSE, replace(TEACHER_PIXELFLY, seeds=FULL_SEEDS),
+                             replace(TEACHER_DENSE, seeds=FULL_SEEDS), CHARS))
+# MNIST-1D at budgets 0.25 and 0.1 (2000 training, 10000 test examples, 10 epochs, 3 seeds; dense and
+# its positive control, 3 other seeds, trained once and shared by both budgets: dense has no budget),
+# the two teacher-student tasks (5 sparse patterns x 3 seeds, 8000 examples x 3 epochs) and, as a
+# reading only, 75 steps of a tiny GPT (its loss still falls: no verdict); ListOps in no preset (see
+# TrainingConfig). At 1000 examples x 12 epochs dense no longer separated from low-rank (the controls
+# failed, every verdict undecided), so QUICK keeps 2000 x 10.
 _QUICK_MNIST = TaskSpec("MNIST-1D MLP", "mlp", "mnist1d", "test_accuracy", 2.0,
                         patterns=("dense", "pixelfly", "pixelfly-gated", "lowrank", "random+lowrank", "random",
                                   "monarch"),
@@ -157,206 +127,66 @@ _QUICK_MNIST = TaskSpec("MNIST-1D MLP", "mlp", "mnist1d", "test_accuracy", 2.0,
 QUICK = TrainingConfig(
     tasks=(_QUICK_MNIST,
            replace(_QUICK_MNIST, patterns=("dense", "pixelfly", "pixelfly-gated", "lowrank", "random+lowrank"),
-                   positive_control=False, train=dict(_QUICK_MNIST.train, budget=0.1, track_rank=False)),
+                   train=dict(_QUICK_MNIST.train, budget=0.1, track_rank=False)),
+           TEACHER_PIXELFLY, TEACHER_DENSE,
            TaskSpec("character GPT", "gpt", "chars", "val_loss", 0.01, kind="info",
                     patterns=("dense", "pixelfly", "lowrank"), seeds=(0,),
                     train=dict(_COMMON, context=32, epochs=1, batch_size=32, max_train=2400, max_test=256,
                                eval_every=25))),
     timing_steps=5, timing_rounds=2, gpu_speed=False)
+_TINY_TEACHER = dict(_TEACHER, epochs=1, data_options=dict(_DATA, n_train=128, n_test=64, width=64, n_outputs=8),
+                     model_options=dict(_TEACHER["model_options"], dim=16))
 TINY = TrainingConfig(
     tasks=(TaskSpec("MNIST-1D MLP", "mlp", "mnist1d", "test_accuracy", 2.0,
                     patterns=("dense", "pixelfly", "pixelfly-gated", "lowrank", "random"), seeds=(0, 1),
                     train=dict(_COMMON, epochs=1, batch_size=32, data_options=dict(_DATA, n_train=128, n_test=64))),
+           replace(TEACHER_PIXELFLY, patterns=("pixelfly", "lowrank", "random"), seeds=(0, 1), train=_TINY_TEACHER),
            TaskSpec("character GPT", "gpt", "chars", "val_loss", 0.01, patterns=("dense", "pixelfly"), kind="info",
                     seeds=(0,), train=dict(_COMMON, context=16, epochs=1, batch_size=16, max_train=32,
                                            max_test=16, eval_every=2))),
     timing_steps=1, timing_rounds=1, gpu_speed=False)
+# Estimate of FULL on 2 cores, from the QUICK run measured 2026-12-06 (`reproduce --preset quick --only
+# training`, load ~7): QUICK's MNIST-1D runs took ~QUICK_RUN_SECONDS each (2000 examples x 10 epochs);
+# FULL's take 4 times the steps (4000 x 20) and there are (7 + 3 control) x 11 seeds + 5 x 11 at 0.1 (dense
+# and control shared); the teacher tasks 2 x 5 x 11 runs of ~QUICK_TEACHER_SECONDS; the character GPT ~5 min.
+QUICK_RUN_SECONDS, QUICK_TEACHER_SECONDS = 6.0, 4.0
+FULL_MINUTES = round((4 * QUICK_RUN_SECONDS * (10 + 5) * len(FULL_SEEDS)
+                      + QUICK_TEACHER_SECONDS * 2 * 5 * len(FULL_SEEDS)) / 60 + 5)
 
 
-def _describe(value: float, task: TaskSpec) -> str:
-    return f"{100 * value:.1f}%" if task.higher_is_better else f"{value:.3f}"
+def _key(task: TaskSpec, seeds: tuple) -> str:
+    """What dense's runs depend on: everything but the budget (dense has none) and the rank tracking."""
+    train = {k: v for k, v in task.train.items() if k not in ("budget", "track_rank")}
+    return json.dumps([task.model, task.data, train, list(seeds)], sort_keys=True, default=str)
 
 
-def sparsified_budgets(models: dict) -> dict:
-    """{pattern: parameters of its sparsified layers / those layers' dense parameters} (first seed's model)."""
-    budgets = {}
-    for (pattern, _), model in models.items():
-        report = getattr(model, "report", None)
-        if pattern in budgets or report is None or not len(report) or not report["replaced"].any():
-            continue
-        replaced = report[report["replaced"]]
-        budgets[pattern] = float(replaced["params_after"].sum() / replaced["params_before"].sum())
-    return budgets
+def _dense_runs(task: TaskSpec, seeds: tuple, device: str, cache: dict) -> Comparison:
+    key = _key(task, seeds)
+    if key not in cache:
+        cache[key] = compare_patterns(("dense",), seeds, model=task.model, data=task.data, device=device,
+                                      progress=False, **task.train)
+    return cache[key]
 
 
-def _differences(task: TaskSpec, table: pd.DataFrame, a: str, b: str) -> np.ndarray:
-    """Per-seed differences of pattern ``a`` against ``b`` in the margin's units, signed "a better = large".
-
-    Accuracy: 100 (a - b), points. Loss: -(a / b - 1), the relative excess with the sign flipped.
-    ``table``: seed x pattern values of ``task.metric``; seeds missing on either side are dropped.
-    """
-    pair = table[[a, b]].dropna()
-    if task.higher_is_better:
-        return (100 * (pair[a] - pair[b])).to_numpy()
-    return (-(pair[a] / pair[b] - 1)).to_numpy()
-
-
-def _not_worse(task, table, a, b, margin) -> Decision:
-    return paired_decision(_differences(task, table, a, b), margin=-margin, alternative="greater", alpha=ALPHA)
-
-
-def _margin_text(task: TaskSpec, margin: float) -> str:
-    return f"{margin:g} points" if task.higher_is_better else f"{100 * margin:g}%"
-
-
-def parity_claims(task: TaskSpec, summary: pd.DataFrame, png: str, csv: str, budgets: dict | None = None,
-                  control: pd.DataFrame | None = None) -> list[Claim]:
-    """The pass rules of the module docstring: parity with dense and not worse than the best other.
-
-    Both are families over the primary Pixelfly layers present (:data:`VARIANTS`: the library's
-    ungated layer and the authors' gated one), Holm-corrected
-    (:func:`pixelfly_lab.studies.stats.family_verdicts`).
-
-    Args:
-        task: the task (its margin, metric and kind).
-        summary: one row per run: pattern, seed, ``task.metric`` (and steps, epochs when known).
-        png, csv: the figure and table the claims point to.
-        budgets: {pattern: its sparsified layers' parameter share} (:func:`sparsified_budgets`);
-            patterns more than :data:`UNDER_BUDGET` below ``task.train['budget']`` are left out of
-            the "best other" list.
-        control: the positive control, dense trained again with other seeds (pattern, seed,
-            ``task.metric``), paired with dense's seeds in order; None: no positive control.
-
-    Returns:
-        [parity family, best-other family] (kind ``task.kind``; an 'info' task states what the
-        rule would say).
-    """
-    table = summary.pivot_table(index="seed", columns="pattern", values=task.metric)
-    stats = summary.groupby("pattern", sort=False)[task.metric].agg(["mean", "std"])
-    stats["std"] = stats["std"].fillna(0.0)
-    n_seeds = summary.seed.nunique()
-    target = task.train.get("budget", 0.25)
-    budgets = budgets or {}
-    short = [p for p, b in budgets.items() if b < (1 - UNDER_BUDGET) * target]
-    listing = ", ".join(f"{p} {_describe(r['mean'], task)}+-{_describe(r['std'], task)}" for p, r in stats.iterrows())
-    length = ""
-    if "steps" in summary and "epochs" in summary:
-        length = f" after {int(summary.steps.max())} steps ({int(summary.epochs.max())} epoch(s))"
-    setup = f"{task.label}{length}, budget {target:g}, {n_seeds} seed(s), mean +- sd: {listing}"
-    if budgets:
-        setup += ("; sparsified layers' parameters / dense's (target " + f"{target:g}): "
-                  + ", ".join(f"{p} {b:.3f}" for p, b in budgets.items())
-                  + (f"; more than {100 * UNDER_BUDGET:g}% under it, left out of the best-other comparison (parity still compares them): {', '.join(short)}"
-                     if short else ""))
-    variants = [v for v in VARIANTS if v in table.columns]
-    kind = "info" if task.kind == "info" else "paper"
-    claims = []
-    if not variants:
-        return claims
-    interval = f"{100 * (1 - 2 * ALPHA):.0f}% t interval"
-
-    # ---- parity with dense: not worse than dense by more than the margin, with its controls
-    if "dense" in table.columns:
-        decisions = {v: _not_worse(task, table, v, "dense", task.margin) for v in variants}
-        verdict, verdicts = family_verdicts(list(decisions.values()), ALPHA)
-        decisions = {v: d.shared(len(decisions)) for v, d in decisions.items()}
-        notes = []
-        negatives = {c: _not_worse(task, table, c, "dense", task.margin) for c in NEGATIVE_CONTROLS
-                     if c in table.columns}
-        if not negatives:
-            notes.append("no negative control (low-rank) trained")
-        for c, d in negatives.items():
-            notes.append(f"negative control {c} - dense {d.describe(2)}: {d.verdict} (must be refuted)")
-        positive = None
-        if control is not None and len(control):
-            dense, again = table["dense"].dropna().to_numpy(), control.sort_values("seed")[task.metric].to_numpy()
-            m = min(len(dense), len(again))
-            paired = pd.DataFrame({"again": again[:m], "dense": dense[:m]})
-            positive = _not_worse(task, paired, "again", "dense", task.margin)
-            notes.append(f"positive control dense (other seeds) - dense {positive.describe(2)}: {positive.verdict} "
-                         f"(must not be refuted)")
-        if positive is not None and positive.verdict == "refuted":
-            verdict = "undecided"
-            notes.append("undecided: the positive control failed (dense against dense refuted)")
-        elif verdict == "held" and (not negatives or any(d.verdict != "refuted" for d in negatives.values())):
-            verdict = "undecided"
-            notes.append("undecided: the task does not tell patterns apart (a negative control is not refuted)")
-        best = min(decisions.values(), key=lambda d: d.p_held)
-        by_controls = verdict == "undecided" and "undecided:" in " ".join(notes)  # more seeds do not fix a task
-        claims.append(Claim(
-            f"Pixelfly paper (Sec. 5, Tables 1-4): Pixelfly models match the dense model's quality with a fraction of "
-            f"the parameters -- {task.label}, budget {target:g}{length}. Family of the primary Pixelfly layers "
-            f"({', '.join(variants)}; 'pixelfly-gated' is the authors' gated, Kaiming-initialised layer), "
-            f"Holm-corrected. Per member, per seed, its {task.metric.replace('_', ' ')} minus dense's "
-            f"({'points' if task.higher_is_better else 'relative excess of the loss, sign flipped'}): held when the "
-            f"{interval} of the mean lies above -{_margin_text(task, task.margin)} (not worse than dense by more "
-            f"than the margin), refuted when it lies below; decided only when the controls behave: low-rank at the "
-            f"same budget (negative control) refuted by the same rule, dense against dense of other seeds (positive "
-            f"control) not refuted; otherwise undecided",
-            f"verdict: {verdict}; " + "; ".join(f"{v} - dense {decisions[v].describe(2)}: {mv}" for v, mv in
-                                               zip(variants, verdicts)) + "; " + "; ".join(notes) + f"; {setup}",
-            **{**_fields(replace(best, verdict=verdict), kind), **({"seeds_to_decide": None} if by_controls else {})},
-            figure=png, kind=kind, table=csv,
-            members=[member(v, decisions[v], mv) for v, mv in zip(variants, verdicts)]))
-
-    # ---- not worse than every other sparse pattern (so than the best of them)
-    others = [p for p in summary.pattern.unique() if p not in VARIANTS + ("dense",) and p not in short]
-    if others:
-        margin = BEST_OTHER_SHARE * task.margin
-        wholes, criticals = {}, {}
-        for v in variants:
-            criticals[v], wholes[v] = every_held({o: _not_worse(task, table, v, o, margin) for o in others})
-        verdict, verdicts = family_verdicts(list(wholes.values()), ALPHA)
-        wholes = {v: d.shared(len(wholes)) for v, d in wholes.items()}
-        notes = []
-        rivals = [o for o in others if o != "lowrank"]
-        if "lowrank" in table.columns and rivals:
-            _, lowrank = every_held({o: _not_worse(task, table, "lowrank", o, margin) for o in rivals})
-            notes.append(f"control: low-rank by the same rule against {{{', '.join(rivals)}}}: {lowrank.verdict} "
-                         "(must not be held)")
-            if lowrank.verdict == "held" and verdict == "held":
-                verdict = "undecided"
-                notes.append("undecided: low-rank passes the same rule, the task does not tell patterns apart")
-        else:
-            notes.append("no low-rank control")
-            verdict = "undecided" if verdict == "held" else verdict
-        best = min(wholes.values(), key=lambda d: d.p_held)
-        claims.append(Claim(
-            f"Pixelfly paper (Sec. 5): Pixelfly is the pattern to use at a given budget -- {task.label}, budget "
-            f"{target:g}{length}: not worse than any of {{{', '.join(others)}}} (so not worse than the best of them) "
-            f"by more than {_margin_text(task, margin)}. Family of the primary Pixelfly layers ({', '.join(variants)}), "
-            f"Holm-corrected; per member, paired by seed against each other pattern, held when every {interval} of "
-            f"the mean difference lies above -{_margin_text(task, margin)} (intersection-union), refuted when Holm "
-            f"across the others puts one below it; undecided when low-rank passes the same rule (negative control), "
-            f"e.g. with one seed",
-            f"verdict: {verdict}; " + "; ".join(
-                f"{v}: {mv} (critical: {criticals[v]}, {v} - {criticals[v]} {wholes[v].describe(2)})"
-                for v, mv in zip(variants, verdicts)) + "; " + "; ".join(notes) + f"; {setup}",
-            **_fields(replace(best, verdict=verdict), kind), figure=png, kind=kind, table=csv,
-            members=[member(f"{v} (critical: {criticals[v]})", wholes[v], mv) for v, mv in zip(variants, verdicts)]))
-    return claims
-
-
-def _fields(decision: Decision, kind: str) -> dict:
-    """decision_fields, with no verdict for a reading."""
-    fields = decision_fields(decision)
-    return {**fields, "held": None} if kind == "info" else fields
-
-
-def _task_study(out: Path, task: TaskSpec, index: int, device: str):
-    runs = compare_patterns(task.patterns, task.seeds, model=task.model, data=task.data, device=device,
-                            progress=False, **task.train)
+def _task_study(out: Path, task: TaskSpec, index: int, device: str, cache: dict) -> tuple[TaskRuns, Comparison]:
+    """Train one task (dense and its positive control from ``cache`` when another budget trained them)."""
+    sparse = tuple(p for p in task.patterns if p != "dense")
+    parts = [compare_patterns(sparse, task.seeds, model=task.model, data=task.data, device=device, progress=False,
+                              **task.train)]
+    if "dense" in task.patterns:
+        parts.insert(0, _dense_runs(task, task.seeds, device, cache))
+    runs = Comparison(*(pd.concat([getattr(c, f) for c in parts], ignore_index=True)
+                        for f in ("summary", "history", "ranks")), {k: m for c in parts for k, m in c.models.items()})
     control = None
-    if task.positive_control and "dense" in task.patterns and task.kind == "paper":
-        control = compare_patterns(("dense",), tuple(CONTROL_SEED + s for s in task.seeds), model=task.model,
-                                   data=task.data, device=device, progress=False, **task.train).summary
-    name = f"task{index}_{task.data}_b{task.train.get('budget', 0.25):g}"
+    if task.positive_control and "dense" in task.patterns and task.kind == "paper" and task.parity:
+        control = _dense_runs(task, tuple(CONTROL_SEED + s for s in task.seeds), device, cache).summary
+    name = f"task{index}_{task.data}_b{task.budget:g}"
     csv = save_table(runs.summary, out, f"{name}_parity")
     save_table(runs.ranks, out, f"{name}_ranks")
     save_figure(plot_curves(runs.history, task.metric, task.label), out, f"{name}_curves")
-    png = save_figure(plot_parity(runs.summary, task.metric, f"{task.label}, budget {task.train.get('budget', 0.25)}"),
-                      out, f"{name}_parity")
-    return parity_claims(task, runs.summary, png, csv, sparsified_budgets(runs.models), control), runs
+    png = save_figure(plot_parity(runs.summary, task.metric, f"{task.label}, budget {task.budget:g}"), out,
+                      f"{name}_parity")
+    return TaskRuns(task, runs.summary, png, csv, sparsified_budgets(runs.models), control, runs.history), runs
 
 
 def _rank_claim(out: Path, task: TaskSpec, runs) -> list[Claim]:
@@ -383,21 +213,22 @@ def _rank_claim(out: Path, task: TaskSpec, runs) -> list[Claim]:
 def run(out: Path, config: TrainingConfig = QUICK, *, device: str = "cpu") -> list[Claim]:
     """The 'training' study (see the module docstring)."""
     out = Path(out)
-    claims, frames = [], {}
+    results, extra, frames, cache = [], [], {}, {}
     with num_threads(1 if device == "cpu" and config != FULL else None):  # tiny models: see pixelfly_lab.threads
         for index, task in enumerate(config.tasks):
-            task_claims, runs = _task_study(out, task, index, device)
-            claims += task_claims
+            task_runs, runs = _task_study(out, task, index, device, cache)
+            results.append(task_runs)
             if index == config.rank_task:
-                claims += _rank_claim(out, task, runs)
+                extra += _rank_claim(out, task, runs)
             # Step time measured interleaved on the same batch (the runs' own step times drift with the load).
             options = {k: v for k, v in task.train.items() if k in ("size", "budget", "block_size")}
             options.update(task.train.get("model_options", {}))
             data = load_data(task.data, **({"context": task.train["context"]} if task.data == "chars" else {}),
                              **task.train.get("data_options", {}))
-            frames[f"{task.label}, budget {task.train.get('budget', 0.25):g}"] = step_speed(task.model, data, list(task.patterns), batch_size=task.train["batch_size"],
-                                            device=device, steps=config.timing_steps, rounds=config.timing_rounds,
-                                            **options)
+            frames[f"{task.label}, budget {task.budget:g}"] = step_speed(
+                task.model, data, list(task.patterns), batch_size=task.train["batch_size"], device=device,
+                steps=config.timing_steps, rounds=config.timing_rounds, **options)
+        claims = task_claims(results) + extra
         png = save_figure(plot_step_times(frames, f"Time per step ({device})"), out, "step_time")
         csv = save_table(pd.concat([f.assign(model=k) for k, f in frames.items()], ignore_index=True), out,
                          "step_time")
@@ -411,3 +242,8 @@ def run(out: Path, config: TrainingConfig = QUICK, *, device: str = "cpu") -> li
         else:
             claims += unmeasured_speed_claims(device)
     return claims
+
+
+if __name__ == "__main__":  # the power computation behind FULL's seeds and the FULL estimate
+    print(f"FULL seeds: seeds_for_power(sd={QUICK_SD}, effect={-QUICK_GAP}, margin=0, power=0.8, "
+          f"alpha=0.05/{PARITY_MEMBERS}) = {len(FULL_SEEDS)}; FULL_MINUTES ~ {FULL_MINUTES} on 2 cores")
