@@ -33,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pandas as pd
 import torch
@@ -44,12 +46,16 @@ from pixelfly_lab.structure.masks import layout_to_mask
 from pixelfly_lab.structure.projections import few_threads, relative_error, topk_mask
 from pixelfly_lab.nn.random_features import performer_features
 from pixelfly_lab.approx.targets import attention_inputs
-from pixelfly_lab.nn.attention import attention_layout
+from pixelfly_lab.nn.attention import PixelflyAttention, attention_layout
+from pixelfly_lab.training.config import TrainConfig
+from pixelfly_lab.training.data import load_data
+from pixelfly_lab.training.loop import train
 from tqdm.auto import tqdm
 
 __all__ = ["performer_features", "performer_attention", "sparse_lowrank_attention", "scatterbrain_attention",
            "pixelfly_attention", "fixed_sparse_attention", "attention_table", "plot_attention_table",
-           "plot_attention_examples", "ATTENTION_METHODS", "ATTENTION_ORACLES", "ATTENTION_ESTIMATORS"]
+           "plot_attention_examples", "ATTENTION_METHODS", "ATTENTION_ORACLES", "ATTENTION_ESTIMATORS",
+           "trained_queries_keys", "attention_kinds", "layer_error_table"]
 
 # method -> family, in plotting order: oracles first, then estimators
 ATTENTION_METHODS = {"topk": "sparse", "lowrank (SVD)": "low-rank", "topk+lowrank": "sparse + low-rank",
@@ -273,3 +279,84 @@ def plot_attention_examples(n: int, temperatures, locality: float = 0.0):
     fig.suptitle(f"softmax(Q K^T / t), locality {locality}")
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------- the attention layer on random, local and trained q, k
+
+def trained_queries_keys(seq_len: int, *, steps: int = 200, batch_size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Per-head queries and keys of a small GPT trained on characters, as its attention uses them.
+
+    The toolkit's 'tiny' GPT (:data:`pixelfly_lab.training.models.SIZES`) trained for ``steps``
+    AdamW steps on the shipped Shakespeare text at context ``seq_len`` (:func:`pixelfly_lab.training.loop.train`,
+    its files in a temporary folder); Q and K of every block's attention on the first held-out
+    window, read by forward hooks on the block's q and k projections. The model's scores are
+    q . k / sqrt(head_dim), causal.
+
+    Returns:
+        (q, k), each (depth, heads, seq_len, head_dim) float64: one batch row per block.
+    """
+    data = load_data("chars", context=seq_len)
+    epochs = -(-steps * batch_size // len(data.x_train))       # the schedule spans the steps taken
+    with tempfile.TemporaryDirectory() as out:
+        model = train(TrainConfig(model="gpt", data="chars", context=seq_len, epochs=epochs, max_steps=steps,
+                                  batch_size=batch_size, seed=seed, track_rank=False, progress=False, out=out)).model
+    seen, hooks = [], []
+    for block in model.blocks:
+        for proj in (block.attn.q, block.attn.k):
+            hooks.append(proj.register_forward_hook(lambda module, inputs, output: seen.append(output)))
+    with torch.no_grad():
+        model.eval()(data.x_test[:1])
+    for hook in hooks:
+        hook.remove()
+    heads = model.blocks[0].attn.heads
+    split = [t.reshape(seq_len, heads, -1).transpose(0, 1).double() for t in seen]     # (heads, T, D) each
+    return torch.stack(split[0::2]), torch.stack(split[1::2])
+
+
+def attention_kinds(seq_len: int, *, head_dim: int = 32, heads: int = 2, locality: float = 2.0,
+                    trained_steps: int = 200, seed: int = 0) -> dict:
+    """Queries and keys of three kinds, scaled so that q . k / sqrt(head_dim) are their scores at t = 1.
+
+    'random' and 'local': :func:`~pixelfly_lab.approx.targets.attention_inputs` (scores ~ N(0, 1);
+    'local' with a positional part of weight ``locality``), one seed per head, not causal.
+    'trained': :func:`trained_queries_keys` (the GPT's own scores, its blocks as batch rows), causal.
+
+    Returns:
+        {kind: (q, k, causal)}, q and k (B, heads, seq_len, head_dim) float64.
+    """
+    kinds = {}
+    for kind, weight in (("random", 0.0), ("local", locality)):
+        pairs = [attention_inputs(seq_len, head_dim, seed + h, weight) for h in range(heads)]
+        q, k = (torch.stack(part)[None] for part in zip(*pairs))
+        kinds[kind] = (q * head_dim ** 0.5, k, False)
+    q, k = trained_queries_keys(seq_len, steps=trained_steps, seed=seed)
+    kinds["trained"] = (q, k, True)
+    return kinds
+
+
+def layer_error_table(inputs: dict, variants: dict, temperatures=(1.0,), *, budget: float | None = None,
+                      block_size: int = 32) -> pd.DataFrame:
+    """Error of PixelflyAttention variants against dense softmax attention on each kind of q, k.
+
+    Args:
+        inputs: {kind: (q, k, causal)} as :func:`attention_kinds` returns.
+        variants: {name: PixelflyAttention keyword options}, e.g. {'sparse only': {},
+            'features': {'lowrank_features': 16}, 'paper': {'layout': 'pixelfly'}}.
+        temperatures: t values: the scores are divided by t (q / t); t = 1 is the kind's own.
+        budget, block_size: every variant's (the same budget: features are paid for in it).
+
+    Returns:
+        DataFrame with columns kind, causal, variant, temperature, error
+        (:meth:`~pixelfly_lab.nn.attention.PixelflyAttention.error_against_dense`, relative
+        Frobenius over all heads and batch rows), density and features of the variant's layer.
+    """
+    rows = []
+    for kind, (q, k, causal) in inputs.items():
+        _, heads, T, D = q.shape
+        for name, options in variants.items():
+            layer = PixelflyAttention(heads * D, heads, T, budget=budget, block_size=block_size, causal=causal,
+                                      **options).double()
+            rows += [dict(kind=kind, causal=causal, variant=name, temperature=t,
+                          error=layer.error_against_dense(q / t, k), density=layer.density, features=layer.features)
+                     for t in temperatures]
+    return pd.DataFrame(rows)
