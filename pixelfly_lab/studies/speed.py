@@ -8,20 +8,35 @@ n_factors 2, rank 32, block 32) at 1024 -> 4096 with 4096 rows at least 3.3x fas
 nn.Linear forward+backward and forward alone (FLOP limit 4.41x), or 0.8 of the FLOP limit on a
 GPU; budget 0.1 there at least 6x; a Mixer-B/16 training step (channel MLPs at budget 0.25,
 batch 8) at least 2x faster than dense (:func:`pixelfly_lab.speed.model_speed.model_speed_table`).
+
+One paper claim is decided here, on the CPU: the abstract's "Pixelfly trains faster than butterfly
+at equal parameters" -- a training step of a stack of PixelflyLinear layers against the same stack
+of ButterflyLinear layers (products of log2 n butterfly factors) with the same parameter count,
+timed with the one step timer (:func:`pixelfly_lab.speed.timer.time_training_steps`, one thread),
+paired by repeat (each repeat times both, alternating which goes first), decided by
+:func:`pixelfly_lab.studies.stats.paired_decision` on the log of the per-repeat speed ratio.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from pixelfly_lab.speed.bench import plot_speed
 from pixelfly_lab.speed.layer_speed import BenchConfig, speed_table
 from pixelfly_lab.speed.model_speed import MODEL_CASES, ModelCase, model_speed_table
-from pixelfly_lab.studies.claims import Claim, save_figure, save_table
+from pixelfly_lab.nn.butterfly import ButterflyLinear
+from pixelfly_lab.nn.layers import PixelflyLinear
+from pixelfly_lab.speed.timer import time_training_steps
+from pixelfly_lab.structure.patterns import plan_pixelfly
+from pixelfly_lab.studies.claims import Claim, decision_fields, save_figure, save_table
+from pixelfly_lab.studies.stats import paired_decision
 
 __all__ = ["SpeedConfig", "FULL", "QUICK", "TINY", "run"]
 
@@ -44,16 +59,28 @@ class SpeedConfig:
     # whole-model training steps (bench.model_speed_table); the Mixer-B/16 target is decided only
     # on the full shape (12 blocks, batch 8), other cases are readings
     models: tuple[ModelCase, ...] = MODEL_CASES
+    # Pixelfly against ButterflyLinear at equal parameters (the abstract's claim): n -> n layers, rows of a batch,
+    # layers in the stack, paired repeats (each: a warm-up step and `butterfly_steps` timed steps of each model)
+    butterfly_n: int = 1024
+    butterfly_rows: int = 512
+    butterfly_depth: int = 2
+    butterfly_repeats: int = 9
+    butterfly_steps: int = 2
 
 
 FULL = SpeedConfig()
 # the grid at 512 -> 2048 only plus the claim's case: about 1.5 minutes on an idle 2-core CPU
 QUICK = SpeedConfig(shapes=((512, 2048),), budgets=(0.1, 0.3, 0.5), block_sizes=(32,), repeats=2,
                     claim_repeats=3, compare_allocator=False,
-                    models=(ModelCase("Mixer-B/16, 2 blocks", "mixer", batch=8, depth=2),))
+                    models=(ModelCase("Mixer-B/16, 2 blocks", "mixer", batch=8, depth=2),), butterfly_repeats=5)
 TINY = SpeedConfig(shapes=((256, 1024),), rows=64, budgets=(0.25,), block_sizes=(32,), repeats=1,
                    claim_rows=32, claim_repeats=1, compare_allocator=False, isolate=False,
-                   models=(ModelCase("Mixer, 1 block of width 256", "mixer", batch=4, depth=1, dim=256),))
+                   models=(ModelCase("Mixer, 1 block of width 256", "mixer", batch=4, depth=1, dim=256),),
+                   butterfly_n=64, butterfly_rows=16, butterfly_repeats=2, butterfly_steps=1)
+
+# "Pixelfly trains faster than butterfly": held when the 90% t interval of the geometric-mean step-time ratio
+# (butterfly / pixelfly) over repeats lies above this, refuted when below; 1: faster at all, as the abstract says
+BUTTERFLY_MARGIN = 1.0
 
 
 def _released_rows(table: pd.DataFrame, backend: str) -> pd.DataFrame:
@@ -136,7 +163,66 @@ def run(out: Path, config: SpeedConfig = QUICK, *, device: str = "cpu") -> list[
             held=None, figure=figure, kind="info", table=csv))
     if config.models and not cuda:
         claims.extend(_model_claims(model_speed_table(config.models, progress=False), out))
-    return claims
+    return claims + [butterfly_claim(config, out)]
+
+
+def _butterfly_pair(n: int, depth: int, seed: int = 0) -> dict:
+    """{'butterfly': depth ButterflyLinear(n) layers, 'pixelfly': depth PixelflyLinear(n, n) layers}, GELU between,
+    each Pixelfly layer planned at the butterfly's budget 2 log2(n) / n (plan_pixelfly never exceeds it) with the
+    largest block (32, 16 or 8) at which a layout fits."""
+    budget = 2 * (n.bit_length() - 1) / n
+    for block in (32, 16, 8):
+        try:
+            plan_pixelfly(n, n, budget, block)
+            break
+        except ValueError:
+            continue
+    torch.manual_seed(seed)
+
+    def stack(make):
+        layers = []
+        for _ in range(depth):
+            layers += [make(), nn.GELU()]
+        return nn.Sequential(*layers[:-1])
+
+    return {"butterfly": stack(lambda: ButterflyLinear(n, bias=True)),
+            "pixelfly": stack(lambda: PixelflyLinear(n, n, budget=budget, block_size=block))}
+
+
+def butterfly_claim(config: SpeedConfig, out: Path) -> Claim:
+    """The abstract's claim: Pixelfly trains faster than butterfly at equal parameters (CPU, one thread, paired)."""
+    n, rows = config.butterfly_n, config.butterfly_rows
+    models = _butterfly_pair(n, config.butterfly_depth)
+    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    batch = torch.randn(rows, n, generator=torch.Generator().manual_seed(0))
+    tables = []
+    for repeat in range(config.butterfly_repeats):
+        order = list(models)[::-1] if repeat % 2 else list(models)    # alternate which model goes first
+        table = time_training_steps({name: models[name] for name in order}, batch, steps=config.butterfly_steps,
+                                    warmup=1, rounds=1, threads=1)
+        tables.append(table.assign(repeat=repeat))
+    table = pd.concat(tables, ignore_index=True)
+    csv = save_table(table, out, "pixelfly_vs_butterfly")
+    ms = table.pivot(index="repeat", columns="model", values="step_ms")
+    ratios = (ms["butterfly"] / ms["pixelfly"]).to_numpy()
+    decision = paired_decision(np.log(ratios), margin=math.log(BUTTERFLY_MARGIN), alternative="greater")
+    layer = models["pixelfly"][0]
+    return Claim(
+        f"Pixelfly paper, abstract: Pixelfly trains faster than butterfly at equal parameters -- measured here as the "
+        f"CPU training step (forward, backward, AdamW step; one thread) of {config.butterfly_depth} stacked "
+        f"{n} -> {n} layers on {rows} rows: PixelflyLinear against ButterflyLinear (a product of log2 n butterfly "
+        f"factors), the Pixelfly layers planned at the butterfly's budget 2 log2(n) / n. Per repeat (both models "
+        f"timed, alternating which goes first) the ratio of median step times, butterfly / pixelfly; held when the "
+        f"90% t interval of the mean log ratio lies above log {BUTTERFLY_MARGIN:g} (faster), refuted when below, "
+        f"otherwise undecided",
+        f"geometric-mean ratio {math.exp(decision.mean):.2f}x [{math.exp(decision.low):.2f}, "
+        f"{math.exp(decision.high):.2f}] ({decision.n} repeats; per repeat "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + f"); median step {ms['butterfly'].median():.1f} ms (butterfly) vs {ms['pixelfly'].median():.1f} ms "
+        f"(pixelfly); parameters {params['butterfly']} vs {params['pixelfly']}; pixelfly layer butterfly_size "
+        f"{layer.butterfly_size}, n_factors {layer.n_factors}, rank {layer.plan.rank}, block {layer.plan.block_size}; "
+        f"load average {table.load_avg.iloc[-1]:.1f}",
+        **decision_fields(decision), kind="paper", table=csv)
 
 
 def _model_claims(models: pd.DataFrame, out: Path) -> list[Claim]:
