@@ -305,3 +305,72 @@ def test_built_on_meta_then_materialised_equals_the_cpu_build():
     x = torch.randn(2, 64, 24)
     torch.testing.assert_close(layer(x), reference(x))
     assert torch.equal(layer.layout, reference.layout) and torch.equal(layer.feature_weights, reference.feature_weights)
+
+
+def test_build_model_connected_budget_below_the_floor_warns_and_uses_the_floor():
+    import warnings
+
+    from pixelfly_lab.training.data import make_listops
+    from pixelfly_lab.training.models import build_model
+
+    data = make_listops(n_train=8, n_test=4, max_len=64, seed=0)
+    floor = connected_layout(64, 16, causal=True)[0]          # 1-3 blocks of a 4 x 4 grid: 0.5625 > 0.25
+    with pytest.warns(UserWarning, match="below the connected layout's floor"):
+        model = build_model("gpt", data, attention="connected", attention_budget=0.25)
+    assert all(torch.equal(block.attn.layout, floor) for block in model.blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # at or above the floor: planned, no warning
+        wide = build_model("gpt", data, attention="connected", attention_budget=0.9)
+        build_model("gpt", data, attention="pixelfly", attention_budget=0.25)
+    assert wide.blocks[0].attn.layout.sum() > floor.sum()
+    with pytest.raises(ValueError, match="budget"):
+        build_model("gpt", data, attention="connected", attention_budget=0.0)
+
+
+def test_sdpa_twin_shares_the_projections_and_is_dense_softmax():
+    from pixelfly_lab.speed.attention import SDPAAttention
+    from pixelfly_lab.training.models import Attention
+
+    for causal in (False, True):
+        layer = make("connected", causal=causal, budget=None)
+        twin = SDPAAttention(layer)
+        assert type(twin).forward is Attention.forward and twin.q is layer.q and twin.proj is layer.proj
+        x = torch.randn(2, 64, 24, dtype=torch.float64)
+        B, T, C = x.shape
+        q, k = (p(x).view(B, T, 2, C // 2).transpose(1, 2) for p in (layer.q, layer.k))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(C // 2)
+        if causal:
+            scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        torch.testing.assert_close(twin(x), heads_out(layer, x, torch.softmax(scores, -1)), rtol=1e-10, atol=1e-10)
+    with pytest.raises(TypeError, match="layer"):
+        SDPAAttention(torch.nn.Linear(2, 2))
+
+
+def test_speed_table_kernel_lengths_and_dense_gemm_rate():
+    from pixelfly_lab.speed.attention import attention_speed_table, dense_gemm_gflops
+
+    assert dense_gemm_gflops(32, 16, repeats=1) > 0
+    table = attention_speed_table((64,), dim=16, heads=2, block_size=16, causal=False, repeats=1, memory=False,
+                                  kernel_lengths=(128,))
+    assert list(zip(table["T"], table["row"])) == [(64, "layer"), (64, "kernel"), (128, "kernel")]
+    assert (table["dense_gemm_gflops"] > 0).all() and table["dense_gemm_gflops"].nunique() == 1
+    assert (table["sparse_gflops"] > 0).all()
+    torch.testing.assert_close(table["speedup"] / table["flop_limit"], table["fraction_of_limit"])
+
+
+def test_layer_error_table_is_zero_at_full_budget_and_equals_the_layer_on_each_kind():
+    from pixelfly_lab.studies.estimators import attention_kinds, layer_error_table, trained_queries_keys
+
+    q, k = trained_queries_keys(32, steps=2, batch_size=4)
+    assert q.shape == k.shape == (2, 2, 32, 32) and q.dtype == torch.float64 and torch.isfinite(q).all()
+    inputs = {"random": attention_kinds(32, head_dim=8, trained_steps=1)["random"], "trained": (q, k, True)}
+    variants = {"bigbird": {"layout": "bigbird"}, "local": {"layout": "local"}}
+    table = layer_error_table(inputs, variants, (1.0, 3.0), budget=0.5, block_size=8)
+    assert len(table) == 2 * 2 * 2 and (table.error > 0).all()
+    for kind, (qq, kk, causal) in inputs.items():
+        T, D = qq.shape[2], qq.shape[3]
+        layer = PixelflyAttention(2 * D, 2, T, budget=0.5, block_size=8, causal=causal, layout="local").double()
+        row = table[(table.kind == kind) & (table.variant == "local") & (table.temperature == 3.0)]
+        assert row.error.item() == pytest.approx(layer.error_against_dense(qq / 3.0, kk), rel=1e-12)
+    full = layer_error_table(inputs, {"connected": {}}, (0.5, 2.0), budget=1.0, block_size=8)
+    assert (full.error < 1e-12).all()                 # the oracle: a full layout is softmax itself

@@ -40,33 +40,59 @@ from tqdm.auto import tqdm
 from pixelfly_lab.nn.attention import PixelflyAttention
 from pixelfly_lab.ops.attention import block_sparse_attention
 from pixelfly_lab.threads import num_threads
+from pixelfly_lab.training.models import Attention
 from pixelfly_lab.speed.machine import load_average
 
-__all__ = ["SDPAAttention", "attention_flops", "attention_speed_table", "peak_memory_mb"]
+__all__ = ["SDPAAttention", "attention_flops", "attention_speed_table", "dense_gemm_gflops", "peak_memory_mb"]
 
 
-class SDPAAttention(nn.Module):
+class SDPAAttention(Attention):
     """The dense twin of a :class:`PixelflyAttention`: its own projections, softmax over all keys (SDPA).
+
+    The forward is :class:`pixelfly_lab.training.models.Attention`'s (the toolkit's dense attention);
+    only the construction differs: the projections are the layer's (shared, not copied), so
+    ``Attention.__init__`` (which would make new ones) is skipped.
 
     Args:
         layer: the PixelflyAttention whose q, k, v and proj (shared, not copied) and causal flag it uses.
     """
 
     def __init__(self, layer: PixelflyAttention):
-        super().__init__()
         if not isinstance(layer, PixelflyAttention):
             raise TypeError(f"layer must be a PixelflyAttention, got {type(layer).__name__}")
+        nn.Module.__init__(self)
         self.heads, self.causal = layer.heads, layer.causal
         self.q, self.k, self.v, self.proj = layer.q, layer.k, layer.v, layer.proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, dim) -> (B, T, dim)."""
-        B, T, C = x.shape
 
-        def split(t):
-            return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=self.causal)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+def dense_gemm_gflops(rows: int, dim: int, *, repeats: int = 5, threads: int | None = 1) -> float:
+    """The machine's dense fp32 GEMM rate on one (rows, dim) @ (dim, dim) matmul, in GFLOP/s.
+
+    The shape of the layers' projections (x (B T, dim) times a (dim, dim) weight), timed at the
+    table's threads: the yardstick the attention speed-ups are read against (DESIGN: targets are
+    fractions of the same machine's dense rate).
+
+    Args:
+        rows, dim: the matmul's shape.
+        repeats: timed calls after one warm-up; the median is used.
+        threads: torch threads while timing (None: as set).
+
+    Returns:
+        2 * rows * dim * dim / median seconds / 1e9.
+
+    Example:
+        >>> dense_gemm_gflops(64, 32, repeats=1) > 0
+        True
+    """
+    x, w = torch.randn(rows, dim), torch.randn(dim, dim)
+    with num_threads(threads):
+        x @ w
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ w
+            times.append(time.perf_counter() - start)
+    return 2 * rows * dim * dim / statistics.median(times) / 1e9
 
 
 def attention_flops(layer: PixelflyAttention, T: int, batch: int = 1, *, dense: bool = False,
@@ -173,7 +199,7 @@ def peak_memory_mb(method: str, row: str, T: int, *, dim: int, heads: int, batch
 def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, heads: int = 8, batch: int = 1,
                           causal: bool | tuple = (False, True), block_size: int = 32, options: dict | None = None,
                           repeats: int = 5, threads: int | None = 1, memory: bool = True,
-                          progress: bool = False) -> pd.DataFrame:
+                          kernel_lengths=(), progress: bool = False) -> pd.DataFrame:
     """Forward+backward of PixelflyAttention against its SDPA twin (row 'layer') and of the kernel
     against SDPA (row 'kernel'), at each length and causal flag.
 
@@ -186,37 +212,33 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
         repeats: interleaved rounds; medians are reported.
         threads: torch threads while timing (1: the targets' single-thread setting; None: as set).
         memory: also measure each case's peak memory (:func:`peak_memory_mb`, a child process each).
+        kernel_lengths: further T values where only the kernel row is timed (long sequences whose
+            layer rows would take too long).
         progress: show a tqdm bar over the cases.
 
     Returns:
         DataFrame, one row per (T, causal, row): density (of the layout at T), flop_limit (dense /
         sparse FLOPs, see the module docstring), dense_ms and sparse_ms (medians of forward +
-        backward), speedup, fraction_of_limit (speedup / flop_limit), and dense_peak_mb,
-        sparse_peak_mb, memory_ratio when ``memory``; load_avg (1-minute, after the row's timing).
+        backward), speedup, fraction_of_limit (speedup / flop_limit), sparse_gflops (the sparse
+        side's useful rate: forward FLOPs x 3.5 for the attention (2 products forward, 5 backward
+        with the recomputed scores) and x 3 for the projections, over sparse_ms),
+        dense_gemm_gflops (:func:`dense_gemm_gflops` at (batch * T, dim) x (dim, dim), T capped at
+        4096, same threads, measured once per table), and dense_peak_mb, sparse_peak_mb,
+        memory_ratio when ``memory``; load_avg (1-minute, after the row's timing).
     """
 
     flags = (causal,) if isinstance(causal, bool) else tuple(causal)
-    cases = [(T, c) for T in lengths for c in flags]
+    cases = [(T, c, ("layer", "kernel")) for T in lengths for c in flags]
+    cases += [(T, c, ("kernel",)) for T in kernel_lengths for c in flags]
+    gemm_rows = batch * min(4096, max(T for T, _, _ in cases))
+    gemm_rate = dense_gemm_gflops(gemm_rows, dim, repeats=repeats, threads=threads)
     rows = []
     with num_threads(threads):
-        for T, is_causal in tqdm(cases, disable=not progress, desc="attention speed"):
+        for T, is_causal, kinds in tqdm(cases, disable=not progress, desc="attention speed"):
             layer_options = {"block_size": block_size, "causal": is_causal, **(options or {})}
             torch.manual_seed(0)
             layer = PixelflyAttention(dim, heads, T, **layer_options)
-            twin = SDPAAttention(layer)
-            x = torch.randn(batch, T, dim, requires_grad=True)
-            shape = (batch, heads, T, dim // heads)
-            q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-            key = layer.layout_key(T)            # the kernel row runs on the layer's registered layout
-            grad_x, grad_q = torch.randn(batch, T, dim), torch.randn(shape)
-            runs = {
-                ("layer", "sparse"): lambda: layer(x).backward(grad_x),
-                ("layer", "dense"): lambda: twin(x).backward(grad_x),
-                ("kernel", "sparse"): lambda: block_sparse_attention(q, k, v, key, block_size,
-                                                                     causal=is_causal).backward(grad_q),
-                ("kernel", "dense"): lambda: F.scaled_dot_product_attention(q, k, v,
-                                                                            is_causal=is_causal).backward(grad_q),
-            }
+            runs = _runs(layer, T, batch, kinds)
             for run in runs.values():            # warm-up: plans, allocator, first-call dispatch
                 run()
             times = {name: [] for name in runs}
@@ -225,18 +247,10 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
                     start = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - start)
-            for row in ("layer", "kernel"):
-                projections = row == "layer"
-                limit = (attention_flops(layer, T, batch, dense=True, projections=projections)
-                         / attention_flops(layer, T, batch, projections=projections))
-                entry = {"T": T, "causal": is_causal, "row": row, "dim": dim, "heads": heads, "batch": batch,
-                         "block_size": block_size, "features": layer.features, "density": layer.density_at(T),
-                         "flop_limit": limit,
-                         "dense_ms": 1e3 * statistics.median(times[(row, "dense")]),
-                         "sparse_ms": 1e3 * statistics.median(times[(row, "sparse")])}
-                entry["speedup"] = entry["dense_ms"] / entry["sparse_ms"]
+            for row in kinds:
+                entry = _row(layer, T, batch, row, times)
+                entry["dense_gemm_gflops"] = gemm_rate
                 entry["load_avg"] = load_average()[0]
-                entry["fraction_of_limit"] = entry["speedup"] / limit
                 if memory:
                     for method in ("dense", "sparse"):
                         entry[f"{method}_peak_mb"] = peak_memory_mb(method, row, T, dim=dim, heads=heads,
@@ -245,3 +259,40 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
                         entry["memory_ratio"] = entry["sparse_peak_mb"] / entry["dense_peak_mb"]
                 rows.append(entry)
     return pd.DataFrame(rows)
+
+
+def _runs(layer: PixelflyAttention, T: int, batch: int, kinds) -> dict:
+    """{(row, method): forward+backward closure} of a case, on fresh inputs."""
+    shape = (batch, layer.heads, T, layer.dim // layer.heads)
+    runs = {}
+    if "layer" in kinds:
+        twin = SDPAAttention(layer)
+        x, grad_x = torch.randn(batch, T, layer.dim, requires_grad=True), torch.randn(batch, T, layer.dim)
+        runs[("layer", "sparse")] = lambda: layer(x).backward(grad_x)
+        runs[("layer", "dense")] = lambda: twin(x).backward(grad_x)
+    if "kernel" in kinds:
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        grad_q = torch.randn(shape)
+        key, b, causal = layer.layout_key(T), layer.block_size, layer.causal   # the layer's registered layout
+        runs[("kernel", "sparse")] = lambda: block_sparse_attention(q, k, v, key, b, causal=causal).backward(grad_q)
+        runs[("kernel", "dense")] = lambda: F.scaled_dot_product_attention(q, k, v,
+                                                                           is_causal=causal).backward(grad_q)
+    return runs
+
+
+def _row(layer: PixelflyAttention, T: int, batch: int, row: str, times: dict) -> dict:
+    """One table row from the timings: medians, speed-up, FLOP limit and the sparse side's rate."""
+    projections = row == "layer"
+    dense_flops = attention_flops(layer, T, batch, dense=True, projections=projections)
+    sparse_flops = attention_flops(layer, T, batch, projections=projections)
+    entry = {"T": T, "causal": layer.causal, "row": row, "dim": layer.dim, "heads": layer.heads, "batch": batch,
+             "block_size": layer.block_size, "features": layer.features, "density": layer.density_at(T),
+             "flop_limit": dense_flops / sparse_flops,
+             "dense_ms": 1e3 * statistics.median(times[(row, "dense")]),
+             "sparse_ms": 1e3 * statistics.median(times[(row, "sparse")])}
+    entry["speedup"] = entry["dense_ms"] / entry["sparse_ms"]
+    entry["fraction_of_limit"] = entry["speedup"] / entry["flop_limit"]
+    attention_only = attention_flops(layer, T, batch, projections=False)
+    useful = 3.5 * attention_only + 3 * (sparse_flops - attention_only)
+    entry["sparse_gflops"] = useful / (entry["sparse_ms"] * 1e6)
+    return entry

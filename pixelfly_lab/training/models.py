@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelfly_lab.nn.attention import ATTENTION_LAYOUTS, PixelflyAttention
+from pixelfly_lab.nn.attention import ATTENTION_LAYOUTS, PixelflyAttention, connected_layout
 from pixelfly_lab.nn.sparsification import sparsify
 from pixelfly_lab._checks import check_bool, check_budget, check_int, check_lowrank_init
 from pixelfly_lab.structure.patterns import PATTERN_NAMES
@@ -338,6 +339,20 @@ def sparsify_model(model: nn.Module, family: str, pattern: str = "pixelfly", bud
                     block_size=block_size, seed=seed, gating=gating, lowrank_init=lowrank_init)
 
 
+def _attention_budget(attention: str, budget, seq_len: int, block_size: int, causal: bool):
+    """The budget given to the attention layers: 'connected' below its floor gets the floor (None), with a warning."""
+    if attention != "connected" or budget is None or seq_len % block_size:
+        return budget                        # (a length the block does not divide raises in the layer)
+    floor = connected_layout(seq_len, block_size, causal=causal)[0].float().mean().item()
+    if check_budget(budget) < floor - 1e-12:
+        warnings.warn(f"attention_budget={budget:.4g} is below the connected layout's floor {floor:.4g} at "
+                      f"T={seq_len}, block_size={block_size} (1 + ceil(log2(T/b)) blocks a row): using the floor; "
+                      f"pass attention_budget=None for the floor, a smaller block_size, or attention='pixelfly'",
+                      stacklevel=3)
+        return None
+    return budget
+
+
 def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", budget: float = 1.0,
                 block_size: int = 16, seed: int = 0, patch: int | None = None, attention: str = "dense",
                 attention_budget: float = 0.25, gating: bool = False,
@@ -364,7 +379,9 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
             ('pixelfly': flat block butterfly + Performer features, as the paper's LRA model;
             'bigbird', 'local', 'random': sparse baselines), with ``block_size`` blocks.
         attention_budget: fraction of the T^2 attention scores computed (features included);
-            0.25 as the MLPs' usual budget.
+            0.25 as the MLPs' usual budget. With ``attention='connected'`` a budget below the
+            connected layout's floor (1 + ceil(log2(T/b)) blocks a row: more than 0.25 of the scores
+            at short lengths) is raised to the floor with a warning; None asks for the floor.
         **overrides: ModelSize fields (dim, depth, heads, mlp_ratio) replacing the preset's.
 
     Returns:
@@ -415,6 +432,7 @@ def build_model(name: str, data, *, size: str = "tiny", pattern: str = "dense", 
             extra = dict(vocab_size=data.vocab_size) if tokens else dict(
                 patch=patch, patch_dim=patchify(torch.zeros(1, *shape), patch).shape[-1])
             seq_len = shape[0] if tokens else patchify(torch.zeros(1, *shape), patch).shape[1]
+            attention_budget = _attention_budget(attention, attention_budget, seq_len, block_size, name == "gpt")
             model = Transformer(seq_len, spec.dim, spec.depth, spec.heads, data.n_outputs, causal=name == "gpt",
                                 mlp_ratio=spec.mlp_ratio, per_token=lm, attention=attention,
                                 attention_options=dict(budget=attention_budget, block_size=block_size, seed=seed),
