@@ -69,32 +69,64 @@ def test_attention_table_separates_oracles_from_estimators():
     assert df.top_mass.iloc[0] > df.top_mass.iloc[-1]
 
 
-@pytest.mark.parametrize("pixelfly, spread, seeds, expected", [
-    (0.5, 0.01, 3, True),      # below performer (0.9) and every sparse estimator (>= 1.7) on every seed
-    (0.85, 0.1, 3, None),      # below performer's mean, but the paired interval straddles 0: undecided
-    (1.5, 0.01, 3, False),     # above performer on every seed: refuted
-    (0.5, 0.01, 1, None),      # one seed: no interval, no verdict
+@pytest.mark.parametrize("pixelfly, lowrank_part, spread, seeds, expected, count", [
+    (0.5, 0.9, 0.01, 3, True, False),      # below both parts (0.9, 1.7) at every temperature, every seed: held
+    (0.85, 0.9, 0.1, 3, None, True),       # below the low-rank part's mean, the paired interval straddles 0
+    (1.5, 0.9, 0.01, 3, False, False),     # above its low-rank part on every seed: refuted
+    (1.2, 1.4, 0.01, 3, None, False),      # below both parts, but all three worse than zero: cannot favour it
+    (0.5, 0.9, 0.01, 1, None, False),      # one seed: no interval, no verdict
 ])
-def test_attention_claim_decides_on_paired_intervals(monkeypatch, tmp_path, pixelfly, spread, seeds,
-                                                              expected):
+def test_attention_claim_is_pixelfly_against_its_parts(monkeypatch, tmp_path, pixelfly, lowrank_part, spread, seeds,
+                                                       expected, count):
     from pixelfly_lab.studies import attention as study
+    from pixelfly_lab.studies.estimators import PIXELFLY_PARTS
 
     base = {"topk": 0.8, "lowrank (SVD)": 0.6, "topk+lowrank": 0.1, "local": 1.8, "bigbird": 2.0, "butterfly": 1.7,
-            "performer": 0.9, "scatterbrain": 0.7, "pixelfly": pixelfly}
+            "performer": 0.9, "scatterbrain": 0.7, "pixelfly": pixelfly, "pixelfly: sparse part": 1.7,
+            "pixelfly: low-rank part": lowrank_part}
+    families = {**ATTENTION_METHODS, **PIXELFLY_PARTS}
 
-    def fake(n, temperatures, budget, seeds, **_):
-        rows = [dict(temperature=float(t), seed=s, method=m, role="oracle" if m in ATTENTION_ORACLES else "estimator",
-                     family=ATTENTION_METHODS[m], top_mass=0.5, kept=0.25 if m in study.SPARSE_ESTIMATORS else np.nan,
-                     # the worst temperature carries the seed-to-seed spread (sd = spread for 3 seeds)
+    def fake(n, temperatures, budget, seeds, parts=False, **_):
+        assert parts
+        rows = [dict(temperature=float(t), seed=s, method=m,
+                     role="oracle" if m in ATTENTION_ORACLES else "part" if m in PIXELFLY_PARTS else "estimator",
+                     family=families[m], top_mass=0.5, kept=0.25 if m in study.SPARSE_ESTIMATORS else np.nan,
+                     # the hottest temperature carries the seed-to-seed spread (sd = spread for 3 seeds)
                      error=e + (spread * (s - 1) if m == "pixelfly" and t == max(temperatures) else 0.0))
                 for t in temperatures for s in range(seeds) for m, e in base.items()]
         return pd.DataFrame(rows)
 
     monkeypatch.setattr(study, "attention_table", fake)
     config = study.AttentionConfig(n=64, seeds=seeds, temperatures=2, block_size=4)
-    claims = [c for c in study.run(tmp_path, config) if c.kind == "paper"]
-    assert len(claims) == 1 and claims[0].held is expected and len(claims[0].members) == 2  # the two regimes
-    claim = claims[0]
-    assert ("undecided, e.g. with one seed" in claim.claim and "worse than predicting the zero matrix" in claim.claim
-            and "random features" in claim.claim)
-    assert claim.seeds == seeds and (claim.seeds_to_decide is None) == (expected is not None or seeds == 1)
+    claims = study.run(tmp_path, config)
+    paper = [c for c in claims if c.kind == "paper"]
+    assert len(paper) == 1 and paper[0].held is expected and not paper[0].members
+    claim = paper[0]
+    assert "below that of each of its parts at every temperature" in claim.claim and "held when" in claim.claim
+    assert "cannot favour either" in claim.claim and "intersection-union over 8 comparisons" in claim.claim
+    # one seed count, for the critical comparison, and only when more seeds could decide
+    assert claim.seeds == seeds and (claim.seeds_to_decide is not None) == count
+    assert ("both Pixelfly and its part are worse than predicting zero" in claim.measured) == (pixelfly > 1 and
+                                                                                              lowrank_part > 1)
+    readings = [c for c in claims if c.kind == "info" and c.claim.startswith("Estimators at equal budget")]
+    assert len(readings) == 2 and all(c.held is None for c in readings)
+
+
+def test_pixelfly_parts_are_its_support_and_its_features():
+    from pixelfly_lab.nn.attention import attention_layout
+    from pixelfly_lab.studies.estimators import PIXELFLY_PARTS, performer_rank, pixelfly_parts
+
+    q, k = attention_inputs(64, seed=4)
+    parts = pixelfly_parts(q, k, 0.7, 0.25, block_size=8, seed=1)
+    assert set(parts) == set(PIXELFLY_PARTS)
+    layout, m = attention_layout("pixelfly", 64, 0.25, 8)
+    support = layout_to_mask(layout, 8)
+    torch.testing.assert_close(parts["pixelfly: low-rank part"], performer_attention(q, k, 0.7, m, seed=1))
+    # Pixelfly is exact on its support: restricted there and renormalised it is its sparse part
+    whole = pixelfly_attention(q, k, 0.7, 0.25, block_size=8, seed=1)
+    on_support = whole * support
+    torch.testing.assert_close(on_support / on_support.sum(-1, keepdim=True), parts["pixelfly: sparse part"])
+    assert (parts["pixelfly: sparse part"][~support] == 0).all() and not torch.allclose(whole, on_support)
+    assert performer_rank(256, 0.25) == 32 and performer_rank(4, 0.1) == 1
+    table = attention_table(64, [1.0], 0.25, seeds=1, block_size=8, parts=True, progress=False)
+    assert set(table[table.role == "part"].method) == set(PIXELFLY_PARTS)

@@ -53,8 +53,9 @@ from pixelfly_lab.training.loop import train
 from tqdm.auto import tqdm
 
 __all__ = ["performer_features", "performer_attention", "sparse_lowrank_attention", "scatterbrain_attention",
-           "pixelfly_attention", "fixed_sparse_attention", "attention_table", "plot_attention_table",
-           "plot_attention_examples", "ATTENTION_METHODS", "ATTENTION_ORACLES", "ATTENTION_ESTIMATORS",
+           "pixelfly_attention", "pixelfly_parts", "fixed_sparse_attention", "performer_rank", "attention_table",
+           "plot_attention_table",
+           "plot_attention_examples", "ATTENTION_METHODS", "ATTENTION_ORACLES", "ATTENTION_ESTIMATORS", "PIXELFLY_PARTS",
            "trained_queries_keys", "attention_kinds", "layer_error_table"]
 
 # method -> family, in plotting order: oracles first, then estimators
@@ -63,6 +64,14 @@ ATTENTION_METHODS = {"topk": "sparse", "lowrank (SVD)": "low-rank", "topk+lowran
                      "performer": "low-rank", "scatterbrain": "sparse + low-rank", "pixelfly": "sparse + low-rank"}
 ATTENTION_ORACLES = ("topk", "lowrank (SVD)", "topk+lowrank")
 ATTENTION_ESTIMATORS = ("local", "bigbird", "butterfly", "performer", "scatterbrain", "pixelfly")
+# Pixelfly attention's own two parts, each alone (cheaper than the whole: not an equal-budget comparison):
+# exact softmax on its flat block butterfly support only, and Performer with its m random features only
+PIXELFLY_PARTS = {"pixelfly: sparse part": "sparse", "pixelfly: low-rank part": "low-rank"}
+
+
+def performer_rank(n: int, budget: float) -> int:
+    """Random features (or rank) m that ``budget`` buys on an (n, n) matrix: m features cost 2 n m, so m = budget n / 2."""
+    return max(1, int(budget * n / 2))
 
 
 def _row_normalise(scores: torch.Tensor) -> torch.Tensor:
@@ -153,6 +162,20 @@ def pixelfly_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, bud
     return sparse_lowrank_attention(q, k, temperature, max(1, n_features), support, seed)
 
 
+def pixelfly_parts(q: torch.Tensor, k: torch.Tensor, temperature: float, budget: float, block_size: int = 8,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Pixelfly attention's two parts, each alone: {name in :data:`PIXELFLY_PARTS`: (n, n) estimate}.
+
+    The sparse part is softmax restricted to Pixelfly's own flat block butterfly support
+    (:func:`fixed_sparse_attention`); the low-rank part is Performer with Pixelfly's own m random
+    features and the same seed (:func:`performer_attention`). :func:`pixelfly_attention` is their
+    combination (exact on the support, the features elsewhere, rows normalised together).
+    """
+    layout, n_features = attention_layout("pixelfly", q.shape[0], budget, block_size)
+    return {"pixelfly: sparse part": fixed_sparse_attention(q, k, temperature, layout, block_size),
+            "pixelfly: low-rank part": performer_attention(q, k, temperature, max(1, n_features), seed)}
+
+
 def fixed_sparse_attention(q: torch.Tensor, k: torch.Tensor, temperature: float, layout: torch.Tensor,
                            block_size: int) -> torch.Tensor:
     """softmax(Q K^T / t) restricted to a block layout, as the (n, n) matrix an attention layer applies.
@@ -169,7 +192,7 @@ def fixed_sparse_attention(q: torch.Tensor, k: torch.Tensor, temperature: float,
 def _approximations(q, k, attention, temperature, budget, block_size, seed):
     """{method: (n, n) approximation} at one budget (see :data:`ATTENTION_METHODS`)."""
     n = attention.shape[0]
-    rank = max(1, int(budget * n / 2))          # 2 n m parameters for m features or rank m
+    rank = performer_rank(n, budget)            # 2 n m parameters for m features or rank m
     n_sparse = int(budget * n * n / 2)          # half the budget to each part, for Scatterbrain
                                                 # and for the adaptive projection 'topk+lowrank'
     out = {"topk": approximate(attention, "topk", budget).matrix,
@@ -195,7 +218,7 @@ def _sparse_layout(name: str, n: int, budget: float, block_size: int, seed: int)
 
 
 def attention_table(n: int = 256, temperatures=None, budget: float = 0.25, seeds=1, *,
-                    locality: float = 0.0, head_dim: int = 16, block_size: int = 8,
+                    locality: float = 0.0, head_dim: int = 16, block_size: int = 8, parts: bool = False,
                     progress: bool = True) -> pd.DataFrame:
     """Error of every method of :data:`ATTENTION_METHODS` on attention at every temperature.
 
@@ -208,9 +231,10 @@ def attention_table(n: int = 256, temperatures=None, budget: float = 0.25, seeds
         seeds: number of seeds or an iterable of seeds (new Q, K and random features).
         locality, head_dim: passed to :func:`~pixelfly_lab.approx.targets.attention_inputs`.
         block_size: block edge of the sparse supports.
+        parts: also Pixelfly's two parts alone (:data:`PIXELFLY_PARTS`, role 'part').
 
     Returns:
-        DataFrame with columns temperature, seed, method, role ('oracle' or 'estimator'),
+        DataFrame with columns temperature, seed, method, role ('oracle', 'estimator' or 'part'),
         family, error, the target's top_mass (mean largest entry per row: 1 = one-hot rows,
         1/n = uniform), and kept: the fraction of the n^2 scores a fixed-support sparse estimator
         keeps (NaN for the others).
@@ -225,9 +249,13 @@ def attention_table(n: int = 256, temperatures=None, budget: float = 0.25, seeds
             q, k = attention_inputs(n, head_dim, seed, locality)
             attention = torch.softmax(q @ k.T / check_number("temperature", temperature), dim=-1)
             methods, kept = _approximations(q, k, attention, temperature, budget, block_size, seed)
+            if parts:
+                methods.update(pixelfly_parts(q, k, temperature, budget, block_size, seed))
         top_mass = attention.amax(-1).mean().item()
+        families = {**ATTENTION_METHODS, **PIXELFLY_PARTS}
         rows += [dict(temperature=temperature, seed=seed, method=name,
-                      role="oracle" if name in ATTENTION_ORACLES else "estimator", family=ATTENTION_METHODS[name],
+                      role="oracle" if name in ATTENTION_ORACLES else "part" if name in PIXELFLY_PARTS else "estimator",
+                      family=families[name],
                       error=relative_error(attention, approx), top_mass=top_mass, kept=kept.get(name, float("nan")))
                  for name, approx in methods.items()]
     return pd.DataFrame(rows)
