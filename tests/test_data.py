@@ -208,6 +208,9 @@ def test_pixelfly_student_contains_the_pixelfly_teacher_exactly():
     model = build_model("mlp", data, size="tiny", pattern="pixelfly", budget=0.25, block_size=8, dim=32, depth=1,
                         where=("layers.*",))
     layer = model.layers[0]
+    assert list(model.report.loc[model.report.replaced, "name"]) == ["layers.0"]   # where= reaches the input layer
+    with pytest.raises(TypeError, match="where"):
+        build_model("mlp", data, size="tiny", pattern="pixelfly", budget=0.25, block_size=8, where="layers.*")
     with torch.no_grad():
         assert layer.sparse.project_(teacher["sparse"].float()) == pytest.approx(0.0, abs=1e-6)
         layer.lowrank.u.copy_(teacher["u"]), layer.lowrank.v.copy_(teacher["v"]), layer.bias.zero_()

@@ -245,5 +245,5 @@ def run(out: Path, config: TrainingConfig = QUICK, *, device: str = "cpu") -> li
 
 
 if __name__ == "__main__":  # the power computation behind FULL's seeds and the FULL estimate
-    print(f"FULL seeds: seeds_for_power(sd={QUICK_SD}, effect={-QUICK_GAP}, margin=0, power=0.8, "
+    print(f"FULL seeds: seeds_for_power(sd={QUICK_SD}, effect={-2.0 + QUICK_GAP}, margin=-2.0, power=0.8, "
           f"alpha=0.05/{PARITY_MEMBERS}) = {len(FULL_SEEDS)}; FULL_MINUTES ~ {FULL_MINUTES} on 2 cores")
