@@ -4,7 +4,7 @@ must not import each other both ways."""
 
 import torch
 
-__all__ = ["tf32_allowed"]
+__all__ = ["tf32_allowed", "dot_precision"]
 
 
 def tf32_allowed() -> bool:
@@ -25,3 +25,27 @@ def tf32_allowed() -> bool:
         return bool(matmul.allow_tf32)
     except RuntimeError:
         return False
+
+
+def dot_precision(dtype: torch.dtype, precision: str | None = None) -> tuple[str, str]:
+    """(tl.dot input precision, accumulator dtype name) of the Triton kernels for inputs of ``dtype``.
+
+    float64: ('ieee', 'float64'); float32: 'tf32' where torch allows it for matmuls
+    (:func:`tf32_allowed`) or ``precision`` says so, 'ieee' (FMA dots) otherwise; 16-bit inputs:
+    float32 accumulation ('tf32' is ignored by tl.dot for them). The name is a ``triton.language``
+    attribute (``getattr(tl, name)``): this module does not import triton.
+
+    Args:
+        dtype: the inputs' dtype.
+        precision: None (as torch allows), 'tf32' or 'ieee'.
+
+    Returns:
+        (precision, accumulator dtype name).
+    """
+    if dtype == torch.float64:
+        return "ieee", "float64"
+    if precision not in (None, "tf32", "ieee"):
+        raise ValueError(f"precision must be None, 'tf32' or 'ieee', got {precision!r}")
+    if dtype == torch.float32 and (precision == "ieee" or precision is None and not tf32_allowed()):
+        return "ieee", "float32"
+    return "tf32", "float32"

@@ -154,7 +154,14 @@ def test_triton_kernels_in_the_interpreter():
     code = r'''
 import torch
 from pixelfly_lab.ops.attention import block_sparse_attention, block_attention_reference
+from pixelfly_lab.ops.registry import derived_count, register_layout, registered_count
 from tests.test_block_attention import qkv, uneven_layout
+key = register_layout(uneven_layout(4, seed=2), 16)
+before = registered_count(), derived_count()
+q, k, v = qkv(B=1, H=2, T=64, D=12, Dv=20)
+block_sparse_attention(q, k, v, key, 16, causal=True, backend="triton")
+# one cache: the effective layout checked, its tables built; no new (block-1) layout registered
+assert (registered_count(), derived_count()) == (before[0], before[1] + 2), (before, registered_count(), derived_count())
 for causal in (False, True):
     q, k, v = qkv(B=1, H=2, T=64, D=12, Dv=20)
     layout = uneven_layout(4, seed=2)

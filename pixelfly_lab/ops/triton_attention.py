@@ -26,39 +26,29 @@ imported) runs the kernels in numpy on CPU tensors: that is how the tests check 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from pixelfly_lab._tf32 import tf32_allowed
-from pixelfly_lab.ops.triton_kernels import layout_tables
+from pixelfly_lab._tf32 import dot_precision
+from pixelfly_lab.ops.registry import BLOCK_SIZES
+from pixelfly_lab.ops.triton_configs import INTERPRET
+from pixelfly_lab.ops.triton_tables import build_tables
 
 __all__ = ["BLOCK_SIZES", "attention_tables", "triton_attention_forward", "triton_attention_backward"]
 
-from pixelfly_lab.ops.registry import BLOCK_SIZES  # noqa: E402  (one tuple, in the registry)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def attention_tables(layout_cpu: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
     """CSR (row_ptr, row_cols) and CSC (col_ptr, col_rows) int32 tables of the effective layout on
-    ``device``: the block-sparse matmul's tables (:func:`pixelfly_lab.ops.triton_kernels.layout_tables`).
-    :mod:`pixelfly_lab.ops.attention` builds them once per (layout key, causal, device) through the
-    registry and hands them to the kernels below."""
-    t = layout_tables(layout_cpu, device)
+    ``device``: the block-sparse matmul's tables (:func:`pixelfly_lab.ops.triton_tables.build_tables`),
+    built uncached. :mod:`pixelfly_lab.ops.attention` builds them once per (layout key, causal,
+    device) through the registry (the one cache) and hands them to the kernels below."""
+    t = build_tables(layout_cpu, device)
     return t.row_ptr, t.row_cols, t.col_ptr, t.col_rows
 
 
-def _precision(dtype: torch.dtype):
-    if dtype == torch.float64:
-        return "ieee", tl.float64
-    if dtype == torch.float32 and not tf32_allowed():
-        return "ieee", tl.float32
-    return "tf32", tl.float32      # ignored by tl.dot for 16-bit inputs
-
-
 def _check(q: torch.Tensor, block_size: int) -> None:
-    if not (q.is_cuda or _INTERPRET):
+    if not (q.is_cuda or INTERPRET):
         raise ValueError("the Triton attention kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
                          "before triton is imported, to run them on CPU)")
     if block_size not in BLOCK_SIZES:
@@ -184,7 +174,8 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
 
 
 def _meta(q, v, block_size, causal):
-    precision, acc_dtype = _precision(q.dtype)
+    precision, accumulator = dot_precision(q.dtype)
+    acc_dtype = getattr(tl, accumulator)
     return dict(CAUSAL=causal, BLOCK=block_size, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
                 BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])), PRECISION=precision,
                 ACC_DTYPE=acc_dtype)

@@ -82,15 +82,9 @@ def _use_autotune(autotune: bool | None) -> bool:
 
 
 def _precision(dtype: torch.dtype, precision: str | None = None) -> tuple[str, object]:
-    """(tl.dot input precision, accumulator dtype): TF32 for float32 only where torch allows it
-    (or where ``precision`` says 'tf32'; 'ieee' asks for FMA dots)."""
-    if dtype == torch.float64:
-        return "ieee", tl.float64
-    if precision not in (None, "tf32", "ieee"):
-        raise ValueError(f"precision must be None, 'tf32' or 'ieee', got {precision!r}")
-    if dtype == torch.float32 and (precision == "ieee" or precision is None and not _tf32.tf32_allowed()):
-        return "ieee", tl.float32
-    return "tf32", tl.float32  # ignored by tl.dot for 16-bit inputs
+    """(tl.dot input precision, accumulator tl dtype): :func:`pixelfly_lab._tf32.dot_precision`."""
+    precision, accumulator = _tf32.dot_precision(dtype, precision)
+    return precision, getattr(tl, accumulator)
 
 
 def _on_device(t: torch.Tensor):

@@ -15,7 +15,7 @@ import torch
 
 from pixelfly_lab.ops.registry import derived, register_layout
 
-__all__ = ["LayoutTables", "tables_for", "layout_tables"]
+__all__ = ["LayoutTables", "build_tables", "tables_for", "layout_tables"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ def _pointers(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def _build_tables(layout: torch.Tensor, device: torch.device) -> LayoutTables:
-    """The index tables of a CPU bool layout, on ``device``."""
+def build_tables(layout: torch.Tensor, device: torch.device) -> LayoutTables:
+    """The index tables of a CPU bool layout, on ``device``, uncached (ops cache them per key with
+    :func:`pixelfly_lab.ops.registry.derived`: :func:`tables_for`, or an op's own derived layout)."""
     R, C = layout.shape
     rows, cols = layout.nonzero(as_tuple=True)            # row-major: the k-th pair is block k
     csc = torch.sort(cols * R + rows, stable=True).indices  # blocks ordered by (column, row)
@@ -102,7 +103,7 @@ def tables_for(key: int, device: torch.device | str) -> LayoutTables:
     Returns:
         :class:`LayoutTables`.
     """
-    return derived(key, "triton_tables", lambda entry, dev: _build_tables(entry.layout, dev), device)
+    return derived(key, "triton_tables", lambda entry, dev: build_tables(entry.layout, dev), device)
 
 
 def layout_tables(layout: torch.Tensor, device: torch.device | str | None = None) -> LayoutTables:
