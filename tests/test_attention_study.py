@@ -130,3 +130,32 @@ def test_pixelfly_parts_are_its_support_and_its_features():
     assert performer_rank(256, 0.25) == 32 and performer_rank(4, 0.1) == 1
     table = attention_table(64, [1.0], 0.25, seeds=1, block_size=8, parts=True, progress=False)
     assert set(table[table.role == "part"].method) == set(PIXELFLY_PARTS)
+
+
+@pytest.mark.parametrize("ratios, densities, expected", [
+    ([1.02, 0.99, 1.03, 1.00, 1.01, 0.98], (0.1875, 0.1875), True),     # within +-15%, tight: held
+    ([1.50, 1.55, 1.45, 1.52, 1.48, 1.51], (0.1875, 0.1875), False),    # BigBird 1.5x slower: refuted
+    ([0.80, 1.40, 0.90, 1.30, 1.00, 1.20], (0.1875, 0.1875), None),     # noisy: the interval crosses a margin
+    ([1.02, 0.99, 1.03, 1.00, 1.01, 0.98], (0.1875, 0.25), None),       # not equal budget: undecided
+])
+def test_bigbird_speed_claim_is_an_equivalence_test(monkeypatch, tmp_path, ratios, densities, expected):
+    from pixelfly_lab.studies import long_range
+
+    table = pd.DataFrame([dict(repeat=i, pixelfly_ms=10.0, bigbird_ms=10.0 * r, log_ratio=math.log(r), load_avg=1.0)
+                          for i, r in enumerate(ratios)])
+    monkeypatch.setattr(long_range, "bigbird_timings", lambda config: (table, dict(zip(("pixelfly", "bigbird"),
+                                                                                      densities))))
+    claim = long_range._bigbird_claim(tmp_path, long_range.TINY, "# machine")
+    assert claim.held is expected and claim.kind == "paper" and claim.seeds == len(ratios)
+    assert "within +-log(1.15)" in claim.claim and "fixed before measuring" in claim.claim
+    assert ("not equal budget" in claim.measured) == (densities[0] != densities[1])
+    assert (tmp_path / "bigbird_speed.png").is_file() and (tmp_path / "bigbird_speed.csv").is_file()
+
+
+def test_bigbird_timings_compare_equal_densities():
+    from pixelfly_lab.studies import long_range
+
+    table, density = long_range.bigbird_timings(long_range.TINY)
+    assert len(table) == long_range.TINY.bigbird_repeats and (table[["pixelfly_ms", "bigbird_ms"]] > 0).all().all()
+    assert table.log_ratio.to_numpy() == pytest.approx(np.log(table.bigbird_ms / table.pixelfly_ms).to_numpy())
+    assert density["bigbird"] == pytest.approx(density["pixelfly"], rel=long_range.SAME_DENSITY)
