@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from pixelfly_lab.studies.claims import HELD, verdict_word
 
-__all__ = ["EXPERIMENTS", "PRESETS", "Experiment", "reproduce", "load_results", "tally",
+__all__ = ["EXPERIMENTS", "PRESETS", "MEASURED_FULL", "Experiment", "reproduce", "load_results", "tally", "full_time",
            "add_arguments", "run"]
 
 PRESETS = ("tiny", "quick", "full")
@@ -226,9 +226,50 @@ def _statistics(claim: dict) -> str:
 
 
 def _members(claim: dict) -> list[str]:
-    return [f"{m['name']}: {verdict_word({'kind': 'paper', 'held': HELD.get(m['verdict'])})}" + (f" ({_statistics({**m, 'kind': 'paper', 'held': HELD.get(m['verdict'])})})"
-                                             if m.get("effect") is not None else "")
-            for m in claim.get("members") or []]
+    lines = []
+    for m in claim.get("members") or []:
+        as_claim = {**m, "kind": "paper", "held": HELD.get(m["verdict"])}
+        lines.append(f"{m['name']}: {verdict_word(as_claim)}"
+                     + (f" ({_statistics(as_claim)})" if m.get("effect") is not None else ""))
+    return lines
+
+
+# The last measured run of `python -m pixelfly_lab reproduce --preset full` (minutes per study, wall clock), with
+# where it ran: the report prints these beside the estimates, so that "how long does FULL take" has a measured
+# answer. A study's FULL config may have changed since (its FULL_MINUTES comment says so); studies not listed were
+# still running when this was written down. Add the rest from OUT/<study>/claims.json ("seconds") of a full run.
+MEASURED_FULL = {
+    "run": "commit 0357eab, 2 CPU cores shared with six other busy processes (load average 5-13), started 18:53",
+    "minutes": {"patterns": 0.06, "expressiveness": 11.6, "theory": 17.0},
+}
+
+
+def full_time(records: dict[str, dict] | None = None) -> str:
+    """How long the full preset takes on 2 CPU cores: measured where known, else each study's FULL_MINUTES estimate.
+
+    Args:
+        records: this run's records; those of preset 'full' count as measured (their 'seconds').
+
+    Returns:
+        One sentence for the report (per study: measured minutes or the estimate, and the total).
+    """
+    names = [e.name for e in EXPERIMENTS]
+    this_run = {name: rec["seconds"] / 60 for name, rec in (records or {}).items()
+                if rec.get("preset") == "full" and rec.get("status") in ("ok", "skipped") and "seconds" in rec}
+    earlier = {k: v for k, v in MEASURED_FULL["minutes"].items() if k in names and k not in this_run}
+    estimates = {name: m for name, m in full_minutes().items() if name not in this_run and name not in earlier}
+    missing = [n for n in names if n not in this_run and n not in earlier and n not in estimates]
+    total = sum(this_run.values()) + sum(earlier.values()) + sum(estimates.values())
+
+    def listed(minutes, digits):
+        return ", ".join(f"{k} {v:.{digits}f}" for k, v in minutes.items()) + " min"
+
+    parts = ([f"measured in this run: {listed(this_run, 1)}"] if this_run else []) + (
+        [f"measured ({MEASURED_FULL['run']}): {listed(earlier, 1)}"] if earlier else []) + (
+        [f"estimated (FULL_MINUTES, extrapolated from QUICK): {listed(estimates, 0)}"] if estimates else []) + (
+        [f"no time for {', '.join(missing)}"] if missing else [])
+    return (f"The full preset (`--preset full`) on 2 CPU cores: about {total:.0f} minutes in all"
+            + (" for the studies with a time" if missing else "") + "; " + "; ".join(parts) + ".")
 
 
 def full_minutes() -> dict[str, float]:
@@ -280,7 +321,6 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
     paper, targets, failed = count["paper"], count["targets"], count["failed"]
     held, refuted, families, unmeasured = count["held"], count["refuted"], count["families"], count["unmeasured"]
     checks, checks_held, met = count["checks"], count["checks_held"], count["met"]
-    minutes = full_minutes()
     intro = [f"Preset of this run: `{preset}`" + (f" (results on this page come from presets {', '.join(presets)})"
                                                   if presets != [preset] else "") + ".",
              "Seeds are fixed in each study's config (shown under each study); a rerun with the same preset "
@@ -294,11 +334,7 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str) ->
              f"on this machine, e.g. GPU claims on a CPU); {checks_held} of {len(checks)} "
              f"checks held; {met} of {len(targets)} speed targets met (not paper claims: see their section)"
              + (f"; failed studies: {', '.join(failed)}" if failed else "") + ".**",
-             (f"The full preset (`--preset full`): about {sum(minutes.values()):.0f} minutes on 2 CPU cores for the "
-              "studies that state an estimate (FULL_MINUTES, extrapolated from QUICK, not measured: "
-              + ", ".join(f"{k} {v:g}" for k, v in minutes.items()) + ")"
-              + (f"; no estimate from {', '.join(e.name for e in EXPERIMENTS if e.name not in minutes)}"
-                 if len(minutes) < len(EXPERIMENTS) else "") + "." if minutes else ""),
+             full_time(records),
              "", f"Environment: {env_text}"]
     md = ["# pixelfly_lab reproduction report", "", *intro, "",
           "## Paper claims", ""]
