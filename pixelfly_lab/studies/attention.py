@@ -30,7 +30,7 @@ import pandas as pd
 
 from pixelfly_lab.studies.estimators import (ATTENTION_ESTIMATORS, ATTENTION_ORACLES, PIXELFLY_PARTS, attention_table,
                                              performer_rank, plot_attention_examples, plot_attention_table)
-from pixelfly_lab.studies.claims import Claim, decision_fields, save_figure, save_table
+from pixelfly_lab.studies.claims import HELD, Claim, decision_fields, save_figure, save_table
 from pixelfly_lab.studies.stats import every_held, paired_decision
 from pixelfly_lab.nn.attention import attention_layout
 
@@ -82,9 +82,8 @@ def _parts_claim(tables: dict, temperatures, size: str, split: str, figure: str,
         note = (f"; undecided by the rule: at {len(both_fail)} comparison(s) both Pixelfly and its part are worse than "
                 f"predicting zero ({', '.join(both_fail)}), so they cannot favour either (more seeds do not change it)")
     below = sum(d.verdict == "held" for d in decisions.values())
-    fields = decision_fields(whole)
-    fields.update(held={"held": True, "refuted": False}.get(verdict),
-                  seeds_to_decide=whole.seeds_to_decide() if verdict == "undecided" and seeds_help else None)
+    fields = decision_fields(whole)  # its seeds_to_decide: the critical comparison's, computed once
+    fields.update(held=HELD[verdict], seeds_to_decide=fields["seeds_to_decide"] if seeds_help else None)
     worst = max(means, key=lambda n: means[n][0])
     return Claim(
         "Pixelfly paper, Sec. 4 (after Scatterbrain, Sec. 3): sparse + low-rank attention is more robust across "
