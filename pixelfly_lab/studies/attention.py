@@ -96,7 +96,8 @@ def _parts_claim(tables: dict, temperatures, size: str, split: str, figure: str,
         "comparison where both mean errors exceed 1 (worse than the zero matrix) cannot favour either, so the claim "
         "is then at best undecided",
         f"verdict: {verdict} (critical: {critical}: part - pixelfly {whole.describe()}; {below} of {len(decisions)} "
-        f"comparisons held alone; {size}). Pixelfly's largest mean error: {means[worst][0]:.3f} at {worst.rsplit(', ', 1)[0]}"
+        f"comparisons held alone; {size}). Pixelfly's largest mean error: {means[worst][0]:.3f} at "
+        f"{worst.rsplit(', ', 1)[0]}"
         + note, **fields, figure=figure, kind="paper", table=csv)
 
 
@@ -147,7 +148,8 @@ def run(out: Path, config: AttentionConfig = QUICK, *, device: str = "cpu") -> l
     parts_png = save_figure(_plot_parts(tables, budget), out, "attention_parts")
     save_figure(plot_attention_examples(n, (0.05, 0.5, 5.0), 1.0), out, "attention_examples")
 
-    size = f"n={n}, block {block}, budget {budget}, {seeds} seed(s), t in [{temperatures[0]:.2g}, {temperatures[-1]:.2g}]"
+    size = (f"n={n}, block {block}, budget {budget}, {seeds} seed(s), "
+            f"t in [{temperatures[0]:.2g}, {temperatures[-1]:.2g}]")
     claims = [_parts_claim(tables, temperatures, size, _budget_split(n, budget, block), parts_png, csv)]
     for regime, df in estimators.items():
         claims.append(_estimator_reading(regime, df, size, figure, csv))

@@ -70,7 +70,7 @@ PIXELFLY_PARTS = {"pixelfly: sparse part": "sparse", "pixelfly: low-rank part": 
 
 
 def performer_rank(n: int, budget: float) -> int:
-    """Random features (or rank) m that ``budget`` buys on an (n, n) matrix: m features cost 2 n m, so m = budget n / 2."""
+    """Random features (or rank) m that ``budget`` buys on an (n, n) matrix: m cost 2 n m, so m = budget n / 2."""
     return max(1, int(budget * n / 2))
 
 

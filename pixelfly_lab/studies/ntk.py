@@ -50,10 +50,10 @@ __all__ = ["NTKStudyConfig", "FULL", "QUICK", "TINY", "HEADLINE", "run"]
 # 6 seeds would decide it at alpha shared by FULL's 6 other patterns; 12 leave room for an sd twice as large (13).
 # The MLP only (the Mixer family stays available in NTKStudyConfig), 2000 training examples.
 # FULL_EPOCHS: long enough for dense to pass the convergence gate. Measured (dense MLP depth 4, mnist1d, n_train
-# 2000, 3 seeds, test accuracy per epoch; training_comparison.compare_patterns, load 5-7): E = 15 ends at 56.9% and gains +1.05 points over
-# its last fifth (fails the gate; 60 epochs reach 60.4%); E = 30 ends at 60.3%, gaining +0.09 over its last fifth
-# (passes); E = 60 ends at 60.4% (+0.04). So 30 epochs, and 6 of the 12 seeds trained (train_seeds): the
-# correlation's points are the 8 sparse patterns' mean accuracies.
+# 2000, 3 seeds, test accuracy per epoch; training_comparison.compare_patterns, load 5-7): E = 15 ends at 56.9%
+# and gains +1.05 points over its last fifth (fails the gate; 60 epochs reach 60.4%); E = 30 ends at 60.3%,
+# +0.09 over its last fifth (passes); E = 60 ends at 60.4% (+0.04). So 30 epochs, and 6 of the 12 seeds trained
+# (train_seeds): the correlation's points are the 8 sparse patterns' mean accuracies.
 FULL_EPOCHS = 30
 FULL = NTKStudyConfig(families=("mlp",), seeds=tuple(range(12)), n_train=2000, epochs=FULL_EPOCHS, train_seeds=6)
 # estimate: training 9 patterns x 6 seeds x 30 epochs x 2000 examples = 8x QUICK's (7 x 3 x 15 x 1000, and
@@ -72,7 +72,7 @@ VARIANTS = ("pixelfly", "pixelfly-gated")    # not "other patterns": the gated l
 # authors' released code, not the object the paper's NTK analysis describes: a secondary reading, like 1 - CKA.
 HEADLINE = (PIXELFLY, "relative_frobenius_centered")
 ALPHA = 0.05  # level of each one-sided test (the paired intervals are 90% t intervals)
-CONVERGED = 0.5  # accuracy points dense may still gain over the last evaluation interval for the run to count as converged
+CONVERGED = 0.5  # accuracy points dense may still gain over the last evaluation interval (else: not converged)
 WINDOW = 0.2     # the gate's evaluation interval: the last fifth of the epochs (at least one epoch)
 _NAMES = {"relative_frobenius_centered": "relative Frobenius of centred trace-normalised kernels",
           "cka": "1 - CKA"}
@@ -121,7 +121,7 @@ def _member_name(variant: str, metric: str) -> str:
 
 
 def _closest_claim(frame, family, setup, png, csv, metrics=SCALE_FREE_METRICS) -> Claim:
-    """The headline member {ungated Pixelfly, centred distance}; the gated layer and 1 - CKA as Holm-corrected readings."""
+    """The headline member {ungated Pixelfly, centred distance}; gated layer and 1 - CKA: Holm-corrected readings."""
     spread = frame.attrs["spread"]
     present = set(frame[frame.family == family].pattern)
     decisions, headline, parts = {}, None, []

@@ -8,8 +8,8 @@ study is recorded in the report and the others still run; a study module that ca
 imported is a failure too, never a skip. A rerun skips studies whose results are up to date
 (same package source, same preset and device) unless ``--force``. ``report.md`` and
 ``report.html`` list the paper's claims first ("k of n paper claims held"; the verdicts in the words of
-:func:`pixelfly_lab.studies.claims.verdict_word`, as ``verdicts.claims_table`` and the notebooks say them), then each study's
-figures beside its claims, checks and readings, with the measured numbers and the verdicts.
+:func:`pixelfly_lab.studies.claims.verdict_word`, as ``verdicts.claims_table`` and the notebooks say them),
+then each study's figures beside its claims, checks and readings, with the measured numbers and the verdicts.
 The paper's claims come with their statistics (effect, confidence interval, seeds, and for an
 undecided one the seeds that would decide it); a family of claims counts once, its members listed;
 the toolkit's speed targets (kind 'target') have their own section, never counted as failures.
