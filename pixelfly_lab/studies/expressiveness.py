@@ -284,7 +284,9 @@ def _paper_claim(df, pairs, metrics, config, figure, csv) -> Claim | None:
         f"{row.target} seed {row.seed}: " + ", ".join(f"{k} {getattr(row, k):.3f}" for k in
                                                      ("test_accuracy", "val_loss") if k in metrics and
                                                      pd.notna(getattr(row, k)))
-        for row in metrics.itertuples()) if len(metrics) else "cached"
+        for row in metrics.itertuples())
+    if "seconds" in metrics:
+        trained += f" (training {metrics.seconds.sum():.0f} s in all when not read from the cache)"
     return Claim(
         f"Pixelfly paper, Sec. 1 and 4: at equal budget, flat block butterfly + low-rank (pixelfly: the best split, "
         f"as approximate() searches it) approximates the matrices networks need ({', '.join(NETWORK_KINDS)} of the "

@@ -4,9 +4,9 @@ Dao, Chen et al., "Pixelated Butterfly", ICLR 2022, arXiv 2112.00029, Thm 3: as 
 a network whose hidden layer is a flat block butterfly trains in the lazy (NTK) regime like a
 dense one: its kernel moves by O(1 / sqrt(width)) during full-batch gradient descent while the
 training loss still goes to ~0 (:func:`ntk_change_vs_width`, drawn by :func:`plot_ntk_change`;
-composed into a claim by the ``theory`` study). How the density scales with the width is a choice
-of :func:`ntk_change_vs_width` (``butterfly_size`` fixed: constant density, fan-in growing with the
-width; ``block_size`` fixed: density falling as the butterfly grows).
+composed into a claim by the ``theory`` study). The density does not change with the width: the
+butterfly_size is fixed, the blocks grow with the width, so a unit's fan-in grows in proportion to
+it (Thm 3's wide limit needs the fan-in to grow).
 
 Example:
     >>> df = ntk_change_vs_width((32, 128), steps=100)
