@@ -86,6 +86,26 @@ def test_split_and_gathered_products_match_reference(layout, b, rank, bias, max_
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_stacked_plans_pack_and_unpack_as_each_group_does(name):
+    """A flat block butterfly's groups all have one shape: one gather packs them, one copy unpacks
+    their gradients, equal to the per-group packing and unpacking."""
+    layout, b = LAYOUTS[name]
+    plan = torch_kernels.plan_for(layout, b)
+    assert plan.stacked_index is not None
+    assert torch_kernels.plan_for(RANDOM, 4).stacked_index is None
+    values = torch.randn(int(layout.sum()), b, b, dtype=F64)
+    for transpose in (False, True):
+        for got, g in zip(plan.packed_all(values, transpose), plan.groups):
+            torch.testing.assert_close(got, plan.packed(values, g, transpose), rtol=0, atol=0)
+    grad_mt = torch.randn(len(plan.groups), plan.groups[0].width + 2, plan.groups[0].r1 - plan.groups[0].r0, dtype=F64)
+    stacked, each = torch.full_like(values, float("nan")), torch.full_like(values, float("nan"))
+    plan.store_grads(stacked, grad_mt)
+    for g, one in zip(plan.groups, grad_mt):
+        plan.store_grad(each, one.T[:, :g.width], g)
+    torch.testing.assert_close(stacked, each, rtol=0, atol=0)   # every block written (no NaN left)
+
+
 def test_backward_computes_only_what_is_asked():
     layout, b = LAYOUTS["expanding"]
     x, values, bias, u, v = _operands(layout, b, 2, True)

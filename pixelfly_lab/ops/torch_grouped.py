@@ -36,15 +36,16 @@ def gather_columns(a: torch.Tensor, runs, extra: torch.Tensor | None) -> torch.T
 
 
 def _right_operands(values, plan: Plan, extra_w=None, transpose: bool = False):
-    """Per group: M_g^T (transpose) or M_g, with extra_w's rows of the group appended (as rows
-    of M_g^T, columns of M_g): the low-rank factor riding in the block GEMM. None for empty groups."""
+    """Per group: M_g^T (transpose) or M_g (packed together where the plan allows:
+    :meth:`Plan.packed_all`), with extra_w's rows of the group appended (as rows of M_g^T,
+    columns of M_g): the low-rank factor riding in the block GEMM. None for empty groups."""
+    packed = plan.packed_all(values, transpose)
+    if extra_w is None:
+        return packed
     rights = []
-    for g in plan.groups:
-        parts = [plan.packed(values, g, transpose)] if g.runs else []
-        if extra_w is not None:
-            lr = extra_w[g.r0:g.r1]
-            parts.append(lr.T if transpose else lr)
-        rights.append(None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 0 if transpose else 1))
+    for g, m in zip(plan.groups, packed):
+        lr = extra_w[g.r0:g.r1].T if transpose else extra_w[g.r0:g.r1]
+        rights.append(lr if m is None else torch.cat([m, lr], 0 if transpose else 1))
     return rights
 
 
@@ -201,6 +202,9 @@ def _grad_accumulators(plan: Plan, like: torch.Tensor, extra_cols: int, written=
 
     Transposed because (gathered side)^T @ (row side) ran ~15% faster than (row side)^T @
     (gathered side) in MKL's sgemm on an AVX-512 CPU, the row side being a strided slice."""
+    if plan.stacked_index is not None:   # every group has blocks (so is written): one tensor, unpacked at once
+        g = plan.groups[0]
+        return like.new_empty(len(plan.groups), g.width + extra_cols, g.r1 - g.r0)
     return [(like.new_empty if written is None or written(g) else like.new_zeros)(g.width + extra_cols, g.r1 - g.r0)
             for g in plan.groups]
 
@@ -210,13 +214,23 @@ def _summed(accs):
     if accs is None:
         return None
     for other in accs[1:]:
-        for total, part in zip(accs[0], other):
-            total.add_(part)
+        if isinstance(other, torch.Tensor):
+            accs[0].add_(other)
+        else:
+            for total, part in zip(accs[0], other):
+                total.add_(part)
     return accs[0]
 
 
 def _unpack_grads(plan: Plan, values, grads, extra_cols: int):
-    """Blocks' gradient (nnz, b, b) and the extra columns' (plan rows * b, extra_cols) or None."""
+    """Blocks' gradient (nnz, b, b) and the extra columns' (plan rows * b, extra_cols) or None;
+    ``grads``: the groups' accumulators, a list or one stacked tensor (:func:`_grad_accumulators`)."""
+    if isinstance(grads, torch.Tensor):   # a stacked plan: its groups cover every block and row once
+        grad_values = values.new_empty(values.shape)
+        plan.store_grads(grad_values, grads)
+        width = plan.groups[0].width
+        grad_extra = grads[:, width:].transpose(1, 2).reshape(-1, extra_cols) if extra_cols else None
+        return grad_values, grad_extra
     grad_values = values.new_zeros(values.shape)
     grad_extra = grads[0].new_empty(plan.groups[-1].r1, extra_cols) if extra_cols else None
     for g, grad_mt in zip(plan.groups, grads):

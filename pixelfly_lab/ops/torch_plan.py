@@ -88,6 +88,41 @@ class Plan:
         return blocks.permute(*order).reshape(shape)
 
     @cached_property
+    def stacked_index(self) -> torch.Tensor | None:
+        """Every group's block indices side by side, when all groups have the same (rows, k) and
+        store every block (a flat block butterfly): then one gather packs all of them
+        (:meth:`packed_all`) and one copy unpacks their gradients (:meth:`store_grads`). Else None."""
+        first = self.groups[0] if self.groups else None
+        if first is None or any(not g.runs or g.zero_at is not None or g.vidx.shape != first.vidx.shape
+                                or g.r0 != i * (first.r1 - first.r0) for i, g in enumerate(self.groups)):
+            return None
+        return torch.cat([g.index for g in self.groups])
+
+    def packed_all(self, values: torch.Tensor, transpose: bool = False) -> list:
+        """[:meth:`packed` (values, g, transpose) for each group] (None for a group without blocks);
+        with :attr:`stacked_index`, one gather and one copy for all, the groups views of it."""
+        index = self.stacked_index
+        if index is None:
+            return [self.packed(values, g, transpose) if g.runs else None for g in self.groups]
+        n_rows, k = self.groups[0].vidx.shape
+        b, count = self.block_size, len(self.groups)
+        blocks = values.index_select(0, index.to(values.device)).view(count, n_rows, k, b, b)
+        if transpose:
+            order, shape = ((0, 2, 3, 1, 4) if self.transposed else (0, 2, 4, 1, 3)), (count, k * b, n_rows * b)
+        else:
+            order, shape = ((0, 1, 4, 2, 3) if self.transposed else (0, 1, 3, 2, 4)), (count, n_rows * b, k * b)
+        return list(blocks.permute(*order).reshape(shape).unbind(0))
+
+    def store_grads(self, grad: torch.Tensor, grad_mt: torch.Tensor) -> None:
+        """:meth:`store_grad` of every group at once (plans with :attr:`stacked_index`): ``grad_mt``
+        (groups, k*b (+ extra rows, ignored), rows*b) holds each group's M_g gradient transposed."""
+        n_rows, k = self.groups[0].vidx.shape
+        b, count = self.block_size, len(self.groups)
+        order = (0, 1, 3, 4, 2) if self.transposed else (0, 1, 3, 2, 4)
+        blocks = grad_mt[:, :k * b].transpose(1, 2).reshape(count, n_rows, b, k, b).permute(*order)
+        grad.index_copy_(0, self.stacked_index.to(grad.device), blocks.reshape(count * n_rows * k, b, b))
+
+    @cached_property
     def scatter_pieces(self) -> tuple[tuple[tuple[int, int, int, bool], ...], tuple[tuple[int, int], ...]]:
         """How the groups' products, taken in order, land on the columns they cover: per group
         (offset in the product, c0, c1, write) pieces, ``write`` where no earlier group covered
