@@ -17,9 +17,9 @@ Backends (``backend=``):
 * ``'reference'``: ``F.linear(x, blocks_to_dense(values, layout) + U V^T, bias)``; obviously
   correct, made of differentiable, vmappable torch ops (torch.func works through it).
 * ``'torch'``: the fast CPU path (:mod:`pixelfly_lab.ops.torch_kernels`). Block rows that read the
-  same block columns form one dense GEMM over their gathered inputs (a flat block butterfly has
-  butterfly_size such groups; block-diagonal layouts need no gather at all), the low-rank term
-  rides in the same GEMMs as extra columns, and rows are swept in cache-sized chunks; 16-bit
+  same block columns form one dense matrix product (a flat block butterfly has butterfly_size
+  such groups), their inputs read as views (one GEMM per column run, accumulated), the low-rank
+  term and the bias one more GEMM per group, and rows are swept in cache-sized chunks; 16-bit
   inputs take padded groups (wider GEMMs over contiguous inputs). How fast it is depends on the
   machine's own GEMM rate: ``python -m pixelfly_lab bench`` prints, beside each speed-up, the
   useful rate as a fraction of nn.Linear's rate on the same machine (the README's Notes).

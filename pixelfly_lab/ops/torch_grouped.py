@@ -1,9 +1,12 @@
 """The grouped GEMMs of the 'torch' path: forward and backward of y = x S^T + (x V) U^T + bias.
 
-One GEMM per group of a :class:`pixelfly_lab.ops.torch_plan.Plan`, its input columns gathered
-(a view when they form one run) and its blocks packed as one dense matrix; the low-rank factors
-and the bias gradient ride in the block GEMMs as extra columns; rows are swept in chunks on
-worker threads (:mod:`pixelfly_lab.ops.torch_sweep`). The dispatch between these and one dense
+Per group of a :class:`pixelfly_lab.ops.torch_plan.Plan` its blocks packed as one dense matrix
+(all groups at once when they share a shape); its input runs read as views, one GEMM per run
+accumulated into the output slice, and products written straight into the column pieces they
+land on (:data:`MAX_SPLIT`; groups with more runs gather them into one GEMM); the low-rank term
+(with the bias) one more GEMM per group on [x V, 1]; the low-rank factor and the bias gradient
+ride in the blocks' gradient GEMMs as extra rows; rows are swept in chunks on worker threads
+(:mod:`pixelfly_lab.ops.torch_sweep`). The dispatch between these and one dense
 GEMM lives in :mod:`pixelfly_lab.ops.torch_kernels` (the module docstring there gives the
 measurements behind each choice). Tested against the float64 reference in
 tests/test_torch_kernels.py.
