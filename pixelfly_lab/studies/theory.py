@@ -80,6 +80,9 @@ class TheoryConfig:
 
 
 FULL = TheoryConfig()
+# estimate, extrapolated from QUICK (~30 s of CPU): Thm 3 ~16x (widths to 1024, 1000 steps), the sweeps ~8x (n 256,
+# 5 seeds), the block fits ~11x (1500 steps, blocks 2 and 4, 3 fits each)
+FULL_MINUTES = 8
 # block 4 at n = 32: 3 factors, 768 of the 1024 parameters, so the block claim is not the
 # containment algebra (block 2) and the class is not dense
 QUICK = TheoryConfig(sweep_seeds=3, n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=32, block_sizes=(4,),
