@@ -59,9 +59,11 @@ def test_study_spread_and_distances_match_kernels_built_by_hand():
     assert frame.set_index("pattern").loc["pixelfly", "top_share"] == pytest.approx(top, rel=1e-5)
     constant = float(p0.double().sum() / len(p0) / torch.linalg.matrix_norm(p0.double()))
     assert frame.set_index("pattern").loc["pixelfly", "constant_share"] == pytest.approx(abs(constant), rel=1e-5)
-    conv = frame.attrs["convergence"]  # dense's learning curve: one evaluation per epoch, the last is its accuracy
-    assert list(conv.seed) == [0] and list(conv.epoch) == [1] and conv.test_accuracy.iloc[0] == pytest.approx(
+    conv = frame.attrs["convergence"]  # dense's learning curves: one evaluation per epoch, the last is its accuracy
+    short, longer = conv[conv.run_epochs == 1], conv[conv.run_epochs == 2]
+    assert list(short.seed) == [0] and list(short.epoch) == [1] and short.test_accuracy.iloc[0] == pytest.approx(
         float(frame.set_index("pattern").loc["dense", "test_accuracy"]))
+    assert list(longer.epoch) == [1, 2] and longer.test_accuracy.between(0, 1).all()
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -78,10 +80,11 @@ def test_study_rejects_bad_configs(overrides, match):
         ntk_study(TINY, progress=False, **overrides)
 
 
-def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001, gain=0.001, epochs=10):
+def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001, gain=0.001, epochs=10, more=0.001):
     """A study frame with given means per pattern; seeds spread by +- jitter, the sign alternating
     between patterns (so that paired differences have an sd of about 2 jitter); dense's learning
-    curve gains 0.05 per epoch, then ``gain`` per epoch over the last fifth of ``epochs``."""
+    curve gains 0.05 per epoch, then ``gain`` per epoch over the last fifth of ``epochs``; the run of
+    twice the epochs ends ``more`` above it."""
     rows = []
     for k, (pattern, d) in enumerate(distances.items()):
         for i, seed in enumerate(seeds):
@@ -94,8 +97,10 @@ def _frame(distances: dict, accuracies: dict, seeds=(0, 1, 2), jitter=0.001, gai
                                           for m in STUDY_METRICS])
     tail = epochs - max(1, round(0.2 * epochs))
     curve = [0.5 - 0.05 * max(0, tail - e) + gain * max(0, e - tail) for e in range(1, epochs + 1)]
-    frame.attrs["convergence"] = pd.DataFrame([dict(family="mlp", seed=s, epoch=e, test_accuracy=a + 0.001 * s)
-                                               for s in seeds for e, a in enumerate(curve, 1)])
+    longer = [a - 0.05 for a in curve] + [curve[-1] + more] * epochs   # its own schedule; only its end is read
+    frame.attrs["convergence"] = pd.DataFrame(
+        [dict(family="mlp", run_epochs=run, seed=s, epoch=e, test_accuracy=a + 0.001 * s)
+         for run, values in ((epochs, curve), (2 * epochs, longer)) for s in seeds for e, a in enumerate(values, 1)])
     return frame
 
 
@@ -123,9 +128,13 @@ def test_correlation_claim_rule():
     claim = _correlation_claim(unconverged, "mlp", metric, 10, None, None)
     assert claim.held is None and "gain +0.60 points" in claim.measured and "epoch 8" in claim.measured
     assert "undecided (not converged)" in claim.measured and "not more seeds" in claim.measured
-    assert "less than 0.5 points over the last evaluation interval" in claim.claim
+    assert "less than 0.5 points over the last evaluation interval" in claim.claim and "2E = 20" in claim.claim
     passed = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, gain=0.002)
     assert _correlation_claim(passed, "mlp", metric, 10, None, None).held is True
+    # a curve flat at its end (the cosine schedule) that still gains 0.6 points when trained twice as long
+    flat = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, gain=0.0, more=0.006)
+    claim = _correlation_claim(flat, "mlp", metric, 10, None, None)
+    assert claim.held is None and "+0.60 points over E" in claim.measured and "not converged" in claim.measured
     # one evaluation only: convergence unknown, undecided
     single = _frame({"dense": 0.0, "a": 0.1, "b": 0.2, "c": 0.3, "pixelfly": 0.4}, acc, epochs=1)
     claim = _correlation_claim(single, "mlp", metric, 1, None, None)
@@ -186,7 +195,7 @@ def test_train_seeds_trains_the_first_seeds_only():
     frame = ntk_study(replace(TINY, seeds=(0, 1), train_seeds=1), progress=False)
     trained = frame.set_index("seed").test_accuracy
     assert trained.loc[0].notna().all() and trained.loc[1].isna().all()
-    assert set(frame.attrs["convergence"].seed) == {0}
+    assert set(frame.attrs["convergence"].seed) == {0} and set(frame.attrs["convergence"].run_epochs) == {1, 2}
     # FULL trains fewer seeds than it probes, long enough for the convergence gate (see ntk.FULL_EPOCHS)
     assert ntk.FULL.train_seeds < len(ntk.FULL.seeds) and ntk.FULL.epochs == ntk.FULL_EPOCHS >= 2 * ntk.QUICK.epochs
     from pixelfly_lab.studies.ntk_comparison import _check_config

@@ -25,8 +25,10 @@ pass rules fixed here before anything is measured:
   :func:`pixelfly_lab.studies.stats.rank_correlation_verdict`: held when Spearman's rho < 0 is
   significant (one-sided permutation test, 0.05), refuted only when rho > 0 is; a convergence
   gate first: dense's test accuracy (mean over seeds) must gain less than :data:`CONVERGED`
-  points over the last evaluation interval (the last :data:`WINDOW` of the epochs), otherwise the
-  claim is "undecided (not converged)" and says how many epochs would pass the gate.
+  points over the last evaluation interval (the last :data:`WINDOW` of the epochs) and, trained
+  for twice the epochs, end less than :data:`CONVERGED` points higher (the cosine schedule
+  flattens every curve near its end: QUICK passes the first condition alone), otherwise the claim
+  is "undecided (not converged)" and says what would pass the gate.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ __all__ = ["NTKStudyConfig", "FULL", "QUICK", "TINY", "HEADLINE", "run"]
 # (train_seeds): the correlation's points are the 8 sparse patterns' mean accuracies.
 FULL_EPOCHS = 30
 FULL = NTKStudyConfig(families=("mlp",), seeds=tuple(range(12)), n_train=2000, epochs=FULL_EPOCHS, train_seeds=6)
-# estimate: training 9 patterns x 6 seeds x 30 epochs x 2000 examples = 8x QUICK's (7 x 3 x 15 x 1000, and
-# QUICK no longer trains dense for 2E), kernels on 128 examples for 12 x 9 models; QUICK took ~2.3 minutes quiet
-FULL_MINUTES = 25
+# estimate: training 9 patterns x 6 seeds x 30 epochs x 2000 examples plus dense for 60 epochs (the gate) = ~10x
+# QUICK's (7 x 3 x 15 x 1000 plus dense for 30), kernels on 128 examples for 12 x 9 models; QUICK took ~2.3
+# minutes on a quiet 2-core machine (7.4 at load 10)
+FULL_MINUTES = 30
 QUICK = NTK_QUICK
 # three sparse patterns: the rank correlation needs at least three points to mean anything; two
 # seeds so that the closest claim's paired interval exists
@@ -162,21 +165,28 @@ _CLOSEST_TEXT = (
 
 
 def _converged(frame, family) -> tuple[bool | None, str]:
-    """Dense's mean test-accuracy gain over the last evaluation interval: (below CONVERGED?, the reading).
+    """The convergence gate: (passed?, the reading); None when a learning curve is missing or too short.
 
-    None when the learning curve is missing or too short (then convergence is unknown).
+    Two conditions, both on dense's mean test accuracy over seeds: it gains less than :data:`CONVERGED`
+    points over the last evaluation interval of the run of E epochs (the last :data:`WINDOW` of them),
+    and the run of 2E epochs ends less than :data:`CONVERGED` points above the run of E (the cosine
+    schedule flattens any curve near its end; training twice as long shows whether more would help).
     """
-    curve = frame.attrs.get("convergence")
-    curve = None if curve is None else curve[curve.family == family]
-    if curve is None or curve.epoch.nunique() < 2:
+    curves = frame.attrs.get("convergence")
+    curves = None if curves is None else curves[curves.family == family]
+    if curves is None or "run_epochs" not in curves or curves.run_epochs.nunique() < 2:
+        return None, "dense's learning curves are missing: convergence unknown"
+    short, long = (curves[curves.run_epochs == e].groupby("epoch").test_accuracy.mean().sort_index()
+                   for e in sorted(curves.run_epochs.unique())[:2])
+    if len(short) < 2:
         return None, "dense's learning curve has fewer than 2 evaluations: convergence unknown"
-    by_epoch = curve.groupby("epoch").test_accuracy.mean().sort_index()
-    last = int(by_epoch.index[-1])
-    start = max(int(by_epoch.index[0]), last - max(1, round(WINDOW * last)))
-    gain = 100 * float(by_epoch.loc[last] - by_epoch.loc[start])
-    return gain < CONVERGED, (f"dense {100 * by_epoch.loc[start]:.1f}% at epoch {start}, "
-                              f"{100 * by_epoch.loc[last]:.1f}% at epoch {last} (gain {gain:+.2f} points over the last "
-                              f"evaluation interval, mean over {curve.seed.nunique()} seed(s); gate < {CONVERGED})")
+    last = int(short.index[-1])
+    start = max(int(short.index[0]), last - max(1, round(WINDOW * last)))
+    gain, more = 100 * float(short.loc[last] - short.loc[start]), 100 * float(long.iloc[-1] - short.loc[last])
+    return gain < CONVERGED and more < CONVERGED, (
+        f"dense {100 * short.loc[start]:.1f}% at epoch {start}, {100 * short.loc[last]:.1f}% at epoch {last} (gain "
+        f"{gain:+.2f} points over the last evaluation interval), {100 * long.iloc[-1]:.1f}% after {int(long.index[-1])} "
+        f"epochs ({more:+.2f} points over E), means over {curves.seed.nunique()} seed(s); gate: both < {CONVERGED}")
 
 
 def _correlation_claim(frame, family, metric, epochs, png, csv) -> Claim:
@@ -188,7 +198,8 @@ def _correlation_claim(frame, family, metric, epochs, png, csv) -> Claim:
             f"exact over all orderings of the patterns), refuted only when the opposite sign (rho > 0) is significant "
             f"at {ALPHA}, otherwise undecided; undecided below 3 patterns; convergence gate first: dense's mean test "
             f"accuracy must gain less than {CONVERGED} points over the last evaluation interval (the last "
-            f"{100 * WINDOW:.0f}% of the E epochs, at least one), otherwise 'undecided (not converged)'")
+            f"{100 * WINDOW:.0f}% of the E epochs, at least one), and dense trained for 2E = {2 * epochs} epochs must "
+            f"end less than {CONVERGED} points above E, otherwise 'undecided (not converged)'")
     text = (f"Pixelfly paper (NTK analysis): a smaller NTK distance goes with a higher accuracy -- {family}, "
             f"sparse patterns only (dense excluded), {_NAMES.get(metric, metric)} at init against test accuracy "
             f"({n_test} test examples) after E = {epochs} epochs ({rule})")
@@ -208,7 +219,8 @@ def _correlation_claim(frame, family, metric, epochs, png, csv) -> Claim:
     if not converged:
         verdict = "undecided"
         conv_text += ("; undecided (not converged): training long enough for dense to gain less than "
-                      f"{CONVERGED} points over its last evaluation interval would decide the gate, not more seeds")
+                      f"{CONVERGED} points over its last evaluation interval and from E to 2E epochs would decide "
+                      "the gate, not more seeds")
     return Claim(
         text, f"Spearman rho {rho:+.2f}, permutation p = {p:.3f} (opposite sign p = {p_opposite:.3f}){alt_text} "
         f"across {len(means)} patterns (means over {seeds} seed(s)); accuracies "
