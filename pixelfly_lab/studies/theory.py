@@ -80,9 +80,11 @@ class TheoryConfig:
 
 
 FULL = TheoryConfig()
-# estimate, extrapolated from QUICK (~30 s of CPU): Thm 3 ~16x (widths to 1024, 1000 steps), the sweeps ~8x (n 256,
-# 5 seeds), the block fits ~11x (1500 steps, blocks 2 and 4, 3 fits each)
-FULL_MINUTES = 8
+# estimate at load ~3 on 2 cores: Thm 3 ~4 min (measured: a width-1024 run of 32 samples takes ~2.3 s + 1.6 s per
+# 100 steps; 4 seeds x 2 networks x widths 64-1024 x 1000 steps), the Thm 2 sweeps ~2.5 min (35 targets at n 256,
+# ~4 s each), the block fits ~2 min (1500 steps, blocks 2 and 4, 3 fits each); the old FULL (2 seeds of 16
+# samples) took 17 min at load 5-13
+FULL_MINUTES = 10
 # block 4 at n = 32: 3 factors, 768 of the 1024 parameters, so the block claim is not the
 # containment algebra (block 2) and the class is not dense
 QUICK = TheoryConfig(sweep_seeds=3, n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=32, block_sizes=(4,),
