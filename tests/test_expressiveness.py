@@ -557,3 +557,25 @@ def test_trained_targets_vary_by_unit_and_come_from_the_cache(tmp_path):
     assert torch.equal(blocks[2], model.blocks[1].mlp.fc1.weight[:8].double())
     with pytest.raises(ValueError, match="count=17"):
         mlp_weight_blocks(model, 17)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "vit-seed0.pt").write_bytes(b"not a checkpoint")           # unreadable: trained again
+    fresh, _ = trained_targets(replace(config, gpt_steps=1), cache=tmp_path / "c")
+    assert torch.equal(fresh["ViT MLP weight"][0], targets["ViT MLP weight"][0])   # same seed, same training
+
+
+def test_pairs_compare_at_equal_budget_used():
+    # lowrank and butterfly use less than pixelfly at these budgets: pixelfly is rerun at their budgets used
+    from pixelfly_lab.studies import expressiveness as study
+
+    matrices = {"GPT attention map": [target_matrix("attention", 32, s, locality=1.0) for s in range(2)]}
+    df = expressiveness_table({k: (lambda seed, k=k: matrices[k][seed]) for k in matrices},
+                              ["pixelfly", "lowrank", "butterfly", "random+lowrank"], [0.2, 0.3], 32, 2,
+                              block_size=4, progress=False)
+    config = study.ExpressivenessConfig(n=32, block_size=4)
+    pairs = study._pairs(df, matrices, config)
+    assert len(pairs) == 3 * 2 * 2 and (pairs.rerun != "").any()
+    assert (pairs.pixelfly_used <= pairs.other_used + 1e-12).all()          # pixelfly never uses more
+    before = df.set_index(["pattern", "seed", "budget"]).budget_used
+    unequal = [(r.other, r.seed, r.budget) for r in pairs.itertuples() if before[r.other, r.seed, r.budget]
+               < before["pixelfly", r.seed, r.budget] - 1e-12]
+    assert unequal                                                            # the rule had work to do

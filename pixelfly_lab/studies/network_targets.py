@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from pixelfly_lab.training.checkpoints import atomic_write
 from pixelfly_lab.training.config import TrainConfig
 from pixelfly_lab.training.data import load_data
 from pixelfly_lab.training.loop import train
@@ -181,8 +182,11 @@ def trained_targets(config: NetworkTargets = NetworkTargets(), cache: Path | Non
             for folder in ([cache] if cache is not None else []) + [Path(f) for f in fallbacks]:
                 path = Path(folder) / file
                 if path.is_file():
-                    saved = torch.load(path, weights_only=False)
-                    if saved.get("key") == key:
+                    try:
+                        saved = torch.load(path, weights_only=False)
+                    except Exception:   # unreadable (another version, a broken disk): train again
+                        continue
+                    if isinstance(saved, dict) and saved.get("key") == key:
                         found = saved
                         break
             if found is None:
@@ -190,7 +194,7 @@ def trained_targets(config: NetworkTargets = NetworkTargets(), cache: Path | Non
                 found = dict(key=key, matrices=matrices, metrics=metrics)
             if cache is not None:
                 Path(cache).mkdir(parents=True, exist_ok=True)
-                torch.save(found, Path(cache) / file)
+                atomic_write(Path(cache) / file, lambda f, found=found: torch.save(found, f))
             out[name] += [m / torch.linalg.norm(m) for m in found["matrices"]]
             rows.append(dict(target=name, seed=seed, **found["metrics"]))
     return out, pd.DataFrame(rows)
