@@ -90,6 +90,24 @@ def test_chunks_of_rows_give_the_same_values_and_gradients(causal, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+def test_causal_rows_without_their_diagonal_block_are_masked_as_the_reference():
+    """Causal: the diagonal-only mask (every row keeps its diagonal block, the last one) and the general one."""
+    layout = uneven_layout(8, seed=4)
+    layout[5, 5] = layout[6, 6] = False                  # rows 5, 6 keep blocks left of the diagonal only
+    layout[5, 0] = layout[6, 1] = True
+    for name, lay in (("diagonal kept", uneven_layout(8, seed=4)), ("diagonal dropped", layout)):
+        plan = _plan(register_layout(lay, 4), True, torch.device("cpu"))
+        general = [bucket.upper is None for bucket in plan.buckets if bucket.masked is not None]
+        assert any(general) == (name == "diagonal dropped")            # both paths run
+        q, k, v = qkv(T=32, Dv=6)
+        out = block_sparse_attention(q, k, v, lay, 4, causal=True)
+        ref = block_attention_reference(q, k, v, lay, 4, causal=True)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
 def test_plan_buckets_rows_by_fan_in_and_never_pads_to_dense():
     layout = uneven_layout(8)
     plan = _plan(register_layout(layout, 4), False, torch.device("cpu"))

@@ -48,6 +48,8 @@ class RowBucket:
         cols: (nr, f) kept block columns of each row, ascending.
         contiguous: rows are start, start + 1, ... (sliced, not gathered).
         masked: (nr, b, f * b) True where j > i (causal, diagonal block), or None.
+        upper: (b, b) True where j > i when every row's last kept block is its diagonal (the
+            causal case): the kernels then mask only that block; None otherwise.
     """
 
     rows: torch.Tensor
@@ -55,6 +57,7 @@ class RowBucket:
     contiguous: bool
     start: int
     masked: torch.Tensor | None
+    upper: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def build_attention_plan(layout_cpu: torch.Tensor, block_size: int, causal: bool
         rows = (fan_in == f).nonzero().flatten()
         # nonzero is row-major, so each row's columns come out ascending
         cols = layout_cpu[rows].nonzero()[:, 1].reshape(len(rows), f)
-        masked = None
+        masked = last = None
         if causal:
             on_diagonal = cols == rows[:, None]                                   # (nr, f)
             i = torch.arange(block_size)
@@ -88,9 +91,11 @@ def build_attention_plan(layout_cpu: torch.Tensor, block_size: int, causal: bool
             masked = (on_diagonal[:, None, :, None] & upper[None, :, None, :])    # (nr, b, f, b)
             masked = masked.reshape(len(rows), block_size, f * block_size)
             masked = masked.to(device) if masked.any() else None
+            # a tril'ed layout keeps no block right of the diagonal: when every row keeps it, it is the last
+            last = upper.to(device) if bool(on_diagonal[:, -1].all()) else None
         start = int(rows[0])
         contiguous = bool((rows == torch.arange(start, start + len(rows))).all())
-        buckets.append(RowBucket(rows.to(device), cols.to(device), contiguous, start, masked))
+        buckets.append(RowBucket(rows.to(device), cols.to(device), contiguous, start, masked, last))
     return AttentionPlan(tuple(buckets))
 
 
@@ -106,12 +111,17 @@ def _rows_per_chunk(bucket: RowBucket, b: int, D: int, Dv: int, itemsize: int) -
     return max(1, min(bucket.cols.shape[0], CHUNK_BYTES // per_row))
 
 
-def _chunks(bucket: RowBucket, n: int):
-    """(i, j, rows) for each chunk of a bucket: rows is a slice of the block rows, or their index."""
+def _chunks(bucket: RowBucket, n: int) -> list:
+    """(rows, flat, masked) of each chunk of a bucket, made once per call and used for every head:
+    rows is a slice of the block rows or their index, flat the chunk's kept block columns (n * f,),
+    masked the chunk's part of ``bucket.masked`` (None when there is none or ``bucket.upper`` does it)."""
+    chunks = []
     for i in range(0, bucket.cols.shape[0], n):
         j = min(i + n, bucket.cols.shape[0])
         rows = slice(bucket.start + i, bucket.start + j) if bucket.contiguous else bucket.rows[i:j]
-        yield i, j, rows
+        masked = None if bucket.masked is None or bucket.upper is not None else bucket.masked[i:j]
+        chunks.append((rows, bucket.cols[i:j].reshape(-1), masked))
+    return chunks
 
 
 def _take(x: torch.Tensor, rows) -> torch.Tensor:
@@ -149,14 +159,17 @@ class _Chunk:
         return kc.view(m // self.f, self.f * b, -1), vc.view(m // self.f, self.f * b, -1)
 
 
-def _scores(q_rows, k_cols, masked, buffer):
-    """Scores (n, b, f * b) of a chunk in the accumulation dtype, j > i masked. q_rows is already scaled."""
+def _scores(q_rows, k_cols, masked, upper, buffer):
+    """Scores (n, b, f * b) of a chunk in the accumulation dtype, j > i masked (``masked`` over the
+    chunk, or ``upper`` on its last block). q_rows is already scaled."""
     acc = accumulation_dtype(q_rows.dtype)
     if acc == q_rows.dtype:
         s = torch.bmm(q_rows, k_cols.transpose(1, 2), out=buffer[:q_rows.shape[0]])
     else:
         s = torch.bmm(q_rows, k_cols.transpose(1, 2)).to(acc)
-    if masked is not None:
+    if upper is not None:
+        s[:, :, -upper.shape[1]:].masked_fill_(upper, float("-inf"))
+    elif masked is not None:
         s.masked_fill_(masked, float("-inf"))
     return s
 
@@ -174,17 +187,20 @@ def torch_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scale
         f = bucket.cols.shape[1]
         n = _rows_per_chunk(bucket, b, D, Dv, q.element_size())
         chunk, q_buffer, s_buffer = _Chunk(k3, v3, n, f), q.new_empty(n, b, D), q.new_empty(n, b, f * b)
-        for g in range(B * H):
-            for i, j, rows in _chunks(bucket, n):
-                k_cols, v_cols = chunk.gather(k3[g], v3[g], bucket.cols[i:j].reshape(-1), b)
-                q_rows = torch.mul(_take(q4[g], rows), scale, out=q_buffer[:j - i])
-                s = _scores(q_rows, k_cols, None if bucket.masked is None else bucket.masked[i:j], s_buffer)
+        chunks = _chunks(bucket, n)
+        for q_h, k_h, v_h, out_h, lse_h in zip(q4.unbind(0), k3.unbind(0), v3.unbind(0), out.unbind(0),
+                                               lse.unbind(0)):
+            for rows, flat, masked in chunks:
+                k_cols, v_cols = chunk.gather(k_h, v_h, flat, b)
+                q_rows = _take(q_h, rows)
+                q_rows = torch.mul(q_rows, scale, out=q_buffer[:q_rows.shape[0]])
+                s = _scores(q_rows, k_cols, masked, bucket.upper, s_buffer)
                 m = s.amax(-1, keepdim=True)
                 s.sub_(m).exp_()                                # unnormalised: divide the (b, Dv) output instead
                 total = s.sum(-1, keepdim=True)
-                o = torch.bmm(s.to(q.dtype), v_cols, out=_into(out[g], rows, q.dtype))
-                _give(out[g], rows, o.div_(total.to(q.dtype)))
-                _give(lse[g], rows, m.add_(total.log_()))
+                o = torch.bmm(s.to(q.dtype), v_cols, out=_into(out_h, rows, q.dtype))
+                _give(out_h, rows, o.div_(total.to(q.dtype)))
+                _give(lse_h, rows, m.add_(total.log_()))
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
 
 
@@ -215,25 +231,28 @@ def torch_attention_backward(grad_out, q, k, v, out, lse, plan: AttentionPlan, b
         chunk, q_buffer = _Chunk(k3, v3, n, f), q.new_empty(n, b, D)
         s_buffer, ds_buffer = q.new_empty(n, b, f * b), q.new_empty(n, b, f * b)
         dk_buffer, dv_buffer = q.new_empty(n, f * b, D), q.new_empty(n, f * b, Dv)
+        chunks = _chunks(bucket, n)
         for g in range(B * H):
-            for i, j, rows in _chunks(bucket, n):
-                flat = bucket.cols[i:j].reshape(-1)
-                k_cols, v_cols = chunk.gather(k3[g], v3[g], flat, b)
-                q_rows = torch.mul(_take(q4[g], rows), scale, out=q_buffer[:j - i])
-                do_rows = _take(do4[g], rows)
-                p = _scores(q_rows, k_cols, None if bucket.masked is None else bucket.masked[i:j], s_buffer)
-                p = p.sub_(_take(lse4[g], rows)).exp_()
-                dlse = None if dlse4 is None else _take(dlse4[g], rows)
-                delta = attention_delta(do_rows, _take(out4[g], rows), p, dlse, keepdim=True)     # (n, b, 1)
+            q_h, k_h, v_h, do_h, out_h, lse_h, dq_h = q4[g], k3[g], v3[g], do4[g], out4[g], lse4[g], dq[g]
+            dk_h, dv_h, dlse_h = dk[g], dv[g], None if dlse4 is None else dlse4[g]
+            for rows, flat, masked in chunks:
+                k_cols, v_cols = chunk.gather(k_h, v_h, flat, b)
+                do_rows = _take(do_h, rows)
+                n_rows = do_rows.shape[0]
+                q_rows = torch.mul(_take(q_h, rows), scale, out=q_buffer[:n_rows])
+                p = _scores(q_rows, k_cols, masked, bucket.upper, s_buffer)
+                p = p.sub_(_take(lse_h, rows)).exp_()
+                dlse = None if dlse_h is None else _take(dlse_h, rows)
+                delta = attention_delta(do_rows, _take(out_h, rows), p, dlse, keepdim=True)     # (n, b, 1)
                 p_in = p.to(q.dtype)
-                dv_cols = torch.bmm(p_in.transpose(1, 2), do_rows, out=dv_buffer[:j - i])
-                dv[g].index_add_(0, flat, dv_cols.view(-1, b * Dv))
-                ds = torch.bmm(do_rows, v_cols.transpose(1, 2), out=ds_buffer[:j - i]).to(p.dtype)
+                dv_cols = torch.bmm(p_in.transpose(1, 2), do_rows, out=dv_buffer[:n_rows])
+                dv_h.index_add_(0, flat, dv_cols.view(-1, b * Dv))
+                ds = torch.bmm(do_rows, v_cols.transpose(1, 2), out=ds_buffer[:n_rows]).to(p.dtype)
                 ds = ds.sub_(delta).mul_(p).to(q.dtype)
-                _give(dq[g], rows, torch.bmm(ds, k_cols, out=_into(dq[g], rows, q.dtype)).mul_(scale))
+                _give(dq_h, rows, torch.bmm(ds, k_cols, out=_into(dq_h, rows, q.dtype)).mul_(scale))
                 # q_rows already carries the scale: dK = scale * dS^T Q
-                dk_cols = torch.bmm(ds.transpose(1, 2), q_rows, out=dk_buffer[:j - i])
-                dk[g].index_add_(0, flat, dk_cols.view(-1, b * D))
+                dk_cols = torch.bmm(ds.transpose(1, 2), q_rows, out=dk_buffer[:n_rows])
+                dk_h.index_add_(0, flat, dk_cols.view(-1, b * D))
     return dq.reshape(B, H, T, D), dk.reshape(B, H, T, D), dv.reshape(B, H, T, Dv)
 
 
