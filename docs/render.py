@@ -10,7 +10,8 @@ Usage (``make docs`` executes the notebooks into build/docs first; ``make docs-h
 
     python docs/render.py --out docs build/docs/*.ipynb
 
-Pages already rendered with the lab template (``.html`` arguments) are restyled the same way.
+Pages already rendered with the plain lab template (``.html`` arguments) are restyled the same way,
+their Mermaid loader removed: the result is what page.html.j2 renders from the same outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import re
 from pathlib import Path
 
 HEAD_STYLE = re.compile(r"<style[^>]*>(.*?)</style>\s*", re.S)
+# the lab template's Mermaid loader (a module script and its <style>), which page.html.j2 leaves out
+MERMAID = re.compile(r'<script type="module">\s*document\.addEventListener\("DOMContentLoaded".*?'
+                     r"<!-- End of mermaid configuration -->", re.S)
 LINK = '<link rel="stylesheet" href="style.css"/>\n'
 
 
@@ -51,7 +55,11 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pages, shared = {}, None
     for path in args.inputs:
-        page = path.read_text(encoding="utf-8") if path.suffix == ".html" else render(path)
+        if path.suffix == ".html":      # titled by the notebook's name, as render() titles it
+            page = MERMAID.sub("", path.read_text(encoding="utf-8"), count=1)
+            page = re.sub(r"<title>.*?</title>", f"<title>{path.stem}</title>", page, count=1, flags=re.S)
+        else:
+            page = render(path)
         pages[path.stem], styles = split_head_styles(page)
         if shared is None:
             shared = styles
