@@ -80,10 +80,14 @@ def test_chunks_of_rows_give_the_same_values_and_gradients(causal, monkeypatch):
     from pixelfly_lab.ops import torch_attention
 
     monkeypatch.setattr(torch_attention, "CHUNK_BYTES", 1)
-    layout = uneven_layout(8, seed=5)
-    q, k, v = qkv(T=32, Dv=6)
-    out = block_sparse_attention(q, k, v, layout, 4, causal=causal)
-    ref = block_attention_reference(q, k, v, layout, 4, causal=causal)
+    assert_equals_reference(uneven_layout(8, seed=5), causal)
+
+
+def assert_equals_reference(layout, causal, block_size=4):
+    """The fast path's values and gradients equal the dense masked reference's (float64)."""
+    q, k, v = qkv(T=8 * block_size, Dv=6)
+    out = block_sparse_attention(q, k, v, layout, block_size, causal=causal)
+    ref = block_attention_reference(q, k, v, layout, block_size, causal=causal)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
@@ -99,13 +103,7 @@ def test_causal_rows_without_their_diagonal_block_are_masked_as_the_reference():
         plan = _plan(register_layout(lay, 4), True, torch.device("cpu"))
         general = [bucket.upper is None for bucket in plan.buckets if bucket.masked is not None]
         assert any(general) == (name == "diagonal dropped")            # both paths run
-        q, k, v = qkv(T=32, Dv=6)
-        out = block_sparse_attention(q, k, v, lay, 4, causal=True)
-        ref = block_attention_reference(q, k, v, lay, 4, causal=True)
-        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        grad = torch.randn_like(out)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
-            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+        assert_equals_reference(lay, True)
 
 
 def test_plan_buckets_rows_by_fan_in_and_never_pads_to_dense():
