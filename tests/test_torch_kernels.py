@@ -61,11 +61,13 @@ def test_plain_forward_and_backward_match_reference(name, rank, bias, fill):
 
 
 RANDOM = torch.rand(16, 8, generator=torch.Generator().manual_seed(4)) < 0.45   # groups of 2-5 column runs
+HOLES = torch.tensor([[True, False, False, True], [False, False, False, False], [True, True, False, True]])   # an empty row and column
 
 
 @pytest.mark.parametrize("max_split", [0, 2, 100])
-@pytest.mark.parametrize("layout,b", [*LAYOUTS.values(), (RANDOM, 4), (RANDOM.T.contiguous(), 4)])
-@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False)])
+@pytest.mark.parametrize("layout,b", [*LAYOUTS.values(), (RANDOM, 4), (RANDOM.T.contiguous(), 4), (HOLES, 4),
+                                      (HOLES.T.contiguous(), 4)])
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False), (0, False)])
 def test_split_and_gathered_products_match_reference(layout, b, rank, bias, max_split, monkeypatch):
     """Runs read as views (one GEMM each), products written straight into their pieces, and the
     gathered fallback (groups with more runs or pieces than MAX_SPLIT) all give the reference."""
@@ -274,7 +276,6 @@ def test_grouped_products_run_torch_single_threaded_with_the_callers_workers(mon
     assert seen and all(s == (1, 2) for s in seen[:2])    # torch single-threaded, two sweep workers
 
 
-HOLES = torch.tensor([[True, False, False, True], [False, False, False, False], [True, True, False, True]])
 
 
 @pytest.mark.parametrize("layout,b", [*LAYOUTS.values(), (HOLES, 4), (HOLES.T.contiguous(), 4)])
