@@ -14,8 +14,8 @@ Three paths compute the same function:
 
 * ``'reference'``: a dense (T, T) masked softmax, obviously correct, O(T^2) memory; for tests.
 * ``'torch'`` (CPU, and CUDA without Triton), :mod:`pixelfly_lab.ops.torch_attention`: rows of
-  blocks are bucketed by their fan-in f (the number of kept blocks); a chunk of a bucket's rows
-  gathers their f key/value blocks and takes one softmax over each row's f * b scores, so
+  blocks are bucketed by their fan-in f (the number of kept blocks); a chunk of one head's rows
+  of a bucket gathers their f key/value blocks and takes one softmax over each row's f * b scores, so
   memory beyond inputs and outputs is one cache-sized chunk, never T x T, and rows of unequal
   fan-in (global rows next to local ones) each pay for their own blocks only. The backward
   recomputes the probabilities from the saved log-sum-exp, flash-attention style.
