@@ -24,8 +24,11 @@ Adding a study ``NAME`` (one module, ``studies/NAME.py``):
    oracle or sanity check that holds whenever the code is right; ``'target'`` is one of the
    toolkit's own speed targets (own report section, never a failed check); ``'info'`` has no
    verdict. A comparison is decided by :mod:`pixelfly_lab.studies.stats` (``paired_decision``:
-   a t interval of the mean paired difference, held / refuted / undecided; Holm within a family;
-   the Claim carries effect, interval, seeds and the seeds that would decide it). A
+   a t interval of the mean paired difference, held / refuted / undecided); a family of comparisons
+   (several layers or metrics) goes through :func:`~pixelfly_lab.studies.claims.family_claim` (Holm,
+   or one headline member declared in advance with the others as readings; the seeds that would
+   decide each undecided member, computed once; the Claim's fields). The Claim carries effect,
+   interval, seeds and the seeds that would decide it. A
    paper claim this run cannot decide has ``held=None`` and says why: "undecided ..." in its
    text (e.g. a spread over one seed) or a measurement starting "not measured: ..." (a GPU claim
    on the CPU);
