@@ -1,4 +1,4 @@
-"""Lazy training (Pixelfly paper, Thm 3): the NTK of a wide flat block butterfly network barely moves under gradient descent.
+"""Lazy training (Pixelfly paper, Thm 3): a wide flat block butterfly network's NTK barely moves under training.
 
 Dao, Chen et al., "Pixelated Butterfly", ICLR 2022, arXiv 2112.00029, Thm 3: as the width grows,
 a network whose hidden layer is a flat block butterfly trains in the lazy (NTK) regime like a

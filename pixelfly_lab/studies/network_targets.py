@@ -1,4 +1,4 @@
-"""Targets from trained networks for the expressiveness study: MLP weights of a small ViT, attention maps of a small GPT.
+"""Expressiveness targets from trained networks: MLP weights of a small ViT, attention maps of a small GPT.
 
 The Pixelfly paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029, Sec. 4) argues that flat block
 butterfly + low-rank approximates "the matrices networks need". Here those matrices come from the

@@ -339,6 +339,7 @@ def _thm3(out, config) -> list[Claim]:
             "dense loss": paired_decision(np.log10(np.maximum(at_widest(dense, "loss_ratio"), 1e-300)),
                                           margin=float(np.log10(THM3_LOSS)), alternative="less")}
     control = all(d.verdict == "held" for d in gate.values())
+    why = "one seed" if min(d.n for d in rules.values()) < 2 else "positive control failed"
     critical, whole = every_held(rules)
     labels = comparison_labels(rules)
     fields = decision_fields(whole) if control else dict(held=None, seeds=whole.n)
@@ -356,7 +357,7 @@ def _thm3(out, config) -> list[Claim]:
         f"below log10 {THM3_LOSS:g}. Held when all three hold, refuted when Holm across them refutes one; decided "
         f"only when dense, the positive control, has a slope below {THM3_SLOPE} and a loss ratio below "
         f"{THM3_LOSS:g} (held at the same level), else undecided; undecided with one seed",
-        (f"verdict: {whole.verdict if control else 'undecided (one seed)' if whole.n < 2 else 'undecided (positive control failed)'}; "
+        (f"verdict: {whole.verdict if control else 'undecided (' + why + ')'}; "
          + "; ".join(f"{name}: {labels[name]} {rules[name].describe(2)}" for name in rules)
          + "; positive control (dense): " + "; ".join(f"{name} {d.verdict} {d.describe(2)}" for name, d in gate.items())
          + f"; widths {list(config.widths)}: density " + ", ".join(f"{v:.3f}" for v in density)
