@@ -64,14 +64,17 @@ _DATA = {"seed": 0}  # the data's seed, fixed: TaskSpec.seeds vary the initialis
 # still gained 0.68 points over its last epoch, over the convergence gate's 0.5; at 15 it gains 0.15).
 # FULL trains the same runs with more patterns and more seeds, so QUICK's sd is FULL's.
 _MNIST_TRAIN = dict(_MLP, epochs=15, batch_size=64, data_options=dict(_DATA, n_train=2000, n_test=10_000))
-# Seeds of the full preset, from a power computation on the QUICK run's paired sd
-# (studies.stats.seeds_for_power, 80% power, one-sided 0.05 split over the 4 members of the parity
-# family): QUICK (3 seeds, 2026-12-06) measured pixelfly - dense -4.25 +- 1.0 points at 0.25 and
-# -4.45 +- 1.0 at 0.1; deciding a member whose true gap sits 1 point from the 2-point margin at
-# that sd needs seeds_for_power(1.0, -1.0, -2.0, alpha=0.05 / 4) seeds (printed by
-# `python -m pixelfly_lab.studies.training`). FULL trains that many.
-QUICK_SD, QUICK_GAP, PARITY_MEMBERS = 1.0, 1.0, 4  # sd, distance of the true gap to the 2-point margin, family size
-FULL_SEEDS = tuple(range(seeds_for_power(QUICK_SD, -2.0 + QUICK_GAP, -2.0, alpha=0.05 / PARITY_MEMBERS)))
+# Seeds of the full preset, from a power computation on the QUICK run's paired differences
+# (studies.stats.seeds_for_power, 80% power): QUICK (3 seeds, 15 epochs, 2026-12-06) measured, per
+# comparison with dense that decides the parity family, its mean and sd (points) and its test's level
+# (the 4 members share 0.05 by Holm; the negative controls test alone); FULL trains the most seeds any
+# of them needs to be decided against the 2-point margin (8: low-rank's control at 0.25, sd 3.2).
+QUICK_PAIRED = {"pixelfly @0.25": (-5.38, 2.23, 0.05 / 4), "pixelfly-gated @0.25": (-8.66, 0.52, 0.05 / 4),
+                "pixelfly @0.1": (-6.93, 0.70, 0.05 / 4), "pixelfly-gated @0.1": (-7.74, 0.83, 0.05 / 4),
+                "lowrank @0.25": (-5.33, 3.19, 0.05), "random+lowrank @0.25": (-5.69, 1.70, 0.05),
+                "lowrank @0.1": (-7.86, 1.30, 0.05), "random+lowrank @0.1": (-7.43, 1.23, 0.05)}
+FULL_SEEDS = tuple(range(max(seeds_for_power(sd, mean, -2.0, alpha=level)
+                             for mean, sd, level in QUICK_PAIRED.values())))
 MNIST1D = TaskSpec("MNIST-1D MLP", "mlp", "mnist1d", "test_accuracy", 2.0, seeds=FULL_SEEDS, train=_MNIST_TRAIN)
 MNIST1D_SPARSE = replace(MNIST1D, train=dict(MNIST1D.train, budget=0.1, track_rank=False))
 # ~15 s an epoch per run (4000 examples, one CPU thread): 21 runs of 10 epochs, about an hour of the full run
@@ -147,13 +150,13 @@ TINY = TrainingConfig(
                     seeds=(0,), train=dict(_COMMON, context=16, epochs=1, batch_size=16, max_train=32,
                                            max_test=16, eval_every=2))),
     timing_steps=1, timing_rounds=1, gpu_speed=False)
-# Estimate of FULL on 2 cores, from the QUICK run measured 2026-12-06 (`reproduce --preset quick --only
-# training`, load ~7): QUICK's MNIST-1D runs took ~QUICK_RUN_SECONDS each (2000 examples x 10 epochs);
-# FULL's take 4 times the steps (4000 x 20) and there are (7 + 3 control) x 11 seeds + 5 x 11 at 0.1 (dense
-# and control shared); the teacher tasks 2 x 5 x 11 runs of ~QUICK_TEACHER_SECONDS; the character GPT ~5 min.
-QUICK_RUN_SECONDS, QUICK_TEACHER_SECONDS = 6.0, 4.0
-FULL_MINUTES = round((4 * QUICK_RUN_SECONDS * (10 + 5) * len(FULL_SEEDS)
-                      + QUICK_TEACHER_SECONDS * 2 * 5 * len(FULL_SEEDS)) / 60 + 5)
+# Estimate of FULL, from the QUICK run measured 2026-12-06 (`reproduce --preset quick --only training`,
+# one thread, load 6-9: 205 s of CPU, 9 min wall): an MNIST-1D run ~5.5 CPU seconds, a teacher-student
+# run ~0.65, a tiny-GPT step at context 32 ~0.03 (so ~0.06 at 64). FULL: per seed 9 patterns + the
+# positive control at 0.25 and 8 at 0.1 (dense shared), 2 x 5 teacher runs; the character GPT 18
+# runs (5 patterns x 3 seeds + 3 controls) of 2 x 362 steps; a minute of step timing.
+MNIST_RUN_S, TEACHER_RUN_S, CHARS_STEP_S = 5.5, 0.65, 0.06
+FULL_MINUTES = round((len(FULL_SEEDS) * (18 * MNIST_RUN_S + 10 * TEACHER_RUN_S) + 18 * 724 * CHARS_STEP_S) / 60 + 1)
 
 
 def _key(task: TaskSpec, seeds: tuple) -> str:
@@ -247,5 +250,7 @@ def run(out: Path, config: TrainingConfig = QUICK, *, device: str = "cpu") -> li
 
 
 if __name__ == "__main__":  # the power computation behind FULL's seeds and the FULL estimate
-    print(f"FULL seeds: seeds_for_power(sd={QUICK_SD}, effect={-2.0 + QUICK_GAP}, margin=-2.0, power=0.8, "
-          f"alpha=0.05/{PARITY_MEMBERS}) = {len(FULL_SEEDS)}; FULL_MINUTES ~ {FULL_MINUTES} on 2 cores")
+    for name, (mean, sd, level) in QUICK_PAIRED.items():
+        print(f"{name}: seeds_for_power(sd={sd}, effect={mean}, margin=-2.0, power=0.8, alpha={level:g}) = "
+              f"{seeds_for_power(sd, mean, -2.0, alpha=level)}")
+    print(f"FULL seeds: {len(FULL_SEEDS)}; FULL_MINUTES ~ {FULL_MINUTES} (QUICK's CPU seconds per run, 2 cores)")

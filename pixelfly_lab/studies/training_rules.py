@@ -291,7 +291,9 @@ def _family_claim(parts: list[_Part], statement: str, rule: str, kind: str, png,
             if p.gate and (p.blocks == "all" or verdicts[n] == "held") and verdicts[n] != "undecided":
                 verdicts[n] = "undecided"
                 blocked.append(n)
-            if p.gate and not p.seeds_fix and verdicts[n] == "undecided":
+            d = p.decisions[n.removesuffix(f" @{p.budget:g}")] if several else p.decisions[n]
+            heading_held = d.mean > d.boundary()   # a gate on 'held' leaves a way to 'refuted' open to more seeds
+            if p.gate and not p.seeds_fix and verdicts[n] == "undecided" and (p.blocks == "all" or heading_held):
                 to_decide[n] = None
     members = list(verdicts.values())
     verdict = "held" if "held" in members else "refuted" if all(m == "refuted" for m in members) else "undecided"
