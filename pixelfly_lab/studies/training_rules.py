@@ -286,12 +286,11 @@ def _family_claim(parts: list[_Part], statement: str, rule: str, kind: str, png,
     family = family_claim(decisions, alpha=ALPHA)
     verdicts, to_decide, blocked = dict(zip(family.names, family.verdicts)), dict(zip(family.names, family.to_decide)), []
     for p in parts:
-        names = [(f"{n} @{p.budget:g}" if several else n) for n in p.decisions]
-        for n in names:
+        for name, d in p.decisions.items():
+            n = f"{name} @{p.budget:g}" if several else name
             if p.gate and (p.blocks == "all" or verdicts[n] == "held") and verdicts[n] != "undecided":
                 verdicts[n] = "undecided"
                 blocked.append(n)
-            d = p.decisions[n.removesuffix(f" @{p.budget:g}")] if several else p.decisions[n]
             heading_held = d.mean > d.boundary()   # a gate on 'held' leaves a way to 'refuted' open to more seeds
             if p.gate and not p.seeds_fix and verdicts[n] == "undecided" and (p.blocks == "all" or heading_held):
                 to_decide[n] = None
@@ -379,6 +378,9 @@ def task_claims(results: list[TaskRuns]) -> list[Claim]:
 def parity_claims(task: TaskSpec, summary: pd.DataFrame, png: str | None, csv: str | None, budgets: dict | None = None,
                   control: pd.DataFrame | None = None, history: pd.DataFrame | None = None) -> list[Claim]:
     """The rules of one task at one budget (:func:`task_claims` of one :class:`TaskRuns`).
+
+    Args:
+        task, summary, png, csv, budgets, control, history: the fields of :class:`TaskRuns`.
 
     Returns:
         [parity family, best-other family] where they apply.
