@@ -146,7 +146,7 @@ def _describe(value: float, task: TaskSpec) -> str:
 
 
 def _margin_text(task: TaskSpec, margin: float) -> str:
-    return f"{margin:g} points" if task.higher_is_better else f"{100 * margin:g}%"
+    return f"{margin:g} point{'' if margin == 1 else 's'}" if task.higher_is_better else f"{100 * margin:g}%"
 
 
 def _gain(task: TaskSpec, new: float, old: float) -> float:
