@@ -108,15 +108,27 @@ def test_stacked_plans_pack_and_unpack_as_each_group_does(name):
     torch.testing.assert_close(stacked, each, rtol=0, atol=0)   # every block written (no NaN left)
 
 
-def test_backward_computes_only_what_is_asked():
-    layout, b = LAYOUTS["expanding"]
+@pytest.mark.parametrize("needs", [(False, True, False, False, False), (True, False, False, False, False),
+                                   (False, False, False, False, True), (True, False, True, True, False)])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_backward_computes_only_what_is_asked(name, needs):
+    """Any subset of gradients, in both orientations (gather and scatter plans), equals the
+    reference's and the others are None."""
+    layout, b = LAYOUTS[name]
     x, values, bias, u, v = _operands(layout, b, 2, True)
     plan = torch_kernels.plan_for(layout, b)
-    _, z = torch_kernels.sparse_lowrank_forward(x, values, bias, u, v, plan, layout.shape[0] * b)
-    gy = torch.randn(x.shape[0], layout.shape[0] * b, dtype=F64)
-    grads = torch_kernels.sparse_lowrank_backward(gy, x, values, u, v, z, plan,
-                                                  (False, True, False, False, False), True)
-    assert [g is None for g in grads] == [True, False, True, True, True]
+    y, z = torch_kernels.sparse_lowrank_forward(x, values, bias, u, v, plan, layout.shape[0] * b)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=F64).reshape(y.shape)
+    _, g_ref = _reference_grads(layout, gy, x, values, bias, u, v)
+    grads = torch_kernels.sparse_lowrank_backward(gy, x, values, u, v, z, plan, needs, True)
+    for got, want, need in zip(grads, g_ref, needs):
+        assert (got is None) == (not need)
+        if need:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_layouts_cover_both_plan_orientations():
+    assert {torch_kernels.plan_for(layout, b).transposed for layout, b in LAYOUTS.values()} == {False, True}
 
 
 def test_pooled_outputs_are_reused_only_when_nothing_references_them(monkeypatch):

@@ -154,20 +154,34 @@ def _gather_forward(a, plan: Plan, rights, width: int, z=None, lowrank=None, bia
     return out
 
 
-def _scatter_forward(a, plan: Plan, rights, width: int, init=None):
-    """out[:, runs_g] += a[:, rows_g] @ rights[g] onto ``init`` (else zeros), chunk by chunk.
+def _scatter_forward(a, plan: Plan, rights, width: int, z=None, lowrank=None, bias=None, v=None):
+    """out[:, runs_g] += a[:, rows_g] @ rights[g] (+ z_1 @ lowrank + bias), chunk by chunk.
 
-    Without ``init`` each column's first product is written, not added (no zeroing first)."""
-    out = init if init is not None else new_output((a.shape[0], width), a)
+    With a low-rank term, each chunk first writes z = a V into ``z`` (N, r or r + 1; its last
+    column, if r + 1, holds ones and ``lowrank`` (r + 1, out) = [U^T; bias]) and its rows of the
+    output as [z, 1] @ lowrank, onto which the products are added while the rows are in cache
+    (before: z @ U^T + bias over all rows first, one more pass over the output). Without one,
+    each column's first product is written, not added (no zeroing first); a bias alone is
+    written first."""
+    out = new_output((a.shape[0], width), a)
     pieces, holes = plan.scatter_pieces
+    rank = 0 if v is None else v.shape[1]
+    added = [_added(g) for g in plan.groups]
 
     def chunk(rows, *_):
-        if init is None:
+        out_c, a_c = out[rows], a[rows]
+        if lowrank is not None:
+            z[rows, :rank] = times_narrow(a_c, v)
+            torch.mm(z[rows], lowrank, out=out_c)
+        elif bias is not None:
+            out_c.copy_(bias.expand_as(out_c))
+        else:
             for c0, c1 in holes:
-                out[rows, c0:c1] = 0
-        for g, right, own in zip(plan.groups, rights, pieces):
+                out_c[:, c0:c1] = 0
+        first_written = lowrank is None and bias is None
+        for g, right, own, more in zip(plan.groups, rights, pieces, added):
             if right is not None:
-                _product_into(out[rows], a[rows, g.r0:g.r1], right, own if init is None else _added(g))
+                _product_into(out_c, a_c[:, g.r0:g.r1], right, own if first_written else more)
     sweep(a.shape[0], chunk, sweep_workers(a.shape[0], a), a)
     return out
 
@@ -179,16 +193,6 @@ def _added(g) -> tuple:
         pieces.append((offset, c0, c1, False))
         offset += c1 - c0
     return tuple(pieces)
-
-
-def _init_output(rows: int, width: int, z=None, w=None, bias=None):
-    """(rows, width) = z @ w^T + bias, what scattered products are added onto (None: zeros)."""
-    if z is None and bias is None:
-        return None
-    out = new_output((rows, width), z if z is not None else bias)
-    if z is None:
-        return out.copy_(bias.expand(rows, width))
-    return torch.addmm(bias, z, w.T, out=out) if bias is not None else torch.mm(z, w.T, out=out)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -246,21 +250,19 @@ def _unpack_grads(plan: Plan, values, grads, extra_cols: int):
 
 
 def grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
+    # z = x2 V is written chunk by chunk in the sweep, beside a column of ones for the bias
+    z = lowrank = None
+    if u is not None:
+        z = x2.new_empty(x2.shape[0], u.shape[1] + (bias is not None))
+        lowrank = u.T if bias is None else torch.cat([u.T, bias[None]], 0)
+        if bias is not None:
+            z[:, -1] = 1
     if plan.transposed:
-        z = times_narrow(x2, v) if u is not None else None
-        init = _init_output(x2.shape[0], out_features, z, u, bias)
-        y = _scatter_forward(x2, plan, _right_operands(values, plan), out_features, init)
-    else:   # z = x2 V is written chunk by chunk in the sweep, beside a column of ones for the bias
-        z = lowrank = None
-        if u is not None:
-            z = x2.new_empty(x2.shape[0], u.shape[1] + (bias is not None))
-            lowrank = u.T if bias is None else torch.cat([u.T, bias[None]], 0)
-            if bias is not None:
-                z[:, -1] = 1
+        y = _scatter_forward(x2, plan, _right_operands(values, plan), out_features, z, lowrank, bias, v)
+    else:
         y = _gather_forward(x2, plan, _right_operands(values, plan, transpose=True), out_features, z, lowrank,
                             bias, v)
-        z = None if z is None else z[:, :u.shape[1]]
-    return y, z
+    return y, None if z is None else z[:, :u.shape[1]]
 
 
 def grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
@@ -273,6 +275,10 @@ def grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_
     # chunk of gy is reused from cache; the low-rank factor on the plan's row side rides in the
     # group GEMMs as extra columns (r-column GEMMs alone run at half the efficiency).
     if plan.transposed:      # rows of the plan = W's block columns; gy is the gathered side
+        # gy's runs and gz gathered into one tile per chunk and group, which feeds both dX and dS:
+        # reading the runs as views instead (one GEMM per run, as the forward does) measured
+        # 8-14% slower for this backward (4096 -> 1024, budget 0.1 and released, 512 and 4096 rows,
+        # one thread): the copy is shared by two products, the split doubles their narrow GEMMs.
         gz = times_narrow(gy, u) if u is not None and (need_x or need_v) else None
         lowrank_cols = 0 if gz is None else gz.shape[1]
         rights = _right_operands(values, plan, v if gz is not None else None, transpose=True) if need_x else None
@@ -342,6 +348,8 @@ def grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_
             grad_v = (gz.T @ x2).T
     if need_bias and grad_bias is None:
         grad_bias = gy.sum(0)
+    if not need_values:   # computed beside dU or dV in the same GEMMs, not asked for
+        grad_values = None
     return grad_x, grad_values, grad_bias, grad_u, grad_v
 
 

@@ -25,7 +25,8 @@ y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a blo
 * when in_features > out_features the plan groups the transposed layout instead (products are
   then added into y's column runs), so that the narrower side is the one gathered; a column's
   first product is written, later ones added (:attr:`Plan.scatter_pieces`), so no output or
-  gradient buffer is zero-filled first;
+  gradient buffer is zero-filled first; with a low-rank term each row chunk's output is first
+  written as [x V, 1] [U, bias]^T and the products added while the chunk is in cache;
 * 16-bit inputs (bf16/fp16 under autocast: AMX/AVX512-BF16 GEMMs, several times faster than
   float32) take a *padded* plan (:func:`plan_for` with ``fill``): consecutive groups whose columns
   together form one run become one GEMM with zero blocks where a row stores none (for a flat
