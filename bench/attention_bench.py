@@ -7,7 +7,7 @@ memory in child processes (see pixelfly_lab.speed.attention). The CPU model, its
 GEMM rate and the load average are printed above the table: on a loaded machine the ratios are
 noisy, rerun when it is quiet.
 Run: OMP_NUM_THREADS=1 python bench/attention_bench.py [--lengths 1024 2048 4096 8192] [--kernel-lengths 16384]
-     [--causal both] [--no-memory]
+     [--causal both] [--block 32] [--layout connected|pixelfly] [--budget 0.0625] [--no-memory]
 """
 
 import argparse
@@ -29,13 +29,19 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    parser.add_argument("--layout", default=None,
+                        help="PixelflyAttention layout name (default: the layer's, 'connected'; 'pixelfly': the "
+                             "paper's, which reaches density 1/16 at block 64 where the connected floor is 7/64)")
+    parser.add_argument("--budget", type=float, default=None, help="PixelflyAttention budget (default: the layer's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     args = parser.parse_args()
     causal = {"no": False, "yes": True, "both": (False, True)}[args.causal]
+    options = {name: value for name, value in (("layout", args.layout), ("budget", args.budget)) if value is not None}
     print(machine_header())
     table = attention_speed_table(args.lengths, dim=args.dim, heads=args.heads, batch=args.batch, causal=causal,
-                                  block_size=args.block, repeats=args.rounds, memory=not args.no_memory,
+                                  block_size=args.block, options=options or None, repeats=args.rounds,
+                                  memory=not args.no_memory,
                                   kernel_lengths=args.kernel_lengths, progress=True)
     rate = table["dense_gemm_gflops"].iloc[0]
     print(f"# dense GEMM rate: {rate:.0f} GFLOP/s (one ({args.batch * min(4096, table['T'].max())}, {args.dim}) @ "
