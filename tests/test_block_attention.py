@@ -94,6 +94,16 @@ def assert_equals_reference(layout, causal, block_size=4):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_hardware_blocks_give_the_reference_values_and_gradients(block_size, causal):
+    """The block sizes the layers use (32, 64) on the connected layout and the paper's flat butterfly, float64."""
+    from pixelfly_lab.nn.attention import connected_layout
+
+    for layout in (connected_layout(8 * block_size, block_size)[0], flat_butterfly_mask(8, 2)):
+        assert_equals_reference(layout, causal, block_size)
+
+
 def test_causal_rows_without_their_diagonal_block_are_masked_as_the_reference():
     """Causal: the diagonal-only mask (every row keeps its diagonal block, the last one) and the general one."""
     layout = uneven_layout(8, seed=4)
