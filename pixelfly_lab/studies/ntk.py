@@ -58,10 +58,10 @@ __all__ = ["NTKStudyConfig", "FULL", "QUICK", "TINY", "HEADLINE", "run"]
 # (train_seeds): the correlation's points are the 8 sparse patterns' mean accuracies.
 FULL_EPOCHS = 30
 FULL = NTKStudyConfig(families=("mlp",), seeds=tuple(range(12)), n_train=2000, epochs=FULL_EPOCHS, train_seeds=6)
-# estimate: training 9 patterns x 6 seeds x 30 epochs x 2000 examples plus dense for 60 epochs (the gate) = ~10x
-# QUICK's (7 x 3 x 15 x 1000 plus dense for 30), kernels on 128 examples for 12 x 9 models; QUICK took ~2.3
-# minutes on a quiet 2-core machine (7.4 at load 10)
-FULL_MINUTES = 30
+# training 9 patterns x 6 seeds x 30 epochs x 2000 examples plus dense 6 x 60 epochs (the gate) is the same work as
+# 0357eab's FULL (9 x 12 x 15, dense 12 x 30; kernels alike: 12 x 9 models on 128 examples), which was still running
+# after 60 minutes in the lead's FULL run (2 cores, load 3-7): 60 is a lower bound, not an extrapolation
+FULL_MINUTES = 60
 QUICK = NTK_QUICK
 # three sparse patterns: the rank correlation needs at least three points to mean anything; two
 # seeds so that the closest claim's paired interval exists
