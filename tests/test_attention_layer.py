@@ -358,6 +358,19 @@ def test_speed_table_kernel_lengths_and_dense_gemm_rate():
     torch.testing.assert_close(table["speedup"] / table["flop_limit"], table["fraction_of_limit"])
 
 
+def test_kernel_flops_leave_the_features_out_and_the_layer_counts_them():
+    from pixelfly_lab.speed.attention import attention_flops
+
+    # the connected layout at budget=None is its floor with or without features: one layout, two layers
+    plain, featured = (PixelflyAttention(64, 2, 256, block_size=16, lowrank_features=m) for m in (0, 8))
+    assert torch.equal(plain.layout_for(256), featured.layout_for(256))
+    kernel = [attention_flops(layer, 256, projections=False) for layer in (plain, featured)]
+    whole = [attention_flops(layer, 256) for layer in (plain, featured)]
+    pairs = plain.layout_for(256).sum().item() * 16 * 16
+    assert kernel[0] == kernel[1] == 4 * 32 * pairs * 2   # 4 D per kept pair and head; the kernel has no features
+    assert whole[1] - whole[0] > 0                         # the layer pays for its features
+
+
 def test_layer_error_table_is_zero_at_full_budget_and_equals_the_layer_on_each_kind():
     from pixelfly_lab.studies.estimators import attention_kinds, layer_error_table, trained_queries_keys
 

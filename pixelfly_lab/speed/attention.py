@@ -110,7 +110,8 @@ def attention_flops(layer: PixelflyAttention, T: int, batch: int = 1, *, dense: 
         T: sequence length.
         batch: B.
         dense: count the dense twin (SDPA) instead.
-        projections: include the four projections (False: the attention kernel alone).
+        projections: count the whole layer: the four projections and the random features (False:
+            the block-sparse attention kernel alone, which computes neither).
 
     Returns:
         FLOPs of one forward pass.
@@ -127,7 +128,7 @@ def attention_flops(layer: PixelflyAttention, T: int, batch: int = 1, *, dense: 
         else:
             pairs = layout.sum().item() * b * b
     flops = 4 * D * pairs * layer.heads
-    if not dense and layer.features:
+    if not dense and layer.features and projections:
         m = layer.features
         flops += layer.heads * (4 * T * m * D + 4 * T * m * (D + 1) + 2 * pairs * (m + D + 1))
     if projections:
