@@ -149,6 +149,7 @@ def test_bigbird_speed_claim_is_an_equivalence_test(monkeypatch, tmp_path, ratio
     assert claim.held is expected and claim.kind == "paper" and claim.seeds == len(ratios)
     assert "within +-log(1.15)" in claim.claim and "fixed before measuring" in claim.claim
     assert ("not equal budget" in claim.measured) == (densities[0] != densities[1])
+    assert ("because Pixelfly is faster than BigBird (1.50x its speed)" in claim.measured) == (expected is False)
     assert (tmp_path / "bigbird_speed.png").is_file() and (tmp_path / "bigbird_speed.csv").is_file()
 
 

@@ -139,7 +139,11 @@ def test_budgets_are_one_family():
     both = task_claims([TaskRuns(ACCURACY, worse), TaskRuns(at_01, worse)])[0]
     assert both.held is False and {m["verdict"] for m in both.members} == {"refuted"}
     noisy = _summary("test_accuracy", dict(MEANS, pixelfly=0.78, **{"pixelfly-gated": 0.78}), 0.03, seeds=3)
-    assert task_claims([TaskRuns(ACCURACY, worse), TaskRuns(at_01, noisy)])[0].held is None
+    mixed = task_claims([TaskRuns(ACCURACY, worse), TaskRuns(at_01, noisy)])[0]
+    assert mixed.held is None
+    # ... and each budget's own verdict is printed: the refuted budget is not hidden by the undecided one
+    assert "budget 0.25 alone: refuted" in mixed.measured and "budget 0.1 alone: undecided" in mixed.measured
+    assert "budget 0.1 alone: held" not in parity.measured and "budget 0.25 alone: held" in parity.measured
 
 
 def test_a_pattern_that_must_fail_the_rule_holds_back_the_check():

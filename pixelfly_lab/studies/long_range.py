@@ -175,6 +175,9 @@ def _bigbird_claim(out: Path, config: LongRangeConfig, header: str) -> Claim:
                 f"BigBird {table.bigbird_ms.median():.2f} ms; densities {density['pixelfly']:.4f} and "
                 f"{density['bigbird']:.4f}; load {table.load_avg.min():.1f}-{table.load_avg.max():.1f} "
                 f"({header.lstrip('# ')})")
+    if fields["held"] is False:   # outside the band: say on which side (faster is not the same as slower)
+        measured += (f"; outside the band because Pixelfly is {'faster' if ratio > 1 else 'slower'} than BigBird "
+                     f"({ratio:.2f}x its speed) on this kernel")
     if not equal:
         measured += f"; undecided: the densities differ by more than {100 * SAME_DENSITY:.0f}% (not equal budget)"
         fields.update(held=None, seeds_to_decide=None)

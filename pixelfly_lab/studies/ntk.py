@@ -68,9 +68,9 @@ QUICK = NTK_QUICK
 TINY = NTKStudyConfig(families=("mlp",), patterns=("dense", "lowrank", "random", "pixelfly"), seeds=(0, 1),
                       reference_seeds=(5, 6), n_kernel=6, n_train=128, n_test=64, epochs=1)
 
-PIXELFLY = "pixelfly"                        # the variant of the headline, chosen before measuring
+PIXELFLY = "pixelfly"                        # the variant of the headline
 VARIANTS = ("pixelfly", "pixelfly-gated")    # not "other patterns": the gated layer is Pixelfly too
-# The headline member, declared before measuring: the paper's layer (Sec. 3: y = S x + U V^T x, no gate) on the
+# The headline member (named after earlier QUICK runs had been seen: not pre-registered): the paper's layer (Sec. 3: y = S x + U V^T x, no gate) on the
 # study's headline distance (centred: blind to the kernel's scale and its constant part). The gated layer is the
 # authors' released code, not the object the paper's NTK analysis describes: a secondary reading, like 1 - CKA.
 HEADLINE = (PIXELFLY, "relative_frobenius_centered")
@@ -154,7 +154,8 @@ def _closest_claim(frame, family, setup, png, csv, metrics=SCALE_FREE_METRICS) -
 
 _CLOSEST_TEXT = (
     "Pixelfly paper (NTK analysis): among patterns at the same budget, Pixelfly's NTK is the closest to the dense "
-    "model's -- {family}, at init. Headline member, declared before measuring: the paper's ungated layer "
+    "model's -- {family}, at init. Headline member (named after earlier QUICK runs had been seen, not "
+    "pre-registered: read it with that in mind): the paper's ungated layer "
     "(y = S x + U V^T x, Sec. 3) on the relative Frobenius distance of centred, trace-normalised kernels (blind to "
     "the kernel's scale and constant part); the authors' released gated, Kaiming-initialised layer and 1 - CKA are "
     "secondary readings, Holm-corrected among themselves, that do not change the verdict. Rule per member: per "

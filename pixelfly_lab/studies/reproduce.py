@@ -239,7 +239,8 @@ def _members(claim: dict) -> list[str]:
 # answer. A study's FULL config may have changed since (its FULL_MINUTES comment says so); studies not listed were
 # still running when this was written down. Add the rest from OUT/<study>/claims.json ("seconds") of a full run.
 MEASURED_FULL = {
-    "run": "commit 0357eab, 2 CPU cores shared with six other busy processes (load average 5-13), started 18:53",
+    "run": ("commit 0357eab's FULL configurations (expressiveness and theory have changed since), 2 CPU cores shared "
+            "with six other busy processes (load average 5-13); the run was stopped during ntk"),
     "minutes": {"patterns": 0.06, "expressiveness": 11.6, "theory": 17.0, "attention": 13.1},
 }
 
@@ -266,9 +267,10 @@ def full_time(records: dict[str, dict] | None = None) -> str:
 
     parts = ([f"measured in this run: {listed(this_run, 1)}"] if this_run else []) + (
         [f"measured ({MEASURED_FULL['run']}): {listed(earlier, 1)}"] if earlier else []) + (
-        [f"estimated (FULL_MINUTES, extrapolated from QUICK): {listed(estimates, 0)}"] if estimates else []) + (
+        [f"estimated (each study's FULL_MINUTES, from QUICK's times; a lower bound where the study says so): "
+         f"{listed(estimates, 0)}"] if estimates else []) + (
         [f"no time for {', '.join(missing)}"] if missing else [])
-    return (f"The full preset (`--preset full`) on 2 CPU cores: about {total:.0f} minutes in all"
+    return (f"The full preset (`--preset full`) on 2 CPU cores: at least about {total:.0f} minutes in all"
             + (" for the studies with a time" if missing else "") + "; " + "; ".join(parts) + ".")
 
 

@@ -299,6 +299,11 @@ def _family_claim(parts: list[_Part], statement: str, rule: str, kind: str, png,
     family = replace(family, verdict=verdict, verdicts=tuple(verdicts[n] for n in family.names),
                      to_decide=tuple(to_decide[n] for n in family.names))
     gates = [f"budget {p.budget:g}: undecided: {p.gate}" for p in parts if p.gate]
+    if several:   # each budget's own verdict: a budget whose every member is refuted says so
+        for budget in dict.fromkeys(p.budget for p in parts):
+            own = [v for n, v in verdicts.items() if n.endswith(f" @{budget:g}")]
+            word = "held" if "held" in own else "refuted" if all(v == "refuted" for v in own) else "undecided"
+            gates.insert(0, f"budget {budget:g} alone: {word}")
     if blocked:
         gates.append(f"held back by the gates: {', '.join(blocked)}")
     measured = (f"verdict: {verdict}; " + family.describe(2) + "; " + "; ".join(gates + [
@@ -345,7 +350,9 @@ def task_claims(results: list[TaskRuns]) -> list[Claim]:
         where = f"{label}, budget(s) {budgets}{_length(group[0].summary)}"
         interval = f"{100 * (1 - 2 * ALPHA):.0f}% t interval"
         family = (f"One family: the primary Pixelfly layers ({', '.join(VARIANTS)}; 'pixelfly-gated' is the authors' "
-                  f"gated, Kaiming-initialised layer) at every budget, Holm-corrected")
+                  f"gated, Kaiming-initialised layer) at every budget, Holm-corrected; the family holds when one "
+                  f"member holds and did not hold only when every member is refuted (each budget's own verdict "
+                  f"is printed beside it)")
         if parity_parts:
             claims.append(_family_claim(parity_parts, (
                 f"Pixelfly paper (Sec. 5, Tables 1-4): Pixelfly models match the dense model's quality with a "

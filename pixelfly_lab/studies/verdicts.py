@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pixelfly_lab.studies.claims import VERDICT_WORDS, verdict_word
-from pixelfly_lab.studies.reproduce import EXPERIMENTS, load_results
+from pixelfly_lab.studies import reproduce   # read reproduce.EXPERIMENTS at call time, never a copy
 
 __all__ = ["VERDICTS", "claims_table", "study_figures", "show_study"]
 
@@ -43,7 +43,7 @@ def claims_table(out="results") -> pd.DataFrame:
     if not isinstance(out, (str, Path)):
         raise TypeError(f"out must be a path, got {type(out).__name__}")
     rows = []
-    for name, record in load_results(out).items():
+    for name, record in reproduce.load_results(out).items():
         for claim in record.get("claims", []):
             rows.append({"study": name, "preset": record.get("preset"), "kind": claim.get("kind", "paper"),
                          "verdict": verdict_word(claim), "claim": claim["claim"], "measured": claim["measured"],
@@ -62,7 +62,7 @@ def study_figures(out, name: str) -> list[Path]:
     Returns:
         List of existing file paths (empty when the study has no results).
     """
-    names = [e.name for e in EXPERIMENTS]
+    names = [e.name for e in reproduce.EXPERIMENTS]
     if name not in names:
         raise ValueError(f"name must be one of {names}, got {name!r}")
     table = claims_table(out)
@@ -88,9 +88,9 @@ def show_study(out, name: str, width: int = 900) -> pd.DataFrame:
     if not isinstance(width, int) or isinstance(width, bool) or width < 100:
         raise ValueError(f"width must be an int >= 100 (pixels), got {width!r}")
     table = claims_table(out)
-    rows = table[table.study == name] if name in {e.name for e in EXPERIMENTS} else None
+    rows = table[table.study == name] if name in {e.name for e in reproduce.EXPERIMENTS} else None
     if rows is None:
-        raise ValueError(f"name must be one of {[e.name for e in EXPERIMENTS]}, got {name!r}")
+        raise ValueError(f"name must be one of {[e.name for e in reproduce.EXPERIMENTS]}, got {name!r}")
     if rows.empty:
         display(Markdown(f"*`{name}` has no results in `{out}`: run `make reproduce` "
                          f"(or `python -m pixelfly_lab reproduce --preset quick --only {name}`).*"))
