@@ -228,3 +228,7 @@ def test_report_says_how_long_full_takes(tmp_path, fake_studies, monkeypatch):
     records = {"good": {"preset": "full", "status": "ok", "seconds": 600.0}}
     assert "measured in this run: good 10.0 min" in rp.full_time(records)
     assert "at least about 13 minutes" in rp.full_time(records)
+    # an older measurement below the study's current estimate gives way to the estimate (a lower bound stays one)
+    monkeypatch.setattr(sys.modules["fake_good"], "FULL_MINUTES", 4, raising=False)
+    assert "estimated (each study's FULL_MINUTES, from QUICK's times; a lower bound where the study says so): good 4, bad 3 min" \
+        in rp.full_time()

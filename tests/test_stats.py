@@ -4,6 +4,7 @@ a brute-force oracle."""
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -213,6 +214,9 @@ def test_family_claim_headline_decides_alone_and_seeds_are_counted_once(monkeypa
     assert family_claim({"b": strong, "c": against}, headline="b").verdict == "held"
     # a rule beyond the statistics (controls) may override the verdict; then no seed count when seeds cannot help
     assert family.fields("undecided", more_seeds_decide=False)["seeds_to_decide"] is None
+    # a gate that cleared the lead's count leaves the claim with the largest count a member still needs
+    cleared = replace(family, to_decide=(None, 7, 3))
+    assert cleared.fields("undecided")["seeds_to_decide"] == 7
     Claim("c (held when x)", "m", **family.fields())
     # the noncentral-t search runs once per undecided member, however often the fields are read
     calls = []

@@ -222,7 +222,7 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
         sparse FLOPs, see the module docstring), dense_ms and sparse_ms (medians of forward +
         backward), speedup, fraction_of_limit (speedup / flop_limit), sparse_gflops (the sparse
         side's useful rate: forward FLOPs x 3.5 for the attention (2 products forward, 5 backward
-        with the recomputed scores) and x 3 for the projections, over sparse_ms),
+        with the recomputed scores) and x 3 for the projections and random features, over sparse_ms),
         dense_gemm_gflops (:func:`dense_gemm_gflops` at (batch * T, dim) x (dim, dim), T capped at
         4096, same threads, measured once per table), and dense_peak_mb, sparse_peak_mb,
         memory_ratio when ``memory``; load_avg (1-minute, after the row's timing).

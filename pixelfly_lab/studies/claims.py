@@ -163,7 +163,7 @@ class Family:
         return rows
 
     def fields(self, verdict: str | None = None, *, more_seeds_decide: bool = True) -> dict:
-        """The Claim's fields: held, effect, ci, seeds, seeds_to_decide (of the lead member) and members.
+        """The Claim's fields: held, effect, ci, seeds, seeds_to_decide (the lead member's, else the largest left) and members.
 
         Args:
             verdict: the claim's verdict when a rule beyond the statistics overrides the family's
@@ -172,7 +172,9 @@ class Family:
                 (then no seed count is printed).
         """
         verdict = verdict or self.verdict
-        to_decide = self.to_decide[self.lead] if verdict == "undecided" and more_seeds_decide else None
+        to_decide = None
+        if verdict == "undecided" and more_seeds_decide:   # the lead's count, else the largest a member still needs
+            to_decide = self.to_decide[self.lead] or max((n for n in self.to_decide if n), default=None)
         return dict(held=HELD[verdict], **_statistics(self.decisions[self.lead]), seeds_to_decide=to_decide,
                     members=self.members())
 

@@ -257,8 +257,10 @@ def full_time(records: dict[str, dict] | None = None) -> str:
     names = [e.name for e in EXPERIMENTS]
     this_run = {name: rec["seconds"] / 60 for name, rec in (records or {}).items()
                 if rec.get("preset") == "full" and rec.get("status") in ("ok", "skipped") and "seconds" in rec}
-    earlier = {k: v for k, v in MEASURED_FULL["minutes"].items() if k in names and k not in this_run}
-    estimates = {name: m for name, m in full_minutes().items() if name not in this_run and name not in earlier}
+    stated = full_minutes()   # an older measurement stands only where the study's own estimate is not larger
+    earlier = {k: v for k, v in MEASURED_FULL["minutes"].items()
+               if k in names and k not in this_run and v >= stated.get(k, 0)}
+    estimates = {name: m for name, m in stated.items() if name not in this_run and name not in earlier}
     missing = [n for n in names if n not in this_run and n not in earlier and n not in estimates]
     total = sum(this_run.values()) + sum(earlier.values()) + sum(estimates.values())
 
