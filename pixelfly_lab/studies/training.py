@@ -119,6 +119,8 @@ class TrainingConfig:
     gpu_speed: bool = True                       # on CUDA: the talk's models' step times
 
 
+# The teacher tasks borrow MNIST-1D's FULL_SEEDS: no power computation of their own (they make no parity claim,
+# and their margin is in relative MSE); QUICK decided both teacher claims at 3 seeds.
 FULL = TrainingConfig(tasks=(MNIST1D, MNIST1D_SPARSE, replace(TEACHER_PIXELFLY, seeds=FULL_SEEDS),
                              replace(TEACHER_DENSE, seeds=FULL_SEEDS), CHARS))
 # MNIST-1D at budgets 0.25 and 0.1 (2000 training, 10000 test examples, 15 epochs, 3 seeds; dense and
@@ -152,11 +154,16 @@ TINY = TrainingConfig(
     timing_steps=1, timing_rounds=1, gpu_speed=False)
 # Estimate of FULL, from the QUICK run measured 2026-12-06 (`reproduce --preset quick --only training`,
 # one thread, load 6-9: 205 s of CPU, 9 min wall): an MNIST-1D run ~5.5 CPU seconds, a teacher-student
-# run ~0.65, a tiny-GPT step at context 32 ~0.03 (so ~0.06 at 64). FULL: per seed 9 patterns + the
-# positive control at 0.25 and 8 at 0.1 (dense shared), 2 x 5 teacher runs; the character GPT 18
-# runs (5 patterns x 3 seeds + 3 controls) of 2 x 362 steps; a minute of step timing.
-MNIST_RUN_S, TEACHER_RUN_S, CHARS_STEP_S = 5.5, 0.65, 0.06
-FULL_MINUTES = round((len(FULL_SEEDS) * (18 * MNIST_RUN_S + 10 * TEACHER_RUN_S) + 18 * 724 * CHARS_STEP_S) / 60 + 1)
+# run ~0.65, a tiny-GPT step at context 32 ~0.03 (so ~0.06 at 64). FULL, counted from its TaskSpecs:
+# per seed every MNIST-1D pattern at 0.25 + the positive control + the patterns at 0.1 (dense shared),
+# the teacher runs; the character GPT's patterns x seeds + one control per seed, of CHARS_STEPS steps
+# each (2 epochs of 362 steps); a minute of step timing.
+MNIST_RUN_S, TEACHER_RUN_S, CHARS_STEP_S, CHARS_STEPS = 5.5, 0.65, 0.06, 724
+_MNIST_RUNS = len(MNIST1D.patterns) + 1 + len(MNIST1D_SPARSE.patterns) - 1
+_TEACHER_RUNS = len(TEACHER_PIXELFLY.patterns) + len(TEACHER_DENSE.patterns)
+_CHARS_RUNS = (len(CHARS.patterns) + 1) * len(CHARS.seeds)
+FULL_MINUTES = round((len(FULL_SEEDS) * (_MNIST_RUNS * MNIST_RUN_S + _TEACHER_RUNS * TEACHER_RUN_S)
+                      + _CHARS_RUNS * CHARS_STEPS * CHARS_STEP_S) / 60 + 1)
 
 
 def _key(task: TaskSpec, seeds: tuple) -> str:
