@@ -50,6 +50,7 @@ from pixelfly_lab.nn.attention import PixelflyAttention, attention_layout
 from pixelfly_lab.training.config import TrainConfig
 from pixelfly_lab.training.data import load_data
 from pixelfly_lab.training.loop import train
+from pixelfly_lab.studies.network_targets import attention_queries_keys
 from tqdm.auto import tqdm
 
 __all__ = ["performer_features", "performer_attention", "sparse_lowrank_attention", "scatterbrain_attention",
@@ -317,7 +318,7 @@ def trained_queries_keys(seq_len: int, *, steps: int = 200, batch_size: int = 16
     The toolkit's 'tiny' GPT (:data:`pixelfly_lab.training.models.SIZES`) trained for ``steps``
     AdamW steps on the shipped Shakespeare text at context ``seq_len`` (:func:`pixelfly_lab.training.loop.train`,
     its files in a temporary folder); Q and K of every block's attention on the first held-out
-    window, read by forward hooks on the block's q and k projections. The model's scores are
+    window (:func:`pixelfly_lab.studies.network_targets.attention_queries_keys`). The model's scores are
     q . k / sqrt(head_dim), causal.
 
     Returns:
@@ -328,17 +329,8 @@ def trained_queries_keys(seq_len: int, *, steps: int = 200, batch_size: int = 16
     with tempfile.TemporaryDirectory() as out:
         model = train(TrainConfig(model="gpt", data="chars", context=seq_len, epochs=epochs, max_steps=steps,
                                   batch_size=batch_size, seed=seed, track_rank=False, progress=False, out=out)).model
-    seen, hooks = [], []
-    for block in model.blocks:
-        for proj in (block.attn.q, block.attn.k):
-            hooks.append(proj.register_forward_hook(lambda module, inputs, output: seen.append(output)))
-    with torch.no_grad():
-        model.eval()(data.x_test[:1])
-    for hook in hooks:
-        hook.remove()
-    heads = model.blocks[0].attn.heads
-    split = [t.reshape(seq_len, heads, -1).transpose(0, 1).double() for t in seen]     # (heads, T, D) each
-    return torch.stack(split[0::2]), torch.stack(split[1::2])
+    q, k = attention_queries_keys(model.eval(), data.x_test[:1])                         # (depth, 1, heads, T, D)
+    return q[:, 0].double(), k[:, 0].double()
 
 
 def attention_kinds(seq_len: int, *, head_dim: int = 32, heads: int = 2, locality: float = 2.0,

@@ -39,7 +39,7 @@ from pixelfly_lab.training.config import TrainConfig
 from pixelfly_lab.training.data import load_data
 from pixelfly_lab.training.loop import train
 
-__all__ = ["NetworkTargets", "TARGET_NAMES", "attention_maps", "mlp_weight_blocks", "trained_targets"]
+__all__ = ["NetworkTargets", "TARGET_NAMES", "attention_maps", "attention_queries_keys", "mlp_weight_blocks", "trained_targets"]
 
 TARGET_NAMES = ("ViT MLP weight", "GPT attention map")
 
@@ -82,6 +82,37 @@ def mlp_weight_blocks(model: torch.nn.Module, count: int) -> list[torch.Tensor]:
     return blocks
 
 
+def attention_queries_keys(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every block's per-head queries and keys of a Transformer on one input, as its attention computes them.
+
+    Args:
+        model: a Transformer of :mod:`pixelfly_lab.training.models` (blocks with ``attn.q``,
+            ``attn.k``, ``attn.heads``), in the mode the caller wants (eval for no dropout).
+        tokens: (B, T) input (token ids, or the model's float input).
+
+    Returns:
+        (q, k), each (layers, B, heads, T, d_head) in the model's dtype; the scores are
+        q . k / sqrt(d_head) (causal where the block's ``attn.causal``).
+    """
+    inputs = {}
+    hooks = [block.attn.register_forward_hook(lambda module, args, output, i=i: inputs.__setitem__(i, args[0]))
+             for i, block in enumerate(model.blocks)]
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    queries, keys = [], []
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            attn, x = block.attn, inputs[i]
+            B, T, C = x.shape
+            for proj, out in ((attn.q, queries), (attn.k, keys)):   # (B, T, C) -> (B, heads, T, d)
+                out.append(proj(x).view(B, T, attn.heads, C // attn.heads).transpose(1, 2))
+    return torch.stack(queries), torch.stack(keys)
+
+
 def attention_maps(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Every layer's and head's attention map softmax(Q K^T / sqrt(d_head)) of a dense Transformer on one input.
 
@@ -94,30 +125,13 @@ def attention_maps(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
         (layers, heads, T, T) float64: row i is query i's weights over the keys (causal: zero above
         the diagonal); ``maps @ V`` per head is what the attention layer averages.
     """
-    inputs = {}
-    hooks = [block.attn.register_forward_hook(lambda module, args, output, i=i: inputs.__setitem__(i, args[0]))
-             for i, block in enumerate(model.blocks)]
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    maps = []
-    with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            attn, x = block.attn, inputs[i]
-            B, T, C = x.shape
-            heads, d = attn.heads, C // attn.heads
-
-            def split(t):  # (B, T, C) -> (B, heads, T, d)
-                return t.view(B, T, heads, d).transpose(1, 2)
-
-            scores = split(attn.q(x)) @ split(attn.k(x)).transpose(-1, -2) / math.sqrt(d)  # (B, heads, T, T)
-            if attn.causal:
-                scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-            maps.append(torch.softmax(scores.to(torch.float64), dim=-1)[0])
-    return torch.stack(maps)
+    q, k = attention_queries_keys(model, tokens)
+    q, k = q[:, 0], k[:, 0]                                             # (layers, heads, T, d)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])           # (layers, heads, T, T)
+    T = scores.shape[-1]
+    causal = torch.tensor([block.attn.causal for block in model.blocks]).view(-1, 1, 1, 1)
+    scores = scores.masked_fill(causal & torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores.to(torch.float64), dim=-1)
 
 
 def _train_config(config: NetworkTargets, model: str, seed: int, out: str) -> TrainConfig:
