@@ -393,7 +393,7 @@ def test_attention_table_covers_every_method_and_regime():
     assert df.top_mass.iloc[0] > df.top_mass.iloc[-1]
 
 
-def _fake_study(monkeypatch, errors, shares=None, seeds=4):
+def _fake_study(monkeypatch, errors, shares=None, seeds=6):
     """Run the expressiveness study on a made-up table: errors {kind: {pattern: error}}, shares {kind: {pattern:
     low-rank share of the split}} (default 0.5 for sparse + low-rank patterns), no training."""
     import matplotlib.pyplot as plt
@@ -413,7 +413,7 @@ def _fake_study(monkeypatch, errors, shares=None, seeds=4):
                         share = 1.0 if pattern == "lowrank" else share
                         noise = 0.004 * ((seed + len(pattern)) % 3 - 1)   # so the paired differences have an sd
                         rows.append(dict(kind=kind, seed=seed, n=n, pattern=pattern, budget=budget, budget_used=budget,
-                                         rank=share * budget * n / 2, error=error + noise))
+                                         params=int(budget * n * n), rank=share * budget * n / 2, error=error + noise))
         return pd.DataFrame(rows)
 
     def targets(config, cache=None, fallbacks=()):
@@ -425,7 +425,7 @@ def _fake_study(monkeypatch, errors, shares=None, seeds=4):
     monkeypatch.setattr(study, "trained_targets", targets)
     monkeypatch.setattr(study, "plot_error_vs_budget", lambda df, title: plt.figure())
     config = study.ExpressivenessConfig(n=n, seeds=2, budgets=(0.2, 0.3), block_size=4, kinds=("sparse_lowrank",),
-                                        networks=replace(study.TINY.networks, networks=2, per_network=seeds // 2))
+                                        networks=replace(study.TINY.networks, networks=3, per_network=seeds // 3))
     return study, study.run(Path(tempfile.mkdtemp()), config)
 
 
@@ -436,6 +436,7 @@ GOOD = dict(pixelfly=0.40, butterfly=0.80, lowrank=0.60, **{"random+lowrank": 0.
     (GOOD, GOOD, True),                                                   # >= 5% better than each part and control
     ({**GOOD, "lowrank": 0.40}, GOOD, False),                             # a tie with low-rank on one target
     (GOOD, {**GOOD, "local+lowrank": 0.38}, False),                       # a control (another support) beats it
+    ({**GOOD, "pixelfly": 0.58}, GOOD, False),                            # "pixelfly" a worse pattern than the controls
 ])
 def test_expressiveness_claim_needs_every_target_and_beats_the_controls(monkeypatch, vit, gpt, expected):
     study, claims = _fake_study(monkeypatch, {"ViT MLP weight": vit, "GPT attention map": gpt})
@@ -443,25 +444,27 @@ def test_expressiveness_claim_needs_every_target_and_beats_the_controls(monkeypa
     assert len(paper) == 1 and [m["name"].split(" (critical")[0] for m in paper[0].members] == list(study.NETWORK_KINDS)
     assert paper[0].held is expected and "sparse_lowrank" not in paper[0].measured.split("verdict")[1]
     assert "vs random+lowrank" in paper[0].measured and "vs local+lowrank" in paper[0].measured
-    assert paper[0].seeds == 4 and "after Holm" in paper[0].measured
+    # the unit of replication is the network (3 of them, 2 matrices each), not the matrix
+    assert paper[0].seeds == 3 and "after Holm" in paper[0].measured and "3 networks)" in paper[0].measured
+    if vit["pixelfly"] == 0.58:
+        assert paper[0].members[0]["verdict"] == "refuted"
 
 
-def test_expressiveness_names_a_low_rank_dominated_target_and_a_collapsed_control(monkeypatch):
-    # the ViT weight: pixelfly's search ends at low-rank alone (a tie with low-rank, sd 0): not a member;
-    # on the GPT maps random+lowrank's search ends at low-rank alone: it is low-rank, not a second control
+def test_expressiveness_keeps_a_low_rank_dominated_target_and_names_a_collapsed_control(monkeypatch):
+    # the ViT weight: pixelfly's search ends at low-rank alone (a tie with low-rank, sd 0): still a member, and it
+    # refutes "better than low-rank"; on the GPT maps random+lowrank's search ends at low-rank alone: it is
+    # low-rank, not a second control, and the table says so
     tie = {**GOOD, "pixelfly": 0.60, "lowrank": 0.60}
     study, claims = _fake_study(monkeypatch, {"ViT MLP weight": tie, "GPT attention map": {**GOOD, "random+lowrank": 0.6}},
                                 shares={"ViT MLP weight": {"pixelfly": 1.0},
                                         "GPT attention map": {"random+lowrank": 1.0}})
     (paper,) = [c for c in claims if c.kind == "paper"]
-    assert [m["name"].split(" (critical")[0] for m in paper.members] == ["GPT attention map"]
-    assert paper.held is True and "ViT MLP weight: low-rank dominated, not a member" in paper.measured
+    assert [m["name"].split(" (critical")[0] for m in paper.members] == list(study.NETWORK_KINDS)
+    assert paper.held is False and paper.members[0]["verdict"] == "refuted"
+    assert "pixelfly's best split low-rank alone on 12 of 12 runs" in paper.measured.split("GPT attention map: ")[0]
     gpt = paper.measured.split("GPT attention map: ")[1]
-    assert "random+lowrank collapsed to low-rank alone" in gpt and "vs random+lowrank" not in gpt
-    study, claims = _fake_study(monkeypatch, {"ViT MLP weight": tie, "GPT attention map": tie},
-                                shares={k: {"pixelfly": 1.0} for k in ("ViT MLP weight", "GPT attention map")})
-    (paper,) = [c for c in claims if c.kind == "paper"]
-    assert paper.held is None and "every target is low-rank dominated" in paper.measured
+    assert "random+lowrank's best split was low-rank alone on every matched pair" in gpt
+    assert "vs random+lowrank" not in gpt and "random+lowrank 12/12" in gpt
 
 
 def test_expressiveness_marks_a_zero_sd_gain():
@@ -469,6 +472,7 @@ def test_expressiveness_marks_a_zero_sd_gain():
     from pixelfly_lab.studies.stats import paired_decision
 
     assert "sd 0" in study._describe(paired_decision([0.0, 0.0, 0.0]))
+    assert "3 networks)" in study._describe(paired_decision([0.0, 0.0, 0.0]))
     assert "sd 0" not in study._describe(paired_decision([0.1, 0.0, 0.2]))
 
 
@@ -563,19 +567,29 @@ def test_trained_targets_vary_by_unit_and_come_from_the_cache(tmp_path):
     assert torch.equal(fresh["ViT MLP weight"][0], targets["ViT MLP weight"][0])   # same seed, same training
 
 
-def test_pairs_compare_at_equal_budget_used():
-    # lowrank and butterfly use less than pixelfly at these budgets: pixelfly is rerun at their budgets used
+def test_pairs_compare_at_equal_parameters_used():
+    # lowrank and butterfly use fewer parameters than pixelfly at these budgets: the side that used more is rerun
+    # at the other's count; every pair a decision reads has equal counts, and an unequal one is refused
     from pixelfly_lab.studies import expressiveness as study
 
-    matrices = {"GPT attention map": [target_matrix("attention", 32, s, locality=1.0) for s in range(2)]}
+    matrices = {"GPT attention map": [target_matrix("attention", 32, s, locality=1.0) for s in range(4)]}
     df = expressiveness_table({k: (lambda seed, k=k: matrices[k][seed]) for k in matrices},
-                              ["pixelfly", "lowrank", "butterfly", "random+lowrank"], [0.2, 0.3], 32, 2,
+                              ["pixelfly", "lowrank", "butterfly", "random+lowrank"], [0.2, 0.3], 32, 4,
                               block_size=4, progress=False)
-    config = study.ExpressivenessConfig(n=32, block_size=4)
+    config = study.ExpressivenessConfig(n=32, block_size=4, networks=replace(study.TINY.networks, per_network=2))
     pairs = study._pairs(df, matrices, config)
-    assert len(pairs) == 3 * 2 * 2 and (pairs.rerun != "").any()
-    assert (pairs.pixelfly_used <= pairs.other_used + 1e-12).all()          # pixelfly never uses more
-    before = df.set_index(["pattern", "seed", "budget"]).budget_used
-    unequal = [(r.other, r.seed, r.budget) for r in pairs.itertuples() if before[r.other, r.seed, r.budget]
-               < before["pixelfly", r.seed, r.budget] - 1e-12]
+    assert len(pairs) == 3 * 4 * 2 and (pairs.rerun != "").any() and list(pairs.network.unique()) == [0, 1]
+    matched = pairs[pairs.matched]
+    assert len(matched) >= len(pairs) - 2 and (matched.pixelfly_params == matched.other_params).all()
+    assert (pairs.pixelfly_used == pairs.pixelfly_params / 32 ** 2).all()
+    before = df.set_index(["pattern", "seed", "budget"]).params
+    unequal = [r for r in pairs.itertuples() if before[r.other, r.seed, r.budget] != before["pixelfly", r.seed, r.budget]]
     assert unequal                                                            # the rule had work to do
+    assert (pairs.other_lowrank_only[pairs.other == "lowrank"]).all()
+    assert not pairs.other_lowrank_only[pairs.other == "butterfly"].any()
+    broken = pairs.copy()
+    broken.loc[broken.index[0], "other_params"] += 1                          # a mismatch that reaches a decision
+    with pytest.raises(RuntimeError, match="unequal parameters"):
+        study._comparisons(broken, "GPT attention map")
+    decisions, _ = study._comparisons(pairs, "GPT attention map")
+    assert all(d.n == 2 for d in decisions.values())                           # one unit per network
