@@ -335,3 +335,66 @@ def test_bfloat16_sweeps_match_the_reference(layout, b, chunk, threads, fill, mo
         assert got.dtype == torch.bfloat16
         scale = want.abs().max().clamp_min(1e-3)
         assert ((got.double() - want).abs().max() / scale) < 3e-2
+
+
+def _layer_against_reference(layer, x):
+    """(y, dx, grads) of the layer's 'torch' path and of F.linear on its dense weight."""
+    results = []
+    for fast in (True, False):
+        layer.zero_grad(set_to_none=True)
+        x_ = x.clone().requires_grad_()
+        y = layer(x_) if fast else torch.nn.functional.linear(x_, layer.dense_weight(), layer.bias)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), x_.grad, [p.grad.clone() for p in layer.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64)])   # gather and scatter plans
+def test_packed_weights_cached_between_calls_follow_every_weight_update(shape):
+    """The packing kept between calls (torch_cache.derived_tensor) is rebuilt after an optimizer
+    step, an in-place write, a write through .data (no version bump) and a .data assignment."""
+    from pixelfly_lab.nn.layers import PixelflyLinear
+    from pixelfly_lab.ops import torch_cache
+    torch.manual_seed(0)
+    layer = PixelflyLinear(*shape, butterfly_size=8, n_factors=2, rank=2, block_size=4, backend="torch").double()
+    x = torch.randn(5, shape[0], dtype=F64)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    values = layer.sparse.values
+
+    def update(how):
+        with torch.no_grad():
+            if how == "step":
+                opt.step()                       # gradients of the last check: a real update
+            elif how == "inplace":
+                values.mul_(1.5)
+            elif how == "data":
+                values.data.add_(0.25)           # bypasses the version counter
+            elif how == "assign":
+                values.data = values.data * -1.0  # new storage
+    for how in ("none", "step", "inplace", "data", "assign", "none"):
+        update(how)
+        (y, dx, grads), (y_ref, dx_ref, grads_ref) = _layer_against_reference(layer, x)
+        torch.testing.assert_close(y, y_ref, msg=how)
+        torch.testing.assert_close(dx, dx_ref, msg=how)
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, msg=how)
+    assert torch_cache.cached_bytes() > 0      # the path did cache
+
+
+def test_derived_tensor_is_kept_until_its_source_changes():
+    from pixelfly_lab.ops import torch_cache
+    w, calls = torch.ones(4), []
+
+    def build():
+        calls.append(1)
+        return w * 2
+    first = torch_cache.derived_tensor(w, "t", build)
+    assert torch_cache.derived_tensor(w, "t", build) is first and len(calls) == 1
+    assert torch_cache.derived_tensor(w, "other", None, peek=True) is None
+    w.data[0] = 5                                  # no version bump: caught by the snapshot
+    assert torch_cache.derived_tensor(w, "t", build)[0] == 10 and len(calls) == 2
+    with torch.inference_mode():
+        frozen = torch.ones(2)
+    torch_cache.derived_tensor(frozen, "t", lambda: frozen + 1)   # never cached
+    assert torch_cache.derived_tensor(frozen, "t", None, peek=True) is None
+    assert torch_cache.clear_derived() > 0 and torch_cache.cached_bytes() == 0
