@@ -120,10 +120,10 @@ def test_rerun_skips_up_to_date_unless_forced(tmp_path, fake_studies):
     records = rp.reproduce(tmp_path, preset="quick", device="cpu", progress=False)
     assert records["good"]["status"] == "skipped" and CALLS == [("bad", 2)]
     CALLS.clear()
-    rp.reproduce(tmp_path, preset="full", device="cpu", progress=False)  # another preset: out of date
+    rp.reproduce(tmp_path, preset="full", device="cpu", progress=False, jobs=1)  # another preset: out of date
     assert ("good", 3) in CALLS
     CALLS.clear()
-    rp.reproduce(tmp_path, preset="full", device="cpu", force=True, only=["good"], progress=False)
+    rp.reproduce(tmp_path, preset="full", device="cpu", force=True, only=["good"], progress=False, jobs=1)
     assert CALLS == [("good", 3)]
 
 
@@ -215,20 +215,112 @@ def test_reproduce_command_end_to_end(tmp_path):
 
 
 def test_report_says_how_long_full_takes(tmp_path, fake_studies, monkeypatch):
-    monkeypatch.setattr(rp, "MEASURED_FULL", {"run": "commit x, 2 cores", "minutes": {"good": 2.0, "other": 9.0}})
     monkeypatch.setattr(sys.modules["fake_bad"], "FULL_MINUTES", 3, raising=False)
+    monkeypatch.setattr(sys.modules["fake_good"], "FULL_MINUTES", 4, raising=False)
     rp.reproduce(tmp_path, preset="tiny", device="cpu", progress=False)
     report = (tmp_path / "report.md").read_text()
-    # measured where known (studies not in the report's list left out), the estimate elsewhere, the total
-    assert ("The full preset (`--preset full`) on 2 CPU cores: at least about 5 minutes in all for the studies with a "
-            "time; measured (commit x, 2 cores): good 2.0 min; estimated (each study's FULL_MINUTES, from QUICK's "
-            "times; a lower bound where the study says so): bad 3 min; "
-            "no time for absent.") in report
-    # a full run's own times count as measured
+    # per study its one-thread estimate, the schedule's wall time with 2 jobs (4 and 3 side by side: 4), the rest
+    assert ("The full preset (`--preset full`) on 2 CPU cores with --jobs 2 ("
+            "the others on 2 workers of one thread, longest first): about 4 minutes of wall clock for the studies "
+            "with a time; estimated on one thread (each study's FULL_MINUTES: scaled parts of its FULL config timed "
+            "at one thread on a shared machine, upper bounds): good 4, bad 3 min; no time for absent.") in report
+    assert "Preset of this run: `tiny`, jobs 1." in report
+    # a full run's own times count as measured and replace the estimate in the schedule
     records = {"good": {"preset": "full", "status": "ok", "seconds": 600.0}}
     assert "measured in this run: good 10.0 min" in rp.full_time(records)
-    assert "at least about 13 minutes" in rp.full_time(records)
-    # an older measurement below the study's current estimate gives way to the estimate (a lower bound stays one)
-    monkeypatch.setattr(sys.modules["fake_good"], "FULL_MINUTES", 4, raising=False)
-    assert "estimated (each study's FULL_MINUTES, from QUICK's times; a lower bound where the study says so): good 4, bad 3 min" \
-        in rp.full_time()
+    assert "about 10 minutes of wall clock" in rp.full_time(records)
+    assert "about 13 minutes of wall clock" in rp.full_time(records, jobs=1)
+
+
+def test_schedule_runs_timed_studies_alone_then_longest_first():
+    exps = [rp.Experiment("a", "m", "A"), rp.Experiment("t", "m", "T", timed=True), rp.Experiment("b", "m", "B"),
+            rp.Experiment("c", "m", "C"), rp.Experiment("u", "m", "U", timed=True)]
+    minutes = {"a": 1.0, "b": 5.0, "c": 3.0, "t": 2.0, "u": 1.0}
+    phases = rp.schedule(exps, 2, minutes)
+    assert [[e.name for e in phase] for phase in phases] == [["t"], ["u"], ["b", "c", "a"]]
+    assert rp.schedule(exps, 1, minutes) == [exps]
+    # alone: 2 + 1; then b on one worker (5), c + a on the other (4): 5
+    assert rp.schedule_minutes(2, minutes, exps) == 8.0
+    assert rp.schedule_minutes(1, minutes, exps) == 12.0
+
+
+FAKE_STUDY = """
+import json, os, time
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from pixelfly_lab.studies.claims import Claim
+
+@dataclass(frozen=True)
+class Config:
+    size: int
+
+FULL, QUICK, TINY = Config(3), Config(2), Config(1)
+FULL_MINUTES = {minutes}
+
+def run(out, config, *, device):
+    started = time.time()
+    behaviour = {behaviour!r}
+    if behaviour == "raise":
+        raise RuntimeError("boom")
+    if behaviour == "crash":
+        os._exit(3)
+    time.sleep(0.3)
+    g = torch.Generator().manual_seed(config.size)
+    value = float(torch.randn(64, generator=g, dtype=torch.float64).sum())
+    (out / "table.csv").write_text(f"value,{{value}}")
+    spans = Path({spans!r})
+    spans.mkdir(exist_ok=True)
+    (spans / "{name}.json").write_text(json.dumps([started, time.time(), torch.get_num_threads(),
+                                                   os.environ.get("OMP_NUM_THREADS")]))
+    return [Claim(f"{name}: the sum is finite (held when finite)", f"{{value:.6f}}", True, None, kind="check")]
+"""
+
+
+@pytest.fixture
+def spawned_studies(tmp_path, monkeypatch):
+    """Study modules in files (a spawned worker imports them by name): a deterministic one, a timed one and one
+    whose worker process dies (a study that raises is the in-process path's failure, tested above)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    spans = tmp_path / "spans"
+    kinds = {"det_a": ("ok", 2), "det_timed": ("ok", 1), "det_crash": ("crash", 1)}
+    for name, (behaviour, minutes) in kinds.items():
+        (code / f"fake_{name}.py").write_text(FAKE_STUDY.format(behaviour=behaviour, minutes=minutes, name=name,
+                                                                spans=str(spans)))
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.setattr(rp, "EXPERIMENTS", tuple(
+        rp.Experiment(name, f"fake_{name}", name, timed=name == "det_timed") for name in kinds))
+    return spans
+
+
+def test_jobs_match_the_sequential_run_and_isolate_failures(tmp_path, spawned_studies):
+    # in-process: not the crashing study (it would end this process)
+    sequential = rp.reproduce(tmp_path / "seq", preset="tiny", device="cpu", progress=False,
+                              only=["det_a", "det_timed"])
+    parallel = rp.reproduce(tmp_path / "par", preset="tiny", device="cpu", progress=False, jobs=2)
+    assert list(parallel) == ["det_a", "det_timed", "det_crash"]
+    for name in ("det_a", "det_timed"):
+        assert parallel[name]["status"] == "ok", parallel[name].get("traceback")
+        assert parallel[name]["claims"] == sequential[name]["claims"], name
+        assert (tmp_path / "par" / name / "table.csv").read_text() == (tmp_path / "seq" / name / "table.csv").read_text()
+        assert parallel[name]["jobs"] == 2 and sequential[name]["jobs"] == 1
+    assert parallel["det_crash"]["status"] == "failed" and "exited with code 3" in parallel["det_crash"]["error"]
+    assert not [p for p in (tmp_path / "par").iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    # workers of one thread (OMP_NUM_THREADS=1 too); the timed study alone on the jobs' threads, before the others
+    spans = {p.stem: json.loads(p.read_text()) for p in spawned_studies.glob("*.json")}
+    assert spans["det_a"][2:] == [1, "1"] and spans["det_timed"][2:] == [2, "2"]
+    assert parallel["det_a"]["threads"] == 1 and parallel["det_timed"]["threads"] == 2
+    assert spans["det_timed"][1] <= spans["det_a"][0], "the timed study ran beside another"
+    report = (tmp_path / "par" / "report.md").read_text()
+    assert "jobs 2 (worker processes of one thread" in report and "failed studies: det_crash" in report
+    # up to date: nothing reruns
+    again = rp.reproduce(tmp_path / "par", preset="tiny", device="cpu", progress=False, jobs=2, only=["det_a"])
+    assert again["det_a"]["status"] == "skipped"
+
+
+def test_jobs_argument(tmp_path, fake_studies):
+    with pytest.raises(ValueError, match="jobs"):
+        rp.reproduce(tmp_path, preset="tiny", jobs=0)
+    with pytest.raises(TypeError, match="jobs"):
+        rp.reproduce(tmp_path, preset="tiny", jobs=1.5)
