@@ -455,7 +455,8 @@ def test_expressiveness_keeps_a_low_rank_dominated_target_and_names_a_collapsed_
     # refutes "better than low-rank"; on the GPT maps random+lowrank's search ends at low-rank alone: it is
     # low-rank, not a second control, and the table says so
     tie = {**GOOD, "pixelfly": 0.60, "lowrank": 0.60}
-    study, claims = _fake_study(monkeypatch, {"ViT MLP weight": tie, "GPT attention map": {**GOOD, "random+lowrank": 0.6}},
+    gpt_errors = {**GOOD, "random+lowrank": 0.6}
+    study, claims = _fake_study(monkeypatch, {"ViT MLP weight": tie, "GPT attention map": gpt_errors},
                                 shares={"ViT MLP weight": {"pixelfly": 1.0},
                                         "GPT attention map": {"random+lowrank": 1.0}})
     (paper,) = [c for c in claims if c.kind == "paper"]
@@ -583,7 +584,8 @@ def test_pairs_compare_at_equal_parameters_used():
     assert len(matched) >= len(pairs) - 2 and (matched.pixelfly_params == matched.other_params).all()
     assert (pairs.pixelfly_used == pairs.pixelfly_params / 32 ** 2).all()
     before = df.set_index(["pattern", "seed", "budget"]).params
-    unequal = [r for r in pairs.itertuples() if before[r.other, r.seed, r.budget] != before["pixelfly", r.seed, r.budget]]
+    unequal = [r for r in pairs.itertuples()
+               if before[r.other, r.seed, r.budget] != before["pixelfly", r.seed, r.budget]]
     assert unequal                                                            # the rule had work to do
     assert (pairs.other_lowrank_only[pairs.other == "lowrank"]).all()
     assert not pairs.other_lowrank_only[pairs.other == "butterfly"].any()

@@ -79,9 +79,9 @@ class ExpressivenessConfig:
 
 
 # n = 256 at block 8, 5 budgets, 5 networks of each model giving 2 matrices each: QUICK's network-level sds
-# of the gains (0.002-0.01 around gains of 0.07-0.57, or exactly 0 where pixelfly's best split is low-rank
-# alone) make seeds_for_power ask for 2-3 networks even at alpha / 8 (Holm over the 8 comparisons); 5 leave
-# room for a larger spread at n = 256. One synthetic reading kind; bigbird+lowrank left out (it cost a
+# of the gains (0.003-0.03 around gains of -0.07 to +0.55, or exactly 0 where pixelfly's best split is
+# low-rank alone) make seeds_for_power ask for 2-4 networks at alpha / 8 (Holm over the 8 comparisons);
+# 5 leave room for a larger spread at n = 256. One synthetic reading kind; bigbird+lowrank left out (it cost a
 # third of each target's time and is in no comparison). At n = 512 each split search costs ~8x (SVDs)
 FULL = ExpressivenessConfig(n=256, seeds=3, block_size=8, budgets=(0.05, 0.1, 0.15, 0.25, 0.4),
                             kinds=("sparse_lowrank",),
@@ -92,7 +92,7 @@ FULL_MINUTES = 20  # ONE thread, measured on FULL with 1 network of each model a
 #                    (at load ~1.5 the same parts took 36 s and ~22 s a target: ~12 min)
 # n = 128 at block 4 (32 blocks a side, as n = 256 at block 8): a flat block butterfly of 2-3 factors,
 # a local band and a rank of 6+ all fit a budget of 0.1; 3 networks x 3 matrices of each trained kind (3
-# networks: the fewest whose t interval has 2 degrees of freedom; about 60 s of training on 2 loaded
+# networks: the fewest whose t interval has 2 degrees of freedom; about 100 s of training on 2 loaded
 # cores, cached in the study's folder); one synthetic reading (sparse + low-rank) for the "which
 # structure fits" row
 QUICK = ExpressivenessConfig(n=128, seeds=3, budgets=(0.1, 0.25), block_size=4, kinds=("sparse_lowrank",),

@@ -11,10 +11,10 @@ budget (:class:`NetworkTargets`):
   (n, n), of a GPT with context n trained on the shipped character corpus, on the first held-out
   window (:func:`attention_maps`).
 
-Each network trains from its own seed and gives ``per_network`` matrices of each kind; a matrix is
-one unit of the study's paired comparisons (matrices of one network share its training, so the
-units are not fully independent: the claim text says how many networks they come from). Trained
-matrices are cached (:func:`trained_targets`), keyed by the whole training configuration.
+Each network trains from its own seed and gives ``per_network`` matrices of each kind. Matrices of
+one network share its training, so they are not independent: the network is the unit of
+replication (the study averages over a network's matrices before its interval over networks).
+Trained matrices are cached (:func:`trained_targets`), keyed by the whole training configuration.
 
 Example:
     >>> targets, metrics = trained_targets(NetworkTargets(n=32, networks=1, per_network=2, vit_heads=2, vit_epochs=1,
@@ -39,7 +39,8 @@ from pixelfly_lab.training.config import TrainConfig
 from pixelfly_lab.training.data import load_data
 from pixelfly_lab.training.loop import train
 
-__all__ = ["NetworkTargets", "TARGET_NAMES", "attention_maps", "attention_queries_keys", "mlp_weight_blocks", "trained_targets"]
+__all__ = ["NetworkTargets", "TARGET_NAMES", "attention_maps", "attention_queries_keys", "mlp_weight_blocks",
+           "trained_targets"]
 
 TARGET_NAMES = ("ViT MLP weight", "GPT attention map")
 
