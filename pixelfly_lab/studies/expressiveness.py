@@ -369,7 +369,7 @@ def run(out: Path, config: ExpressivenessConfig = QUICK, *, device: str = "cpu")
     figure = save_figure(plot_error_vs_budget(df, title=f"Approximation error against budget (n={n}, "
                                                         f"block {config.block_size})"), out, "error_vs_budget")
     pairs = _pairs(df, matrices, config)
-    save_table(pairs, out, "pixelfly_at_equal_parameters")
+    pairs_csv = save_table(pairs, out, "pixelfly_at_equal_parameters")   # the claim's table: counts per pair
 
     keys = ["kind", "seed", "budget"]
     sparse_only = df[(df["rank"] == 0) & ~df.pattern.isin(["lowrank", "monarch", "topk"])]
@@ -381,7 +381,7 @@ def run(out: Path, config: ExpressivenessConfig = QUICK, *, device: str = "cpu")
                .groupby(["kind", "pattern"]).error.mean().reset_index()
                .sort_values("error").groupby("kind", sort=False).first())
     mean = df.groupby("pattern").error.mean()
-    paper = _paper_claim(df, pairs, metrics, config, figure, csv)
+    paper = _paper_claim(df, pairs, metrics, config, figure, pairs_csv)
     return ([paper] if paper is not None else []) + [
         _lowrank_claim(config, figure),
         Claim("Oracle check (exactness of the projections): the best unstructured top-k support is never beaten by "
