@@ -387,3 +387,49 @@ def test_layer_error_table_is_zero_at_full_budget_and_equals_the_layer_on_each_k
         assert row.error.item() == pytest.approx(layer.error_against_dense(qq / 3.0, kk), rel=1e-12)
     full = layer_error_table(inputs, {"connected": {}}, (0.5, 2.0), budget=1.0, block_size=8)
     assert (full.error < 1e-12).all()                 # the oracle: a full layout is softmax itself
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout,budget", [("connected", None), ("pixelfly", 0.5), ("bigbird", 0.5)])
+def test_masked_sdpa_route_equals_the_kernel_route(causal, layout, budget):
+    """The short-sequence route (one SDPA call, the layout's boolean mask) gives the kernel's values and
+    gradients, at the built length and a shorter one (its own layout)."""
+    kernel = make(layout, causal, 0, budget=budget, route="kernel")
+    sdpa = make(layout, causal, 0, budget=budget, route="masked_sdpa")
+    sdpa.load_state_dict(kernel.state_dict())
+    for T in (64, 32):
+        assert kernel.route_at(T) == "kernel" and sdpa.route_at(T) == "masked_sdpa"
+        x = torch.randn(2, T, 24, dtype=torch.float64, requires_grad=True)
+        out_kernel, out_sdpa = kernel(x), sdpa(x)
+        torch.testing.assert_close(out_sdpa, out_kernel, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(out_kernel)
+        for a, b in zip(torch.autograd.grad(out_sdpa, [x, *sdpa.parameters()], grad),
+                        torch.autograd.grad(out_kernel, [x, *kernel.parameters()], grad)):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_auto_route_switches_at_the_crossover_and_the_repr_says_which():
+    from pixelfly_lab.nn.attention import MASKED_SDPA_BELOW
+
+    T = MASKED_SDPA_BELOW
+    attn = PixelflyAttention(32, 2, 2 * T, block_size=32)
+    assert attn.route_at(T - 32) == "masked_sdpa" and attn.route_at(T) == "kernel"
+    assert "route=kernel (auto: masked SDPA below" in repr(attn)
+    short = PixelflyAttention(32, 2, T // 2, block_size=32)
+    assert "route=masked_sdpa" in repr(short)
+    featured = PixelflyAttention(32, 2, 64, block_size=8, lowrank_features=3)
+    assert featured.route_at(64) == "kernel" and "route=kernel" in repr(featured)     # features need the kernel's lse
+    with pytest.raises(ValueError, match="route"):
+        PixelflyAttention(32, 2, 64, block_size=8, lowrank_features=3, route="masked_sdpa")
+    with pytest.raises(ValueError, match="route"):
+        PixelflyAttention(32, 2, 64, block_size=8, route="dense")
+
+
+def test_masked_sdpa_route_compiles_fullgraph_and_runs_on_meta():
+    attn = PixelflyAttention(32, 2, 64, block_size=8, route="masked_sdpa")
+    x = torch.randn(2, 64, 32)
+    compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), attn(x))
+    meta = attn.to("meta")
+    y = meta(torch.empty(2, 64, 32, device="meta"))
+    assert y.is_meta and y.shape == (2, 64, 32)

@@ -234,3 +234,45 @@ def test_linear_attention_on_layout_equals_masked_dense(causal):
     expected = ((phi_q @ phi_k.transpose(-1, -2)) * mask) @ v
     got = block_sparse_linear_attention(phi_q, phi_k, v, layout, 4, causal=causal)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_fused_and_bmm_chunks_equal_the_reference(causal, layout_name, flash, chunk_bytes, monkeypatch):
+    """Both chunk paths of the CPU kernel (torch's fused flash kernel per chunk; bmm's), whole and one
+    block row per chunk, against the dense reference (float64): out, lse, and dq, dk, dv with and
+    without a gradient on lse (the fused backward takes none: such a call runs the bmm's)."""
+    from pixelfly_lab.ops import torch_attention
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(torch_attention, "CHUNK_BYTES", chunk_bytes)
+    block_size, T = 4, 32
+    layout = LAYOUTS[layout_name](T // block_size)
+    q, k, v = qkv(T=T, D=6)
+    assert torch_attention.flash_applies(q, v) and not torch_attention.flash_applies(q, v[..., :5])
+    plan = _plan(register_layout(layout, block_size), causal, torch.device("cpu"))
+    with torch.no_grad():
+        out, lse = torch_attention.torch_attention_forward(q, k, v, plan, block_size, 0.7, flash=flash)
+    ref, ref_lse = block_attention_reference(q, k, v, layout, block_size, causal=causal, scale=0.7, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+    grad, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    for dl in (None, grad_lse):
+        fast = torch_attention.torch_attention_backward(grad, q.detach(), k.detach(), v.detach(), out, lse, plan,
+                                                        block_size, 0.7, dl, flash=flash)
+        loss = (ref * grad).sum() + (0 if dl is None else (ref_lse * dl).sum())
+        for a, b in zip(fast, torch.autograd.grad(loss, (q, k, v), retain_graph=True)):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_block_sparse_attention_takes_the_fused_chunks_where_they_apply():
+    """block_sparse_attention's output is the fused path's, bit for bit (equal head widths, CPU)."""
+    from pixelfly_lab.ops import torch_attention
+
+    layout = uneven_layout(8, seed=2)
+    q, k, v = (t.detach() for t in qkv(T=32, D=6, dtype=torch.float32))
+    plan = _plan(register_layout(layout, 4), True, torch.device("cpu"))
+    fused = torch_attention.torch_attention_forward(q, k, v, plan, 4, 6 ** -0.5, flash=True)[0]
+    assert torch.equal(block_sparse_attention(q, k, v, layout, 4, causal=True), fused)

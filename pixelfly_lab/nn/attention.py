@@ -47,19 +47,36 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pixelfly_lab._checks import check_budget, check_int
+from pixelfly_lab._compile import assume_constant
 from pixelfly_lab.ops.attention import block_sparse_attention, block_sparse_linear_attention
-from pixelfly_lab.ops.registry import register_layout, registered_layout
+from pixelfly_lab.ops.registry import derived, register_layout, registered_layout
 from pixelfly_lab.structure.connectivity import spanning_butterfly_layout
 from pixelfly_lab.structure.masks import layout_to_mask
 from pixelfly_lab.structure.patterns import make_pattern
 from pixelfly_lab.nn.random_features import draw_feature_weights, performer_features
 
-__all__ = ["PixelflyAttention", "attention_layout", "connected_layout", "ATTENTION_LAYOUTS"]
+__all__ = ["PixelflyAttention", "attention_layout", "connected_layout", "ATTENTION_LAYOUTS", "ATTENTION_ROUTES",
+           "MASKED_SDPA_BELOW"]
 
 ATTENTION_LAYOUTS = ("connected", "pixelfly", "bigbird", "local", "random")
+
+# How the sparse-only layer (no random features) computes its block-sparse attention:
+# 'kernel' is pixelfly_lab.ops.attention.block_sparse_attention (work O(T * fan-in * b));
+# 'masked_sdpa' is one F.scaled_dot_product_attention call with the layout's boolean (T, T) mask
+# (the same values; work O(T^2) in torch's fused kernel); 'auto' takes 'masked_sdpa' below
+# MASKED_SDPA_BELOW tokens and the kernel from there.
+ATTENTION_ROUTES = ("auto", "kernel", "masked_sdpa")
+
+# The crossover of 'auto', in tokens. Measured on the team's 2-core Xeon (one thread, loaded machine,
+# interleaved medians; dim 512, 8 heads, block 32, default layout, forward+backward of the layer,
+# bench/attention_route_bench.py; load average ~4.8): masked SDPA 8-13% faster than the kernel at T = 256,
+# the kernel 5-9% faster at T = 512 and 1.3-2.3x faster from T = 1024 (the connected layout keeps
+# 1/2, 5/16, 3/16 of the scores at T = 256, 512, 1024).
+MASKED_SDPA_BELOW = 512
 
 
 def connected_layout(seq_len: int, block_size: int, budget: float | None = None, *,
@@ -209,6 +226,16 @@ def _causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.
     return (q5 @ before + within).reshape(B, H, T, Dv)
 
 
+@assume_constant
+def _element_mask(key: int, causal: bool, device) -> torch.Tensor:
+    """The boolean (T, T) mask of a registered layout (j <= i too when causal) on ``device``, built
+    once per (key, causal, device) by the registry: the 'masked_sdpa' route's ``attn_mask``."""
+    def build(entry, dev):
+        mask = layout_to_mask(entry.layout, entry.block_size)
+        return (torch.tril(mask) if causal else mask).to(dev)
+    return derived(key, "sdpa_mask_causal" if causal else "sdpa_mask", build, device)
+
+
 class PixelflyAttention(nn.Module):
     """Multi-head self-attention, sparse on a block layout of the scores plus Performer off it.
 
@@ -241,6 +268,10 @@ class PixelflyAttention(nn.Module):
         layout: 'connected' (default: :func:`connected_layout`), 'pixelfly' (the paper's flat block
             butterfly and planner split), 'bigbird', 'local' or 'random'.
         seed: seeds the layout's random blocks and the random features.
+        route: 'auto' (default), 'kernel' or 'masked_sdpa' (:data:`ATTENTION_ROUTES`): how a layer
+            without random features computes its sparse attention; 'auto' uses one masked
+            ``F.scaled_dot_product_attention`` below :data:`MASKED_SDPA_BELOW` tokens (faster there,
+            the same values) and the block-sparse kernel from there; :meth:`route_at` says which.
 
     Example:
         >>> attn = PixelflyAttention(32, 2, 64, block_size=8, causal=True)
@@ -250,8 +281,10 @@ class PixelflyAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, seq_len: int, *, budget: float | None = None, block_size: int = 32,
                  causal: bool = False, lowrank_features: int | None = None, global_tokens: int = 0,
-                 layout: str = "connected", seed: int = 0, device=None, dtype=None):
+                 layout: str = "connected", seed: int = 0, route: str = "auto", device=None, dtype=None):
         super().__init__()
+        if route not in ATTENTION_ROUTES:
+            raise ValueError(f"route must be one of {ATTENTION_ROUTES}, got {route!r}")
         check_int("dim", dim)
         check_int("heads", heads)
         if dim % heads:
@@ -264,6 +297,10 @@ class PixelflyAttention(nn.Module):
         self.dim, self.heads, self.seq_len, self.block_size, self.causal = dim, heads, seq_len, block_size, causal
         self.layout_name, self.features, self.seed = layout, features, seed
         self.budget, self.global_tokens = budget, global_tokens
+        if route == "masked_sdpa" and features:
+            raise ValueError(f"route='masked_sdpa' computes the sparse part alone; the layer has {features} random "
+                             f"features (lowrank_features=0, or route='auto' / 'kernel')")
+        self.route = route
         self._last_len = seq_len
         # one registry key per sequence length used (the built one now, shorter ones on first use)
         self._keys_by_length = {seq_len: register_layout(block_layout, block_size)}
@@ -338,9 +375,20 @@ class PixelflyAttention(nn.Module):
             words += f", {-(-self.global_tokens // self.block_size)} global block(s)"
         return words
 
+    def route_at(self, seq_len: int) -> str:
+        """'kernel' or 'masked_sdpa': how a call at sequence length T computes the attention
+        (:data:`ATTENTION_ROUTES`; 'auto' takes masked SDPA below :data:`MASKED_SDPA_BELOW` tokens
+        when there are no random features)."""
+        if self.route != "auto":
+            return self.route
+        return "masked_sdpa" if self.features == 0 and seq_len < MASKED_SDPA_BELOW else "kernel"
+
     def extra_repr(self) -> str:
+        route = self.route_at(self.seq_len)
+        if self.route == "auto" and self.features == 0:
+            route += f" (auto: masked SDPA below T={MASKED_SDPA_BELOW}, kernel from there)"
         return (f"heads={self.heads}, seq_len={self.seq_len}, layout={self.layout_name!r} ({self.choice()}), "
-                f"features={self.features}, causal={self.causal}, density={self.density:.3f}")
+                f"features={self.features}, causal={self.causal}, density={self.density:.3f}, route={route}")
 
     def _heads(self, x: torch.Tensor):
         """(B, T, C) -> q, k, v (B, heads, T, C / heads) and the layout key for T."""
@@ -373,6 +421,9 @@ class PixelflyAttention(nn.Module):
 
     def _attend(self, q, k, v, key):
         if self.features == 0:
+            if self.route_at(q.shape[2]) == "masked_sdpa":
+                mask = _element_mask(key, self.causal, q.device)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return block_sparse_attention(q, k, v, key, self.block_size, causal=self.causal)
         exact, lse = block_sparse_attention(q, k, v, key, self.block_size, causal=self.causal, return_lse=True)
         log_q, log_k = self._log_features(q, k)

@@ -208,11 +208,11 @@ def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, sc
     block_size = registered_layout(layout_key).block_size
     if backend == "triton":
         from pixelfly_lab.ops.triton_attention import triton_attention_backward
-        delta = attention_delta(grad_out, out, lse, grad_lse)
+        delta = attention_delta(grad_out, out, lse, None if grad_lse.numel() == 0 else grad_lse)
         return triton_attention_backward(grad_out, q, k, v, lse, delta, _triton_tables(layout_key, causal, q.device),
                                          block_size, causal, scale)
     return torch_attention_backward(grad_out.contiguous(), q, k, v, out, lse, _plan(layout_key, causal, q.device),
-                                    block_size, scale, grad_lse)
+                                    block_size, scale, None if grad_lse.numel() == 0 else grad_lse)
 
 
 # Registered ops (torch >= 2.4): torch.compile sees one opaque node with a fake (shape-only)
@@ -248,13 +248,15 @@ def _setup_context(ctx, inputs, output):
     q, k, v, layout_key, causal, scale, backend = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1])
     ctx.args = (layout_key, causal, scale, backend)
+    ctx.set_materialize_grads(False)             # an unused lse's gradient stays None (no zeros to read)
 
 
 def _op_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     # an unused output's gradient may come as None: zeros keep the op's schema fixed
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
+    # no gradient on lse travels as an empty tensor (the CPU path then runs torch's fused backward)
+    grad_lse = lse.new_empty(0) if grad_lse is None else grad_lse.contiguous()
     dq, dk, dv = _attention_bwd_op(grad_out, grad_lse, q, k, v, out, lse, *ctx.args)
     return dq, dk, dv, None, None, None, None
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["RowBucket", "AttentionPlan", "build_attention_plan", "accumulation_dtype", "attention_delta",
-           "torch_attention_forward",
-           "torch_attention_backward", "torch_linear_attention", "CHUNK_BYTES"]
+           "torch_attention_forward", "torch_attention_backward", "torch_linear_attention", "flash_applies",
+           "CHUNK_BYTES"]
 
 # Working set of one head's chunk (gathered keys and values, scores, their gradient). 1 to 32 MiB
 # measured at T = 4096 and 16384 (one thread, fwd+bwd, interleaved): 8 MiB the fastest by a few %;
@@ -175,8 +175,61 @@ def _scores(q_rows, k_cols, masked, upper, buffer):
     return s
 
 
-def torch_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scale: float):
-    """(out (B, H, T, Dv), lse (B, H, T)) of block-sparse attention on a plan."""
+def flash_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether torch's fused CPU flash-attention kernel can do a chunk: CPU tensors, head widths equal."""
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and q.dtype in _FLASH_DTYPES
+
+
+# torch's fused CPU kernel (scores, softmax and its own backward in cache-sized tiles) for the chunks
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _additive_mask(bucket: RowBucket, rows_masked, b: int, dtype):
+    """The flash kernel's additive mask of a chunk: (b, f * b) -inf on the diagonal block's j > i
+    (``bucket.upper``), (n, 1, b, f * b) from ``bucket.masked``, or None."""
+    if bucket.upper is not None:
+        mask = torch.zeros(b, bucket.cols.shape[1] * b, dtype=dtype, device=bucket.upper.device)
+        mask[:, -b:].masked_fill_(bucket.upper, float("-inf"))
+        return mask
+    if rows_masked is None:
+        return None
+    return torch.zeros(rows_masked.shape, dtype=dtype).masked_fill_(rows_masked, float("-inf"))[:, None]
+
+
+def _flash_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scale: float):
+    """torch_attention_forward with each chunk's queries x its gathered keys in torch's fused kernel."""
+    B, H, T, D = q.shape
+    Dv, R, b = v.shape[-1], T // block_size, block_size
+    q4 = q.reshape(B * H, R, b, D)
+    k3, v3 = k.reshape(B * H, R, b * D), v.reshape(B * H, R, b * Dv)
+    out = q.new_empty(B * H, R, b, Dv)
+    lse = q.new_empty(B * H, R, b, dtype=accumulation_dtype(q.dtype))
+    for bucket in plan.buckets:
+        f = bucket.cols.shape[1]
+        n = _rows_per_chunk(bucket, b, D, Dv, q.element_size())
+        chunk, chunks = _Chunk(k3, v3, n, f), _chunks(bucket, n)
+        masks = [_additive_mask(bucket, masked, b, q.dtype) for _, _, masked in chunks]
+        for q_h, k_h, v_h, out_h, lse_h in zip(q4.unbind(0), k3.unbind(0), v3.unbind(0), out.unbind(0),
+                                               lse.unbind(0)):
+            for (rows, flat, _), mask in zip(chunks, masks):
+                k_cols, v_cols = chunk.gather(k_h, v_h, flat, b)
+                o, L = _flash_forward(_take(q_h, rows)[:, None], k_cols[:, None], v_cols[:, None], 0.0, False,
+                                      attn_mask=mask, scale=scale)                     # (n, 1, b, Dv), (n, 1, b)
+                _give(out_h, rows, o.view(-1, b, Dv))
+                _give(lse_h, rows, L.view(-1, b))
+    return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
+
+
+def torch_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scale: float, *, flash: bool = True):
+    """(out (B, H, T, Dv), lse (B, H, T)) of block-sparse attention on a plan.
+
+    ``flash`` (where :func:`flash_applies`): each chunk in torch's fused CPU kernel; otherwise (or
+    ``flash=False``) scores, softmax and products in bmm's on the chunk.
+    """
+    if flash and flash_applies(q, v):
+        return _flash_attention_forward(q, k, v, plan, block_size, scale)
     B, H, T, D = q.shape
     Dv, R, b = v.shape[-1], T // block_size, block_size
     q4 = q.reshape(B * H, R, b, D)
@@ -215,9 +268,43 @@ def attention_delta(grad_out, out, like, grad_lse, keepdim: bool = False):
     return delta if grad_lse is None else delta - grad_lse.to(like.dtype)
 
 
+def _flash_attention_backward(grad_out, q, k, v, out, lse, plan: AttentionPlan, block_size: int, scale: float):
+    """torch_attention_backward (no gradient on lse) with each chunk in torch's fused kernel's backward;
+    the gathered keys' gradients are added back to their blocks with index_add_."""
+    B, H, T, D = q.shape
+    Dv, R, b = v.shape[-1], T // block_size, block_size
+    q4, do4, out4 = q.reshape(B * H, R, b, D), grad_out.reshape(B * H, R, b, Dv), out.reshape(B * H, R, b, Dv)
+    k3, v3 = k.reshape(B * H, R, b * D), v.reshape(B * H, R, b * Dv)
+    lse3 = lse.reshape(B * H, R, b)
+    dq = torch.empty_like(q4)
+    dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
+    for bucket in plan.buckets:
+        f = bucket.cols.shape[1]
+        n = _rows_per_chunk(bucket, b, D, Dv, q.element_size())
+        chunk, chunks = _Chunk(k3, v3, n, f), _chunks(bucket, n)
+        masks = [_additive_mask(bucket, masked, b, q.dtype) for _, _, masked in chunks]
+        for g in range(B * H):
+            for (rows, flat, _), mask in zip(chunks, masks):
+                k_cols, v_cols = chunk.gather(k3[g], v3[g], flat, b)
+                dq_rows, dk_cols, dv_cols = _flash_backward(
+                    _take(do4[g], rows)[:, None], _take(q4[g], rows)[:, None], k_cols[:, None], v_cols[:, None],
+                    _take(out4[g], rows)[:, None], _take(lse3[g], rows)[:, None], 0.0, False,
+                    attn_mask=mask, scale=scale)
+                _give(dq[g], rows, dq_rows.view(-1, b, D))
+                dk[g].index_add_(0, flat, dk_cols.reshape(-1, b * D))
+                dv[g].index_add_(0, flat, dv_cols.reshape(-1, b * Dv))
+    return dq.reshape(B, H, T, D), dk.reshape(B, H, T, D), dv.reshape(B, H, T, Dv)
+
+
 def torch_attention_backward(grad_out, q, k, v, out, lse, plan: AttentionPlan, block_size: int, scale: float,
-                             grad_lse=None):
-    """(dq, dk, dv) of block-sparse attention from the forward's out and lse."""
+                             grad_lse=None, *, flash: bool = True):
+    """(dq, dk, dv) of block-sparse attention from the forward's out and lse.
+
+    ``flash`` (where :func:`flash_applies` and no gradient reaches lse: ``grad_lse`` None): torch's
+    fused kernel's backward on each chunk; otherwise bmm's on the chunk.
+    """
+    if flash and grad_lse is None and flash_applies(q, v):
+        return _flash_attention_backward(grad_out, q, k, v, out, lse, plan, block_size, scale)
     B, H, T, D = q.shape
     Dv, R, b = v.shape[-1], T // block_size, block_size
     q4, do4, out4 = q.reshape(B * H, R, b, D), grad_out.reshape(B * H, R, b, Dv), out.reshape(B * H, R, b, Dv)
