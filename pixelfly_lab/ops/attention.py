@@ -17,8 +17,9 @@ Three paths compute the same function:
   blocks are bucketed by their fan-in f (the number of kept blocks); a chunk of one head's rows
   of a bucket gathers their f key/value blocks and takes one softmax over each row's f * b scores, so
   memory beyond inputs and outputs is one cache-sized chunk, never T x T, and rows of unequal
-  fan-in (global rows next to local ones) each pay for their own blocks only. The backward
-  recomputes the probabilities from the saved log-sum-exp, flash-attention style.
+  fan-in (global rows next to local ones) each pay for their own blocks only; on the CPU a chunk
+  runs in torch's fused flash-attention kernel. The backward recomputes the probabilities from the
+  saved log-sum-exp, flash-attention style.
 * ``'triton'`` (CUDA): block-sparse flash attention, forward and backward, in
   :mod:`pixelfly_lab.ops.triton_attention` (imported on first CUDA use only).
 

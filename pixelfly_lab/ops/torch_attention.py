@@ -17,6 +17,15 @@ The backward recomputes the probabilities from the saved log-sum-exp, flash-atte
 dQ = dS K, dK = dS^T Q (times ``scale``), Delta = rowsum(dO * O) - dL (L is an output too),
 scattered back to the key blocks with index_add_.
 
+Two ways to do a chunk, the same function: on the CPU, with equal head widths (:func:`flash_applies`),
+torch's fused flash-attention kernel (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its
+backward) takes the chunk's queries (n, 1, b, D) against their gathered keys (n, 1, f * b, D), the
+causal diagonal block as an additive mask; it does scores, softmax and products in cache-sized tiles.
+Its backward takes no gradient on L, so a call whose L gets one (the random-feature layer) runs the
+other way: bmm's over the chunk, with exp, normalisation and the scale in place (also the CUDA path
+without Triton). At T = 4096, 8 heads of 64, fan-in 8, one thread, the fused chunks measured 3-8%
+faster forward+backward than the bmm's (interleaved, loaded machine).
+
 Example:
     >>> layout = torch.tensor([[True, False], [True, True]])
     >>> plan = build_attention_plan(layout, 4, False, "cpu")
