@@ -58,10 +58,13 @@ __all__ = ["NTKStudyConfig", "FULL", "QUICK", "TINY", "HEADLINE", "run"]
 # (train_seeds): the correlation's points are the 8 sparse patterns' mean accuracies.
 FULL_EPOCHS = 30
 FULL = NTKStudyConfig(families=("mlp",), seeds=tuple(range(12)), n_train=2000, epochs=FULL_EPOCHS, train_seeds=6)
-# training 9 patterns x 6 seeds x 30 epochs x 2000 examples plus dense 6 x 60 epochs (the gate) is the same work as
-# 0357eab's FULL (9 x 12 x 15, dense 12 x 30; kernels alike: 12 x 9 models on 128 examples), which was still running
-# after 60 minutes in the lead's FULL run (2 cores, load 3-7): 60 is a lower bound, not an extrapolation
-FULL_MINUTES = 60
+# Minutes of FULL on ONE thread (what a `reproduce --jobs` worker has), measured 2026-12-06 on scaled FULL configs
+# (`bench/full_minutes.py ntk s2t1` and `s3t1`: run() at one thread, machine shared, load 4-6: CPU seconds, since
+# the wall clock there was 4x the CPU): seeds (0, 1) with 1 trained seed 105.5 s, seeds (0, 1, 2) with 1 trained
+# seed 109.2 s, so a kernel seed ~3.7 s (the 3 dense reference seeds alike) and a trained seed (9 patterns x 30
+# epochs + dense's 60-epoch gate run) ~87 s: FULL = 15 x 3.7 + 6 x 87 = 578 s; x 1.25 for a worker beside another
+# (two on two cores) and rounding: 12. (The 60 minutes said before were 2 threads at load 3-7 of 0357eab's config.)
+FULL_MINUTES = 12
 QUICK = NTK_QUICK
 # three sparse patterns: the rank correlation needs at least three points to mean anything; two
 # seeds so that the closest claim's paired interval exists

@@ -577,8 +577,13 @@ def run(args) -> int:
     if args.quick and args.preset not in (None, "quick"):
         raise SystemExit(f"--quick is an alias of --preset quick; it contradicts --preset {args.preset}")
     preset = "quick" if args.quick else (args.preset or "full")
-    records = reproduce(args.out, preset=preset, device=args.device, force=args.force, only=args.only,
-                        jobs=args.jobs)
+    try:
+        records = reproduce(args.out, preset=preset, device=args.device, force=args.force, only=args.only,
+                            jobs=args.jobs)
+    except KeyboardInterrupt:
+        print(f"[reproduce] interrupted: the studies that finished are in {Path(args.out) / 'report.md'}",
+              file=sys.stderr)
+        return 130
     count = tally(records)
     failed = count["failed"]
     print(f"report: {Path(args.out) / 'report.md'} (preset {preset}; {len(records) - len(failed)} ok or up to date, "
