@@ -222,8 +222,9 @@ def test_report_says_how_long_full_takes(tmp_path, fake_studies, monkeypatch):
     # per study its one-thread estimate, the schedule's wall time with 2 jobs (4 and 3 side by side: 4), the rest
     assert ("The full preset (`--preset full`) on 2 CPU cores with --jobs 2 ("
             "the others on 2 workers of one thread, longest first): about 4 minutes of wall clock for the studies "
-            "with a time; estimated on one thread (each study's FULL_MINUTES: scaled parts of its FULL config timed "
-            "at one thread on a shared machine, upper bounds): good 4, bad 3 min; no time for absent.") in report
+            "with a time; estimated on one thread (each study's FULL_MINUTES; its config comment says which parts of "
+            "FULL were timed at one thread on a shared machine, bench/full_minutes.py): good 4, bad 3 min; no time for "
+            "absent.") in report
     assert "Preset of this run: `tiny`, jobs 1." in report
     # a full run's own times count as measured and replace the estimate in the schedule
     records = {"good": {"preset": "full", "status": "ok", "seconds": 600.0}}

@@ -417,8 +417,9 @@ def full_time(records: dict[str, dict] | None = None, jobs: int = 2) -> str:
         return ", ".join(f"{k} {v:.{digits}f}" for k, v in minutes.items()) + " min"
 
     parts = ([f"measured in this run: {listed(this_run, 1)}"] if this_run else []) + (
-        [f"estimated on one thread (each study's FULL_MINUTES: scaled parts of its FULL config timed at one thread "
-         f"on a shared machine, upper bounds): {listed(estimates, 0)}"] if estimates else []) + (
+        [f"estimated on one thread (each study's FULL_MINUTES; its config comment says which parts of FULL were "
+         f"timed at one thread on a shared machine, bench/full_minutes.py): {listed(estimates, 0)}"] if estimates
+        else []) + (
         [f"no time for {', '.join(missing)}"] if missing else [])
     how = (f"with --jobs {jobs} (" + (f"{', '.join(timed)} alone first, then " if timed else "")
            + f"the others on {jobs} workers of one thread, longest first)" if jobs > 1

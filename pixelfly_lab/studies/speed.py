@@ -68,7 +68,14 @@ class SpeedConfig:
     butterfly_steps: int = 2
 
 
-FULL = SpeedConfig()
+# The grid at 3 budgets and blocks 32 and 64 (BenchConfig's 5 budgets x blocks 16, 32, 64 cost ~2.5x as much and
+# decide nothing more: the targets are the released configuration and budget 0.1 at block 32, both kept), so that
+# `reproduce --preset full --jobs 2` fits ~75 minutes (this study times things, so it runs alone)
+FULL = SpeedConfig(budgets=(0.1, 0.3, 0.5), block_sizes=(32, 64))
+# Minutes of FULL on ONE thread (estimate, not yet measured whole: `bench/full_minutes.py speed grid1` times its
+# largest shape): the grid ~5 min (3 shapes, largest 1024 -> 4096 at 4096 rows, torch and reference backends, 5
+# repeats), the whole-model steps ~5 min (Mixer-B/16 batch 8; GPT-2 small batch 4), butterfly and allocator ~1 min
+FULL_MINUTES = 12
 # the grid at 512 -> 2048 only plus the claim's case: about 1.5 minutes on an idle 2-core CPU
 QUICK = SpeedConfig(shapes=((512, 2048),), budgets=(0.1, 0.3, 0.5), block_sizes=(32,), repeats=2,
                     claim_repeats=3, compare_allocator=False,

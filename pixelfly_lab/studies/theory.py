@@ -80,11 +80,11 @@ class TheoryConfig:
 
 
 FULL = TheoryConfig()
-# estimate at load ~3 on 2 cores: Thm 3 ~4 min (measured: a width-1024 run of 32 samples takes ~2.3 s + 1.6 s per
-# 100 steps; 4 seeds x 2 networks x widths 64-1024 x 1000 steps), the Thm 2 sweeps ~2.5 min (35 targets at n 256,
-# ~4 s each), the block fits ~2 min (1500 steps, blocks 2 and 4, 3 fits each); the old FULL (2 seeds of 16
-# samples) took 17 min at load 5-13
-FULL_MINUTES = 10
+# Minutes of FULL on ONE thread (a `reproduce --jobs` worker), measured 2026-12-06: FULL with ntk_seeds=1 and
+# sweep_seeds=1 took 138 s of CPU at one thread (417 s wall at load 4-5, machine shared; `bench/full_minutes.py
+# theory s1`). FULL has 4 and 5 of them: at most 5 x 138 = 690 s (the block fits and the exact transforms, which
+# do not scale with seeds, counted 5 times: an upper bound), x 1.25 for a worker beside another: 14
+FULL_MINUTES = 14
 # block 4 at n = 32: 3 factors, 768 of the 1024 parameters, so the block claim is not the
 # containment algebra (block 2) and the class is not dense
 QUICK = TheoryConfig(sweep_seeds=3, n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=32, block_sizes=(4,),
