@@ -44,8 +44,9 @@ __all__ = ["RowBucket", "AttentionPlan", "build_attention_plan", "accumulation_d
            "CHUNK_BYTES"]
 
 # Working set of one head's chunk (gathered keys and values, scores, their gradient). 1 to 32 MiB
-# measured at T = 4096 and 16384 (one thread, fwd+bwd, interleaved): 8 MiB the fastest by a few %;
-# the kernel's peak memory then stays <= 1.3x SDPA's at T = 1024 to 16384.
+# measured at T = 4096 and 16384 (one thread, fwd+bwd, interleaved): 8 MiB the fastest by a few %
+# (the fused chunks take half of it). Peak memory with the fused chunks (8 heads of 64, fan-in 8 at
+# T = 4096): kernel 1.0x SDPA's at T = 4096, 0.9x at 16384, 1.6x at 1024 (non-causal; 12 MB SDPA).
 CHUNK_BYTES = 2 ** 23
 
 
@@ -114,11 +115,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _rows_per_chunk(bucket: RowBucket, b: int, D: int, Dv: int, itemsize: int) -> int:
-    """Block rows of one head per chunk: gathered keys and values, scores and their gradient within CHUNK_BYTES."""
+def _rows_per_chunk(bucket: RowBucket, b: int, D: int, Dv: int, itemsize: int, fused: bool = False) -> int:
+    """Block rows of one head per chunk: gathered keys and values, and scores and their gradient (bmm's)
+    or the gathered keys' and values' gradients (the fused backward's), within CHUNK_BYTES."""
     f = bucket.cols.shape[1]
-    per_row = f * b * (D + Dv + 2 * b) * itemsize
-    return max(1, min(bucket.cols.shape[0], CHUNK_BYTES // per_row))
+    per_row = f * b * (2 * (D + Dv) if fused else D + Dv + 2 * b) * itemsize
+    # the fused chunks were as fast at CHUNK_BYTES / 2 (T = 1024, 4096) and hold less beside SDPA's memory
+    return max(1, min(bucket.cols.shape[0], (CHUNK_BYTES // 2 if fused else CHUNK_BYTES) // per_row))
 
 
 def _chunks(bucket: RowBucket, n: int) -> list:
@@ -217,7 +220,7 @@ def _flash_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scal
     lse = q.new_empty(B * H, R, b, dtype=accumulation_dtype(q.dtype))
     for bucket in plan.buckets:
         f = bucket.cols.shape[1]
-        n = _rows_per_chunk(bucket, b, D, Dv, q.element_size())
+        n = _rows_per_chunk(bucket, b, D, Dv, q.element_size(), fused=True)
         chunk, chunks = _Chunk(k3, v3, n, f), _chunks(bucket, n)
         masks = [_additive_mask(bucket, masked, b, q.dtype) for _, _, masked in chunks]
         for q_h, k_h, v_h, out_h, lse_h in zip(q4.unbind(0), k3.unbind(0), v3.unbind(0), out.unbind(0),
@@ -228,6 +231,7 @@ def _flash_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scal
                                       attn_mask=mask, scale=scale)                     # (n, 1, b, Dv), (n, 1, b)
                 _give(out_h, rows, o.view(-1, b, Dv))
                 _give(lse_h, rows, L.view(-1, b))
+                del o, L                 # freed before the next chunk's results are allocated
     return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)
 
 
@@ -289,7 +293,7 @@ def _flash_attention_backward(grad_out, q, k, v, out, lse, plan: AttentionPlan, 
     dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
     for bucket in plan.buckets:
         f = bucket.cols.shape[1]
-        n = _rows_per_chunk(bucket, b, D, Dv, q.element_size())
+        n = _rows_per_chunk(bucket, b, D, Dv, q.element_size(), fused=True)
         chunk, chunks = _Chunk(k3, v3, n, f), _chunks(bucket, n)
         masks = [_additive_mask(bucket, masked, b, q.dtype) for _, _, masked in chunks]
         for g in range(B * H):
@@ -302,6 +306,7 @@ def _flash_attention_backward(grad_out, q, k, v, out, lse, plan: AttentionPlan, 
                 _give(dq[g], rows, dq_rows.view(-1, b, D))
                 dk[g].index_add_(0, flat, dk_cols.reshape(-1, b * D))
                 dv[g].index_add_(0, flat, dv_cols.reshape(-1, b * Dv))
+                del dq_rows, dk_cols, dv_cols    # freed before the next chunk's gradients are allocated
     return dq.reshape(B, H, T, D), dk.reshape(B, H, T, D), dv.reshape(B, H, T, Dv)
 
 
