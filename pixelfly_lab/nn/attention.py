@@ -73,9 +73,9 @@ ATTENTION_ROUTES = ("auto", "kernel", "masked_sdpa")
 
 # The crossover of 'auto', in tokens. Measured on the team's 2-core Xeon (one thread, loaded machine,
 # interleaved medians; dim 512, 8 heads, block 32, default layout, forward+backward of the layer,
-# bench/attention_route_bench.py; load average ~4.8): masked SDPA 8-13% faster than the kernel at T = 256,
-# the kernel 5-9% faster at T = 512 and 1.3-2.3x faster from T = 1024 (the connected layout keeps
-# 1/2, 5/16, 3/16 of the scores at T = 256, 512, 1024).
+# bench/attention_route_bench.py; two runs, load average 3.5-4.8): masked SDPA 8-25% faster than the
+# kernel at T = 256, the kernel 5-9% faster at T = 512 and 1.3-2.3x faster from T = 1024 (the connected
+# layout keeps 1/2, 5/16, 3/16 of the scores at T = 256, 512, 1024).
 MASKED_SDPA_BELOW = 512
 
 
