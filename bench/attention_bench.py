@@ -8,14 +8,63 @@ GEMM rate and the load average are printed above the table: on a loaded machine 
 noisy, rerun when it is quiet.
 Run: OMP_NUM_THREADS=1 python bench/attention_bench.py [--lengths 1024 2048 4096 8192] [--kernel-lengths 16384]
      [--causal both] [--block 32] [--layout connected|pixelfly] [--budget 0.0625] [--no-memory]
+     [--chunks-only]   (the CPU kernel's two chunk paths, fused and bmm, interleaved against SDPA; no table)
 """
 
 import argparse
+import math
+import os
+import statistics
+import time
 
 import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pixelfly_lab.nn.attention import PixelflyAttention
+from pixelfly_lab.ops.attention import block_sparse_attention
+from pixelfly_lab.ops.registry import derived
+from pixelfly_lab.ops.torch_attention import (build_attention_plan, torch_attention_backward,
+                                              torch_attention_forward)
 
 from pixelfly_lab.speed.attention import attention_speed_table
 from pixelfly_lab.speed.bench import machine_header
+
+
+def chunk_paths(lengths, *, dim, heads, block, causal_flags, rounds) -> pd.DataFrame:
+    """Median ms of forward+backward of the CPU kernel's fused chunks, its bmm chunks (the forward and
+    backward functions called directly, same plan) and SDPA, interleaved in this process."""
+    rows = []
+    for T in lengths:
+        for causal in causal_flags:
+            layer = PixelflyAttention(dim, heads, T, block_size=block, causal=causal)
+            layout = layer.layout_for(T)
+            plan = derived(layer.layout_key(T), "bench_plan_causal" if causal else "bench_plan",
+                           lambda entry, dev: build_attention_plan(torch.tril(layout) if causal else layout, block,
+                                                                   causal, dev), "cpu")
+            q, k, v, grad = torch.randn(4, 1, heads, T, dim // heads).unbind(0)
+            scale = 1 / math.sqrt(dim // heads)
+
+            def chunks(flash):
+                out, lse = torch_attention_forward(q, k, v, plan, block, scale, flash=flash)
+                torch_attention_backward(grad, q, k, v, out, lse, plan, block, scale, flash=flash)
+
+            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+            runs = {"fused": lambda: chunks(True), "bmm": lambda: chunks(False),
+                    "kernel": lambda: block_sparse_attention(qs, ks, vs, layer.layout_key(T), block,
+                                                             causal=causal).backward(grad),
+                    "sdpa": lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).backward(grad)}
+            times = {name: [] for name in runs}
+            for _ in range(rounds + 1):                      # the first round warms up, not counted
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - start)
+            ms = {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
+            rows.append(dict(T=T, causal=causal, **{f"{name}_ms": value for name, value in ms.items()},
+                             fused_speedup=ms["sdpa"] / ms["fused"], bmm_speedup=ms["sdpa"] / ms["bmm"],
+                             kernel_speedup=ms["sdpa"] / ms["kernel"], load_avg=os.getloadavg()[0]))
+    return pd.DataFrame(rows)
 
 
 def main():
@@ -35,8 +84,17 @@ def main():
     parser.add_argument("--budget", type=float, default=None, help="PixelflyAttention budget (default: the layer's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--chunks-only", action="store_true",
+                        help="only the kernel's fused and bmm chunk paths against SDPA, at --lengths")
     args = parser.parse_args()
     causal = {"no": False, "yes": True, "both": (False, True)}[args.causal]
+    if args.chunks_only:
+        print(machine_header())
+        table = chunk_paths(args.lengths, dim=args.dim, heads=args.heads, block=args.block,
+                            causal_flags=causal if isinstance(causal, tuple) else (causal,), rounds=args.rounds)
+        with pd.option_context("display.width", 250, "display.float_format", "{:.2f}".format):
+            print(table.to_string(index=False))
+        return
     options = {name: value for name, value in (("layout", args.layout), ("budget", args.budget)) if value is not None}
     print(machine_header())
     table = attention_speed_table(args.lengths, dim=args.dim, heads=args.heads, batch=args.batch, causal=causal,
