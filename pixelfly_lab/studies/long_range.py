@@ -91,16 +91,18 @@ class LongRangeConfig:
 
 
 # FULL's ListOps seeds from a power computation (studies.stats.seeds_for_power, 80%) on QUICK's paired sd (3.0
-# points; QUICK: -2.4 [-15.8, +11.0], 2 seeds): 8 seeds hold the claim with 80% power if Pixelfly is truly 1 point
-# ahead of dense (seeds_for_power(3.0, 1.0, -2.0) = 8), with 50% power at exact parity (16 would give 80% there, as
-# the FULL before issue 20's time budget had). QUICK's own mean sits on the -2 margin, where ~399 seeds would be
-# needed: if the truth is there FULL does not decide it (the report then prints the count). Halved from 16 so that
-# `reproduce --preset full --jobs 2` fits ~75 minutes: this study times kernels, so it runs alone.
-FULL = LongRangeConfig(seeds=tuple(range(8)))
-# Minutes of FULL on ONE thread (estimate; it runs alone, its ListOps on the jobs' 2 threads, so less): ListOps
-# ~100 s of CPU a seed at one thread (QUICK's ListOps x ~25: 5x the steps at 4x the tokens), 8 seeds ~13 min; the
-# speed table (4 lengths x 2 causal flags, memory children) and the BigBird comparison at T = 4096 ~6 min
-FULL_MINUTES = 19
+# points; QUICK: -2.4 [-15.8, +11.0], 2 seeds): 6 seeds hold the claim with 80% power if Pixelfly is truly 2 points
+# ahead of dense (seeds_for_power(3.0, 2.0, -2.0) = 6; +1 point would need 8, exact parity 16, the FULL before issue
+# 20's time budget). QUICK's own mean sits on the -2 margin, where ~399 seeds would be needed: if the truth is
+# there FULL does not decide it (the report then prints the count). Cut from 16 so that `reproduce --preset full
+# --jobs 2` fits ~75 minutes: this study times kernels, so it runs alone.
+FULL = LongRangeConfig(seeds=tuple(range(6)))
+# Minutes of FULL on ONE thread, measured 2026-12-06: FULL with one ListOps seed took 463 s of CPU (331 s its own,
+# 132 s its memory children; 1565 s wall at load 3-5, machine shared; `bench/full_minutes.py long_range s1`): the
+# speed table, the BigBird comparison and one seed. A ListOps seed ~140 s of it (estimate: 2 models x 375 steps,
+# ~0.1 s dense and ~0.25 s Pixelfly a step), so FULL ~ 323 + 6 x 140 = 1163 s: 20. It runs alone, ListOps on the
+# jobs' 2 threads: no neighbour's cost added
+FULL_MINUTES = 20
 # about a minute of CPU on a quiet machine: speed at 2 lengths (no memory children), ListOps at 64 tokens,
 # 2 seeds x 2 models of 75 steps (dense ~9 points above the majority class; the parity claim stays undecided at
 # 2 seeds), the BigBird comparison at T = 1024

@@ -72,9 +72,11 @@ class SpeedConfig:
 # decide nothing more: the targets are the released configuration and budget 0.1 at block 32, both kept), so that
 # `reproduce --preset full --jobs 2` fits ~75 minutes (this study times things, so it runs alone)
 FULL = SpeedConfig(budgets=(0.1, 0.3, 0.5), block_sizes=(32, 64))
-# Minutes of FULL on ONE thread (estimate, not yet measured whole: `bench/full_minutes.py speed grid1` times its
-# largest shape): the grid ~5 min (3 shapes, largest 1024 -> 4096 at 4096 rows, torch and reference backends, 5
-# repeats), the whole-model steps ~5 min (Mixer-B/16 batch 8; GPT-2 small batch 4), butterfly and allocator ~1 min
+# Minutes of FULL on ONE thread, 2026-12-06: the old grid's largest shape (1024 -> 4096, 5 budgets x 3 blocks, peers,
+# the released case twice, butterfly 3 repeats; no models) took 209 s of CPU, 203 s of it in the timing children
+# (701 s wall at load 3-5, machine shared; `bench/full_minutes.py speed grid1`). This grid has 16 cases a shape of
+# 31 and 3 shapes of 1.81x the largest's FLOPs: ~200 s. The whole-model steps (Mixer-B/16 batch 8, GPT-2 small
+# batch 4) are NOT measured: ~5 min estimated. ~9 min, x 1.25 for its children's start-up and rounding: 12
 FULL_MINUTES = 12
 # the grid at 512 -> 2048 only plus the claim's case: about 1.5 minutes on an idle 2-core CPU
 QUICK = SpeedConfig(shapes=((512, 2048),), budgets=(0.1, 0.3, 0.5), block_sizes=(32,), repeats=2,
