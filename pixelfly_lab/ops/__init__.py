@@ -5,8 +5,7 @@
   :mod:`.matmul_ops` — its torch custom ops ('torch' and 'triton' paths) with autograd;
 * :mod:`.torch_kernels` — the fast PyTorch path: entry points and the dense-route choice, over
   :mod:`.torch_plan` (the GEMM plan), :mod:`.torch_grouped` (grouped GEMMs, forward and backward),
-  :mod:`.torch_sweep` (row chunks on worker threads), :mod:`.torch_buffers` (retained outputs),
-  :mod:`.torch_cache` (packed blocks kept while a weight is unchanged);
+  :mod:`.torch_sweep` (row chunks on worker threads), :mod:`.torch_buffers` (retained outputs);
 * :mod:`.triton_kernels` — Triton launchers, imported lazily on first CUDA (or interpreter) use, over
   :mod:`.triton_jit` (the kernels), :mod:`.triton_configs` (resource model, tuning) and
   :mod:`.triton_tables` (layout index tables, no triton import);

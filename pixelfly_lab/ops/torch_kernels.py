@@ -42,10 +42,7 @@ y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a blo
 
 The modules: :mod:`~pixelfly_lab.ops.torch_plan` (the plan), :mod:`~pixelfly_lab.ops.torch_grouped`
 (the grouped GEMMs, forward and backward), :mod:`~pixelfly_lab.ops.torch_sweep` (row chunks on
-worker threads), :mod:`~pixelfly_lab.ops.torch_buffers` (retained outputs),
-:mod:`~pixelfly_lab.ops.torch_cache` (a weight's packed blocks kept between calls while it is
-unchanged: inference and repeated calls pack once; training, which updates every step, packs as
-before); this one holds the
+worker threads), :mod:`~pixelfly_lab.ops.torch_buffers` (retained outputs); this one holds the
 entry points and the choice between the grouped GEMMs and one dense GEMM.
 
 Reference: the Pixelfly paper's block-sparse kernels (Dao, Chen et al., ICLR 2022,

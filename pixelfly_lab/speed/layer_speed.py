@@ -9,11 +9,7 @@ shape is timed in the same process, interleaved (each repeat runs all cases, in 
 so that a shared machine's load drifts onto all of them alike; the table reports medians and the
 speed-up over nn.Linear of the same shape. The FLOP limit of a layer is 1 / budget, and the
 fraction of it reached (speed-up / limit) is the kernel's efficiency relative to the same
-machine's dense GEMM rate (:func:`add_rate_columns`). The weights are not updated between timed
-calls, so from the second call the 'torch' path reuses its packed blocks
-(:mod:`pixelfly_lab.ops.torch_cache`) as inference would; a training step packs them again
-(~1-2 ms per call at 1024 -> 4096 on one core, issue 21), which :mod:`pixelfly_lab.speed.model_speed`'s
-steps (with an optimizer step) include. Tested in tests/test_bench.py.
+machine's dense GEMM rate (:func:`add_rate_columns`). Tested in tests/test_bench.py.
 
 Example:
     >>> table = speed_table(BenchConfig(shapes=((256, 1024),), rows=512, budgets=(0.25,), repeats=2))
