@@ -1,24 +1,21 @@
 """Tensors derived from a weight, kept between calls while the weight is unchanged.
 
 The 'torch' path packs a layer's blocks into its GEMM layout (:meth:`pixelfly_lab.ops.torch_plan.Plan.packed_all`:
-a gather and a permuting copy, ~1-2 ms per call at the released configuration 1024 -> 4096 on
+a gather and a permuting copy, ~1-1.5 ms per call at the released configuration 1024 -> 4096 on
 one core) in the forward and again, in the other orientation, in the backward.
-:func:`derived_tensor` keeps such a derived tensor until its source changes, so calls without a
-weight update between them (inference, evaluation, benchmarks) pack once. A derived tensor is
-kept from the second time it is asked for at the same version of its source: in training, where
-every step updates the weights, nothing is copied or compared (the cache costs a dict look-up).
+:func:`derived_tensor` keeps such a derived tensor until its source changes, so a backward reuses
+its forward's packing, and calls without a weight update between them (inference, benchmarks)
+pack once.
 
 When a cached tensor is still right: an entry is keyed by its source's address, shape, strides
 and dtype, and holds its source (so that address is not handed to another tensor while the entry
 lives) and a snapshot of the source's values. A hit needs the source's version counter
 (``Tensor._version``, which every in-place write through the tensor or a view of it increments:
 an optimizer's ``step()``, ``copy_`` under ``no_grad``) unchanged **and** its values bitwise equal
-to the snapshot (memcmp: 0.4 ms for the released configuration's 3 MB of blocks, against 1 ms for
-torch.equal and ~2.3 ms to pack them, one core, loaded machine): writes that
+to the snapshot (``torch.equal``, a read of the weight, ~5x cheaper than packing it): writes that
 bypass the counter (in-place ops on ``param.data``, as ``torch.autograd.gradcheck`` and older
-training code do) are caught by the comparison. Only CPU parameters (``nn.Parameter``) are cached:
-under bf16 autocast the kernels see a fresh copy of each weight per call, so nothing is kept there
-(its casts and packing measured ~4% of a released-configuration step at 4096 rows).
+training code do) are caught by the comparison. Inference tensors and tensors off the CPU are
+never cached.
 
 Tested in tests/test_torch_kernels.py (weights updated between calls by an optimizer step, by
 in-place writes, through ``.data`` and by ``.data`` assignment: outputs and gradients equal the
@@ -27,7 +24,6 @@ uncached ones).
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections import OrderedDict
 
@@ -42,26 +38,8 @@ CACHE_MAX_BYTES = 256 * 2 ** 20
 
 # (address, shape, strides, dtype, what) -> (version, source, snapshot, value, bytes)
 _ENTRIES: OrderedDict = OrderedDict()
-# key -> source version at the first request: kept from the second request at the same version
-_SEEN: dict = {}
-_SEEN_MAX = 4096
 _LOCK = threading.Lock()
 _TOTAL = [0]
-
-
-try:   # libc's memcmp: a bitwise comparison at memory speed (torch.equal ran 2.3x slower)
-    _MEMCMP = ctypes.CDLL(None).memcmp
-    _MEMCMP.restype, _MEMCMP.argtypes = ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-except (OSError, AttributeError):   # no C library to load (Windows): torch.equal
-    _MEMCMP = None
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b (same shape and dtype) hold the same values: bitwise where both are
-    contiguous (stricter than ==: -0.0 and 0.0 differ, a NaN equals its own bits), else torch.equal."""
-    if _MEMCMP is not None and a.is_contiguous() and b.is_contiguous():
-        return a.numel() == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
-    return torch.equal(a, b)
 
 
 def _nbytes(value) -> int:
@@ -71,16 +49,13 @@ def _nbytes(value) -> int:
 
 
 def _cacheable(source: torch.Tensor) -> bool:
-    # parameters only: a tensor computed per call (an autocast copy, an activation) would be
-    # cached on every call, its entry pinning memory that no later call asks for again
-    return (type(source) is torch.nn.Parameter and source.device.type == "cpu" and not source.is_inference()
+    return (source.device.type == "cpu" and not source.is_inference() and type(source) in (torch.Tensor, torch.nn.Parameter)
             and not torch._C._functorch.is_functorch_wrapped_tensor(source))
 
 
 def derived_tensor(source: torch.Tensor, what, build, peek: bool = False):
     """``build()`` (a tensor, or a tuple/list of tensors and None) derived from ``source`` alone,
-    the same object again while ``source`` is unchanged, from its second request at one version
-    on (see the module docstring).
+    the same object again while ``source`` is unchanged (see the module docstring).
 
     Args:
         source: the weight it is derived from.
@@ -92,9 +67,8 @@ def derived_tensor(source: torch.Tensor, what, build, peek: bool = False):
         The cached or freshly built value. Callers must not write into it.
 
     Example:
-        >>> w = torch.nn.Parameter(torch.ones(3))
-        >>> _ = derived_tensor(w, "double", lambda: w * 2)      # first request: built, not kept
-        >>> a = derived_tensor(w, "double", lambda: w * 2)      # second, same version: kept
+        >>> w = torch.ones(3)
+        >>> a = derived_tensor(w, "double", lambda: w * 2)
         >>> a is derived_tensor(w, "double", lambda: w * 2)
         True
         >>> with torch.no_grad():
@@ -108,21 +82,13 @@ def derived_tensor(source: torch.Tensor, what, build, peek: bool = False):
     version = source._version
     with _LOCK:
         entry = _ENTRIES.get(key)
-    if entry is not None and entry[0] == version and _same_bits(entry[2], source.detach()):
+    if entry is not None and entry[0] == version and torch.equal(entry[2], source.detach()):
         with _LOCK:
             if key in _ENTRIES:
                 _ENTRIES.move_to_end(key)
         return entry[3]
     if peek:
         return None
-    with _LOCK:
-        first = _SEEN.get(key) != version
-        if first:
-            if len(_SEEN) >= _SEEN_MAX:
-                _SEEN.clear()
-            _SEEN[key] = version
-    if first:
-        return build()
     with torch.no_grad():
         snapshot = source.detach().clone()
         value = build()
@@ -151,7 +117,6 @@ def clear_derived() -> int:
     with _LOCK:
         dropped = _TOTAL[0]
         _ENTRIES.clear()
-        _SEEN.clear()
         _TOTAL[0] = 0
     return dropped
 

@@ -41,10 +41,17 @@ def gather_columns(a: torch.Tensor, runs, extra: torch.Tensor | None) -> torch.T
 
 def packed_blocks(values, plan: Plan, transpose: bool) -> list:
     """:meth:`Plan.packed_all` (values, transpose), kept between calls while ``values`` is
-    unchanged (:func:`pixelfly_lab.ops.torch_cache.derived_tensor`). Each orientation is packed
-    and kept apart: a backward reading the forward's packing transposed (a view) ran its dX
-    products 6-12% slower (MKL sgemm, one core, 512-row chunks), more than the packing it saves."""
-    return derived_tensor(values, ("packed", plan.signature, transpose), lambda: plan.packed_all(values, transpose))
+    unchanged (:func:`pixelfly_lab.ops.torch_cache.derived_tensor`: its version counter and
+    address). The forward packs; a backward that needs the other orientation takes the forward's
+    packing transposed (a view: MKL reads either orientation) instead of packing again."""
+    signature = plan.signature
+    own = derived_tensor(values, ("packed", signature, transpose), None, peek=True)
+    if own is not None:
+        return own
+    other = derived_tensor(values, ("packed", signature, not transpose), None, peek=True)
+    if other is not None:
+        return [None if m is None else m.T for m in other]
+    return derived_tensor(values, ("packed", signature, transpose), lambda: plan.packed_all(values, transpose))
 
 
 def _right_operands(values, plan: Plan, extra_w=None, transpose: bool = False):
