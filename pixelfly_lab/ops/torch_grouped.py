@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from pixelfly_lab.ops.torch_buffers import new_output
-from pixelfly_lab.ops.torch_cache import derived_tensor
 from pixelfly_lab.ops.torch_plan import Plan
 from pixelfly_lab.ops.torch_sweep import sweep, sweep_workers
 
@@ -39,27 +38,11 @@ def gather_columns(a: torch.Tensor, runs, extra: torch.Tensor | None) -> torch.T
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
-def packed_blocks(values, plan: Plan, transpose: bool) -> list:
-    """:meth:`Plan.packed_all` (values, transpose), kept between calls while ``values`` is
-    unchanged (:func:`pixelfly_lab.ops.torch_cache.derived_tensor`: its version counter and
-    address). The forward packs; a backward that needs the other orientation takes the forward's
-    packing transposed (a view: MKL reads either orientation) instead of packing again."""
-    signature = plan.signature
-    own = derived_tensor(values, ("packed", signature, transpose), None, peek=True)
-    if own is not None:
-        return own
-    other = derived_tensor(values, ("packed", signature, not transpose), None, peek=True)
-    if other is not None:
-        return [None if m is None else m.T for m in other]
-    return derived_tensor(values, ("packed", signature, transpose), lambda: plan.packed_all(values, transpose))
-
-
 def _right_operands(values, plan: Plan, extra_w=None, transpose: bool = False):
     """Per group: M_g^T (transpose) or M_g (packed together where the plan allows:
-    :meth:`Plan.packed_all`, kept between calls: :func:`packed_blocks`), with extra_w's rows of
-    the group appended (as rows of M_g^T, columns of M_g): the low-rank factor riding in the
-    block GEMM. None for empty groups."""
-    packed = packed_blocks(values, plan, transpose)
+    :meth:`Plan.packed_all`), with extra_w's rows of the group appended (as rows of M_g^T,
+    columns of M_g): the low-rank factor riding in the block GEMM. None for empty groups."""
+    packed = plan.packed_all(values, transpose)
     if extra_w is None:
         return packed
     rights = []
