@@ -196,7 +196,8 @@ def family_claim(decisions: dict, *, headline: str | None = None, alpha: float |
 
     Without a headline every member is primary: Holm across all of them
     (:func:`~pixelfly_lab.studies.stats.family_verdicts`); the family is held when a member is held,
-    refuted when every member is. With a ``headline`` declared before measuring, the family's
+    refuted when every member is. With a ``headline`` (the claim's text says whether it was named before
+    measuring), the family's
     verdict is the headline member's own (at level alpha, no correction: it is the one test of the
     claim) and the other members are secondary readings, Holm-corrected among themselves.
 

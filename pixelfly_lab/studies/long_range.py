@@ -93,8 +93,10 @@ class LongRangeConfig:
 # FULL's ListOps seeds from a power computation (studies.stats.seeds_for_power, 80%) on QUICK's paired sd (3.0
 # points; QUICK: -2.4 [-15.8, +11.0], 2 seeds): 6 seeds hold the claim with 80% power if Pixelfly is truly 2 points
 # ahead of dense (seeds_for_power(3.0, 2.0, -2.0) = 6; +1 point would need 8, exact parity 16, the FULL before issue
-# 20's time budget). QUICK's own mean sits on the -2 margin, where ~399 seeds would be needed: if the truth is
-# there FULL does not decide it (the report then prints the count). Cut from 16 so that `reproduce --preset full
+# 20's time budget): a time-budget choice, not a power result: at a true difference of 0, 6 seeds have ~41% power
+# (one-sided t, sd 3.0), and QUICK's sd comes from 2 seeds at length 64 while FULL runs longer sequences. QUICK's
+# own mean sits on the -2 margin, where ~399 seeds would be needed: if the truth is there FULL does not decide it
+# (the report then prints the count). Cut from 16 so that `reproduce --preset full
 # --jobs 2` fits ~75 minutes: this study times kernels, so it runs alone.
 FULL = LongRangeConfig(seeds=tuple(range(6)))
 # Minutes of FULL on ONE thread, measured 2026-12-06: FULL with one ListOps seed took 463 s of CPU (331 s its own,

@@ -353,7 +353,7 @@ def _thm3(out, config) -> list[Claim]:
         f"butterfly of butterfly_size 16, n_factors 2: density 3/16 at every width, so a unit's fan-in grows in "
         f"proportion to the width). One rule of three members, each a 90% t interval over seeds (a seed draws the "
         f"inputs, labels and weights of both networks): the per-seed log-log slope of ||K_T - K_0|| / ||K_0|| against "
-        f"width lies below {THM3_SLOPE} (lazy training predicts -0.5); at the widest width the log ratio of the "
+        f"width lies below {THM3_SLOPE} (the lazy-training bound is O(width^-1/2), a slope of at most -0.5; a steeper one is within it); at the widest width the log ratio of the "
         f"sparse change to the dense one lies below log {THM3_DENSE_FACTOR}; log10 of the final / initial loss lies "
         f"below log10 {THM3_LOSS:g}. Held when all three hold, refuted when Holm across them refutes one; decided "
         f"only when dense, the positive control, has a slope below {THM3_SLOPE} and a loss ratio below "
