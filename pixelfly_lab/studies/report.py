@@ -103,7 +103,8 @@ def write_report(out: Path, records: dict[str, dict], env: dict, preset: str, *,
              "this commit; rules and sizes were set with earlier results in view, and a claim whose headline or "
              "regime was chosen after seeing results says so in its text (not pre-registered). Comparisons are "
              "paired by seed and decided by a 90% t interval of the mean difference (pixelfly_lab.studies.stats): "
-             "held or refuted when it lies beyond the margin, otherwise undecided, with the seeds that would decide it; families are Holm-corrected and counted once.",
+             "held or refuted when it lies beyond the margin, otherwise undecided, with the seeds that "
+             "would decide it; families are Holm-corrected and counted once.",
              f"**Summary: {len(paper)} distinct paper claims ({families} of them families, members listed): {held} "
              f"held, {refuted} did not hold, {count['undecided']} undecided ({unmeasured} of them not measured "
              f"on this machine, e.g. GPU claims on a CPU); {checks_held} of {len(checks)} "
