@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from pixelfly_lab.nn.attention import PixelflyAttention
-from pixelfly_lab.ops.attention import block_sparse_attention
-from pixelfly_lab.ops.registry import derived
-from pixelfly_lab.ops.torch_attention import (build_attention_plan, torch_attention_backward,
-                                              torch_attention_forward)
+from pixelfly_lab.ops.attention import attention_plan, block_sparse_attention
+from pixelfly_lab.ops.torch_attention import torch_attention_backward, torch_attention_forward
 
 from pixelfly_lab.speed.attention import attention_speed_table
 from pixelfly_lab.speed.bench import machine_header
@@ -33,15 +31,12 @@ from pixelfly_lab.speed.bench import machine_header
 
 def chunk_paths(lengths, *, dim, heads, block, causal_flags, rounds) -> pd.DataFrame:
     """Median ms of forward+backward of the CPU kernel's fused chunks, its bmm chunks (the forward and
-    backward functions called directly, same plan) and SDPA, interleaved in this process."""
+    backward functions called directly on the kernel's own plan) and SDPA, interleaved in this process."""
     rows = []
     for T in lengths:
         for causal in causal_flags:
             layer = PixelflyAttention(dim, heads, T, block_size=block, causal=causal)
-            layout = layer.layout_for(T)
-            plan = derived(layer.layout_key(T), "bench_plan_causal" if causal else "bench_plan",
-                           lambda entry, dev: build_attention_plan(torch.tril(layout) if causal else layout, block,
-                                                                   causal, dev), "cpu")
+            plan = attention_plan(layer.layout_key(T), causal, "cpu")       # the one block_sparse_attention uses
             q, k, v, grad = torch.randn(4, 1, heads, T, dim // heads).unbind(0)
             scale = 1 / math.sqrt(dim // heads)
 
@@ -104,8 +99,8 @@ def main():
     rate = table["dense_gemm_gflops"].iloc[0]
     print(f"# dense GEMM rate: {rate:.0f} GFLOP/s (one ({args.batch * min(4096, table['T'].max())}, {args.dim}) @ "
           f"({args.dim}, {args.dim}) fp32 matmul, same threads)")
-    columns = ["T", "causal", "row", "density", "flop_limit", "dense_ms", "sparse_ms", "speedup",
-               "fraction_of_limit", "sparse_gflops", "load_avg"]
+    columns = ["T", "causal", "row", "route", "density", "flop_limit", "layout_flop_limit", "dense_ms", "sparse_ms",
+               "speedup", "fraction_of_limit", "sparse_gflops", "load_avg"]
     columns += [] if args.no_memory else ["dense_peak_mb", "sparse_peak_mb", "memory_ratio"]
     with pd.option_context("display.width", 250, "display.float_format", "{:.3f}".format):
         print(table[columns].to_string(index=False))

@@ -365,7 +365,7 @@ def test_kernel_flops_leave_the_features_out_and_the_layer_counts_them():
     plain, featured = (PixelflyAttention(64, 2, 256, block_size=16, lowrank_features=m) for m in (0, 8))
     assert torch.equal(plain.layout_for(256), featured.layout_for(256))
     kernel = [attention_flops(layer, 256, projections=False) for layer in (plain, featured)]
-    whole = [attention_flops(layer, 256) for layer in (plain, featured)]
+    whole = [attention_flops(layer, 256, route="kernel") for layer in (plain, featured)]   # both on the kernel
     pairs = plain.layout_for(256).sum().item() * 16 * 16
     assert kernel[0] == kernel[1] == 4 * 32 * pairs * 2   # 4 D per kept pair and head; the kernel has no features
     assert whole[1] - whole[0] > 0                         # the layer pays for its features
@@ -414,7 +414,7 @@ def test_auto_route_switches_at_the_crossover_and_the_repr_says_which():
     T = MASKED_SDPA_BELOW
     attn = PixelflyAttention(32, 2, 2 * T, block_size=32)
     assert attn.route_at(T - 32) == "masked_sdpa" and attn.route_at(T) == "kernel"
-    assert "route=kernel (auto: masked SDPA below" in repr(attn)
+    assert "route=kernel (auto: masked SDPA on the CPU below" in repr(attn)
     short = PixelflyAttention(32, 2, T // 2, block_size=32)
     assert "route=masked_sdpa" in repr(short)
     featured = PixelflyAttention(32, 2, 64, block_size=8, lowrank_features=3)
@@ -433,3 +433,47 @@ def test_masked_sdpa_route_compiles_fullgraph_and_runs_on_meta():
     meta = attn.to("meta")
     y = meta(torch.empty(2, 64, 32, device="meta"))
     assert y.is_meta and y.shape == (2, 64, 32)
+
+
+def test_auto_route_takes_masked_sdpa_on_the_cpu_only():
+    """The crossover was measured on a CPU: other devices (CUDA: Triton) keep the kernel at every T."""
+    attn = PixelflyAttention(32, 2, 64, block_size=8)
+    assert attn.route_at(64) == attn.route_at(64, "cpu") == attn.route_at(64, torch.device("cpu")) == "masked_sdpa"
+    assert attn.route_at(64, "cuda") == attn.route_at(64, "meta") == "kernel"
+    assert attn.to("meta").route_at(64) == "kernel"                 # None: the parameters' device
+    fixed = PixelflyAttention(32, 2, 64, block_size=8, route="masked_sdpa")
+    assert fixed.route_at(64, "cuda") == "masked_sdpa"             # a fixed route is kept everywhere
+    if torch.cuda.is_available():
+        gpu = PixelflyAttention(32, 2, 64, block_size=8, device="cuda")
+        assert gpu.route_at(64) == "kernel" and "route=kernel" in repr(gpu)
+
+
+@pytest.mark.parametrize("features", [0, 3])
+def test_layer_saved_before_routes_existed_loads_and_runs(features, monkeypatch):
+    """A pickle without ``route`` (saved before routes existed) gets 'auto'; its registry keys were another
+    process's, so the layout is registered again; a state dict carries no route and loads as it did."""
+    import pickle
+
+    from pixelfly_lab.ops import registry
+
+    attn = make("connected", features=features, budget=None)
+    x = torch.randn(2, 64, 24, dtype=torch.float64)
+    want, want_short, density = attn(x), attn(x[:, :32]), attn.density_at(64)
+    old = pickle.loads(pickle.dumps(attn))
+    del old.__dict__["route"], old.__dict__["_last_len"]             # what such a pickle holds
+    data = pickle.dumps(old)
+    # a process whose registry holds other layouts: the old key would name another layout (or none)
+    monkeypatch.setattr(registry, "_ENTRIES", [])
+    monkeypatch.setattr(registry, "_KEYS", {})
+    monkeypatch.setattr(registry, "_DERIVED", {})
+    registry.register_layout(torch.ones(4, 4, dtype=torch.bool), 8)
+    copy = pickle.loads(data)
+    assert copy.route == "auto" and copy.density == density and "route=" in repr(copy)
+    assert registry.registered_layout(copy.layout_key(64)).layout.equal(attn.layout)
+    torch.testing.assert_close(copy(x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(copy(x[:, :32]), want_short, rtol=1e-12, atol=1e-12)     # shorter: planned again
+    fresh = make("connected", features=features, budget=None, route="kernel")
+    state = attn.state_dict()
+    assert not any("route" in name for name in state)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x), want, rtol=1e-12, atol=1e-12)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pixelfly_lab.ops.attention import (
-    _plan,
+    attention_plan,
     block_attention_reference,
     block_sparse_attention,
     block_sparse_linear_attention,
@@ -104,13 +104,19 @@ def test_hardware_blocks_give_the_reference_values_and_gradients(block_size, cau
         assert_equals_reference(layout, causal, block_size)
 
 
-def test_causal_rows_without_their_diagonal_block_are_masked_as_the_reference():
-    """Causal: the diagonal-only mask (every row keeps its diagonal block, the last one) and the general one."""
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_causal_rows_without_their_diagonal_block_are_masked_as_the_reference(chunk_bytes, monkeypatch):
+    """Causal: the diagonal-only mask (every row keeps its diagonal block, the last one) and the general one
+    (each chunk's own mask), whole buckets and one block row per chunk."""
+    from pixelfly_lab.ops import torch_attention
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(torch_attention, "CHUNK_BYTES", chunk_bytes)
     layout = uneven_layout(8, seed=4)
     layout[5, 5] = layout[6, 6] = False                  # rows 5, 6 keep blocks left of the diagonal only
     layout[5, 0] = layout[6, 1] = True
     for name, lay in (("diagonal kept", uneven_layout(8, seed=4)), ("diagonal dropped", layout)):
-        plan = _plan(register_layout(lay, 4), True, torch.device("cpu"))
+        plan = attention_plan(register_layout(lay, 4), True, torch.device("cpu"))
         general = [bucket.upper is None for bucket in plan.buckets if bucket.masked is not None]
         assert any(general) == (name == "diagonal dropped")            # both paths run
         assert_equals_reference(lay, True)
@@ -118,7 +124,7 @@ def test_causal_rows_without_their_diagonal_block_are_masked_as_the_reference():
 
 def test_plan_buckets_rows_by_fan_in_and_never_pads_to_dense():
     layout = uneven_layout(8)
-    plan = _plan(register_layout(layout, 4), False, torch.device("cpu"))
+    plan = attention_plan(register_layout(layout, 4), False, torch.device("cpu"))
     fan_in = layout.sum(1)
     seen = torch.cat([bucket.rows for bucket in plan.buckets]).sort().values
     assert torch.equal(seen, torch.arange(8))
@@ -252,7 +258,7 @@ def test_fused_and_bmm_chunks_equal_the_reference(causal, layout_name, flash, ch
     layout = LAYOUTS[layout_name](T // block_size)
     q, k, v = qkv(T=T, D=6)
     assert torch_attention.flash_applies(q, v) and not torch_attention.flash_applies(q, v[..., :5])
-    plan = _plan(register_layout(layout, block_size), causal, torch.device("cpu"))
+    plan = attention_plan(register_layout(layout, block_size), causal, torch.device("cpu"))
     with torch.no_grad():
         out, lse = torch_attention.torch_attention_forward(q, k, v, plan, block_size, 0.7, flash=flash)
     ref, ref_lse = block_attention_reference(q, k, v, layout, block_size, causal=causal, scale=0.7, return_lse=True)
@@ -273,6 +279,75 @@ def test_block_sparse_attention_takes_the_fused_chunks_where_they_apply():
 
     layout = uneven_layout(8, seed=2)
     q, k, v = (t.detach() for t in qkv(T=32, D=6, dtype=torch.float32))
-    plan = _plan(register_layout(layout, 4), True, torch.device("cpu"))
+    plan = attention_plan(register_layout(layout, 4), True, torch.device("cpu"))
     fused = torch_attention.torch_attention_forward(q, k, v, plan, 4, 6 ** -0.5, flash=True)[0]
     assert torch.equal(block_sparse_attention(q, k, v, layout, 4, causal=True), fused)
+
+
+def tiled_layout(n_blocks: int = 20) -> torch.Tensor:
+    """uneven_layout with its last three rows whole: fan-in up to n_blocks, causal too (tril'ed)."""
+    layout = uneven_layout(n_blocks, seed=6)
+    layout[-3:] = True
+    return layout
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_chunks_that_tile_the_keys_equal_the_float64_reference(causal):
+    """float32 at b = 32 with rows of up to 20 blocks (640 keys): torch's flash kernel splits the keys of
+    such a row into tiles of 512, with a running max and sum across them. Values and gradients against the
+    float64 reference, both with no gradient on lse (the fused backward) and with one (the bmm's)."""
+    from pixelfly_lab.ops import torch_attention
+
+    block_size, layout = 32, tiled_layout()
+    T = layout.shape[0] * block_size
+    fan_in = (torch.tril(layout) if causal else layout).sum(1)
+    assert fan_in.max() * block_size > 512 and fan_in.min() * block_size <= 512
+    q, k, v = qkv(B=1, H=2, T=T, D=16, seed=1)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    assert torch_attention.flash_applies(q32, v32)
+    out, lse = block_sparse_attention(q32, k32, v32, layout, block_size, causal=causal, return_lse=True)
+    ref, ref_lse = block_attention_reference(q, k, v, layout, block_size, causal=causal, return_lse=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=2e-5)
+    grad, grad_lse = torch.randn_like(ref), torch.randn_like(ref_lse)
+    for dl in (None, grad_lse):
+        fast = torch.autograd.grad((out * grad.float()).sum() + (0 if dl is None else (lse * dl.float()).sum()),
+                                   (q32, k32, v32), retain_graph=True)
+        slow = torch.autograd.grad((ref * grad).sum() + (0 if dl is None else (ref_lse * dl).sum()), (q, k, v),
+                                   retain_graph=True)
+        for a, b in zip(fast, slow):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5)
+
+
+def test_backward_reaches_the_fused_kernel_unless_lse_gets_a_gradient(monkeypatch):
+    """Spy on torch's fused kernels: a plain call's backward runs the fused backward on every chunk (no
+    gradient on lse: ``set_materialize_grads(False)`` keeps it None), and only a call whose lse gets a
+    gradient falls back to the bmm chunks."""
+    from pixelfly_lab.ops import torch_attention
+
+    calls = {"forward": 0, "backward": 0}
+
+    def spy(name, op):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return op(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(torch_attention, "_flash_forward", spy("forward", torch_attention._flash_forward))
+    monkeypatch.setattr(torch_attention, "_flash_backward", spy("backward", torch_attention._flash_backward))
+    layout = uneven_layout(8, seed=2)
+    for causal in (False, True):
+        plan = attention_plan(register_layout(layout, 4), causal, torch.device("cpu"))
+        q, k, v = qkv(B=1, H=2, T=32, D=6, dtype=torch.float32)
+        before = dict(calls)
+        out = block_sparse_attention(q, k, v, layout, 4, causal=causal)
+        out.backward(torch.randn_like(out))
+        # one call per (batch x head, bucket) at this size: every chunk is a whole bucket
+        assert calls["forward"] - before["forward"] == 2 * len(plan.buckets)
+        assert calls["backward"] - before["backward"] == 2 * len(plan.buckets)
+        before = dict(calls)
+        out, lse = block_sparse_attention(q, k, v, layout, 4, causal=causal, return_lse=True)
+        (out.sum() + lse.sum()).backward()
+        assert calls["forward"] - before["forward"] == 2 * len(plan.buckets)
+        assert calls["backward"] == before["backward"]                 # a gradient on lse: the bmm chunks

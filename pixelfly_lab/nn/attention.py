@@ -65,14 +65,15 @@ __all__ = ["PixelflyAttention", "attention_layout", "connected_layout", "ATTENTI
 # 'kernel' is pixelfly_lab.ops.attention.block_sparse_attention (work O(T * fan-in * b));
 # 'masked_sdpa' is one F.scaled_dot_product_attention call with the layout's boolean (T, T) mask
 # (the same values; work O(T^2) in torch's fused kernel); 'auto' takes 'masked_sdpa' below
-# MASKED_SDPA_BELOW tokens and the kernel from there.
+# MASKED_SDPA_BELOW tokens when the input is on the CPU, and the kernel from there and on every other
+# device (the crossover was measured on a CPU; on CUDA the Triton kernel is the path).
 ATTENTION_ROUTES = ("auto", "kernel", "masked_sdpa")
 
-# The crossover of 'auto', in tokens. Measured on the team's 2-core Xeon (one thread, loaded machine,
-# interleaved medians; dim 512, 8 heads, block 32, default layout, forward+backward of the layer,
-# bench/attention_route_bench.py; two runs, load average 3.5-4.8): masked SDPA 8-25% faster than the
-# kernel at T = 256, the kernel 5-9% faster at T = 512 and 1.3-2.3x faster from T = 1024 (the connected
-# layout keeps 1/2, 5/16, 3/16 of the scores at T = 256, 512, 1024).
+# The crossover of 'auto', in tokens, for CPU inputs only. Measured on the team's 2-core Xeon (one
+# thread, loaded machine, interleaved medians; dim 512, 8 heads, block 32, default layout, forward+
+# backward of the layer, bench/attention_route_bench.py; two runs, load average 3.5-4.8): masked SDPA
+# 8-25% faster than the kernel at T = 256, the kernel 5-9% faster at T = 512 and 1.3-2.3x faster from
+# T = 1024 (the connected layout keeps 1/2, 5/16, 3/16 of the scores at T = 256, 512, 1024).
 MASKED_SDPA_BELOW = 512
 
 
@@ -135,8 +136,9 @@ class PixelflyAttention(nn.Module):
         seed: seeds the layout's random blocks and the random features.
         route: 'auto' (default), 'kernel' or 'masked_sdpa' (:data:`ATTENTION_ROUTES`): how a layer
             without random features computes its sparse attention; 'auto' uses one masked
-            ``F.scaled_dot_product_attention`` below :data:`MASKED_SDPA_BELOW` tokens (faster there,
-            the same values) and the block-sparse kernel from there; :meth:`route_at` says which.
+            ``F.scaled_dot_product_attention`` for CPU inputs below :data:`MASKED_SDPA_BELOW` tokens
+            (faster there on one CPU thread, the same values) and the block-sparse kernel from there
+            and on every other device (CUDA: the Triton kernel); :meth:`route_at` says which.
 
     Example:
         >>> attn = PixelflyAttention(32, 2, 64, block_size=8, causal=True)
@@ -240,18 +242,38 @@ class PixelflyAttention(nn.Module):
             words += f", {-(-self.global_tokens // self.block_size)} global block(s)"
         return words
 
-    def route_at(self, seq_len: int) -> str:
-        """'kernel' or 'masked_sdpa': how a call at sequence length T computes the attention
-        (:data:`ATTENTION_ROUTES`; 'auto' takes masked SDPA below :data:`MASKED_SDPA_BELOW` tokens
-        when there are no random features)."""
+    def route_at(self, seq_len: int, device=None) -> str:
+        """'kernel' or 'masked_sdpa': how a call at sequence length T on ``device`` computes the attention.
+
+        Args:
+            seq_len: T.
+            device: the input's device (None: the layer's parameters').
+
+        Returns:
+            The fixed ``route``, or for 'auto' (:data:`ATTENTION_ROUTES`): 'masked_sdpa' when there are
+            no random features, T < :data:`MASKED_SDPA_BELOW` and the device is the CPU (where the
+            crossover was measured), 'kernel' otherwise.
+        """
         if self.route != "auto":
             return self.route
-        return "masked_sdpa" if self.features == 0 and seq_len < MASKED_SDPA_BELOW else "kernel"
+        device = self.q.weight.device if device is None else torch.device(device)
+        on_cpu = device.type == "cpu"
+        return "masked_sdpa" if self.features == 0 and seq_len < MASKED_SDPA_BELOW and on_cpu else "kernel"
+
+    def __setstate__(self, state):
+        """Unpickling (torch.save of a whole model, copy.deepcopy, spawned workers): a layer saved before
+        routes existed gets 'auto', and the registry keys are this process's, so the built layout (its
+        buffer came with the state) is registered again and shorter lengths are planned again on use."""
+        state.setdefault("route", "auto")
+        state.setdefault("_last_len", state["seq_len"])
+        super().__setstate__(state)
+        if not self.layout.is_meta:
+            self._keys_by_length = {self.seq_len: register_layout(self.layout.cpu(), self.block_size)}
 
     def extra_repr(self) -> str:
         route = self.route_at(self.seq_len)
         if self.route == "auto" and self.features == 0:
-            route += f" (auto: masked SDPA below T={MASKED_SDPA_BELOW}, kernel from there)"
+            route += f" (auto: masked SDPA on the CPU below T={MASKED_SDPA_BELOW}, kernel from there)"
         return (f"heads={self.heads}, seq_len={self.seq_len}, layout={self.layout_name!r} ({self.choice()}), "
                 f"features={self.features}, causal={self.causal}, density={self.density:.3f}, route={route}")
 
@@ -286,7 +308,7 @@ class PixelflyAttention(nn.Module):
 
     def _attend(self, q, k, v, key):
         if self.features == 0:
-            if self.route_at(q.shape[2]) == "masked_sdpa":
+            if self.route_at(q.shape[2], q.device) == "masked_sdpa":
                 mask = _element_mask(key, self.causal, q.device)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return block_sparse_attention(q, k, v, key, self.block_size, causal=self.causal)

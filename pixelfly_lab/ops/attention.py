@@ -17,9 +17,13 @@ Three paths compute the same function:
   blocks are bucketed by their fan-in f (the number of kept blocks); a chunk of one head's rows
   of a bucket gathers their f key/value blocks and takes one softmax over each row's f * b scores, so
   memory beyond inputs and outputs is one cache-sized chunk, never T x T, and rows of unequal
-  fan-in (global rows next to local ones) each pay for their own blocks only; on the CPU a chunk
-  runs in torch's fused flash-attention kernel. The backward recomputes the probabilities from the
-  saved log-sum-exp, flash-attention style.
+  fan-in (global rows next to local ones) each pay for their own blocks only. A chunk runs in
+  torch's fused CPU flash-attention kernel where that kernel applies
+  (:func:`pixelfly_lab.ops.torch_attention.flash_applies`: CPU tensors, equal head widths D = Dv, a
+  float dtype it takes), and its backward only when no gradient reaches the log-sum-exp (the
+  random-feature layer's ``return_lse`` gives it one); otherwise (CUDA without Triton, D != Dv, a
+  gradient on lse) bmm's over the chunk. The backward recomputes the probabilities from the saved
+  log-sum-exp, flash-attention style.
 * ``'triton'`` (CUDA): block-sparse flash attention, forward and backward, in
   :mod:`pixelfly_lab.ops.triton_attention` (imported on first CUDA use only).
 
@@ -55,7 +59,7 @@ from pixelfly_lab.ops.torch_attention import (AttentionPlan, accumulation_dtype,
 from pixelfly_lab.structure.masks import layout_to_mask
 
 __all__ = ["block_sparse_attention", "block_attention_reference", "block_sparse_linear_attention",
-           "ATTENTION_BACKENDS"]
+           "attention_plan", "ATTENTION_BACKENDS"]
 
 ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -165,8 +169,18 @@ def block_attention_reference(q, k, v, layout, block_size: int, *, causal: bool 
 
 # ------------------------------------------------------------------------------ torch path
 
-def _plan(key: int, causal: bool, device) -> AttentionPlan:
-    """The torch path's plan of a registered layout on ``device``, built once per (key, causal, device)."""
+def attention_plan(key: int, causal: bool, device) -> AttentionPlan:
+    """The torch path's plan of a registered layout on ``device``, built once per (key, causal, device).
+
+    Args:
+        key: a key from :func:`pixelfly_lab.ops.registry.register_layout`.
+        causal: plan the effective layout with j <= i (the tril'ed layout, diagonal blocks masked).
+        device: where the plan's index tensors live.
+
+    Returns:
+        :class:`pixelfly_lab.ops.torch_attention.AttentionPlan` (what ``torch_attention_forward`` /
+        ``_backward`` take; cached by the registry, so every caller shares one).
+    """
     return derived(key, "attention_plan_causal" if causal else "attention_plan",
                    lambda entry, dev: build_attention_plan(_effective_layout(key, causal), entry.block_size, causal,
                                                            dev),
@@ -202,7 +216,7 @@ def _forward_impl(q, k, v, layout_key, causal, scale, backend):
         from pixelfly_lab.ops.triton_attention import triton_attention_forward
         return triton_attention_forward(q, k, v, _triton_tables(layout_key, causal, q.device), block_size,
                                         causal, scale)
-    return torch_attention_forward(q, k, v, _plan(layout_key, causal, q.device), block_size, scale)
+    return torch_attention_forward(q, k, v, attention_plan(layout_key, causal, q.device), block_size, scale)
 
 
 def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, scale, backend):
@@ -212,8 +226,9 @@ def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, sc
         delta = attention_delta(grad_out, out, lse, None if grad_lse.numel() == 0 else grad_lse)
         return triton_attention_backward(grad_out, q, k, v, lse, delta, _triton_tables(layout_key, causal, q.device),
                                          block_size, causal, scale)
-    return torch_attention_backward(grad_out.contiguous(), q, k, v, out, lse, _plan(layout_key, causal, q.device),
-                                    block_size, scale, None if grad_lse.numel() == 0 else grad_lse)
+    plan = attention_plan(layout_key, causal, q.device)
+    return torch_attention_backward(grad_out.contiguous(), q, k, v, out, lse, plan, block_size, scale,
+                                    None if grad_lse.numel() == 0 else grad_lse)
 
 
 # Registered ops (torch >= 2.4): torch.compile sees one opaque node with a fake (shape-only)
@@ -339,4 +354,4 @@ def block_sparse_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: t
         True
     """
     key, block_size, _ = _check_inputs(phi_q, phi_k, v, layout, block_size, causal, None)
-    return torch_linear_attention(phi_q, phi_k, v, _plan(key, causal, phi_q.device), block_size)
+    return torch_linear_attention(phi_q, phi_k, v, attention_plan(key, causal, phi_q.device), block_size)

@@ -8,9 +8,11 @@ gathers its rows' f key and value blocks (one ``index_select`` each, into buffer
 chunk) and takes one softmax over each row's f * b scores, with the fan-in rows as the batch of
 each ``bmm`` (n, b, D) @ (n, D, f * b). One head's keys and values (R x b x D) stay in cache while
 its chunks gather from them. The chunk is sized so that its gathered blocks and scores stay within
-about ``CHUNK_BYTES``, so memory beyond the inputs and outputs is O(chunk), never O(T * f * b) nor
-T x T; exp, normalisation and the scale are applied in place, results of contiguous rows are
-written straight into the output (``out=``).
+about ``CHUNK_BYTES`` (half of it for the fused chunks below), so a call's memory beyond the inputs
+and outputs is O(chunk), never O(T * f * b) nor T x T (a causal plan, cached once per layout,
+keeps a boolean j > i mask over its rows' kept blocks, T * f * b bytes); exp, normalisation and
+the scale are applied in place, results of contiguous rows are written straight into the output
+(``out=``).
 
 The backward recomputes the probabilities from the saved log-sum-exp, flash-attention style
 (Dao et al. 2022, arXiv 2205.14135, Alg. 2): dV = P^T dO, dS = P * (dO V^T - Delta),
@@ -116,8 +118,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows_per_chunk(bucket: RowBucket, b: int, D: int, Dv: int, itemsize: int, fused: bool = False) -> int:
-    """Block rows of one head per chunk: gathered keys and values, and scores and their gradient (bmm's)
-    or the gathered keys' and values' gradients (the fused backward's), within CHUNK_BYTES."""
+    """Block rows of one head per chunk: gathered keys and values, and scores and their gradient within
+    CHUNK_BYTES (bmm's), or the gathered keys' and values' gradients within CHUNK_BYTES // 2 (the fused
+    kernel's, whose own tiles hold the scores)."""
     f = bucket.cols.shape[1]
     per_row = f * b * (2 * (D + Dv) if fused else D + Dv + 2 * b) * itemsize
     # the fused chunks were as fast at CHUNK_BYTES / 2 (T = 1024, 4096) and hold less beside SDPA's memory
@@ -188,7 +191,9 @@ def _scores(q_rows, k_cols, masked, upper, buffer):
 
 
 def flash_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether torch's fused CPU flash-attention kernel can do a chunk: CPU tensors, head widths equal."""
+    """Whether torch's fused CPU flash-attention kernel can do a chunk: CPU tensors, head widths equal
+    (D = Dv), a dtype it takes (float32, float64, bfloat16, float16). Its backward also needs no
+    gradient on the log-sum-exp (:func:`torch_attention_backward` checks that)."""
     return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and q.dtype in _FLASH_DTYPES
 
 
@@ -198,16 +203,25 @@ _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.defa
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-def _additive_mask(bucket: RowBucket, rows_masked, b: int, dtype):
-    """The flash kernel's additive mask of a chunk: (b, f * b) -inf on the diagonal block's j > i
-    (``bucket.upper``), (n, 1, b, f * b) from ``bucket.masked``, or None."""
-    if bucket.upper is not None:
-        mask = torch.zeros(b, bucket.cols.shape[1] * b, dtype=dtype, device=bucket.upper.device)
-        mask[:, -b:].masked_fill_(bucket.upper, float("-inf"))
-        return mask
-    if rows_masked is None:
+def _shared_mask(bucket: RowBucket, b: int, dtype):
+    """The flash kernel's additive mask shared by every chunk of a bucket: (b, f * b), -inf on the
+    diagonal block's j > i (``bucket.upper``), built once per bucket; None when there is none."""
+    if bucket.upper is None:
         return None
-    return torch.zeros(rows_masked.shape, dtype=dtype).masked_fill_(rows_masked, float("-inf"))[:, None]
+    mask = torch.zeros(b, bucket.cols.shape[1] * b, dtype=dtype, device=bucket.upper.device)
+    mask[:, -b:].masked_fill_(bucket.upper, float("-inf"))
+    return mask
+
+
+def _chunk_mask(shared, rows_masked, dtype):
+    """The additive mask of one chunk: the bucket's shared one, or (n, 1, b, f * b) built from the
+    chunk's part of ``bucket.masked`` when the chunk runs (O(chunk) memory, never O(T * f * b); made
+    again for every head, a fill beside the kernel's products: only causal layouts with a row that
+    drops its diagonal block come here), or None."""
+    if rows_masked is None:
+        return shared
+    mask = torch.zeros(rows_masked.shape, dtype=dtype, device=rows_masked.device)
+    return mask.masked_fill_(rows_masked, float("-inf"))[:, None]
 
 
 def _flash_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scale: float):
@@ -221,14 +235,14 @@ def _flash_attention_forward(q, k, v, plan: AttentionPlan, block_size: int, scal
     for bucket in plan.buckets:
         f = bucket.cols.shape[1]
         n = _rows_per_chunk(bucket, b, D, Dv, q.element_size(), fused=True)
-        chunk, chunks = _Chunk(k3, v3, n, f), _chunks(bucket, n)
-        masks = [_additive_mask(bucket, masked, b, q.dtype) for _, _, masked in chunks]
+        chunk, chunks, shared = _Chunk(k3, v3, n, f), _chunks(bucket, n), _shared_mask(bucket, b, q.dtype)
         for q_h, k_h, v_h, out_h, lse_h in zip(q4.unbind(0), k3.unbind(0), v3.unbind(0), out.unbind(0),
                                                lse.unbind(0)):
-            for (rows, flat, _), mask in zip(chunks, masks):
+            for rows, flat, masked in chunks:
                 k_cols, v_cols = chunk.gather(k_h, v_h, flat, b)
                 o, L = _flash_forward(_take(q_h, rows)[:, None], k_cols[:, None], v_cols[:, None], 0.0, False,
-                                      attn_mask=mask, scale=scale)                     # (n, 1, b, Dv), (n, 1, b)
+                                      attn_mask=_chunk_mask(shared, masked, q.dtype),
+                                      scale=scale)                                     # (n, 1, b, Dv), (n, 1, b)
                 _give(out_h, rows, o.view(-1, b, Dv))
                 _give(lse_h, rows, L.view(-1, b))
                 del o, L                 # freed before the next chunk's results are allocated
@@ -294,15 +308,14 @@ def _flash_attention_backward(grad_out, q, k, v, out, lse, plan: AttentionPlan, 
     for bucket in plan.buckets:
         f = bucket.cols.shape[1]
         n = _rows_per_chunk(bucket, b, D, Dv, q.element_size(), fused=True)
-        chunk, chunks = _Chunk(k3, v3, n, f), _chunks(bucket, n)
-        masks = [_additive_mask(bucket, masked, b, q.dtype) for _, _, masked in chunks]
+        chunk, chunks, shared = _Chunk(k3, v3, n, f), _chunks(bucket, n), _shared_mask(bucket, b, q.dtype)
         for g in range(B * H):
-            for (rows, flat, _), mask in zip(chunks, masks):
+            for rows, flat, masked in chunks:
                 k_cols, v_cols = chunk.gather(k3[g], v3[g], flat, b)
                 dq_rows, dk_cols, dv_cols = _flash_backward(
                     _take(do4[g], rows)[:, None], _take(q4[g], rows)[:, None], k_cols[:, None], v_cols[:, None],
                     _take(out4[g], rows)[:, None], _take(lse3[g], rows)[:, None], 0.0, False,
-                    attn_mask=mask, scale=scale)
+                    attn_mask=_chunk_mask(shared, masked, q.dtype), scale=scale)
                 _give(dq[g], rows, dq_rows.view(-1, b, D))
                 dk[g].index_add_(0, flat, dk_cols.reshape(-1, b * D))
                 dv[g].index_add_(0, flat, dv_cols.reshape(-1, b * Dv))

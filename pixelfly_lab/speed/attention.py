@@ -8,12 +8,16 @@ calling ``F.scaled_dot_product_attention``. The bare kernel
 same q, k, v) is the second row of each length. Cases are interleaved round by round in one
 process (load from other processes hits both alike; medians are reported).
 
-The FLOP limit of a row is dense FLOPs / sparse FLOPs, the q, k, v and output projections
-included for the layer, and for ``causal`` only the scores with j <= i counted on both sides
-(dense: T (T + 1) / 2; sparse: the kept blocks below the diagonal plus half of each diagonal
-block): the causal limit is not 1 / density. With a fan-in that grows like log2(T / b) the limit
-grows with T: the Long Range Arena setting of the Pixelfly paper (Dao, Chen et al., ICLR 2022,
-arXiv 2112.00029, Sec. 5).
+The FLOP limit of a row is dense FLOPs / the FLOPs of the route the sparse side takes, the q, k, v
+and output projections included for the layer, and for ``causal`` only the scores with j <= i counted
+on both sides (dense: T (T + 1) / 2; the kernel: the kept blocks below the diagonal plus half of each
+diagonal block): the causal limit is not 1 / density. A layer below
+:data:`pixelfly_lab.nn.attention.MASKED_SDPA_BELOW` tokens takes the masked-SDPA route (column
+``route``), whose fused kernel computes all T^2 scores (the layout and causality are its mask): its
+limit is about 1 (below 1 when causal), and ``layout_flop_limit`` keeps what the layout alone would
+allow (the kernel route's limit). With a fan-in that grows like log2(T / b) that limit grows with T:
+the Long Range Arena setting of the Pixelfly paper (Dao, Chen et al., ICLR 2022, arXiv 2112.00029,
+Sec. 5).
 
 Example:
     >>> table = attention_speed_table((128,), dim=32, heads=2, block_size=16, causal=False, repeats=1,
@@ -96,12 +100,13 @@ def dense_gemm_gflops(rows: int, dim: int, *, repeats: int = 5, threads: int | N
 
 
 def attention_flops(layer: PixelflyAttention, T: int, batch: int = 1, *, dense: bool = False,
-                    projections: bool = True) -> float:
-    """Forward multiply-add FLOPs (x2) of the layer (or its dense twin) at length T.
+                    projections: bool = True, route: str | None = None) -> float:
+    """Forward multiply-add FLOPs (x2) of the layer (or its dense twin) at length T, on the route it takes.
 
-    Scores and the weighted sum cost 2 * 2 * D per kept (i, j) and head; with ``causal`` only
-    j <= i is kept (dense: T (T + 1) / 2 pairs; sparse: b^2 per kept block below the diagonal,
-    b (b + 1) / 2 per diagonal block). Projections: 4 * 2 * T * dim^2. Random features (m > 0):
+    Scores and the weighted sum cost 2 * 2 * D per computed (i, j) and head; with ``causal`` only
+    j <= i is computed (dense: T (T + 1) / 2 pairs; the kernel: b^2 per kept block below the diagonal,
+    b (b + 1) / 2 per diagonal block); the masked-SDPA route computes all T^2 pairs (its fused kernel
+    skips no tile of a masked call). Projections: 4 * 2 * T * dim^2. Random features (m > 0):
     feature maps 2 * 2 T m D, the low-rank product 2 * 2 T m (D + 1) and the discount on the
     support 2 * pairs * (m + D + 1), per head.
 
@@ -111,15 +116,24 @@ def attention_flops(layer: PixelflyAttention, T: int, batch: int = 1, *, dense: 
         batch: B.
         dense: count the dense twin (SDPA) instead.
         projections: count the whole layer: the four projections and the random features (False:
-            the block-sparse attention kernel alone, which computes neither).
+            the attention alone, which computes neither).
+        route: the sparse side's route, 'kernel' or 'masked_sdpa' (None: the layer's
+            :meth:`~pixelfly_lab.nn.attention.PixelflyAttention.route_at` T on its device when
+            ``projections``, 'kernel' when not: the bare kernel row).
 
     Returns:
         FLOPs of one forward pass.
     """
     D = layer.dim // layer.heads
     b = layer.block_size
+    if route is None:
+        route = layer.route_at(T) if projections else "kernel"
+    if route not in ("kernel", "masked_sdpa"):
+        raise ValueError(f"route must be 'kernel' or 'masked_sdpa', got {route!r}")
     if dense:
         pairs = T * (T + 1) / 2 if layer.causal else T * T
+    elif route == "masked_sdpa":
+        pairs = T * T                            # every score of a masked call, causal ones included
     else:
         layout = layer.layout_for(T)
         if layer.causal:
@@ -220,11 +234,14 @@ def attention_speed_table(lengths=(1024, 2048, 4096, 8192), *, dim: int = 512, h
         progress: show a tqdm bar over the cases.
 
     Returns:
-        DataFrame, one row per (T, causal, row): density (of the layout at T), flop_limit (dense /
-        sparse FLOPs, see the module docstring), dense_ms and sparse_ms (medians of forward +
-        backward), speedup, fraction_of_limit (speedup / flop_limit), sparse_gflops (the sparse
-        side's useful rate: forward FLOPs x 3.5 for the attention (2 products forward, 5 backward
-        with the recomputed scores) and x 3 for the projections and random features, over sparse_ms),
+        DataFrame, one row per (T, causal, row): route (the sparse side's: the layer's
+        :meth:`~pixelfly_lab.nn.attention.PixelflyAttention.route_at` T, 'kernel' for the kernel row),
+        density (of the layout at T), flop_limit (dense FLOPs / the route's, see the module
+        docstring), layout_flop_limit (dense / the kernel route's: what the layout allows),
+        dense_ms and sparse_ms (medians of forward + backward), speedup, fraction_of_limit (speedup /
+        flop_limit), sparse_gflops (the sparse side's rate on the work its route does: forward FLOPs
+        x 3.5 for the attention (2 products forward, 5 backward with the recomputed scores) and x 3
+        for the projections and random features, over sparse_ms),
         dense_gemm_gflops (:func:`dense_gemm_gflops` at (batch * T, dim) x (dim, dim), T capped at
         4096, same threads, measured once per table), and dense_peak_mb, sparse_peak_mb,
         memory_ratio when ``memory``; load_avg (1-minute, after the row's timing).
@@ -284,18 +301,21 @@ def _runs(layer: PixelflyAttention, T: int, batch: int, kinds) -> dict:
 
 
 def _row(layer: PixelflyAttention, T: int, batch: int, row: str, times: dict) -> dict:
-    """One table row from the timings: medians, speed-up, FLOP limit and the sparse side's rate."""
+    """One table row from the timings: medians, speed-up, FLOP limit of the route taken and the sparse side's rate."""
     projections = row == "layer"
+    route = layer.route_at(T) if projections else "kernel"
     dense_flops = attention_flops(layer, T, batch, dense=True, projections=projections)
-    sparse_flops = attention_flops(layer, T, batch, projections=projections)
-    entry = {"T": T, "causal": layer.causal, "row": row, "dim": layer.dim, "heads": layer.heads, "batch": batch,
-             "block_size": layer.block_size, "features": layer.features, "density": layer.density_at(T),
-             "flop_limit": dense_flops / sparse_flops,
+    sparse_flops = attention_flops(layer, T, batch, projections=projections, route=route)
+    entry = {"T": T, "causal": layer.causal, "row": row, "route": route, "dim": layer.dim, "heads": layer.heads,
+             "batch": batch, "block_size": layer.block_size, "features": layer.features,
+             "density": layer.density_at(T), "flop_limit": dense_flops / sparse_flops,
+             "layout_flop_limit": dense_flops / attention_flops(layer, T, batch, projections=projections,
+                                                                route="kernel"),
              "dense_ms": 1e3 * statistics.median(times[(row, "dense")]),
              "sparse_ms": 1e3 * statistics.median(times[(row, "sparse")])}
     entry["speedup"] = entry["dense_ms"] / entry["sparse_ms"]
     entry["fraction_of_limit"] = entry["speedup"] / entry["flop_limit"]
-    attention_only = attention_flops(layer, T, batch, projections=False)
+    attention_only = attention_flops(layer, T, batch, projections=False, route=route)
     useful = 3.5 * attention_only + 3 * (sparse_flops - attention_only)
     entry["sparse_gflops"] = useful / (entry["sparse_ms"] * 1e6)
     return entry
