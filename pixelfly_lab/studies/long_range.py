@@ -231,7 +231,7 @@ def _speed_claims(out: Path, config: LongRangeConfig) -> tuple[list[Claim], pd.D
     layer = table[table["row"] == "layer"]
     claims = []
     for causal, part in layer.groupby("causal"):
-        limits, ratios = part["flop_limit"].tolist(), part["speedup"].tolist()
+        limits, ratios = part["layout_flop_limit"].tolist(), part["speedup"].tolist()
         kind = "causal" if causal else "bidirectional"
         claims.append(Claim(
             f"Check ({kind}): the layer's FLOP limit over dense SDPA (projections included) grows with T at the "
