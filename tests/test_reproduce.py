@@ -4,15 +4,21 @@ included), up-to-date results skipped, presets, the report, and every study run 
 import dataclasses
 import importlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from pixelfly_lab.cli import COMMANDS, main
 from pixelfly_lab.studies import reproduce as rp
+from pixelfly_lab.studies import runner
 from pixelfly_lab.studies.claims import CLAIM_KINDS, Claim
 
 CALLS = []
@@ -219,18 +225,22 @@ def test_report_says_how_long_full_takes(tmp_path, fake_studies, monkeypatch):
     monkeypatch.setattr(sys.modules["fake_good"], "FULL_MINUTES", 4, raising=False)
     rp.reproduce(tmp_path, preset="tiny", device="cpu", progress=False)
     report = (tmp_path / "report.md").read_text()
-    # per study its one-thread estimate, the schedule's wall time with 2 jobs (4 and 3 side by side: 4), the rest
+    # per study its one-thread estimate, the schedule's wall time with 2 jobs (4 and 3 side by side: 4, x 1.25 for
+    # a worker beside another), the rest
     assert ("The full preset (`--preset full`) on 2 CPU cores with --jobs 2 ("
-            "the others on 2 workers of one thread, longest first): about 4 minutes of wall clock for the studies "
-            "with a time; estimated on one thread (each study's FULL_MINUTES; its config comment says which parts of "
-            "FULL were timed at one thread on a shared machine, bench/full_minutes.py): good 4, bad 3 min; no time for "
-            "absent.") in report
+            "the others on 2 workers of one thread, longest first, each 1.25x its time alone beside another): about 5 "
+            "minutes of wall clock for the studies with a time; estimated alone on one thread (each study's "
+            "FULL_MINUTES; its config comment says which parts of FULL were timed at one thread on a shared machine, "
+            "bench/full_minutes.py): good 4.0, bad 3.0 min; no time for absent.") in report
     assert "Preset of this run: `tiny`, jobs 1." in report
     # a full run's own times count as measured and replace the estimate in the schedule
-    records = {"good": {"preset": "full", "status": "ok", "seconds": 600.0}}
-    assert "measured in this run: good 10.0 min" in rp.full_time(records)
-    assert "about 10 minutes of wall clock" in rp.full_time(records)
-    assert "about 13 minutes of wall clock" in rp.full_time(records, jobs=1)
+    # (20 minutes beside another worker: 16 alone, the schedule's factor applied once: 16 x 1.25 beside bad's 3)
+    records = {"good": {"preset": "full", "status": "ok", "seconds": 1200.0, "jobs": 2, "threads": 1}}
+    assert "measured in this run: good 20.0 min" in rp.full_time(records)
+    assert "about 20 minutes of wall clock" in rp.full_time(records)
+    assert "about 19 minutes of wall clock" in rp.full_time(records, jobs=1)
+    alone = {"good": {**records["good"], "threads": 2}}   # a lone study on the jobs' threads: not divided
+    assert "about 25 minutes of wall clock" in rp.full_time(alone)
 
 
 def test_schedule_runs_timed_studies_alone_then_longest_first():
@@ -240,13 +250,15 @@ def test_schedule_runs_timed_studies_alone_then_longest_first():
     phases = rp.schedule(exps, 2, minutes)
     assert [[e.name for e in phase] for phase in phases] == [["t"], ["u"], ["b", "c", "a"]]
     assert rp.schedule(exps, 1, minutes) == [exps]
-    # alone: 2 + 1; then b on one worker (5), c + a on the other (4): 5
-    assert rp.schedule_minutes(2, minutes, exps) == 8.0
-    assert rp.schedule_minutes(1, minutes, exps) == 12.0
+    # alone: 2 + 1; then b on one worker (5), c + a on the other (4): 5, x CONTENTION (two workers side by side)
+    assert rp.schedule_minutes(2, minutes, exps, contention=1.0) == 8.0
+    assert rp.schedule_minutes(2, minutes, exps) == 3.0 + 5.0 * rp.CONTENTION and rp.CONTENTION > 1
+    assert rp.schedule_minutes(1, minutes, exps) == 12.0                 # one after another: nobody beside
+    assert rp.schedule_minutes(2, minutes, exps[:1]) == 1.0              # a lone study: nobody beside either
 
 
 FAKE_STUDY = """
-import json, os, time
+import json, os, subprocess, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -266,6 +278,12 @@ def run(out, config, *, device):
         raise RuntimeError("boom")
     if behaviour == "crash":
         os._exit(3)
+    if behaviour == "sleep":   # a child process of the study's own, as the speed study's timing child
+        child = subprocess.Popen(["sleep", "60"])
+        Path({spans!r}).mkdir(exist_ok=True)
+        Path({spans!r}, "{name}.part").write_text(str(child.pid))
+        os.replace(Path({spans!r}, "{name}.part"), Path({spans!r}, "{name}.pid"))
+        child.wait()
     time.sleep(0.3)
     g = torch.Generator().manual_seed(config.size)
     value = float(torch.randn(64, generator=g, dtype=torch.float64).sum())
@@ -278,14 +296,12 @@ def run(out, config, *, device):
 """
 
 
-@pytest.fixture
-def spawned_studies(tmp_path, monkeypatch):
-    """Study modules in files (a spawned worker imports them by name): a deterministic one, a timed one and one
-    whose worker process dies (a study that raises is the in-process path's failure, tested above)."""
+def _study_files(tmp_path, monkeypatch, kinds: dict) -> Path:
+    """Study modules in files ({name: (behaviour, FULL_MINUTES)}; a worker imports them by name) as EXPERIMENTS; the
+    folder where they write their spans."""
     code = tmp_path / "code"
     code.mkdir()
     spans = tmp_path / "spans"
-    kinds = {"det_a": ("ok", 2), "det_timed": ("ok", 1), "det_crash": ("crash", 1)}
     for name, (behaviour, minutes) in kinds.items():
         (code / f"fake_{name}.py").write_text(FAKE_STUDY.format(behaviour=behaviour, minutes=minutes, name=name,
                                                                 spans=str(spans)))
@@ -293,6 +309,13 @@ def spawned_studies(tmp_path, monkeypatch):
     monkeypatch.setattr(rp, "EXPERIMENTS", tuple(
         rp.Experiment(name, f"fake_{name}", name, timed=name == "det_timed") for name in kinds))
     return spans
+
+
+@pytest.fixture
+def spawned_studies(tmp_path, monkeypatch):
+    """A deterministic study, a timed one and one whose worker process dies (a study that raises is the in-process
+    path's failure, tested above)."""
+    return _study_files(tmp_path, monkeypatch, {"det_a": ("ok", 2), "det_timed": ("ok", 1), "det_crash": ("crash", 1)})
 
 
 def test_jobs_match_the_sequential_run_and_isolate_failures(tmp_path, spawned_studies):
@@ -325,3 +348,119 @@ def test_jobs_argument(tmp_path, fake_studies):
         rp.reproduce(tmp_path, preset="tiny", jobs=0)
     with pytest.raises(TypeError, match="jobs"):
         rp.reproduce(tmp_path, preset="tiny", jobs=1.5)
+
+
+def test_default_jobs_follow_the_resolved_device(tmp_path, fake_studies, monkeypatch):
+    # a plain `reproduce` (preset full, device auto) on a GPU machine: one job, not an error
+    monkeypatch.setattr(rp, "_resolve_device", lambda device: "cuda")
+    records = rp.reproduce(tmp_path, only=["good"], progress=False)
+    assert records["good"]["status"] == "ok" and records["good"]["device"] == "cuda"
+    assert records["good"]["jobs"] == 1 and "jobs 1." in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="jobs must be 1"):   # asked for explicitly: still refused
+        rp.reproduce(tmp_path, only=["good"], progress=False, jobs=2)
+    assert rp._default_jobs("full", "cpu") == 2
+    assert rp._default_jobs("full", "cuda") == rp._default_jobs("quick", "cpu") == 1
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path, spawned_studies):
+    # a worker is a fresh interpreter: it never imports the caller's script again (multiprocessing's spawn would,
+    # and the script would call reproduce again in every worker)
+    script = tmp_path / "user_script.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(tmp_path / 'code')!r})\n"
+                      "from pixelfly_lab.studies import reproduce as rp\n"
+                      "rp.EXPERIMENTS = (rp.Experiment('det_a', 'fake_det_a', 'A'),)\n"
+                      "print('the script ran')\n"
+                      f"records = rp.reproduce({str(tmp_path / 'out')!r}, preset='tiny', device='cpu', "
+                      "progress=False, jobs=2)\n"
+                      "print('status', records['det_a']['status'], records['det_a']['threads'])\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("the script ran") == 1, result.stdout
+    assert "status ok 2" in result.stdout, result.stdout + result.stderr   # a lone study: the jobs' threads
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting for its reaper does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_interrupt_stops_each_worker_with_its_children(tmp_path, monkeypatch):
+    spans = _study_files(tmp_path, monkeypatch, {"det_sleep": ("sleep", 1)})
+    pid_file, out = spans / "det_sleep.pid", tmp_path / "out"
+    seen, finished = {}, threading.Event()
+
+    def ctrl_c():  # once the study's child runs: what it ignores, then Ctrl-C to this process
+        while not finished.is_set():
+            if pid_file.exists():
+                status = Path(f"/proc/{int(pid_file.read_text())}/status").read_text()
+                seen["ignored"] = int(status.split("SigIgn:")[1].split()[0], 16)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # a background pytest may ignore SIGINT
+    thread = threading.Thread(target=ctrl_c, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rp.reproduce(out, preset="tiny", device="cpu", progress=False, jobs=2)
+    finally:
+        finished.set()
+        thread.join()
+        signal.signal(signal.SIGINT, previous)
+    assert not seen["ignored"] & (1 << (signal.SIGINT - 1)), "the study's child inherited an ignored SIGINT"
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child), "the study's child outlived its stopped worker"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    assert (out / "report.md").exists() and not (out / "det_sleep").exists()
+
+
+def test_a_worker_that_cannot_start_or_report_fails_its_study_only(tmp_path, spawned_studies, monkeypatch):
+    start, read = runner._start_worker, runner._read_result
+
+    def start_or_fail(exp, *args):
+        if exp.name == "det_crash":
+            raise OSError("no process for you")
+        return start(exp, *args)
+
+    def read_or_fail(path):
+        if path.stem == "det_timed":
+            raise RuntimeError("a garbled record")
+        return read(path)
+
+    monkeypatch.setattr(runner, "_start_worker", start_or_fail)
+    monkeypatch.setattr(runner, "_read_result", read_or_fail)
+    records = rp.reproduce(tmp_path, preset="tiny", device="cpu", progress=False, jobs=2)
+    assert records["det_a"]["status"] == "ok", records["det_a"].get("traceback")
+    assert records["det_crash"]["status"] == "failed"
+    assert "could not start: OSError: no process for you" in records["det_crash"]["error"]
+    assert records["det_timed"]["status"] == "failed"
+    assert "RuntimeError: a garbled record" in records["det_timed"]["error"]
+    assert "failed studies: det_timed, det_crash" in (tmp_path / "report.md").read_text()
+
+
+def test_a_result_caught_between_its_renames_is_restored(tmp_path, fake_studies):
+    # remove_temporary deletes the mkdtemp folders only; `.name-old` is the previous result
+    out = tmp_path / "out"
+    rp.reproduce(out, preset="quick", device="cpu", progress=False, only=["good"])
+    (out / "good").rename(out / ".good-old")                # stopped after name -> .name-old ...
+    (out / ".good-tmp-x1y2z3").mkdir()                      # ... before tmp -> name
+    runner.remove_temporary(out, "good")
+    assert (out / "good" / "claims.json").exists() and not (out / ".good-tmp-x1y2z3").exists()
+    assert not (out / ".good-old").exists()
+    (out / ".good-old").mkdir()                             # stopped after both renames: the stale copy goes
+    runner.remove_temporary(out, "good")
+    assert (out / "good" / "claims.json").exists() and not (out / ".good-old").exists()
+    # a run killed between the renames (nothing cleaned up) is restored by the next run, and is up to date
+    (out / "good").rename(out / ".good-old")
+    CALLS.clear()
+    records = rp.reproduce(out, preset="quick", device="cpu", progress=False, only=["good"])
+    assert records["good"]["status"] == "skipped" and CALLS == []

@@ -14,56 +14,41 @@ The paper's claims come with their statistics (effect, confidence interval, seed
 undecided one the seeds that would decide it); a family of claims counts once, its members listed;
 the toolkit's speed targets (kind 'target') have their own section, never counted as failures.
 
-``--jobs N`` (default 2 for ``--preset full``, 1 otherwise) runs the studies in N worker processes
-(``multiprocessing`` spawn, a fresh process per study, each on one torch thread with
-``OMP_NUM_THREADS=1``), the longest first by each study's ``FULL_MINUTES`` (greedy longest-first:
-a worker that frees up takes the longest study left). The studies that time things
+``--jobs N`` (default 2 for ``--preset full`` on the CPU, 1 otherwise: on a GPU the studies would share it) runs
+the studies in N worker processes (a fresh ``python -c`` interpreter per study started with ``subprocess``, each
+on one torch thread with ``OMP_NUM_THREADS=1``), the longest first by each study's ``FULL_MINUTES`` (greedy
+longest-first: a worker that frees up takes the longest study left). The studies that time things
 (:attr:`Experiment.timed`: 'speed' and 'long_range', whose claims are speed ratios) never run beside
 another worker: they run FIRST, one at a time, alone, on N threads (their timings choose their own
-thread counts), and only then the others start in parallel. With ``--jobs 1`` every study runs in
-this process, one after another, on the process's threads (the behaviour before ``--jobs``). Each
-record keeps its wall seconds, its thread count and the jobs of the run; the report states the jobs.
-Ctrl-C stops the workers, removes their temporary folders, writes the report of what finished and
-raises ``KeyboardInterrupt``.
+thread counts), and only then the others start in parallel; a lone study of any kind runs on the N threads too.
+With ``--jobs 1`` every study runs in this process, one after another, on the process's threads (the
+behaviour before ``--jobs``). Each record keeps its wall seconds, its thread count and the jobs of the run; the
+report states the jobs. A worker that cannot start, dies or leaves an unreadable record is its study's failure.
+
+The workers (:func:`pixelfly_lab.studies.runner.run_parallel`) are fresh interpreters, never ``multiprocessing``
+processes: a script calling ``reproduce(jobs=2)`` needs no ``if __name__ == "__main__":`` guard. Ctrl-C stops
+each worker with its own children (the speed study's timing child, the attention memory children), removes their
+temporary folders, restores a result a worker was replacing, writes the report of what finished and raises
+``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
-import multiprocessing
-import os
 import platform
-import signal
-import shutil
 import sys
-import tempfile
-import time
-import traceback
-from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from pixelfly_lab.studies.report import tally, write_report
+from pixelfly_lab.studies.runner import PRESETS, Experiment, restore_previous, run_parallel, run_study
 
 __all__ = ["EXPERIMENTS", "PRESETS", "Experiment", "reproduce", "schedule", "schedule_minutes", "load_results",
-           "tally", "full_time", "full_minutes", "add_arguments", "run"]
-
-PRESETS = ("tiny", "quick", "full")
-
-
-@dataclass(frozen=True)
-class Experiment:
-    name: str
-    module: str  # a study module: FULL, QUICK, TINY configs and run(out, config, *, device) -> list[Claim]
-    title: str
-    # the study times things and its claims are speed ratios: with --jobs > 1 it runs alone (see the module docstring)
-    timed: bool = False
+           "tally", "full_time", "full_minutes", "add_arguments", "run", "CONTENTION"]
 
 
 # In report order.
@@ -117,63 +102,11 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def study_config(exp: Experiment, preset: str):
-    """The study module of ``exp`` and its config for ``preset`` (an import error propagates)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    module = importlib.import_module(exp.module)
-    return module, getattr(module, preset.upper())
-
-
-def _jsonable(config) -> dict:
-    if dataclasses.is_dataclass(config):
-        return json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    return {"config": repr(config)}
-
-
-def _run_one(exp: Experiment, out: Path, stamp: dict, preset: str, device: str, jobs: int = 1) -> dict:
-    """Run one study into a temporary folder and move it into place on success."""
-    started = time.perf_counter()
-    where = {"threads": torch.get_num_threads(), "jobs": jobs}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{exp.name}-", dir=out))
-    try:
-        module, config = study_config(exp, preset)
-        claims = [c.to_dict() for c in module.run(tmp, config, device=device)]
-        record = {**stamp, "status": "ok", "seconds": round(time.perf_counter() - started, 1), **where,
-                  "config": _jsonable(config), "claims": claims}
-        (tmp / "claims.json").write_text(json.dumps(record, indent=2))
-        final = out / exp.name
-        if final.exists():
-            old = out / f".{exp.name}-old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        return record
-    except Exception as err:  # one failed study must not lose the others' results
-        shutil.rmtree(tmp, ignore_errors=True)
-        return {**stamp, "status": "failed", "seconds": round(time.perf_counter() - started, 1), **where,
-                "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-                "claims": []}
-    except BaseException:  # Ctrl-C: no half result left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _worker(conn, exp: Experiment, out: str, stamp: dict, preset: str, device: str, threads: int,
-            jobs: int) -> None:
-    """A worker process's whole life: one study on ``threads`` torch threads, its record sent to the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops its workers
-    torch.set_num_threads(threads)
-    try:
-        record = _run_one(exp, Path(out), stamp, preset, device, jobs)
-    except BaseException as err:  # noqa: BLE001 (anything that escapes _run_one is the worker's failure)
-        record = {**stamp, "status": "failed", "seconds": 0.0, "threads": threads, "jobs": jobs,
-                  "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(), "claims": []}
-    conn.send(record)
-    conn.close()
+# A worker of one thread beside another on two cores runs this much slower than alone (shared memory bandwidth
+# and caches). Assumed, not measured apart: it is the factor the ntk, theory and speed estimates carried before
+# (training's count, ~15% above its one-thread measurement, said the same). schedule_minutes applies it, once, to
+# every phase whose studies run side by side; each study's FULL_MINUTES is its time alone on one thread.
+CONTENTION = 1.25
 
 
 def schedule(experiments, jobs: int, minutes: dict[str, float] | None = None) -> list[list[Experiment]]:
@@ -196,88 +129,36 @@ def schedule(experiments, jobs: int, minutes: dict[str, float] | None = None) ->
     return [[e] for e in experiments if e.timed] + ([rest] if rest else [])
 
 
-def schedule_minutes(jobs: int, minutes: dict[str, float] | None = None, experiments=None) -> float:
+def schedule_minutes(jobs: int, minutes: dict[str, float] | None = None, experiments=None,
+                     contention: float = CONTENTION) -> float:
     """The estimated wall minutes of :func:`schedule` with ``jobs`` workers (greedy longest-first list scheduling).
 
-    Each study takes its 1-thread estimate (FULL_MINUTES); a timed study alone takes its estimate too (an upper
-    bound: it runs on ``jobs`` threads).
+    Args:
+        jobs: worker processes.
+        minutes: {name: minutes of the study alone on one thread} (default: each study's FULL_MINUTES).
+        experiments: the studies (default: all).
+        contention: the slowdown of a worker beside another (:data:`CONTENTION`), applied to every phase whose
+            studies run side by side; a study alone (a timed one, a lone other, or any with ``jobs=1``) takes its
+            one-thread minutes (an upper bound: alone it runs on ``jobs`` threads).
+
+    Returns:
+        Wall minutes: the phases' longest workers, summed.
     """
     minutes = full_minutes() if minutes is None else minutes
     total = 0.0
     for phase in schedule(EXPERIMENTS if experiments is None else experiments, jobs, minutes):
-        free = [0.0] * (jobs if len(phase) > 1 else 1)
+        side_by_side = jobs > 1 and len(phase) > 1
+        free = [0.0] * (jobs if side_by_side else 1)
         for exp in phase:
             free[free.index(min(free))] += minutes.get(exp.name, 0.0)
-        total += max(free)
+        total += max(free) * (contention if side_by_side else 1.0)
     return total
 
 
-def _run_parallel(phases, out: Path, stamp: dict, preset: str, device: str, jobs: int, records: dict,
-                  progress: bool) -> None:
-    """Run ``phases`` (from :func:`schedule`) in spawned worker processes, filling ``records`` as they finish."""
-    context = multiprocessing.get_context("spawn")
-    bar = tqdm(total=sum(map(len, phases)), desc=f"reproduce ({jobs} jobs)", unit="study", disable=not progress)
-    running: dict = {}  # connection -> (experiment, process)
-    try:
-        for phase in phases:
-            alone = len(phase) == 1 and phase[0].timed
-            slots, threads = (1, jobs) if alone else (jobs, 1)
-            pending = list(phase)
-            while pending or running:
-                while pending and len(running) < slots:
-                    exp = pending.pop(0)
-                    parent, child = context.Pipe(duplex=False)
-                    saved = os.environ.get("OMP_NUM_THREADS")
-                    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the child's OpenMP at its start
-                    try:
-                        proc = context.Process(target=_worker, name=f"reproduce-{exp.name}", daemon=True,
-                                               args=(child, exp, str(out), stamp, preset, device, threads, jobs))
-                        proc.start()
-                    finally:
-                        if saved is None:
-                            os.environ.pop("OMP_NUM_THREADS", None)
-                        else:
-                            os.environ["OMP_NUM_THREADS"] = saved
-                    child.close()
-                    running[parent] = (exp, proc)
-                    bar.write(f"[reproduce] started {exp.name} ({threads} thread{'s' * (threads > 1)}"
-                              f"{', alone: it times things' if alone else ''})")
-                ready = wait([*running, *(proc.sentinel for _, proc in running.values())])
-                for conn in list(running):
-                    exp, proc = running[conn]
-                    if conn not in ready and proc.sentinel not in ready:
-                        continue
-                    try:
-                        record = conn.recv()
-                    except EOFError:  # the worker died without a record (killed, out of memory, a crash)
-                        proc.join()
-                        record = {**stamp, "status": "failed", "seconds": 0.0, "threads": threads, "jobs": jobs,
-                                  "error": f"worker process exited with code {proc.exitcode} and no result",
-                                  "traceback": "", "claims": []}
-                        _remove_temporary(out, exp.name)
-                    proc.join()
-                    conn.close()
-                    del running[conn]
-                    records[exp.name] = record
-                    bar.update()
-                    bar.write(f"[reproduce] {exp.name} {record['status']} in {record['seconds']:.0f} s"
-                              + (f": {record['error']}" if record["status"] == "failed" else ""))
-    except BaseException:  # Ctrl-C (or a bug here): stop every worker, leave no temporary folder
-        for conn, (exp, proc) in running.items():
-            proc.terminate()
-        for conn, (exp, proc) in running.items():
-            proc.join()
-            conn.close()
-            _remove_temporary(out, exp.name)
-        raise
-    finally:
-        bar.close()
-
-
-def _remove_temporary(out: Path, name: str) -> None:
-    """Remove the temporary folders a stopped worker of study ``name`` left in ``out``."""
-    for path in out.glob(f".{name}-*"):
-        shutil.rmtree(path, ignore_errors=True)
+def _default_jobs(preset: str, device: str) -> int:
+    """The default --jobs: 2 for the full preset on the CPU (two cores' worth of one-thread studies), else 1 (a GPU
+    would be shared by the studies; the smaller presets take minutes)."""
+    return 2 if preset == "full" and device == "cpu" else 1
 
 
 def reproduce(out="results", *, preset: str = "full", device: str = "auto", force: bool = False,
@@ -292,8 +173,9 @@ def reproduce(out="results", *, preset: str = "full", device: str = "auto", forc
         force: rerun studies whose results are up to date.
         only: study names to run (default: all); the report covers all that exist in ``out``.
         progress: a progress bar over the studies.
-        jobs: worker processes (default: 2 for 'full', 1 otherwise; see the module docstring). 1 runs every
-            study in this process.
+        jobs: worker processes (default: 2 for 'full' on the CPU, 1 otherwise, decided after ``device`` is
+            resolved; see the module docstring). 1 runs every study in this process. Workers are fresh
+            interpreters (never ``multiprocessing``): a script calling this needs no ``__main__`` guard.
 
     Returns:
         {study name: record} with status 'ok', 'failed' or 'skipped', seconds, threads, jobs, config and claims.
@@ -304,13 +186,13 @@ def reproduce(out="results", *, preset: str = "full", device: str = "auto", forc
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    device = _resolve_device(device)
     if jobs is None:
-        jobs = 2 if preset == "full" else 1
+        jobs = _default_jobs(preset, device)
     if isinstance(jobs, bool) or not isinstance(jobs, int):
         raise TypeError(f"jobs must be an int, got {type(jobs).__name__}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    device = _resolve_device(device)
     if device == "cuda" and jobs > 1:
         raise ValueError("jobs must be 1 with device='cuda' (the studies would share one GPU)")
     names = [e.name for e in EXPERIMENTS]
@@ -325,6 +207,7 @@ def reproduce(out="results", *, preset: str = "full", device: str = "auto", forc
     selected = [e for e in EXPERIMENTS if not only or e.name in only]
     to_run = []
     for exp in selected:
+        restore_previous(out, exp.name)   # a run killed while it replaced this result
         previous = _load_record(out / exp.name)
         if (not force and previous and previous.get("status") == "ok"
                 and all(previous.get(k) == v for k, v in stamp.items())):
@@ -334,11 +217,11 @@ def reproduce(out="results", *, preset: str = "full", device: str = "auto", forc
     try:
         if jobs == 1:
             for exp in tqdm(to_run, desc="reproduce", unit="study", disable=not progress):
-                records[exp.name] = _run_one(exp, out, stamp, preset, device)
+                records[exp.name] = run_study(exp, out, stamp, preset, device)
                 if records[exp.name]["status"] == "failed":
                     print(f"[reproduce] {exp.name} failed: {records[exp.name]['error']}", file=sys.stderr)
         else:
-            _run_parallel(schedule(to_run, jobs), out, stamp, preset, device, jobs, records, progress)
+            run_parallel(schedule(to_run, jobs), out, stamp, preset, device, jobs, records, progress)
     finally:  # Ctrl-C too: the report of what finished
         for exp in EXPERIMENTS:  # the report also shows earlier results of studies not run now
             if exp.name not in records and (rec := _load_record(out / exp.name)):
@@ -368,7 +251,8 @@ def full_time(records: dict[str, dict] | None = None, jobs: int = 2) -> str:
 
     Args:
         records: this run's records; those of preset 'full' count as measured (their 'seconds' replace the
-            estimate in the schedule).
+            estimate in the schedule; a study that ran in a worker of one thread beside another is divided by
+            :data:`CONTENTION` first, since the schedule applies it again).
         jobs: the worker processes of the schedule (:func:`schedule_minutes`).
 
     Returns:
@@ -376,23 +260,27 @@ def full_time(records: dict[str, dict] | None = None, jobs: int = 2) -> str:
         run, or its FULL_MINUTES estimate), and the studies without either.
     """
     names = [e.name for e in EXPERIMENTS]
-    this_run = {name: rec["seconds"] / 60 for name, rec in (records or {}).items()
+    measured = {name: rec for name, rec in (records or {}).items()
                 if rec.get("preset") == "full" and rec.get("status") in ("ok", "skipped") and "seconds" in rec}
+    this_run = {name: rec["seconds"] / 60 for name, rec in measured.items()}
+    alone = {name: minutes / (CONTENTION if measured[name].get("jobs", 1) > 1 and measured[name].get("threads") == 1
+                              else 1.0) for name, minutes in this_run.items()}
     estimates = {name: m for name, m in full_minutes().items() if name not in this_run}
     missing = [n for n in names if n not in this_run and n not in estimates]
-    wall = schedule_minutes(jobs, {**estimates, **this_run})
+    wall = schedule_minutes(jobs, {**estimates, **alone})
     timed = [e.name for e in EXPERIMENTS if e.timed]
 
-    def listed(minutes, digits):
-        return ", ".join(f"{k} {v:.{digits}f}" for k, v in minutes.items()) + " min"
+    def listed(minutes):
+        return ", ".join(f"{k} {v:.1f}" for k, v in minutes.items()) + " min"
 
-    parts = ([f"measured in this run: {listed(this_run, 1)}"] if this_run else []) + (
-        [f"estimated on one thread (each study's FULL_MINUTES; its config comment says which parts of FULL were "
-         f"timed at one thread on a shared machine, bench/full_minutes.py): {listed(estimates, 0)}"] if estimates
+    parts = ([f"measured in this run: {listed(this_run)}"] if this_run else []) + (
+        [f"estimated alone on one thread (each study's FULL_MINUTES; its config comment says which parts of FULL "
+         f"were timed at one thread on a shared machine, bench/full_minutes.py): {listed(estimates)}"] if estimates
         else []) + (
         [f"no time for {', '.join(missing)}"] if missing else [])
     how = (f"with --jobs {jobs} (" + (f"{', '.join(timed)} alone first, then " if timed else "")
-           + f"the others on {jobs} workers of one thread, longest first)" if jobs > 1
+           + f"the others on {jobs} workers of one thread, longest first, each {CONTENTION:g}x its time alone "
+             f"beside another)" if jobs > 1
            else "with --jobs 1 (one study after another)")
     return (f"The full preset (`--preset full`) on 2 CPU cores {how}: about {wall:.0f} minutes of wall clock"
             + (" for the studies with a time" if missing else "") + "; " + "; ".join(parts) + ".")
@@ -421,8 +309,8 @@ def add_arguments(parser) -> None:
                         help="auto: CUDA when available (GPU claims need it)")
     parser.add_argument("--force", action="store_true", help="rerun studies that are up to date")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
-                        help="worker processes of one thread each (default: 2 for --preset full, 1 otherwise); the "
-                             "studies that time things run alone first")
+                        help="worker processes of one thread each (default: 2 for --preset full on the CPU, 1 "
+                             "otherwise); the studies that time things run alone first")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only these studies: " + ", ".join(e.name for e in EXPERIMENTS))
 
