@@ -1,8 +1,9 @@
 """Time a scaled part of one study's FULL config on ONE torch thread (how FULL_MINUTES are measured).
 
 `reproduce --jobs N` runs each study in a worker of one thread, so each study's FULL_MINUTES is its
-one-thread time. A whole FULL run is too long to measure per change, so this runs ``run()`` of one
-study on a scaled FULL config (fewer seeds; see VARIANTS) and prints wall and CPU seconds (its own
+one-thread time alone (reproduce's CONTENTION adds the cost of a worker beside another, once, for all).
+A whole FULL run is too long to measure per change, so this runs ``run()`` of one study on a scaled
+FULL config (fewer seeds; see VARIANTS) and prints wall and CPU seconds (its own
 and its child processes') with the load average; the study's config comment extrapolates to FULL.
 On a shared machine the CPU seconds are the measure (the wall clock waits for other processes).
 
@@ -46,6 +47,8 @@ VARIANTS = {
     ("speed", "models"): lambda F: replace(F, shapes=((512, 2048),), budgets=(0.1,), block_sizes=(32,), repeats=1,
                                            claim_repeats=1, compare_allocator=False, butterfly_repeats=2),
     ("patterns", "full"): lambda F: F,
+    # the measurement expressiveness.py cites: 1 network of each model (2 matrices each), 1 reading seed
+    ("expressiveness", "n1s1"): lambda F: replace(F, seeds=1, networks=replace(F.networks, networks=1)),
 }
 
 

@@ -595,3 +595,28 @@ def test_pairs_compare_at_equal_parameters_used():
         study._comparisons(broken, "GPT attention map")
     decisions, _ = study._comparisons(pairs, "GPT attention map")
     assert all(d.n == 2 for d in decisions.values())                           # one unit per network
+
+
+def test_pairs_are_matched_however_many_reruns_it_takes(monkeypatch):
+    # pixelfly's counts on a grid of 7, the other's on a grid of 10: 1001 vs 995 -> 994 -> 990 -> 987 -> 980 -> 980,
+    # equal after 5 reruns (more than the 4 rounds a cap once allowed: that pair was dropped, whoever won it)
+    from types import SimpleNamespace
+
+    from pixelfly_lab.studies import expressiveness as study
+
+    n, kind = 32, study.NETWORK_KINDS[0]
+    matrices = {kind: [torch.eye(n, dtype=torch.float64)]}
+
+    def on_a_grid(matrix, pattern, budget, block_size=None, seed=0):
+        step = 7 if pattern == "pixelfly" else 10
+        params = int(budget * matrix.numel() + 1e-6) // step * step
+        return SimpleNamespace(error=1 - params / 2048, params=params, lowrank_share=0.5)
+
+    monkeypatch.setattr(study, "approximate", on_a_grid)
+    df = pd.DataFrame([dict(kind=kind, pattern=p, seed=0, budget=0.97, error=0.5, params=c, rank=1.0, n=n,
+                            budget_used=c / n ** 2) for p, c in (("pixelfly", 1001), ("lowrank", 995))])
+    config = study.ExpressivenessConfig(n=n, block_size=4, networks=replace(study.TINY.networks, per_network=1))
+    pairs = study._pairs(df, matrices, config)
+    assert len(pairs) == 1 and pairs.matched.all(), pairs.to_dict("records")
+    assert pairs.rerun[0].split("+") == ["pixelfly", "lowrank", "pixelfly", "lowrank", "pixelfly"]
+    assert pairs.pixelfly_params[0] == pairs.other_params[0] == 980

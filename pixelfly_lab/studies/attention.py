@@ -59,10 +59,11 @@ class AttentionConfig:
 # rule, which seeds cannot change, and the critical comparison would need dozens (seeds_for_power at QUICK's sd);
 # 4 still give each comparison's sd an estimate
 FULL = AttentionConfig(block_size=16, seeds=4)
-# NOT re-measured on one thread (issue 20's scaled run did not fit the session): 13.1 minutes (786 s) of wall clock
-# for FULL at 0357eab on 2 threads of 2 cores shared with six busy processes (load ~10); the parts added since cost
-# two cheap estimators more. Taken as the one-thread estimate of 6 seeds (at load ~10 a process had well under one
-# core), scaled to FULL's 4 seeds: 9
+# NOT measured on one thread (the one study without it; `bench/full_minutes.py attention s1` and `s2` would do it):
+# 13.1 minutes (786 s) of wall clock for FULL at 0357eab (6 seeds) on 2 threads of 2 cores shared with six busy
+# processes (load ~10, so well under one core for it); the parts added since cost two cheap estimators more. Taken as
+# the estimate alone on one thread for 6 seeds, scaled to FULL's 4 seeds: 9 (no neighbour's cost in it: reproduce's
+# CONTENTION adds that)
 FULL_MINUTES = 9
 # 3 seeds (the verdict needs an sd), 4 temperatures to stay within the time budget
 QUICK = AttentionConfig(n=256, seeds=3, temperatures=4)

@@ -14,8 +14,9 @@ low-rank too. The rules, fixed here:
 * every X + low-rank baseline gets the same split search as Pixelfly (the low-rank shares of
   :data:`pixelfly_lab.approx.expressiveness.LOWRANK_SHARES` and of Pixelfly's own grid);
 * equal parameters *used* (nonzeros of the sparse part + rank (out + in)): the side of a pair that
-  used more is run again at the other's count until the counts are equal (:data:`MATCH_ROUNDS`);
-  a pair that cannot be matched is shown in the table and left out; a decision refuses an unequal
+  used more is run again at the other's count until the counts are equal (no cap on the reruns: each one
+  lowers the larger count, so the loop ends); a pair that cannot be matched (a side cannot be built that
+  small) is shown in the table and left out, whichever side would have won; a decision refuses an unequal
   pair (``RuntimeError``);
 * the unit of replication is the trained network, not the matrix (matrices of one network share
   its training): the relative gain 1 - err(pixelfly) / err(other) of every matched pair is averaged
@@ -86,10 +87,12 @@ class ExpressivenessConfig:
 FULL = ExpressivenessConfig(n=256, seeds=3, block_size=8, budgets=(0.05, 0.1, 0.15, 0.25, 0.4),
                             kinds=("sparse_lowrank",),
                             patterns=tuple(p for p in EXPRESSIVENESS_PATTERNS if p != "bigbird+lowrank"))
-FULL_MINUTES = 20  # ONE thread, measured on FULL with 1 network of each model and 1 reading seed (load 5-6 on 2
-#                    cores): training 87 s a network pair, the study on the cached matrices 165 s (~33 s a target
-#                    with its equal-parameter reruns); x5 networks + 3 reading seeds: 435 + 5 x 132 + 100 s ~ 20 min
-#                    (at load ~1.5 the same parts took 36 s and ~22 s a target: ~12 min)
+# Minutes of FULL alone on ONE thread: FULL with 1 network of each model and 1 reading seed, timed at one thread
+# at load ~1.5 on 2 cores (about a core for it; `bench/full_minutes.py expressiveness n1s1` repeats it): training
+# 36 s a network pair, ~22 s a target with its equal-parameter reruns. FULL's 5 network pairs, 20 trained targets
+# and 3 reading seeds: 5 x 36 + 23 x 22 = 686 s. (At load 5-6 the same parts took 87 s and ~33 s, 20 minutes in
+# all: a loaded machine's wall clock, not the one-thread time; reproduce's CONTENTION adds a neighbour's cost.)
+FULL_MINUTES = 11.4
 # n = 128 at block 4 (32 blocks a side, as n = 256 at block 8): a flat block butterfly of 2-3 factors,
 # a local band and a rank of 6+ all fit a budget of 0.1; 3 networks x 3 matrices of each trained kind (3
 # networks: the fewest whose t interval has 2 degrees of freedom; about 100 s of training on 2 loaded
@@ -113,9 +116,6 @@ ALPHA = 0.05
 LOWRANK_BUTTERFLY_FLOOR, LOWRANK_EXACT = 0.5, 1e-6
 # A control's chosen split is "low-rank alone" when the low-rank term holds this share of its parameters
 COLLAPSED_SHARE = 0.999
-# Equal parameters used: the side of a pair that used more is rerun at the other's count up to this
-# many times (each rerun can only lower a count, so the loop ends; 4 matched every pair it could at QUICK)
-MATCH_ROUNDS = 4
 PAIR_COLUMNS = ["kind", "other", "network", "seed", "budget", "pixelfly_error", "other_error", "pixelfly_params",
                 "other_params", "pixelfly_used", "other_used", "matched", "rerun", "pixelfly_lowrank_only",
                 "other_lowrank_only"]
@@ -131,8 +131,10 @@ def _pairs(df: pd.DataFrame, matrices: dict, config) -> pd.DataFrame:
 
     Both sides start from their runs at the requested budget. While their parameter counts
     (nonzeros of the sparse part + rank (out + in) of the low-rank part) differ, the side that
-    used more is run again with the other's count as its budget, up to :data:`MATCH_ROUNDS` times.
-    A pair whose counts still differ (or whose side cannot be built that small) is kept in the
+    used more is run again with the other's count as its budget, until the counts are equal. No cap
+    on the rounds: a rerun never uses more than its budget, so each one strictly lowers the larger
+    count (integers: the loop ends); a cap would leave out pairs by how their reruns went. Only a
+    pair whose side cannot be built that small (or a rerun that does not go lower) is kept in the
     table with ``matched`` False and left out of every decision; :func:`_comparisons` raises if an
     unmatched pair reaches one.
 
@@ -173,13 +175,11 @@ def _pairs(df: pd.DataFrame, matrices: dict, config) -> pd.DataFrame:
             sides = {"pixelfly": (mine_row.error, int(mine_row.params), bool(mine_row.lowrank_only)),
                      other: (theirs.error, int(theirs.params), bool(theirs.lowrank_only))}
             rerun = []
-            for _ in range(MATCH_ROUNDS):
-                (pe, pp, _), (xe, xp, _) = sides["pixelfly"], sides[other]
-                if pp == xp:
-                    break
+            while sides["pixelfly"][1] != sides[other][1]:
+                pp, xp = sides["pixelfly"][1], sides[other][1]
                 name, params = ("pixelfly", xp) if pp > xp else (other, pp)
                 result = again(r.kind, r.seed, name, params)
-                if result is None:
+                if result is None or result[1] >= max(pp, xp):   # cannot be built that small, or went no lower
                     break
                 sides[name] = result
                 rerun.append(name)

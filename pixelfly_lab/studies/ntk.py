@@ -64,9 +64,9 @@ FULL = NTKStudyConfig(families=("mlp",), seeds=tuple(range(12)), n_train=2000, e
 # (`bench/full_minutes.py ntk s2t1` and `s3t1`: run() at one thread, machine shared, load 4-6: CPU seconds, since
 # the wall clock there was 4x the CPU): seeds (0, 1) with 1 trained seed 105.5 s, seeds (0, 1, 2) with 1 trained
 # seed 109.2 s, so a kernel seed ~3.7 s (the 3 dense reference seeds alike) and a trained seed (9 patterns x 30
-# epochs + dense's 60-epoch gate run) ~87 s: FULL = 15 x 3.7 + 6 x 87 = 578 s; x 1.25 for a worker beside another
-# (two on two cores) and rounding: 12. (The 60 minutes said before were 2 threads at load 3-7 of 0357eab's config.)
-FULL_MINUTES = 12
+# epochs + dense's 60-epoch gate run) ~87 s: FULL = 15 x 3.7 + 6 x 87 = 578 s alone (reproduce's CONTENTION adds a
+# neighbour's cost). (The 60 minutes said before were 2 threads at load 3-7 of 0357eab's config.)
+FULL_MINUTES = 9.6
 QUICK = NTK_QUICK
 # three sparse patterns: the rank correlation needs at least three points to mean anything; two
 # seeds so that the closest claim's paired interval exists

@@ -35,7 +35,7 @@ class PatternsConfig:
 
 FULL = PatternsConfig()
 # one thread: 4.7 s CPU (9.6 s wall at load 3.9; `bench/full_minutes.py patterns full`, 2026-12-06)
-FULL_MINUTES = 0.2
+FULL_MINUTES = 0.1
 # 1024x256 at block 32 cannot go below 0.125 with pixelfly, hence the low budget 0.15
 QUICK = PatternsConfig(shape=(1024, 256), low_budget=0.15)
 TINY = PatternsConfig(shape=(512, 256), low_budget=0.15)

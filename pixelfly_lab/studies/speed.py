@@ -77,8 +77,8 @@ FULL = SpeedConfig(budgets=(0.1, 0.3, 0.5), block_sizes=(32, 64))
 # (701 s wall at load 3-5, machine shared; `bench/full_minutes.py speed grid1`). This grid has 16 cases a shape of
 # 31 and 3 shapes of 1.81x the largest's FLOPs: ~200 s. The whole-model steps (Mixer-B/16 batch 8, GPT-2 small
 # batch 4) with a one-case grid and 2 butterfly repeats took 132 s of CPU (load 1-2; `bench/full_minutes.py speed
-# models`). ~340 s with FULL's 9 butterfly repeats, x 1.25 for rounding and a busier machine: 7
-FULL_MINUTES = 7
+# models`). ~340 s with FULL's 9 butterfly repeats (it runs alone, on the jobs' threads: an upper bound)
+FULL_MINUTES = 5.7
 # the grid at 512 -> 2048 only plus the claim's case: about 1.5 minutes on an idle 2-core CPU
 QUICK = SpeedConfig(shapes=((512, 2048),), budgets=(0.1, 0.3, 0.5), block_sizes=(32,), repeats=2,
                     claim_repeats=3, compare_allocator=False,

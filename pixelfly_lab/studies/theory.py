@@ -83,8 +83,8 @@ FULL = TheoryConfig()
 # Minutes of FULL on ONE thread (a `reproduce --jobs` worker), measured 2026-12-06: FULL with ntk_seeds=1 and
 # sweep_seeds=1 took 138 s of CPU at one thread (417 s wall at load 4-5, machine shared; `bench/full_minutes.py
 # theory s1`). FULL has 4 and 5 of them: at most 5 x 138 = 690 s (the block fits and the exact transforms, which
-# do not scale with seeds, counted 5 times: an upper bound), x 1.25 for a worker beside another: 14
-FULL_MINUTES = 14
+# do not scale with seeds, counted 5 times: an upper bound), alone (reproduce's CONTENTION adds a neighbour)
+FULL_MINUTES = 11.5
 # block 4 at n = 32: 3 factors, 768 of the 1024 parameters, so the block claim is not the
 # containment algebra (block 2) and the class is not dense
 QUICK = TheoryConfig(sweep_seeds=3, n_sweep=128, sweep_block=4, n_exact=16, fit_steps=600, n_block=32, block_sizes=(4,),

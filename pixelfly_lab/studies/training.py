@@ -161,13 +161,20 @@ TINY = TrainingConfig(
 MNIST_RUN_S, TEACHER_RUN_S, CHARS_STEP_S, CHARS_STEPS = 5.5, 0.65, 0.06, 724
 _MNIST_RUNS = len(MNIST1D.patterns) + 1 + len(MNIST1D_SPARSE.patterns) - 1
 _TEACHER_RUNS = len(TEACHER_PIXELFLY.patterns) + len(TEACHER_DENSE.patterns)
-_CHARS_RUNS = (len(CHARS.patterns) + 1) * len(CHARS.seeds)
-# Checked on ONE thread (a `reproduce --jobs` worker), 2026-12-06: FULL with the MNIST-1D and teacher seeds (0, 1)
-# and one character-GPT seed took 457.5 s of CPU (1737 s wall at load 5-6, machine shared; `bench/full_minutes.py
-# training m2c1`), where this count says ~530 s: the count is ~15% high at one thread, about what a worker beside
-# another costs (two on two cores), so it stands as the one-thread estimate of the full preset (~28)
-FULL_MINUTES = round((len(FULL_SEEDS) * (_MNIST_RUNS * MNIST_RUN_S + _TEACHER_RUNS * TEACHER_RUN_S)
-                      + _CHARS_RUNS * CHARS_STEPS * CHARS_STEP_S) / 60 + 1)
+# Measured on ONE thread (a `reproduce --jobs` worker), 2026-12-06: FULL with the MNIST-1D and teacher seeds (0, 1)
+# and one character-GPT seed took 457.5 s of CPU (M2C1_CPU_S; 1737 s wall at load 5-6, machine shared;
+# `bench/full_minutes.py training m2c1`), ~15% below what the count says for it. FULL_MINUTES is FULL's count
+# scaled by that measurement: FULL alone on one thread (~24; reproduce's CONTENTION adds a neighbour's cost)
+M2C1_CPU_S = 457.5
+
+
+def _counted_s(seeds: int, chars_seeds: int) -> float:
+    """CPU seconds the count gives FULL with ``seeds`` MNIST-1D and teacher seeds and ``chars_seeds`` GPT seeds."""
+    return (seeds * (_MNIST_RUNS * MNIST_RUN_S + _TEACHER_RUNS * TEACHER_RUN_S)
+            + (len(CHARS.patterns) + 1) * chars_seeds * CHARS_STEPS * CHARS_STEP_S + 60)   # + a minute of timing
+
+
+FULL_MINUTES = round(_counted_s(len(FULL_SEEDS), len(CHARS.seeds)) * M2C1_CPU_S / _counted_s(2, 1) / 60, 1)
 
 
 def _key(task: TaskSpec, seeds: tuple) -> str:
