@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -19,3 +20,17 @@ settings.load_profile("ci" if os.environ.get("CI") or os.environ.get("PIXELFLY_Q
 # One torch thread per test process: pytest-xdist already runs one process per core, and more
 # threads than cores make small matmuls several times slower on a 2-core machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def other_process_registry(monkeypatch):
+    """The layout registry as a new process has it: empty, so a key from this process names nothing.
+
+    Returns:
+        The registry module (its state restored after the test).
+    """
+    from pixelfly_lab.ops import registry
+    monkeypatch.setattr(registry, "_ENTRIES", [])
+    monkeypatch.setattr(registry, "_KEYS", {})
+    monkeypatch.setattr(registry, "_DERIVED", {})
+    return registry

@@ -449,12 +449,10 @@ def test_auto_route_takes_masked_sdpa_on_the_cpu_only():
 
 
 @pytest.mark.parametrize("features", [0, 3])
-def test_layer_saved_before_routes_existed_loads_and_runs(features, monkeypatch):
+def test_layer_saved_before_routes_existed_loads_and_runs(features, other_process_registry):
     """A pickle without ``route`` (saved before routes existed) gets 'auto'; its registry keys were another
     process's, so the layout is registered again; a state dict carries no route and loads as it did."""
     import pickle
-
-    from pixelfly_lab.ops import registry
 
     attn = make("connected", features=features, budget=None)
     x = torch.randn(2, 64, 24, dtype=torch.float64)
@@ -463,9 +461,7 @@ def test_layer_saved_before_routes_existed_loads_and_runs(features, monkeypatch)
     del old.__dict__["route"], old.__dict__["_last_len"]             # what such a pickle holds
     data = pickle.dumps(old)
     # a process whose registry holds other layouts: the old key would name another layout (or none)
-    monkeypatch.setattr(registry, "_ENTRIES", [])
-    monkeypatch.setattr(registry, "_KEYS", {})
-    monkeypatch.setattr(registry, "_DERIVED", {})
+    registry = other_process_registry
     registry.register_layout(torch.ones(4, 4, dtype=torch.bool), 8)
     copy = pickle.loads(data)
     assert copy.route == "auto" and copy.density == density and "route=" in repr(copy)

@@ -224,7 +224,7 @@ def test_compiled_triton_op_matches_eager_under_the_interpreter():
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
-def test_unpickled_layer_registers_its_layout_in_the_new_process(monkeypatch):
+def test_unpickled_layer_registers_its_layout_in_the_new_process(other_process_registry):
     """A pickled model carries its layout buffer; the int key is only this process's."""
     import pickle
 
@@ -233,10 +233,6 @@ def test_unpickled_layer_registers_its_layout_in_the_new_process(monkeypatch):
     want = layer(x)
     data = pickle.dumps(layer)
     # a process whose registry holds other layouts: the old key would name another layout
-    from pixelfly_lab.ops import registry
-    monkeypatch.setattr(registry, "_ENTRIES", [])
-    monkeypatch.setattr(registry, "_KEYS", {})
-    monkeypatch.setattr(registry, "_DERIVED", {})
     kernels.register_layout(torch.ones(8, 4, dtype=torch.bool), 8)
     copy = pickle.loads(data)
     assert kernels.registered_layout(copy.sparse._layout_key).layout.equal(layer.sparse.layout)
