@@ -25,8 +25,9 @@ backward) takes the chunk's queries (n, 1, b, D) against their gathered keys (n,
 causal diagonal block as an additive mask; it does scores, softmax and products in cache-sized tiles.
 Its backward takes no gradient on L, so a call whose L gets one (the random-feature layer) runs the
 other way: bmm's over the chunk, with exp, normalisation and the scale in place (also the CUDA path
-without Triton). At T = 4096, 8 heads of 64, fan-in 8, one thread, the fused chunks measured 3-8%
-faster forward+backward than the bmm's (interleaved, loaded machine).
+without Triton). At T = 4096, 8 heads of 64, fan-in 8, one thread, forward+backward, interleaved in
+one process on a quiet machine (``bench/attention_bench.py --chunks-only``): fused 6.83x SDPA against
+bmm's 6.75x, causal 3.71x against 3.41x.
 
 Example:
     >>> layout = torch.tensor([[True, False], [True, True]])
@@ -48,7 +49,8 @@ __all__ = ["RowBucket", "AttentionPlan", "build_attention_plan", "accumulation_d
 # Working set of one head's chunk (gathered keys and values, scores, their gradient). 1 to 32 MiB
 # measured at T = 4096 and 16384 (one thread, fwd+bwd, interleaved): 8 MiB the fastest by a few %
 # (the fused chunks take half of it). Peak memory with the fused chunks (8 heads of 64, fan-in 8 at
-# T = 4096): kernel 1.0x SDPA's at T = 4096, 0.9x at 16384, 1.6x at 1024 (non-causal; 12 MB SDPA).
+# T = 4096; quiet machine, bench/attention_bench.py): kernel 0.99x SDPA's at T = 4096, 0.87x at 16384,
+# 1.45x at 1024 (non-causal; 12 MB SDPA).
 CHUNK_BYTES = 2 ** 23
 
 
