@@ -13,7 +13,10 @@ flat block butterfly layout of the scores; any layout works (local, BigBird, glo
 Three paths compute the same function:
 
 * ``'reference'``: a dense (T, T) masked softmax, obviously correct, O(T^2) memory; for tests.
-* ``'torch'`` (CPU, and CUDA without Triton), :mod:`pixelfly_lab.ops.torch_attention`: rows of
+* ``'torch'`` on float32 CPU tensors, where the compiled kernel is built:
+  :mod:`pixelfly_lab.ops.native_attention`, FlashAttention-2 over the kept blocks, read in place
+  (``PIXELFLY_NATIVE=0`` turns it off). Otherwise (other dtypes, CUDA without Triton, no compiler),
+  :mod:`pixelfly_lab.ops.torch_attention`: rows of
   blocks are bucketed by their fan-in f (the number of kept blocks); a chunk of one head's rows
   of a bucket gathers their f key/value blocks and takes one softmax over each row's f * b scores, so
   memory beyond inputs and outputs is one cache-sized chunk, never T x T, and rows of unequal
@@ -52,6 +55,7 @@ import torch
 
 from pixelfly_lab._compile import assume_constant
 from pixelfly_lab._checks import check_int
+from pixelfly_lab.ops.native_attention import native_applies, native_attention_backward, native_attention_forward
 from pixelfly_lab.ops.registry import BLOCK_SIZES, derived, register_layout, registered_layout
 from pixelfly_lab.ops.torch_attention import (AttentionPlan, accumulation_dtype, attention_delta,
                                               build_attention_plan, torch_attention_backward,
@@ -216,7 +220,10 @@ def _forward_impl(q, k, v, layout_key, causal, scale, backend):
         from pixelfly_lab.ops.triton_attention import triton_attention_forward
         return triton_attention_forward(q, k, v, _triton_tables(layout_key, causal, q.device), block_size,
                                         causal, scale)
-    return torch_attention_forward(q, k, v, attention_plan(layout_key, causal, q.device), block_size, scale)
+    plan = attention_plan(layout_key, causal, q.device)
+    if native_applies(q, v):
+        return native_attention_forward(q, k, v, plan, block_size, scale)
+    return torch_attention_forward(q, k, v, plan, block_size, scale)
 
 
 def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, scale, backend):
@@ -227,8 +234,10 @@ def _backward_impl(grad_out, grad_lse, q, k, v, out, lse, layout_key, causal, sc
         return triton_attention_backward(grad_out, q, k, v, lse, delta, _triton_tables(layout_key, causal, q.device),
                                          block_size, causal, scale)
     plan = attention_plan(layout_key, causal, q.device)
-    return torch_attention_backward(grad_out.contiguous(), q, k, v, out, lse, plan, block_size, scale,
-                                    None if grad_lse.numel() == 0 else grad_lse)
+    dl = None if grad_lse.numel() == 0 else grad_lse
+    if native_applies(q, v):
+        return native_attention_backward(grad_out, q, k, v, out, lse, plan, block_size, scale, dl)
+    return torch_attention_backward(grad_out.contiguous(), q, k, v, out, lse, plan, block_size, scale, dl)
 
 
 # Registered ops (torch >= 2.4): torch.compile sees one opaque node with a fake (shape-only)

@@ -77,7 +77,20 @@ class RowBucket:
 
 @dataclass(frozen=True)
 class AttentionPlan:
+    """Rows bucketed by fan-in (the chunk paths), and the same layout as a CSR of kept block columns
+    (the compiled kernel's, :mod:`pixelfly_lab.ops.native_attention`).
+
+    Attributes:
+        buckets: :class:`RowBucket` per fan-in, ascending.
+        row_ptr: (R + 1,) int64 offsets into ``col_index`` (CPU), or None.
+        col_index: kept block columns of every row, row after row, each row's ascending (CPU), or None.
+        causal: the plan masks j > i in the diagonal blocks.
+    """
+
     buckets: tuple[RowBucket, ...]
+    row_ptr: torch.Tensor | None = None
+    col_index: torch.Tensor | None = None
+    causal: bool = False
 
 
 def build_attention_plan(layout_cpu: torch.Tensor, block_size: int, causal: bool, device) -> AttentionPlan:
@@ -111,7 +124,10 @@ def build_attention_plan(layout_cpu: torch.Tensor, block_size: int, causal: bool
         start = int(rows[0])
         contiguous = bool((rows == torch.arange(start, start + len(rows))).all())
         buckets.append(RowBucket(rows.to(device), cols.to(device), contiguous, start, masked, last))
-    return AttentionPlan(tuple(buckets))
+    row_ptr = torch.zeros(len(fan_in) + 1, dtype=torch.int64)
+    torch.cumsum(fan_in, 0, out=row_ptr[1:])
+    # the CSR stays on the CPU: only the compiled CPU kernel reads it
+    return AttentionPlan(tuple(buckets), row_ptr, layout_cpu.nonzero()[:, 1].contiguous(), causal)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
