@@ -14,6 +14,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "from pixelfly_lab.ops.native import main; main()"   # compiled CPU kernels (optional: warns where no compiler)
 	touch $@
 
 $(TSTAMP): $(STAMP) requirements-test.txt

@@ -80,7 +80,8 @@ def test_wheel_contains_the_studies(tmp_path):
     wheel, = (tmp_path / "dist").glob("pixelfly_lab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("pixelfly_lab/studies/__init__.py", "pixelfly_lab/studies/reproduce.py",
-                   "pixelfly_lab/studies/claims.py", "pixelfly_lab/_checks.py", "pixelfly_lab/cli.py"):
+                   "pixelfly_lab/studies/claims.py", "pixelfly_lab/_checks.py", "pixelfly_lab/cli.py",
+                   "pixelfly_lab/ops/csrc/blocksparse_cpu.cpp"):   # compiled on the user's machine
         assert module in names, module
     assert not [n for n in names if n.startswith(("tests/", "notebooks/"))]
     assert "pixelfly_lab/reproduce.py" not in names, "the driver moved to pixelfly_lab/studies/"
@@ -109,10 +110,11 @@ BASE, TOP = "pixelfly_lab._base", "pixelfly_lab._top"   # tier 0's modules form 
 # few functions): triton (GPU only, loaded on first CUDA use), matplotlib (figures), transformers
 # (Hugging Face models), IPython and ipywidgets (notebooks), sklearn (the digits data set; a second
 # to import), scipy, mnist1d (a data set generator), torch.distributed (absent from some torch
-# builds). A module of this package that imports one of them at its top (the Triton kernels) is
+# builds), torch.utils.cpp_extension (imports setuptools, 0.1 s; only a build of the compiled CPU kernels
+# needs it). A module of this package that imports one of them at its top (the Triton kernels) is
 # itself optional and may be imported lazily. The top tier (cli) dispatches lazily by design.
 OPTIONAL = ("triton", "matplotlib", "transformers", "IPython", "ipywidgets", "sklearn", "scipy", "mnist1d",
-            "torch.distributed")
+            "torch.distributed", "torch.utils.cpp_extension")
 
 
 def _group(module: str) -> tuple[int, str] | None:

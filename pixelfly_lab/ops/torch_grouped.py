@@ -20,7 +20,7 @@ from pixelfly_lab.ops.torch_buffers import new_output
 from pixelfly_lab.ops.torch_plan import Plan
 from pixelfly_lab.ops.torch_sweep import sweep, sweep_workers
 
-__all__ = ["times_narrow", "gather_columns", "scatter_columns", "grouped_forward", "grouped_backward"]
+__all__ = ["times_narrow", "gather_columns", "scatter_columns", "grouped_forward", "grouped_backward", "unpack_grads"]
 
 
 def times_narrow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -229,7 +229,7 @@ def _summed(accs):
     return accs[0]
 
 
-def _unpack_grads(plan: Plan, values, grads, extra_cols: int):
+def unpack_grads(plan: Plan, values, grads, extra_cols: int):
     """Blocks' gradient (nnz, b, b) and the extra columns' (plan rows * b, extra_cols) or None;
     ``grads``: the groups' accumulators, a list or one stacked tensor (:func:`_grad_accumulators`)."""
     if isinstance(grads, torch.Tensor):   # a stacked plan: its groups cover every block and row once
@@ -302,7 +302,7 @@ def grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_
         sweep(gy.shape[0], chunk, workers, gy)
         grads = _summed(accs)
         if grads is not None:
-            grad_values, grad_v = _unpack_grads(plan, values, grads, lowrank_cols)
+            grad_values, grad_v = unpack_grads(plan, values, grads, lowrank_cols)
             grad_v = grad_v if need_v else None
         if need_u:
             grad_u = (z.T @ gy).T
@@ -339,7 +339,7 @@ def grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_
         sweep(gy.shape[0], chunk, workers, gy)
         grads = _summed(accs)
         if grads is not None:
-            grad_values, grad_z = _unpack_grads(plan, values, grads, extra_cols)
+            grad_values, grad_z = unpack_grads(plan, values, grads, extra_cols)
             if extra_cols:   # columns: U's gradient, then (folded) the bias's; copied apart, as
                 # gradients that share storage may not leave a custom op (kernels.py registers one)
                 grad_u = grad_z[:, :u.shape[1]].contiguous() if need_u else None

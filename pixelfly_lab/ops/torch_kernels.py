@@ -56,6 +56,7 @@ from contextlib import nullcontext
 
 import torch
 
+from pixelfly_lab.ops.native_linear import native_applies, native_backward, native_forward
 from pixelfly_lab.ops.torch_buffers import release_buffers
 from pixelfly_lab.ops.torch_grouped import (gather_columns, grouped_backward, grouped_forward, scatter_columns,
                                             times_narrow)
@@ -104,8 +105,7 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
     """
     if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], x2):
         return _dense_forward(x2, values, bias, u, v, plan, out_features)
-    with torch_serial(x2):
-        return grouped_forward(x2, values, bias, u, v, plan, out_features)
+    return _grouped_forward(x2, values, bias, u, v, plan, out_features)
 
 
 def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor,
@@ -130,6 +130,22 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
     # the forward's route: decisions are cached for the life of the process, never evicted
     if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], x2):
         return _dense_backward(gy, x2, values, u, v, plan, needs_input_grad, has_bias)
+    return _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
+
+
+def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
+    """The grouped GEMMs: compiled (:mod:`pixelfly_lab.ops.native_linear`) for float32 on the
+    CPU where the kernel is built, else in PyTorch (:mod:`pixelfly_lab.ops.torch_grouped`)."""
+    if native_applies(x2, values):
+        return native_forward(x2, values, bias, u, v, plan, out_features)
+    with torch_serial(x2):
+        return grouped_forward(x2, values, bias, u, v, plan, out_features)
+
+
+def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
+    """The gradients of :func:`_grouped_forward`, by the same route."""
+    if native_applies(x2, values):
+        return native_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
     with torch_serial(x2):
         return grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
 
@@ -242,10 +258,9 @@ def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, 
     u, v = (rand(out_features, rank), rand(in_features, rank)) if rank else (None, None)
     needs = (True, True, True, rank > 0, rank > 0)
 
-    def grouped():   # threaded as in sparse_lowrank_forward/backward
-        with torch_serial(x2):
-            _, z = grouped_forward(x2, values, bias, u, v, plan, out_features)
-            grouped_backward(gy, x2, values, u, v, z, plan, needs, True)
+    def grouped():   # the route sparse_lowrank_forward/backward take
+        _, z = _grouped_forward(x2, values, bias, u, v, plan, out_features)
+        _grouped_backward(gy, x2, values, u, v, z, plan, needs, True)
 
     def dense():
         _dense_forward(x2, values, bias, u, v, plan, out_features)

@@ -1,0 +1,122 @@
+"""Compiled CPU kernels: C++ sources in ``pixelfly_lab/ops/csrc``, built on the user's machine.
+
+The 'torch' path's block-sparse products and the CPU attention kernel call small GEMMs on raw
+pointers through ``at::native::cpublas::brgemm`` (oneDNN's batch-reduce GEMM micro-kernels, which
+PyTorch's CPU build exports): a tile of x times a group's packed blocks, written in place into
+the output's columns. On one AVX-512 core such a (64 x 96) @ (96 x 128) product ran at ~200
+GFLOP/s where ``torch.mm`` on the same strided views ran at ~140 and nn.Linear's GEMM at ~170
+(``bench/native_gemm_bench.py``); torch cannot call them from Python.
+
+:func:`load` compiles a source with ``torch.utils.cpp_extension.load`` (g++ and ninja) the first
+time it is asked for, into a cache folder keyed by torch's version and this CPU's instruction
+flags (``-march=native``: a cache shared by two machines never hands one the other's code), and
+returns the module; later calls and processes reuse the build. ``make`` builds every source at
+install (:func:`main`), so tests and the first call do not wait for a
+compiler. Where no compiler works, :func:`load` warns once and returns None, and the callers take
+their pure-PyTorch paths (the same results; tests compare both with the float64 reference).
+
+Environment: ``PIXELFLY_NATIVE=0`` turns the compiled kernels off (the pure-PyTorch paths run);
+``PIXELFLY_NATIVE_DIR`` overrides the cache folder (default ``~/.cache/pixelfly_lab/native``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["SOURCES", "enabled", "load", "build_folder", "main"]
+
+SOURCES = Path(__file__).resolve().parent / "csrc"
+_MODULES: dict[str, object] = {}
+_LOCK = threading.Lock()
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels may be used: not turned off by ``PIXELFLY_NATIVE=0``."""
+    return os.environ.get("PIXELFLY_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_key() -> str:
+    """A short hash of this CPU's model and instruction flags (what ``-march=native`` compiles for)."""
+    text = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                text += line
+            if line.startswith("flags"):
+                break
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def build_folder(name: str) -> Path:
+    """Where source ``name`` is compiled: ``<cache>/torch-<version>-<cpu key>/<name>``."""
+    root = Path(os.environ.get("PIXELFLY_NATIVE_DIR") or Path.home() / ".cache" / "pixelfly_lab" / "native")
+    version = torch.__version__.replace("+", "_")
+    return root / f"torch-{version}-{_cpu_key()}" / name
+
+
+def load(name: str):
+    """The compiled module of ``csrc/<name>.cpp``, built on first use; None when turned off or
+    when it cannot be built (a warning names the reason, once per source).
+
+    Args:
+        name: a source in :data:`SOURCES` without its ``.cpp`` (e.g. ``'blocksparse_cpu'``).
+
+    Raises:
+        ValueError: no such source.
+    """
+    source = SOURCES / f"{name}.cpp"
+    if not source.is_file():
+        raise ValueError(f"name: no source {source.name} in {SOURCES}")
+    if not enabled():
+        return None
+    with _LOCK:
+        if name not in _MODULES:
+            _MODULES[name] = _build(name, source)
+        return _MODULES[name]
+
+
+def _build(name: str, source: Path):
+    import torch.utils.cpp_extension as cpp_extension   # setuptools and a compiler: only when a kernel is built
+
+    folder = build_folder(name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():   # torch's notes on compiler versions are not the user's business
+            warnings.simplefilter("ignore")
+            return cpp_extension.load(name=f"pixelfly_{name}", sources=[str(source)], build_directory=str(folder),
+                                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                      extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:   # no compiler, no ninja, a read-only home: the PyTorch paths still work
+        warnings.warn(f"pixelfly_lab: the compiled CPU kernel {name!r} could not be built ({type(error).__name__}: "
+                      f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the pure-PyTorch "
+                      f"path (slower, same results). Set PIXELFLY_NATIVE=0 to skip the attempt.", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build every source now (``make`` runs this at install); print what was built where.
+    Returns 0 even when a build fails (the PyTorch paths work without them) unless ``--strict``."""
+    parser = argparse.ArgumentParser(prog="python -m pixelfly_lab.ops.native", description=main.__doc__)
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a source cannot be built")
+    args = parser.parse_args(argv)
+    failed = 0
+    for source in sorted(SOURCES.glob("*.cpp")):
+        module = load(source.stem)
+        failed += module is None
+        print(f"native kernel {source.stem}: {'built in ' + str(build_folder(source.stem)) if module else 'NOT built'}")
+    return 1 if failed and args.strict else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

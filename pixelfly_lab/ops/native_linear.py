@@ -1,0 +1,261 @@
+"""The 'torch' path's grouped GEMMs as one compiled row sweep (float32 on the CPU).
+
+Same products as :mod:`pixelfly_lab.ops.torch_grouped` (the plan of
+:mod:`pixelfly_lab.ops.torch_plan`: per group of block rows, its blocks packed as one dense matrix),
+but each product is a oneDNN micro-kernel call on raw pointers from C++
+(``csrc/blocksparse_cpu.cpp``, built by :mod:`pixelfly_lab.ops.native`): a tile of
+:data:`TILE_ROWS` rows of x times a group's packed blocks, read in place through its leading
+dimension and written or added in place into the output's columns. Per tile the forward runs every
+group; the backward runs dX's products and the blocks' gradients (gathered side^T @ row side, the
+tile transposed once) while the tile is in cache; threads share the tiles (OpenMP, torch's thread
+count) and sum their own gradient accumulators at the end. The Python side here turns a plan into
+two integer tables of products once per plan (cached) and packs the blocks per call.
+
+Why: on one AVX-512 core (Xeon with AMX) ``torch.mm`` on a group's strided views, (512 x 96) @
+(96 x 128) into a 4096-wide output, ran at ~140 GFLOP/s while nn.Linear's whole GEMM ran at ~170;
+the micro-kernel on the same views ran at ~200 (``bench/native_gemm_bench.py``), and one C++ loop has
+none of the per-GEMM Python and dispatch cost (~30 us each, 100+ per call).
+
+The low-rank term and the bias ride as one more product per group: [z, 1] @ [U^T; bias] with
+z = x V computed first (one narrow GEMM, :func:`~pixelfly_lab.ops.torch_grouped.times_narrow`); in
+the backward, gy U likewise, and gy^T [z, 1] (dU, dbias) as extra rows of the blocks' gradients.
+
+Tested against the float64 reference and the pure-PyTorch grouped path in tests/test_native_linear.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pixelfly_lab.ops import native
+from pixelfly_lab.ops.torch_buffers import new_output
+from pixelfly_lab.ops.torch_grouped import unpack_grads
+from pixelfly_lab.ops.torch_plan import Plan
+
+__all__ = ["TILE_ROWS", "N_SPLIT", "native_applies", "native_forward", "native_backward", "product_tables"]
+
+# Rows per tile. Measured (one AVX-512 core, released configuration 1024 -> 4096 at 4096 rows,
+# fwd+bwd): see bench/native_gemm_bench.py --tiles.
+TILE_ROWS = 64
+# Widest product of one micro-kernel call (wider ones are cut into column pieces).
+N_SPLIT = 256
+_TABLES: dict[tuple, tuple] = {}
+
+
+def native_applies(x2: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the compiled sweep takes this product: float32 on the CPU, rows with unit column
+    stride, and the kernel built (:func:`pixelfly_lab.ops.native.load`) and not turned off."""
+    return (x2.device.type == "cpu" and x2.dtype == torch.float32 and values.dtype == torch.float32
+            and x2.dim() == 2 and x2.stride(1) == 1 and native.enabled()
+            and native.load("blocksparse_cpu") is not None)
+
+
+def _product(table: list, a_id, a_col, k, b_id, b_off, ldb, n, c_col, add, c_id=0) -> None:
+    """Append C_c[:, c_col:c_col+n] (+)= A_a[:, a_col:a_col+k] @ B_b (k x n at b_off, ld ldb),
+    cut into pieces of at most :data:`N_SPLIT` columns."""
+    for n0 in range(0, n, N_SPLIT):
+        table.append((a_id, a_col, k, b_id, b_off + n0, ldb, min(N_SPLIT, n - n0), c_col + n0, int(add), c_id))
+
+
+def _gather_products(plan: Plan, low_k: int, width: int) -> list:
+    """C[:, rows_g] = A_0[:, runs_g] @ B_g (k*b x n_g) (+ A_1[:, :low_k] @ B_low[:, rows_g]):
+    the forward of a plan that gathers x, and dX of a plan of the transposed layout."""
+    table = []
+    for i, g in enumerate(plan.groups):
+        n_g, offset = g.r1 - g.r0, 0
+        if low_k:   # first, written: the wide products then add onto it (a narrow add cost more)
+            _product(table, 1, 0, low_k, len(plan.groups), g.r0, width, n_g, g.r0, False)
+        elif not g.runs:
+            _product(table, 0, 0, 0, i, 0, 0, n_g, g.r0, False)   # a group without blocks: zeros
+        for c0, c1 in g.runs:
+            _product(table, 0, c0, c1 - c0, i, offset * n_g, n_g, n_g, g.r0, low_k or offset)
+            offset += c1 - c0
+    return table
+
+
+def _scatter_products(plan: Plan, low_k: int, width: int) -> list:
+    """C[:, runs_g] (+)= A_0[:, rows_g] @ B_g (n_g x k*b) over the groups, after
+    C = A_1[:, :low_k] @ B_low (or zeros where no group writes first): the forward of a plan of
+    the transposed layout, and dX of a plan that gathers x."""
+    table = []
+    if low_k:
+        _product(table, 1, 0, low_k, len(plan.groups), 0, width, width, 0, False)
+    pieces, holes = plan.scatter_pieces
+    if not low_k:
+        for c0, c1 in holes:
+            _product(table, 0, 0, 0, 0, 0, 0, c1 - c0, c0, False)
+    for i, (g, own) in enumerate(zip(plan.groups, pieces)):
+        for offset, c0, c1, write in own:
+            _product(table, 0, g.r0, g.r1 - g.r0, i, offset, g.width, c1 - c0, c0, low_k or not write)
+    return table
+
+
+def _gram_terms(plan: Plan, extra: int) -> list:
+    """acc_g[o:o+w] += A_0[:, run]^T @ B_0[:, rows_g] per run at offset o, and
+    acc_g[k*b:k*b+extra] += A_1[:, :extra]^T @ B_0[:, rows_g]: the blocks' gradients (and the
+    extra rows: dU and dbias, or dV)."""
+    terms = []
+    for i, g in enumerate(plan.groups):
+        offset = 0
+        for c0, c1 in g.runs:
+            terms.append((0, c0, c1 - c0, 0, g.r0, g.r1 - g.r0, i, offset, 0))
+            offset += c1 - c0
+        if extra:
+            terms.append((1, 0, extra, 0, g.r0, g.r1 - g.r0, i, g.width, 0))
+    return terms
+
+
+def product_tables(plan: Plan, kind: str, low_k: int, width: int, lead: tuple = ()) -> torch.Tensor:
+    """The integer table of ``kind`` ('gather', 'scatter' or 'gram') for the plan, cached: (n, 10)
+    int64 products or (n, 9) grams as ``csrc/blocksparse_cpu.cpp`` reads them, after the rows
+    ``lead`` (products that must run first in each tile: the low-rank z = x V)."""
+    key = (plan.signature, kind, low_k, width, lead)
+    if key not in _TABLES:
+        if kind == "gram":
+            rows = _gram_terms(plan, low_k)
+        else:
+            rows = list(lead) + {"gather": _gather_products, "scatter": _scatter_products}[kind](plan, low_k, width)
+        _TABLES[key] = torch.tensor(rows, dtype=torch.long).reshape(-1, 9 if kind == "gram" else 10)
+    return _TABLES[key]
+
+
+def _lead_product(k: int, b_id: int, n: int) -> tuple:
+    """The rows of C_1[:, :n] = A_0[:, :k] @ B_b (k x n): z = x V before the products that read it."""
+    table = []
+    _product(table, 0, 0, k, b_id, 0, n, n, 0, False, 1)
+    return tuple(table)
+
+
+def _extra_grams(pairs: list, first_a: int, first_b: int, first_acc: int) -> list:
+    """Gram rows acc[:, c:c+n] += A^T B for each (a_cols, b_cols) pair, A_i and B_i numbered from
+    first_a and first_b, accumulators from first_acc; B's columns cut into N_SPLIT pieces."""
+    terms = []
+    for i, (m, n) in enumerate(pairs):
+        for c in range(0, n, N_SPLIT):
+            terms.append((first_a + i, 0, m, first_b + i, c, min(N_SPLIT, n - c), first_acc + i, 0, c))
+    return terms
+
+
+_EMPTY = torch.empty(0, 0)
+_NO_GRAMS = torch.empty(0, 9, dtype=torch.long)
+_NO_PRODUCTS = torch.empty(0, 10, dtype=torch.long)
+
+
+def _packed(values, plan: Plan, transpose: bool) -> list:
+    """Each group's packed blocks (contiguous), an empty placeholder for a group without blocks."""
+    return [_EMPTY if m is None else m.contiguous() for m in plan.packed_all(values, transpose)]
+
+
+def _sweep(rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRAMS, accs=()):
+    native.load("blocksparse_cpu").sweep(rows, TILE_ROWS, list(a_ops), list(b_ops), list(outs), table, list(g_a),
+                                         list(g_b), grams, list(accs))
+
+
+def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
+    """(y, z) of :func:`pixelfly_lab.ops.torch_grouped.grouped_forward`, by the compiled sweep:
+    per tile z = x V first (into [z, 1]), then the groups' products and [z, 1] @ [U^T; bias]."""
+    rows = x2.shape[0]
+    a_ops, b_ops = [x2], _packed(values, plan, transpose=not plan.transposed)
+    y = new_output((rows, out_features), x2)   # retained when large: no page faults per call
+    outs, lead, low_k, z1 = [y], (), 0, None
+    if u is not None or bias is not None:
+        r = 0 if u is None else u.shape[1]
+        low_k = r + (bias is not None)
+        z1 = x2.new_empty(rows, low_k)
+        if bias is not None:
+            z1[:, r] = 1
+        a_ops.append(z1)
+        b_ops.append(torch.cat(([u.T] if u is not None else []) + ([bias[None]] if bias is not None else []), 0)
+                     .contiguous())
+        if u is not None:
+            b_ops.append(v.contiguous())
+            outs.append(z1)
+            lead = _lead_product(x2.shape[1], len(b_ops) - 1, r)
+    kind = "scatter" if plan.transposed else "gather"
+    _sweep(rows, a_ops, b_ops, outs, product_tables(plan, kind, low_k, out_features, lead))
+    z = None if u is None else (z1 if bias is None else z1[:, :u.shape[1]].contiguous())
+    return y, z
+
+
+def _accumulators(plan: Plan, like: torch.Tensor, extra: int) -> tuple[object, list]:
+    """(what :func:`unpack_grads` reads, the 2-d tensors the sweep writes): one stacked tensor
+    for a stacked plan, else one per group."""
+    if plan.stacked_index is not None:
+        g = plan.groups[0]
+        stacked = like.new_empty(len(plan.groups), g.width + extra, g.r1 - g.r0)
+        return stacked, list(stacked.unbind(0))
+    accs = [like.new_zeros(g.width + extra, g.r1 - g.r0) for g in plan.groups]
+    return accs, accs
+
+
+def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
+    """The gradients of :func:`native_forward` (what :func:`pixelfly_lab.ops.torch_grouped.grouped_backward`
+    returns), by one compiled sweep: per tile gz = gy U first, then dX's products, then the blocks'
+    gradients and the low-rank factors' and bias's (grams over the tile, transposed once)."""
+    gy = gy.contiguous()
+    rows, in_features, out_features = x2.shape[0], x2.shape[1], gy.shape[1]
+    need_x, need_values, need_bias, need_u, need_v = needs_input_grad
+    need_bias = need_bias and has_bias
+    grad_x = grad_values = grad_bias = grad_u = grad_v = None
+    r = 0 if u is None else u.shape[1]
+    gz = x2.new_empty(rows, r) if u is not None and (need_x or need_v) else None
+    # products: gz = gy U (output 1), then dX (output 0) reading gz
+    a_ops, b_ops, outs, lead = [gy], [], [_EMPTY], ()
+    if need_x:
+        b_ops = _packed(values, plan, transpose=plan.transposed)
+        grad_x = outs[0] = new_output(tuple(x2.shape), gy)
+    low_b = len(b_ops)
+    if gz is not None:
+        a_ops.append(gz)
+        outs.append(gz)
+        b_ops += [v.T.contiguous(), u.contiguous()]
+        lead = _lead_product(out_features, low_b + 1, r)
+    if need_x:
+        kind = "gather" if plan.transposed else "scatter"
+        table = product_tables(plan, kind, r if gz is not None else 0, in_features, lead)
+    else:
+        table = product_tables(plan, "gather", 0, 0, lead)[:len(lead)]
+    # grams: the groups' (gathered side^T @ row side, extra rows riding along), then the others
+    fold_bias = not plan.transposed and need_bias
+    if plan.transposed:        # gathered side: gy (and gz: dV's rows); row side: x
+        extra_a = gz if need_v else None
+        g_a, g_b = [gy], [x2]
+        others = ([(z, gy, "u")] if need_u else []) + ([(None, gy, "bias")] if need_bias else [])
+    else:                      # gathered side: x (and [z, 1]: dU's and dbias's rows); row side: gy
+        parts = ([z] if need_u else []) + ([x2.new_ones(rows, 1)] if fold_bias else [])
+        extra_a = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        g_a, g_b = [x2], [gy]
+        others = [(gz, x2, "v")] if need_v else []
+    if extra_a is not None:
+        g_a.append(extra_a)
+    extra = 0 if extra_a is None else extra_a.shape[1]
+    grads, accs = _accumulators(plan, gy, extra) if need_values or extra else (None, [])
+    grams = product_tables(plan, "gram", extra, 0) if need_values or extra else _NO_GRAMS
+    if others:
+        pairs, first_a, first_b, first_acc = [], len(g_a), len(g_b), len(accs)
+        for a, b, _ in others:
+            a = x2.new_ones(rows, 1) if a is None else a
+            g_a.append(a)
+            g_b.append(b)
+            accs.append(x2.new_empty(a.shape[1], b.shape[1]))
+            pairs.append((a.shape[1], b.shape[1]))
+        grams = torch.cat([grams, torch.tensor(_extra_grams(pairs, first_a, first_b, first_acc),
+                                               dtype=torch.long).reshape(-1, 9)])
+    _sweep(rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs)
+    if grads is not None:
+        grad_values, grad_extra = unpack_grads(plan, values, grads, extra)
+        if plan.transposed:
+            grad_v = grad_extra if need_v else None
+        else:
+            grad_u = grad_extra[:, :r].contiguous() if need_u else None
+            grad_bias = grad_extra[:, -1].contiguous() if fold_bias else None
+    for (_, _, name), acc in zip(others, accs[len(accs) - len(others):]):
+        if name == "bias":
+            grad_bias = acc[0]
+        elif name == "u":
+            grad_u = acc.T.contiguous()
+        else:
+            grad_v = acc.T.contiguous()
+    if not need_values:
+        grad_values = None
+    return grad_x, grad_values, grad_bias, grad_u, grad_v

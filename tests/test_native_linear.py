@@ -1,0 +1,178 @@
+"""The compiled row sweep of the 'torch' path (float32 on the CPU) against the float64 reference.
+
+Skipped where the kernel cannot be built (no compiler), except under CI=true: the CI machine has one,
+and a kernel that silently stopped building would leave users on the slower path.
+"""
+
+import os
+
+import pytest
+import torch
+
+from pixelfly_lab.nn.layers import PixelflyLinear
+from pixelfly_lab.ops import native, native_linear, torch_grouped, torch_kernels
+from pixelfly_lab.ops.matmul import blocks_to_dense
+from pixelfly_lab.structure.masks import flat_block_butterfly_layout
+
+if native.load("blocksparse_cpu") is None:
+    if os.environ.get("CI", "").lower() == "true":
+        raise RuntimeError("the compiled kernel blocksparse_cpu did not build on the CI machine")
+    pytest.skip("the compiled kernel cannot be built here (no compiler?)", allow_module_level=True)
+
+F32, F64 = torch.float32, torch.float64
+LAYOUTS = {
+    "expanding": (flat_block_butterfly_layout(256, 64, 8, 2, 4), 4),     # gather plan
+    "contracting": (flat_block_butterfly_layout(64, 256, 8, 2, 4), 4),   # scatter plan
+    "square": (flat_block_butterfly_layout(128, 128, 8, 2, 8), 8),
+    "random": (torch.rand(16, 8, generator=torch.Generator().manual_seed(4)) < 0.45, 4),   # 2-5 runs per group
+    "holes": (torch.tensor([[True, False, False, True], [False, False, False, False], [True, True, False, True]]), 4),
+}
+LAYOUTS["random-T"] = (LAYOUTS["random"][0].T.contiguous(), 4)
+LAYOUTS["holes-T"] = (LAYOUTS["holes"][0].T.contiguous(), 4)
+
+
+def _operands(layout, b, rows, rank, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    R, C = layout.shape
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F32)
+    return (rand(rows, C * b), rand(int(layout.sum()), b, b), rand(R * b) if bias else None,
+            rand(R * b, rank) if rank else None, rand(C * b, rank) if rank else None)
+
+
+def _reference(layout, gy, operands):
+    """y and the gradients of (x, values, bias, u, v) in float64 from the float32 operands."""
+    leaves = [t if t is None else t.to(F64).requires_grad_() for t in operands]
+    x, values, bias, u, v = leaves
+    w = blocks_to_dense(values, layout) + (u @ v.T if u is not None else 0)
+    y = torch.nn.functional.linear(x, w, bias)
+    used = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, used, gy.to(F64)))
+    return y.detach(), [None if t is None else next(grads) for t in leaves]
+
+
+def _close(got, want):
+    scale = want.abs().max().item() + 1.0
+    torch.testing.assert_close(got.to(F64), want, rtol=1e-4, atol=1e-5 * scale)   # float32 sums of <= 130 terms
+
+
+@pytest.mark.parametrize("rows,tile", [(7, 2), (130, 64), (1, 64), (64, 64)])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False), (0, False)])
+def test_sweep_matches_reference(name, rank, bias, rows, tile, monkeypatch):
+    """Values and every gradient, both plan orientations, groups of several runs, empty rows and
+    columns, rows that are not a multiple of the tile."""
+    monkeypatch.setattr(native_linear, "TILE_ROWS", tile)
+    layout, b = LAYOUTS[name]
+    ops = _operands(layout, b, rows, rank, bias)
+    plan = torch_kernels.plan_for(layout, b)
+    y, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=F32).reshape(y.shape)   # not all-ones: catches mixups
+    y_ref, g_ref = _reference(layout, gy, ops)
+    _close(y, y_ref)
+    if rank:
+        _close(z, ops[0].to(F64) @ ops[4].to(F64))
+    needs = tuple(t is not None for t in ops)
+    grads = native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan, needs, bias)
+    for got, want in zip(grads, g_ref):
+        assert (got is None) == (want is None)
+        if want is not None:
+            _close(got, want)
+
+
+@pytest.mark.parametrize("needs", [(False, True, False, False, False), (True, False, False, False, False),
+                                   (False, False, True, True, False), (False, False, False, False, True),
+                                   (True, False, True, False, True)])
+@pytest.mark.parametrize("name", ["expanding", "contracting", "holes"])
+def test_backward_computes_only_what_is_asked(name, needs):
+    layout, b = LAYOUTS[name]
+    ops = _operands(layout, b, 9, 3, True)
+    plan = torch_kernels.plan_for(layout, b)
+    y, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=F32).reshape(y.shape)
+    _, g_ref = _reference(layout, gy, ops)
+    grads = native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan, needs, True)
+    for need, got, want in zip(needs, grads, g_ref):
+        assert (got is not None) == need
+        if need:
+            _close(got, want)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("name", ["expanding", "contracting", "random"])
+def test_threads_share_the_tiles(name, threads, monkeypatch):
+    """Several OpenMP threads (their own gradient accumulators, summed at the end) give the
+    reference's results, also when some thread gets no tile."""
+    monkeypatch.setattr(native_linear, "TILE_ROWS", 2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (2, 11):
+            test_sweep_matches_reference(name, 3, True, rows, 2, monkeypatch)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_zero_rows():
+    layout, b = LAYOUTS["expanding"]
+    ops = _operands(layout, b, 0, 3, True)
+    plan = torch_kernels.plan_for(layout, b)
+    y, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+    assert y.shape == (0, layout.shape[0] * b)
+    grads = native_linear.native_backward(torch.zeros_like(y), ops[0], ops[1], ops[3], ops[4], z, plan,
+                                          (True,) * 5, True)
+    assert all(g is not None and not g.abs().any() for g in grads[1:])
+
+
+def test_layer_takes_the_compiled_sweep_and_matches_the_pytorch_path(monkeypatch):
+    """A float32 PixelflyLinear on the CPU runs the compiled sweep (spied), with the values and
+    gradients of the pure-PyTorch grouped path (PIXELFLY_NATIVE=0)."""
+    torch.manual_seed(0)
+    layer = PixelflyLinear(256, 512, budget=0.25, block_size=16, backend="torch")
+    x = torch.randn(300, 256, requires_grad=True)
+    calls = []
+    real = native_linear.native_forward
+    monkeypatch.setattr(torch_kernels, "native_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *a: False)
+
+    def run():
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        return [y.detach()] + [t.grad.clone() for t in [x, *layer.parameters()]]
+    native_results = run()
+    assert calls, "the compiled sweep was not taken"
+    monkeypatch.setenv("PIXELFLY_NATIVE", "0")
+    calls.clear()
+    grouped_results = run()
+    assert not calls
+    for got, want in zip(native_results, grouped_results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_path_is_what_runs_without_the_kernel(monkeypatch):
+    monkeypatch.setenv("PIXELFLY_NATIVE", "0")
+    assert not native.enabled()
+    assert native.load("blocksparse_cpu") is None
+    x = torch.zeros(4, 8)
+    assert not native_linear.native_applies(x, torch.zeros(1, 4, 4))
+    monkeypatch.setenv("PIXELFLY_NATIVE", "1")
+    assert native_linear.native_applies(x, torch.zeros(1, 4, 4))
+    assert not native_linear.native_applies(x.double(), torch.zeros(1, 4, 4).double())   # float32 only
+    assert not native_linear.native_applies(x.T, torch.zeros(1, 4, 4))                   # unit column stride
+
+
+def test_unknown_source_is_a_value_error():
+    with pytest.raises(ValueError, match="name"):
+        native.load("no_such_kernel")
+
+
+def test_tables_are_cached_per_plan():
+    layout, b = LAYOUTS["expanding"]
+    plan = torch_kernels.plan_for(layout, b)
+    first = native_linear.product_tables(plan, "gather", 4, 1024)
+    assert native_linear.product_tables(plan, "gather", 4, 1024) is first
+    assert first.shape[1] == 10 and native_linear.product_tables(plan, "gram", 0, 0).shape[1] == 9
+    assert torch_grouped.unpack_grads is native_linear.unpack_grads
