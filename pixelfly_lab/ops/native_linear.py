@@ -32,11 +32,13 @@ from pixelfly_lab.ops.torch_buffers import new_output
 from pixelfly_lab.ops.torch_grouped import unpack_grads
 from pixelfly_lab.ops.torch_plan import Plan
 
-__all__ = ["TILE_ROWS", "N_SPLIT", "native_applies", "native_forward", "native_backward", "product_tables"]
+__all__ = ["TILE_ROWS", "PANEL_ROWS", "N_SPLIT", "native_applies", "native_forward", "native_backward", "product_tables"]
 
-# Rows per tile. Measured (one AVX-512 core, released configuration 1024 -> 4096 at 4096 rows,
-# fwd+bwd): see bench/native_gemm_bench.py --tiles.
+# Rows per tile of the products, and per panel of the grams (the blocks' gradients, summed over
+# rows: a longer panel moves their accumulators through the caches less often). Measured (one
+# AVX-512 core, 1024 -> 4096 at 4096 rows, fwd+bwd): see bench/native_gemm_bench.py --tiles.
 TILE_ROWS = 64
+PANEL_ROWS = 128
 # Widest product of one micro-kernel call (wider ones are cut into column pieces).
 N_SPLIT = 256
 _TABLES: dict[tuple, tuple] = {}
@@ -63,13 +65,13 @@ def _gather_products(plan: Plan, low_k: int, width: int) -> list:
     table = []
     for i, g in enumerate(plan.groups):
         n_g, offset = g.r1 - g.r0, 0
-        if low_k:   # first, written: the wide products then add onto it (a narrow add cost more)
-            _product(table, 1, 0, low_k, len(plan.groups), g.r0, width, n_g, g.r0, False)
-        elif not g.runs:
+        if not g.runs and not low_k:
             _product(table, 0, 0, 0, i, 0, 0, n_g, g.r0, False)   # a group without blocks: zeros
         for c0, c1 in g.runs:
-            _product(table, 0, c0, c1 - c0, i, offset * n_g, n_g, n_g, g.r0, low_k or offset)
+            _product(table, 0, c0, c1 - c0, i, offset * n_g, n_g, n_g, g.r0, offset)
             offset += c1 - c0
+        if low_k:   # last, added while the slice is in L1 (first, written, measured 4-11% slower)
+            _product(table, 1, 0, low_k, len(plan.groups), g.r0, width, n_g, g.r0, bool(g.runs))
     return table
 
 
@@ -147,7 +149,7 @@ def _packed(values, plan: Plan, transpose: bool) -> list:
 
 
 def _sweep(rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRAMS, accs=()):
-    native.load("blocksparse_cpu").sweep(rows, TILE_ROWS, list(a_ops), list(b_ops), list(outs), table, list(g_a),
+    native.load("blocksparse_cpu").sweep(rows, TILE_ROWS, max(PANEL_ROWS, TILE_ROWS), list(a_ops), list(b_ops), list(outs), table, list(g_a),
                                          list(g_b), grams, list(accs))
 
 

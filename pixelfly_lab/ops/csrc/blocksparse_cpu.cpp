@@ -1,7 +1,8 @@
 // Row sweeps of small GEMMs for the 'torch' path of pixelfly_lab (pixelfly_lab/ops/native_linear.py).
 //
-// One function, sweep(): the rows of the operands are cut into tiles of `tile` rows, shared among
-// OpenMP threads (at::parallel_for); per tile it runs two lists of products, both as oneDNN
+// One function, sweep(): the rows of the operands are cut into panels of `panel` rows, shared among
+// OpenMP threads (at::parallel_for), and panels into tiles of `tile` rows; per tile it runs the
+// products, per panel the grams (below), both as oneDNN
 // batch-reduce GEMM micro-kernels on raw pointers (at::native::cpublas::brgemm), so that a
 // group's input columns are read in place (a view with its leading dimension), products are
 // written or added in place into the output's columns, and no tile is copied except the
@@ -26,6 +27,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -59,10 +61,10 @@ void check_operands(const std::vector<at::Tensor>& xs, const char* what) {
 }  // namespace
 
 // See the file's header. `accs` are written (not added to): the sum over all rows.
-void sweep(int64_t rows, int64_t tile,
+void sweep(int64_t rows, int64_t tile, int64_t panel,
            std::vector<at::Tensor> a_ops, std::vector<at::Tensor> b_ops, std::vector<at::Tensor> outs, at::Tensor products,
            std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs) {
-  TORCH_CHECK(tile > 0, "tile must be positive");
+  TORCH_CHECK(tile > 0 && panel > 0, "tile and panel must be positive");
   TORCH_CHECK(products.scalar_type() == at::kLong && products.is_contiguous() &&
               (products.numel() == 0 || products.size(1) == kProductFields), "products: (n, 10) contiguous int64");
   TORCH_CHECK(grams.scalar_type() == at::kLong && grams.is_contiguous() &&
@@ -86,43 +88,52 @@ void sweep(int64_t rows, int64_t tile,
   for (size_t a = 0; a < g_a.size(); ++a)
     if (transposed[a]) t_width += g_a[a].size(1);
 
-  const int64_t n_tiles = (rows + tile - 1) / tile;
+  const int64_t n_panels = (rows + panel - 1) / panel;
   const int threads = at::get_num_threads();
   // per thread: its accumulators (thread 0 writes into accs itself) and whether it wrote them
   std::vector<std::vector<at::Tensor>> own(threads);
   std::vector<char> touched(threads, 0);
   own[0] = accs;
 
-  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+  // panels are handed out one at a time (an atomic counter), not split in equal shares up front:
+  // on a shared machine one thread may run at half speed, and a static split would wait for it
+  std::atomic<int64_t> next_panel(0);
+  const int64_t workers = std::min<int64_t>(threads, n_panels);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int tid = at::get_thread_num();
     if (n_grams && own[tid].empty()) {
       for (const auto& acc : accs) own[tid].push_back(at::empty_like(acc));
     }
-    std::vector<float> t_buffer(n_grams ? t_width * tile : 0);
-
+    std::vector<float> t_buffer(n_grams ? t_width * panel : 0);
     std::vector<const float*> t_base(g_a.size(), nullptr);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * tile, m = std::min(tile, rows - r0);
-      for (int64_t i = 0; i < n_products; ++i) {
-        const int64_t* p = P + i * kProductFields;
-        const at::Tensor& a = a_ops[p[0]];
-        const int64_t K = p[2], N = p[6];
-        const at::Tensor& out = outs[p[9]];
-        float* c = out.data_ptr<float>() + r0 * out.stride(0) + p[7];
-        if (K == 0) {
-          for (int64_t r = 0; r < m; ++r) std::memset(c + r * out.stride(0), 0, N * sizeof(float));
-          continue;
+    for (int64_t t = next_panel++; t < n_panels; t = next_panel++) {
+      const int64_t p0 = t * panel, p1 = std::min(rows, p0 + panel);
+      for (int64_t r0 = p0; r0 < p1; r0 += tile) {
+        const int64_t m = std::min(tile, p1 - r0);
+        for (int64_t i = 0; i < n_products; ++i) {
+          const int64_t* p = P + i * kProductFields;
+          const at::Tensor& a = a_ops[p[0]];
+          const int64_t K = p[2], N = p[6];
+          const at::Tensor& out = outs[p[9]];
+          float* c = out.data_ptr<float>() + r0 * out.stride(0) + p[7];
+          if (K == 0) {
+            for (int64_t r = 0; r < m; ++r) std::memset(c + r * out.stride(0), 0, N * sizeof(float));
+            continue;
+          }
+          at::native::cpublas::brgemm(m, N, K, a.stride(0), p[5], out.stride(0), p[8] != 0,
+                                      a.data_ptr<float>() + r0 * a.stride(0) + p[1],
+                                      b_ops[p[3]].data_ptr<float>() + p[4], c, false);
         }
-        at::native::cpublas::brgemm(m, N, K, a.stride(0), p[5], out.stride(0), p[8] != 0,
-                                    a.data_ptr<float>() + r0 * a.stride(0) + p[1],
-                                    b_ops[p[3]].data_ptr<float>() + p[4], c, false);
       }
       if (!n_grams) continue;
+      // the grams over the whole panel: K = its rows (their accumulators are read and written
+      // once per panel, so a panel of several tiles moves them through the caches less often)
+      const int64_t m = p1 - p0;
       float* next = t_buffer.data();
       for (size_t a = 0; a < g_a.size(); ++a) {
         if (!transposed[a]) continue;
         const int64_t w = g_a[a].size(1);
-        transpose_tile(g_a[a].data_ptr<float>() + r0 * g_a[a].stride(0), g_a[a].stride(0), m, w, next);
+        transpose_tile(g_a[a].data_ptr<float>() + p0 * g_a[a].stride(0), g_a[a].stride(0), m, w, next);
         t_base[a] = next;
         next += w * m;
       }
@@ -132,7 +143,7 @@ void sweep(int64_t rows, int64_t tile,
         const at::Tensor& b = g_b[q[3]];
         at::Tensor& acc = own[tid][q[6]];
         at::native::cpublas::brgemm(q[2], q[5], m, m, b.stride(0), acc.stride(0), add,
-                                    t_base[q[0]] + q[1] * m, b.data_ptr<float>() + r0 * b.stride(0) + q[4],
+                                    t_base[q[0]] + q[1] * m, b.data_ptr<float>() + p0 * b.stride(0) + q[4],
                                     acc.data_ptr<float>() + q[7] * acc.stride(0) + q[8], false);
       }
       touched[tid] = 1;
