@@ -8,7 +8,8 @@ GEMM rate and the load average are printed above the table: on a loaded machine 
 noisy, rerun when it is quiet.
 Run: OMP_NUM_THREADS=1 python bench/attention_bench.py [--lengths 1024 2048 4096 8192] [--kernel-lengths 16384]
      [--causal both] [--block 32] [--layout connected|pixelfly] [--budget 0.0625] [--no-memory]
-     [--chunks-only]   (the CPU kernel's two chunk paths, fused and bmm, interleaved against SDPA; no table)
+     [--chunks-only]   (the CPU kernel's compiled path and its two chunk paths, fused and bmm, interleaved against
+                        SDPA; no table)
 """
 
 import argparse
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from pixelfly_lab.nn.attention import PixelflyAttention
 from pixelfly_lab.ops.attention import attention_plan, block_sparse_attention
+from pixelfly_lab.ops.native_attention import native_applies, native_attention_backward, native_attention_forward
 from pixelfly_lab.ops.torch_attention import torch_attention_backward, torch_attention_forward
 
 from pixelfly_lab.speed.attention import attention_speed_table
@@ -30,8 +32,9 @@ from pixelfly_lab.speed.bench import machine_header
 
 
 def chunk_paths(lengths, *, dim, heads, block, causal_flags, rounds) -> pd.DataFrame:
-    """Median ms of forward+backward of the CPU kernel's fused chunks, its bmm chunks (the forward and
-    backward functions called directly on the kernel's own plan) and SDPA, interleaved in this process."""
+    """Median ms of forward+backward of the compiled kernel (where it is built), the CPU kernel's fused chunks,
+    its bmm chunks (the forward and backward functions called directly on the kernel's own plan), the op as
+    block_sparse_attention runs it, and SDPA, interleaved in this process."""
     rows = []
     for T in lengths:
         for causal in causal_flags:
@@ -45,7 +48,12 @@ def chunk_paths(lengths, *, dim, heads, block, causal_flags, rounds) -> pd.DataF
                 torch_attention_backward(grad, q, k, v, out, lse, plan, block, scale, flash=flash)
 
             qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-            runs = {"fused": lambda: chunks(True), "bmm": lambda: chunks(False),
+            def compiled():
+                out, lse = native_attention_forward(q, k, v, plan, block, scale)
+                native_attention_backward(grad, q, k, v, out, lse, plan, block, scale)
+
+            runs = {"native": compiled} if native_applies(q, v) else {}
+            runs |= {"fused": lambda: chunks(True), "bmm": lambda: chunks(False),
                     "kernel": lambda: block_sparse_attention(qs, ks, vs, layer.layout_key(T), block,
                                                              causal=causal).backward(grad),
                     "sdpa": lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).backward(grad)}
@@ -57,8 +65,8 @@ def chunk_paths(lengths, *, dim, heads, block, causal_flags, rounds) -> pd.DataF
                     times[name].append(time.perf_counter() - start)
             ms = {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
             rows.append(dict(T=T, causal=causal, **{f"{name}_ms": value for name, value in ms.items()},
-                             fused_speedup=ms["sdpa"] / ms["fused"], bmm_speedup=ms["sdpa"] / ms["bmm"],
-                             kernel_speedup=ms["sdpa"] / ms["kernel"], load_avg=os.getloadavg()[0]))
+                             **{f"{name}_speedup": ms["sdpa"] / ms[name] for name in runs if name != "sdpa"},
+                             load_avg=os.getloadavg()[0]))
     return pd.DataFrame(rows)
 
 
@@ -80,7 +88,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--chunks-only", action="store_true",
-                        help="only the kernel's fused and bmm chunk paths against SDPA, at --lengths")
+                        help="only the compiled kernel and the fused and bmm chunk paths against SDPA, at --lengths")
     args = parser.parse_args()
     causal = {"no": False, "yes": True, "both": (False, True)}[args.causal]
     if args.chunks_only:

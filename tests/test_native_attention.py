@@ -123,6 +123,26 @@ def test_nan_stays_in_its_batch_element():
         assert not t[0, 0].isnan().any()                # the other head of element 0 too
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_blocks_no_row_keeps_get_zero_gradients(causal):
+    """dK and dV of a key block that no row keeps (its first product would have overwritten them) are zero,
+    in memory that held garbage before (NaN-filled, then freed for the kernel's outputs)."""
+    layout, b = varied_layout(6, seed=8), 16
+    layout[:, 3] = False                       # column 3: kept by no row
+    layout[3, 0] = True
+    q, k, v = qkv(1, 2, 6 * b, 32, 32, seed=9)
+    plan = attention_plan(register_layout(layout, b), causal, torch.device("cpu"))
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    out, lse = native_attention_forward(q32, k32, v32, plan, b, 0.3)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    for _ in range(3):                         # the allocator hands the NaN-filled blocks back
+        torch.full((3, 1, 2, 6 * b, 32), float("nan")).sum()
+    dq, dk, dv = native_attention_backward(grad.float(), q32, k32, v32, out, lse, plan, b, 0.3)
+    assert (dk[:, :, 3 * b:4 * b] == 0).all() and (dv[:, :, 3 * b:4 * b] == 0).all()
+    for fast, slow in zip((dq, dk, dv), reference(q, k, v, layout, b, causal, 0.3, grad, None)[2]):
+        close(fast, slow)
+
+
 def test_threads_split_heads_with_the_same_results():
     """Two threads (heads split between them) give the one-thread results, bit for bit."""
     layout, b = varied_layout(8, seed=6), 16

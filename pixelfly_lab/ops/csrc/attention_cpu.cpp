@@ -4,16 +4,18 @@
 // products are oneDNN batch-reduce GEMM micro-kernels (at::native::cpublas::brgemm).
 //
 // A block row keeps few blocks (the fan-in f), so its f * b scores per query fit in cache whole: the
-// softmax is exact over the row (max, exp, sum in one sweep each) instead of Alg. 1's running rescale.
-// Forward, per (batch, head): K^T once into a (D x T) buffer (brgemm has no transposed operand), then
-// per block row i: S = Q_i K_j^T for each kept j, the causal diagonal block masked, P = exp(scale S - m),
-// lse = m + log(rowsum), O_i = (sum_j P_ij V_j) / rowsum.
-// Backward, per block row i, in the transposed scores (keys as rows, so that P^T and dS^T, the A operands
-// of dV and dK, come out row-major and the per-query lse and Delta run along the vectors):
-// P^T_j = exp(scale K_j Q_i^T - lse), dV_j += P^T_j dO_i, dP^T_j = V_j dO_i^T,
-// dS^T_j = scale P^T_j (dP^T_j - Delta), dK_j += dS^T_j Q_i, dQ_i = sum_j dS_j K_j (dS: dS^T transposed in
-// cache), with Delta = rowsum(dO * O) - dL (dL the gradient reaching lse, zero when none).
-// dK and dV add up over query rows: (batch, head) pairs are split between threads, rows run in order.
+// forward's softmax is exact over the row (max, exp, sum in one sweep each) instead of Alg. 1's running
+// rescale. Forward, per (batch, head): K^T once into a (D x T) buffer (brgemm has no transposed operand),
+// then per block row i: S = Q_i K_j^T for each kept j, the causal diagonal block masked,
+// P = exp(scale S - m), lse = m + log(rowsum), O_i = (sum_j P_ij V_j) / rowsum. (S_ij as (K_j Q_i^T)^T,
+// K_j read in place and each tile transposed in L1, measured 5% slower than the strided K^T.)
+// Backward, per block row i and kept block j, in (b x b) tiles that stay in L1, the scores transposed (keys
+// as rows, so that P^T and dS^T, the A operands of dV and dK, come out row-major and the per-query lse and
+// Delta run along the vectors): P^T_j = exp(scale K_j Q_i^T - lse), dV_j += P^T_j dO_i, dP^T_j = V_j dO_i^T,
+// dS^T_j = scale P^T_j (dP^T_j - Delta), dK_j += dS^T_j Q_i, dQ_i += dS_j K_j (dS_j: dS^T_j transposed in
+// L1), with Delta = rowsum(dO * O) - dL (dL the gradient reaching lse, zero when none). (Whole rows of
+// tiles at a time were 2% slower; prefetching the next block's tiles gained nothing.) dK and dV add up over
+// query rows: (batch, head) pairs are split between threads, a head's rows run in order.
 
 #if defined(__AVX512F__) && !defined(CPU_CAPABILITY_AVX512)
 #define CPU_CAPABILITY_AVX512   // at::vec's AVX-512 Vectorized<float> (-march=native compiled us for this CPU)
@@ -57,6 +59,16 @@ inline void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
   }
 }
 
+// exp with at::vec's 20-ulp polynomial (the one torch's CPU flash attention uses; ~1.5x Sleef's 1-ulp exp
+// here), NaN kept NaN (the polynomial's range clamp would turn it into a number).
+inline Vec fast_exp(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return Vec::blendv(x.exp_u20(), x, x.isnan());
+#else
+  return x.exp();
+#endif
+}
+
 inline float row_max(const float* x, int64_t n) {
   float m = NEG_INF;
   int64_t c = 0;
@@ -75,7 +87,7 @@ inline float exp_sum(float* x, int64_t n, float scale, float shift) {
   Vec acc(0.f);
   int64_t c = 0;
   for (; c + W <= n; c += W) {
-    Vec e = at::vec::fmadd(Vec::loadu(x + c), vs, vb).exp();
+    Vec e = fast_exp(at::vec::fmadd(Vec::loadu(x + c), vs, vb));
     e.store(x + c);
     acc = acc + e;
   }
@@ -204,17 +216,16 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    const int64_t nmax = L.max_fan_in * b;
-    std::vector<float> qt(D * b), dot(Dv * b), pt(nmax * b), dpt(nmax * b), ds(b * nmax), delta(b);
+    std::vector<float> qt(D * b), dot(Dv * b), pt(b * b), dpt(b * b), ds(b * b), delta(b);
+    std::vector<char> written(L.R);   // a key block's dK and dV hold a sum (else the first product overwrites them)
     for (int64_t g = begin; g < end; ++g) {
       const float *Q = qp + g * T * D, *K = kp + g * T * D, *V = vp + g * T * Dv;
       const float *O = op + g * T * Dv, *dO = dop + g * T * Dv, *lse_g = lp + g * T;
       float *dQ = dqp + g * T * D, *dK = dkp + g * T * D, *dV = dvp + g * T * Dv;
-      std::memset(dK, 0, sizeof(float) * T * D);
-      std::memset(dV, 0, sizeof(float) * T * Dv);
+      std::fill(written.begin(), written.end(), 0);
       for (int64_t i = 0; i < L.R; ++i) {
         const int64_t* cs = L.cols + L.row_ptr[i];
-        const int64_t f = L.row_ptr[i + 1] - L.row_ptr[i], n = f * b;
+        const int64_t f = L.row_ptr[i + 1] - L.row_ptr[i];
         const float *Qi = Q + i * b * D, *dOi = dO + i * b * Dv, *Oi = O + i * b * Dv, *Li = lse_g + i * b;
         transpose(Qi, D, qt.data(), b, b, D);
         transpose(dOi, Dv, dot.data(), b, b, Dv);
@@ -223,25 +234,36 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                                      [](Vec x, Vec y) { return x + y; }, dOi + r * Dv, Oi + r * Dv, Dv)
                      - (has_dl ? dlp[g * T + i * b + r] : 0.f);
         }
-        // P^T (n x b): row x is key (block x / b, offset x % b), column r is query r of block row i
-        for (int64_t t = 0; t < f; ++t) gemm(b, b, D, K + cs[t] * b * D, D, qt.data(), b, pt.data() + t * b * b, b, false);
-        for (int64_t x = 0; x < n; ++x) {
-          at::vec::map2([&](Vec sc, Vec l) { return at::vec::fmadd(sc, Vec(scale), Vec(0.f) - l).exp(); },
-                        pt.data() + x * b, pt.data() + x * b, Li, b);
+        // one kept key block j at a time, its (b x b) tiles in L1: P^T_j (row x: key x of block j, column r:
+        // query r of block row i), dP^T_j then dS^T_j in place, dS_j
+        for (int64_t t = 0; t < f; ++t) {
+          const int64_t j = cs[t];
+          const float *Kj = K + j * b * D, *Vj = V + j * b * Dv;
+          gemm(b, b, D, Kj, D, qt.data(), b, pt.data(), b, false);
+          for (int64_t x = 0; x < b; ++x) {
+            at::vec::map2([&](Vec sc, Vec l) { return fast_exp(at::vec::fmadd(sc, Vec(scale), Vec(0.f) - l)); },
+                          pt.data() + x * b, pt.data() + x * b, Li, b);
+          }
+          if (L.causal && j == i) {                    // key offset x > query offset r on the diagonal block
+            for (int64_t x = 1; x < b; ++x) std::fill(pt.data() + x * b, pt.data() + x * b + x, 0.f);
+          }
+          gemm(b, Dv, b, pt.data(), b, dOi, Dv, dV + j * b * Dv, Dv, written[j]);
+          gemm(b, b, Dv, Vj, Dv, dot.data(), b, dpt.data(), b, false);
+          for (int64_t x = 0; x < b; ++x) {            // dS^T = scale * P^T * (dP^T - Delta), in place of dP^T
+            at::vec::map3([&](Vec p, Vec dp, Vec d) { return Vec(scale) * p * (dp - d); },
+                          dpt.data() + x * b, pt.data() + x * b, dpt.data() + x * b, delta.data(), b);
+          }
+          gemm(b, D, b, dpt.data(), b, Qi, D, dK + j * b * D, D, written[j]);
+          written[j] = 1;
+          transpose(dpt.data(), b, ds.data(), b, b, b);
+          gemm(b, D, b, ds.data(), b, Kj, D, dQ + i * b * D, D, t > 0);
         }
-        if (L.causal && cs[f - 1] == i) {            // key offset x > query offset r on the diagonal block
-          float* diag = pt.data() + (f - 1) * b * b;
-          for (int64_t x = 1; x < b; ++x) std::fill(diag + x * b, diag + x * b + x, 0.f);
+      }
+      for (int64_t j = 0; j < L.R; ++j) {             // key blocks no row keeps
+        if (!written[j]) {
+          std::memset(dK + j * b * D, 0, sizeof(float) * b * D);
+          std::memset(dV + j * b * Dv, 0, sizeof(float) * b * Dv);
         }
-        for (int64_t t = 0; t < f; ++t) gemm(b, Dv, b, pt.data() + t * b * b, b, dOi, Dv, dV + cs[t] * b * Dv, Dv, true);
-        for (int64_t t = 0; t < f; ++t) gemm(b, b, Dv, V + cs[t] * b * Dv, Dv, dot.data(), b, dpt.data() + t * b * b, b, false);
-        for (int64_t x = 0; x < n; ++x) {            // dS^T = scale * P^T * (dP^T - Delta), in place of dP^T
-          at::vec::map3([&](Vec p, Vec dp, Vec d) { return Vec(scale) * p * (dp - d); },
-                        dpt.data() + x * b, pt.data() + x * b, dpt.data() + x * b, delta.data(), b);
-        }
-        for (int64_t t = 0; t < f; ++t) gemm(b, D, b, dpt.data() + t * b * b, b, Qi, D, dK + cs[t] * b * D, D, true);
-        transpose(dpt.data(), b, ds.data(), n, n, b);
-        for (int64_t t = 0; t < f; ++t) gemm(b, D, b, ds.data() + t * b, n, K + cs[t] * b * D, D, dQ + i * b * D, D, t > 0);
       }
     }
     at::native::cpublas::brgemm_release(false);
