@@ -176,3 +176,77 @@ def test_tables_are_cached_per_plan():
     assert native_linear.product_tables(plan, "gather", 4, 1024) is first
     assert first.shape[1] == 10 and native_linear.product_tables(plan, "gram", 0, 0).shape[1] == 9
     assert torch_grouped.unpack_grads is native_linear.unpack_grads
+
+
+needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "cpu"),
+                                reason="this CPU has no bfloat16 VNNI micro-kernels (AMX or AVX512-BF16)")
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [7, 130])
+@pytest.mark.parametrize("name", ["expanding", "contracting", "holes", "random"])
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (4, False), (5, True), (0, False)])
+def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, monkeypatch):
+    """bfloat16 operands (B in VNNI pairs, odd K padded, float32 accumulation): the float64
+    reference to bfloat16 rounding (a few 1e-3 of the largest value), gradients in bfloat16."""
+    monkeypatch.setattr(native_linear, "TILE_ROWS", 64 if rows > 64 else 4)
+    layout, b = LAYOUTS[name]
+    ops = tuple(None if t is None else t.bfloat16() for t in _operands(layout, b, rows, rank, bias))
+    plan = torch_kernels.plan_for(layout, b)
+    y, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+    gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).bfloat16()
+    y_ref, g_ref = _reference(layout, gy, ops)
+    assert y.dtype == torch.bfloat16
+
+    def close(got, want):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.to(F64), want, rtol=0, atol=1.5e-2 * (want.abs().max().item() + 1e-3))
+    close(y, y_ref)
+    grads = native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan,
+                                          tuple(t is not None for t in ops), bias)
+    for got, want in zip(grads, g_ref):
+        assert (got is None) == (want is None)
+        if want is not None:
+            close(got, want)
+
+
+@needs_bf16
+def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypatch):
+    """Under torch.autocast('cpu', bfloat16) a PixelflyLinear runs the bfloat16 sweep on the plan
+    of the layout itself (no zero blocks), with the gradients the float64 layer has, to bfloat16
+    rounding."""
+    torch.manual_seed(0)
+    layer = PixelflyLinear(256, 512, budget=0.25, block_size=16, backend="torch")
+    x = torch.randn(96, 256, requires_grad=True)
+    seen = []
+    real = native_linear.native_forward
+    monkeypatch.setattr(torch_kernels, "native_forward", lambda *a: seen.append((a[0].dtype, a[5])) or real(*a))
+    monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *a: False)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    y.float().backward(gy)
+    assert seen and seen[0][0] == torch.bfloat16
+    assert all(g.zero_at is None for g in seen[0][1].groups)         # the unpadded plan
+    ref = layer.double()
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref(x64)
+    y64.backward(gy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=2e-2 * y64.abs().max().item())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=2e-2 * x64.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("rank,bias", [(3, True), (0, True), (3, False)])
+def test_gradients_share_no_storage(name, rank, bias):
+    """A custom op's outputs may not alias each other or its inputs (the bias's and U's gradients
+    are slices of one accumulator here, copied apart)."""
+    layout, b = LAYOUTS[name]
+    ops = _operands(layout, b, 9, rank, bias)
+    plan = torch_kernels.plan_for(layout, b)
+    y, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+    grads = native_linear.native_backward(torch.ones_like(y), ops[0], ops[1], ops[3], ops[4], z, plan,
+                                          tuple(t is not None for t in ops), bias)
+    storages = [g.untyped_storage().data_ptr() for g in grads if g is not None]
+    inputs = {t.untyped_storage().data_ptr() for t in (*ops, y, z) if t is not None}
+    assert len(set(storages)) == len(storages) and not set(storages) & inputs

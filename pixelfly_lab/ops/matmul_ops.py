@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from pixelfly_lab.ops import torch_kernels
+from pixelfly_lab.ops.native_linear import native_takes
 from pixelfly_lab.ops.registry import RegisteredLayout, derived, registered_layout
 from pixelfly_lab.ops.torch_kernels import plan_for
 from pixelfly_lab.ops.triton_tables import tables_for   # cached by the registry per key and device
@@ -27,9 +28,10 @@ __all__ = ["torch_forward_op", "triton_forward_op"]
 
 def _plan(key: int, device: torch.device, dtype: torch.dtype) -> torch_kernels.Plan:
     """The 'torch' path's plan of a registered layout for ``dtype``, its indices on ``device``
-    (built once per layout and device): padded groups for 16-bit dtypes (see
-    :func:`pixelfly_lab.ops.torch_kernels.plan_for`)."""
-    if dtype in (torch.bfloat16, torch.float16):
+    (built once per layout and device): padded groups for 16-bit dtypes that the PyTorch grouped
+    GEMMs run (see :func:`pixelfly_lab.ops.torch_kernels.plan_for`)."""
+    # the compiled sweep (bfloat16 on AMX/AVX512-BF16 CPUs) reads views in place: no padding
+    if dtype in (torch.bfloat16, torch.float16) and not native_takes(dtype, device):
         return derived(key, "torch_plan_padded", lambda entry, dev: plan_for(
             entry.layout, entry.block_size, dev, fill=torch_kernels.PAD_FILL), device)
     return derived(key, "torch_plan", lambda entry, dev: plan_for(entry.layout, entry.block_size, dev), device)

@@ -32,7 +32,7 @@ from pixelfly_lab.ops.torch_buffers import new_output
 from pixelfly_lab.ops.torch_grouped import unpack_grads
 from pixelfly_lab.ops.torch_plan import Plan
 
-__all__ = ["TILE_ROWS", "PANEL_ROWS", "N_SPLIT", "native_applies", "native_forward", "native_backward", "product_tables"]
+__all__ = ["TILE_ROWS", "PANEL_ROWS", "N_SPLIT", "native_takes", "native_applies", "native_forward", "native_backward", "product_tables"]
 
 # Rows per tile of the products, and per panel of the grams (the blocks' gradients, summed over
 # rows: a longer panel moves their accumulators through the caches less often). Measured (one
@@ -44,12 +44,30 @@ N_SPLIT = 256
 _TABLES: dict[tuple, tuple] = {}
 
 
+def native_takes(dtype: torch.dtype, device) -> bool:
+    """Whether the compiled sweep takes products of ``dtype`` on ``device``: float32 on the CPU,
+    and bfloat16 where the CPU has the VNNI micro-kernels (AMX or AVX512-BF16); the kernel built
+    (:func:`pixelfly_lab.ops.native.load`) and not turned off (``PIXELFLY_NATIVE=0``)."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not native.enabled():
+        return False
+    module = native.load("blocksparse_cpu")
+    return module is not None and (dtype == torch.float32 or _bfloat16_ready(module))
+
+
+def _bfloat16_ready(module) -> bool:
+    if "bf16" not in _READY:
+        _READY["bf16"] = bool(module.bfloat16_ready())
+    return _READY["bf16"]
+
+
+_READY: dict[str, bool] = {}
+
+
 def native_applies(x2: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the compiled sweep takes this product: float32 on the CPU, rows with unit column
-    stride, and the kernel built (:func:`pixelfly_lab.ops.native.load`) and not turned off."""
-    return (x2.device.type == "cpu" and x2.dtype == torch.float32 and values.dtype == torch.float32
-            and x2.dim() == 2 and x2.stride(1) == 1 and native.enabled()
-            and native.load("blocksparse_cpu") is not None)
+    """Whether the compiled sweep takes this product (:func:`native_takes`, x2 and values of one
+    dtype, x2's rows with unit column stride)."""
+    return (x2.dtype == values.dtype and x2.dim() == 2 and x2.stride(1) == 1
+            and native_takes(x2.dtype, x2.device))
 
 
 def _product(table: list, a_id, a_col, k, b_id, b_off, ldb, n, c_col, add, c_id=0) -> None:
@@ -138,19 +156,36 @@ def _extra_grams(pairs: list, first_a: int, first_b: int, first_acc: int) -> lis
     return terms
 
 
-_EMPTY = torch.empty(0, 0)
 _NO_GRAMS = torch.empty(0, 9, dtype=torch.long)
 _NO_PRODUCTS = torch.empty(0, 10, dtype=torch.long)
 
 
+def _right(m: torch.Tensor, pad_rows: int = 0) -> torch.Tensor:
+    """A B operand as the sweep reads it: contiguous (K, N) for float32; for bfloat16 in the VNNI
+    layout (K/2, N, 2), rows in pairs, after ``pad_rows`` zero rows (K must come out even)."""
+    if pad_rows:
+        m = torch.cat([m, m.new_zeros(pad_rows, m.shape[1])])
+    if m.dtype == torch.float32:
+        return m.contiguous()
+    k, n = m.shape
+    return m.reshape(k // 2, 2, n).transpose(1, 2).contiguous()
+
+
 def _packed(values, plan: Plan, transpose: bool) -> list:
-    """Each group's packed blocks (contiguous), an empty placeholder for a group without blocks."""
-    return [_EMPTY if m is None else m.contiguous() for m in plan.packed_all(values, transpose)]
+    """Each group's packed blocks as a B operand (:func:`_right`), an empty placeholder for a
+    group without blocks."""
+    empty = values.new_empty(0, 0)
+    return [empty if m is None else _right(m) for m in plan.packed_all(values, transpose)]
+
+
+def _even(k: int, dtype: torch.dtype) -> int:
+    """Columns to add to a K of k: bfloat16 micro-kernels read K in pairs."""
+    return k % 2 if dtype == torch.bfloat16 else 0
 
 
 def _sweep(rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRAMS, accs=()):
-    native.load("blocksparse_cpu").sweep(rows, TILE_ROWS, max(PANEL_ROWS, TILE_ROWS), list(a_ops), list(b_ops), list(outs), table, list(g_a),
-                                         list(g_b), grams, list(accs))
+    native.load("blocksparse_cpu").sweep(rows, TILE_ROWS, max(PANEL_ROWS, TILE_ROWS), list(a_ops), list(b_ops),
+                                         list(outs), table, list(g_a), list(g_b), grams, list(accs))
 
 
 def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
@@ -162,59 +197,69 @@ def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
     outs, lead, low_k, z1 = [y], (), 0, None
     if u is not None or bias is not None:
         r = 0 if u is None else u.shape[1]
-        low_k = r + (bias is not None)
+        low = r + (bias is not None)
+        pad = _even(low, x2.dtype)
+        low_k = low + pad
         z1 = x2.new_empty(rows, low_k)
         if bias is not None:
             z1[:, r] = 1
+        if pad:
+            z1[:, low:] = 0
         a_ops.append(z1)
-        b_ops.append(torch.cat(([u.T] if u is not None else []) + ([bias[None]] if bias is not None else []), 0)
-                     .contiguous())
+        b_ops.append(_right(torch.cat(([u.T] if u is not None else []) + ([bias[None]] if bias is not None else []), 0),
+                            pad))
         if u is not None:
-            b_ops.append(v.contiguous())
+            b_ops.append(_right(v))
             outs.append(z1)
             lead = _lead_product(x2.shape[1], len(b_ops) - 1, r)
     kind = "scatter" if plan.transposed else "gather"
     _sweep(rows, a_ops, b_ops, outs, product_tables(plan, kind, low_k, out_features, lead))
-    z = None if u is None else (z1 if bias is None else z1[:, :u.shape[1]].contiguous())
+    z = None if u is None else (z1 if low_k == u.shape[1] else z1[:, :u.shape[1]].contiguous())
     return y, z
 
 
-def _accumulators(plan: Plan, like: torch.Tensor, extra: int) -> tuple[object, list]:
-    """(what :func:`unpack_grads` reads, the 2-d tensors the sweep writes): one stacked tensor
-    for a stacked plan, else one per group."""
+def _accumulators(plan: Plan, extra: int) -> tuple[object, list]:
+    """(what :func:`unpack_grads` reads, the 2-d float32 tensors the sweep writes): one stacked
+    tensor for a stacked plan, else one per group."""
     if plan.stacked_index is not None:
         g = plan.groups[0]
-        stacked = like.new_empty(len(plan.groups), g.width + extra, g.r1 - g.r0)
+        stacked = torch.empty(len(plan.groups), g.width + extra, g.r1 - g.r0)
         return stacked, list(stacked.unbind(0))
-    accs = [like.new_zeros(g.width + extra, g.r1 - g.r0) for g in plan.groups]
+    accs = [torch.zeros(g.width + extra, g.r1 - g.r0) for g in plan.groups]
     return accs, accs
 
 
 def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
     """The gradients of :func:`native_forward` (what :func:`pixelfly_lab.ops.torch_grouped.grouped_backward`
     returns), by one compiled sweep: per tile gz = gy U first, then dX's products, then the blocks'
-    gradients and the low-rank factors' and bias's (grams over the tile, transposed once)."""
+    gradients and the low-rank factors' and bias's (grams over the panel, transposed once; summed
+    in float32 also for bfloat16 operands, rounded to the operands' dtype at the end)."""
     gy = gy.contiguous()
+    dtype = x2.dtype
     rows, in_features, out_features = x2.shape[0], x2.shape[1], gy.shape[1]
     need_x, need_values, need_bias, need_u, need_v = needs_input_grad
     need_bias = need_bias and has_bias
     grad_x = grad_values = grad_bias = grad_u = grad_v = None
     r = 0 if u is None else u.shape[1]
-    gz = x2.new_empty(rows, r) if u is not None and (need_x or need_v) else None
+    pad = _even(r, dtype)
+    gz_full = x2.new_empty(rows, r + pad) if u is not None and (need_x or need_v) else None
+    if gz_full is not None and pad:
+        gz_full[:, r:] = 0
+    gz = None if gz_full is None else gz_full[:, :r]
     # products: gz = gy U (output 1), then dX (output 0) reading gz
-    a_ops, b_ops, outs, lead = [gy], [], [_EMPTY], ()
+    a_ops, b_ops, outs, lead = [gy], [], [x2.new_empty(0, 0)], ()
     if need_x:
         b_ops = _packed(values, plan, transpose=plan.transposed)
         grad_x = outs[0] = new_output(tuple(x2.shape), gy)
     low_b = len(b_ops)
     if gz is not None:
-        a_ops.append(gz)
-        outs.append(gz)
-        b_ops += [v.T.contiguous(), u.contiguous()]
+        a_ops.append(gz_full)
+        outs.append(gz_full)
+        b_ops += [_right(v.T, pad), _right(u)]
         lead = _lead_product(out_features, low_b + 1, r)
     if need_x:
         kind = "gather" if plan.transposed else "scatter"
-        table = product_tables(plan, kind, r if gz is not None else 0, in_features, lead)
+        table = product_tables(plan, kind, r + pad if gz is not None else 0, in_features, lead)
     else:
         table = product_tables(plan, "gather", 0, 0, lead)[:len(lead)]
     # grams: the groups' (gathered side^T @ row side, extra rows riding along), then the others
@@ -231,7 +276,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     if extra_a is not None:
         g_a.append(extra_a)
     extra = 0 if extra_a is None else extra_a.shape[1]
-    grads, accs = _accumulators(plan, gy, extra) if need_values or extra else (None, [])
+    grads, accs = _accumulators(plan, extra) if need_values or extra else (None, [])
     grams = product_tables(plan, "gram", extra, 0) if need_values or extra else _NO_GRAMS
     if others:
         pairs, first_a, first_b, first_acc = [], len(g_a), len(g_b), len(accs)
@@ -239,25 +284,28 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
             a = x2.new_ones(rows, 1) if a is None else a
             g_a.append(a)
             g_b.append(b)
-            accs.append(x2.new_empty(a.shape[1], b.shape[1]))
+            accs.append(torch.empty(a.shape[1], b.shape[1]))
             pairs.append((a.shape[1], b.shape[1]))
         grams = torch.cat([grams, torch.tensor(_extra_grams(pairs, first_a, first_b, first_acc),
                                                dtype=torch.long).reshape(-1, 9)])
     _sweep(rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs)
     if grads is not None:
-        grad_values, grad_extra = unpack_grads(plan, values, grads, extra)
+        like = values.new_empty((1,) * values.dim(), dtype=torch.float32).expand(values.shape)   # float32, unallocated
+        grad_values, grad_extra = unpack_grads(plan, like, grads, extra)
         if plan.transposed:
             grad_v = grad_extra if need_v else None
         else:
-            grad_u = grad_extra[:, :r].contiguous() if need_u else None
-            grad_bias = grad_extra[:, -1].contiguous() if fold_bias else None
+            grad_u = grad_extra[:, :r] if need_u else None
+            grad_bias = grad_extra[:, -1] if fold_bias else None
     for (_, _, name), acc in zip(others, accs[len(accs) - len(others):]):
         if name == "bias":
             grad_bias = acc[0]
         elif name == "u":
-            grad_u = acc.T.contiguous()
+            grad_u = acc.T
         else:
-            grad_v = acc.T.contiguous()
+            grad_v = acc.T
     if not need_values:
         grad_values = None
-    return grad_x, grad_values, grad_bias, grad_u, grad_v
+    # the operands' dtype, and storage of their own: gradients that share storage may not leave a
+    # custom op, and the strided slices above are the only ones that do (views are not tracked here)
+    return tuple(None if g is None else g.contiguous().to(dtype) for g in (grad_x, grad_values, grad_bias, grad_u, grad_v))

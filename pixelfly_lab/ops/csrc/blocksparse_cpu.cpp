@@ -19,6 +19,13 @@
 // two lists once per plan and checks every operand's shape before the call; this file trusts them
 // except for what TORCH_CHECK below states.
 //
+// bfloat16 (what torch.autocast gives on the CPU): the same lists, with B operands in the VNNI
+// layout (pairs of rows interleaved: (K/2, N, 2), what AMX and AVX512-BF16 micro-kernels read;
+// the Python side packs them, K even), products accumulated in float32 in a per-tile buffer and
+// rounded to bfloat16 once per tile (or, for an output later products read, the lead products'
+// z = x V, right after the product that writes it), grams in float32 accumulators, the panel's
+// B side repacked to VNNI once per panel (an odd last row padded with zeros).
+//
 // Reference: block-sparse GEMM as grouped dense GEMMs (Pixelfly, Dao, Chen et al., ICLR 2022,
 // arXiv 2112.00029, Sec. 4; this CPU formulation is ours); brgemm: oneDNN's micro-kernel API.
 
@@ -30,63 +37,121 @@
 #include <atomic>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512BW__) || defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int kProductFields = 10;  // a_id, a_col, K, b_id, b_off, ldb, N, c_col, add, c_id
 constexpr int kGramFields = 9;      // a_id, a_col, M, b_id, b_col, N, acc_id, acc_row, acc_col
 
-// dst (cols x rows, ld rows) = src (rows x cols, ld lds)^T, in 16 x 16 tiles that stay in L1.
-void transpose_tile(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
+// dst (cols x ldd, the first `rows` used) = src (rows x cols, ld lds)^T, in 16 x 16 tiles that stay
+// in L1; columns rows..ldd-1 of dst are zeroed (the padding of an odd K for bfloat16).
+template <typename T>
+void transpose_tile(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
   constexpr int64_t kB = 16;
   for (int64_t c0 = 0; c0 < cols; c0 += kB) {
     const int64_t c1 = std::min(cols, c0 + kB);
     for (int64_t r0 = 0; r0 < rows; r0 += kB) {
       const int64_t r1 = std::min(rows, r0 + kB);
       for (int64_t c = c0; c < c1; ++c) {
-        float* d = dst + c * rows;
+        T* d = dst + c * ldd;
         for (int64_t r = r0; r < r1; ++r) d[r] = src[r * lds + c];
       }
+    }
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = T(0);
+  }
+}
+
+// dst (ceil(rows/2), cols, 2) = src (rows x cols, ld lds) in the VNNI layout; an odd last row
+// is paired with zeros. With AVX512-BW, 16 columns of a row pair per permute.
+void pack_vnni(const at::BFloat16* src, int64_t lds, int64_t rows, int64_t cols, at::BFloat16* dst) {
+#ifdef __AVX512BW__
+  alignas(64) int16_t order[32];
+  for (int j = 0; j < 16; ++j) { order[2 * j] = j; order[2 * j + 1] = 16 + j; }
+  const __m512i interleave = _mm512_load_si512(order);
+#endif
+  for (int64_t r = 0; r < rows; r += 2) {
+    const at::BFloat16* s0 = src + r * lds;
+    const at::BFloat16* s1 = r + 1 < rows ? s0 + lds : nullptr;
+    at::BFloat16* d = dst + (r / 2) * cols * 2;
+    int64_t c = 0;
+#ifdef __AVX512BW__
+    if (s1) {
+      for (; c + 16 <= cols; c += 16) {
+        const __m512i pair = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s0 + c))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s1 + c)), 1);
+        _mm512_storeu_si512(d + 2 * c, _mm512_permutexvar_epi16(interleave, pair));
+      }
+    }
+#endif
+    for (; c < cols; ++c) {
+      d[2 * c] = s0[c];
+      d[2 * c + 1] = s1 ? s1[c] : at::BFloat16(0);
     }
   }
 }
 
-void check_operands(const std::vector<at::Tensor>& xs, const char* what) {
+void check_operands(const std::vector<at::Tensor>& xs, at::ScalarType dtype, const char* what) {
   for (const auto& x : xs) {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, what, ": CPU float32 tensors only");
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype, what, ": CPU tensors of the sweep's dtype only");
     TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, what, ": 2-d tensors with unit column stride only");
   }
 }
 
-}  // namespace
+// C (+)= A @ B in the element type's micro-kernel; B in VNNI for bfloat16 (the offset of row k0,
+// column n0 of a (K, ldb) matrix is then k0 * ldb + 2 * n0).
+inline void product(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                     const float* a, const float* b, int64_t b_off, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b + b_off, c, false);
+}
+inline void product(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                    const at::BFloat16* a, const at::BFloat16* b, int64_t b_off, float* c) {
+  const int64_t k0 = b_off / ldb, n0 = b_off % ldb;
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b + k0 * ldb + 2 * n0, c, true);
+}
 
-// See the file's header. `accs` are written (not added to): the sum over all rows.
-void sweep(int64_t rows, int64_t tile, int64_t panel,
-           std::vector<at::Tensor> a_ops, std::vector<at::Tensor> b_ops, std::vector<at::Tensor> outs, at::Tensor products,
-           std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs) {
-  TORCH_CHECK(tile > 0 && panel > 0, "tile and panel must be positive");
-  TORCH_CHECK(products.scalar_type() == at::kLong && products.is_contiguous() &&
-              (products.numel() == 0 || products.size(1) == kProductFields), "products: (n, 10) contiguous int64");
-  TORCH_CHECK(grams.scalar_type() == at::kLong && grams.is_contiguous() &&
-              (grams.numel() == 0 || grams.size(1) == kGramFields), "grams: (n, 9) contiguous int64");
-  check_operands(a_ops, "a_ops");
-  check_operands(g_a, "g_a");
-  check_operands(g_b, "g_b");
-  check_operands(accs, "accs");
-  for (const auto& b : b_ops)
-    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == at::kFloat && b.is_contiguous(), "b_ops: contiguous float32");
+// dst (rows x cols, ld ldd) = src (float32, ld lds) rounded to the nearest even bfloat16 (as
+// at::BFloat16's conversion rounds); 16 at a time with AVX512-BF16.
+void round_into(const float* src, int64_t lds, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    at::BFloat16* d = dst + r * ldd;
+    int64_t c = 0;
+#ifdef __AVX512BF16__
+    for (; c + 16 <= cols; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));
+#endif
+    for (; c < cols; ++c) d[c] = static_cast<at::BFloat16>(s[c]);
+  }
+}
+
+inline void round_into(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}   // float32 writes in place
+
+template <typename T>
+void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at::Tensor>& a_ops,
+                const std::vector<at::Tensor>& b_ops, const std::vector<at::Tensor>& outs, const at::Tensor& products,
+                const std::vector<at::Tensor>& g_a, const std::vector<at::Tensor>& g_b, const at::Tensor& grams,
+                std::vector<at::Tensor>& accs) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
   const int64_t n_products = products.numel() ? products.size(0) : 0;
   const int64_t n_grams = grams.numel() ? grams.size(0) : 0;
-  check_operands(outs, "outs");
   const int64_t* P = products.data_ptr<int64_t>();
   const int64_t* G = grams.data_ptr<int64_t>();
 
-  // which gram A operands a tile must transpose, and how wide each is
-  std::vector<char> transposed(g_a.size(), 0);
-  for (int64_t i = 0; i < n_grams; ++i) transposed[G[i * kGramFields]] = 1;
-  int64_t t_width = 0;
-  for (size_t a = 0; a < g_a.size(); ++a)
-    if (transposed[a]) t_width += g_a[a].size(1);
+  // which gram operands a panel must transpose (A) or repack (B, bfloat16), and how wide they are
+  std::vector<char> transposed(g_a.size(), 0), repacked(g_b.size(), 0);
+  for (int64_t i = 0; i < n_grams; ++i) {
+    transposed[G[i * kGramFields]] = 1;
+    repacked[G[i * kGramFields + 3]] = !kF32;
+  }
+  int64_t t_width = 0, v_width = 0;
+  for (size_t a = 0; a < g_a.size(); ++a) t_width += transposed[a] ? g_a[a].size(1) : 0;
+  for (size_t b = 0; b < g_b.size(); ++b) v_width += repacked[b] ? g_b[b].size(1) : 0;
+  const int64_t k_panel = panel + (kF32 ? 0 : panel % 2);
 
   const int64_t n_panels = (rows + panel - 1) / panel;
   const int threads = at::get_num_threads();
@@ -104,8 +169,11 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
     if (n_grams && own[tid].empty()) {
       for (const auto& acc : accs) own[tid].push_back(at::empty_like(acc));
     }
-    std::vector<float> t_buffer(n_grams ? t_width * panel : 0);
-    std::vector<const float*> t_base(g_a.size(), nullptr);
+    std::vector<T> t_buffer(n_grams ? t_width * k_panel : 0), v_buffer(n_grams ? v_width * k_panel : 0);
+    std::vector<const T*> t_base(g_a.size(), nullptr), v_base(g_b.size(), nullptr);
+    // bfloat16: each output's tile in float32, rounded once
+    std::vector<std::vector<float>> c_buffer(kF32 ? 0 : outs.size());
+    for (size_t c = 0; c < c_buffer.size(); ++c) c_buffer[c].resize(tile * outs[c].size(1));
     for (int64_t t = next_panel++; t < n_panels; t = next_panel++) {
       const int64_t p0 = t * panel, p1 = std::min(rows, p0 + panel);
       for (int64_t r0 = p0; r0 < p1; r0 += tile) {
@@ -113,46 +181,65 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
         for (int64_t i = 0; i < n_products; ++i) {
           const int64_t* p = P + i * kProductFields;
           const at::Tensor& a = a_ops[p[0]];
-          const int64_t K = p[2], N = p[6];
-          const at::Tensor& out = outs[p[9]];
-          float* c = out.data_ptr<float>() + r0 * out.stride(0) + p[7];
+          const int64_t K = p[2], N = p[6], cid = p[9];
+          const at::Tensor& out = outs[cid];
+          float* c = kF32 ? reinterpret_cast<float*>(out.data_ptr()) + r0 * out.stride(0) + p[7]
+                          : c_buffer[cid].data() + p[7];
+          const int64_t ldc = kF32 ? out.stride(0) : out.size(1);
           if (K == 0) {
-            for (int64_t r = 0; r < m; ++r) std::memset(c + r * out.stride(0), 0, N * sizeof(float));
-            continue;
+            for (int64_t r = 0; r < m; ++r) std::memset(c + r * ldc, 0, N * sizeof(float));
+          } else {
+            product(m, N, K, a.stride(0), p[5], ldc, p[8] != 0, a.data_ptr<T>() + r0 * a.stride(0) + p[1],
+                    b_ops[p[3]].data_ptr<T>(), p[4], c);
           }
-          at::native::cpublas::brgemm(m, N, K, a.stride(0), p[5], out.stride(0), p[8] != 0,
-                                      a.data_ptr<float>() + r0 * a.stride(0) + p[1],
-                                      b_ops[p[3]].data_ptr<float>() + p[4], c, false);
+          if (!kF32 && cid != 0)   // read by later products of this tile: rounded now
+            round_into(c, ldc, m, N, out.data_ptr<T>() + r0 * out.stride(0) + p[7], out.stride(0));
         }
+        if (!kF32 && n_products)
+          round_into(c_buffer[0].data(), outs[0].size(1), m, outs[0].size(1),
+                     outs[0].data_ptr<T>() + r0 * outs[0].stride(0), outs[0].stride(0));
       }
       if (!n_grams) continue;
-      // the grams over the whole panel: K = its rows (their accumulators are read and written
-      // once per panel, so a panel of several tiles moves them through the caches less often)
-      const int64_t m = p1 - p0;
-      float* next = t_buffer.data();
+      // the grams over the whole panel: K = its rows (rounded up to even for bfloat16)
+      const int64_t m = p1 - p0, km = m + (kF32 ? 0 : m % 2);
+      T* next = t_buffer.data();
       for (size_t a = 0; a < g_a.size(); ++a) {
         if (!transposed[a]) continue;
         const int64_t w = g_a[a].size(1);
-        transpose_tile(g_a[a].data_ptr<float>() + p0 * g_a[a].stride(0), g_a[a].stride(0), m, w, next);
+        transpose_tile(g_a[a].data_ptr<T>() + p0 * g_a[a].stride(0), g_a[a].stride(0), m, w, next, km);
         t_base[a] = next;
-        next += w * m;
+        next += w * km;
+      }
+      T* vnext = v_buffer.data();
+      for (size_t b = 0; b < g_b.size(); ++b) {
+        if (!repacked[b]) continue;
+        const int64_t w = g_b[b].size(1);
+        pack_vnni(reinterpret_cast<const at::BFloat16*>(g_b[b].data_ptr<T>()) + p0 * g_b[b].stride(0),
+                  g_b[b].stride(0), m, w, reinterpret_cast<at::BFloat16*>(vnext));
+        v_base[b] = vnext;
+        vnext += w * km;
       }
       const bool add = touched[tid] != 0;
       for (int64_t i = 0; i < n_grams; ++i) {
         const int64_t* q = G + i * kGramFields;
         const at::Tensor& b = g_b[q[3]];
         at::Tensor& acc = own[tid][q[6]];
-        at::native::cpublas::brgemm(q[2], q[5], m, m, b.stride(0), acc.stride(0), add,
-                                    t_base[q[0]] + q[1] * m, b.data_ptr<float>() + p0 * b.stride(0) + q[4],
-                                    acc.data_ptr<float>() + q[7] * acc.stride(0) + q[8], false);
+        float* c = acc.data_ptr<float>() + q[7] * acc.stride(0) + q[8];
+        if (kF32) {
+          product(q[2], q[5], km, km, b.stride(0), acc.stride(0), add, t_base[q[0]] + q[1] * km,
+                  b.data_ptr<T>() + p0 * b.stride(0), q[4], c);
+        } else {
+          product(q[2], q[5], km, km, b.size(1), acc.stride(0), add, t_base[q[0]] + q[1] * km, v_base[q[3]], q[4],
+                  c);
+        }
       }
       touched[tid] = 1;
     }
-    at::native::cpublas::brgemm_release(false);
+    at::native::cpublas::brgemm_release(!kF32);
   });
 
   if (!n_grams) return;
-  // accs = sum of the touched threads' copies (zero when no thread had a tile)
+  // accs = sum of the touched threads' copies (zero when no thread had a panel)
   int first = -1;
   for (int t = 0; t < threads; ++t) {
     if (!touched[t]) continue;
@@ -168,6 +255,39 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
     for (auto& acc : accs) acc.zero_();
 }
 
+}  // namespace
+
+// See the file's header. Operands float32, or bfloat16 with B operands in VNNI; `accs` float32,
+// written (not added to): the sum over all rows.
+void sweep(int64_t rows, int64_t tile, int64_t panel,
+           std::vector<at::Tensor> a_ops, std::vector<at::Tensor> b_ops, std::vector<at::Tensor> outs, at::Tensor products,
+           std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs) {
+  TORCH_CHECK(tile > 0 && panel > 0, "tile and panel must be positive");
+  TORCH_CHECK(products.scalar_type() == at::kLong && products.is_contiguous() &&
+              (products.numel() == 0 || products.size(1) == kProductFields), "products: (n, 10) contiguous int64");
+  TORCH_CHECK(grams.scalar_type() == at::kLong && grams.is_contiguous() &&
+              (grams.numel() == 0 || grams.size(1) == kGramFields), "grams: (n, 9) contiguous int64");
+  TORCH_CHECK(!a_ops.empty(), "a_ops: at least one operand");
+  const at::ScalarType dtype = a_ops[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 operands only");
+  check_operands(a_ops, dtype, "a_ops");
+  check_operands(g_a, dtype, "g_a");
+  check_operands(g_b, dtype, "g_b");
+  check_operands(outs, dtype, "outs");
+  check_operands(accs, at::kFloat, "accs");
+  for (const auto& b : b_ops)
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == dtype && b.is_contiguous(), "b_ops: contiguous, the sweep's dtype");
+  if (dtype == at::kFloat)
+    sweep_impl<float>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs);
+  else
+    sweep_impl<at::BFloat16>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs);
+}
+
+// Whether bfloat16 products run on micro-kernels that read VNNI-packed B (AMX or AVX512-BF16):
+// the sweep's bfloat16 path needs them.
+bool bfloat16_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sweep", &sweep, "Tiled brgemm products and grams over rows (see blocksparse_cpu.cpp)");
+  m.def("bfloat16_ready", &bfloat16_ready, "Whether the bfloat16 micro-kernels (VNNI) are available");
 }
