@@ -189,7 +189,8 @@ needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "
 def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, monkeypatch):
     """bfloat16 operands (B in VNNI pairs, odd K padded, float32 accumulation): the float64
     reference to bfloat16 rounding (a few 1e-3 of the largest value), gradients in bfloat16."""
-    monkeypatch.setattr(native_linear, "TILE_ROWS", 64 if rows > 64 else 4)
+    monkeypatch.setattr(native_linear, "TILE_ROWS_16BIT", 64 if rows > 64 else 4)   # panels of several tiles
+    monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 128 if rows > 64 else 7)  # and an odd panel
     layout, b = LAYOUTS[name]
     ops = tuple(None if t is None else t.bfloat16() for t in _operands(layout, b, rows, rank, bias))
     plan = torch_kernels.plan_for(layout, b)

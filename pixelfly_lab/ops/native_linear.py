@@ -32,13 +32,20 @@ from pixelfly_lab.ops.torch_buffers import new_output
 from pixelfly_lab.ops.torch_grouped import unpack_grads
 from pixelfly_lab.ops.torch_plan import Plan
 
-__all__ = ["TILE_ROWS", "PANEL_ROWS", "N_SPLIT", "native_takes", "native_applies", "native_forward", "native_backward", "product_tables"]
+__all__ = ["TILE_ROWS", "PANEL_ROWS", "TILE_ROWS_16BIT", "PANEL_ROWS_16BIT", "N_SPLIT", "native_takes", "native_applies",
+           "native_forward", "native_backward", "product_tables"]
 
 # Rows per tile of the products, and per panel of the grams (the blocks' gradients, summed over
-# rows: a longer panel moves their accumulators through the caches less often). Measured (one
-# AVX-512 core, 1024 -> 4096 at 4096 rows, fwd+bwd): see bench/native_gemm_bench.py --tiles.
+# rows). Measured on one AVX-512 core with AMX (Xeon), 1024 -> 4096 at 4096 rows, fwd+bwd, medians of 5
+# interleaved (bench/native_gemm_bench.py --tiles): float32 released configuration (tile, panel)
+# (64, 128) 54.5 + 115 ms, (128, 128) 51 + 114, (32, 128) 61 + 118, panels of 512 rows 30% slower
+# backward (gy's panel leaves the cache before its grams); budget 0.1: (64, 128) 34 + 71, (128, 128)
+# 39 + 71. bfloat16 (AMX: fewer, longer micro-kernel calls pay): (128, 256) 24.3 + 34.2 ms released,
+# 17.7 + 25.5 at budget 0.1, against (64, 128) 26.0 + 36.2 and 18.2 + 27.2.
 TILE_ROWS = 64
 PANEL_ROWS = 128
+TILE_ROWS_16BIT = 128
+PANEL_ROWS_16BIT = 256
 # Widest product of one micro-kernel call (wider ones are cut into column pieces).
 N_SPLIT = 256
 _TABLES: dict[tuple, tuple] = {}
@@ -184,7 +191,8 @@ def _even(k: int, dtype: torch.dtype) -> int:
 
 
 def _sweep(rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRAMS, accs=()):
-    native.load("blocksparse_cpu").sweep(rows, TILE_ROWS, max(PANEL_ROWS, TILE_ROWS), list(a_ops), list(b_ops),
+    tile, panel = (TILE_ROWS, PANEL_ROWS) if a_ops[0].dtype == torch.float32 else (TILE_ROWS_16BIT, PANEL_ROWS_16BIT)
+    native.load("blocksparse_cpu").sweep(rows, tile, max(panel, tile), list(a_ops), list(b_ops),
                                          list(outs), table, list(g_a), list(g_b), grams, list(accs))
 
 
