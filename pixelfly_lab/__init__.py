@@ -53,6 +53,7 @@ from pixelfly_lab.speed.timer import time_training_steps
 from pixelfly_lab.speed.planner import apply_plan, plan_model
 from pixelfly_lab.speed.bench import MODEL_CASES, BenchConfig, ModelCase, model_speed_table, plot_speed, speed_table
 from pixelfly_lab.speed.attention import attention_speed_table
+from pixelfly_lab.speed.machine import machine_header
 from pixelfly_lab.approx.targets import attention_inputs
 from pixelfly_lab.notebook import check, learned, pick, say
 
@@ -80,6 +81,6 @@ __all__ = [
     "show_mask", "show_masks", "pattern_table", "pattern_gallery", "mask_explorer", "relative_error",
     "sparse_plus_lowrank", "plot_targets", "plot_error_vs_budget", "count_params", "layer_weights",
     "singular_values", "time_training_steps", "BenchConfig", "speed_table", "plot_speed", "MODEL_CASES",
-    "ModelCase", "model_speed_table", "plan_model", "apply_plan", "say", "pick", "check", "learned",
+    "ModelCase", "model_speed_table", "machine_header", "plan_model", "apply_plan", "say", "pick", "check", "learned",
 ]
 # Not re-exported: the studies (pixelfly_lab.studies): the library never imports them.
