@@ -1,5 +1,10 @@
 """The CPU (and CUDA-without-Triton) path of block-sparse attention, in chunks of block rows.
 
+Float32 CPU inputs run the compiled kernel instead where it is built
+(:mod:`pixelfly_lab.ops.native_attention`, which reads the plan's CSR, ``AttentionPlan.row_ptr`` and
+``col_index``); the chunk paths here serve the other dtypes, CUDA without Triton, machines without a
+compiler and ``PIXELFLY_NATIVE=0``.
+
 The function is :func:`pixelfly_lab.ops.attention.block_sparse_attention`'s: softmax of
 s_ij = scale * q_i . k_j over the kept entries of each row. Rows of blocks are bucketed by their
 fan-in f (the number of kept blocks; a plan built once per layout key and device by the registry).

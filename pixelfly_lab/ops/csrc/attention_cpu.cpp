@@ -5,10 +5,11 @@
 //
 // A block row keeps few blocks (the fan-in f), so its f * b scores per query fit in cache whole: the
 // forward's softmax is exact over the row (max, exp, sum in one sweep each) instead of Alg. 1's running
-// rescale. Forward, per (batch, head): K^T once into a (D x T) buffer (brgemm has no transposed operand),
-// then per block row i: S = Q_i K_j^T for each kept j, the causal diagonal block masked,
-// P = exp(scale S - m), lse = m + log(rowsum), O_i = (sum_j P_ij V_j) / rowsum. (S_ij as (K_j Q_i^T)^T,
-// K_j read in place and each tile transposed in L1, measured 5% slower than the strided K^T.)
+// rescale. Forward, per (batch, head): each key block transposed once into a (D x b) tile of a buffer
+// (brgemm has no transposed operand; tiles of their own ran 3% faster than one strided (D x T) K^T), then
+// per block row i: S = Q_i K_j^T for each kept j, the causal diagonal block masked, P = exp(scale S - m),
+// lse = m + log(rowsum), O_i = (sum_j P_ij V_j) / rowsum. (S_ij as (K_j Q_i^T)^T, K_j read in place and
+// each tile transposed in L1, measured 5% slower.)
 // Backward, per block row i and kept block j, in (b x b) tiles that stay in L1, the scores transposed (keys
 // as rows, so that P^T and dS^T, the A operands of dV and dK, come out row-major and the per-query lse and
 // Delta run along the vectors): P^T_j = exp(scale K_j Q_i^T - lse), dV_j += P^T_j dO_i, dP^T_j = V_j dO_i^T,
@@ -158,18 +159,20 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * T), s(b * L.max_fan_in * b), inv(b);
+    std::vector<float> kt(D * T), s(b * L.max_fan_in * b), inv(b);   // kt: (R, D, b), block j's K_j^T at j * D * b
     for (int64_t g = begin; g < end; ++g) {
       const float *Q = qp + g * T * D, *K = kp + g * T * D, *V = vp + g * T * Dv;
       float *O = op + g * T * Dv, *lse_g = lp + g * T;
-      transpose(K, D, kt.data(), T, T, D);
+      for (int64_t j = 0; j < L.R; ++j) transpose(K + j * b * D, D, kt.data() + j * D * b, b, b, D);
       for (int64_t i = 0; i < L.R; ++i) {
         const int64_t* cs = L.cols + L.row_ptr[i];
         const int64_t f = L.row_ptr[i + 1] - L.row_ptr[i], n = f * b;
         const float* Qi = Q + i * b * D;
-        for (int64_t t = 0; t < f; ++t) gemm(b, b, D, Qi, D, kt.data() + cs[t] * b, T, s.data() + t * b, n, false);
+        for (int64_t t = 0; t < f; ++t) gemm(b, b, D, Qi, D, kt.data() + cs[t] * D * b, b, s.data() + t * b, n, false);
         if (L.causal && cs[f - 1] == i) {            // the diagonal block is the row's last (ascending, tril'ed)
-          for (int64_t r = 0; r < b; ++r) std::fill(s.data() + r * n + (f - 1) * b + r + 1, s.data() + r * n + n, NEG_INF);
+          for (int64_t r = 0; r < b; ++r) {
+            std::fill(s.data() + r * n + (f - 1) * b + r + 1, s.data() + r * n + n, NEG_INF);
+          }
         }
         for (int64_t r = 0; r < b; ++r) {
           float* row = s.data() + r * n;
@@ -202,10 +205,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   check_input(out, "out", B, H, T);
   check_input(grad_out, "grad_out", B, H, T);
   TORCH_CHECK_VALUE(k.size(3) == D && out.size(3) == Dv && grad_out.size(3) == Dv, "head widths must match");
-  TORCH_CHECK_VALUE(lse.dtype() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * T, "lse must be (B, H, T)");
+  TORCH_CHECK_VALUE(lse.dtype() == at::kFloat && lse.is_contiguous() && lse.numel() == B * H * T,
+                    "lse must be a contiguous float32 (B, H, T)");
   const bool has_dl = grad_lse.numel() > 0;
-  TORCH_CHECK_VALUE(!has_dl || (grad_lse.dtype() == at::kFloat && grad_lse.is_contiguous() && grad_lse.numel() == B * H * T),
-              "grad_lse must be empty or a contiguous float32 (B, H, T)");
+  TORCH_CHECK_VALUE(!has_dl || (grad_lse.dtype() == at::kFloat && grad_lse.is_contiguous() &&
+                                grad_lse.numel() == B * H * T),
+                    "grad_lse must be empty or a contiguous float32 (B, H, T)");
   const Layout L = layout_of(row_ptr, cols, T, block, causal);
   const int64_t b = block;
   const float scale = static_cast<float>(scale_);
