@@ -173,6 +173,8 @@ def test_bad_input_raises():
         native_attention_forward(q, k[:, :, :8], v, plan, b, 1.0)
     with pytest.raises(ValueError, match="row_ptr"):
         native_attention_forward(q, k, v, plan, 2 * b, 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        native_attention_forward(q, k, v, plan, b, -1.0)
     causal_cols = build_attention_plan(layout, b, True, "cpu")
     with pytest.raises(ValueError, match="ascending"):     # a causal kernel on a row right of its diagonal
         native_attention_forward(q, k, v, type(plan)(plan.buckets, plan.row_ptr, plan.col_index, True), b, 1.0)

@@ -107,7 +107,10 @@ struct Layout {
   bool causal;
 };
 
-Layout layout_of(const at::Tensor& row_ptr, const at::Tensor& cols, int64_t T, int64_t b, bool causal) {
+Layout layout_of(const at::Tensor& row_ptr, const at::Tensor& cols, int64_t T, int64_t b, bool causal,
+                 double scale) {
+  // the forward takes the row max of the unscaled scores: the scaled scores' only for scale > 0
+  TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale must be a positive finite number, got ", scale);
   TORCH_CHECK_TYPE(row_ptr.dtype() == at::kLong && cols.dtype() == at::kLong, "row_ptr and cols must be int64");
   TORCH_CHECK_VALUE(row_ptr.is_contiguous() && cols.is_contiguous() && row_ptr.device().is_cpu() &&
                     cols.device().is_cpu(), "row_ptr and cols must be contiguous CPU tensors");
@@ -150,7 +153,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   check_input(k, "k", B, H, T);
   check_input(v, "v", B, H, T);
   TORCH_CHECK_VALUE(k.size(3) == D, "k must have the head width of q");
-  const Layout L = layout_of(row_ptr, cols, T, block, causal);
+  const Layout L = layout_of(row_ptr, cols, T, block, causal, scale_);
   const int64_t b = block;
   const float scale = static_cast<float>(scale_);
   auto out = at::empty({B, H, T, Dv}, q.options());
@@ -211,7 +214,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   TORCH_CHECK_VALUE(!has_dl || (grad_lse.dtype() == at::kFloat && grad_lse.is_contiguous() &&
                                 grad_lse.numel() == B * H * T),
                     "grad_lse must be empty or a contiguous float32 (B, H, T)");
-  const Layout L = layout_of(row_ptr, cols, T, block, causal);
+  const Layout L = layout_of(row_ptr, cols, T, block, causal, scale_);
   const int64_t b = block;
   const float scale = static_cast<float>(scale_);
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
