@@ -273,9 +273,12 @@ def test_fused_and_bmm_chunks_equal_the_reference(causal, layout_name, flash, ch
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
-def test_block_sparse_attention_takes_the_fused_chunks_where_they_apply():
-    """block_sparse_attention's output is the fused path's, bit for bit (equal head widths, CPU)."""
+def test_block_sparse_attention_takes_the_fused_chunks_where_they_apply(monkeypatch):
+    """block_sparse_attention's output is the fused path's, bit for bit (equal head widths, CPU), with the
+    compiled kernel off (PIXELFLY_NATIVE=0; tests/test_native_attention.py holds the op to that kernel)."""
     from pixelfly_lab.ops import torch_attention
+
+    monkeypatch.setenv("PIXELFLY_NATIVE", "0")
 
     layout = uneven_layout(8, seed=2)
     q, k, v = (t.detach() for t in qkv(T=32, D=6, dtype=torch.float32))
@@ -323,7 +326,8 @@ def test_fused_chunks_that_tile_the_keys_equal_the_float64_reference(causal):
 def test_backward_reaches_the_fused_kernel_unless_lse_gets_a_gradient(monkeypatch):
     """Spy on torch's fused kernels: a plain call's backward runs the fused backward on every chunk (no
     gradient on lse: ``set_materialize_grads(False)`` keeps it None), and only a call whose lse gets a
-    gradient falls back to the bmm chunks."""
+    gradient falls back to the bmm chunks. The compiled kernel is off (PIXELFLY_NATIVE=0)."""
+    monkeypatch.setenv("PIXELFLY_NATIVE", "0")
     from pixelfly_lab.ops import torch_attention
 
     calls = {"forward": 0, "backward": 0}
