@@ -180,9 +180,30 @@ def _right(m: torch.Tensor, pad_rows: int = 0) -> torch.Tensor:
 
 def _packed(values, plan: Plan, transpose: bool) -> list:
     """Each group's packed blocks as a B operand (:func:`_right`), an empty placeholder for a
-    group without blocks."""
+    group without blocks. A stacked plan (every group alike: a flat block butterfly) is packed in
+    one compiled pass (``pack_blocks``: 0.3 instead of 1.3 ms for the released 1024 -> 4096)."""
+    index = plan.stacked_index
+    if index is not None and values.is_contiguous():
+        n_rows, k = plan.groups[0].vidx.shape
+        stacked = native.load("blocksparse_cpu").pack_blocks(values, index, len(plan.groups), n_rows, k, transpose,
+                                                            plan.transposed)
+        return list(stacked.unbind(0))
     empty = values.new_empty(0, 0)
     return [empty if m is None else _right(m) for m in plan.packed_all(values, transpose)]
+
+
+def _unpacked(plan: Plan, values, grads, extra: int):
+    """(the blocks' float32 gradient (nnz, b, b), the extra columns' (rows, extra) or None) from
+    the sweep's accumulators: :func:`unpack_grads`, in one compiled pass for a stacked plan."""
+    if not isinstance(grads, torch.Tensor):
+        return unpack_grads(plan, values.new_empty((1,) * values.dim(), dtype=torch.float32).expand(values.shape),
+                            grads, extra)
+    n_rows, k = plan.groups[0].vidx.shape
+    grad_values = torch.empty(values.shape)
+    native.load("blocksparse_cpu").unpack_blocks(grads, plan.stacked_index, n_rows, k, plan.transposed, grad_values)
+    width = plan.groups[0].width
+    grad_extra = grads[:, width:].transpose(1, 2).reshape(-1, extra) if extra else None
+    return grad_values, grad_extra
 
 
 def _even(k: int, dtype: torch.dtype) -> int:
@@ -298,8 +319,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
                                                dtype=torch.long).reshape(-1, 9)])
     _sweep(rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs)
     if grads is not None:
-        like = values.new_empty((1,) * values.dim(), dtype=torch.float32).expand(values.shape)   # float32, unallocated
-        grad_values, grad_extra = unpack_grads(plan, like, grads, extra)
+        grad_values, grad_extra = _unpacked(plan, values, grads, extra)
         if plan.transposed:
             grad_v = grad_extra if need_v else None
         else:

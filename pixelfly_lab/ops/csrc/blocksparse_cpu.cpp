@@ -287,7 +287,95 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
 // the sweep's bfloat16 path needs them.
 bool bfloat16_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
+
+// ----------------------------------------------------------------------------- packing
+
+template <typename T>
+void pack_into(const T* src, const int64_t* idx, T* dst, int64_t count, int64_t n_rows, int64_t k, int64_t b,
+               bool transpose, bool swap, bool vnni) {
+  const int64_t rows = (transpose ? k : n_rows) * b, cols = (transpose ? n_rows : k) * b;
+  at::parallel_for(0, count * n_rows * k, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i / (n_rows * k), r = (i / k) % n_rows, kk = i % k;
+      const int64_t row0 = (transpose ? kk : r) * b, col0 = (transpose ? r : kk) * b;
+      const T* blk = src + idx[i] * b * b;
+      T* base = dst + c * rows * cols;
+      for (int64_t p = 0; p < b; ++p) {
+        const T* line = blk + p * b;
+        if (!swap && !vnni) {            // a block row is a row piece of the output
+          std::memcpy(base + (row0 + p) * cols + col0, line, b * sizeof(T));
+          continue;
+        }
+        for (int64_t q = 0; q < b; ++q) {
+          const int64_t row = row0 + (swap ? q : p), col = col0 + (swap ? p : q);
+          base[vnni ? ((row / 2) * cols + col) * 2 + row % 2 : row * cols + col] = line[q];
+        }
+      }
+    }
+  });
+}
+
+// The groups' blocks as B operands, in one pass: out[c] is group c's blocks as one dense matrix
+// (the layout of pixelfly_lab/ops/torch_plan.py's Plan.packed_all): with `transpose`, block (r, kk)
+// of the group at rows kk*b.., columns r*b.. (M_g^T), else at rows r*b.., columns kk*b.. (M_g);
+// each block transposed where `transpose` differs from `plan_transposed`; bfloat16 in the VNNI
+// layout (pairs of rows interleaved). index: (count * n_rows * k) storage indices of the blocks.
+at::Tensor pack_blocks(at::Tensor values, at::Tensor index, int64_t count, int64_t n_rows, int64_t k,
+                       bool transpose, bool plan_transposed) {
+  TORCH_CHECK(values.dim() == 3 && values.size(1) == values.size(2) && values.is_contiguous(),
+              "values: contiguous (nnz, b, b)");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == count * n_rows * k,
+              "index: count * n_rows * k int64 indices");
+  const bool vnni = values.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(vnni || values.scalar_type() == at::kFloat, "values: float32 or bfloat16");
+  const int64_t b = values.size(1), nnz = values.size(0);
+  const int64_t rows = (transpose ? k : n_rows) * b, cols = (transpose ? n_rows : k) * b;
+  const bool swap = transpose != plan_transposed;
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i)
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < nnz, "index: out of range");
+  at::Tensor out = vnni ? at::empty({count, rows / 2, cols, 2}, values.options())
+                        : at::empty({count, rows, cols}, values.options());
+  if (vnni)
+    pack_into(values.data_ptr<at::BFloat16>(), idx, out.data_ptr<at::BFloat16>(), count, n_rows, k, b, transpose, swap,
+              true);
+  else
+    pack_into(values.data_ptr<float>(), idx, out.data_ptr<float>(), count, n_rows, k, b, transpose, swap, false);
+  return out;
+}
+
+// The inverse of pack_blocks(transpose=true) for float32 gradients: grad[index[i]] = block
+// (r, kk) of grad_mt[c] (count, >= k*b rows, n_rows*b), transposed unless plan_transposed.
+void unpack_blocks(at::Tensor grad_mt, at::Tensor index, int64_t n_rows, int64_t k, bool plan_transposed,
+                   at::Tensor grad) {
+  TORCH_CHECK(grad_mt.dim() == 3 && grad_mt.scalar_type() == at::kFloat && grad_mt.stride(2) == 1,
+              "grad_mt: (count, rows, cols) float32, unit column stride");
+  TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous() && grad.scalar_type() == at::kFloat, "grad: contiguous float32");
+  const int64_t b = grad.size(1), count = grad_mt.size(0);
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == count * n_rows * k,
+              "index: count * n_rows * k int64 indices");
+  TORCH_CHECK(grad_mt.size(1) >= k * b && grad_mt.size(2) == n_rows * b, "grad_mt: shape of the plan's groups");
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i)
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < grad.size(0), "index: out of range");
+  const float* src = grad_mt.data_ptr<float>();
+  float* dst = grad.data_ptr<float>();
+  const int64_t s0 = grad_mt.stride(0), s1 = grad_mt.stride(1);
+  at::parallel_for(0, count * n_rows * k, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i / (n_rows * k), r = (i / k) % n_rows, kk = i % k;
+      const float* blk = src + c * s0 + kk * b * s1 + r * b;   // rows kk*b.., columns r*b..
+      float* out = dst + idx[i] * b * b;
+      for (int64_t p = 0; p < b; ++p)
+        for (int64_t q = 0; q < b; ++q)
+          out[p * b + q] = plan_transposed ? blk[p * s1 + q] : blk[q * s1 + p];
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sweep", &sweep, "Tiled brgemm products and grams over rows (see blocksparse_cpu.cpp)");
+  m.def("pack_blocks", &pack_blocks, "The groups' blocks as B operands (see blocksparse_cpu.cpp)");
+  m.def("unpack_blocks", &unpack_blocks, "The blocks' gradients from the groups' accumulators");
   m.def("bfloat16_ready", &bfloat16_ready, "Whether the bfloat16 micro-kernels (VNNI) are available");
 }
