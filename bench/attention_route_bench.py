@@ -4,7 +4,8 @@ Forward+backward of the default layer (no random features) with ``route='kernel'
 kernel) and ``route='masked_sdpa'`` (one SDPA call with the layout's boolean mask), and of the same
 layer with dense SDPA (pixelfly_lab.speed.attention.SDPAAttention): interleaved rounds in one
 process, medians and ratios, the load average printed (on a loaded machine rerun when it is quiet).
-The crossover pixelfly_lab.nn.attention.MASKED_SDPA_BELOW was read from this table.
+The crossovers pixelfly_lab.nn.attention.MASKED_SDPA_BELOW (compiled kernel) and
+MASKED_SDPA_BELOW_PYTORCH (PyTorch chunks) were read from this table.
 Run: OMP_NUM_THREADS=1 python bench/attention_route_bench.py [--lengths 256 512 1024 2048] [--rounds 7]
 """
 
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pixelfly_lab.nn.attention import MASKED_SDPA_BELOW, PixelflyAttention
+from pixelfly_lab.nn.attention import PixelflyAttention, masked_sdpa_below
 from pixelfly_lab.speed.attention import SDPAAttention
 from pixelfly_lab.speed.bench import machine_header
 
@@ -56,7 +57,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     print(machine_header())
-    print(f"# MASKED_SDPA_BELOW = {MASKED_SDPA_BELOW}; load average {os.getloadavg()}")
+    print(f"# crossover in force (masked_sdpa_below) = {masked_sdpa_below()}; load average {os.getloadavg()}")
     table = route_table(args.lengths, rounds=args.rounds)
     with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
         print(table.to_string(index=False))

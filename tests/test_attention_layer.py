@@ -409,9 +409,11 @@ def test_masked_sdpa_route_equals_the_kernel_route(causal, layout, budget):
 
 
 def test_auto_route_switches_at_the_crossover_and_the_repr_says_which():
-    from pixelfly_lab.nn.attention import MASKED_SDPA_BELOW
+    from pixelfly_lab.nn.attention import MASKED_SDPA_BELOW, MASKED_SDPA_BELOW_PYTORCH, masked_sdpa_below
+    from pixelfly_lab.ops import native
 
-    T = MASKED_SDPA_BELOW
+    T = masked_sdpa_below()
+    assert T == (MASKED_SDPA_BELOW if native.load("attention_cpu") is not None else MASKED_SDPA_BELOW_PYTORCH)
     attn = PixelflyAttention(32, 2, 2 * T, block_size=32)
     assert attn.route_at(T - 32) == "masked_sdpa" and attn.route_at(T) == "kernel"
     assert "route=kernel (auto: masked SDPA on the CPU below" in repr(attn)

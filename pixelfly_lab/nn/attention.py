@@ -52,6 +52,7 @@ from torch import nn
 
 from pixelfly_lab._checks import check_int
 from pixelfly_lab._compile import assume_constant
+from pixelfly_lab.ops import native
 from pixelfly_lab.ops.attention import block_sparse_attention, block_sparse_linear_attention
 from pixelfly_lab.ops.registry import derived, register_layout, registered_layout
 from pixelfly_lab.structure.masks import layout_to_mask
@@ -59,7 +60,7 @@ from pixelfly_lab.nn.attention_layouts import ATTENTION_LAYOUTS, attention_layou
 from pixelfly_lab.nn.random_features import draw_feature_weights, performer_features
 
 __all__ = ["PixelflyAttention", "attention_layout", "connected_layout", "ATTENTION_LAYOUTS", "ATTENTION_ROUTES",
-           "MASKED_SDPA_BELOW"]
+           "MASKED_SDPA_BELOW", "MASKED_SDPA_BELOW_PYTORCH", "masked_sdpa_below"]
 
 # How the sparse-only layer (no random features) computes its block-sparse attention:
 # 'kernel' is pixelfly_lab.ops.attention.block_sparse_attention (work O(T * fan-in * b));
@@ -69,12 +70,22 @@ __all__ = ["PixelflyAttention", "attention_layout", "connected_layout", "ATTENTI
 # device (the crossover was measured on a CPU; on CUDA the Triton kernel is the path).
 ATTENTION_ROUTES = ("auto", "kernel", "masked_sdpa")
 
-# The crossover of 'auto', in tokens, for CPU inputs only. Measured on the team's 2-core Xeon (one
-# thread, loaded machine, interleaved medians; dim 512, 8 heads, block 32, default layout, forward+
-# backward of the layer, bench/attention_route_bench.py; two runs, load average 3.5-4.8): masked SDPA
-# 8-25% faster than the kernel at T = 256, the kernel 5-9% faster at T = 512 and 1.3-2.3x faster from
-# T = 1024 (the connected layout keeps 1/2, 5/16, 3/16 of the scores at T = 256, 512, 1024).
-MASKED_SDPA_BELOW = 512
+# The crossover of 'auto', in tokens, for CPU inputs only, with the compiled CPU kernel
+# (pixelfly_lab/ops/native_attention.py). Measured on the team's 2-core Xeon (one thread, dim 512,
+# 8 heads, block 32, default layout, forward+backward of the layer against its SDPA twin,
+# bench/attention_route_bench.py, interleaved medians of 7, load 0.5): T = 128 kernel 0.91x,
+# masked SDPA 0.95x; T = 256 kernel 1.04x (causal 1.07x), masked SDPA 0.98x (0.97x); T = 512 kernel
+# 1.27x, masked 0.98x. Without the compiled kernel (no compiler, PIXELFLY_NATIVE=0) the PyTorch chunk
+# path's crossover applies, MASKED_SDPA_BELOW_PYTORCH (same bench, load 3.5-4.8: masked SDPA 8-25%
+# faster at T = 256, the chunks 5-9% faster at T = 512). :func:`masked_sdpa_below` gives the one in force.
+MASKED_SDPA_BELOW = 256
+MASKED_SDPA_BELOW_PYTORCH = 512
+
+
+def masked_sdpa_below() -> int:
+    """The crossover 'auto' uses on the CPU: :data:`MASKED_SDPA_BELOW` where the compiled attention
+    kernel is built, else :data:`MASKED_SDPA_BELOW_PYTORCH`."""
+    return MASKED_SDPA_BELOW if native.load("attention_cpu") is not None else MASKED_SDPA_BELOW_PYTORCH
 
 
 def _causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
@@ -168,6 +179,8 @@ class PixelflyAttention(nn.Module):
             raise ValueError(f"route='masked_sdpa' computes the sparse part alone; the layer has {features} random "
                              f"features (lowrank_features=0, or route='auto' / 'kernel')")
         self.route = route
+        # the CPU crossover in force, read once here (a plain int: forward compiles without a graph break)
+        self._masked_below = masked_sdpa_below()
         self._last_len = seq_len
         # one registry key per sequence length used (the built one now, shorter ones on first use)
         self._keys_by_length = {seq_len: register_layout(block_layout, block_size)}
@@ -251,20 +264,21 @@ class PixelflyAttention(nn.Module):
 
         Returns:
             The fixed ``route``, or for 'auto' (:data:`ATTENTION_ROUTES`): 'masked_sdpa' when there are
-            no random features, T < :data:`MASKED_SDPA_BELOW` and the device is the CPU (where the
+            no random features, T < :func:`masked_sdpa_below` and the device is the CPU (where the
             crossover was measured), 'kernel' otherwise.
         """
         if self.route != "auto":
             return self.route
         device = self.q.weight.device if device is None else torch.device(device)
         on_cpu = device.type == "cpu"
-        return "masked_sdpa" if self.features == 0 and seq_len < MASKED_SDPA_BELOW and on_cpu else "kernel"
+        return "masked_sdpa" if self.features == 0 and on_cpu and seq_len < self._masked_below else "kernel"
 
     def __setstate__(self, state):
         """Unpickling (torch.save of a whole model, copy.deepcopy, spawned workers): a layer saved before
         routes existed gets 'auto', and the registry keys are this process's, so the built layout (its
         buffer came with the state) is registered again and shorter lengths are planned again on use."""
         state.setdefault("route", "auto")
+        state["_masked_below"] = masked_sdpa_below()   # this process's kernels decide it
         state.setdefault("_last_len", state["seq_len"])
         super().__setstate__(state)
         if not self.layout.is_meta:
@@ -273,7 +287,7 @@ class PixelflyAttention(nn.Module):
     def extra_repr(self) -> str:
         route = self.route_at(self.seq_len)
         if self.route == "auto" and self.features == 0:
-            route += f" (auto: masked SDPA on the CPU below T={MASKED_SDPA_BELOW}, kernel from there)"
+            route += f" (auto: masked SDPA on the CPU below T={self._masked_below}, kernel from there)"
         return (f"heads={self.heads}, seq_len={self.seq_len}, layout={self.layout_name!r} ({self.choice()}), "
                 f"features={self.features}, causal={self.causal}, density={self.density:.3f}, route={route}")
 

@@ -12,7 +12,7 @@ The FLOP limit of a row is dense FLOPs / the FLOPs of the route the sparse side 
 and output projections included for the layer, and for ``causal`` only the scores with j <= i counted
 on both sides (dense: T (T + 1) / 2; the kernel: the kept blocks below the diagonal plus half of each
 diagonal block): the causal limit is not 1 / density. A layer below
-:data:`pixelfly_lab.nn.attention.MASKED_SDPA_BELOW` tokens takes the masked-SDPA route (column
+:func:`pixelfly_lab.nn.attention.masked_sdpa_below` tokens takes the masked-SDPA route (column
 ``route``), whose fused kernel computes all T^2 scores (the layout and causality are its mask): its
 limit is about 1 (below 1 when causal), and ``layout_flop_limit`` keeps what the layout alone would
 allow (the kernel route's limit). With a fan-in that grows like log2(T / b) that limit grows with T:
