@@ -2,7 +2,7 @@
 of interleaved rounds, GFLOP/s beside nn.Linear's own GEMM on the same machine.
 
     python bench/native_gemm_bench.py            # a group's product three ways, and dense
-    python bench/native_gemm_bench.py --tiles    # forward and backward per (tile, panel) rows
+    python bench/native_gemm_bench.py --tiles [--dtype bfloat16]   # forward, backward per (tile, panel) rows
 
 The first table is the figure behind the sweep: one group of the budget-0.1 layout of 1024 -> 4096
 (x (512, 1024) read through a 96-column view, 128 output columns written into a 4096-wide y),
@@ -61,23 +61,30 @@ def group_products(rounds: int) -> None:
         print(f"{name:48s} {t:7.2f} ms  {flops['dense' if name.startswith('dense') else 'group'] / t / 1e6:6.1f} GFLOP/s")
 
 
-def tiles(rounds: int, rows: int) -> None:
-    x, gy = torch.randn(rows, 1024), torch.randn(rows, 4096)
+def tiles(rounds: int, rows: int, dtype: torch.dtype) -> None:
+    """Forward and backward ms per (tile, panel) rows, medians of interleaved rounds, both configurations."""
+    x, gy = torch.randn(rows, 1024, dtype=dtype), torch.randn(rows, 4096, dtype=dtype)
+    sixteen = dtype != torch.float32
+    names = ("TILE_ROWS_16BIT", "PANEL_ROWS_16BIT") if sixteen else ("TILE_ROWS", "PANEL_ROWS")
     for label, kw in (("released", RELEASED), ("budget 0.1", {"budget": 0.1, "block_size": 32})):
         layer = PixelflyLinear(1024, 4096, **kw)
         plan = plan_for(layer.sparse.layout, 32)
-        ops = [t.detach() for t in (layer.sparse.values, layer.bias, layer.lowrank.u, layer.lowrank.v)]
-        values, bias, u, v = ops
-        fns = {}
-        for tile in (32, 64, 128):
-            for panel in (tile, 2 * tile, 256):
-                def step(tile=tile, panel=panel):
-                    native_linear.TILE_ROWS, native_linear.PANEL_ROWS = tile, panel
+        values, bias, u, v = (t.detach().to(dtype) for t in (layer.sparse.values, layer.bias, layer.lowrank.u,
+                                                               layer.lowrank.v))
+        times = {}
+        for _ in range(rounds):
+            for tile in (32, 64, 128, 256):
+                for panel in sorted({tile, 2 * tile, 256, 512} - {p for p in (256, 512) if p < tile}):
+                    setattr(native_linear, names[0], tile)
+                    setattr(native_linear, names[1], panel)
+                    tick = time.perf_counter()
                     _, z = native_linear.native_forward(x, values, bias, u, v, plan, 4096)
+                    mid = time.perf_counter()
                     native_linear.native_backward(gy, x, values, u, v, z, plan, (True,) * 5, True)
-                fns[(tile, panel)] = step
-        ms = _median_ms(fns, rounds)
-        print(label, " ".join(f"tile {t} panel {p}: {m:.1f} ms" for (t, p), m in sorted(ms.items(), key=lambda i: i[1])))
+                    times.setdefault((tile, panel), []).append(((mid - tick) * 1e3, (time.perf_counter() - mid) * 1e3))
+        med = {k: (statistics.median(f for f, _ in t), statistics.median(b for _, b in t)) for k, t in times.items()}
+        print(f"{label} ({dtype}):", "  ".join(f"tile {t} panel {p}: {f:.1f} + {b:.1f} ms"
+                                                 for (t, p), (f, b) in sorted(med.items(), key=lambda i: sum(i[1]))))
 
 
 def main() -> None:
@@ -85,12 +92,16 @@ def main() -> None:
     parser.add_argument("--tiles", action="store_true", help="time forward+backward per (tile, panel) rows")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--tiles: operand dtype")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{machine_header()}; one thread")
     if native.load("blocksparse_cpu") is None:
         raise SystemExit("the compiled kernel is not built here (see pixelfly_lab/ops/native.py)")
-    tiles(args.rounds, args.rows) if args.tiles else group_products(args.rounds)
+    if args.tiles:
+        tiles(args.rounds, args.rows, getattr(torch, args.dtype))
+    else:
+        group_products(args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The compiled row sweep of the 'torch' path (float32 on the CPU) against the float64 reference.
+"""The compiled row sweep of the 'torch' path (float32, and bfloat16 on AMX CPUs) against the float64 reference.
 
 Skipped where the kernel cannot be built (no compiler), except under CI=true: the CI machine has one,
 and a kernel that silently stopped building would leave users on the slower path.
 """
 
+import copy
 import os
 
 import pytest
@@ -101,14 +102,15 @@ def test_backward_computes_only_what_is_asked(name, needs):
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("name", ["expanding", "contracting", "random"])
-def test_threads_share_the_tiles(name, threads, monkeypatch):
-    """Several OpenMP threads (their own gradient accumulators, summed at the end) give the
-    reference's results, also when some thread gets no tile."""
-    monkeypatch.setattr(native_linear, "TILE_ROWS", 2)
+def test_threads_share_the_panels(name, threads, monkeypatch):
+    """Several OpenMP threads taking panels of 2 rows from the shared counter (their own gradient
+    accumulators, summed at the end) give the reference's results, also when some thread gets no
+    panel (2 rows: one panel)."""
+    monkeypatch.setattr(native_linear, "PANEL_ROWS", 2)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for rows in (2, 11):
+        for rows in (2, 11, 130):
             test_sweep_matches_reference(name, 3, True, rows, 2, monkeypatch)
     finally:
         torch.set_num_threads(previous)
@@ -179,7 +181,7 @@ def test_tables_are_cached_per_plan():
 
 
 needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "cpu"),
-                                reason="this CPU has no bfloat16 VNNI micro-kernels (AMX or AVX512-BF16)")
+                                reason="this CPU has no bfloat16 VNNI micro-kernels (AMX)")
 
 
 @needs_bf16
@@ -215,7 +217,7 @@ def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, monkeypatch):
 def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypatch):
     """Under torch.autocast('cpu', bfloat16) a PixelflyLinear runs the bfloat16 sweep on the plan
     of the layout itself (no zero blocks), with the gradients the float64 layer has, to bfloat16
-    rounding."""
+    rounding of the operands it was given."""
     torch.manual_seed(0)
     layer = PixelflyLinear(256, 512, budget=0.25, block_size=16, backend="torch")
     x = torch.randn(96, 256, requires_grad=True)
@@ -227,14 +229,20 @@ def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypat
         y = layer(x)
     gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
     y.float().backward(gy)
+    grads_bf16 = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
     assert seen and seen[0][0] == torch.bfloat16
     assert all(g.zero_at is None for g in seen[0][1].groups)         # the unpadded plan
-    ref = layer.double()
-    x64 = x.detach().double().requires_grad_()
+    # the float64 layer on the operands the sweep saw (x, parameters and gy rounded to bfloat16):
+    # what is left is the sweep's own rounding (float32 sums, bfloat16 outputs)
+    ref = copy.deepcopy(layer).to(torch.bfloat16).double()
+    x64 = x.detach().bfloat16().double().requires_grad_()
     y64 = ref(x64)
-    y64.backward(gy.double())
-    torch.testing.assert_close(y.double(), y64, rtol=0, atol=2e-2 * y64.abs().max().item())
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=2e-2 * x64.grad.abs().max().item())
+    y64.backward(gy.bfloat16().double())
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-2 * y64.abs().max().item())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-2 * x64.grad.abs().max().item())
+    for got, want in zip(grads_bf16, [p.grad for p in ref.parameters()]):   # values, bias, u, v
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -251,3 +259,40 @@ def test_gradients_share_no_storage(name, rank, bias):
     storages = [g.untyped_storage().data_ptr() for g in grads if g is not None]
     inputs = {t.untyped_storage().data_ptr() for t in (*ops, y, z) if t is not None}
     assert len(set(storages)) == len(storages) and not set(storages) & inputs
+
+
+@needs_bf16
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_threads_share_the_panels(threads, monkeypatch):
+    monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name in ("expanding", "contracting", "random"):
+            test_bfloat16_sweep_matches_reference(name, 3, True, 130, monkeypatch)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_bf16
+def test_bfloat16_takes_even_blocks_only_and_fp16_never(monkeypatch):
+    """bfloat16 micro-kernels read K in pairs: an odd block size keeps the PyTorch path (it corrupted
+    the heap before this gate), and the C++ side refuses a table with odd K; float16 never takes the sweep."""
+    x = torch.zeros(4, 12, dtype=torch.bfloat16)
+    assert native_linear.native_applies(x, torch.zeros(2, 4, 4, dtype=torch.bfloat16))
+    assert not native_linear.native_applies(x, torch.zeros(2, 3, 3, dtype=torch.bfloat16))
+    assert not native_linear.native_applies(x.half(), torch.zeros(2, 4, 4, dtype=torch.float16))
+    layout = torch.ones(2, 3, dtype=torch.bool)   # K = 3 blocks of 3 = 9
+    ops = _operands(layout, 3, 5, 0, False)
+    plan = torch_kernels.plan_for(layout, 3)
+    with pytest.raises(RuntimeError, match="even"):
+        native_linear.native_forward(ops[0].bfloat16(), ops[1].bfloat16(), None, None, None, plan, 6)
+    torch.manual_seed(0)
+    for block in (3, 4):   # the layer under autocast, both block sizes: the reference's values
+        layer = PixelflyLinear(8 * block, 16 * block, budget=0.5, block_size=block, backend="torch")
+        x = torch.randn(33, 8 * block)
+        with torch.autocast("cpu", torch.bfloat16):
+            y = layer(x)
+        with torch.no_grad():
+            want = torch.nn.functional.linear(x.double(), layer.dense_weight().double(), layer.bias.double())
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=3e-2 * want.abs().max().item())

@@ -179,8 +179,9 @@ class PixelflyAttention(nn.Module):
             raise ValueError(f"route='masked_sdpa' computes the sparse part alone; the layer has {features} random "
                              f"features (lowrank_features=0, or route='auto' / 'kernel')")
         self.route = route
-        # the CPU crossover in force, read once here (a plain int: forward compiles without a graph break)
-        self._masked_below = masked_sdpa_below()
+        # the CPU crossover in force, read once here (a plain int: forward compiles without a graph break);
+        # asked of the compiled kernel only where 'auto' can take masked SDPA (it builds on first use)
+        self._masked_below = masked_sdpa_below() if route == "auto" and not features else MASKED_SDPA_BELOW_PYTORCH
         self._last_len = seq_len
         # one registry key per sequence length used (the built one now, shorter ones on first use)
         self._keys_by_length = {seq_len: register_layout(block_layout, block_size)}
@@ -278,7 +279,8 @@ class PixelflyAttention(nn.Module):
         routes existed gets 'auto', and the registry keys are this process's, so the built layout (its
         buffer came with the state) is registered again and shorter lengths are planned again on use."""
         state.setdefault("route", "auto")
-        state["_masked_below"] = masked_sdpa_below()   # this process's kernels decide it
+        state["_masked_below"] = (masked_sdpa_below() if state["route"] == "auto" and not state.get("features")
+                                  else MASKED_SDPA_BELOW_PYTORCH)   # this process's kernels decide it
         state.setdefault("_last_len", state["seq_len"])
         super().__setstate__(state)
         if not self.layout.is_meta:

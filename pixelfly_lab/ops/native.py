@@ -13,7 +13,7 @@ flags (``-march=native``: a cache shared by two machines never hands one the oth
 returns the module; later calls and processes reuse the build. ``make`` builds every source at
 install (:func:`main`), so tests and the first call do not wait for a
 compiler. Where no compiler works, :func:`load` warns once and returns None, and the callers take
-their pure-PyTorch paths (the same results; tests compare both with the float64 reference).
+their pure-PyTorch paths (the same function, to rounding; tests hold both to the float64 reference).
 
 Environment: ``PIXELFLY_NATIVE=0`` turns the compiled kernels off (the pure-PyTorch paths run);
 ``PIXELFLY_NATIVE_DIR`` overrides the cache folder (default ``~/.cache/pixelfly_lab/native``).
@@ -25,13 +25,15 @@ import argparse
 import hashlib
 import os
 import platform
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCES", "enabled", "load", "build_folder", "main"]
+__all__ = ["SOURCES", "STALE_LOCK_SECONDS", "enabled", "load", "build_folder", "main"]
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 _MODULES: dict[str, object] = {}
@@ -44,24 +46,34 @@ def enabled() -> bool:
 
 
 def _cpu_key() -> str:
-    """A short hash of this CPU's model and instruction flags (what ``-march=native`` compiles for)."""
+    """A short hash of this CPU's model and instruction flags (what ``-march=native`` compiles for;
+    x86 names them 'model name' and 'flags', ARM 'CPU implementer', 'CPU part' and 'Features')."""
     text = platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
+            if line.startswith(("model name", "flags", "Features", "CPU implementer", "CPU part")):
                 text += line
-            if line.startswith("flags"):
-                break
     except OSError:
         text += platform.processor()
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
 def build_folder(name: str) -> Path:
-    """Where source ``name`` is compiled: ``<cache>/torch-<version>-<cpu key>/<name>``."""
+    """Where source ``name`` is compiled: ``<cache>/torch-<version>-<cpu key>/<name>-<source key>``,
+    the source key a hash of the source's bytes, the flags and the Python version (two checkouts
+    or versions never share, nor wait on, one build)."""
     root = Path(os.environ.get("PIXELFLY_NATIVE_DIR") or Path.home() / ".cache" / "pixelfly_lab" / "native")
     version = torch.__version__.replace("+", "_")
-    return root / f"torch-{version}-{_cpu_key()}" / name
+    digest = hashlib.sha1((SOURCES / f"{name}.cpp").read_bytes() + " ".join(_CFLAGS + [sys.version]).encode())
+    return root / f"torch-{version}-{_cpu_key()}" / f"{name}-{digest.hexdigest()[:10]}"
+
+
+# A build lock older than this is a killed build's (torch's lock file has no owner and no timeout):
+# removed, so the next load builds again instead of waiting forever. A build takes ~20-40 s.
+STALE_LOCK_SECONDS = 600
 
 
 def load(name: str):
@@ -91,15 +103,18 @@ def _build(name: str, source: Path):
     folder = build_folder(name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink(missing_ok=True)
         with warnings.catch_warnings():   # torch's notes on compiler versions are not the user's business
             warnings.simplefilter("ignore")
             return cpp_extension.load(name=f"pixelfly_{name}", sources=[str(source)], build_directory=str(folder),
-                                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                      extra_cflags=_CFLAGS,
                                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:   # no compiler, no ninja, a read-only home: the PyTorch paths still work
         warnings.warn(f"pixelfly_lab: the compiled CPU kernel {name!r} could not be built ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the pure-PyTorch "
-                      f"path (slower, same results). Set PIXELFLY_NATIVE=0 to skip the attempt.", RuntimeWarning,
+                      f"path (slower; the same function, to rounding). Set PIXELFLY_NATIVE=0 to skip the attempt.", RuntimeWarning,
                       stacklevel=3)
         return None
 

@@ -15,13 +15,14 @@ over a head's rows, which run in order).
 
 Used by the registered op whenever :func:`native_applies` (CPU float32 inputs and the kernel built:
 see :mod:`pixelfly_lab.ops.native`, ``PIXELFLY_NATIVE=0`` turns it off); otherwise the chunk paths of
-:mod:`pixelfly_lab.ops.torch_attention` run, the same function. At T = 4096, 8 heads of 64, fan-in 8,
+:mod:`pixelfly_lab.ops.torch_attention` run, the same function to rounding. At T = 4096, 8 heads of 64, fan-in 8,
 block 32, one thread, forward+backward, interleaved in one process (``bench/attention_bench.py
 --chunks-only``, three runs at load 1.6-2.3 on 2 cores): 12.2x SDPA (median of 12.0-12.5x; the fused
 chunks 7.0x), causal 8.1x (4.4x): ~21 ms forward and ~49 ms backward, 107 GFLOP/s over the call
-(the micro-kernels, 70-77% of the time by perf, at ~150) where one dense (4096, 512) @ (512, 512) GEMM ran
-at 178. Peak memory 0.83x SDPA's at T = 4096 (0.73x to 0.85x from 1024 to 16384; the full table of
-``bench/attention_bench.py``).
+where one dense (4096, 512) @ (512, 512) GEMM ran at 178 (a one-off ``perf`` session, no bench prints it:
+70-77% of the time in the micro-kernels, at ~150). The full table (``bench/attention_bench.py``, quiet,
+load 0.7-1.1): kernel 11.5x SDPA at T = 4096 (causal 7.4x), 22.1x at 8192, 35.6x at 16384; peak memory
+0.78-0.85x SDPA's from T = 1024 to 16384.
 
 Example:
     >>> from pixelfly_lab.ops.torch_attention import build_attention_plan

@@ -1,4 +1,4 @@
-"""The 'torch' path's grouped GEMMs as one compiled row sweep (float32 on the CPU).
+"""The 'torch' path's grouped GEMMs as one compiled row sweep on the CPU (float32; bfloat16 on AMX).
 
 Same products as :mod:`pixelfly_lab.ops.torch_grouped` (the plan of
 :mod:`pixelfly_lab.ops.torch_plan`: per group of block rows, its blocks packed as one dense matrix),
@@ -6,21 +6,29 @@ but each product is a oneDNN micro-kernel call on raw pointers from C++
 (``csrc/blocksparse_cpu.cpp``, built by :mod:`pixelfly_lab.ops.native`): a tile of
 :data:`TILE_ROWS` rows of x times a group's packed blocks, read in place through its leading
 dimension and written or added in place into the output's columns. Per tile the forward runs every
-group; the backward runs dX's products and the blocks' gradients (gathered side^T @ row side, the
-tile transposed once) while the tile is in cache; threads share the tiles (OpenMP, torch's thread
-count) and sum their own gradient accumulators at the end. The Python side here turns a plan into
-two integer tables of products once per plan (cached) and packs the blocks per call.
+group; the backward runs dX's products per tile and the blocks' gradients (gathered side^T @ row
+side) per panel of :data:`PANEL_ROWS` rows, the panel transposed once; threads take panels from a
+shared counter (OpenMP, torch's thread count) and sum their own gradient accumulators at the end.
+The Python side here turns a plan into two integer tables of products once per plan (cached; the C++
+side checks every entry against its operands) and packs the blocks per call (one compiled pass for
+a stacked plan).
+
+bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, even block sizes): the
+same tables, B operands in VNNI pairs, float32 accumulation rounded once per tile, the blocks'
+gradients summed in float32 (:func:`native_takes`).
 
 Why: on one AVX-512 core (Xeon with AMX) ``torch.mm`` on a group's strided views, (512 x 96) @
-(96 x 128) into a 4096-wide output, ran at ~140 GFLOP/s while nn.Linear's whole GEMM ran at ~170;
-the micro-kernel on the same views ran at ~200 (``bench/native_gemm_bench.py``), and one C++ loop has
-none of the per-GEMM Python and dispatch cost (~30 us each, 100+ per call).
+(96 x 128) into a 4096-wide output, ran at ~117-140 GFLOP/s while nn.Linear's whole GEMM ran at
+~166-170; the micro-kernel on the same views at ~140-200 (``bench/native_gemm_bench.py``, loaded and
+quiet machine), and one C++ loop has none of the per-GEMM Python and dispatch cost (~30 us each,
+100+ per call).
 
-The low-rank term and the bias ride as one more product per group: [z, 1] @ [U^T; bias] with
-z = x V computed first (one narrow GEMM, :func:`~pixelfly_lab.ops.torch_grouped.times_narrow`); in
-the backward, gy U likewise, and gy^T [z, 1] (dU, dbias) as extra rows of the blocks' gradients.
+The low-rank term and the bias ride as one more product per group: [z, 1] @ [U^T; bias], with
+z = x V computed by the tile's first product; in the backward gy U likewise, and gy^T [z, 1] (dU,
+dbias) as extra rows of the blocks' gradients, or as grams of their own.
 
-Tested against the float64 reference and the pure-PyTorch grouped path in tests/test_native_linear.py.
+Tested against the float64 reference in tests/test_native_linear.py (float32 and bfloat16, 1-3
+threads), and through every float32 CPU layer in the other tests.
 """
 
 from __future__ import annotations
@@ -51,30 +59,25 @@ N_SPLIT = 256
 _TABLES: dict[tuple, tuple] = {}
 
 
-def native_takes(dtype: torch.dtype, device) -> bool:
-    """Whether the compiled sweep takes products of ``dtype`` on ``device``: float32 on the CPU,
-    and bfloat16 where the CPU has the VNNI micro-kernels (AMX or AVX512-BF16); the kernel built
+def native_takes(dtype: torch.dtype, device, block_size: int = 2) -> bool:
+    """Whether the compiled sweep takes products of ``dtype`` on ``device`` with blocks of
+    ``block_size``: float32 on the CPU, and bfloat16 with an even block size (its micro-kernels read
+    K in pairs) where the CPU has AMX (oneDNN's bfloat16 micro-kernels on VNNI-packed operands:
+    ``could_pack``, asked on every call, as torch's oneDNN switch may change); the kernel built
     (:func:`pixelfly_lab.ops.native.load`) and not turned off (``PIXELFLY_NATIVE=0``)."""
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not native.enabled():
         return False
     module = native.load("blocksparse_cpu")
-    return module is not None and (dtype == torch.float32 or _bfloat16_ready(module))
-
-
-def _bfloat16_ready(module) -> bool:
-    if "bf16" not in _READY:
-        _READY["bf16"] = bool(module.bfloat16_ready())
-    return _READY["bf16"]
-
-
-_READY: dict[str, bool] = {}
+    if module is None:
+        return False
+    return dtype == torch.float32 or (block_size % 2 == 0 and bool(module.bfloat16_ready()))
 
 
 def native_applies(x2: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the compiled sweep takes this product (:func:`native_takes`, x2 and values of one
-    dtype, x2's rows with unit column stride)."""
-    return (x2.dtype == values.dtype and x2.dim() == 2 and x2.stride(1) == 1
-            and native_takes(x2.dtype, x2.device))
+    """Whether the compiled sweep takes this product (:func:`native_takes` for values' block size,
+    x2 and values of one dtype, x2's rows with unit column stride)."""
+    return (x2.dtype == values.dtype and x2.dim() == 2 and x2.stride(1) == 1 and values.dim() == 3
+            and native_takes(x2.dtype, x2.device, values.shape[-1]))
 
 
 def _product(table: list, a_id, a_col, k, b_id, b_off, ldb, n, c_col, add, c_id=0) -> None:

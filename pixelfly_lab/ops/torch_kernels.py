@@ -1,7 +1,11 @@
 """The 'torch' backend of :mod:`pixelfly_lab.ops.matmul`: block-sparse matmul as grouped dense GEMMs.
 
 y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a block layout
-(storage convention in :mod:`pixelfly_lab.ops.matmul`), in plain PyTorch, fast on a CPU:
+(storage convention in :mod:`pixelfly_lab.ops.matmul`). On the CPU, float32 products (and bfloat16
+ones on AMX CPUs) run the plan's GEMMs as one compiled row sweep of oneDNN micro-kernels
+(:mod:`pixelfly_lab.ops.native_linear`) where its kernel is built; everything below describes the
+plain-PyTorch path, which runs the same plan everywhere else (no compiler, ``PIXELFLY_NATIVE=0``,
+float64, fp16, other devices):
 
 * a :class:`~pixelfly_lab.ops.torch_plan.Plan` cuts the layout into groups of consecutive block rows that read the same
   block columns (a flat block butterfly has butterfly_size of them: every block row of a cell
@@ -27,8 +31,8 @@ y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a blo
   first product is written, later ones added (:attr:`Plan.scatter_pieces`), so no output or
   gradient buffer is zero-filled first; with a low-rank term each row chunk's output is first
   written as [x V, 1] [U, bias]^T and the products added while the chunk is in cache;
-* 16-bit inputs (bf16/fp16 under autocast: AMX/AVX512-BF16 GEMMs, several times faster than
-  float32) take a *padded* plan (:func:`plan_for` with ``fill``): consecutive groups whose columns
+* 16-bit inputs that the compiled sweep does not take (bf16/fp16 under autocast: AMX/AVX512-BF16
+  GEMMs, several times faster than float32) take a *padded* plan (:func:`plan_for` with ``fill``): consecutive groups whose columns
   together form one run become one GEMM with zero blocks where a row stores none (for a flat
   block butterfly with two factors, 4 cell rows over 4 contiguous cells, 3/4 stored), so inputs
   are views and outputs are written once, for 1/3 more multiply-adds of the sparse part; and
@@ -134,8 +138,9 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
 
 
 def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
-    """The grouped GEMMs: compiled (:mod:`pixelfly_lab.ops.native_linear`) for float32 on the
-    CPU where the kernel is built, else in PyTorch (:mod:`pixelfly_lab.ops.torch_grouped`)."""
+    """The grouped GEMMs: compiled (:mod:`pixelfly_lab.ops.native_linear`) where it takes the
+    product (:func:`~pixelfly_lab.ops.native_linear.native_applies`), else in PyTorch
+    (:mod:`pixelfly_lab.ops.torch_grouped`)."""
     if native_applies(x2, values):
         return native_forward(x2, values, bias, u, v, plan, out_features)
     with torch_serial(x2):

@@ -20,7 +20,7 @@
 // except for what TORCH_CHECK below states.
 //
 // bfloat16 (what torch.autocast gives on the CPU): the same lists, with B operands in the VNNI
-// layout (pairs of rows interleaved: (K/2, N, 2), what AMX and AVX512-BF16 micro-kernels read;
+// layout (pairs of rows interleaved: (K/2, N, 2), what oneDNN's AMX micro-kernels read;
 // the Python side packs them, K even), products accumulated in float32 in a per-tile buffer and
 // rounded to bfloat16 once per tile (or, for an output later products read, the lead products'
 // z = x V, right after the product that writes it), grams in float32 accumulators, the panel's
@@ -277,13 +277,48 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
   check_operands(accs, at::kFloat, "accs");
   for (const auto& b : b_ops)
     TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == dtype && b.is_contiguous(), "b_ops: contiguous, the sweep's dtype");
+  // every table entry inside its operands (the Python side builds them; a wrong one would read or
+  // write outside a tensor, so they are checked here once per call: O(entries))
+  const int64_t n_p = products.numel() ? products.size(0) : 0, n_g = grams.numel() ? grams.size(0) : 0;
+  const int64_t* PT = products.data_ptr<int64_t>();
+  const int64_t* GT = grams.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_p; ++i) {
+    const int64_t* p = PT + i * kProductFields;
+    TORCH_CHECK(p[0] >= 0 && p[0] < (int64_t)a_ops.size() && p[9] >= 0 && p[9] < (int64_t)outs.size() &&
+                p[2] >= 0 && p[6] > 0, "products: operand out of range");
+    const at::Tensor &a = a_ops[p[0]], &c = outs[p[9]];
+    TORCH_CHECK(c.size(0) >= rows && p[7] >= 0 && p[7] + p[6] <= c.size(1), "products: output slice out of range");
+    if (p[2] == 0) continue;
+    TORCH_CHECK(p[3] >= 0 && p[3] < (int64_t)b_ops.size(), "products: B out of range");
+    const at::Tensor& b = b_ops[p[3]];
+    const int64_t k0 = p[5] > 0 ? p[4] / p[5] : -1, n0 = p[5] > 0 ? p[4] % p[5] : -1;
+    TORCH_CHECK(a.size(0) >= rows && p[1] >= 0 && p[1] + p[2] <= a.size(1), "products: A slice out of range");
+    TORCH_CHECK(k0 >= 0 && n0 + p[6] <= p[5] && (k0 + p[2]) * p[5] <= b.numel(), "products: B slice out of range");
+  }
+  for (int64_t i = 0; i < n_g; ++i) {
+    const int64_t* q = GT + i * kGramFields;
+    TORCH_CHECK(q[0] >= 0 && q[0] < (int64_t)g_a.size() && q[3] >= 0 && q[3] < (int64_t)g_b.size() &&
+                q[6] >= 0 && q[6] < (int64_t)accs.size() && q[2] > 0 && q[5] > 0, "grams: operand out of range");
+    const at::Tensor &a = g_a[q[0]], &b = g_b[q[3]], &acc = accs[q[6]];
+    TORCH_CHECK(a.size(0) >= rows && b.size(0) >= rows && q[1] >= 0 && q[1] + q[2] <= a.size(1) && q[4] >= 0 &&
+                q[4] + q[5] <= b.size(1) && q[7] >= 0 && q[7] + q[2] <= acc.size(0) && q[8] >= 0 &&
+                q[8] + q[5] <= acc.size(1), "grams: slice out of range");
+  }
+  if (dtype == at::kBFloat16) {   // its micro-kernels read K in pairs (VNNI): every K and B row offset even
+    const int64_t* P = products.data_ptr<int64_t>();
+    for (int64_t i = 0; i < (products.numel() ? products.size(0) : 0); ++i) {
+      const int64_t* p = P + i * kProductFields;
+      TORCH_CHECK(p[2] % 2 == 0 && (p[2] == 0 || (p[4] / p[5]) % 2 == 0),
+                  "products: bfloat16 needs even K and even B row offsets (an even block size)");
+    }
+  }
   if (dtype == at::kFloat)
     sweep_impl<float>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs);
   else
     sweep_impl<at::BFloat16>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs);
 }
 
-// Whether bfloat16 products run on micro-kernels that read VNNI-packed B (AMX or AVX512-BF16):
+// Whether bfloat16 products run on micro-kernels that read VNNI-packed B (oneDNN: AMX CPUs only):
 // the sweep's bfloat16 path needs them.
 bool bfloat16_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
@@ -330,6 +365,7 @@ at::Tensor pack_blocks(at::Tensor values, at::Tensor index, int64_t count, int64
   TORCH_CHECK(vnni || values.scalar_type() == at::kFloat, "values: float32 or bfloat16");
   const int64_t b = values.size(1), nnz = values.size(0);
   const int64_t rows = (transpose ? k : n_rows) * b, cols = (transpose ? n_rows : k) * b;
+  TORCH_CHECK(!vnni || rows % 2 == 0, "bfloat16 packing pairs rows: an even block size only");
   const bool swap = transpose != plan_transposed;
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i)
