@@ -63,11 +63,14 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 def build_folder(name: str) -> Path:
     """Where source ``name`` is compiled: ``<cache>/torch-<version>-<cpu key>/<name>-<source key>``,
-    the source key a hash of the source's bytes, the flags and the Python version (two checkouts
-    or versions never share, nor wait on, one build)."""
+    the source key a hash of the source's bytes, the flags, the Python version and environment (two
+    checkouts, versions or virtual environments never share, nor wait on, nor rebuild, one build)."""
     root = Path(os.environ.get("PIXELFLY_NATIVE_DIR") or Path.home() / ".cache" / "pixelfly_lab" / "native")
     version = torch.__version__.replace("+", "_")
-    digest = hashlib.sha1((SOURCES / f"{name}.cpp").read_bytes() + " ".join(_CFLAGS + [sys.version]).encode())
+    # the environment too (its torch headers are in the build command: ninja rebuilds when they move, and
+    # two virtual environments sharing one folder would rebuild it under each other's running processes)
+    digest = hashlib.sha1((SOURCES / f"{name}.cpp").read_bytes()
+                          + " ".join(_CFLAGS + [sys.version, sys.prefix, str(Path(torch.__file__).parent)]).encode())
     return root / f"torch-{version}-{_cpu_key()}" / f"{name}-{digest.hexdigest()[:10]}"
 
 
