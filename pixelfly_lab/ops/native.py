@@ -89,11 +89,13 @@ def load(name: str):
     Raises:
         ValueError: no such source.
     """
+    if not enabled():
+        return None
+    if name in _MODULES:   # built (or failed) before: no file system access per call
+        return _MODULES[name]
     source = SOURCES / f"{name}.cpp"
     if not source.is_file():
         raise ValueError(f"name: no source {source.name} in {SOURCES}")
-    if not enabled():
-        return None
     with _LOCK:
         if name not in _MODULES:
             _MODULES[name] = _build(name, source)

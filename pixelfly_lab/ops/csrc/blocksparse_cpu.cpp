@@ -335,15 +335,22 @@ void pack_into(const T* src, const int64_t* idx, T* dst, int64_t count, int64_t 
       const int64_t row0 = (transpose ? kk : r) * b, col0 = (transpose ? r : kk) * b;
       const T* blk = src + idx[i] * b * b;
       T* base = dst + c * rows * cols;
+      if (!vnni) {   // output rows written contiguously: a block row, or (swap) a block column read from L1
+        for (int64_t p = 0; p < b; ++p) {
+          T* out = base + (row0 + p) * cols + col0;
+          if (!swap) {
+            std::memcpy(out, blk + p * b, b * sizeof(T));
+          } else {
+            for (int64_t q = 0; q < b; ++q) out[q] = blk[q * b + p];
+          }
+        }
+        continue;
+      }
       for (int64_t p = 0; p < b; ++p) {
         const T* line = blk + p * b;
-        if (!swap && !vnni) {            // a block row is a row piece of the output
-          std::memcpy(base + (row0 + p) * cols + col0, line, b * sizeof(T));
-          continue;
-        }
         for (int64_t q = 0; q < b; ++q) {
           const int64_t row = row0 + (swap ? q : p), col = col0 + (swap ? p : q);
-          base[vnni ? ((row / 2) * cols + col) * 2 + row % 2 : row * cols + col] = line[q];
+          base[((row / 2) * cols + col) * 2 + row % 2] = line[q];
         }
       }
     }
