@@ -296,3 +296,21 @@ def test_bfloat16_takes_even_blocks_only_and_fp16_never(monkeypatch):
         with torch.no_grad():
             want = torch.nn.functional.linear(x.double(), layer.dense_weight().double(), layer.bias.double())
         torch.testing.assert_close(y.double(), want, rtol=0, atol=3e-2 * want.abs().max().item())
+
+
+def test_a_kernel_that_cannot_be_built_warns_and_gives_none(monkeypatch, tmp_path):
+    """No setuptools / compiler / ninja: a RuntimeWarning naming the kernel, None (the PyTorch paths run)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_cpp_extension(name, *args, **kwargs):
+        if name.startswith("torch.utils.cpp_extension"):
+            raise ImportError("No module named 'setuptools'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(native, "_MODULES", {})
+    monkeypatch.setenv("PIXELFLY_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(builtins, "__import__", no_cpp_extension)
+    with pytest.warns(RuntimeWarning, match="blocksparse_cpu.*could not be built"):
+        assert native.load("blocksparse_cpu") is None
+    assert native.load("blocksparse_cpu") is None   # remembered: no second attempt, no second warning

@@ -103,10 +103,11 @@ def load(name: str):
 
 
 def _build(name: str, source: Path):
-    import torch.utils.cpp_extension as cpp_extension   # setuptools and a compiler: only when a kernel is built
-
     folder = build_folder(name)
     try:
+        # setuptools (absent from Python >= 3.12 virtual environments by default) and a compiler: only here
+        import torch.utils.cpp_extension as cpp_extension
+
         folder.mkdir(parents=True, exist_ok=True)
         lock = folder / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
@@ -116,7 +117,7 @@ def _build(name: str, source: Path):
             return cpp_extension.load(name=f"pixelfly_{name}", sources=[str(source)], build_directory=str(folder),
                                       extra_cflags=_CFLAGS,
                                       extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as error:   # no compiler, no ninja, a read-only home: the PyTorch paths still work
+    except Exception as error:   # no setuptools, compiler or ninja, a read-only home: the PyTorch paths still work
         warnings.warn(f"pixelfly_lab: the compiled CPU kernel {name!r} could not be built ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the pure-PyTorch "
                       f"path (slower; the same function, to rounding). Set PIXELFLY_NATIVE=0 to skip the attempt.", RuntimeWarning,
