@@ -112,6 +112,12 @@ def _build(name: str, source: Path):
         lock = folder / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
             lock.unlink(missing_ok=True)
+        # ninja from the environment's own bin (requirements.txt installs it) when PATH lacks one: torch runs
+        # `ninja` by name, and `.venv/bin/python` does not put `.venv/bin` on PATH
+        path = os.environ.get("PATH", "")
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in path.split(os.pathsep):
+            os.environ["PATH"] = path + os.pathsep + bin_dir if path else bin_dir
         with warnings.catch_warnings():   # torch's notes on compiler versions are not the user's business
             warnings.simplefilter("ignore")
             return cpp_extension.load(name=f"pixelfly_{name}", sources=[str(source)], build_directory=str(folder),
