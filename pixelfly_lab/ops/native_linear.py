@@ -56,7 +56,7 @@ TILE_ROWS_16BIT = 128
 PANEL_ROWS_16BIT = 256
 # Widest product of one micro-kernel call (wider ones are cut into column pieces).
 N_SPLIT = 256
-_TABLES: dict[tuple, tuple] = {}
+_TABLES: dict[tuple, torch.Tensor] = {}
 
 
 def native_takes(dtype: torch.dtype, device, block_size: int = 2) -> bool:
@@ -139,13 +139,12 @@ def product_tables(plan: Plan, kind: str, low_k: int, width: int, lead: tuple = 
     """The integer table of ``kind`` ('gather', 'scatter' or 'gram') for the plan, cached: (n, 10)
     int64 products or (n, 9) grams as ``csrc/blocksparse_cpu.cpp`` reads them, after the rows
     ``lead`` (products that must run first in each tile: the low-rank z = x V)."""
+    if kind == "gram":
+        return _gram_table(plan, True, low_k, (), (0, 0, 0))
     key = (plan.signature, kind, low_k, width, lead)
     if key not in _TABLES:
-        if kind == "gram":
-            rows = _gram_terms(plan, low_k)
-        else:
-            rows = list(lead) + {"gather": _gather_products, "scatter": _scatter_products}[kind](plan, low_k, width)
-        _TABLES[key] = torch.tensor(rows, dtype=torch.long).reshape(-1, 9 if kind == "gram" else 10)
+        rows = list(lead) + {"gather": _gather_products, "scatter": _scatter_products}[kind](plan, low_k, width)
+        _TABLES[key] = torch.tensor(rows, dtype=torch.long).reshape(-1, 10)
     return _TABLES[key]
 
 
@@ -166,8 +165,17 @@ def _extra_grams(pairs: list, first_a: int, first_b: int, first_acc: int) -> lis
     return terms
 
 
+def _gram_table(plan: Plan, groups: bool, extra: int, pairs: tuple, first: tuple) -> torch.Tensor:
+    """The backward's grams, cached: the groups' (:func:`_gram_terms`, with ``groups``), then
+    :func:`_extra_grams` of ``pairs`` numbered from ``first`` = (first A, first B, first accumulator)."""
+    key = (plan.signature, "grams", groups, extra, pairs, first)
+    if key not in _TABLES:
+        rows = (_gram_terms(plan, extra) if groups else []) + _extra_grams(list(pairs), *first)
+        _TABLES[key] = torch.tensor(rows, dtype=torch.long).reshape(-1, 9)
+    return _TABLES[key]
+
+
 _NO_GRAMS = torch.empty(0, 9, dtype=torch.long)
-_NO_PRODUCTS = torch.empty(0, 10, dtype=torch.long)
 
 
 def _right(m: torch.Tensor, pad_rows: int = 0) -> torch.Tensor:
@@ -197,16 +205,13 @@ def _packed(values, plan: Plan, transpose: bool) -> list:
 
 def _unpacked(plan: Plan, values, grads, extra: int):
     """(the blocks' float32 gradient (nnz, b, b), the extra columns' (rows, extra) or None) from
-    the sweep's accumulators: :func:`unpack_grads`, in one compiled pass for a stacked plan."""
-    if not isinstance(grads, torch.Tensor):
-        return unpack_grads(plan, values.new_empty((1,) * values.dim(), dtype=torch.float32).expand(values.shape),
-                            grads, extra)
-    n_rows, k = plan.groups[0].vidx.shape
-    grad_values = torch.empty(values.shape)
-    native.load("blocksparse_cpu").unpack_blocks(grads, plan.stacked_index, n_rows, k, plan.transposed, grad_values)
-    width = plan.groups[0].width
-    grad_extra = grads[:, width:].transpose(1, 2).reshape(-1, extra) if extra else None
-    return grad_values, grad_extra
+    the sweep's accumulators: :func:`unpack_grads`, a stacked plan's blocks in one compiled pass."""
+    def store(grad_values, grad_mt):
+        n_rows, k = plan.groups[0].vidx.shape
+        native.load("blocksparse_cpu").unpack_blocks(grad_mt, plan.stacked_index, n_rows, k, plan.transposed,
+                                                     grad_values)
+    like = values.new_empty((1,) * values.dim(), dtype=torch.float32).expand(values.shape)   # float32, unallocated
+    return unpack_grads(plan, like, grads, extra, store)
 
 
 def _even(k: int, dtype: torch.dtype) -> int:
@@ -293,7 +298,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         kind = "gather" if plan.transposed else "scatter"
         table = product_tables(plan, kind, r + pad if gz is not None else 0, in_features, lead)
     else:
-        table = product_tables(plan, "gather", 0, 0, lead)[:len(lead)]
+        table = torch.tensor(lead, dtype=torch.long).reshape(-1, 10)
     # grams: the groups' (gathered side^T @ row side, extra rows riding along), then the others
     fold_bias = not plan.transposed and need_bias
     if plan.transposed:        # gathered side: gy (and gz: dV's rows); row side: x
@@ -308,18 +313,16 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     if extra_a is not None:
         g_a.append(extra_a)
     extra = 0 if extra_a is None else extra_a.shape[1]
-    grads, accs = _accumulators(plan, extra) if need_values or extra else (None, [])
-    grams = product_tables(plan, "gram", extra, 0) if need_values or extra else _NO_GRAMS
-    if others:
-        pairs, first_a, first_b, first_acc = [], len(g_a), len(g_b), len(accs)
-        for a, b, _ in others:
-            a = x2.new_ones(rows, 1) if a is None else a
-            g_a.append(a)
-            g_b.append(b)
-            accs.append(torch.empty(a.shape[1], b.shape[1]))
-            pairs.append((a.shape[1], b.shape[1]))
-        grams = torch.cat([grams, torch.tensor(_extra_grams(pairs, first_a, first_b, first_acc),
-                                               dtype=torch.long).reshape(-1, 9)])
+    groups = bool(need_values or extra)
+    grads, accs = _accumulators(plan, extra) if groups else (None, [])
+    pairs, first = [], (len(g_a), len(g_b), len(accs))
+    for a, b, _ in others:
+        a = x2.new_ones(rows, 1) if a is None else a
+        g_a.append(a)
+        g_b.append(b)
+        accs.append(torch.empty(a.shape[1], b.shape[1]))
+        pairs.append((a.shape[1], b.shape[1]))
+    grams = _gram_table(plan, groups, extra, tuple(pairs), first)
     _sweep(rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs)
     if grads is not None:
         grad_values, grad_extra = _unpacked(plan, values, grads, extra)

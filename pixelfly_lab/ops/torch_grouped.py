@@ -229,12 +229,14 @@ def _summed(accs):
     return accs[0]
 
 
-def unpack_grads(plan: Plan, values, grads, extra_cols: int):
+def unpack_grads(plan: Plan, values, grads, extra_cols: int, store=None):
     """Blocks' gradient (nnz, b, b) and the extra columns' (plan rows * b, extra_cols) or None;
-    ``grads``: the groups' accumulators, a list or one stacked tensor (:func:`_grad_accumulators`)."""
+    ``grads``: the groups' accumulators, a list or one stacked tensor (:func:`_grad_accumulators`).
+    ``store(grad_values, grads)`` unpacks a stacked one (default :meth:`Plan.store_grads`; the
+    compiled sweep passes its own)."""
     if isinstance(grads, torch.Tensor):   # a stacked plan: its groups cover every block and row once
         grad_values = values.new_empty(values.shape)
-        plan.store_grads(grad_values, grads)
+        (store or plan.store_grads)(grad_values, grads)
         width = plan.groups[0].width
         grad_extra = grads[:, width:].transpose(1, 2).reshape(-1, extra_cols) if extra_cols else None
         return grad_values, grad_extra

@@ -32,6 +32,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <atomic>
@@ -46,23 +47,18 @@ namespace {
 constexpr int kProductFields = 10;  // a_id, a_col, K, b_id, b_off, ldb, N, c_col, add, c_id
 constexpr int kGramFields = 9;      // a_id, a_col, M, b_id, b_col, N, acc_id, acc_row, acc_col
 
-// dst (cols x ldd, the first `rows` used) = src (rows x cols, ld lds)^T, in 16 x 16 tiles that stay
-// in L1; columns rows..ldd-1 of dst are zeroed (the padding of an odd K for bfloat16).
+// dst (cols x ldd, the first `rows` used) = src (rows x cols, ld lds)^T, 16 x 16 at a time by
+// at::vec::transpose_mxn (what the attention kernel uses too); columns rows..ldd-1 of dst are zeroed
+// (the padding of an odd K for bfloat16).
 template <typename T>
 void transpose_tile(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
   constexpr int64_t kB = 16;
-  for (int64_t c0 = 0; c0 < cols; c0 += kB) {
-    const int64_t c1 = std::min(cols, c0 + kB);
-    for (int64_t r0 = 0; r0 < rows; r0 += kB) {
-      const int64_t r1 = std::min(rows, r0 + kB);
-      for (int64_t c = c0; c < c1; ++c) {
-        T* d = dst + c * ldd;
-        for (int64_t r = r0; r < r1; ++r) d[r] = src[r * lds + c];
-      }
-    }
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = T(0);
-  }
+  for (int64_t r = 0; r < rows; r += kB)
+    for (int64_t c = 0; c < cols; c += kB)
+      at::vec::transpose_mxn<T>(src + r * lds + c, lds, dst + c * ldd + r, ldd, static_cast<int>(std::min(kB, rows - r)),
+                                static_cast<int>(std::min(kB, cols - c)));
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = T(0);
 }
 
 // dst (ceil(rows/2), cols, 2) = src (rows x cols, ld lds) in the VNNI layout; an odd last row
