@@ -188,11 +188,15 @@ needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "
 @pytest.mark.parametrize("rows", [7, 130])
 @pytest.mark.parametrize("name", ["expanding", "contracting", "holes", "random"])
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (4, False), (5, True), (0, False)])
-def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, monkeypatch):
-    """bfloat16 operands (B in VNNI pairs, odd K padded, float32 accumulation): the float64
-    reference to bfloat16 rounding (a few 1e-3 of the largest value), gradients in bfloat16."""
+@pytest.mark.parametrize("n_split", [native_linear.N_SPLIT, 8])
+def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, monkeypatch):
+    """bfloat16 operands (B in VNNI pairs, K padded to the AMX step, float32 accumulation): the float64
+    reference to bfloat16 rounding (a few 1e-3 of the largest value), gradients in bfloat16. With
+    n_split 8 every group's output is cut into pieces, each accumulated in a window of its own."""
     monkeypatch.setattr(native_linear, "TILE_ROWS_16BIT", 64 if rows > 64 else 4)   # panels of several tiles
     monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 128 if rows > 64 else 7)  # and an odd panel
+    monkeypatch.setattr(native_linear, "N_SPLIT", n_split)
+    monkeypatch.setattr(native_linear, "_TABLES", {})   # tables built with this split
     layout, b = LAYOUTS[name]
     ops = tuple(None if t is None else t.bfloat16() for t in _operands(layout, b, rows, rank, bias))
     plan = torch_kernels.plan_for(layout, b)
@@ -269,7 +273,7 @@ def test_bfloat16_threads_share_the_panels(threads, monkeypatch):
     torch.set_num_threads(threads)
     try:
         for name in ("expanding", "contracting", "random"):
-            test_bfloat16_sweep_matches_reference(name, 3, True, 130, monkeypatch)
+            test_bfloat16_sweep_matches_reference(name, 3, True, 130, 8, monkeypatch)
     finally:
         torch.set_num_threads(previous)
 

@@ -245,7 +245,11 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
                     skipped.append({"in_features": in_f, "out_features": out_f, **common, **label,
                                     "note": f"skipped: {err}"})
             x = torch.randn(config.rows, in_f, device=config.device, dtype=config.dtype, requires_grad=True)
-            grad = torch.randn(config.rows, out_f, device=config.device, dtype=config.dtype)
+            # the output's gradient in the output's dtype: under autocast a layer's output is bfloat16,
+            # and so is the gradient the next op of a model sends back. A float32 one would add a cast
+            # to both layers that no training step has (measured 22 ms for 4096 x 4096, one thread:
+            # most of it page faults of the fresh 32 MB result, as long as the sparse layer's forward).
+            grad = torch.randn(config.rows, out_f, device=config.device, dtype=config.autocast or config.dtype)
             times = [{"note": "", **{f"{m}{c}": [] for m in MODES for c in ("", "_cpu")}} for _ in cases]
             runs = config.warmup + config.repeats
             for run_index in tqdm(range(runs), desc=f"{in_f}->{out_f}", leave=False, disable=not progress):
