@@ -138,6 +138,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to time (default cpu)")
     parser.add_argument("--allocator", default=default.allocator, choices=("retain", "default"),
                         help="'retain': glibc keeps freed memory (as jemalloc/tcmalloc would); 'default': as is")
+    parser.add_argument("--model-rounds", type=int, default=5,
+                        help="interleaved rounds of the model table (one step per model each; the median is "
+                             "reported). Three read GPT-2 small at 1.04x-1.48x on one quiet machine within an hour")
     models = parser.add_mutually_exclusive_group()
     models.add_argument("--no-models", action="store_true",
                         help="skip the model table (Mixer-B/16 and GPT-2 small training steps, minutes at full depth)")
@@ -201,7 +204,7 @@ def run(args, *, isolate: bool = True) -> int:
         if args.quick else list(MODEL_CASES)
     for threads in args.threads:
         print(machine_header(), f"threads {threads}", flush=True)
-        models = model_speed_table(cases, threads=threads)
+        models = model_speed_table(cases, threads=threads, rounds=args.model_rounds)
         models.to_csv(out / f"models_threads{threads}.csv" if len(args.threads) > 1 else out / "models.csv",
                       index=False)
         columns = ["case", "model", "depth", "batch", "budget", "attention", "step_ms", "ratio", "flop_limit",
