@@ -188,11 +188,12 @@ needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "
 @pytest.mark.parametrize("rows", [7, 130])
 @pytest.mark.parametrize("name", ["expanding", "contracting", "holes", "random"])
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (4, False), (5, True), (0, False)])
-@pytest.mark.parametrize("n_split", [native_linear.N_SPLIT, 8])
+@pytest.mark.parametrize("n_split", [native_linear.N_SPLIT, 8, 2])
 def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, monkeypatch):
     """bfloat16 operands (B in VNNI pairs, K padded to the AMX step, float32 accumulation): the float64
     reference to bfloat16 rounding (a few 1e-3 of the largest value), gradients in bfloat16. With
-    n_split 8 every group's output is cut into pieces, each accumulated in a window of its own."""
+    n_split 8 or 2 a group's output is cut into pieces (2: every group's, also the holes' groups of
+    4 rows, zeroed by K = 0 products without rank and bias), each accumulated in a window of its own."""
     monkeypatch.setattr(native_linear, "TILE_ROWS_16BIT", 64 if rows > 64 else 4)   # panels of several tiles
     monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 128 if rows > 64 else 7)  # and an odd panel
     monkeypatch.setattr(native_linear, "N_SPLIT", n_split)
@@ -276,6 +277,30 @@ def test_bfloat16_threads_share_the_panels(threads, monkeypatch):
             test_bfloat16_sweep_matches_reference(name, 3, True, 130, 8, monkeypatch)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("n_split", [native_linear.N_SPLIT, 2])
+@pytest.mark.parametrize("low_k", [0, 32])
+def test_gather_tables_accumulate_in_windows_and_scatter_tables_do_not(n_split, low_k, monkeypatch):
+    """The bfloat16 sweep rounds a gather table's products per output window (each slice's products
+    consecutive, the first writing, every column covered once); a scatter table (several groups add
+    into the same columns) and a table with a slice unwritten keep the per-tile buffer. A gather table
+    is the forward of a plan that gathers x, and dX of a transposed plan."""
+    monkeypatch.setattr(native_linear, "N_SPLIT", n_split)
+    monkeypatch.setattr(native_linear, "_TABLES", {})
+    module = native.load("blocksparse_cpu")
+    for name in ("expanding", "contracting", "holes", "random", "random-T"):
+        layout, b = LAYOUTS[name]
+        plan = torch_kernels.plan_for(layout, b)
+        out, into = layout.shape[0] * b, layout.shape[1] * b
+        gather, scatter = (into, out) if plan.transposed else (out, into)   # each table's output width
+        lead = native_linear._lead_product(scatter, len(plan.groups) + 1, 32) if low_k else ()
+        table = native_linear.product_tables(plan, "gather", low_k, gather, lead)
+        assert module.windowed(table, gather), name
+        first = int((table[:, 9] == 0).nonzero()[0])
+        without_first = torch.cat([table[:first], table[first + 1:]])   # a slice unwritten, or added to first
+        assert not module.windowed(without_first, gather), name
+        assert not module.windowed(native_linear.product_tables(plan, "scatter", low_k, scatter), scatter), name
 
 
 @needs_bf16

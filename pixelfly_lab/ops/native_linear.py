@@ -14,8 +14,9 @@ side checks every entry against its operands) and packs the blocks per call (one
 a stacked plan).
 
 bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, even block sizes): the
-same tables, B operands in VNNI pairs, float32 accumulation rounded once per tile, the blocks'
-gradients summed in float32 (:func:`native_takes`).
+same tables, B operands in VNNI pairs (low-rank K padded to :data:`K_STEP_16BIT`), float32
+accumulation rounded once (per output slice of a group in a gather table, per tile otherwise), the
+blocks' gradients summed in float32 (:func:`native_takes`).
 
 Why: on one AVX-512 core (Xeon with AMX) ``torch.mm`` on a group's strided views, (512 x 96) @
 (96 x 128) into a 4096-wide output, ran at ~117-140 GFLOP/s while nn.Linear's whole GEMM ran at
@@ -82,11 +83,16 @@ def native_applies(x2: torch.Tensor, values: torch.Tensor) -> bool:
             and native_takes(x2.dtype, x2.device, values.shape[-1]))
 
 
+def _pieces(n: int) -> list[tuple[int, int]]:
+    """(first column, width) of n columns cut into pieces of at most :data:`N_SPLIT`."""
+    return [(n0, min(N_SPLIT, n - n0)) for n0 in range(0, n, N_SPLIT)]
+
+
 def _product(table: list, a_id, a_col, k, b_id, b_off, ldb, n, c_col, add, c_id=0) -> None:
     """Append C_c[:, c_col:c_col+n] (+)= A_a[:, a_col:a_col+k] @ B_b (k x n at b_off, ld ldb),
-    cut into pieces of at most :data:`N_SPLIT` columns."""
-    for n0 in range(0, n, N_SPLIT):
-        table.append((a_id, a_col, k, b_id, b_off + n0, ldb, min(N_SPLIT, n - n0), c_col + n0, int(add), c_id))
+    cut into :func:`_pieces`."""
+    for n0, width in _pieces(n):
+        table.append((a_id, a_col, k, b_id, b_off + n0, ldb, width, c_col + n0, int(add), c_id))
 
 
 def _gather_products(plan: Plan, low_k: int, width: int) -> list:
@@ -95,8 +101,8 @@ def _gather_products(plan: Plan, low_k: int, width: int) -> list:
     table = []
     for i, g in enumerate(plan.groups):
         n_g = g.r1 - g.r0
-        for n0 in range(0, n_g, N_SPLIT):   # piece by piece: each output slice's products consecutive
-            n, offset = min(N_SPLIT, n_g - n0), 0
+        for n0, n in _pieces(n_g):   # piece by piece: each output slice's products consecutive (a window)
+            offset = 0
             if not g.runs and not low_k:
                 _product(table, 0, 0, 0, i, 0, 0, n, g.r0 + n0, False)   # a group without blocks: zeros
             for c0, c1 in g.runs:
@@ -164,8 +170,8 @@ def _extra_grams(pairs: list, first_a: int, first_b: int, first_acc: int) -> lis
     first_a and first_b, accumulators from first_acc; B's columns cut into N_SPLIT pieces."""
     terms = []
     for i, (m, n) in enumerate(pairs):
-        for c in range(0, n, N_SPLIT):
-            terms.append((first_a + i, 0, m, first_b + i, c, min(N_SPLIT, n - c), first_acc + i, 0, c))
+        for c, width in _pieces(n):
+            terms.append((first_a + i, 0, m, first_b + i, c, width, first_acc + i, 0, c))
     return terms
 
 

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 from pathlib import Path
 
@@ -112,6 +113,14 @@ def _shape(text: str) -> tuple[int, int]:
     return in_f, out_f
 
 
+def _positive(text: str) -> int:
+    """An int >= 1 from the command line (argparse's type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser) -> None:
     default = BenchConfig()
     parser.add_argument("--out", default="results/bench", help="folder for speed.csv and speed.png/pdf")
@@ -138,9 +147,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to time (default cpu)")
     parser.add_argument("--allocator", default=default.allocator, choices=("retain", "default"),
                         help="'retain': glibc keeps freed memory (as jemalloc/tcmalloc would); 'default': as is")
-    parser.add_argument("--model-rounds", type=int, default=5,
-                        help="interleaved rounds of the model table (one step per model each; the median is "
-                             "reported). Three read GPT-2 small at 1.04x-1.48x on one quiet machine within an hour")
+    parser.add_argument("--model-rounds", type=_positive, default=None,
+                        help="interleaved rounds of the model table, one step per model each, the median reported "
+                             "(default 5, 3 with --quick; three read GPT-2 small at 1.04x-1.48x on one quiet "
+                             "machine within an hour)")
     models = parser.add_mutually_exclusive_group()
     models.add_argument("--no-models", action="store_true",
                         help="skip the model table (Mixer-B/16 and GPT-2 small training steps, minutes at full depth)")
@@ -204,7 +214,8 @@ def run(args, *, isolate: bool = True) -> int:
         if args.quick else list(MODEL_CASES)
     for threads in args.threads:
         print(machine_header(), f"threads {threads}", flush=True)
-        models = model_speed_table(cases, threads=threads, rounds=args.model_rounds)
+        rounds = args.model_rounds or (3 if args.quick else 5)
+        models = model_speed_table(cases, threads=threads, rounds=rounds)
         models.to_csv(out / f"models_threads{threads}.csv" if len(args.threads) > 1 else out / "models.csv",
                       index=False)
         columns = ["case", "model", "depth", "batch", "budget", "attention", "step_ms", "ratio", "flop_limit",

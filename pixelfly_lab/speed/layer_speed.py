@@ -232,7 +232,7 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
     now = _clocks(config.device)
     compute = str(config.autocast or config.dtype).replace("torch.", "") + (" (autocast)" if config.autocast else "")
     common = {"rows": config.rows, "threads": config.threads, "device": config.device, "dtype": compute,
-              "allocator": allocator}
+              "grad_dtype": str(config.autocast or config.dtype).replace("torch.", ""), "allocator": allocator}
     rows = []
     with num_threads(config.threads):
         for in_f, out_f in tqdm(config.shapes, desc="bench shapes", disable=not progress):
@@ -245,10 +245,12 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
                     skipped.append({"in_features": in_f, "out_features": out_f, **common, **label,
                                     "note": f"skipped: {err}"})
             x = torch.randn(config.rows, in_f, device=config.device, dtype=config.dtype, requires_grad=True)
-            # the output's gradient in the output's dtype: under autocast a layer's output is bfloat16,
-            # and so is the gradient the next op of a model sends back. A float32 one would add a cast
-            # to both layers that no training step has (measured 22 ms for 4096 x 4096, one thread:
-            # most of it page faults of the fresh 32 MB result, as long as the sparse layer's forward).
+            # the output's gradient in the output's dtype (column grad_dtype): under autocast a layer's
+            # output is bfloat16, and so is the gradient a bfloat16 op after it sends back. A float32
+            # gradient (from a float32 residual add, say) is cast to bfloat16 by autograd before either
+            # layer sees it: the same cast for both, not the layer's work (measured 22 ms for 4096 x 4096
+            # on one thread, most of it page faults of the fresh 32 MB result: as long as the sparse
+            # forward). Until 2026-12-07 the bench timed that cast too: its earlier bf16 ratios are lower.
             grad = torch.randn(config.rows, out_f, device=config.device, dtype=config.autocast or config.dtype)
             times = [{"note": "", **{f"{m}{c}": [] for m in MODES for c in ("", "_cpu")}} for _ in cases]
             runs = config.warmup + config.repeats
@@ -303,7 +305,8 @@ def speed_table(config: BenchConfig = BenchConfig(), progress: bool = True, isol
         (speed-up / flop_limit: the kernel's efficiency relative to nn.Linear's GEMM),
         dense_gflops, useful_gflops, fraction_of_dense_rate (forward+backward; ``*_forward`` for
         the forward: :func:`add_rate_columns`), note, threads, device, dtype (the compute dtype,
-        '(autocast)' when under autocast), allocator, load_avg (the 1-minute load when the shape
+        '(autocast)' when under autocast), grad_dtype (the output gradient's: the compute dtype),
+        allocator, load_avg (the 1-minute load when the shape
         finished: a shared machine makes every number noisy).
     """
     if not isolate:

@@ -21,10 +21,13 @@
 //
 // bfloat16 (what torch.autocast gives on the CPU): the same lists, with B operands in the VNNI
 // layout (pairs of rows interleaved: (K/2, N, 2), what oneDNN's AMX micro-kernels read;
-// the Python side packs them, K even), products accumulated in float32 in a per-tile buffer and
-// rounded to bfloat16 once per tile (or, for an output later products read, the lead products'
-// z = x V, right after the product that writes it), grams in float32 accumulators, the panel's
-// B side repacked to VNNI once per panel (an odd last row padded with zeros).
+// the Python side packs them, every K even, the low-rank ones padded to AMX's K step of 32),
+// products accumulated in float32 and rounded to bfloat16 once: per output window where the
+// table has them (find_windows: a gather plan's groups, each slice's products consecutive),
+// else per tile in a float32 copy of the tile's rows (the scatter plans, where several groups add
+// into the same columns); an output later products read (the lead products' z = x V) right after
+// the product that writes it. Grams in float32 accumulators, the panel's B side repacked to VNNI
+// once per panel (an odd last row padded with zeros).
 //
 // Reference: block-sparse GEMM as grouped dense GEMMs (Pixelfly, Dao, Chen et al., ICLR 2022,
 // arXiv 2112.00029, Sec. 4; this CPU formulation is ours); brgemm: oneDNN's micro-kernel API.
@@ -131,18 +134,24 @@ inline void round_into(const float*, int64_t, int64_t, int64_t, float*, int64_t)
 
 // bfloat16 output 0 in windows: a window is a run of consecutive products into outs[0] on the same
 // columns (c_col, N), the first writing (add == 0, or K == 0: zeroing), the others adding; no two
-// windows share a column. Then each window accumulates in a small float32 buffer (tile x N, hot in
-// cache) and is rounded into the output when its last product is done, instead of a float32 copy
-// of the whole tile row (tile x width: 2 MB for a 4096-wide output, 16 KB between rows) rounded at
-// the tile's end. Measured: a budget-0.1 group's products (K 96, N 128) 3.4x faster, 1.2x at K 512
-// (one thread, AMX). `last[i]` is set where window i's last product is. False where the table is
-// not like that (the scatter products: several groups add into the same columns).
+// windows share a column, and together they cover every column (a column no window writes would
+// keep what the output buffer held). Then each window accumulates in a small float32 buffer
+// (tile x N: 128 KB, in L2) and is rounded into the output when its last product is done, instead
+// of a float32 copy of the whole tile row (tile x width: 2 MB for a 4096-wide output, 16 KB
+// between rows) rounded at the tile's end. Measured: a budget-0.1 group's products (K 96, N 128)
+// 3.4x faster, 1.2x at K 512 (one thread, AMX). `last[i]` is set where window i's last product
+// is; a product into another output closes the open window. False where the table is not like that
+// (the scatter products: several groups add into the same columns).
 bool find_windows(const int64_t* P, int64_t n_products, int64_t width, std::vector<char>& last) {
   std::vector<char> covered(width, 0);
   int64_t c0 = -1, n = -1, open = -1;
   for (int64_t i = 0; i < n_products; ++i) {
     const int64_t* p = P + i * kProductFields;
-    if (p[9] != 0) continue;
+    if (p[9] != 0) {   // another output (z = x V): the open window ends before it
+      if (open >= 0) last[open] = 1;
+      c0 = n = open = -1;
+      continue;
+    }
     if (p[7] == c0 && p[6] == n && p[8] != 0 && p[2] != 0) {   // adds to the open window
       open = i;
       continue;
@@ -156,7 +165,7 @@ bool find_windows(const int64_t* P, int64_t n_products, int64_t width, std::vect
     }
   }
   if (open >= 0) last[open] = 1;
-  return true;
+  return std::all_of(covered.begin(), covered.end(), [](char c) { return c != 0; });
 }
 
 template <typename T>
@@ -205,7 +214,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
     }
     std::vector<T> t_buffer(n_grams ? t_width * k_panel : 0), v_buffer(n_grams ? v_width * k_panel : 0);
     std::vector<const T*> t_base(g_a.size(), nullptr), v_base(g_b.size(), nullptr);
-    // bfloat16: each output's tile in float32, rounded once
+    // bfloat16: float32 accumulators, rounded once: output 0's window (windowed) or tile rows, the others' tile rows
     std::vector<std::vector<float>> c_buffer(kF32 ? 0 : outs.size());
     for (size_t c = 0; c < c_buffer.size(); ++c) c_buffer[c].resize(tile * (c == 0 && windowed ? window_n : outs[c].size(1)));
     for (int64_t t = next_panel++; t < n_panels; t = next_panel++) {
@@ -353,6 +362,19 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
     sweep_impl<at::BFloat16>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs);
 }
 
+// Whether a product table's output 0 is accumulated in windows by the bfloat16 sweep (find_windows).
+bool windowed(at::Tensor products, int64_t width) {
+  TORCH_CHECK(products.scalar_type() == at::kLong && products.is_contiguous() &&
+              (products.numel() == 0 || products.size(1) == kProductFields), "products: (n, 10) contiguous int64");
+  const int64_t n = products.numel() ? products.size(0) : 0;
+  std::vector<char> last(n, 0);
+  const int64_t* P = products.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(P[i * kProductFields + 9] != 0 || (P[i * kProductFields + 7] >= 0 &&
+                P[i * kProductFields + 7] + P[i * kProductFields + 6] <= width), "products: output slice out of range");
+  return n > 0 && find_windows(P, n, width, last);
+}
+
 // Whether bfloat16 products run on micro-kernels that read VNNI-packed B (oneDNN: AMX CPUs only):
 // the sweep's bfloat16 path needs them.
 bool bfloat16_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
@@ -377,10 +399,8 @@ void pack_into(const T* src, const int64_t* idx, T* dst, int64_t count, int64_t 
         if (!swap) {
           pack_vnni(blk, b, b, b, out, cols);
         } else {   // transposed: the pair (rows q, q+1; column p) is blk[p][q..q+1], one 32-bit word
-          const uint32_t* words = reinterpret_cast<const uint32_t*>(blk);
-          uint32_t* out_words = reinterpret_cast<uint32_t*>(out);
           for (int64_t p = 0; p < b; ++p)
-            for (int64_t q = 0; q < b / 2; ++q) out_words[q * cols + p] = words[p * (b / 2) + q];
+            for (int64_t q = 0; q < b; q += 2) std::memcpy(out + (q / 2) * cols * 2 + p * 2, blk + p * b + q, 4);
         }
       } else {   // output rows written contiguously
         for (int64_t p = 0; p < b; ++p) {
@@ -411,7 +431,7 @@ at::Tensor pack_blocks(at::Tensor values, at::Tensor index, int64_t count, int64
   TORCH_CHECK(vnni || values.scalar_type() == at::kFloat, "values: float32 or bfloat16");
   const int64_t b = values.size(1), nnz = values.size(0);
   const int64_t rows = (transpose ? k : n_rows) * b, cols = (transpose ? n_rows : k) * b;
-  TORCH_CHECK(!vnni || rows % 2 == 0, "bfloat16 packing pairs rows: an even block size only");
+  TORCH_CHECK(!vnni || b % 2 == 0, "bfloat16 packing pairs rows: an even block size only");
   const bool swap = transpose != plan_transposed;
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i)
@@ -458,5 +478,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sweep", &sweep, "Tiled brgemm products and grams over rows (see blocksparse_cpu.cpp)");
   m.def("pack_blocks", &pack_blocks, "The groups' blocks as B operands (see blocksparse_cpu.cpp)");
   m.def("unpack_blocks", &unpack_blocks, "The blocks' gradients from the groups' accumulators");
+  m.def("windowed", &windowed, "Whether the bfloat16 sweep accumulates a table's output 0 in windows");
   m.def("bfloat16_ready", &bfloat16_ready, "Whether the bfloat16 micro-kernels (VNNI) are available");
 }
