@@ -55,7 +55,8 @@ def group_products(rounds: int) -> None:
     ms = _median_ms({"dense torch.mm (512 x 1024 @ 1024 x 4096)": lambda: torch.mm(x, w, out=y),
                      "torch.mm on the group views": views,
                      "sweep micro-kernels on the same views": lambda: sweep(rows, 64, 64, [x], rights, [y], table,
-                                                                            [], [], no_grams, [])}, rounds)
+                                                                            [], [], no_grams, [],
+                                                                            native_linear.STREAM_BYTES)}, rounds)
     flops = {"dense": 2 * rows * 1024 * 4096, "group": 2 * rows * k * n * groups}
     for name, t in ms.items():
         print(f"{name:48s} {t:7.2f} ms  {flops['dense' if name.startswith('dense') else 'group'] / t / 1e6:6.1f} GFLOP/s")

@@ -21,6 +21,7 @@ if native.load("blocksparse_cpu") is None:
     pytest.skip("the compiled kernel cannot be built here (no compiler?)", allow_module_level=True)
 
 F32, F64 = torch.float32, torch.float64
+STREAM_BYTES = native_linear.STREAM_BYTES   # the outputs the tests make are smaller: 0 makes them count as large
 LAYOUTS = {
     "expanding": (flat_block_butterfly_layout(256, 64, 8, 2, 4), 4),     # gather plan
     "contracting": (flat_block_butterfly_layout(64, 256, 8, 2, 4), 4),   # scatter plan
@@ -61,10 +62,13 @@ def _close(got, want):
 @pytest.mark.parametrize("rows,tile", [(7, 2), (130, 64), (1, 64), (64, 64)])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False), (0, False)])
-def test_sweep_matches_reference(name, rank, bias, rows, tile, monkeypatch):
+@pytest.mark.parametrize("stream", [False, True])
+def test_sweep_matches_reference(name, rank, bias, rows, tile, stream, monkeypatch):
     """Values and every gradient, both plan orientations, groups of several runs, empty rows and
-    columns, rows that are not a multiple of the tile."""
+    columns, rows that are not a multiple of the tile; with ``stream`` every output counts as large
+    (a gather table's products then accumulate per window and are stored by streaming stores)."""
     monkeypatch.setattr(native_linear, "TILE_ROWS", tile)
+    monkeypatch.setattr(native_linear, "STREAM_BYTES", 0 if stream else STREAM_BYTES)
     layout, b = LAYOUTS[name]
     ops = _operands(layout, b, rows, rank, bias)
     plan = torch_kernels.plan_for(layout, b)
@@ -111,7 +115,8 @@ def test_threads_share_the_panels(name, threads, monkeypatch):
     torch.set_num_threads(threads)
     try:
         for rows in (2, 11, 130):
-            test_sweep_matches_reference(name, 3, True, rows, 2, monkeypatch)
+            for stream in (False, True):
+                test_sweep_matches_reference(name, 3, True, rows, 2, stream, monkeypatch)
     finally:
         torch.set_num_threads(previous)
 
@@ -198,6 +203,7 @@ def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, monke
     monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 128 if rows > 64 else 7)  # and an odd panel
     monkeypatch.setattr(native_linear, "N_SPLIT", n_split)
     monkeypatch.setattr(native_linear, "_TABLES", {})   # tables built with this split
+    monkeypatch.setattr(native_linear, "STREAM_BYTES", 0 if n_split == 8 else STREAM_BYTES)
     layout, b = LAYOUTS[name]
     ops = tuple(None if t is None else t.bfloat16() for t in _operands(layout, b, rows, rank, bias))
     plan = torch_kernels.plan_for(layout, b)

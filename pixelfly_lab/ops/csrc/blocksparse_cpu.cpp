@@ -19,6 +19,11 @@
 // two lists once per plan and checks every operand's shape before the call; this file trusts them
 // except for what TORCH_CHECK below states.
 //
+// Large outputs (at least `stream_bytes`, chosen by the Python side) whose products form windows
+// (find_windows: a gather plan's groups, each output slice's products consecutive) are accumulated
+// per window in a small float32 buffer and written once by non-temporal stores: no line of the
+// output is read from memory before it is written, and none is kept in the caches.
+//
 // bfloat16 (what torch.autocast gives on the CPU): the same lists, with B operands in the VNNI
 // layout (pairs of rows interleaved: (K/2, N, 2), what oneDNN's AMX micro-kernels read;
 // the Python side packs them, every K even, the low-rank ones padded to AMX's K step of 32),
@@ -115,22 +120,41 @@ inline void product(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, i
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b + k0 * ldb + 2 * n0, c, true);
 }
 
-// dst (rows x cols, ld ldd) = src (float32, ld lds) rounded to the nearest even bfloat16 (as
-// at::BFloat16's conversion rounds); 16 at a time with AVX512-BF16.
-void round_into(const float* src, int64_t lds, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t ldd) {
+
+// dst (rows x cols, ld ldd) = src (float32, ld lds) in dst's type: float32 copied, bfloat16 rounded
+// to the nearest even (as at::BFloat16's conversion rounds), 16 at a time with AVX-512 (and BF16);
+// with `stream`, rows whose start is 64-byte aligned by non-temporal stores (an sfence must follow
+// before another thread reads them).
+inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+                       bool stream) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    float* d = dst + r * ldd;
+    int64_t c = 0;
+#ifdef __AVX512F__
+    if (stream && reinterpret_cast<uintptr_t>(d) % 64 == 0)
+      for (; c + 16 <= cols; c += 16) _mm512_stream_ps(d + c, _mm512_loadu_ps(s + c));
+#endif
+    if (c < cols) std::memcpy(d + c, s + c, (cols - c) * sizeof(float));
+  }
+}
+
+inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t ldd,
+                       bool stream) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* s = src + r * lds;
     at::BFloat16* d = dst + r * ldd;
     int64_t c = 0;
 #ifdef __AVX512BF16__
+    if (stream && reinterpret_cast<uintptr_t>(d) % 32 == 0)
+      for (; c + 16 <= cols; c += 16)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));
     for (; c + 16 <= cols; c += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));
 #endif
     for (; c < cols; ++c) d[c] = static_cast<at::BFloat16>(s[c]);
   }
 }
-
-inline void round_into(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}   // float32 writes in place
 
 // bfloat16 output 0 in windows: a window is a run of consecutive products into outs[0] on the same
 // columns (c_col, N), the first writing (add == 0, or K == 0: zeroing), the others adding; no two
@@ -172,7 +196,7 @@ template <typename T>
 void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at::Tensor>& a_ops,
                 const std::vector<at::Tensor>& b_ops, const std::vector<at::Tensor>& outs, const at::Tensor& products,
                 const std::vector<at::Tensor>& g_a, const std::vector<at::Tensor>& g_b, const at::Tensor& grams,
-                std::vector<at::Tensor>& accs) {
+                std::vector<at::Tensor>& accs, int64_t stream_bytes) {
   constexpr bool kF32 = std::is_same<T, float>::value;
   const int64_t n_products = products.numel() ? products.size(0) : 0;
   const int64_t n_grams = grams.numel() ? grams.size(0) : 0;
@@ -191,7 +215,10 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
   const int64_t k_panel = panel + (kF32 ? 0 : panel % 2);
 
   std::vector<char> last(n_products, 0);
-  const bool windowed = !kF32 && n_products && find_windows(P, n_products, outs[0].size(1), last);
+  // float32 products write in place, except into a large output of windows (streamed); bfloat16 ones
+  // always accumulate in float32 first
+  const bool stream = n_products && outs[0].numel() * static_cast<int64_t>(sizeof(T)) >= stream_bytes;
+  const bool windowed = n_products && (!kF32 || stream) && find_windows(P, n_products, outs[0].size(1), last);
   int64_t window_n = 0;
   for (int64_t i = 0; windowed && i < n_products; ++i)
     if (P[i * kProductFields + 9] == 0) window_n = std::max(window_n, P[i * kProductFields + 6]);
@@ -214,8 +241,8 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
     }
     std::vector<T> t_buffer(n_grams ? t_width * k_panel : 0), v_buffer(n_grams ? v_width * k_panel : 0);
     std::vector<const T*> t_base(g_a.size(), nullptr), v_base(g_b.size(), nullptr);
-    // bfloat16: float32 accumulators, rounded once: output 0's window (windowed) or tile rows, the others' tile rows
-    std::vector<std::vector<float>> c_buffer(kF32 ? 0 : outs.size());
+    // float32 accumulators, stored once: output 0's window (windowed) or, bfloat16, the tile's rows of each output
+    std::vector<std::vector<float>> c_buffer(kF32 ? windowed : outs.size());
     for (size_t c = 0; c < c_buffer.size(); ++c) c_buffer[c].resize(tile * (c == 0 && windowed ? window_n : outs[c].size(1)));
     for (int64_t t = next_panel++; t < n_panels; t = next_panel++) {
       const int64_t p0 = t * panel, p1 = std::min(rows, p0 + panel);
@@ -226,22 +253,23 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
           const at::Tensor& a = a_ops[p[0]];
           const int64_t K = p[2], N = p[6], cid = p[9];
           const at::Tensor& out = outs[cid];
-          const bool local = windowed && cid == 0;   // bfloat16 output 0 in windows (find_windows)
-          float* c = kF32 ? reinterpret_cast<float*>(out.data_ptr()) + r0 * out.stride(0) + p[7]
-                          : c_buffer[cid].data() + (local ? 0 : p[7]);
-          const int64_t ldc = kF32 ? out.stride(0) : local ? N : out.size(1);
+          const bool local = windowed && cid == 0;   // output 0 in windows (find_windows)
+          const bool in_place = kF32 && !local;
+          float* c = in_place ? reinterpret_cast<float*>(out.data_ptr()) + r0 * out.stride(0) + p[7]
+                              : c_buffer[cid].data() + (local ? 0 : p[7]);
+          const int64_t ldc = in_place ? out.stride(0) : local ? N : out.size(1);
           if (K == 0) {
             for (int64_t r = 0; r < m; ++r) std::memset(c + r * ldc, 0, N * sizeof(float));
           } else {
             product(m, N, K, a.stride(0), p[5], ldc, p[8] != 0, a.data_ptr<T>() + r0 * a.stride(0) + p[1],
                     b_ops[p[3]].data_ptr<T>(), p[4], c);
           }
-          if (!kF32 && (cid != 0 || (local && last[i])))   // read by later products, or a window done
-            round_into(c, ldc, m, N, out.data_ptr<T>() + r0 * out.stride(0) + p[7], out.stride(0));
+          if (!in_place && (cid != 0 || (local && last[i])))   // read by later products, or a window done
+            store_rows(c, ldc, m, N, out.data_ptr<T>() + r0 * out.stride(0) + p[7], out.stride(0), local && stream);
         }
         if (!kF32 && n_products && !windowed)
-          round_into(c_buffer[0].data(), outs[0].size(1), m, outs[0].size(1),
-                     outs[0].data_ptr<T>() + r0 * outs[0].stride(0), outs[0].stride(0));
+          store_rows(c_buffer[0].data(), outs[0].size(1), m, outs[0].size(1),
+                     outs[0].data_ptr<T>() + r0 * outs[0].stride(0), outs[0].stride(0), false);
       }
       if (!n_grams) continue;
       // the grams over the whole panel: K = its rows (rounded up to even for bfloat16)
@@ -280,6 +308,9 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
       touched[tid] = 1;
     }
     at::native::cpublas::brgemm_release(!kF32);
+#ifdef __AVX512F__
+    if (stream) _mm_sfence();   // the streamed rows visible before the caller (another thread) reads them
+#endif
   });
 
   if (!n_grams) return;
@@ -302,10 +333,12 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
 }  // namespace
 
 // See the file's header. Operands float32, or bfloat16 with B operands in VNNI; `accs` float32,
-// written (not added to): the sum over all rows.
+// written (not added to): the sum over all rows. An output 0 of at least `stream_bytes` whose products
+// form windows (find_windows) is accumulated per window and written by streaming stores (store_rows).
 void sweep(int64_t rows, int64_t tile, int64_t panel,
            std::vector<at::Tensor> a_ops, std::vector<at::Tensor> b_ops, std::vector<at::Tensor> outs, at::Tensor products,
-           std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs) {
+           std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs,
+           int64_t stream_bytes) {
   TORCH_CHECK(tile > 0 && panel > 0, "tile and panel must be positive");
   TORCH_CHECK(products.scalar_type() == at::kLong && products.is_contiguous() &&
               (products.numel() == 0 || products.size(1) == kProductFields), "products: (n, 10) contiguous int64");
@@ -357,9 +390,9 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
     }
   }
   if (dtype == at::kFloat)
-    sweep_impl<float>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs);
+    sweep_impl<float>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes);
   else
-    sweep_impl<at::BFloat16>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs);
+    sweep_impl<at::BFloat16>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes);
 }
 
 // Whether a product table's output 0 is accumulated in windows by the bfloat16 sweep (find_windows).
