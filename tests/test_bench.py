@@ -30,6 +30,18 @@ def test_step_table_counts_matmul_macs_exactly_and_names_the_baseline():
     assert table.loc[1, "params"] == 2 * 64 * 128 + 128 + 64
 
 
+def test_step_table_reports_the_system_time_inside_steps(monkeypatch):
+    """system_ms is the median of the operating system's CPU time across each timed step (a fake
+    clock that advances 0.25 s a reading: every step reads it twice)."""
+    from pixelfly_lab.speed import timer
+    ticks = iter(0.25 * i for i in range(1000))
+    monkeypatch.setattr(timer, "_system_seconds", lambda: next(ticks))
+    table = time_training_steps({"a": _mlp(16), "b": _mlp(8)}, torch.randn(4, 64), steps=2, rounds=2, warmup=0)
+    assert table["system_ms"].tolist() == [250.0, 250.0]
+    monkeypatch.undo()   # the real clock: this process's system CPU seconds
+    assert 0 <= timer._system_seconds() < 1e6
+
+
 def test_attention_macs_count_both_products_and_halve_causal():
     class Attend(nn.Module):
         def __init__(self, causal):

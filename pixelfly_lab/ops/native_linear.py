@@ -41,8 +41,8 @@ from pixelfly_lab.ops.torch_buffers import new_output
 from pixelfly_lab.ops.torch_grouped import unpack_grads
 from pixelfly_lab.ops.torch_plan import Plan
 
-__all__ = ["TILE_ROWS", "PANEL_ROWS", "TILE_ROWS_16BIT", "PANEL_ROWS_16BIT", "N_SPLIT", "K_STEP_16BIT", "STREAM_BYTES", "native_takes", "native_applies",
-           "native_forward", "native_backward", "product_tables"]
+__all__ = ["TILE_ROWS", "PANEL_ROWS", "TILE_ROWS_16BIT", "PANEL_ROWS_16BIT", "N_SPLIT", "K_STEP_16BIT", "STREAM_BYTES",
+           "native_takes", "native_applies", "native_forward", "native_backward", "product_tables"]
 
 # Rows per tile of the products, and per panel of the grams (the blocks' gradients, summed over
 # rows). Measured on one AVX-512 core with AMX (Xeon), 1024 -> 4096 at 4096 rows, fwd+bwd, medians of 5

@@ -75,6 +75,15 @@ class _MacCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _system_seconds() -> float:
+    """This process's CPU time in the operating system so far (0 where not available)."""
+    try:
+        import resource
+    except ImportError:   # not on POSIX
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
     """Cross-entropy on integer targets, else mean squared error (a zero target when None)."""
     if target is not None and not target.is_floating_point():
@@ -113,7 +122,10 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
             the batch's device, as mixed-precision training does; None: no autocast.
 
     Returns:
-        DataFrame, one row per model: model, step_ms (median), ratio (baseline's median / this),
+        DataFrame, one row per model: model, step_ms (median), system_ms (median of the operating
+        system's CPU time inside a step: page faults of fresh allocations, mostly; on a virtual
+        machine under memory pressure they took seconds per step and made step_ms swing 5-11 s for
+        the same GPT-2 step), ratio (baseline's median / this),
         flop_limit (baseline's multiply-adds / this), fraction_of_limit (ratio / flop_limit),
         gmacs (multiply-adds of one forward+backward, 1e9), params, threads, load_avg.
 
@@ -170,24 +182,27 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
             for _ in range(warmup):
                 step(name)
         times = {name: [] for name in models}
+        system = {name: [] for name in models}   # kernel CPU time per step: mostly page faults
         names = list(models)
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 for _ in range(steps):
                     if cuda:
                         torch.cuda.synchronize()
-                    tick = time.perf_counter()
+                    tick, kernel = time.perf_counter(), _system_seconds()
                     step(name)
                     if cuda:
                         torch.cuda.synchronize()
                     times[name].append(time.perf_counter() - tick)
+                    system[name].append(_system_seconds() - kernel)
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
     load = load_average()[0]
     rows = []
     for name, model in models.items():
         ratio, limit = medians[base] / medians[name], macs[base] / max(macs[name], 1)
-        rows.append({"model": name, "step_ms": 1e3 * medians[name], "ratio": ratio, "flop_limit": limit,
+        rows.append({"model": name, "step_ms": 1e3 * medians[name], "system_ms": 1e3 * statistics.median(system[name]),
+                     "ratio": ratio, "flop_limit": limit,
                      "fraction_of_limit": ratio / limit, "gmacs": macs[name] / 1e9,
                      "params": sum(p.numel() for p in model.parameters()),
                      "threads": threads if threads is not None else previous, "load_avg": load})
