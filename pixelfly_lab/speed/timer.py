@@ -15,6 +15,11 @@ import statistics
 import time
 from collections.abc import Mapping
 
+try:
+    import resource   # POSIX only: the system time of a step
+except ImportError:
+    resource = None
+
 import pandas as pd
 import torch
 from torch import nn
@@ -77,11 +82,7 @@ class _MacCounter(TorchDispatchMode):
 
 def _system_seconds() -> float:
     """This process's CPU time in the operating system so far (0 where not available)."""
-    try:
-        import resource
-    except ImportError:   # not on POSIX
-        return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    return 0.0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
