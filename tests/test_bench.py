@@ -31,15 +31,18 @@ def test_step_table_counts_matmul_macs_exactly_and_names_the_baseline():
 
 
 def test_step_table_reports_the_system_time_inside_steps(monkeypatch):
-    """system_ms is the median of the operating system's CPU time across each timed step (a fake
-    clock that advances 0.25 s a reading: every step reads it twice)."""
+    """system_ms and page_faults are medians of the operating system's CPU time and page faults
+    across each timed step (fake counters that advance 0.25 s and 7 faults a reading: every step
+    reads each twice)."""
     from pixelfly_lab.speed import timer
-    ticks = iter(0.25 * i for i in range(1000))
+    ticks, counts = iter(0.25 * i for i in range(1000)), iter(range(0, 10000, 7))
     monkeypatch.setattr(timer, "_system_seconds", lambda: next(ticks))
+    monkeypatch.setattr(timer, "_page_faults", lambda: next(counts))
     table = time_training_steps({"a": _mlp(16), "b": _mlp(8)}, torch.randn(4, 64), steps=2, rounds=2, warmup=0)
     assert table["system_ms"].tolist() == [250.0, 250.0]
-    monkeypatch.undo()   # the real clock: this process's system CPU seconds
-    assert 0 <= timer._system_seconds() < 1e6
+    assert table["page_faults"].tolist() == [7.0, 7.0]
+    monkeypatch.undo()   # the real counters of this process
+    assert 0 <= timer._system_seconds() < 1e6 and timer._page_faults() >= 0
 
 
 def test_attention_macs_count_both_products_and_halve_causal():

@@ -29,6 +29,7 @@ LAYOUTS = {
     "random": (torch.rand(16, 8, generator=torch.Generator().manual_seed(4)) < 0.45, 4),   # 2-5 runs per group
     "holes": (torch.tensor([[True, False, False, True], [False, False, False, False], [True, True, False, True]]), 4),
 }
+LAYOUTS["holes-16"] = (LAYOUTS["holes"][0], 16)   # windows (and zeroed ones) of whole 64-byte lines
 LAYOUTS["random-T"] = (LAYOUTS["random"][0].T.contiguous(), 4)
 LAYOUTS["holes-T"] = (LAYOUTS["holes"][0].T.contiguous(), 4)
 
@@ -105,7 +106,7 @@ def test_backward_computes_only_what_is_asked(name, needs):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("name", ["expanding", "contracting", "random"])
+@pytest.mark.parametrize("name", ["expanding", "contracting", "random", "holes-16"])
 def test_threads_share_the_panels(name, threads, monkeypatch):
     """Several OpenMP threads taking panels of 2 rows from the shared counter (their own gradient
     accumulators, summed at the end) give the reference's results, also when some thread gets no
@@ -203,7 +204,7 @@ def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, monke
     monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 128 if rows > 64 else 7)  # and an odd panel
     monkeypatch.setattr(native_linear, "N_SPLIT", n_split)
     monkeypatch.setattr(native_linear, "_TABLES", {})   # tables built with this split
-    monkeypatch.setattr(native_linear, "STREAM_BYTES", 0 if n_split == 8 else STREAM_BYTES)
+    monkeypatch.setattr(native_linear, "STREAM_BYTES", 0 if n_split != 2 else STREAM_BYTES)   # streamed
     layout, b = LAYOUTS[name]
     ops = tuple(None if t is None else t.bfloat16() for t in _operands(layout, b, rows, rank, bias))
     plan = torch_kernels.plan_for(layout, b)

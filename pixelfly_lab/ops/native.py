@@ -3,7 +3,7 @@
 The 'torch' path's block-sparse products and the CPU attention kernel call small GEMMs on raw
 pointers through ``at::native::cpublas::brgemm`` (oneDNN's batch-reduce GEMM micro-kernels, which
 PyTorch's CPU build exports): a tile of x times a group's packed blocks, written in place into
-the output's columns. On one AVX-512 core such a (64 x 96) @ (96 x 128) product ran at ~200
+the output's columns (or into a small buffer first, see :mod:`pixelfly_lab.ops.native_linear`). On one AVX-512 core such a (64 x 96) @ (96 x 128) product ran at ~200
 GFLOP/s where ``torch.mm`` on the same strided views ran at ~140 and nn.Linear's GEMM at ~170
 (``bench/native_gemm_bench.py``); torch cannot call them from Python.
 

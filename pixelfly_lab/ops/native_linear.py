@@ -5,7 +5,8 @@ Same products as :mod:`pixelfly_lab.ops.torch_grouped` (the plan of
 but each product is a oneDNN micro-kernel call on raw pointers from C++
 (``csrc/blocksparse_cpu.cpp``, built by :mod:`pixelfly_lab.ops.native`): a tile of
 :data:`TILE_ROWS` rows of x times a group's packed blocks, read in place through its leading
-dimension and written or added in place into the output's columns. Per tile the forward runs every
+dimension and written or added in place into the output's columns (outputs of :data:`STREAM_BYTES`
+and more: accumulated per window, then streamed). Per tile the forward runs every
 group; the backward runs dX's products per tile and the blocks' gradients (gathered side^T @ row
 side) per panel of :data:`PANEL_ROWS` rows, the panel transposed once; threads take panels from a
 shared counter (OpenMP, torch's thread count) and sum their own gradient accumulators at the end.
@@ -57,14 +58,14 @@ TILE_ROWS_16BIT = 128
 PANEL_ROWS_16BIT = 256
 # bfloat16 K (the low-rank factors' products) padded with zeros to a multiple of this (see _k_pad).
 K_STEP_16BIT = 32
-# Outputs of at least this many bytes are written by streaming (non-temporal) stores where a gather
-# table's products form windows (csrc/blocksparse_cpu.cpp, store_rows): no line of y is read from
-# memory before it is written, and y does not evict the operands from the caches. Measured on one
-# core (Xeon with AMX): writing a float32 output, then reading it once with other work in between,
-# 64 MB took 7.1 + 5.4 ms with ordinary stores against 3.2 + 5.6 streamed (the reader finds it in
-# memory either way), 32 MB 3.4 + 2.7 against 1.5 + 2.8, 8-16 MB no better; 1024 -> 4096 at 4096
-# rows, forward+backward, 21 interleaved rounds: bfloat16 budget 0.1 48.3 -> 43.0 ms, released
-# 59.5 -> 54.7; float32 forward 3-9% faster, forward+backward within 1%.
+# Outputs of at least this many bytes are accumulated per window and written by streaming
+# (non-temporal) stores where a gather table's products form windows (csrc/blocksparse_cpu.cpp,
+# find_windows, store_rows): y's lines are not read from memory before they are written, and y
+# does not evict the operands from the caches. bench/stream_bench.py, one thread (Xeon with AMX),
+# 1024 -> 4096 at 4096 rows (y 64 MB float32, 32 MB bfloat16), time without / with streaming for
+# forward, forward+backward, forward then one read of y: float32 released 0.99 / 1.00 / 0.98, budget
+# 0.1 1.08 / 1.01 / 1.04; bfloat16 released 1.06 / 1.06 / 1.12, budget 0.1 1.18 / 1.07 / 1.21. At
+# 1568 rows of 768 -> 3072 (19 MB) and 1024 rows (16 MB), a threshold of 8 MB changed nothing.
 STREAM_BYTES = 32 * 2 ** 20
 # Widest product of one micro-kernel call (wider ones are cut into column pieces).
 N_SPLIT = 256

@@ -218,8 +218,8 @@ def run(args, *, isolate: bool = True) -> int:
         models = model_speed_table(cases, threads=threads, rounds=rounds)
         models.to_csv(out / f"models_threads{threads}.csv" if len(args.threads) > 1 else out / "models.csv",
                       index=False)
-        columns = ["case", "model", "depth", "batch", "budget", "attention", "step_ms", "system_ms", "ratio",
-                   "flop_limit", "fraction_of_limit", "gmacs", "params"]
+        columns = ["case", "model", "depth", "batch", "budget", "attention", "step_ms", "system_ms", "page_faults",
+                   "ratio", "flop_limit", "fraction_of_limit", "gmacs", "params"]
         with pd.option_context("display.width", 220, "display.precision", 3):
             print(models[columns].to_string(index=False))
         print(f"model table: {out / 'models.csv'} ({threads} thread(s); load average "

@@ -11,6 +11,7 @@ FLOP limit of a sparse model is measured, not assumed.
 from __future__ import annotations
 
 import copy  # noqa: F401  (used by the docstring example)
+import math
 import statistics
 import time
 from collections.abc import Mapping
@@ -81,8 +82,17 @@ class _MacCounter(TorchDispatchMode):
 
 
 def _system_seconds() -> float:
-    """This process's CPU time in the operating system so far (0 where not available)."""
-    return 0.0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    """This process's CPU time in the operating system so far, summed over its threads (NaN where
+    the platform does not say)."""
+    return math.nan if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
+def _page_faults() -> float:
+    """Page faults of this process so far (minor and major; NaN where the platform does not say)."""
+    if resource is None:
+        return math.nan
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return float(usage.ru_minflt + usage.ru_majflt)
 
 
 def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
@@ -124,9 +134,10 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
 
     Returns:
         DataFrame, one row per model: model, step_ms (median), system_ms (median of the operating
-        system's CPU time inside a step: page faults of fresh allocations, mostly; on a virtual
-        machine under memory pressure they took seconds per step and made step_ms swing 5-11 s for
-        the same GPT-2 step), ratio (baseline's median / this),
+        system's CPU time inside a step, summed over the process's threads; NaN where the platform
+        does not report it) and page_faults (median per step): fresh allocations are page-faulted
+        in; on one virtual machine the same GPT-2 step took 5.1-11.1 s, 0.5-6.4 s of it in the
+        operating system with ~430 000 faults each time, ratio (baseline's median / this),
         flop_limit (baseline's multiply-adds / this), fraction_of_limit (ratio / flop_limit),
         gmacs (multiply-adds of one forward+backward, 1e9), params, threads, load_avg.
 
@@ -183,19 +194,21 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
             for _ in range(warmup):
                 step(name)
         times = {name: [] for name in models}
-        system = {name: [] for name in models}   # kernel CPU time per step: mostly page faults
+        system = {name: [] for name in models}   # operating-system CPU time per step
+        faults = {name: [] for name in models}
         names = list(models)
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 for _ in range(steps):
                     if cuda:
                         torch.cuda.synchronize()
-                    tick, kernel = time.perf_counter(), _system_seconds()
+                    tick, kernel, faulted = time.perf_counter(), _system_seconds(), _page_faults()
                     step(name)
                     if cuda:
                         torch.cuda.synchronize()
                     times[name].append(time.perf_counter() - tick)
                     system[name].append(_system_seconds() - kernel)
+                    faults[name].append(_page_faults() - faulted)
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
     load = load_average()[0]
@@ -203,7 +216,7 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
     for name, model in models.items():
         ratio, limit = medians[base] / medians[name], macs[base] / max(macs[name], 1)
         rows.append({"model": name, "step_ms": 1e3 * medians[name], "system_ms": 1e3 * statistics.median(system[name]),
-                     "ratio": ratio, "flop_limit": limit,
+                     "page_faults": statistics.median(faults[name]), "ratio": ratio, "flop_limit": limit,
                      "fraction_of_limit": ratio / limit, "gmacs": macs[name] / 1e9,
                      "params": sum(p.numel() for p in model.parameters()),
                      "threads": threads if threads is not None else previous, "load_avg": load})

@@ -5,8 +5,8 @@
 // products, per panel the grams (below), both as oneDNN
 // batch-reduce GEMM micro-kernels on raw pointers (at::native::cpublas::brgemm), so that a
 // group's input columns are read in place (a view with its leading dimension), products are
-// written or added in place into the output's columns, and no tile is copied except the
-// transposes the second list needs:
+// written or added in place into the output's columns (or first into a window's buffer: below),
+// and no tile is copied except the transposes the second list needs:
 //
 //   products:  C_c[tile, c0:c0+N] (+)= A_a[tile, a0:a0+K] @ B_b[off : off + K*ldb] (K x N, ld ldb)
 //              K == 0 zeroes the slice instead (columns no product writes first). An output
@@ -44,9 +44,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512BW__) || defined(__AVX512BF16__)
+#if defined(__AVX512F__) || defined(__AVX512BW__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -121,10 +122,22 @@ inline void product(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, i
 }
 
 
+#ifdef __AVX512F__
+constexpr bool kStreams = true;    // store_rows has streaming stores: large outputs go through windows
+#else
+constexpr bool kStreams = false;   // windows would only add a copy for float32
+#endif
+
+// Bytes from p to the next multiple of `align` (0 where p is on one).
+inline int64_t to_boundary(const void* p, int64_t align) {
+  return (align - static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % align)) % align;
+}
+
 // dst (rows x cols, ld ldd) = src (float32, ld lds) in dst's type: float32 copied, bfloat16 rounded
-// to the nearest even (as at::BFloat16's conversion rounds), 16 at a time with AVX-512 (and BF16);
-// with `stream`, rows whose start is 64-byte aligned by non-temporal stores (an sfence must follow
-// before another thread reads them).
+// to the nearest even (as at::BFloat16's conversion rounds), 16 at a time with AVX-512 (and BF16).
+// With `stream`, each row's elements from its first 64-byte (bfloat16: 32-byte) boundary on go by
+// non-temporal stores, those before it by ordinary ones; an sfence must follow before another
+// thread reads them.
 inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
                        bool stream) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -132,8 +145,11 @@ inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols
     float* d = dst + r * ldd;
     int64_t c = 0;
 #ifdef __AVX512F__
-    if (stream && reinterpret_cast<uintptr_t>(d) % 64 == 0)
+    if (stream) {
+      c = std::min<int64_t>(cols, to_boundary(d, 64) / static_cast<int64_t>(sizeof(float)));
+      std::memcpy(d, s, c * sizeof(float));
       for (; c + 16 <= cols; c += 16) _mm512_stream_ps(d + c, _mm512_loadu_ps(s + c));
+    }
 #endif
     if (c < cols) std::memcpy(d + c, s + c, (cols - c) * sizeof(float));
   }
@@ -146,9 +162,12 @@ inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols
     at::BFloat16* d = dst + r * ldd;
     int64_t c = 0;
 #ifdef __AVX512BF16__
-    if (stream && reinterpret_cast<uintptr_t>(d) % 32 == 0)
+    if (stream) {
+      for (const int64_t head = std::min<int64_t>(cols, to_boundary(d, 32) / 2); c < head; ++c)
+        d[c] = static_cast<at::BFloat16>(s[c]);
       for (; c + 16 <= cols; c += 16)
         _mm256_stream_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));
+    }
     for (; c + 16 <= cols; c += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));
 #endif
@@ -156,11 +175,12 @@ inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols
   }
 }
 
-// bfloat16 output 0 in windows: a window is a run of consecutive products into outs[0] on the same
+// Output 0 in windows: a window is a run of consecutive products into outs[0] on the same
 // columns (c_col, N), the first writing (add == 0, or K == 0: zeroing), the others adding; no two
 // windows share a column, and together they cover every column (a column no window writes would
 // keep what the output buffer held). Then each window accumulates in a small float32 buffer
-// (tile x N: 128 KB, in L2) and is rounded into the output when its last product is done, instead
+// (tile x N: 64-128 KB, in L2) and is stored (rounded) into the output when its last product is done
+// (bfloat16 always; float32 for outputs of at least `stream_bytes`, streamed), instead
 // of a float32 copy of the whole tile row (tile x width: 2 MB for a 4096-wide output, 16 KB
 // between rows) rounded at the tile's end. Measured: a budget-0.1 group's products (K 96, N 128)
 // 3.4x faster, 1.2x at K 512 (one thread, AMX). `last[i]` is set where window i's last product
@@ -217,7 +237,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
   std::vector<char> last(n_products, 0);
   // float32 products write in place, except into a large output of windows (streamed); bfloat16 ones
   // always accumulate in float32 first
-  const bool stream = n_products && outs[0].numel() * static_cast<int64_t>(sizeof(T)) >= stream_bytes;
+  const bool stream = kStreams && n_products && outs[0].numel() * static_cast<int64_t>(sizeof(T)) >= stream_bytes;
   const bool windowed = n_products && (!kF32 || stream) && find_windows(P, n_products, outs[0].size(1), last);
   int64_t window_n = 0;
   for (int64_t i = 0; windowed && i < n_products; ++i)
@@ -395,7 +415,8 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
     sweep_impl<at::BFloat16>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes);
 }
 
-// Whether a product table's output 0 is accumulated in windows by the bfloat16 sweep (find_windows).
+// Whether a product table's output 0 can be accumulated in windows (find_windows): by the sweep for
+// bfloat16 always, for float32 where the output has at least `stream_bytes`.
 bool windowed(at::Tensor products, int64_t width) {
   TORCH_CHECK(products.scalar_type() == at::kLong && products.is_contiguous() &&
               (products.numel() == 0 || products.size(1) == kProductFields), "products: (n, 10) contiguous int64");
