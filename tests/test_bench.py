@@ -173,3 +173,25 @@ def test_gpt_case_swaps_in_pixelfly_attention_and_mlps():
     assert isinstance(sparse.blocks[0].attn, PixelflyAttention) and sparse.blocks[0].attn.causal
     assert not isinstance(dense.blocks[0].attn, PixelflyAttention)
     assert isinstance(sparse.blocks[0].mlp.fc1, PixelflyLinear) and batch.shape == (1, 128)
+
+
+def test_stream_bench_times_both_settings_and_restores_the_threshold():
+    """bench/stream_bench.py at a toy size: four rows (two dtypes x two configurations), every
+    median positive, and STREAM_BYTES as shipped afterwards; bad arguments named."""
+    import importlib.util
+    from pathlib import Path
+
+    from pixelfly_lab.ops import native_linear
+    path = Path(__file__).resolve().parent.parent / "bench" / "stream_bench.py"
+    spec = importlib.util.spec_from_file_location("stream_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = native_linear.STREAM_BYTES
+    rows = module.compare(rows=4, rounds=1)
+    assert [(r["dtype"], r["layer"]) for r in rows] == [
+        ("float32", "released"), ("float32", "budget 0.1"),
+        ("bfloat16 (autocast)", "released"), ("bfloat16 (autocast)", "budget 0.1")]
+    assert all(r[f"{m}_{s}"] > 0 for r in rows for m in module.MODES for s in ("on", "off"))
+    assert native_linear.STREAM_BYTES == shipped
+    with pytest.raises(ValueError, match="--rows"):
+        module.main(["--rows", "0"])
