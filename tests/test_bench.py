@@ -35,14 +35,14 @@ def test_step_table_reports_the_system_time_inside_steps(monkeypatch):
     across each timed step (fake counters that advance 0.25 s and 7 faults a reading: every step
     reads each twice)."""
     from pixelfly_lab.speed import timer
-    ticks, counts = iter(0.25 * i for i in range(1000)), iter(range(0, 10000, 7))
-    monkeypatch.setattr(timer, "_system_seconds", lambda: next(ticks))
-    monkeypatch.setattr(timer, "_page_faults", lambda: next(counts))
+    readings = iter((0.25 * i, 7 * i) for i in range(1000))
+    monkeypatch.setattr(timer, "_os_counters", lambda: next(readings))
     table = time_training_steps({"a": _mlp(16), "b": _mlp(8)}, torch.randn(4, 64), steps=2, rounds=2, warmup=0)
     assert table["system_ms"].tolist() == [250.0, 250.0]
     assert table["page_faults"].tolist() == [7.0, 7.0]
     monkeypatch.undo()   # the real counters of this process
-    assert 0 <= timer._system_seconds() < 1e6 and timer._page_faults() >= 0
+    system, faults = timer._os_counters()
+    assert 0 <= system < 1e6 and faults >= 0
 
 
 def test_attention_macs_count_both_products_and_halve_causal():

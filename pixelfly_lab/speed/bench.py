@@ -212,9 +212,9 @@ def run(args, *, isolate: bool = True) -> int:
     # quick: two blocks of each model (GPT at batch 1), the widths and budgets of the full ones
     cases = [replace(c, depth=2, batch=min(c.batch, 8 if c.family == "mixer" else 1)) for c in MODEL_CASES] \
         if args.quick else list(MODEL_CASES)
+    rounds = args.model_rounds or (3 if args.quick else 5)
     for threads in args.threads:
         print(machine_header(), f"threads {threads}", flush=True)
-        rounds = args.model_rounds or (3 if args.quick else 5)
         models = model_speed_table(cases, threads=threads, rounds=rounds)
         models.to_csv(out / f"models_threads{threads}.csv" if len(args.threads) > 1 else out / "models.csv",
                       index=False)

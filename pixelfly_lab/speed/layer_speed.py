@@ -230,9 +230,10 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
     """The timing loop of :func:`speed_table`, in this process."""
     allocator = "retain" if config.allocator == "retain" and _use_retaining_allocator() else "default"
     now = _clocks(config.device)
-    compute = str(config.autocast or config.dtype).replace("torch.", "") + (" (autocast)" if config.autocast else "")
-    common = {"rows": config.rows, "threads": config.threads, "device": config.device, "dtype": compute,
-              "grad_dtype": str(config.autocast or config.dtype).replace("torch.", ""), "allocator": allocator}
+    compute = str(config.autocast or config.dtype).replace("torch.", "")
+    common = {"rows": config.rows, "threads": config.threads, "device": config.device,
+              "dtype": compute + (" (autocast)" if config.autocast else ""), "grad_dtype": compute,
+              "allocator": allocator}
     rows = []
     with num_threads(config.threads):
         for in_f, out_f in tqdm(config.shapes, desc="bench shapes", disable=not progress):

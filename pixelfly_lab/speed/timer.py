@@ -81,18 +81,13 @@ class _MacCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _system_seconds() -> float:
-    """This process's CPU time in the operating system so far, summed over its threads (NaN where
-    the platform does not say)."""
-    return math.nan if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_stime
-
-
-def _page_faults() -> float:
-    """Page faults of this process so far (minor and major; NaN where the platform does not say)."""
+def _os_counters() -> tuple[float, float]:
+    """(this process's CPU seconds in the operating system, summed over its threads; its page
+    faults, minor and major) so far, one reading; NaN where the platform does not say."""
     if resource is None:
-        return math.nan
+        return math.nan, math.nan
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return float(usage.ru_minflt + usage.ru_majflt)
+    return usage.ru_stime, float(usage.ru_minflt + usage.ru_majflt)
 
 
 def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
@@ -202,13 +197,14 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                 for _ in range(steps):
                     if cuda:
                         torch.cuda.synchronize()
-                    tick, kernel, faulted = time.perf_counter(), _system_seconds(), _page_faults()
+                    tick, (kernel, faulted) = time.perf_counter(), _os_counters()
                     step(name)
                     if cuda:
                         torch.cuda.synchronize()
                     times[name].append(time.perf_counter() - tick)
-                    system[name].append(_system_seconds() - kernel)
-                    faults[name].append(_page_faults() - faulted)
+                    kernel_after, faulted_after = _os_counters()
+                    system[name].append(kernel_after - kernel)
+                    faults[name].append(faulted_after - faulted)
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
     load = load_average()[0]

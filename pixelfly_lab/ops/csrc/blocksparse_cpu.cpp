@@ -186,10 +186,11 @@ inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols
 // 4096 rows, one thread, AMX): products of K 96, N 128 6.5 -> 4.6 ms, K 192, N 256 14.6 -> 11.8,
 // K 512, N 256 25.8 -> 23.8 (the rest is the output's write). `last[i]` is set where window i's
 // last product is; a product into another output closes the open window. False where the table is
-// not like that (the scatter products: several groups add into the same columns).
-bool find_windows(const int64_t* P, int64_t n_products, int64_t width, std::vector<char>& last) {
+// not like that (the scatter products: several groups add into the same columns). Returns the
+// widest window's N (its buffer's width), 0 for such a table.
+int64_t find_windows(const int64_t* P, int64_t n_products, int64_t width, std::vector<char>& last) {
   std::vector<char> covered(width, 0);
-  int64_t c0 = -1, n = -1, open = -1;
+  int64_t c0 = -1, n = -1, open = -1, widest = 0;
   for (int64_t i = 0; i < n_products; ++i) {
     const int64_t* p = P + i * kProductFields;
     if (p[9] != 0) {   // another output (z = x V): the open window ends before it
@@ -201,16 +202,16 @@ bool find_windows(const int64_t* P, int64_t n_products, int64_t width, std::vect
       open = i;
       continue;
     }
-    if (p[8] != 0 && p[2] != 0) return false;                   // adds outside a window of its own
+    if (p[8] != 0 && p[2] != 0) return 0;                       // adds outside a window of its own
     if (open >= 0) last[open] = 1;
-    c0 = p[7], n = p[6], open = i;
+    c0 = p[7], n = p[6], open = i, widest = std::max(widest, n);
     for (int64_t c = c0; c < c0 + n; ++c) {
-      if (covered[c]) return false;
+      if (covered[c]) return 0;
       covered[c] = 1;
     }
   }
   if (open >= 0) last[open] = 1;
-  return std::all_of(covered.begin(), covered.end(), [](char c) { return c != 0; });
+  return std::all_of(covered.begin(), covered.end(), [](char c) { return c != 0; }) ? widest : 0;
 }
 
 template <typename T>
@@ -239,10 +240,8 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
   // float32 products write in place, except into a large output of windows (streamed); bfloat16 ones
   // always accumulate in float32 first
   const bool stream = kStreams && n_products && outs[0].numel() * static_cast<int64_t>(sizeof(T)) >= stream_bytes;
-  const bool windowed = n_products && (!kF32 || stream) && find_windows(P, n_products, outs[0].size(1), last);
-  int64_t window_n = 0;
-  for (int64_t i = 0; windowed && i < n_products; ++i)
-    if (P[i * kProductFields + 9] == 0) window_n = std::max(window_n, P[i * kProductFields + 6]);
+  const int64_t window_n = n_products && (!kF32 || stream) ? find_windows(P, n_products, outs[0].size(1), last) : 0;
+  const bool windowed = window_n > 0;
 
   const int64_t n_panels = (rows + panel - 1) / panel;
   const int threads = at::get_num_threads();
@@ -428,7 +427,7 @@ bool windowed(at::Tensor products, int64_t width) {
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(P[i * kProductFields + 9] != 0 || (P[i * kProductFields + 7] >= 0 &&
                 P[i * kProductFields + 7] + P[i * kProductFields + 6] <= width), "products: output slice out of range");
-  return n > 0 && find_windows(P, n, width, last);
+  return n > 0 && find_windows(P, n, width, last) > 0;
 }
 
 // Whether bfloat16 products run on micro-kernels that read VNNI-packed B (oneDNN: AMX CPUs only):
