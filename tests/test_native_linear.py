@@ -301,7 +301,7 @@ def test_gather_tables_accumulate_in_windows_and_scatter_tables_do_not(n_split, 
         plan = torch_kernels.plan_for(layout, b)
         out, into = layout.shape[0] * b, layout.shape[1] * b
         gather, scatter = (into, out) if plan.transposed else (out, into)   # each table's output width
-        lead = native_linear._lead_product(scatter, len(plan.groups) + 1, 32) if low_k else ()
+        lead = (scatter, len(plan.groups) + 1, 32) if low_k else ()
         table = native_linear.product_tables(plan, "gather", low_k, gather, lead)
         assert module.windowed(table, gather), name
         first = int((table[:, 9] == 0).nonzero()[0])
