@@ -54,7 +54,7 @@ def group_products(rounds: int) -> None:
 
     ms = _median_ms({"dense torch.mm (512 x 1024 @ 1024 x 4096)": lambda: torch.mm(x, w, out=y),
                      "torch.mm on the group views": views,
-                     "sweep micro-kernels on the same views": lambda: sweep(rows, 64, 64, [x], rights, [y], table,
+                     "sweep micro-kernels on the same views": lambda: sweep(False, rows, 64, 64, [x], rights, [y], table,
                                                                             [], [], no_grams, [],
                                                                             native_linear.STREAM_BYTES)}, rounds)
     flops = {"dense": 2 * rows * 1024 * 4096, "group": 2 * rows * k * n * groups}

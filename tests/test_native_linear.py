@@ -235,7 +235,8 @@ def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypat
     x = torch.randn(96, 256, requires_grad=True)
     seen = []
     real = native_linear.native_forward
-    monkeypatch.setattr(torch_kernels, "native_forward", lambda *a: seen.append((a[0].dtype, a[5])) or real(*a))
+    monkeypatch.setattr(torch_kernels, "native_forward",
+                        lambda *a: seen.append((a[0].dtype, a[1].dtype, a[5])) or real(*a))
     monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *a: False)
     with torch.autocast("cpu", torch.bfloat16):
         y = layer(x)
@@ -243,8 +244,9 @@ def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypat
     y.float().backward(gy)
     grads_bf16 = [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
-    assert seen and seen[0][0] == torch.bfloat16
-    assert all(g.zero_at is None for g in seen[0][1].groups)         # the unpadded plan
+    assert seen and seen[0][:2] == (torch.float32, torch.bfloat16)   # x as it came, rounded inside the sweep
+    assert all(g.zero_at is None for g in seen[0][2].groups)         # the unpadded plan
+    assert x.grad.dtype == torch.float32
     # the float64 layer on the operands the sweep saw (x, parameters and gy rounded to bfloat16):
     # what is left is the sweep's own rounding (float32 sums, bfloat16 outputs)
     ref = copy.deepcopy(layer).to(torch.bfloat16).double()
@@ -284,6 +286,44 @@ def test_bfloat16_threads_share_the_panels(threads, monkeypatch):
             test_bfloat16_sweep_matches_reference(name, 3, True, 130, 8, monkeypatch)
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_bf16
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", ["expanding", "contracting", "random", "random-T", "holes-T"])
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False)])
+def test_float32_x_with_bfloat16_values_is_the_bfloat16_sweep_on_rounded_x(name, rank, bias, threads, monkeypatch):
+    """x in float32 with bfloat16 parameters (what autocast passes): the sweep rounds x's tiles and
+    panels itself (A operand, transposed or VNNI-packed gram operand) and stores dX unrounded. Bit
+    for bit the bfloat16 sweep given x.bfloat16(): y, z and the parameters' gradients equal, dX
+    equal after rounding; rows that are not a multiple of the tile, an odd panel, 1-2 threads."""
+    monkeypatch.setattr(native_linear, "TILE_ROWS_16BIT", 4)
+    monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 7)
+    monkeypatch.setattr(native_linear, "STREAM_BYTES", 0)   # output windows, streamed
+    layout, b = LAYOUTS[name]
+    x, *params = _operands(layout, b, 37, rank, bias)
+    params = [None if t is None else t.bfloat16() for t in params]
+    plan = torch_kernels.plan_for(layout, b)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = []
+        for x2 in (x, x.bfloat16()):
+            y, z = native_linear.native_forward(x2, *params, plan, layout.shape[0] * b)
+            gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).bfloat16()
+            needs = (True, True, bias, bool(rank), bool(rank))
+            runs.append((y, z, native_linear.native_backward(gy, x2, params[0], params[2], params[3], z, plan, needs,
+                                                             bias)))
+    finally:
+        torch.set_num_threads(previous)
+    (y, z, grads), (y16, z16, grads16) = runs
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y16)
+    assert (z is None and z16 is None) or torch.equal(z, z16)
+    assert grads[0].dtype == torch.float32 and torch.equal(grads[0].bfloat16(), grads16[0])
+    assert not torch.equal(grads[0], grads16[0].float())   # unrounded
+    for got, want in zip(grads[1:], grads16[1:]):
+        assert (got is None) == (want is None)
+        assert got is None or (got.dtype == torch.bfloat16 and torch.equal(got, want))
 
 
 @pytest.mark.parametrize("n_split", [native_linear.N_SPLIT, 2])

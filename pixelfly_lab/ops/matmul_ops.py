@@ -55,26 +55,31 @@ def _needed(needs, has_bias: bool) -> list[bool]:
 
 
 def _grad_shapes(x2, values, u, v, entry: RegisteredLayout, needed) -> list:
-    shapes = [x2.shape, values.shape, (entry.out_features,), None if u is None else u.shape,
-              None if v is None else v.shape]
-    return [x2.new_empty(shape) if need and shape is not None else _empty(x2) for shape, need in zip(shapes, needed)]
+    """Empty gradients of the backward's shapes and dtypes: x2's own, the others' values' (the
+    compute dtype; the bias is cast to it)."""
+    likes = [(x2, x2.shape), (values, values.shape), (values, (entry.out_features,)), (u, None if u is None else u.shape),
+             (v, None if v is None else v.shape)]
+    return [like.new_empty(shape) if need and shape is not None else _empty(x2)
+            for (like, shape), need in zip(likes, needed)]
 
 
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_torch", mutates_args=())
 def torch_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
                       u: Optional[torch.Tensor], v: Optional[torch.Tensor],
                       layout_key: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, z = x2 V or (N, 0)) of the 'torch' path (:func:`torch_kernels.sparse_lowrank_forward`)."""
+    """(y, z = x2 V or (N, 0)) of the 'torch' path (:func:`torch_kernels.sparse_lowrank_forward`), in
+    values' dtype; x2 may be wider (float32 under autocast), and its gradient comes back in its dtype."""
     entry = registered_layout(layout_key)
     y, z = torch_kernels.sparse_lowrank_forward(x2.contiguous(), values.contiguous(), bias, u, v,
-                                                _plan(layout_key, x2.device, x2.dtype), entry.out_features)
-    return y, x2.new_empty(x2.shape[0], 0) if z is None else z
+                                                _plan(layout_key, x2.device, values.dtype), entry.out_features)
+    return y, values.new_empty(x2.shape[0], 0) if z is None else z
 
 
 def _forward_fake(x2, values, bias, u, v, layout_key):
-    """Shapes of a forward op's outputs (what torch.compile and the meta device see)."""
+    """Shapes of a forward op's outputs (what torch.compile and the meta device see), in values' dtype."""
     rank = 0 if u is None else u.shape[1]
-    return x2.new_empty(x2.shape[0], registered_layout(layout_key).out_features), x2.new_empty(x2.shape[0], rank)
+    return (values.new_empty(x2.shape[0], registered_layout(layout_key).out_features),
+            values.new_empty(x2.shape[0], rank))
 
 
 def _backward_fake(gy, x2, values, u, v, z, layout_key, needed):
@@ -90,7 +95,7 @@ def _torch_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor,
                        needed: Sequence[bool]) -> List[torch.Tensor]:
     """(dx2, dvalues, dbias, du, dv) of the 'torch' path; an empty tensor where not ``needed``."""
     grads = torch_kernels.sparse_lowrank_backward(gy, x2.contiguous(), values.contiguous(), u, v, z,
-                                                  _plan(layout_key, x2.device, x2.dtype), tuple(needed), needed[2])
+                                                  _plan(layout_key, x2.device, values.dtype), tuple(needed), needed[2])
     return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
 
 

@@ -17,7 +17,10 @@ a stacked plan).
 bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, even block sizes): the
 same tables, B operands in VNNI pairs (low-rank K padded to :data:`K_STEP_16BIT`), float32
 accumulation rounded once (per output slice of a group in a gather table, per tile otherwise), the
-blocks' gradients summed in float32 (:func:`native_takes`).
+blocks' gradients summed in float32 (:func:`native_takes`). x may stay float32 (what autocast hands
+over): the sweep rounds each tile (and each panel of the grams) into a scratch buffer, and dX comes
+back in float32, unrounded: no bfloat16 copy of x and no cast of dX (1024 -> 4096 at 4096 rows, one
+thread: the two casts took 58.5 - 49.7 ms of a fwd+bwd step of the released configuration).
 
 Why: on one AVX-512 core (Xeon with AMX) ``torch.mm`` on a group's strided views, (512 x 96) @
 (96 x 128) into a 4096-wide output, ran at ~117-140 GFLOP/s while nn.Linear's whole GEMM ran at
@@ -87,10 +90,12 @@ def native_takes(dtype: torch.dtype, device, block_size: int = 2) -> bool:
 
 
 def native_applies(x2: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the compiled sweep takes this product (:func:`native_takes` for values' block size,
-    x2 and values of one dtype, x2's rows with unit column stride)."""
-    return (x2.dtype == values.dtype and x2.dim() == 2 and x2.stride(1) == 1 and values.dim() == 3
-            and native_takes(x2.dtype, x2.device, values.shape[-1]))
+    """Whether the compiled sweep takes this product (:func:`native_takes` for values' dtype and
+    block size, x2's rows with unit column stride): x2 of values' dtype, or float32 x2 with
+    bfloat16 values (autocast: x2 rounded tile by tile inside the sweep, dX returned in float32)."""
+    mixed = x2.dtype == torch.float32 and values.dtype == torch.bfloat16
+    return ((x2.dtype == values.dtype or mixed) and x2.dim() == 2 and x2.stride(1) == 1 and values.dim() == 3
+            and native_takes(values.dtype, x2.device, values.shape[-1]))
 
 
 def _pieces(n: int) -> list[tuple[int, int]]:
@@ -257,25 +262,27 @@ def _k_pad(k: int, dtype: torch.dtype) -> int:
     return -k % K_STEP_16BIT if dtype == torch.bfloat16 else 0
 
 
-def _sweep(rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRAMS, accs=()):
-    tile, panel = (TILE_ROWS, PANEL_ROWS) if a_ops[0].dtype == torch.float32 else (TILE_ROWS_16BIT, PANEL_ROWS_16BIT)
-    native.load("blocksparse_cpu").sweep(rows, tile, max(panel, tile), list(a_ops), list(b_ops),
+def _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRAMS, accs=()):
+    sixteen = dtype == torch.bfloat16
+    tile, panel = (TILE_ROWS_16BIT, PANEL_ROWS_16BIT) if sixteen else (TILE_ROWS, PANEL_ROWS)
+    native.load("blocksparse_cpu").sweep(sixteen, rows, tile, max(panel, tile), list(a_ops), list(b_ops),
                                          list(outs), table, list(g_a), list(g_b), grams, list(accs), STREAM_BYTES)
 
 
 def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
     """(y, z) of :func:`pixelfly_lab.ops.torch_grouped.grouped_forward`, by the compiled sweep:
-    per tile z = x V first (into [z, 1]), then the groups' products and [z, 1] @ [U^T; bias]."""
-    rows = x2.shape[0]
+    per tile z = x V first (into [z, 1]), then the groups' products and [z, 1] @ [U^T; bias].
+    Computed in values' dtype (y and z too); x2 may be float32 for bfloat16 values (autocast)."""
+    rows, dtype = x2.shape[0], values.dtype
     a_ops, b_ops = [x2], _packed(values, plan, transpose=not plan.transposed)
-    y = new_output((rows, out_features), x2)   # retained when large: no page faults per call
+    y = new_output((rows, out_features), values)   # retained when large: no page faults per call
     outs, lead, low_k, z1 = [y], (), 0, None
     if u is not None or bias is not None:
         r = 0 if u is None else u.shape[1]
         low = r + (bias is not None)
-        pad = _k_pad(low, x2.dtype)
+        pad = _k_pad(low, dtype)
         low_k = low + pad
-        z1 = x2.new_empty(rows, low_k)
+        z1 = values.new_empty(rows, low_k)
         if bias is not None:
             z1[:, r] = 1
         if pad:
@@ -288,7 +295,7 @@ def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
             outs.append(z1)
             lead = (x2.shape[1], len(b_ops) - 1, r)
     kind = "scatter" if plan.transposed else "gather"
-    _sweep(rows, a_ops, b_ops, outs, product_tables(plan, kind, low_k, out_features, lead))
+    _sweep(dtype, rows, a_ops, b_ops, outs, product_tables(plan, kind, low_k, out_features, lead))
     z = None if u is None else (z1 if low_k == u.shape[1] else z1[:, :u.shape[1]].contiguous())
     return y, z
 
@@ -308,24 +315,25 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     """The gradients of :func:`native_forward` (what :func:`pixelfly_lab.ops.torch_grouped.grouped_backward`
     returns), by one compiled sweep: per tile gz = gy U first, then dX's products, then the blocks'
     gradients and the low-rank factors' and bias's (grams over the panel, transposed once; summed
-    in float32 also for bfloat16 operands, rounded to the operands' dtype at the end)."""
+    in float32 also for bfloat16 operands, rounded to the operands' dtype at the end). Computed in
+    values' dtype; dX in x2's (float32 x2 with bfloat16 values: stored unrounded)."""
     gy = gy.contiguous()
-    dtype = x2.dtype
+    dtype = values.dtype
     rows, in_features, out_features = x2.shape[0], x2.shape[1], gy.shape[1]
     need_x, need_values, need_bias, need_u, need_v = needs_input_grad
     need_bias = need_bias and has_bias
     grad_x = grad_values = grad_bias = grad_u = grad_v = None
     r = 0 if u is None else u.shape[1]
     pad = _k_pad(r, dtype)
-    gz_full = x2.new_empty(rows, r + pad) if u is not None and (need_x or need_v) else None
+    gz_full = values.new_empty(rows, r + pad) if u is not None and (need_x or need_v) else None
     if gz_full is not None and pad:
         gz_full[:, r:] = 0
     gz = None if gz_full is None else gz_full[:, :r]
     # products: gz = gy U (output 1), then dX (output 0) reading gz
-    a_ops, b_ops, outs, lead = [gy], [], [x2.new_empty(0, 0)], ()
+    a_ops, b_ops, outs, lead = [gy], [], [values.new_empty(0, 0)], ()
     if need_x:
         b_ops = _packed(values, plan, transpose=plan.transposed)
-        grad_x = outs[0] = new_output(tuple(x2.shape), gy)
+        grad_x = outs[0] = new_output(tuple(x2.shape), x2)
     low_b = len(b_ops)
     if gz is not None:
         a_ops.append(gz_full)
@@ -344,7 +352,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         g_a, g_b = [gy], [x2]
         others = ([(z, gy, "u")] if need_u else []) + ([(None, gy, "bias")] if need_bias else [])
     else:                      # gathered side: x (and [z, 1]: dU's and dbias's rows); row side: gy
-        parts = ([z] if need_u else []) + ([x2.new_ones(rows, 1)] if fold_bias else [])
+        parts = ([z] if need_u else []) + ([values.new_ones(rows, 1)] if fold_bias else [])
         extra_a = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         g_a, g_b = [x2], [gy]
         others = [(gz, x2, "v")] if need_v else []
@@ -355,13 +363,13 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     grads, accs = _accumulators(plan, extra) if groups else (None, [])
     pairs, first = [], (len(g_a), len(g_b), len(accs))
     for a, b, _ in others:
-        a = x2.new_ones(rows, 1) if a is None else a
+        a = values.new_ones(rows, 1) if a is None else a
         g_a.append(a)
         g_b.append(b)
         accs.append(torch.empty(a.shape[1], b.shape[1]))
         pairs.append((a.shape[1], b.shape[1]))
     grams = _gram_table(plan, groups, extra, tuple(pairs), first)
-    _sweep(rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs)
+    _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs)
     if grads is not None:
         grad_values, grad_extra = _unpacked(plan, values, grads, extra)
         if plan.transposed:
@@ -380,4 +388,5 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         grad_values = None
     # the operands' dtype, and storage of their own: gradients that share storage may not leave a
     # custom op, and the strided slices above are the only ones that do (views are not tracked here)
-    return tuple(None if g is None else g.contiguous().to(dtype) for g in (grad_x, grad_values, grad_bias, grad_u, grad_v))
+    return (None if grad_x is None else grad_x.contiguous(),
+            *(None if g is None else g.contiguous().to(dtype) for g in (grad_values, grad_bias, grad_u, grad_v)))

@@ -89,7 +89,8 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
     :func:`dense_gemm_wins` measured that faster for this shape.
 
     Args:
-        x2: (N, in_features), contiguous rows.
+        x2: (N, in_features), contiguous rows; of values' dtype, or wider (float32 under autocast:
+            the product is computed in values' dtype, x2 rounded inside the compiled sweep).
         values: (nnz, b, b), W's blocks in row-major layout order (see :mod:`pixelfly_lab.ops.matmul`).
         bias: (out_features,) or None.
         u: (out_features, r) or None; v: (in_features, r) or None (both or neither).
@@ -107,8 +108,8 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
         >>> y.shape, z
         (torch.Size([3, 8]), None)
     """
-    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], x2):
-        return _dense_forward(x2, values, bias, u, v, plan, out_features)
+    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], values):
+        return _dense_forward(x2.to(values.dtype), values, bias, u, v, plan, out_features)
     return _grouped_forward(x2, values, bias, u, v, plan, out_features)
 
 
@@ -128,13 +129,21 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
         has_bias: whether the forward had a bias.
 
     Returns:
-        (grad_x2, grad_values, grad_bias, grad_u, grad_v), None where not needed; no two share
-        storage, and none shares it with an input.
+        (grad_x2, grad_values, grad_bias, grad_u, grad_v), None where not needed; grad_x2 in x2's
+        dtype, the others in values'; no two share storage, and none shares it with an input.
     """
     # the forward's route: decisions are cached for the life of the process, never evicted
-    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], x2):
-        return _dense_backward(gy, x2, values, u, v, plan, needs_input_grad, has_bias)
-    return _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
+    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], values):
+        grads = _dense_backward(gy, x2.to(values.dtype), values, u, v, plan, needs_input_grad, has_bias)
+    else:
+        grads = _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
+    return _in_dtype_of(x2, grads)
+
+
+def _in_dtype_of(x2: torch.Tensor, grads: tuple) -> tuple:
+    """The gradients with grad_x2 in x2's dtype (x2 may be float32 where values are 16-bit: autocast)."""
+    grad_x = grads[0]
+    return (grad_x if grad_x is None or grad_x.dtype == x2.dtype else grad_x.to(x2.dtype), *grads[1:])
 
 
 def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
@@ -144,7 +153,7 @@ def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
     if native_applies(x2, values):
         return native_forward(x2, values, bias, u, v, plan, out_features)
     with torch_serial(x2):
-        return grouped_forward(x2, values, bias, u, v, plan, out_features)
+        return grouped_forward(x2.to(values.dtype), values, bias, u, v, plan, out_features)
 
 
 def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
@@ -152,7 +161,7 @@ def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has
     if native_applies(x2, values):
         return native_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
     with torch_serial(x2):
-        return grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
+        return grouped_backward(gy, x2.to(values.dtype), values, u, v, z, plan, needs_input_grad, has_bias)
 
 
 # ----------------------------------------------------------------------------- the dense route

@@ -32,7 +32,9 @@
 // else per tile in a float32 copy of the tile's rows (the scatter plans, where several groups add
 // into the same columns); an output later products read (the lead products' z = x V) right after
 // the product that writes it. Grams in float32 accumulators, the panel's B side repacked to VNNI
-// once per panel (an odd last row padded with zeros).
+// once per panel (an odd last row padded with zeros). float32 A and gram operands of a bfloat16 sweep
+// (x under autocast) are rounded per tile, or per panel, into a thread's scratch; a float32 output 0
+// (dX) gets the float32 sums unrounded.
 //
 // Reference: block-sparse GEMM as grouped dense GEMMs (Pixelfly, Dao, Chen et al., ICLR 2022,
 // arXiv 2112.00029, Sec. 4; this CPU formulation is ours); brgemm: oneDNN's micro-kernel API.
@@ -46,6 +48,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX512BW__) || defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -102,9 +105,12 @@ void pack_vnni(const at::BFloat16* src, int64_t lds, int64_t rows, int64_t cols,
   }
 }
 
-void check_operands(const std::vector<at::Tensor>& xs, at::ScalarType dtype, const char* what) {
+// CPU, 2-d, unit column stride, of the sweep's dtype; with `wide`, float32 also (a bfloat16 sweep
+// converts those operands per tile or panel, or stores such an output unrounded).
+void check_operands(const std::vector<at::Tensor>& xs, at::ScalarType dtype, const char* what, bool wide = false) {
   for (const auto& x : xs) {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype, what, ": CPU tensors of the sweep's dtype only");
+    TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == dtype || (wide && x.scalar_type() == at::kFloat)), what,
+                wide ? ": CPU tensors of the sweep's dtype or float32 only" : ": CPU tensors of the sweep's dtype only");
     TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, what, ": 2-d tensors with unit column stride only");
   }
 }
@@ -235,11 +241,32 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
   for (size_t a = 0; a < g_a.size(); ++a) t_width += transposed[a] ? g_a[a].size(1) : 0;
   for (size_t b = 0; b < g_b.size(); ++b) v_width += repacked[b] ? g_b[b].size(1) : 0;
   const int64_t k_panel = panel + (kF32 ? 0 : panel % 2);
+  // float32 operands of a bfloat16 sweep (x under autocast): rounded per tile (A) or per panel
+  // (grams) into a thread's scratch, instead of a bfloat16 copy of the whole tensor made first
+  auto wide = [](const at::Tensor& x) { return !kF32 && x.scalar_type() == at::kFloat; };
+  int64_t a_width = 0, g_width = 0;
+  for (const auto& a : a_ops) a_width += wide(a) ? a.size(1) : 0;
+  for (size_t a = 0; a < g_a.size(); ++a) g_width = std::max(g_width, transposed[a] && wide(g_a[a]) ? g_a[a].size(1) : 0);
+  for (size_t b = 0; b < g_b.size(); ++b) g_width = std::max(g_width, repacked[b] && wide(g_b[b]) ? g_b[b].size(1) : 0);
+  // output 0 may be float32 in a bfloat16 sweep (dX under autocast): stored without rounding
+  auto store_out = [&](const float* src, int64_t lds, int64_t m, int64_t n, const at::Tensor& out, int64_t r0,
+                       int64_t col, bool streamed) {
+    if (wide(out))
+      store_rows(src, lds, m, n, out.data_ptr<float>() + r0 * out.stride(0) + col, out.stride(0), streamed);
+    else
+      store_rows(src, lds, m, n, out.data_ptr<T>() + r0 * out.stride(0) + col, out.stride(0), streamed);
+  };
+  // a panel's rows of a gram operand, bfloat16: in place, or rounded into `scratch` (ld: its width)
+  auto panel_rows = [&](const at::Tensor& x, int64_t p0, int64_t m, T* scratch) -> std::pair<const T*, int64_t> {
+    if (!wide(x)) return {x.data_ptr<T>() + p0 * x.stride(0), x.stride(0)};
+    store_rows(x.data_ptr<float>() + p0 * x.stride(0), x.stride(0), m, x.size(1), scratch, x.size(1), false);
+    return {scratch, x.size(1)};
+  };
 
   std::vector<char> last(n_products, 0);
   // float32 products write in place, except into a large output of windows (streamed); bfloat16 ones
   // always accumulate in float32 first
-  const bool stream = kStreams && n_products && outs[0].numel() * static_cast<int64_t>(sizeof(T)) >= stream_bytes;
+  const bool stream = kStreams && n_products && outs[0].numel() * outs[0].element_size() >= stream_bytes;
   const int64_t window_n = n_products && (!kF32 || stream) ? find_windows(P, n_products, outs[0].size(1), last) : 0;
   const bool windowed = window_n > 0;
 
@@ -261,6 +288,8 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
     }
     std::vector<T> t_buffer(n_grams ? t_width * k_panel : 0), v_buffer(n_grams ? v_width * k_panel : 0);
     std::vector<const T*> t_base(g_a.size(), nullptr), v_base(g_b.size(), nullptr);
+    std::vector<T> a_scratch(tile * a_width), g_scratch(n_grams ? k_panel * g_width : 0);
+    std::vector<const T*> a_base(a_ops.size(), nullptr);   // a tile's rounded rows, for wide A operands
     // float32 accumulators, stored once: output 0's window (windowed) or, bfloat16, the tile's rows of each output
     std::vector<std::vector<float>> c_buffer(kF32 ? windowed : outs.size());
     for (size_t c = 0; c < c_buffer.size(); ++c)
@@ -269,6 +298,14 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
       const int64_t p0 = t * panel, p1 = std::min(rows, p0 + panel);
       for (int64_t r0 = p0; r0 < p1; r0 += tile) {
         const int64_t m = std::min(tile, p1 - r0);
+        T* a_next = a_scratch.data();
+        for (size_t a = 0; a < a_ops.size(); ++a) {
+          if (!wide(a_ops[a])) continue;
+          const int64_t w = a_ops[a].size(1);
+          store_rows(a_ops[a].data_ptr<float>() + r0 * a_ops[a].stride(0), a_ops[a].stride(0), m, w, a_next, w, false);
+          a_base[a] = a_next;
+          a_next += tile * w;
+        }
         for (int64_t i = 0; i < n_products; ++i) {
           const int64_t* p = P + i * kProductFields;
           const at::Tensor& a = a_ops[p[0]];
@@ -282,15 +319,16 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
           if (K == 0) {
             for (int64_t r = 0; r < m; ++r) std::memset(c + r * ldc, 0, N * sizeof(float));
           } else {
-            product(m, N, K, a.stride(0), p[5], ldc, p[8] != 0, a.data_ptr<T>() + r0 * a.stride(0) + p[1],
-                    b_ops[p[3]].data_ptr<T>(), p[4], c);
+            const bool rounded = a_base[p[0]] != nullptr;
+            product(m, N, K, rounded ? a.size(1) : a.stride(0), p[5], ldc, p[8] != 0,
+                    (rounded ? a_base[p[0]] : a.data_ptr<T>() + r0 * a.stride(0)) + p[1], b_ops[p[3]].data_ptr<T>(),
+                    p[4], c);
           }
           if (!in_place && (cid != 0 || (local && last[i])))   // read by later products, or a window done
-            store_rows(c, ldc, m, N, out.data_ptr<T>() + r0 * out.stride(0) + p[7], out.stride(0), local && stream);
+            store_out(c, ldc, m, N, out, r0, p[7], local && stream);
         }
         if (!kF32 && n_products && !windowed)
-          store_rows(c_buffer[0].data(), outs[0].size(1), m, outs[0].size(1),
-                     outs[0].data_ptr<T>() + r0 * outs[0].stride(0), outs[0].stride(0), false);
+          store_out(c_buffer[0].data(), outs[0].size(1), m, outs[0].size(1), outs[0], r0, 0, false);
       }
       if (!n_grams) continue;
       // the grams over the whole panel: K = its rows (rounded up to even for bfloat16)
@@ -299,7 +337,8 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
       for (size_t a = 0; a < g_a.size(); ++a) {
         if (!transposed[a]) continue;
         const int64_t w = g_a[a].size(1);
-        transpose_tile(g_a[a].data_ptr<T>() + p0 * g_a[a].stride(0), g_a[a].stride(0), m, w, next, km);
+        const auto [src, lds] = panel_rows(g_a[a], p0, m, g_scratch.data());
+        transpose_tile(src, lds, m, w, next, km);
         t_base[a] = next;
         next += w * km;
       }
@@ -307,8 +346,8 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
       for (size_t b = 0; b < g_b.size(); ++b) {
         if (!repacked[b]) continue;
         const int64_t w = g_b[b].size(1);
-        pack_vnni(reinterpret_cast<const at::BFloat16*>(g_b[b].data_ptr<T>()) + p0 * g_b[b].stride(0),
-                  g_b[b].stride(0), m, w, reinterpret_cast<at::BFloat16*>(vnext));
+        const auto [src, lds] = panel_rows(g_b[b], p0, m, g_scratch.data());
+        pack_vnni(reinterpret_cast<const at::BFloat16*>(src), lds, m, w, reinterpret_cast<at::BFloat16*>(vnext));
         v_base[b] = vnext;
         vnext += w * km;
       }
@@ -353,10 +392,12 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
 
 }  // namespace
 
-// See the file's header. Operands float32, or bfloat16 with B operands in VNNI; `accs` float32,
-// written (not added to): the sum over all rows. An output 0 of at least `stream_bytes` whose products
+// See the file's header. Operands float32 (`bfloat16` false), or bfloat16 with B operands in VNNI
+// (`bfloat16` true; then A and gram operands and output 0 may also be float32: x and dX under
+// autocast, rounded per tile or panel, and stored unrounded); `accs` float32, written (not added
+// to): the sum over all rows. An output 0 of at least `stream_bytes` whose products
 // form windows (find_windows) is accumulated per window and written by streaming stores (store_rows).
-void sweep(int64_t rows, int64_t tile, int64_t panel,
+void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
            std::vector<at::Tensor> a_ops, std::vector<at::Tensor> b_ops, std::vector<at::Tensor> outs, at::Tensor products,
            std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs,
            int64_t stream_bytes) {
@@ -366,12 +407,13 @@ void sweep(int64_t rows, int64_t tile, int64_t panel,
   TORCH_CHECK(grams.scalar_type() == at::kLong && grams.is_contiguous() &&
               (grams.numel() == 0 || grams.size(1) == kGramFields), "grams: (n, 9) contiguous int64");
   TORCH_CHECK(!a_ops.empty(), "a_ops: at least one operand");
-  const at::ScalarType dtype = a_ops[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 operands only");
-  check_operands(a_ops, dtype, "a_ops");
-  check_operands(g_a, dtype, "g_a");
-  check_operands(g_b, dtype, "g_b");
-  check_operands(outs, dtype, "outs");
+  const at::ScalarType dtype = bfloat16 ? at::kBFloat16 : at::kFloat;
+  const bool bf16 = dtype == at::kBFloat16;
+  check_operands(a_ops, dtype, "a_ops", bf16);
+  check_operands(g_a, dtype, "g_a", bf16);
+  check_operands(g_b, dtype, "g_b", bf16);
+  check_operands({outs.begin(), outs.begin() + std::min<size_t>(1, outs.size())}, dtype, "outs", bf16);
+  check_operands({outs.begin() + std::min<size_t>(1, outs.size()), outs.end()}, dtype, "outs");
   check_operands(accs, at::kFloat, "accs");
   for (const auto& b : b_ops)
     TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == dtype && b.is_contiguous(), "b_ops: contiguous, the sweep's dtype");
