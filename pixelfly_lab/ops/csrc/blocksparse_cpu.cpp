@@ -48,7 +48,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX512BW__) || defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -59,9 +58,8 @@ namespace {
 constexpr int kProductFields = 10;  // a_id, a_col, K, b_id, b_off, ldb, N, c_col, add, c_id
 constexpr int kGramFields = 9;      // a_id, a_col, M, b_id, b_col, N, acc_id, acc_row, acc_col
 
-// dst (cols x ldd, the first `rows` used) = src (rows x cols, ld lds)^T, 16 x 16 at a time by
-// at::vec::transpose_mxn (what the attention kernel uses too); columns rows..ldd-1 of dst are zeroed
-// (the padding of an odd K for bfloat16).
+// dst (cols x ldd, the first `rows` columns written) = src (rows x cols, ld lds)^T, 16 x 16 at a
+// time by at::vec::transpose_mxn (what the attention kernel uses too).
 template <typename T>
 void transpose_tile(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
   constexpr int64_t kB = 16;
@@ -69,8 +67,6 @@ void transpose_tile(const T* src, int64_t lds, int64_t rows, int64_t cols, T* ds
     for (int64_t c = 0; c < cols; c += kB)
       at::vec::transpose_mxn<T>(src + r * lds + c, lds, dst + c * ldd + r, ldd, static_cast<int>(std::min(kB, rows - r)),
                                 static_cast<int>(std::min(kB, cols - c)));
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = T(0);
 }
 
 // dst (ceil(rows/2), cols, 2) = src (rows x cols, ld lds) in the VNNI layout, dst's pairs of rows
@@ -256,11 +252,17 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
     else
       store_rows(src, lds, m, n, out.data_ptr<T>() + r0 * out.stride(0) + col, out.stride(0), streamed);
   };
-  // a panel's rows of a gram operand, bfloat16: in place, or rounded into `scratch` (ld: its width)
-  auto panel_rows = [&](const at::Tensor& x, int64_t p0, int64_t m, T* scratch) -> std::pair<const T*, int64_t> {
-    if (!wide(x)) return {x.data_ptr<T>() + p0 * x.stride(0), x.stride(0)};
-    store_rows(x.data_ptr<float>() + p0 * x.stride(0), x.stride(0), m, x.size(1), scratch, x.size(1), false);
-    return {scratch, x.size(1)};
+  // use(src, lds, r, n) on a panel's rows [p0, p0 + m) of a gram operand in the sweep's type: in place
+  // at once (r = 0, n = m), or a wide one rounded kStrip rows at a time into `strip` (kept in L1)
+  constexpr int64_t kStrip = 16;
+  auto panel_rows = [&](const at::Tensor& x, int64_t p0, int64_t m, T* strip, auto use) {
+    if (!wide(x)) return use(x.data_ptr<T>() + p0 * x.stride(0), x.stride(0), int64_t(0), m);
+    const int64_t w = x.size(1);
+    for (int64_t r = 0; r < m; r += kStrip) {
+      const int64_t n = std::min(kStrip, m - r);
+      store_rows(x.data_ptr<float>() + (p0 + r) * x.stride(0), x.stride(0), n, w, strip, w, false);
+      use(strip, w, r, n);
+    }
   };
 
   std::vector<char> last(n_products, 0);
@@ -288,7 +290,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
     }
     std::vector<T> t_buffer(n_grams ? t_width * k_panel : 0), v_buffer(n_grams ? v_width * k_panel : 0);
     std::vector<const T*> t_base(g_a.size(), nullptr), v_base(g_b.size(), nullptr);
-    std::vector<T> a_scratch(tile * a_width), g_scratch(n_grams ? k_panel * g_width : 0);
+    std::vector<T> a_scratch(tile * a_width), g_scratch(n_grams ? kStrip * g_width : 0);
     std::vector<const T*> a_base(a_ops.size(), nullptr);   // a tile's rounded rows, for wide A operands
     // float32 accumulators, stored once: output 0's window (windowed) or, bfloat16, the tile's rows of each output
     std::vector<std::vector<float>> c_buffer(kF32 ? windowed : outs.size());
@@ -337,8 +339,11 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
       for (size_t a = 0; a < g_a.size(); ++a) {
         if (!transposed[a]) continue;
         const int64_t w = g_a[a].size(1);
-        const auto [src, lds] = panel_rows(g_a[a], p0, m, g_scratch.data());
-        transpose_tile(src, lds, m, w, next, km);
+        panel_rows(g_a[a], p0, m, g_scratch.data(), [&](const T* src, int64_t lds, int64_t r, int64_t n) {
+          transpose_tile(src, lds, n, w, next + r, km);
+        });
+        for (int64_t c = 0; c < w; ++c)   // K padded with zeros (bfloat16: an odd panel)
+          for (int64_t r = m; r < km; ++r) next[c * km + r] = T(0);
         t_base[a] = next;
         next += w * km;
       }
@@ -346,8 +351,9 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
       for (size_t b = 0; b < g_b.size(); ++b) {
         if (!repacked[b]) continue;
         const int64_t w = g_b[b].size(1);
-        const auto [src, lds] = panel_rows(g_b[b], p0, m, g_scratch.data());
-        pack_vnni(reinterpret_cast<const at::BFloat16*>(src), lds, m, w, reinterpret_cast<at::BFloat16*>(vnext));
+        panel_rows(g_b[b], p0, m, g_scratch.data(), [&](const T* src, int64_t lds, int64_t r, int64_t n) {
+          pack_vnni(reinterpret_cast<const at::BFloat16*>(src), lds, n, w, reinterpret_cast<at::BFloat16*>(vnext) + r * w);
+        });
         v_base[b] = vnext;
         vnext += w * km;
       }
