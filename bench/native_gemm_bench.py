@@ -3,11 +3,20 @@ of interleaved rounds, GFLOP/s beside nn.Linear's own GEMM on the same machine.
 
     python bench/native_gemm_bench.py            # a group's product three ways, and dense
     python bench/native_gemm_bench.py --tiles [--dtype bfloat16]   # forward, backward per (tile, panel) rows
+    python bench/native_gemm_bench.py --ceiling [--dtype bfloat16] # what bounds the forward's rate
 
 The first table is the figure behind the sweep: one group of the budget-0.1 layout of 1024 -> 4096
 (x (512, 1024) read through a 96-column view, 128 output columns written into a 4096-wide y),
 as ``torch.mm`` on the views (what the pure-PyTorch path calls), as the sweep's micro-kernel on the
 same views, and dense ``torch.mm`` of the whole layer.
+
+``--ceiling`` bounds what the sweep's forward can reach on this machine: the whole forward of both
+configurations (its useful GFLOP/s and their fraction of dense ``torch.mm``'s rate on the same
+shape, one thread, same dtype, into a preallocated output: the best dense rate here, above
+nn.Linear's in ``bench``, which allocates its output and, under autocast, casts), then the same
+products with every output slice moved into the first columns of a narrow output that stays in
+the caches (same micro-kernel calls, no 4096-wide output written to memory). The second rate is
+what the micro-kernels give at these shapes; the gap between the two is the cost of writing y.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import argparse
 import statistics
 import time
 
+import pandas as pd
 import torch
 
 from pixelfly_lab.nn.layers import PixelflyLinear
@@ -62,6 +72,55 @@ def group_products(rounds: int) -> None:
         print(f"{name:48s} {t:7.2f} ms  {flops['dense' if name.startswith('dense') else 'group'] / t / 1e6:6.1f} GFLOP/s")
 
 
+def _narrow(table: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the table with output 0's slices moved to columns [0, N) of an N-wide output, N): the
+    widest slice's N; every slice starts at a multiple of its width (the plan's groups), so it
+    lands inside."""
+    out0 = table[:, 9] == 0
+    width = int(table[out0, 6].max())
+    moved = table.clone()
+    moved[out0, 7] %= width
+    return moved, width
+
+
+def ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
+    """Forward of the released configuration and budget 0.1 (1024 -> 4096) as the layer runs it,
+    and its products into a cache-resident output; rates beside dense torch.mm's. One row each."""
+    x, w = torch.randn(rows, 1024, dtype=dtype), torch.randn(1024, 4096, dtype=dtype)
+    y = torch.empty(rows, 4096, dtype=dtype)
+    fns, flops = {"dense": lambda: torch.mm(x, w, out=y)}, {"dense": 2 * rows * 1024 * 4096}
+    tables, output = native_linear.product_tables, native_linear.new_output
+    for label, kw in (("released", RELEASED), ("budget 0.1", {"budget": 0.1, "block_size": 32})):
+        layer = PixelflyLinear(1024, 4096, **kw)
+        plan = plan_for(layer.sparse.layout, 32)
+        operands = [t.detach().to(dtype) for t in (layer.sparse.values, layer.bias, layer.lowrank.u, layer.lowrank.v)]
+        table, width = _narrow(tables(plan, "gather", 0, 4096))
+        narrow_y = torch.empty(rows, width, dtype=dtype)
+
+        def run(narrow, operands=operands, plan=plan, narrow_y=narrow_y):
+            if narrow:   # native_forward's own set-up, with y narrow and the slices moved into it
+                native_linear.product_tables = lambda *args: _narrow(tables(*args))[0]
+                native_linear.new_output = lambda shape, like: narrow_y if shape[1] == 4096 else output(shape, like)
+            try:
+                native_linear.native_forward(x, *operands, plan, 4096)
+            finally:
+                native_linear.product_tables, native_linear.new_output = tables, output
+        for narrow in (False, True):
+            fns[(label, narrow)] = lambda run=run, narrow=narrow: run(narrow)
+        flops[label] = 2 * rows * 1024 * 4096 * layer.budget   # useful: the stored entries' products
+    ms = _median_ms(fns, rounds)
+    dense_rate = flops["dense"] / ms["dense"] / 1e6
+    out = []
+    for key, t in ms.items():
+        if key == "dense":
+            continue
+        label, narrow = key
+        rate = flops[label] / t / 1e6
+        out.append({"layer": label, "output": "narrow (in cache)" if narrow else "4096 wide (as run)", "ms": t,
+                    "useful_gflops": rate, "dense_gflops": dense_rate, "fraction": rate / dense_rate})
+    return out
+
+
 def tiles(rounds: int, rows: int, dtype: torch.dtype) -> None:
     """Forward and backward ms per (tile, panel) rows, medians of interleaved rounds, both configurations."""
     x, gy = torch.randn(rows, 1024, dtype=dtype), torch.randn(rows, 4096, dtype=dtype)
@@ -88,18 +147,27 @@ def tiles(rounds: int, rows: int, dtype: torch.dtype) -> None:
                                                  for (t, p), (f, b) in sorted(med.items(), key=lambda i: sum(i[1]))))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", action="store_true", help="time forward+backward per (tile, panel) rows")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="the forward's rate as run and into a cache-resident output, beside dense")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--tiles: operand dtype")
-    args = parser.parse_args()
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="--tiles, --ceiling: operand dtype")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"{machine_header()}; one thread")
     if native.load("blocksparse_cpu") is None:
         raise SystemExit("the compiled kernel is not built here (see pixelfly_lab/ops/native.py)")
-    if args.tiles:
+    if args.rows < 1 or args.rounds < 1:
+        raise ValueError(f"--rows and --rounds must be positive, got {args.rows} and {args.rounds}")
+    if args.dtype == "bfloat16" and not native_linear.native_takes(torch.bfloat16, "cpu", 32):
+        raise SystemExit("bfloat16: the compiled sweep needs AMX here (native_linear.native_takes)")
+    if args.ceiling:
+        print(pd.DataFrame(ceiling(args.rows, args.rounds, getattr(torch, args.dtype))).to_string(index=False))
+    elif args.tiles:
         tiles(args.rounds, args.rows, getattr(torch, args.dtype))
     else:
         group_products(args.rounds)

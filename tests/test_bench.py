@@ -195,3 +195,31 @@ def test_stream_bench_times_both_settings_and_restores_the_threshold():
     assert native_linear.STREAM_BYTES == shipped
     with pytest.raises(ValueError, match="--rows"):
         module.main(["--rows", "0"])
+
+
+def test_gemm_bench_ceiling_times_the_forward_as_run_and_into_a_narrow_output():
+    """bench/native_gemm_bench.py --ceiling at a toy size: both configurations, as run and narrow,
+    positive rates against one dense rate; the narrow table keeps every product and moves output
+    0's slices inside [0, N); bad arguments named."""
+    import importlib.util
+    from pathlib import Path
+
+    from pixelfly_lab.ops import native, native_linear
+    if native.load("blocksparse_cpu") is None:
+        pytest.skip("the compiled kernel cannot be built here")
+    path = Path(__file__).resolve().parent.parent / "bench" / "native_gemm_bench.py"
+    spec = importlib.util.spec_from_file_location("native_gemm_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = (native_linear.product_tables, native_linear.new_output)
+    rows = module.ceiling(rows=4, rounds=1, dtype=torch.float32)
+    assert [(r["layer"], r["output"].split()[0]) for r in rows] == [
+        ("released", "4096"), ("released", "narrow"), ("budget 0.1", "4096"), ("budget 0.1", "narrow")]
+    assert all(r["useful_gflops"] > 0 and r["fraction"] > 0 for r in rows)
+    assert len({r["dense_gflops"] for r in rows}) == 1
+    assert (native_linear.product_tables, native_linear.new_output) == shipped
+    table = torch.tensor([(0, 0, 4, 0, 0, 8, 8, 16, 0, 0), (1, 0, 2, 1, 0, 8, 8, 0, 0, 1), (0, 0, 4, 0, 0, 8, 8, 8, 1, 0)])
+    moved, width = module._narrow(table)
+    assert width == 8 and moved[:, 7].tolist() == [0, 0, 0] and torch.equal(moved[:, :7], table[:, :7])
+    with pytest.raises(ValueError, match="--rows"):
+        module.main(["--ceiling", "--rows", "0"])
