@@ -221,5 +221,7 @@ def test_gemm_bench_ceiling_times_the_forward_as_run_and_into_a_narrow_output():
     table = torch.tensor([(0, 0, 4, 0, 0, 8, 8, 16, 0, 0), (1, 0, 2, 1, 0, 8, 8, 0, 0, 1), (0, 0, 4, 0, 0, 8, 8, 8, 1, 0)])
     moved, width = module._narrow(table)
     assert width == 8 and moved[:, 7].tolist() == [0, 0, 0] and torch.equal(moved[:, :7], table[:, :7])
+    curve = module.k_curve(rows=4, rounds=1, dtype=torch.float32, ks=(32, 64))
+    assert [r["K"] for r in curve] == [32, 64] and all(r["gflops"] > 0 for r in curve)
     with pytest.raises(ValueError, match="--rows"):
         module.main(["--ceiling", "--rows", "0"])

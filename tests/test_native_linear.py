@@ -292,16 +292,20 @@ def test_bfloat16_threads_share_the_panels(threads, monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", ["expanding", "contracting", "random", "random-T", "holes-T"])
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False)])
-def test_float32_x_with_bfloat16_values_is_the_bfloat16_sweep_on_rounded_x(name, rank, bias, threads, monkeypatch):
+@pytest.mark.parametrize("rows,panel", [(37, 7), (75, 35)])
+def test_float32_x_with_bfloat16_values_is_the_bfloat16_sweep_on_rounded_x(name, rank, bias, threads, rows, panel,
+                                                                          monkeypatch):
     """x in float32 with bfloat16 parameters (what autocast passes): the sweep rounds x's tiles and
-    panels itself (A operand, transposed or VNNI-packed gram operand) and stores dX unrounded. Bit
-    for bit the bfloat16 sweep given x.bfloat16(): y, z and the parameters' gradients equal, dX
-    equal after rounding; rows that are not a multiple of the tile, an odd panel, 1-2 threads."""
+    panels itself (A operand; transposed or VNNI-packed gram operand, 16 rows at a time) and stores
+    dX unrounded. The bfloat16 sweep given x.bfloat16(), bit for bit (x holds no subnormals, which
+    the vector rounding flushes): y, z and the parameters' gradients equal, dX equal after
+    rounding; rows that are not a multiple of the tile, odd panels (35: strips of 16, 16 and 3),
+    1-2 threads."""
     monkeypatch.setattr(native_linear, "TILE_ROWS_16BIT", 4)
-    monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 7)
+    monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", panel)
     monkeypatch.setattr(native_linear, "STREAM_BYTES", 0)   # output windows, streamed
     layout, b = LAYOUTS[name]
-    x, *params = _operands(layout, b, 37, rank, bias)
+    x, *params = _operands(layout, b, rows, rank, bias)
     params = [None if t is None else t.bfloat16() for t in params]
     plan = torch_kernels.plan_for(layout, b)
     previous = torch.get_num_threads()
@@ -348,6 +352,37 @@ def test_gather_tables_accumulate_in_windows_and_scatter_tables_do_not(n_split, 
         without_first = torch.cat([table[:first], table[first + 1:]])   # a slice unwritten, or added to first
         assert not module.windowed(without_first, gather), name
         assert not module.windowed(native_linear.product_tables(plan, "scatter", low_k, scatter), scatter), name
+
+
+def test_native_applies_to_float32_x_with_bfloat16_values_only():
+    """The one mixed pair the sweep takes is float32 x with bfloat16 values (autocast's); float32
+    x with float16 values, or 16-bit x with float32 values, go elsewhere."""
+    x, values = torch.randn(8, 16), torch.randn(2, 4, 4)
+    assert native_linear.native_applies(x, values)
+    assert not native_linear.native_applies(x, values.half())
+    assert not native_linear.native_applies(x.bfloat16(), values)
+    assert native_linear.native_applies(x, values.bfloat16()) == native_linear.native_takes(torch.bfloat16, "cpu", 4)
+
+
+@pytest.mark.parametrize("block", [3, 4])
+def test_autocast_gives_x_a_float32_gradient_on_every_route(block, monkeypatch):
+    """Under bfloat16 autocast x.grad is float32 whether the sweep takes float32 x (even blocks on
+    AMX) or x is cast first (odd blocks, the PyTorch path; or PIXELFLY_NATIVE=0): the op hands dX back
+    in x's dtype on every route, and the forward sees x uncast exactly where the sweep runs."""
+    torch.manual_seed(0)
+    layer = PixelflyLinear(48, 96, budget=0.5, block_size=block, backend="torch") if block == 3 else \
+        PixelflyLinear(64, 128, budget=0.5, block_size=block, backend="torch")
+    monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *a: False)
+    seen = []
+    real = torch_kernels._grouped_forward
+    monkeypatch.setattr(torch_kernels, "_grouped_forward", lambda x2, *a: seen.append(x2.dtype) or real(x2, *a))
+    x = torch.randn(40, layer.in_features, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    sweep = native_linear.native_takes(torch.bfloat16, "cpu", block)
+    assert seen == [torch.float32 if sweep else torch.bfloat16]
 
 
 @needs_bf16

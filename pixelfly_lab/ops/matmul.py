@@ -45,7 +45,10 @@ The Triton path is an opaque custom op rather than ``torch.library.triton_op``: 
 autotune with a config pruner and look their index tables up by key, which triton_op's tracing
 (fake tensors, restricted autotuner support in torch 2.4-2.6) does not cover.
 
-Under ``torch.autocast`` every path computes in the autocast dtype.
+Under ``torch.autocast`` every path computes in the autocast dtype. Where the compiled bfloat16
+sweep takes the product (CPU, AMX, even block size: :func:`~pixelfly_lab.ops.native_linear.native_takes`)
+a float32 x goes in uncast and its gradient comes back unrounded (float32 sums); on the other
+paths, as with ``F.linear``, x is cast and its gradient is rounded to the autocast dtype first.
 
 Example:
     >>> layout = torch.tensor([[True, False], [True, True]])
@@ -66,6 +69,7 @@ from pixelfly_lab._checks import check_input_width
 from pixelfly_lab._compile import assume_constant
 from pixelfly_lab._tf32 import tf32_allowed
 from pixelfly_lab.ops.matmul_ops import torch_forward_op, triton_forward_op
+from pixelfly_lab.ops.native_linear import native_takes
 from pixelfly_lab.ops.registry import BLOCK_SIZES, RegisteredLayout, register_layout, registered_layout
 from pixelfly_lab.ops.torch_kernels import plan_for  # re-exported: tests and callers import it from here
 
@@ -119,6 +123,13 @@ def _check_operands(x, values, layout, bias, u, v, layout_key, autocast: bool) -
 
 def _autocast_enabled(device_type: str) -> bool:
     return device_type != "meta" and torch.is_autocast_enabled(device_type)  # meta has no autocast
+
+
+@assume_constant
+def _sweep_rounds_x(device_type: str, block_size: int) -> bool:
+    """Whether the compiled bfloat16 sweep runs on this device at this block size (it then takes a
+    float32 x under autocast and rounds it itself); a constant to torch.compile."""
+    return native_takes(torch.bfloat16, device_type, block_size)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -279,19 +290,21 @@ def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.T
         return _dispatch(chosen, backend, entry, x, values, layout, bias, u, v)
     # compute in the autocast dtype, as F.linear would: cast once, dispatch once (the casts are
     # differentiable, so gradients come back in the parameters' dtypes), and autocast is off inside
-    # the kernels so that nothing is cast again. x is cast too, except for the 'torch' op: it computes
-    # in values' dtype and takes a wider x itself (the compiled sweep rounds it tile by tile and
-    # returns dX in x's dtype, instead of a cast copy of x and a cast of dX: 1024 -> 4096 at 4096 rows,
-    # bfloat16, one thread, 58.5 -> 49.7 ms fwd+bwd without the two casts)
+    # the kernels so that nothing is cast again. A float32 x stays uncast where the compiled
+    # bfloat16 sweep runs the 'torch' op: the sweep rounds it tile by tile and returns dX in float32
+    # (see pixelfly_lab.ops.native_linear)
     dtype = torch.get_autocast_dtype(x.device.type)
     values, bias, u, v = (t if t is None else t.to(dtype) for t in (values, bias, u, v))
-    x = x if chosen == "torch" else x.to(dtype)
+    uncast = (chosen == "torch" and x.dtype == torch.float32 and dtype == torch.bfloat16
+              and _sweep_rounds_x(x.device.type, entry.block_size))
+    x = x if uncast else x.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
         return _dispatch(chosen, backend, entry, x, values, layout, bias, u, v)
 
 
 def _dispatch(chosen: str, backend: str, entry: RegisteredLayout, x, values, layout, bias, u, v) -> torch.Tensor:
-    """Run the chosen backend on checked operands of one dtype."""
+    """Run the chosen backend on checked operands of one dtype (x may be float32 with bfloat16
+    parameters for the 'torch' op: see :func:`sparse_lowrank_matmul`)."""
     if chosen == "reference":
         return _reference(x, values, layout, bias, u, v)
     if entry.key < 0:

@@ -54,12 +54,12 @@ def _needed(needs, has_bias: bool) -> list[bool]:
     return [bool(needs[0]), bool(needs[1]), bool(needs[2]) and has_bias, bool(needs[3]), bool(needs[4])]
 
 
-def _grad_shapes(x2, values, u, v, entry: RegisteredLayout, needed) -> list:
+def _grad_shapes(gy, x2, values, u, v, entry: RegisteredLayout, needed) -> list:
     """Empty gradients of the backward's shapes and dtypes: x2's own, the others' values' (the
-    compute dtype; the bias is cast to it)."""
+    compute dtype; the bias is cast to it); an empty tensor like gy's where not needed (as the op)."""
     likes = [(x2, x2.shape), (values, values.shape), (values, (entry.out_features,)), (u, None if u is None else u.shape),
              (v, None if v is None else v.shape)]
-    return [like.new_empty(shape) if need and shape is not None else _empty(x2)
+    return [like.new_empty(shape) if need and shape is not None else _empty(gy)
             for (like, shape), need in zip(likes, needed)]
 
 
@@ -83,7 +83,7 @@ def _forward_fake(x2, values, bias, u, v, layout_key):
 
 
 def _backward_fake(gy, x2, values, u, v, z, layout_key, needed):
-    return _grad_shapes(x2, values, u, v, registered_layout(layout_key), needed)
+    return _grad_shapes(gy, x2, values, u, v, registered_layout(layout_key), needed)
 
 
 torch_forward_op.register_fake(_forward_fake)

@@ -18,9 +18,12 @@ bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, eve
 same tables, B operands in VNNI pairs (low-rank K padded to :data:`K_STEP_16BIT`), float32
 accumulation rounded once (per output slice of a group in a gather table, per tile otherwise), the
 blocks' gradients summed in float32 (:func:`native_takes`). x may stay float32 (what autocast hands
-over): the sweep rounds each tile (and each panel of the grams) into a scratch buffer, and dX comes
-back in float32, unrounded: no bfloat16 copy of x and no cast of dX (1024 -> 4096 at 4096 rows, one
-thread: the two casts took 58.5 - 49.7 ms of a fwd+bwd step of the released configuration).
+over): the sweep rounds each tile of it into a scratch buffer (and the grams' panels 16 rows at a
+time, into a strip kept in L1), and dX comes back in float32, unrounded: no bfloat16 copy of x is
+made, kept for the backward or cast back. Measured (released configuration, 1024 -> 4096, one
+thread, autocast, a dense layer's step before each timed call, medians of 9-41 interleaved
+rounds), x cast by autocast first / x float32 into the sweep: fwd+bwd 67.6 / 66.5 ms at 4096
+rows, 11.2 / 10.8 ms at 512 rows; forward 17.6 / 16.5 and 4.3 / 4.1 ms.
 
 Why: on one AVX-512 core (Xeon with AMX) ``torch.mm`` on a group's strided views, (512 x 96) @
 (96 x 128) into a 4096-wide output, ran at ~117-140 GFLOP/s while nn.Linear's whole GEMM ran at
@@ -29,8 +32,10 @@ quiet machine), and one C++ loop has none of the per-GEMM Python and dispatch co
 100+ per call).
 
 The low-rank term and the bias ride as one more product per group: [z, 1] @ [U^T; bias], with
-z = x V computed by the tile's first product; in the backward gy U likewise, and gy^T [z, 1] (dU,
-dbias) as extra rows of the blocks' gradients, or as grams of their own.
+z = x V computed per tile before the products that read it (by the tile's first product in a
+gather table, group by group in a scatter table: :func:`_scatter_products`); in the backward gy U
+likewise, and gy^T [z, 1] (dU, dbias) as extra rows of the blocks' gradients, or as grams of their
+own.
 
 Tested against the float64 reference in tests/test_native_linear.py (float32 and bfloat16, 1-3
 threads), and through every float32 CPU layer in the other tests.
@@ -136,15 +141,18 @@ def _scatter_products(plan: Plan, low_k: int, width: int, lead: tuple = ()) -> l
     ``lead`` = (K, B id, N): A_1 = A_0 @ B_lead (z = x V, or gz = gy U) is summed group by group,
     A_0[:, rows_g] @ B_lead[rows_g] right before the group's own product reads the same columns,
     instead of one K-wide product first: that product was the first to read A_0's tile from memory
-    and ran at the memory's pace (dX of 1024 -> 4096 at 4096 rows, one thread: ~9 ms of 54)."""
-    bounds = [0] + [edge for g in plan.groups for edge in (g.r0, g.r1)] + [lead[0] if lead else 0]
-    split = bool(lead) and bounds[::2] == bounds[1::2]   # the groups' rows tile A_0's K columns
-    table = [] if split or not lead else _lead_product(*lead)
+    and ran at the memory's pace (measured, dX of 1024 -> 4096 at 4096 rows, one thread, medians of
+    7: the lead product alone 9.3 ms, the whole dX table 54.0 ms, the sum of its parts 53.5). The
+    groups' rows tile A_0's K columns (every plan row is in one group, blocks or not)."""
+    edges = [0] + [g.r1 for g in plan.groups]
+    if lead and ([(g.r0, g.r1) for g in plan.groups] != list(zip(edges, edges[1:])) or edges[-1] != lead[0]):
+        raise ValueError("the plan's groups must tile the rows of A_0 (plan_for's plans do)")
+    table = []
     pieces, holes = plan.scatter_pieces
     for c0, c1 in holes:
         _product(table, 0, 0, 0, 0, 0, 0, c1 - c0, c0, False)
     for i, (g, own) in enumerate(zip(plan.groups, pieces)):
-        if split:
+        if lead:
             _, b_id, n = lead
             _product(table, 0, g.r0, g.r1 - g.r0, b_id, g.r0 * n, n, n, 0, i > 0, 1)
         for offset, c0, c1, write in own:
@@ -271,7 +279,8 @@ def _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRA
 
 def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
     """(y, z) of :func:`pixelfly_lab.ops.torch_grouped.grouped_forward`, by the compiled sweep:
-    per tile z = x V first (into [z, 1]), then the groups' products and [z, 1] @ [U^T; bias].
+    per tile z = x V (into [z, 1]) before the products that read it, the groups' products and
+    [z, 1] @ [U^T; bias].
     Computed in values' dtype (y and z too); x2 may be float32 for bfloat16 values (autocast)."""
     rows, dtype = x2.shape[0], values.dtype
     a_ops, b_ops = [x2], _packed(values, plan, transpose=not plan.transposed)
@@ -313,8 +322,8 @@ def _accumulators(plan: Plan, extra: int) -> tuple[object, list]:
 
 def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
     """The gradients of :func:`native_forward` (what :func:`pixelfly_lab.ops.torch_grouped.grouped_backward`
-    returns), by one compiled sweep: per tile gz = gy U first, then dX's products, then the blocks'
-    gradients and the low-rank factors' and bias's (grams over the panel, transposed once; summed
+    returns), by one compiled sweep: per tile gz = gy U and dX's products (gz before the products
+    that read it), then per panel the blocks' gradients and the low-rank factors' and bias's (grams over the panel, transposed once; summed
     in float32 also for bfloat16 operands, rounded to the operands' dtype at the end). Computed in
     values' dtype; dX in x2's (float32 x2 with bfloat16 values: stored unrounded)."""
     gy = gy.contiguous()
@@ -329,7 +338,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     if gz_full is not None and pad:
         gz_full[:, r:] = 0
     gz = None if gz_full is None else gz_full[:, :r]
-    # products: gz = gy U (output 1), then dX (output 0) reading gz
+    # products: gz = gy U (output 1), and dX (output 0) reading gz
     a_ops, b_ops, outs, lead = [gy], [], [values.new_empty(0, 0)], ()
     if need_x:
         b_ops = _packed(values, plan, transpose=plan.transposed)

@@ -90,7 +90,8 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
 
     Args:
         x2: (N, in_features), contiguous rows; of values' dtype, or wider (float32 under autocast:
-            the product is computed in values' dtype, x2 rounded inside the compiled sweep).
+            the product is computed in values' dtype; the compiled sweep rounds x2 itself, the
+            other routes cast it first).
         values: (nnz, b, b), W's blocks in row-major layout order (see :mod:`pixelfly_lab.ops.matmul`).
         bias: (out_features,) or None.
         u: (out_features, r) or None; v: (in_features, r) or None (both or neither).
@@ -152,16 +153,18 @@ def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
     (:mod:`pixelfly_lab.ops.torch_grouped`)."""
     if native_applies(x2, values):
         return native_forward(x2, values, bias, u, v, plan, out_features)
+    x2 = x2.to(values.dtype)   # before torch_serial: the cast runs on every thread
     with torch_serial(x2):
-        return grouped_forward(x2.to(values.dtype), values, bias, u, v, plan, out_features)
+        return grouped_forward(x2, values, bias, u, v, plan, out_features)
 
 
 def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
     """The gradients of :func:`_grouped_forward`, by the same route."""
     if native_applies(x2, values):
         return native_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
+    x2 = x2.to(values.dtype)
     with torch_serial(x2):
-        return grouped_backward(gy, x2.to(values.dtype), values, u, v, z, plan, needs_input_grad, has_bias)
+        return grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
 
 
 # ----------------------------------------------------------------------------- the dense route

@@ -33,8 +33,9 @@
 // into the same columns); an output later products read (the lead products' z = x V) right after
 // the product that writes it. Grams in float32 accumulators, the panel's B side repacked to VNNI
 // once per panel (an odd last row padded with zeros). float32 A and gram operands of a bfloat16 sweep
-// (x under autocast) are rounded per tile, or per panel, into a thread's scratch; a float32 output 0
-// (dX) gets the float32 sums unrounded.
+// (x under autocast) are rounded into a thread's scratch: an A operand's tile at the tile's start, a
+// gram operand's panel 16 rows at a time (a strip kept in L1) as it is transposed or packed; a
+// float32 output 0 (dX) gets the float32 sums unrounded.
 //
 // Reference: block-sparse GEMM as grouped dense GEMMs (Pixelfly, Dao, Chen et al., ICLR 2022,
 // arXiv 2112.00029, Sec. 4; this CPU formulation is ours); brgemm: oneDNN's micro-kernel API.
@@ -102,7 +103,7 @@ void pack_vnni(const at::BFloat16* src, int64_t lds, int64_t rows, int64_t cols,
 }
 
 // CPU, 2-d, unit column stride, of the sweep's dtype; with `wide`, float32 also (a bfloat16 sweep
-// converts those operands per tile or panel, or stores such an output unrounded).
+// rounds those operands per tile or per strip of a panel, or stores such an output unrounded).
 void check_operands(const std::vector<at::Tensor>& xs, at::ScalarType dtype, const char* what, bool wide = false) {
   for (const auto& x : xs) {
     TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == dtype || (wide && x.scalar_type() == at::kFloat)), what,
@@ -400,7 +401,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
 
 // See the file's header. Operands float32 (`bfloat16` false), or bfloat16 with B operands in VNNI
 // (`bfloat16` true; then A and gram operands and output 0 may also be float32: x and dX under
-// autocast, rounded per tile or panel, and stored unrounded); `accs` float32, written (not added
+// autocast, rounded per tile or per strip of a panel, and stored unrounded); `accs` float32, written (not added
 // to): the sum over all rows. An output 0 of at least `stream_bytes` whose products
 // form windows (find_windows) is accumulated per window and written by streaming stores (store_rows).
 void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
@@ -421,6 +422,9 @@ void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
   check_operands({outs.begin(), outs.begin() + std::min<size_t>(1, outs.size())}, dtype, "outs", bf16);
   check_operands({outs.begin() + std::min<size_t>(1, outs.size()), outs.end()}, dtype, "outs");
   check_operands(accs, at::kFloat, "accs");
+  for (const auto& a : a_ops)   // a float32 A operand is rounded once per tile: no product may write it
+    TORCH_CHECK(a.scalar_type() == dtype || outs.empty() || !a.is_alias_of(outs[0]),
+                "a_ops: a float32 operand of a bfloat16 sweep may not be its output 0");
   for (const auto& b : b_ops)
     TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == dtype && b.is_contiguous(), "b_ops: contiguous, the sweep's dtype");
   // every table entry inside its operands (the Python side builds them; a wrong one would read or
