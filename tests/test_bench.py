@@ -110,13 +110,13 @@ def _toy_table(**options):
     from pixelfly_lab.speed.bench import BenchConfig, speed_table
 
     config = BenchConfig(shapes=((128, 256),), rows=64, budgets=(0.25,), block_sizes=(32,), peers=(),
-                         backends=("torch",), released=False, repeats=1, warmup=0, **options)
+                         backends=("torch",), released=False, warmup=0, **{"repeats": 1, **options})
     return speed_table(config, progress=False, isolate=False)
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_layer_table_rates_are_consistent_with_its_times(autocast):
-    table = _toy_table(autocast=autocast)
+    table = _toy_table(autocast=autocast, repeats=3)
     assert list(table["layer"]) == ["nn.Linear", "Pixelfly"]
     assert set(table["dtype"]) == {"float32" if autocast is None else "bfloat16 (autocast)"}
     for suffix, products in (("", 3), ("_forward", 1)):
@@ -133,6 +133,20 @@ def test_layer_table_rates_are_consistent_with_its_times(autocast):
         assert table[f"fraction_of_dense_rate{suffix}"].tolist() == pytest.approx(
             table[f"fraction_of_limit_{mode}"].tolist())
     assert table.loc[0, "fraction_of_dense_rate"] == 1.0
+    # the per-round paired ratios' quartiles: nn.Linear against itself is 1 in every round; a
+    # layer's band is ordered (with 3 rounds the quartiles may both equal the median)
+    assert table.loc[0, "fraction_q25"] == table.loc[0, "fraction_q75"] == 1.0
+    assert 0 < table.loc[1, "fraction_q25"] <= table.loc[1, "fraction_q75"]
+
+
+def test_paired_quartiles_pair_rounds_and_need_two():
+    """Ratios are taken round by round (a slow round for both cancels), quartiles inclusive; fewer
+    than two usable rounds give NaN."""
+    from pixelfly_lab.speed.layer_speed import _paired_quartiles
+    assert _paired_quartiles([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == (2.0, 2.0)   # the same ratio each round
+    assert _paired_quartiles([1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 0.25, 0.5, 1.0]) == (1.0, 2.0)
+    assert all(v != v for v in _paired_quartiles([1.0], [1.0]))
+    assert all(v != v for v in _paired_quartiles([1.0, 2.0], [0.0, 1.0]))
 
 
 def test_machine_header_names_the_cpu_flags_and_load():

@@ -198,6 +198,18 @@ MODES = ("forward", "forward_backward")
 _PRODUCTS = {"forward": 1, "forward_backward": 3}
 
 
+def _paired_quartiles(dense: list, layer: list) -> tuple[float, float]:
+    """The 25th and 75th percentiles of the per-round ratios dense / layer (the two timed in the same
+    round, back to back; rounds where either has no time left out): how far a speed-up moves from
+    round to round on this machine, paired so that slow drifts of the machine cancel. NaN for fewer
+    than two rounds."""
+    ratios = sorted(d / t for d, t in zip(dense, layer) if t > 0)
+    if len(ratios) < 2:
+        return float("nan"), float("nan")
+    q25, _, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q25, q75
+
+
 def add_rate_columns(table: pd.DataFrame) -> pd.DataFrame:
     """Add the machine's dense GEMM rate and each row's useful rate to a :func:`speed_table` table.
 
@@ -274,8 +286,10 @@ def _measure(config: BenchConfig, progress: bool) -> pd.DataFrame:
                 budget = _weight_budget(layer, in_f, out_f)
                 medians = {f"{key}_ms": 1e3 * statistics.median(record[key]) if record[key] else float("nan")
                            for key in record if key != "note"}
+                low, high = _paired_quartiles(times[0]["forward_backward"], record["forward_backward"])
                 rows.append({"in_features": in_f, "out_features": out_f, **common, **label, "budget": budget,
-                             **medians, "flop_limit": 1.0 / budget, "note": record["note"], "load_avg": load})
+                             **medians, "flop_limit": 1.0 / budget, "note": record["note"], "load_avg": load,
+                             "fraction_q25": low * budget, "fraction_q75": high * budget})
             rows.extend(skipped)
     table = pd.DataFrame(rows)
     dense = table[table["layer"] == "nn.Linear"].set_index(["in_features", "out_features"])
@@ -305,7 +319,9 @@ def speed_table(config: BenchConfig = BenchConfig(), progress: bool = True, isol
         flop_limit (1 / budget), fraction_of_limit_forward and fraction_of_limit_forward_backward
         (speed-up / flop_limit: the kernel's efficiency relative to nn.Linear's GEMM),
         dense_gflops, useful_gflops, fraction_of_dense_rate (forward+backward; ``*_forward`` for
-        the forward: :func:`add_rate_columns`), note, threads, device, dtype (the compute dtype,
+        the forward: :func:`add_rate_columns`), fraction_q25 and fraction_q75 (forward+backward:
+        the quartiles of the per-round paired speed-ups / flop_limit, how far the fraction moves
+        from round to round here: :func:`_paired_quartiles`), note, threads, device, dtype (the compute dtype,
         '(autocast)' when under autocast), grad_dtype (the output gradient's: the compute dtype),
         allocator, load_avg (the 1-minute load when the shape
         finished: a shared machine makes every number noisy).

@@ -119,7 +119,8 @@ def _speed_claim(rows: pd.DataFrame, cuda: bool, figure: str, table: str) -> Cla
                   f"{main['forward_backward_ms']:.1f} ms; forward alone {main['speedup_forward']:.2f}x; FLOP limit "
                   f"{limit:.2f}x; useful rate {main['useful_gflops']:.0f} GFLOP/s = "
                   f"{main['fraction_of_dense_rate']:.2f} of nn.Linear's {main['dense_gflops']:.0f} GFLOP/s on this "
-                  f"machine; load average {main['load_avg']:.1f}). All runs: {others}"),
+                  f"machine, {main['fraction_q25']:.2f}-{main['fraction_q75']:.2f} between the rounds' quartiles; "
+                  f"load average {main['load_avg']:.1f}). All runs: {others}"),
         held=bool(ratio >= bar and (cuda or main["speedup_forward"] >= bar)), figure=figure, kind="target",
         table=table)
 
