@@ -40,9 +40,23 @@ def test_step_table_reports_the_system_time_inside_steps(monkeypatch):
     table = time_training_steps({"a": _mlp(16), "b": _mlp(8)}, torch.randn(4, 64), steps=2, rounds=2, warmup=0)
     assert table["system_ms"].tolist() == [250.0, 250.0]
     assert table["page_faults"].tolist() == [7.0, 7.0]
+    assert "ratio_without_system" in table   # (the fake 0.25 s of system time exceeds these steps: NaN)
     monkeypatch.undo()   # the real counters of this process
     system, faults = timer._os_counters()
     assert 0 <= system < 1e6 and faults >= 0
+
+
+def test_ratio_without_system_takes_each_steps_system_time_out():
+    """The baseline's median of (wall - system) over each model's; NaN with several threads (system
+    time summed over threads) or where a model's steps were all system time."""
+    from pixelfly_lab.speed.timer import _ratios_without_system
+    times = {"dense": [1.0, 3.0, 2.0], "sparse": [1.0, 0.9, 1.2]}
+    system = {"dense": [0.5, 0.5, 1.0], "sparse": [0.5, 0.4, 0.2]}
+    got = _ratios_without_system(times, system, "dense", one_thread=True)
+    assert got == {"dense": 1.0, "sparse": pytest.approx(1.0 / 0.5)}   # medians: 1.0 and 0.5
+    assert all(v != v for v in _ratios_without_system(times, system, "dense", one_thread=False).values())
+    all_system = _ratios_without_system({"a": [1.0], "b": [1.0]}, {"a": [0.5], "b": [1.0]}, "a", True)["b"]
+    assert all_system != all_system   # NaN
 
 
 def test_attention_macs_count_both_products_and_halve_causal():

@@ -5,9 +5,11 @@ Pixelfly layers and their peers against nn.Linear, interleaved medians), one per
 row count, each under a line naming the CPU, its GEMM flags and the load
 (:func:`pixelfly_lab.speed.machine.machine_header`), with the machine's dense GEMM rate
 (``dense_gflops``) and the fraction of it each layer's stored entries reach
-(``fraction_of_dense_rate`` = speed-up / FLOP limit); then whole-model training steps
-(:func:`pixelfly_lab.speed.model_speed.model_speed_table`); :func:`plot_speed` draws speed-up
-against budget. The speed targets are fractions of the same machine's dense rate (the README's
+(``fraction_of_dense_rate`` = speed-up / FLOP limit) and how far it moves from round to round
+(``fraction_q25``, ``fraction_q75``); then whole-model training steps
+(:func:`pixelfly_lab.speed.model_speed.model_speed_table`, with ``ratio_without_system``: the step
+ratio without the operating system's page-fault time, which swings the wall ratio on some
+machines); :func:`plot_speed` draws speed-up against budget. The speed targets are fractions of the same machine's dense rate (the README's
 Notes): the released configuration (butterfly_size 16, n_factors 2, rank 32, block 32) at
 1024 -> 4096 forward and forward+backward at 0.9 of its FLOP limit, budget 0.1 at 0.75, bf16
 autocast at 0.75 against dense bf16. The Pixelfly paper (Dao, Chen et al., ICLR 2022, arXiv
@@ -220,7 +222,7 @@ def run(args, *, isolate: bool = True) -> int:
         models.to_csv(out / f"models_threads{threads}.csv" if len(args.threads) > 1 else out / "models.csv",
                       index=False)
         columns = ["case", "model", "depth", "batch", "budget", "attention", "step_ms", "system_ms", "page_faults",
-                   "ratio", "flop_limit", "fraction_of_limit", "gmacs", "params"]
+                   "ratio", "ratio_without_system", "flop_limit", "fraction_of_limit", "gmacs", "params"]
         with pd.option_context("display.width", 220, "display.precision", 3):
             print(models[columns].to_string(index=False))
         print(f"model table: {out / 'models.csv'} ({threads} thread(s); load average "

@@ -90,6 +90,16 @@ def _os_counters() -> tuple[float, float]:
     return usage.ru_stime, float(usage.ru_minflt + usage.ru_majflt)
 
 
+def _ratios_without_system(times: dict, system: dict, base: str, one_thread: bool) -> dict:
+    """{model: the baseline's median of (wall - system) per step / the model's}: the step ratio with
+    the operating system's time (page faults of fresh allocations) taken out of every step. NaN
+    with several threads (their system time is summed over threads, wall time is not) and where a
+    model's median is not positive."""
+    own = {name: statistics.median(w - s for w, s in zip(times[name], system[name])) for name in times}
+    usable = one_thread and own[base] > 0
+    return {name: own[base] / own[name] if usable and own[name] > 0 else float("nan") for name in times}
+
+
 def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
     """Cross-entropy on integer targets, else mean squared error (a zero target when None)."""
     if target is not None and not target.is_floating_point():
@@ -133,6 +143,9 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         does not report it) and page_faults (median per step): fresh allocations are page-faulted
         in; on one virtual machine the same GPT-2 step took 5.1-11.1 s, 0.5-6.4 s of it in the
         operating system with ~430 000 faults each time, ratio (baseline's median / this),
+        ratio_without_system (one thread: the same with each step's operating-system time taken
+        out, median of wall - system per model; what the steps' own work gives, where page faults
+        swing the wall ratio; NaN with several threads, whose system time is summed over threads),
         flop_limit (baseline's multiply-adds / this), fraction_of_limit (ratio / flop_limit),
         gmacs (multiply-adds of one forward+backward, 1e9), params, threads, load_avg.
 
@@ -207,12 +220,15 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                     faults[name].append(faulted_after - faulted)
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
+    without_system = _ratios_without_system(times, system, base, (threads if threads is not None else previous) == 1)
     load = load_average()[0]
     rows = []
     for name, model in models.items():
         ratio, limit = medians[base] / medians[name], macs[base] / max(macs[name], 1)
         rows.append({"model": name, "step_ms": 1e3 * medians[name], "system_ms": 1e3 * statistics.median(system[name]),
-                     "page_faults": statistics.median(faults[name]), "ratio": ratio, "flop_limit": limit,
+                     "page_faults": statistics.median(faults[name]), "ratio": ratio,
+                     "ratio_without_system": without_system[name],
+                     "flop_limit": limit,
                      "fraction_of_limit": ratio / limit, "gmacs": macs[name] / 1e9,
                      "params": sum(p.numel() for p in model.parameters()),
                      "threads": threads if threads is not None else previous, "load_avg": load})
