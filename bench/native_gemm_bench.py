@@ -10,16 +10,17 @@ The first table is the figure behind the sweep: one group of the budget-0.1 layo
 as ``torch.mm`` on the views (what the pure-PyTorch path calls), as the sweep's micro-kernel on the
 same views, and dense ``torch.mm`` of the whole layer.
 
-``--ceiling`` bounds what the sweep's forward can reach on this machine: the whole forward of both
-configurations (its useful GFLOP/s and their fraction of dense ``torch.mm``'s rate on the same
-shape, one thread, same dtype, into a preallocated output: the best dense rate here, above
-nn.Linear's in ``bench``, which allocates its output and, under autocast, casts), then the same
-products with every output slice moved into the first columns of a narrow output that stays in
-the caches (same micro-kernel calls, no 4096-wide output written to memory). The second rate is
-what the micro-kernels give at these shapes; the gap between the two is mostly the cost of
-writing y (the narrow products are never accumulated in windows nor streamed: their output
-columns overlap). Last, the micro-kernel's rate by K (:func:`k_curve`): what a product of the
-K a group reads can reach at all.
+``--ceiling`` bounds what the sweep's *forward* can reach on this machine (the backward, dX and
+the grams, is not covered): the sweep's forward of both configurations (x already in the dtype;
+no autocast, custom op or autograd around it, which cost the layer a few ms more in ``bench``),
+then the same products with every output slice moved into the first columns of a narrow output
+that stays in the caches (same micro-kernel calls, no 4096-wide output written to memory). Rates
+are useful GFLOP/s as fractions of dense ``torch.mm`` into a kept output (``of_mm``: the GEMM
+itself) and of ``F.linear`` with a bias, allocating its output (``of_linear``: nn.Linear's
+forward, the bench's reference, there also under autocast); one thread, same shape and dtype. The
+gap between the two rows is mostly the cost of writing y (the narrow products are never
+accumulated in windows nor streamed: their output columns overlap). Last, the micro-kernel's rate
+by K (:func:`k_curve`).
 """
 
 from __future__ import annotations
@@ -89,11 +90,16 @@ def _narrow(table: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
-    """Forward of the released configuration and budget 0.1 (1024 -> 4096) as the layer runs it,
-    and its products into a cache-resident output; rates beside dense torch.mm's. One row each."""
+    """The sweep's forward of the released configuration and budget 0.1 (1024 -> 4096; x already
+    in ``dtype``, no autocast, no custom op or autograd around it), and its products into a
+    cache-resident output; rates as fractions of two dense references: torch.mm into a kept
+    output (the GEMM itself) and F.linear with a bias, allocating its output (what nn.Linear's
+    forward does; the bench's reference, there also under autocast). One row each."""
     x, w = torch.randn(rows, 1024, dtype=dtype), torch.randn(1024, 4096, dtype=dtype)
+    weight, bias = w.T.contiguous(), torch.randn(4096, dtype=dtype)
     y = torch.empty(rows, 4096, dtype=dtype)
-    fns, flops = {"dense": lambda: torch.mm(x, w, out=y)}, {"dense": 2 * rows * 1024 * 4096}
+    fns = {"mm": lambda: torch.mm(x, w, out=y), "linear": lambda: torch.nn.functional.linear(x, weight, bias)}
+    flops = {"mm": 2 * rows * 1024 * 4096, "linear": 2 * rows * 1024 * 4096}
     tables, output = native_linear.product_tables, native_linear.new_output
     for label, kw in (("released", RELEASED), ("budget 0.1", {"budget": 0.1, "block_size": 32})):
         layer = PixelflyLinear(1024, 4096, **kw)
@@ -119,15 +125,16 @@ def ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
             fns[(label, narrow)] = lambda run=run, narrow=narrow: run(narrow)
         flops[label] = 2 * rows * 1024 * 4096 * layer.budget   # useful: the stored entries' products
     ms = _median_ms(fns, rounds)
-    dense_rate = flops["dense"] / ms["dense"] / 1e6
+    mm_rate, linear_rate = (flops[k] / ms[k] / 1e6 for k in ("mm", "linear"))
     out = []
     for key, t in ms.items():
-        if key == "dense":
+        if key in ("mm", "linear"):
             continue
         label, narrow = key
         rate = flops[label] / t / 1e6
-        out.append({"layer": label, "output": "narrow (in cache)" if narrow else "4096 wide (as run)", "ms": t,
-                    "useful_gflops": rate, "dense_gflops": dense_rate, "fraction": rate / dense_rate})
+        out.append({"layer": label, "output": "narrow (in cache)" if narrow else "4096 wide (sweep)", "ms": t,
+                    "useful_gflops": rate, "mm_gflops": mm_rate, "of_mm": rate / mm_rate,
+                    "linear_gflops": linear_rate, "of_linear": rate / linear_rate})
     return out
 
 

@@ -243,8 +243,9 @@ def test_gemm_bench_ceiling_times_the_forward_as_run_and_into_a_narrow_output():
     rows = module.ceiling(rows=4, rounds=1, dtype=torch.float32)
     assert [(r["layer"], r["output"].split()[0]) for r in rows] == [
         ("released", "4096"), ("released", "narrow"), ("budget 0.1", "4096"), ("budget 0.1", "narrow")]
-    assert all(r["useful_gflops"] > 0 and r["fraction"] > 0 for r in rows)
-    assert len({r["dense_gflops"] for r in rows}) == 1
+    assert all(r["useful_gflops"] > 0 and r["of_mm"] > 0 and r["of_linear"] > 0 for r in rows)
+    assert len({(r["mm_gflops"], r["linear_gflops"]) for r in rows}) == 1
+    assert all(r["of_mm"] == pytest.approx(r["useful_gflops"] / r["mm_gflops"]) for r in rows)
     assert (native_linear.product_tables, native_linear.new_output) == shipped
     table = torch.tensor([(0, 0, 4, 0, 0, 8, 8, 16, 0, 0), (1, 0, 2, 1, 0, 8, 8, 0, 0, 1), (0, 0, 4, 0, 0, 8, 8, 8, 1, 0)])
     moved, width = module._narrow(table)
