@@ -147,6 +147,9 @@ def test_layer_table_rates_are_consistent_with_its_times(autocast):
         assert table[f"fraction_of_dense_rate{suffix}"].tolist() == pytest.approx(
             table[f"fraction_of_limit_{mode}"].tolist())
     assert table.loc[0, "fraction_of_dense_rate"] == 1.0
+    backward = table["forward_backward_ms"] - table["forward_ms"]   # the backward's estimate
+    assert table["fraction_of_dense_rate_backward"].tolist() == pytest.approx(
+        (backward[0] / backward * table["budget"]).tolist())
     # the per-round paired ratios' quartiles: nn.Linear against itself is 1 in every round; a
     # layer's band is ordered (with 3 rounds the quartiles may both equal the median)
     assert table.loc[0, "fraction_q25"] == table.loc[0, "fraction_q75"] == 1.0

@@ -180,7 +180,7 @@ def _config(args, threads: int, rows: int) -> BenchConfig:
 TABLE_COLUMNS = ["in_features", "out_features", "rows", "threads", "dtype", "layer", "block_size", "backend", "budget",
                  "forward_ms", "forward_backward_ms", "speedup_forward", "speedup_forward_backward", "flop_limit",
                  "dense_gflops", "useful_gflops", "fraction_of_dense_rate", "fraction_q25", "fraction_q75",
-                 "fraction_of_dense_rate_forward"]
+                 "fraction_of_dense_rate_forward", "fraction_of_dense_rate_backward"]
 
 
 def run(args, *, isolate: bool = True) -> int:

@@ -218,7 +218,9 @@ def add_rate_columns(table: pd.DataFrame) -> pd.DataFrame:
     time at the same shape, threads, dtype and mode; ``useful_gflops`` = budget * those dense
     FLOPs / the row's median time (the dense-equivalent work its stored entries do per second);
     ``fraction_of_dense_rate`` = useful_gflops / dense_gflops (= speed-up / FLOP limit): what
-    the kernels control, comparable between machines whose dense GEMMs differ.
+    the kernels control, comparable between machines whose dense GEMMs differ. And
+    ``fraction_of_dense_rate_backward``: the same for the backward alone, each layer's
+    forward_backward_ms - forward_ms (differences of medians of separate calls: an estimate).
 
     Args:
         table: rows with in_features, out_features, rows, budget, layer and ``{mode}_ms``.
@@ -235,6 +237,10 @@ def add_rate_columns(table: pd.DataFrame) -> pd.DataFrame:
         table[f"dense_gflops{suffix}"] = flops / (1e6 * dense_ms)
         table[f"useful_gflops{suffix}"] = table["budget"] * flops / (1e6 * table[f"{mode}_ms"])
         table[f"fraction_of_dense_rate{suffix}"] = table[f"useful_gflops{suffix}"] / table[f"dense_gflops{suffix}"]
+    # the backward alone, from the two medians (fwd+bwd minus forward; timed as separate calls)
+    backward = table["forward_backward_ms"] - table["forward_ms"]
+    dense_backward = (dense["forward_backward_ms"] - dense["forward_ms"]).reindex(index).to_numpy()
+    table["fraction_of_dense_rate_backward"] = dense_backward / backward / (1.0 / table["budget"])
     return table
 
 
@@ -319,7 +325,8 @@ def speed_table(config: BenchConfig = BenchConfig(), progress: bool = True, isol
         flop_limit (1 / budget), fraction_of_limit_forward and fraction_of_limit_forward_backward
         (speed-up / flop_limit: the kernel's efficiency relative to nn.Linear's GEMM),
         dense_gflops, useful_gflops, fraction_of_dense_rate (forward+backward; ``*_forward`` for
-        the forward: :func:`add_rate_columns`), fraction_q25 and fraction_q75 (forward+backward:
+        the forward, ``*_backward`` for the backward alone: :func:`add_rate_columns`),
+        fraction_q25 and fraction_q75 (forward+backward:
         the quartiles of the per-round paired speed-ups / flop_limit, how far the fraction moves
         from round to round here: :func:`_paired_quartiles`), note, threads, device, dtype (the compute dtype,
         '(autocast)' when under autocast), grad_dtype (the output gradient's: the compute dtype),
