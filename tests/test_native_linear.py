@@ -354,6 +354,18 @@ def test_gather_tables_accumulate_in_windows_and_scatter_tables_do_not(n_split, 
         assert not module.windowed(native_linear.product_tables(plan, "scatter", low_k, scatter), scatter), name
 
 
+def test_scatter_tables_need_groups_that_tile_the_rows_for_a_split_lead():
+    """The lead product summed group by group needs every row of A_0 in one group: a plan whose
+    groups leave a gap (no plan_for plan does) is refused, not summed short."""
+    from types import SimpleNamespace
+    gap = SimpleNamespace(groups=[SimpleNamespace(r0=0, r1=4), SimpleNamespace(r0=8, r1=12)])
+    with pytest.raises(ValueError, match="tile the rows"):
+        native_linear._scatter_products(gap, 2, 16, (12, 2, 2))
+    short = SimpleNamespace(groups=[SimpleNamespace(r0=0, r1=4), SimpleNamespace(r0=4, r1=8)])
+    with pytest.raises(ValueError, match="tile the rows"):
+        native_linear._scatter_products(short, 2, 16, (12, 2, 2))
+
+
 def test_native_applies_to_float32_x_with_bfloat16_values_only():
     """The one mixed pair the sweep takes is float32 x with bfloat16 values (autocast's); float32
     x with float16 values, or 16-bit x with float32 values, go elsewhere."""
