@@ -280,8 +280,8 @@ def _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRA
 def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
     """(y, z) of :func:`pixelfly_lab.ops.torch_grouped.grouped_forward`, by the compiled sweep:
     per tile z = x V (into [z, 1]) before the products that read it, the groups' products and
-    [z, 1] @ [U^T; bias].
-    Computed in values' dtype (y and z too); x2 may be float32 for bfloat16 values (autocast)."""
+    [z, 1] @ [U^T; bias]. Computed in values' dtype (y and z too); x2 may be float32 for bfloat16
+    values (autocast)."""
     rows, dtype = x2.shape[0], values.dtype
     a_ops, b_ops = [x2], _packed(values, plan, transpose=not plan.transposed)
     y = new_output((rows, out_features), values)   # retained when large: no page faults per call
@@ -323,9 +323,10 @@ def _accumulators(plan: Plan, extra: int) -> tuple[object, list]:
 def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
     """The gradients of :func:`native_forward` (what :func:`pixelfly_lab.ops.torch_grouped.grouped_backward`
     returns), by one compiled sweep: per tile gz = gy U and dX's products (gz before the products
-    that read it), then per panel the blocks' gradients and the low-rank factors' and bias's (grams over the panel, transposed once; summed
-    in float32 also for bfloat16 operands, rounded to the operands' dtype at the end). Computed in
-    values' dtype; dX in x2's (float32 x2 with bfloat16 values: stored unrounded)."""
+    that read it), then per panel the blocks' gradients and the low-rank factors' and bias's
+    (grams over the panel, transposed once; summed in float32 also for bfloat16 operands, rounded
+    to the operands' dtype at the end). Computed in values' dtype; dX in x2's (float32 x2 with
+    bfloat16 values: stored unrounded)."""
     gy = gy.contiguous()
     dtype = values.dtype
     rows, in_features, out_features = x2.shape[0], x2.shape[1], gy.shape[1]

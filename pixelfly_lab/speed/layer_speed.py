@@ -195,7 +195,7 @@ def time_layer_call(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, backw
 
 MODES = ("forward", "forward_backward")
 # GEMMs of a dense layer per mode: y = x W^T; then dX = gy W and dW = gy^T x (x needs a gradient)
-_PRODUCTS = {"forward": 1, "forward_backward": 3}
+_PRODUCTS = {"forward": 1, "forward_backward": 3, "backward": 2}   # backward: dX and dW
 
 
 def _paired_quartiles(dense: list, layer: list) -> tuple[float, float]:
@@ -213,14 +213,14 @@ def _paired_quartiles(dense: list, layer: list) -> tuple[float, float]:
 def add_rate_columns(table: pd.DataFrame) -> pd.DataFrame:
     """Add the machine's dense GEMM rate and each row's useful rate to a :func:`speed_table` table.
 
-    For each mode (suffix ``_forward``; none for forward+backward, the headline):
+    For each mode (suffix ``_forward``, ``_backward``; none for forward+backward, the headline):
     ``dense_gflops`` = nn.Linear's FLOPs (2 * rows * in * out per product) / nn.Linear's median
     time at the same shape, threads, dtype and mode; ``useful_gflops`` = budget * those dense
     FLOPs / the row's median time (the dense-equivalent work its stored entries do per second);
     ``fraction_of_dense_rate`` = useful_gflops / dense_gflops (= speed-up / FLOP limit): what
-    the kernels control, comparable between machines whose dense GEMMs differ. And
-    ``fraction_of_dense_rate_backward``: the same for the backward alone, each layer's
-    forward_backward_ms - forward_ms (differences of medians of separate calls: an estimate).
+    the kernels control, comparable between machines whose dense GEMMs differ. The backward's
+    time is added as ``backward_ms`` = forward_backward_ms - forward_ms (differences of medians of
+    separate calls: an estimate).
 
     Args:
         table: rows with in_features, out_features, rows, budget, layer and ``{mode}_ms``.
@@ -228,19 +228,17 @@ def add_rate_columns(table: pd.DataFrame) -> pd.DataFrame:
     Returns:
         the same DataFrame, columns added in place.
     """
+    # the backward alone, from the two medians (fwd+bwd minus forward; timed as separate calls)
+    table["backward_ms"] = table["forward_backward_ms"] - table["forward_ms"]
     dense = table[table["layer"] == "nn.Linear"].set_index(["in_features", "out_features"])
     index = pd.MultiIndex.from_frame(table[["in_features", "out_features"]])
-    for mode in MODES:
+    for mode in (*MODES, "backward"):
         suffix = "" if mode == "forward_backward" else f"_{mode}"
         flops = 2.0 * _PRODUCTS[mode] * table["rows"] * table["in_features"] * table["out_features"]
         dense_ms = dense[f"{mode}_ms"].reindex(index).to_numpy()
         table[f"dense_gflops{suffix}"] = flops / (1e6 * dense_ms)
         table[f"useful_gflops{suffix}"] = table["budget"] * flops / (1e6 * table[f"{mode}_ms"])
         table[f"fraction_of_dense_rate{suffix}"] = table[f"useful_gflops{suffix}"] / table[f"dense_gflops{suffix}"]
-    # the backward alone, from the two medians (fwd+bwd minus forward; timed as separate calls)
-    backward = table["forward_backward_ms"] - table["forward_ms"]
-    dense_backward = (dense["forward_backward_ms"] - dense["forward_ms"]).reindex(index).to_numpy()
-    table["fraction_of_dense_rate_backward"] = dense_backward / backward / (1.0 / table["budget"])
     return table
 
 

@@ -220,7 +220,8 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                     faults[name].append(faulted_after - faulted)
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
-    without_system = _ratios_without_system(times, system, base, (threads if threads is not None else previous) == 1)
+    used_threads = threads if threads is not None else previous
+    without_system = _ratios_without_system(times, system, base, used_threads == 1)
     load = load_average()[0]
     rows = []
     for name, model in models.items():
@@ -231,5 +232,5 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                      "flop_limit": limit,
                      "fraction_of_limit": ratio / limit, "gmacs": macs[name] / 1e9,
                      "params": sum(p.numel() for p in model.parameters()),
-                     "threads": threads if threads is not None else previous, "load_avg": load})
+                     "threads": used_threads, "load_avg": load})
     return pd.DataFrame(rows)

@@ -253,16 +253,19 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
     else
       store_rows(src, lds, m, n, out.data_ptr<T>() + r0 * out.stride(0) + col, out.stride(0), streamed);
   };
+  // rows [r0, r0 + n) of a wide operand rounded into dst (ld: its width)
+  auto round_rows = [](const at::Tensor& x, int64_t r0, int64_t n, T* dst) {
+    store_rows(x.data_ptr<float>() + r0 * x.stride(0), x.stride(0), n, x.size(1), dst, x.size(1), false);
+  };
   // use(src, lds, r, n) on a panel's rows [p0, p0 + m) of a gram operand in the sweep's type: in place
   // at once (r = 0, n = m), or a wide one rounded kStrip rows at a time into `strip` (kept in L1)
   constexpr int64_t kStrip = 16;
   auto panel_rows = [&](const at::Tensor& x, int64_t p0, int64_t m, T* strip, auto use) {
     if (!wide(x)) return use(x.data_ptr<T>() + p0 * x.stride(0), x.stride(0), int64_t(0), m);
-    const int64_t w = x.size(1);
     for (int64_t r = 0; r < m; r += kStrip) {
       const int64_t n = std::min(kStrip, m - r);
-      store_rows(x.data_ptr<float>() + (p0 + r) * x.stride(0), x.stride(0), n, w, strip, w, false);
-      use(strip, w, r, n);
+      round_rows(x, p0 + r, n, strip);
+      use(strip, x.size(1), r, n);
     }
   };
 
@@ -304,10 +307,9 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
         T* a_next = a_scratch.data();
         for (size_t a = 0; a < a_ops.size(); ++a) {
           if (!wide(a_ops[a])) continue;
-          const int64_t w = a_ops[a].size(1);
-          store_rows(a_ops[a].data_ptr<float>() + r0 * a_ops[a].stride(0), a_ops[a].stride(0), m, w, a_next, w, false);
+          round_rows(a_ops[a], r0, m, a_next);
           a_base[a] = a_next;
-          a_next += tile * w;
+          a_next += tile * a_ops[a].size(1);
         }
         for (int64_t i = 0; i < n_products; ++i) {
           const int64_t* p = P + i * kProductFields;
@@ -415,11 +417,10 @@ void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
               (grams.numel() == 0 || grams.size(1) == kGramFields), "grams: (n, 9) contiguous int64");
   TORCH_CHECK(!a_ops.empty(), "a_ops: at least one operand");
   const at::ScalarType dtype = bfloat16 ? at::kBFloat16 : at::kFloat;
-  const bool bf16 = dtype == at::kBFloat16;
-  check_operands(a_ops, dtype, "a_ops", bf16);
-  check_operands(g_a, dtype, "g_a", bf16);
-  check_operands(g_b, dtype, "g_b", bf16);
-  check_operands({outs.begin(), outs.begin() + std::min<size_t>(1, outs.size())}, dtype, "outs", bf16);
+  check_operands(a_ops, dtype, "a_ops", bfloat16);
+  check_operands(g_a, dtype, "g_a", bfloat16);
+  check_operands(g_b, dtype, "g_b", bfloat16);
+  check_operands({outs.begin(), outs.begin() + std::min<size_t>(1, outs.size())}, dtype, "outs", bfloat16);
   check_operands({outs.begin() + std::min<size_t>(1, outs.size()), outs.end()}, dtype, "outs");
   check_operands(accs, at::kFloat, "accs");
   for (const auto& a : a_ops)   // a float32 A operand is rounded once per tile: no product may write it
@@ -462,7 +463,7 @@ void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
                   "products: bfloat16 needs even K and even B row offsets (an even block size)");
     }
   }
-  if (dtype == at::kFloat)
+  if (!bfloat16)
     sweep_impl<float>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes);
   else
     sweep_impl<at::BFloat16>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes);
