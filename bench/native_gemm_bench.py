@@ -3,15 +3,15 @@ of interleaved rounds, GFLOP/s beside nn.Linear's own GEMM on the same machine.
 
     python bench/native_gemm_bench.py            # a group's product three ways, and dense
     python bench/native_gemm_bench.py --tiles [--dtype bfloat16]   # forward, backward per (tile, panel) rows
-    python bench/native_gemm_bench.py --ceiling [--dtype bfloat16] # what bounds the forward's rate
+    python bench/native_gemm_bench.py --ceiling [--dtype bfloat16] # what bounds the forward's and backward's rates
 
 The first table is the figure behind the sweep: one group of the budget-0.1 layout of 1024 -> 4096
 (x (512, 1024) read through a 96-column view, 128 output columns written into a 4096-wide y),
 as ``torch.mm`` on the views (what the pure-PyTorch path calls), as the sweep's micro-kernel on the
 same views, and dense ``torch.mm`` of the whole layer.
 
-``--ceiling`` bounds what the sweep's *forward* can reach on this machine (the backward, dX and
-the grams, is not covered): the sweep's forward of both configurations (x already in the dtype;
+``--ceiling`` bounds what the sweep can reach on this machine. The forward: the sweep's forward of
+both configurations (x already in the dtype;
 no autocast, custom op or autograd around it, which cost the layer a few ms more in ``bench``),
 then the same products with every output slice moved into the first columns of a narrow output
 that stays in the caches (same micro-kernel calls, no 4096-wide output written to memory). Rates
@@ -19,8 +19,9 @@ are useful GFLOP/s as fractions of dense ``torch.mm`` into a kept output (``of_m
 itself) and of ``F.linear`` with a bias, allocating its output (``of_linear``: nn.Linear's
 forward, the bench's reference, there also under autocast); one thread, same shape and dtype. The
 gap between the two rows is mostly the cost of writing y (the narrow products are never
-accumulated in windows nor streamed: their output columns overlap). Last, the micro-kernel's rate
-by K (:func:`k_curve`).
+accumulated in windows nor streamed: their output columns overlap). The backward
+(:func:`backward_ceiling`): dX, the grams and both, as run and with gy's columns folded so that it
+stays in the caches. Last, the micro-kernel's rate by K (:func:`k_curve`).
 """
 
 from __future__ import annotations
@@ -138,6 +139,67 @@ def ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
     return out
 
 
+def _fold(table: torch.Tensor, column: int, operand_field: int, width: int = 256) -> torch.Tensor:
+    """The table with operand 0's column offsets (field ``column`` of the rows whose field
+    ``operand_field`` is 0) taken modulo ``width``: every product reads the same columns of gy
+    (which then stay in the caches), same shapes, same calls. No read leaves the operand: it
+    holds at least ``width`` + the widest read columns."""
+    moved = table.clone()
+    rows = moved[:, operand_field] == 0
+    moved[rows, column] %= width
+    return moved
+
+
+def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
+    """The sweep's backward (1024 -> 4096, both configurations, x and gy already in ``dtype``)
+    in parts: dX alone (with gz = gy U, which it reads), the grams alone (the blocks', U's,
+    V's and the bias's gradients, with gz for dV), and both in one sweep (what the layer runs);
+    each as run and with every read of gy folded into its first 256 columns (:func:`_fold`: gy
+    in the caches, same products). Rates are useful GFLOP/s (the stored entries' products: one
+    GEMM's worth for a part, two for both) as fractions of dense ``torch.mm`` into a kept output
+    on the same shapes: gy @ W for dX, gy^T @ x for the weight's gradient (``of_mm``). The gap
+    between a part as run and folded is what reading gy from memory costs it."""
+    x, gy = torch.randn(rows, 1024, dtype=dtype), torch.randn(rows, 4096, dtype=dtype)
+    w = torch.randn(4096, 1024, dtype=dtype)
+    dx, dw = torch.empty(rows, 1024, dtype=dtype), torch.empty(4096, 1024, dtype=dtype)
+    fns = {"dX": lambda: torch.mm(gy, w, out=dx), "grams": lambda: torch.mm(gy.T, x, out=dw)}
+    flops = {"dX": 2 * rows * 1024 * 4096, "grams": 2 * rows * 1024 * 4096}
+    tables, grams = native_linear.product_tables, native_linear._gram_table
+    needs = {"dX": (True, False, False, False, False), "grams": (False, True, True, True, True), "both": (True,) * 5}
+    for label, kw in (("released", RELEASED), ("budget 0.1", {"budget": 0.1, "block_size": 32})):
+        layer = PixelflyLinear(1024, 4096, **kw)
+        plan = plan_for(layer.sparse.layout, 32)
+        values, bias, u, v = (t.detach().to(dtype) for t in (layer.sparse.values, layer.bias, layer.lowrank.u,
+                                                               layer.lowrank.v))
+        _, z = native_linear.native_forward(x, values, bias, u, v, plan, 4096)
+        folded = {}
+
+        def run(part, fold, values=values, u=u, v=v, z=z, plan=plan, folded=folded):
+            if fold:   # gy's columns folded in the products (A operand 0) and the grams (B operand 0)
+                native_linear.product_tables = lambda *a: folded.setdefault(("p",) + a, _fold(tables(*a), 1, 0))
+                native_linear._gram_table = lambda *a: folded.setdefault(("g",) + a, _fold(grams(*a), 4, 3))
+            try:
+                native_linear.native_backward(gy, x, values, u, v, z, plan, needs[part], True)
+            finally:
+                native_linear.product_tables, native_linear._gram_table = tables, grams
+        for part in needs:
+            for fold in (False, True):
+                fns[(label, part, fold)] = lambda run=run, part=part, fold=fold: run(part, fold)
+                flops[(label, part, fold)] = 2 * rows * 1024 * 4096 * layer.budget * (2 if part == "both" else 1)
+    ms = _median_ms(fns, rounds)
+    dense = {part: flops[part] / ms[part] / 1e6 for part in ("dX", "grams")}
+    out = []
+    for key, t in ms.items():
+        if key in dense:
+            continue
+        label, part, fold = key
+        rate = flops[key] / t / 1e6
+        mm_rate = (dense["dX"] + dense["grams"]) / 2 if part == "both" else dense[part]
+        out.append({"layer": label, "part": part, "gy": "in cache (folded)" if fold else "as run", "ms": t,
+                    "useful_gflops": rate, "mm_gflops": mm_rate, "of_mm": rate / mm_rate})
+    return out
+
+
 def k_curve(rows: int, rounds: int, dtype: torch.dtype, ks=(32, 64, 128, 256, 512, 1024), n: int = 256) -> list[dict]:
     """The micro-kernel's rate by K: one product per tile, (tile x K) @ (K x n), written into an
     n-wide output that stays in the caches (A: rows x 1024, read in place; B packed as the sweep
@@ -206,6 +268,8 @@ def main(argv=None) -> None:
     if args.ceiling:
         dtype = getattr(torch, args.dtype)
         print(pd.DataFrame(ceiling(args.rows, args.rounds, dtype)).to_string(index=False))
+        print("\nthe backward in parts, as run and with gy in the caches:")
+        print(pd.DataFrame(backward_ceiling(args.rows, args.rounds, dtype)).to_string(index=False))
         print("\nthe micro-kernel by K (one product per tile into a cache-resident output):")
         print(pd.DataFrame(k_curve(args.rows, args.rounds, dtype)).to_string(index=False))
     elif args.tiles:

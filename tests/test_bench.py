@@ -228,10 +228,11 @@ def test_stream_bench_times_both_settings_and_restores_the_threshold():
         module.main(["--rows", "0"])
 
 
-def test_gemm_bench_ceiling_times_the_forward_as_run_and_into_a_narrow_output():
-    """bench/native_gemm_bench.py --ceiling at a toy size: both configurations, as run and narrow,
-    positive rates against one dense rate; the narrow table keeps every product and moves output
-    0's slices inside [0, N); bad arguments named."""
+def test_gemm_bench_ceiling_times_the_forward_and_backward_as_run_and_in_cache():
+    """bench/native_gemm_bench.py --ceiling at a toy size: both configurations, the forward as run
+    and narrow, positive rates against one dense rate; the narrow table keeps every product and moves
+    output 0's slices inside [0, N); the backward's parts as run and with gy folded (only operand 0's
+    columns move), the shipped tables restored; bad arguments named."""
     import importlib.util
     from pathlib import Path
 
@@ -253,6 +254,17 @@ def test_gemm_bench_ceiling_times_the_forward_as_run_and_into_a_narrow_output():
     table = torch.tensor([(0, 0, 4, 0, 0, 8, 8, 16, 0, 0), (1, 0, 2, 1, 0, 8, 8, 0, 0, 1), (0, 0, 4, 0, 0, 8, 8, 8, 1, 0)])
     moved, width = module._narrow(table)
     assert width == 8 and moved[:, 7].tolist() == [0, 0, 0] and torch.equal(moved[:, :7], table[:, :7])
+    shipped_grams = native_linear._gram_table
+    backward = module.backward_ceiling(rows=4, rounds=1, dtype=torch.float32)
+    assert [(r["layer"], r["part"], r["gy"].split()[0]) for r in backward] == [
+        (layer, part, gy) for layer in ("released", "budget 0.1") for part in ("dX", "grams", "both")
+        for gy in ("as", "in")]
+    assert all(r["useful_gflops"] > 0 and r["of_mm"] == pytest.approx(r["useful_gflops"] / r["mm_gflops"])
+               for r in backward)
+    assert (native_linear.product_tables, native_linear._gram_table) == (shipped[0], shipped_grams)
+    grams = torch.tensor([(0, 0, 32, 0, 300, 128, 0, 0, 0), (1, 0, 5, 1, 700, 256, 1, 0, 0)])
+    folded = module._fold(grams, 4, 3)   # gy (B operand 0) read at column 300 % 256; operand 1 untouched
+    assert folded[:, 4].tolist() == [44, 700] and torch.equal(folded[:, :4], grams[:, :4])
     curve = module.k_curve(rows=4, rounds=1, dtype=torch.float32, ks=(32, 64))
     assert [r["K"] for r in curve] == [32, 64] and all(r["gflops"] > 0 for r in curve)
     with pytest.raises(ValueError, match="--rows"):

@@ -63,13 +63,14 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 def build_folder(name: str) -> Path:
     """Where source ``name`` is compiled: ``<cache>/torch-<version>-<cpu key>/<name>-<source key>``,
-    the source key a hash of the source's bytes, the flags, the Python version and environment (two
+    the source key a hash of the source's bytes (and the headers beside it), the flags, the Python version and environment (two
     checkouts, versions or virtual environments never share, nor wait on, nor rebuild, one build)."""
     root = Path(os.environ.get("PIXELFLY_NATIVE_DIR") or Path.home() / ".cache" / "pixelfly_lab" / "native")
     version = torch.__version__.replace("+", "_")
     # the environment too (its torch headers are in the build command: ninja rebuilds when they move, and
     # two virtual environments sharing one folder would rebuild it under each other's running processes)
-    digest = hashlib.sha1((SOURCES / f"{name}.cpp").read_bytes()
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))   # what the sources include
+    digest = hashlib.sha1((SOURCES / f"{name}.cpp").read_bytes() + headers
                           + " ".join(_CFLAGS + [sys.version, sys.prefix, str(Path(torch.__file__).parent)]).encode())
     return root / f"torch-{version}-{_cpu_key()}" / f"{name}-{digest.hexdigest()[:10]}"
 

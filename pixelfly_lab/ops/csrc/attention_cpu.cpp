@@ -37,6 +37,8 @@
 #include <limits>
 #include <vector>
 
+#include "transpose16.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -49,15 +51,10 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, 
   at::native::cpublas::brgemm(M, N, K, ld_a, ld_b, ld_c, add, A, B, C, false);
 }
 
-// dst (cols x rows, ld_dst) = src (rows x cols, ld_src) transposed, in 16 x 16 tiles.
+// dst (cols x rows, ld_dst) = src (rows x cols, ld_src) transposed, in 16 x 16 tiles (transpose16.h:
+// AVX-512; at::vec::transpose_mxn is a scalar loop outside ATen's own kernels).
 inline void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; r += 16) {
-    for (int64_t c = 0; c < cols; c += 16) {
-      at::vec::transpose_mxn<float>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst,
-                                    static_cast<int>(std::min<int64_t>(16, rows - r)),
-                                    static_cast<int>(std::min<int64_t>(16, cols - c)));
-    }
-  }
+  pixelfly::transpose(src, ld_src, rows, cols, dst, ld_dst);
 }
 
 // exp with at::vec's 20-ulp polynomial (the one torch's CPU flash attention uses; ~1.5x Sleef's 1-ulp exp

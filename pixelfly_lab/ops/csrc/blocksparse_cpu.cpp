@@ -43,13 +43,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "transpose16.h"
 #if defined(__AVX512F__) || defined(__AVX512BW__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -58,17 +59,6 @@ namespace {
 
 constexpr int kProductFields = 10;  // a_id, a_col, K, b_id, b_off, ldb, N, c_col, add, c_id
 constexpr int kGramFields = 9;      // a_id, a_col, M, b_id, b_col, N, acc_id, acc_row, acc_col
-
-// dst (cols x ldd, the first `rows` columns written) = src (rows x cols, ld lds)^T, 16 x 16 at a
-// time by at::vec::transpose_mxn (what the attention kernel uses too).
-template <typename T>
-void transpose_tile(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
-  constexpr int64_t kB = 16;
-  for (int64_t r = 0; r < rows; r += kB)
-    for (int64_t c = 0; c < cols; c += kB)
-      at::vec::transpose_mxn<T>(src + r * lds + c, lds, dst + c * ldd + r, ldd, static_cast<int>(std::min(kB, rows - r)),
-                                static_cast<int>(std::min(kB, cols - c)));
-}
 
 // dst (ceil(rows/2), cols, 2) = src (rows x cols, ld lds) in the VNNI layout, dst's pairs of rows
 // ldd columns apart (default: cols); an odd last row is paired with zeros. With AVX512-BW, 16
@@ -343,7 +333,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
         if (!transposed[a]) continue;
         const int64_t w = g_a[a].size(1);
         panel_rows(g_a[a], p0, m, g_scratch.data(), [&](const T* src, int64_t lds, int64_t r, int64_t n) {
-          transpose_tile(src, lds, n, w, next + r, km);
+          pixelfly::transpose(src, lds, n, w, next + r, km);   // transpose16.h
         });
         for (int64_t c = 0; c < w; ++c)   // K padded with zeros (bfloat16: an odd panel)
           for (int64_t r = m; r < km; ++r) next[c * km + r] = T(0);
