@@ -480,8 +480,8 @@ bool bfloat16_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
 // ----------------------------------------------------------------------------- packing
 
-// One block per (group c, block row r, block kk) of pack_blocks below: float32 rows copied (a block
-// column read from L1 where `swap`), bfloat16 in VNNI pairs of rows.
+// One block per (group c, block row r, block kk) of pack_blocks below: float32 rows copied (the
+// block transposed 16 x 16 at a time where `swap`, transpose16.h), bfloat16 in VNNI pairs of rows.
 template <typename T>
 void pack_into(const T* src, const int64_t* idx, T* dst, int64_t count, int64_t n_rows, int64_t k, int64_t b,
                bool transpose, bool swap) {
@@ -500,15 +500,10 @@ void pack_into(const T* src, const int64_t* idx, T* dst, int64_t count, int64_t 
           for (int64_t p = 0; p < b; ++p)
             for (int64_t q = 0; q < b; q += 2) std::memcpy(out + (q / 2) * cols * 2 + p * 2, blk + p * b + q, 4);
         }
-      } else {   // output rows written contiguously
-        for (int64_t p = 0; p < b; ++p) {
-          T* out = base + (row0 + p) * cols + col0;
-          if (!swap) {
-            std::memcpy(out, blk + p * b, b * sizeof(T));
-          } else {
-            for (int64_t q = 0; q < b; ++q) out[q] = blk[q * b + p];
-          }
-        }
+      } else if (!swap) {   // output rows written contiguously
+        for (int64_t p = 0; p < b; ++p) std::memcpy(base + (row0 + p) * cols + col0, blk + p * b, b * sizeof(T));
+      } else {
+        pixelfly::transpose(blk, b, b, b, base + row0 * cols + col0, cols);
       }
     }
   });
@@ -565,9 +560,11 @@ void unpack_blocks(at::Tensor grad_mt, at::Tensor index, int64_t n_rows, int64_t
       const int64_t c = i / (n_rows * k), r = (i / k) % n_rows, kk = i % k;
       const float* blk = src + c * s0 + kk * b * s1 + r * b;   // rows kk*b.., columns r*b..
       float* out = dst + idx[i] * b * b;
-      for (int64_t p = 0; p < b; ++p)
-        for (int64_t q = 0; q < b; ++q)
-          out[p * b + q] = plan_transposed ? blk[p * s1 + q] : blk[q * s1 + p];
+      if (plan_transposed) {
+        for (int64_t p = 0; p < b; ++p) std::memcpy(out + p * b, blk + p * s1, b * sizeof(float));
+      } else {
+        pixelfly::transpose(blk, s1, b, b, out, b);
+      }
     }
   });
 }
