@@ -31,8 +31,9 @@
 // table has them (find_windows: a gather plan's groups, each slice's products consecutive),
 // else per tile in a float32 copy of the tile's rows (the scatter plans, where several groups add
 // into the same columns); an output later products read (the lead products' z = x V) right after
-// the product that writes it. Grams in float32 accumulators, the panel's B side repacked to VNNI
-// once per panel (an odd last row padded with zeros). float32 A and gram operands of a bfloat16 sweep
+// the product that writes it. Grams in float32 accumulators, each gram's B slice packed to VNNI
+// right before the grams that read it (a float32 B operand: the whole panel, rounded; an odd last
+// row padded with zeros). float32 A and gram operands of a bfloat16 sweep
 // (x under autocast) are rounded into a thread's scratch: an A operand's tile at the tile's start, a
 // gram operand's panel 16 rows at a time (a strip kept in L1) as it is transposed or packed; a
 // float32 output 0 (dX) gets the float32 sums unrounded.
@@ -220,9 +221,13 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
 
   // which gram operands a panel must transpose (A) or repack (B, bfloat16), and how wide they are
   std::vector<char> transposed(g_a.size(), 0), repacked(g_b.size(), 0);
+  int64_t slice_n = 0;   // bfloat16 B operands in the sweep's dtype: each gram's slice packed on its own
   for (int64_t i = 0; i < n_grams; ++i) {
-    transposed[G[i * kGramFields]] = 1;
-    repacked[G[i * kGramFields + 3]] = !kF32;
+    const int64_t* q = G + i * kGramFields;
+    transposed[q[0]] = 1;
+    const bool whole = !kF32 && g_b[q[3]].scalar_type() == at::kFloat;
+    repacked[q[3]] = whole;
+    if (!kF32 && !whole) slice_n = std::max(slice_n, q[5]);
   }
   int64_t t_width = 0, v_width = 0;
   for (size_t a = 0; a < g_a.size(); ++a) t_width += transposed[a] ? g_a[a].size(1) : 0;
@@ -283,6 +288,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
       for (const auto& acc : accs) own[tid].push_back(at::empty_like(acc));
     }
     std::vector<T> t_buffer(n_grams ? t_width * k_panel : 0), v_buffer(n_grams ? v_width * k_panel : 0);
+    std::vector<T> s_buffer(slice_n * k_panel);   // one gram's B slice in VNNI (L2-resident)
     std::vector<const T*> t_base(g_a.size(), nullptr), v_base(g_b.size(), nullptr);
     std::vector<T> a_scratch(tile * a_width), g_scratch(n_grams ? kStrip * g_width : 0);
     std::vector<const T*> a_base(a_ops.size(), nullptr);   // a tile's rounded rows, for wide A operands
@@ -351,6 +357,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
         vnext += w * km;
       }
       const bool add = touched[tid] != 0;
+      const int64_t* packed = nullptr;   // the gram whose B slice s_buffer holds
       for (int64_t i = 0; i < n_grams; ++i) {
         const int64_t* q = G + i * kGramFields;
         const at::Tensor& b = g_b[q[3]];
@@ -359,9 +366,19 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
         if (kF32) {
           product(q[2], q[5], km, km, b.stride(0), acc.stride(0), add, t_base[q[0]] + q[1] * km,
                   b.data_ptr<T>() + p0 * b.stride(0), q[4], c);
-        } else {
+        } else if (repacked[q[3]]) {
           product(q[2], q[5], km, km, b.size(1), acc.stride(0), add, t_base[q[0]] + q[1] * km, v_base[q[3]], q[4],
                   c);
+        } else {
+          // the panel's rows of this slice packed right before the grams that read it (a group's runs
+          // and extra rows share one): kept in L2, where packing the whole panel first (4096 columns:
+          // 2 MB at 256 rows) wrote past it
+          if (!packed || packed[3] != q[3] || packed[4] != q[4] || packed[5] != q[5]) {
+            pack_vnni(reinterpret_cast<const at::BFloat16*>(b.data_ptr<T>() + p0 * b.stride(0) + q[4]), b.stride(0), m,
+                      q[5], reinterpret_cast<at::BFloat16*>(s_buffer.data()));
+            packed = q;
+          }
+          product(q[2], q[5], km, km, q[5], acc.stride(0), add, t_base[q[0]] + q[1] * km, s_buffer.data(), 0, c);
         }
       }
       touched[tid] = 1;

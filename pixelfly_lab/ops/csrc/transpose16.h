@@ -22,7 +22,7 @@ namespace pixelfly {
 
 #if defined(__AVX512F__)
 // v[j] = column j of the 16 x 16 matrix whose row i is v[i] (32-bit lanes)
-inline void transpose16_in_registers(__m512 v[16]) {
+[[gnu::always_inline]] inline void transpose16_in_registers(__m512 v[16]) {
   __m512 t[16];
 #pragma GCC unroll 8
   for (int i = 0; i < 16; i += 2) {   // per 128-bit lane L: (r_i[4L], r_{i+1}[4L], r_i[4L+1], r_{i+1}[4L+1]) and the next two
@@ -56,7 +56,7 @@ inline __mmask16 first_lanes(int n) { return static_cast<__mmask16>(n >= 16 ? 0x
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (both at most 16); T is float or a
 // 16-bit type (bfloat16). Nothing else of dst is written.
 template <typename T>
-inline void transpose16(const T* src, int64_t lds, T* dst, int64_t ldd, int rows, int cols) {
+[[gnu::always_inline]] inline void transpose16(const T* src, int64_t lds, T* dst, int64_t ldd, int rows, int cols) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 2, "32- or 16-bit elements");
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   __m512 v[16];
