@@ -142,8 +142,8 @@ def ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
 def _fold(table: torch.Tensor, column: int, operand_field: int, width: int = 256) -> torch.Tensor:
     """The table with operand 0's column offsets (field ``column`` of the rows whose field
     ``operand_field`` is 0) taken modulo ``width``: every product reads the same columns of gy
-    (which then stay in the caches), same shapes, same calls. No read leaves the operand: it
-    holds at least ``width`` + the widest read columns."""
+    (which then stay in the caches), same shapes, same calls. Folding only lowers an offset, so a
+    read inside the operand stays inside."""
     moved = table.clone()
     rows = moved[:, operand_field] == 0
     moved[rows, column] %= width
@@ -157,8 +157,13 @@ def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
     each as run and with every read of gy folded into its first 256 columns (:func:`_fold`: gy
     in the caches, same products). Rates are useful GFLOP/s (the stored entries' products: one
     GEMM's worth for a part, two for both) as fractions of dense ``torch.mm`` into a kept output
-    on the same shapes: gy @ W for dX, gy^T @ x for the weight's gradient (``of_mm``). The gap
-    between a part as run and folded is what reading gy from memory costs it."""
+    on the same shapes: gy @ W for dX, gy^T @ x for the weight's gradient, their combined rate for
+    both (``of_mm``). The gap between a part as run and folded is what reading gy from memory
+    costs it, with two exceptions: the grams alone compute gz = gy U (for dV) as one product per
+    tile over all of gy, which is not folded; and bfloat16 grams pack a B slice once for
+    consecutive grams that read the same one, which folding makes more frequent (fewer packs,
+    besides gy in the caches). A plan of the transposed layout (gy on the other side of the
+    grams) is refused: only 1024 -> 4096 is timed, whose plans gather x."""
     x, gy = torch.randn(rows, 1024, dtype=dtype), torch.randn(rows, 4096, dtype=dtype)
     w = torch.randn(4096, 1024, dtype=dtype)
     dx, dw = torch.empty(rows, 1024, dtype=dtype), torch.empty(4096, 1024, dtype=dtype)
@@ -171,13 +176,20 @@ def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
         plan = plan_for(layer.sparse.layout, 32)
         values, bias, u, v = (t.detach().to(dtype) for t in (layer.sparse.values, layer.bias, layer.lowrank.u,
                                                                layer.lowrank.v))
+        if plan.transposed:
+            raise ValueError("backward_ceiling folds gy as the grams' B operand: plans that gather x only")
         _, z = native_linear.native_forward(x, values, bias, u, v, plan, 4096)
         folded = {}
 
-        def run(part, fold, values=values, u=u, v=v, z=z, plan=plan, folded=folded):
+        def cached(kind, fold_args, make, args, folded=folded):   # folded once, outside the timed calls after the first
+            if (kind,) + args not in folded:
+                folded[(kind,) + args] = _fold(make(*args), *fold_args)
+            return folded[(kind,) + args]
+
+        def run(part, fold, values=values, u=u, v=v, z=z, plan=plan, cached=cached):
             if fold:   # gy's columns folded in the products (A operand 0) and the grams (B operand 0)
-                native_linear.product_tables = lambda *a: folded.setdefault(("p",) + a, _fold(tables(*a), 1, 0))
-                native_linear._gram_table = lambda *a: folded.setdefault(("g",) + a, _fold(grams(*a), 4, 3))
+                native_linear.product_tables = lambda *a: cached("p", (1, 0), tables, a)
+                native_linear._gram_table = lambda *a: cached("g", (4, 3), grams, a)
             try:
                 native_linear.native_backward(gy, x, values, u, v, z, plan, needs[part], True)
             finally:
@@ -194,7 +206,8 @@ def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
             continue
         label, part, fold = key
         rate = flops[key] / t / 1e6
-        mm_rate = (dense["dX"] + dense["grams"]) / 2 if part == "both" else dense[part]
+        both = (flops["dX"] + flops["grams"]) / (ms["dX"] + ms["grams"]) / 1e6   # the two GEMMs one after the other
+        mm_rate = both if part == "both" else dense[part]
         out.append({"layer": label, "part": part, "gy": "in cache (folded)" if fold else "as run", "ms": t,
                     "useful_gflops": rate, "mm_gflops": mm_rate, "of_mm": rate / mm_rate})
     return out
@@ -251,7 +264,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", action="store_true", help="time forward+backward per (tile, panel) rows")
     parser.add_argument("--ceiling", action="store_true",
-                        help="the forward's rate as run and into a cache-resident output, beside dense")
+                        help="the forward's rate as run and into a cache-resident output, the backward's parts "
+                             "as run and with gy in the caches, beside dense")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -81,7 +81,8 @@ def test_wheel_contains_the_studies(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("pixelfly_lab/studies/__init__.py", "pixelfly_lab/studies/reproduce.py",
                    "pixelfly_lab/studies/claims.py", "pixelfly_lab/_checks.py", "pixelfly_lab/cli.py",
-                   "pixelfly_lab/ops/csrc/blocksparse_cpu.cpp", "pixelfly_lab/ops/csrc/attention_cpu.cpp"):   # compiled
+                   "pixelfly_lab/ops/csrc/blocksparse_cpu.cpp", "pixelfly_lab/ops/csrc/attention_cpu.cpp",
+                   "pixelfly_lab/ops/csrc/transpose16.h"):   # compiled (the header: both sources include it)
         assert module in names, module
     assert not [n for n in names if n.startswith(("tests/", "notebooks/"))]
     assert "pixelfly_lab/reproduce.py" not in names, "the driver moved to pixelfly_lab/studies/"

@@ -59,7 +59,11 @@ __all__ = ["TILE_ROWS", "PANEL_ROWS", "TILE_ROWS_16BIT", "PANEL_ROWS_16BIT", "N_
 # (64, 128) 54.5 + 115 ms, (128, 128) 51 + 114, (32, 128) 61 + 118, panels of 512 rows 30% slower
 # backward (gy's panel leaves the cache before its grams); budget 0.1: (64, 128) 34 + 71, (128, 128)
 # 39 + 71. bfloat16 (AMX: fewer, longer micro-kernel calls pay): (128, 256) 24.3 + 34.2 ms released,
-# 17.7 + 25.5 at budget 0.1, against (64, 128) 26.0 + 36.2 and 18.2 + 27.2.
+# 17.7 + 25.5 at budget 0.1, against (64, 128) 26.0 + 36.2 and 18.2 + 27.2. float32 re-measured once the
+# grams' transposes were vectorised (csrc/transpose16.h), medians of 5 / 15, (128, 128) against (64, 128):
+# released 55.4 + 115.2 against 58.9 + 118.0 ms at 4096 rows, 8.3 + 16.5 against 8.2 + 16.6 at 512; budget
+# 0.1 29.8 + 66.8 against 29.3 + 67.7, 4.4 + 8.0 against 4.0 + 8.1: within 4% either way, so 64 stays (twice
+# the tiles to share among threads at small batches).
 TILE_ROWS = 64
 PANEL_ROWS = 128
 TILE_ROWS_16BIT = 128

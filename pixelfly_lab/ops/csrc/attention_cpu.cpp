@@ -51,8 +51,8 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, 
   at::native::cpublas::brgemm(M, N, K, ld_a, ld_b, ld_c, add, A, B, C, false);
 }
 
-// dst (cols x rows, ld_dst) = src (rows x cols, ld_src) transposed, in 16 x 16 tiles (transpose16.h:
-// AVX-512; at::vec::transpose_mxn is a scalar loop outside ATen's own kernels).
+// dst (cols x rows, ld_dst) = src (rows x cols, ld_src) transposed, in 16 x 16 tiles (transpose16.h, the
+// routine blocksparse_cpu.cpp uses too).
 inline void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
   pixelfly::transpose(src, ld_src, rows, cols, dst, ld_dst);
 }

@@ -219,7 +219,8 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
   const int64_t* P = products.data_ptr<int64_t>();
   const int64_t* G = grams.data_ptr<int64_t>();
 
-  // which gram operands a panel must transpose (A) or repack (B, bfloat16), and how wide they are
+  // which gram operands a panel must transpose (A) or repack whole (B: a float32 operand of a bfloat16
+  // sweep; bfloat16 ones are packed slice by slice), and how wide they are
   std::vector<char> transposed(g_a.size(), 0), repacked(g_b.size(), 0);
   int64_t slice_n = 0;   // bfloat16 B operands in the sweep's dtype: each gram's slice packed on its own
   for (int64_t i = 0; i < n_grams; ++i) {

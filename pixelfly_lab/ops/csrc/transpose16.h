@@ -1,10 +1,11 @@
 // 16 x 16 transposes for the compiled kernels (blocksparse_cpu.cpp, attention_cpu.cpp): AVX-512 where
 // the compiler targets it, a scalar loop elsewhere.
 //
-// Why not at::vec::transpose_mxn: its vectorised versions are compiled only inside ATen's own kernels
-// (under CPU_CAPABILITY_AVX512); an extension gets the generic one, a scalar loop with a switch on the
-// size, which took ~80% of the sweep's own time (outside the micro-kernels) in a profile of the
-// backward (`perf record`, budget 0.1 of 1024 -> 4096, 4096 rows, one thread).
+// Why not at::vec::transpose_mxn: its vectorised versions are compiled only under CPU_CAPABILITY_AVX512
+// (defined for ATen's own kernels; attention_cpu.cpp defines it too), and without it a source gets the
+// generic one, a scalar loop with a switch on the size. In blocksparse_cpu.cpp that loop took ~80% of
+// the sweep's own time (outside the micro-kernels) in a profile of the float32 backward (`perf record
+// -e cpu-clock`, budget 0.1 of 1024 -> 4096, 4096 rows, one thread). One routine serves both files.
 //
 // The float32 transpose is the usual three stages (within 128-bit lanes: pairs of rows interleaved
 // by 32 bits, then by 64 bits; then 128-bit lanes exchanged across the four groups of four rows);
@@ -29,7 +30,7 @@ namespace pixelfly {
     t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
     t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
   }
-  __m512 u[16];   // u[4g + k], lane L: column 4L + k of rows 4g .. 4g + 3
+  __m512 u[16];   // u[g + k], lane L: column 4L + k of rows g .. g + 3
 #pragma GCC unroll 4
   for (int g = 0; g < 16; g += 4) {
     const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
