@@ -5,6 +5,11 @@ of interleaved rounds, GFLOP/s beside nn.Linear's own GEMM on the same machine.
     python bench/native_gemm_bench.py --tiles [--dtype bfloat16]   # forward, backward per (tile, panel) rows
     python bench/native_gemm_bench.py --ceiling [--dtype bfloat16] # what bounds the forward's and backward's rates
 
+Where the time goes inside the sweep: Linux ``perf`` samples user code without a hardware cycle
+counter (``perf record -e cpu-clock -F 2000 python script.py``, then ``perf report --sort dso,sym``):
+oneDNN's micro-kernels show as ``[JIT]``, the sweep's own loops (transposes, packing, rounding and
+stores) under ``pixelfly_blocksparse_cpu.so``, and ``perf annotate`` points at the hot instructions.
+
 The first table is the figure behind the sweep: one group of the budget-0.1 layout of 1024 -> 4096
 (x (512, 1024) read through a 96-column view, 128 output columns written into a 4096-wide y),
 as ``torch.mm`` on the views (what the pure-PyTorch path calls), as the sweep's micro-kernel on the
