@@ -72,11 +72,13 @@ def group_products(rounds: int) -> None:
             c0 = (g * 32) % (1024 - k)
             torch.mm(x[:, c0:c0 + k], rights[g], out=y[:, g * n:(g + 1) * n])
 
+    def micro_kernels():
+        sweep(False, rows, 64, 64, [x], rights, [y], table, [], [], no_grams, [], native_linear.STREAM_BYTES,
+              native_linear._NO_STAGES)
+
     ms = _median_ms({"dense torch.mm (512 x 1024 @ 1024 x 4096)": lambda: torch.mm(x, w, out=y),
                      "torch.mm on the group views": views,
-                     "sweep micro-kernels on the same views": lambda: sweep(False, rows, 64, 64, [x], rights, [y], table,
-                                                                            [], [], no_grams, [],
-                                                                            native_linear.STREAM_BYTES)}, rounds)
+                     "sweep micro-kernels on the same views": micro_kernels}, rounds)
     flops = {"dense": 2 * rows * 1024 * 4096, "group": 2 * rows * k * n * groups}
     for name, t in ms.items():
         print(f"{name:48s} {t:7.2f} ms  {flops['dense' if name.startswith('dense') else 'group'] / t / 1e6:6.1f} GFLOP/s")
@@ -234,7 +236,7 @@ def k_curve(rows: int, rounds: int, dtype: torch.dtype, ks=(32, 64, 128, 256, 51
         b = native_linear._right(torch.randn(k, n, dtype=dtype))
         table = torch.tensor([(0, 0, k, 0, 0, n, n, 0, 0, 0)])
         fns[k] = lambda b=b, table=table: sweep(sixteen, rows, tile, panel, [x], [b], [y], table, [], [], no_grams, [],
-                                                native_linear.STREAM_BYTES)
+                                                native_linear.STREAM_BYTES, native_linear._NO_STAGES)
     ms = _median_ms(fns, rounds)
     return [{"K": k, "N": n, "tile_rows": tile, "ms": t, "gflops": 2 * rows * k * n / t / 1e6} for k, t in ms.items()]
 

@@ -366,6 +366,86 @@ def test_scatter_tables_need_groups_that_tile_the_rows_for_a_split_lead():
         native_linear._scatter_products(short, 2, 16, (12, 2, 2))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", ["expanding", "square", "holes", "random-T"])
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False), (0, False)])
+def test_staged_backward_is_the_usual_one_bit_for_bit(name, rank, bias, threads, monkeypatch):
+    """float32 dX of a plan that gathers x (a scatter table): each group's products then its grams,
+    panel by panel (native_stages.backward_stages), give exactly what the usual order gives on one thread
+    (every product and gram in table order, the same tiles; only when each runs changes), and the
+    same to rounding on two (threads take panels from a shared counter, so their accumulators sum
+    in another order in either schedule); several panels; the stages were taken."""
+    monkeypatch.setattr(native_linear, "PANEL_ROWS", 5)
+    monkeypatch.setattr(native_linear, "TILE_ROWS", 5)   # the staged sweep runs one tile per panel: the same tiles
+    layout, b = LAYOUTS[name]
+    plan = torch_kernels.plan_for(layout, b)
+    assert not plan.transposed   # a transposed plan's dX is a gather table: not staged
+    taken = []
+    stages = native_linear._stages
+    monkeypatch.setattr(native_linear, "_stages", lambda *a: taken.append(stages(*a)) or taken[-1])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (3, 23):
+            ops = _operands(layout, b, rows, rank, bias)
+            _, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+            gy = torch.linspace(-1, 1, rows * layout.shape[0] * b, dtype=F32).reshape(rows, -1)
+            needs = tuple(t is not None for t in ops)
+            got = []
+            for staged in (True, False):
+                monkeypatch.setattr(native_linear, "STAGED", staged)
+                got.append(native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan, needs, bias))
+            for a, c in zip(*got):   # threads take panels from a shared counter: sums in another order
+                assert (a is None) == (c is None)
+                if a is not None and threads == 1:
+                    assert torch.equal(a, c)
+                elif a is not None:
+                    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5 * (c.abs().max().item() + 1))
+    finally:
+        torch.set_num_threads(previous)
+    assert taken and all(len(t) == len(plan.groups) + 2 for t in taken)
+
+
+def test_stages_follow_the_groups_or_are_left_out():
+    """native_stages.backward_stages: one stage per group between what runs before and after,
+    consecutive ranges covering both tables, each group's products reading its rows of gy and its grams writing its accumulator;
+    a table whose groups are out of order gets no stages (the usual order). The sweep refuses stages
+    that skip a row, and stages with several tiles per panel."""
+    layout, b = LAYOUTS["random-T"]
+    plan = torch_kernels.plan_for(layout, b)
+    assert not plan.transposed
+    n, out, into = len(plan.groups), layout.shape[0] * b, layout.shape[1] * b
+    table = native_linear.product_tables(plan, "scatter", 4, into, (out, n + 1, 3))
+    grams = native_linear._gram_table(plan, True, 4, ((3, into),), (2, 1, n))
+    stages = native_linear._stages(plan, "scatter", table, grams)
+    assert stages.shape == (n + 2, 4)
+    assert stages[0, 0] == 0 and stages[0, 2] == 0 and stages[-1, 1] == len(table) and stages[-1, 3] == len(grams)
+    assert torch.equal(stages[1:, 0], stages[:-1, 1]) and torch.equal(stages[1:, 2], stages[:-1, 3])
+    for i, g in enumerate(plan.groups):
+        p0, p1, g0, g1 = stages[i + 1].tolist()
+        assert p1 > p0 and bool((table[p0:p1, 1] == g.r0).all()) and bool((table[p0:p1, 0] == 0).all())
+        assert g1 > g0 and bool((grams[g0:g1, 6] == i).all())
+    assert bool((table[stages[-1, 0]:, 0] == 1).all())   # last: the low-rank product, reading gz
+    swapped = torch.cat([table[stages[2, 0]:stages[2, 1]], table[stages[1, 0]:stages[1, 1]], table[stages[3, 0]:]])
+    assert len(native_linear._stages(plan, "scatter", swapped, grams)) == 0
+    # the sweep's own checks, on a table without the low-rank term: x and gy, one accumulator per group
+    table = native_linear.product_tables(plan, "scatter", 0, into)
+    grams = native_linear._gram_table(plan, True, 0, (), (1, 1, n))
+    stages = native_linear._stages(plan, "scatter", table, grams)
+    x, gy = torch.ones(4, into), torch.ones(4, out)
+    accs = [torch.empty(g.width, g.r1 - g.r0) for g in plan.groups]
+    values = torch.ones(int(layout.sum()), b, b)
+    b_ops = native_linear._packed(values, plan, transpose=plan.transposed)
+    run = native.load("blocksparse_cpu").sweep
+    args = ([gy], b_ops, [torch.empty(4, into)], table, [x], [gy], grams, accs, native_linear.STREAM_BYTES)
+    run(False, 4, 4, 4, *args, stages)   # the stages as found: accepted
+    skipped = torch.tensor([[0, len(table) - 1, 0, len(grams)]])   # in order, but the last product left out
+    with pytest.raises(RuntimeError, match="cover"):
+        run(False, 4, 4, 4, *args, skipped)
+    with pytest.raises(RuntimeError, match="one tile per panel"):
+        run(False, 4, 2, 4, *args, stages)
+
+
 def test_native_applies_to_float32_x_with_bfloat16_values_only():
     """The one mixed pair the sweep takes is float32 x with bfloat16 values (autocast's); float32
     x with float16 values, or 16-bit x with float32 values, go elsewhere."""

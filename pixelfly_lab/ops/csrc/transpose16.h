@@ -25,8 +25,9 @@ namespace pixelfly {
 // v[j] = column j of the 16 x 16 matrix whose row i is v[i] (32-bit lanes)
 [[gnu::always_inline]] inline void transpose16_in_registers(__m512 v[16]) {
   __m512 t[16];
+  // per 128-bit lane L: t[i] = (r_i[4L], r_{i+1}[4L], r_i[4L+1], r_{i+1}[4L+1]), t[i + 1] the next two columns
 #pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {   // per 128-bit lane L: (r_i[4L], r_{i+1}[4L], r_i[4L+1], r_{i+1}[4L+1]) and the next two
+  for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
     t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
   }
@@ -43,7 +44,8 @@ namespace pixelfly {
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) {   // column 4L + k = lane L of u[k], u[4 + k], u[8 + k], u[12 + k]
     const __m512 p0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44), p1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xEE);
-    const __m512 q0 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44), q1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xEE);
+    const __m512 q0 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44);
+    const __m512 q1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xEE);
     v[k] = _mm512_shuffle_f32x4(p0, q0, 0x88);
     v[4 + k] = _mm512_shuffle_f32x4(p0, q0, 0xDD);
     v[8 + k] = _mm512_shuffle_f32x4(p1, q1, 0x88);
@@ -67,7 +69,8 @@ template <typename T>
       if constexpr (sizeof(T) == 4)
         v[r] = _mm512_loadu_ps(src + r * lds);
       else
-        v[r] = _mm512_castsi512_ps(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * lds))));
+        v[r] = _mm512_castsi512_ps(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * lds))));
     }
     transpose16_in_registers(v);
 #pragma GCC unroll 16
@@ -75,7 +78,8 @@ template <typename T>
       if constexpr (sizeof(T) == 4)
         _mm512_storeu_ps(dst + c * ldd, v[c]);
       else
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ldd), _mm512_cvtepi32_epi16(_mm512_castps_si512(v[c])));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ldd),
+                            _mm512_cvtepi32_epi16(_mm512_castps_si512(v[c])));
     }
     return;
   }

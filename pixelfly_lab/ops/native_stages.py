@@ -1,0 +1,65 @@
+"""The stages of the compiled sweep's float32 backward: :func:`backward_stages`.
+
+A plan that gathers x (:mod:`pixelfly_lab.ops.torch_plan`) has its dX as a scatter table and its
+blocks' gradients as grams (:mod:`pixelfly_lab.ops.native_linear`): group g's dX products read
+gy[:, rows_g], and so do its grams. Cut into one stage per group, the sweep
+(``csrc/blocksparse_cpu.cpp``) runs on each panel every stage's products and then its grams, so the
+second read of those columns comes from the caches (measured in ``native_linear.STAGED``'s comment).
+Same products and grams in the same table order: on one thread the results are bit for bit those of
+the usual order (tests/test_native_linear.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pixelfly_lab.ops.torch_plan import Plan
+
+__all__ = ["NO_STAGES", "backward_stages"]
+
+NO_STAGES = torch.empty(0, 4, dtype=torch.long)
+_STAGES: dict[tuple, tuple] = {}
+
+
+def backward_stages(plan: Plan, kind: str, table: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
+    """(groups + 2, 4) int64 rows (first product, end, first gram, end) of a backward's tables, one
+    stage per group of the plan between what runs before (zeroed holes, a gather table's lead
+    gz = gy U) and after (a scatter table's low-rank product, the other grams: dU, dV, dbias): the
+    sweep runs each group's dX products and then its grams while the gy columns both read are in
+    the caches. Found from the tables (a scatter row's A columns start at its group's first row, a
+    gather row writes inside its group's columns; a gram row's accumulator is its group's); empty
+    (the sweep's usual order) where the rows are not in that order. Cached per pair of tables."""
+    key = (id(table), id(grams))
+    hit = _STAGES.get(key)
+    if hit is not None and hit[0] is table and hit[1] is grams:
+        return hit[2]
+    r0 = torch.tensor([g.r0 for g in plan.groups])
+    r1 = torch.tensor([g.r1 for g in plan.groups])
+    n = len(plan.groups)
+    if kind == "scatter":   # A_0[:, rows_g]: the lead's part and the group's products
+        mine = (table[:, 0] == 0) & (table[:, 2] > 0)
+        at = table[:, 1].contiguous()
+    else:                   # into C_0[:, rows_g]: the group's products, its zeros and its low-rank product
+        mine = table[:, 9] == 0
+        at = table[:, 7].contiguous()
+    group = torch.searchsorted(r0, at, right=True) - 1
+    mine &= (group >= 0) & (at < r1[group.clamp(min=0)])
+    if kind == "scatter":
+        mine &= r0[group.clamp(min=0)] == at
+    group = torch.where(mine, group, torch.full_like(group, -1))
+    g_group = torch.where(grams[:, 6] < n, grams[:, 6], torch.full_like(grams[:, 6], -1))
+    stages = NO_STAGES
+    bounds = []
+    for ids in (group, g_group):   # every group's rows consecutive, in group order, between the others
+        rows = torch.nonzero(ids >= 0).flatten()
+        if len(rows) == 0 or not bool((ids[rows[0]:rows[-1] + 1] >= 0).all()) or \
+                not bool((ids[rows[0]:rows[-1] + 1].diff() >= 0).all()):
+            break
+        starts = torch.searchsorted(ids[rows[0]:rows[-1] + 1].contiguous(), torch.arange(n + 1)) + rows[0]
+        bounds.append(starts.tolist())
+    else:
+        (p, g), n_p, n_g = bounds, len(table), len(grams)
+        rows = [(0, p[0], 0, g[0])] + [(p[i], p[i + 1], g[i], g[i + 1]) for i in range(n)] + [(p[n], n_p, g[n], n_g)]
+        stages = torch.tensor(rows, dtype=torch.long)
+    _STAGES[key] = (table, grams, stages)
+    return stages
