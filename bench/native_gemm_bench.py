@@ -169,14 +169,16 @@ def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
     costs it, with two exceptions: the grams alone compute gz = gy U (for dV) as one product per
     tile over all of gy, which is not folded; and bfloat16 grams pack a B slice once for
     consecutive grams that read the same one, which folding makes more frequent (fewer packs,
-    besides gy in the caches). A plan of the transposed layout (gy on the other side of the
-    grams) is refused: only 1024 -> 4096 is timed, whose plans gather x."""
+    besides gy in the caches). "both" runs as the layer does (float32: staged, group by group,
+    :mod:`pixelfly_lab.ops.native_stages`), folded too: its stages are found from the unfolded
+    tables (the folded ones have the same rows in the same order). A plan of the transposed layout
+    (gy on the other side of the grams) is refused: only 1024 -> 4096 is timed, whose plans gather x."""
     x, gy = torch.randn(rows, 1024, dtype=dtype), torch.randn(rows, 4096, dtype=dtype)
     w = torch.randn(4096, 1024, dtype=dtype)
     dx, dw = torch.empty(rows, 1024, dtype=dtype), torch.empty(4096, 1024, dtype=dtype)
     fns = {"dX": lambda: torch.mm(gy, w, out=dx), "grams": lambda: torch.mm(gy.T, x, out=dw)}
     flops = {"dX": 2 * rows * 1024 * 4096, "grams": 2 * rows * 1024 * 4096}
-    tables, grams = native_linear.product_tables, native_linear._gram_table
+    tables, grams, stages = native_linear.product_tables, native_linear._gram_table, native_linear._stages
     needs = {"dX": (True, False, False, False, False), "grams": (False, True, True, True, True), "both": (True,) * 5}
     for label, kw in (("released", RELEASED), ("budget 0.1", {"budget": 0.1, "block_size": 32})):
         layer = PixelflyLinear(1024, 4096, **kw)
@@ -186,21 +188,29 @@ def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
         if plan.transposed:
             raise ValueError("backward_ceiling folds gy as the grams' B operand: plans that gather x only")
         _, z = native_linear.native_forward(x, values, bias, u, v, plan, 4096)
-        folded = {}
+        folded, unfolded = {}, {}   # (kind, args) -> folded table; id(folded table) -> (it, the original)
 
-        def cached(kind, fold_args, make, args, folded=folded):   # folded once, outside the timed calls after the first
-            if (kind,) + args not in folded:
-                folded[(kind,) + args] = _fold(make(*args), *fold_args)
+        def cached(kind, fold_args, make, args, folded=folded, unfolded=unfolded):
+            if (kind,) + args not in folded:   # folded once, outside the timed calls after the first
+                original = make(*args)
+                folded[(kind,) + args] = _fold(original, *fold_args)
+                unfolded[id(folded[(kind,) + args])] = (folded[(kind,) + args], original)
             return folded[(kind,) + args]
 
-        def run(part, fold, values=values, u=u, v=v, z=z, plan=plan, cached=cached):
+        def original(table, unfolded=unfolded):
+            hit = unfolded.get(id(table))
+            return hit[1] if hit is not None and hit[0] is table else table
+
+        def run(part, fold, values=values, u=u, v=v, z=z, plan=plan, cached=cached, original=original):
             if fold:   # gy's columns folded in the products (A operand 0) and the grams (B operand 0)
                 native_linear.product_tables = lambda *a: cached("p", (1, 0), tables, a)
                 native_linear._gram_table = lambda *a: cached("g", (4, 3), grams, a)
+                native_linear._stages = lambda plan, kind, t, g: stages(plan, kind, original(t), original(g))
             try:
                 native_linear.native_backward(gy, x, values, u, v, z, plan, needs[part], True)
             finally:
                 native_linear.product_tables, native_linear._gram_table = tables, grams
+                native_linear._stages = stages
         for part in needs:
             for fold in (False, True):
                 fns[(label, part, fold)] = lambda run=run, part=part, fold=fold: run(part, fold)

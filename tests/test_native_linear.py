@@ -64,10 +64,14 @@ def _close(got, want):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (3, False), (0, False)])
 @pytest.mark.parametrize("stream", [False, True])
-def test_sweep_matches_reference(name, rank, bias, rows, tile, stream, monkeypatch):
+@pytest.mark.parametrize("staged", [True, False])
+def test_sweep_matches_reference(name, rank, bias, rows, tile, stream, staged, monkeypatch):
     """Values and every gradient, both plan orientations, groups of several runs, empty rows and
     columns, rows that are not a multiple of the tile; with ``stream`` every output counts as large
-    (a gather table's products then accumulate per window and are stored by streaming stores)."""
+    (a gather table's products then accumulate per window and are stored by streaming stores); the
+    float32 backward of a plan that gathers x staged (one tile per panel) and in the usual order
+    (several tiles per panel)."""
+    monkeypatch.setattr(native_linear, "STAGED", staged)
     monkeypatch.setattr(native_linear, "TILE_ROWS", tile)
     monkeypatch.setattr(native_linear, "STREAM_BYTES", 0 if stream else STREAM_BYTES)
     layout, b = LAYOUTS[name]
@@ -117,7 +121,8 @@ def test_threads_share_the_panels(name, threads, monkeypatch):
     try:
         for rows in (2, 11, 130):
             for stream in (False, True):
-                test_sweep_matches_reference(name, 3, True, rows, 2, stream, monkeypatch)
+                for staged in (True, False):
+                    test_sweep_matches_reference(name, 3, True, rows, 2, stream, staged, monkeypatch)
     finally:
         torch.set_num_threads(previous)
 
@@ -408,9 +413,10 @@ def test_staged_backward_is_the_usual_one_bit_for_bit(name, rank, bias, threads,
 
 def test_stages_follow_the_groups_or_are_left_out():
     """native_stages.backward_stages: one stage per group between what runs before and after,
-    consecutive ranges covering both tables, each group's products reading its rows of gy and its grams writing its accumulator;
-    a table whose groups are out of order gets no stages (the usual order). The sweep refuses stages
-    that skip a row, and stages with several tiles per panel."""
+    consecutive ranges covering both tables, each group's products reading its rows of gy and its
+    grams writing its accumulator; a table whose groups are out of order gets no stages (the usual
+    order). The sweep refuses stages that skip a row, are out of order, or have several tiles per
+    panel, and a gram reading an output of the products in a stage before their last writer."""
     layout, b = LAYOUTS["random-T"]
     plan = torch_kernels.plan_for(layout, b)
     assert not plan.transposed
@@ -442,8 +448,24 @@ def test_stages_follow_the_groups_or_are_left_out():
     skipped = torch.tensor([[0, len(table) - 1, 0, len(grams)]])   # in order, but the last product left out
     with pytest.raises(RuntimeError, match="cover"):
         run(False, 4, 4, 4, *args, skipped)
+    swapped = torch.tensor([[0, len(table), len(grams), len(grams)], [len(table), len(table), 0, len(grams)]])
+    with pytest.raises(RuntimeError, match="consecutive"):   # the grams' range before the first's end
+        run(False, 4, 4, 4, *args, swapped)
     with pytest.raises(RuntimeError, match="one tile per panel"):
         run(False, 4, 2, 4, *args, stages)
+    # a gram reading gz (an output of the products, here faked as x's alias) in a stage before its writer
+    gz = torch.ones(4, 3)
+    lead = torch.tensor([[0, 0, 4, 0, 0, 3, 3, 0, 0, 1]])   # gz (output 1) = gy[:, :4] @ B_0[:4, :3]
+    dv = torch.tensor([[1, 0, 3, 0, 0, into, 0, 0, 0]])     # acc_0 (3 x into) += gz^T x
+    early = torch.tensor([[0, 0, 0, 1], [0, 1, 1, 1]])       # the gram in stage 0, its writer in stage 1
+    acc = [torch.empty(3, into)]
+    with pytest.raises(RuntimeError, match="before the stage"):
+        run(False, 4, 4, 4, [gy], [torch.ones(4, 3)], [torch.empty(4, into), gz], lead, [x, gz], [x], dv, acc,
+            native_linear.STREAM_BYTES, early)
+    late = torch.tensor([[0, 1, 0, 0], [1, 1, 0, 1]])
+    run(False, 4, 4, 4, [gy], [torch.ones(4, 3)], [torch.empty(4, into), gz], lead, [x, gz], [x], dv, acc,
+        native_linear.STREAM_BYTES, late)
+    torch.testing.assert_close(acc[0], (gy[:, :4] @ torch.ones(4, 3)).T @ x)
 
 
 def test_native_applies_to_float32_x_with_bfloat16_values_only():

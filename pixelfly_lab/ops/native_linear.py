@@ -288,9 +288,8 @@ def _k_pad(k: int, dtype: torch.dtype) -> int:
 def _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRAMS, accs=(), stages=_NO_STAGES):
     sixteen = dtype == torch.bfloat16
     tile, panel = (TILE_ROWS_16BIT, PANEL_ROWS_16BIT) if sixteen else (TILE_ROWS, PANEL_ROWS)
-    if len(stages):   # one tile per panel
-        tile = panel = max(panel, tile)
-    native.load("blocksparse_cpu").sweep(sixteen, rows, tile, max(panel, tile), list(a_ops), list(b_ops),
+    tile, panel = (max(panel, tile),) * 2 if len(stages) else (tile, max(panel, tile))   # staged: one tile per panel
+    native.load("blocksparse_cpu").sweep(sixteen, rows, tile, panel, list(a_ops), list(b_ops),
                                          list(outs), table, list(g_a), list(g_b), grams, list(accs), STREAM_BYTES,
                                          stages)
 
@@ -343,8 +342,9 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     returns), by one compiled sweep: per tile gz = gy U and dX's products (gz before the products
     that read it), then per panel the blocks' gradients and the low-rank factors' and bias's
     (grams over the panel, transposed once; summed in float32 also for bfloat16 operands, rounded
-    to the operands' dtype at the end). Computed in values' dtype; dX in x2's (float32 x2 with
-    bfloat16 values: stored unrounded)."""
+    to the operands' dtype at the end); float32 with a plan that gathers x (:data:`STAGED`): per
+    panel, group by group, the group's dX products and then its grams. Computed in values' dtype;
+    dX in x2's (float32 x2 with bfloat16 values: stored unrounded)."""
     gy = gy.contiguous()
     dtype = values.dtype
     rows, in_features, out_features = x2.shape[0], x2.shape[1], gy.shape[1]

@@ -5,8 +5,9 @@ blocks' gradients as grams (:mod:`pixelfly_lab.ops.native_linear`): group g's dX
 gy[:, rows_g], and so do its grams. Cut into one stage per group, the sweep
 (``csrc/blocksparse_cpu.cpp``) runs on each panel every stage's products and then its grams, so the
 second read of those columns comes from the caches (measured in ``native_linear.STAGED``'s comment).
-Same products and grams in the same table order: on one thread the results are bit for bit those of
-the usual order (tests/test_native_linear.py).
+Same products and grams in the same table order: on one thread and with the same tiles the results
+are bit for bit those of the usual order (tests/test_native_linear.py; staged, the sweep runs one
+tile per panel, which the usual order does not: dX's products then have more rows per call).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def backward_stages(plan: Plan, kind: str, table: torch.Tensor, grams: torch.Ten
     sweep runs each group's dX products and then its grams while the gy columns both read are in
     the caches. Found from the tables (a scatter row's A columns start at its group's first row, a
     gather row writes inside its group's columns; a gram row's accumulator is its group's); empty
-    (the sweep's usual order) where the rows are not in that order. Cached per pair of tables."""
+    (the sweep's usual order) where the rows are not in that order, or the plan has no groups.
+    Wrong stages could only be slower: the sweep refuses stages that would let a gram read an output
+    of the products before they wrote it. Cached per pair of tables (the tables are cached per plan:
+    :func:`pixelfly_lab.ops.native_linear.product_tables`); the cache forgets everything past 256
+    pairs."""
     key = (id(table), id(grams))
     hit = _STAGES.get(key)
-    if hit is not None and hit[0] is table and hit[1] is grams:
+    if hit is not None and hit[0] is table and hit[1] is grams:   # the entry holds them: ids not reused
         return hit[2]
+    if not plan.groups:
+        return NO_STAGES
+    if len(_STAGES) >= 256:
+        _STAGES.clear()
     r0 = torch.tensor([g.r0 for g in plan.groups])
     r1 = torch.tensor([g.r1 for g in plan.groups])
     n = len(plan.groups)

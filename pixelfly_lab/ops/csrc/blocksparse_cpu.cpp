@@ -21,10 +21,11 @@
 //
 // Staged (`stages`, one tile per panel): the lists cut into consecutive ranges, and per panel each
 // range's products run and then its grams. The float32 backward of a plan that gathers x passes one
-// stage per group (native_linear._stages): a group's dX products read its columns of gy, and its
-// grams read them again right after, from the caches (measured, 1024 -> 4096 at 4096 rows, one
+// stage per group (native_stages.backward_stages): a group's dX products read its columns of gy, and
+// its grams read them again right after, from the caches (measured, 1024 -> 4096 at 4096 rows, one
 // thread: backward 116.1 -> 109.9 ms released, 68.7 -> 61.4 at budget 0.1). Each operand of the
-// grams is transposed on its first use in a panel, after the products of the stages before.
+// grams is transposed on its first use in a panel, after the products of the stages before; a gram
+// reading an output of the products (gz) must sit in or after the stage of its last writer (checked).
 //
 // Large outputs (at least `stream_bytes`, chosen by the Python side) whose products form windows
 // (find_windows: a gather plan's groups, each output slice's products consecutive) are accumulated
@@ -458,6 +459,8 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
 // autocast, rounded per tile or per strip of a panel, and stored unrounded); `accs` float32, written (not added
 // to): the sum over all rows. An output 0 of at least `stream_bytes` whose products
 // form windows (find_windows) is accumulated per window and written by streaming stores (store_rows).
+// `stages` (n, 4) int64: empty for the usual order, or consecutive (product, gram) ranges covering
+// both lists, run stage by stage on each panel (one tile per panel; see the file's header).
 void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
            std::vector<at::Tensor> a_ops, std::vector<at::Tensor> b_ops, std::vector<at::Tensor> outs, at::Tensor products,
            std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs,
@@ -529,6 +532,23 @@ void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
       p_end = S[4 * s + 1], g_end = S[4 * s + 3];
     }
     TORCH_CHECK(p_end == n_p && g_end == n_g, "stages: must cover every product and every gram");
+    // a gram reading an output of the products (gz, for dV) must come after the stage of the last
+    // product that writes it: a stage's grams run after its products
+    std::vector<int64_t> last_writer(outs.size(), -1);   // stage of the last product into each output
+    for (int64_t st = 0; st < stages.size(0); ++st)
+      for (int64_t i = S[4 * st]; i < S[4 * st + 1]; ++i) last_writer[PT[i * kProductFields + 9]] = st;
+    auto written_by = [&](const at::Tensor& x) {   // the latest stage writing an output x shares memory with
+      int64_t st = -1;
+      for (size_t c = 0; c < outs.size(); ++c)
+        if (outs[c].numel() && x.is_alias_of(outs[c])) st = std::max(st, last_writer[c]);
+      return st;
+    };
+    for (int64_t st = 0; st < stages.size(0); ++st)
+      for (int64_t i = S[4 * st + 2]; i < S[4 * st + 3]; ++i) {
+        const int64_t* q = GT + i * kGramFields;
+        TORCH_CHECK(written_by(g_a[q[0]]) <= st && written_by(g_b[q[3]]) <= st,
+                    "stages: a gram reads an output before the stage of the last product that writes it");
+      }
   }
   if (!bfloat16)
     sweep_impl<float>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes, stages);
