@@ -84,14 +84,24 @@ def group_products(rounds: int) -> None:
         print(f"{name:48s} {t:7.2f} ms  {flops['dense' if name.startswith('dense') else 'group'] / t / 1e6:6.1f} GFLOP/s")
 
 
+def _fold(table: torch.Tensor, column: int, operand_field: int, width: int = 256) -> torch.Tensor:
+    """The table with field ``column`` of the rows whose field ``operand_field`` is 0 (operand or
+    output 0) taken modulo ``width``: every row reads or writes the same few columns of that
+    operand (which then stay in the caches), same shapes, same calls. Folding only lowers an
+    offset, so a read inside the operand stays inside."""
+    moved = table.clone()
+    rows = moved[:, operand_field] == 0
+    moved[rows, column] %= width
+    return moved
+
+
 def _narrow(table: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(the table with output 0's slices moved to columns [0, N) of an N-wide output, N): the
     widest slice's N; every slice starts at a multiple of its width (the plan's groups), so it
     lands inside."""
     out0 = table[:, 9] == 0
     width = int(table[out0, 6].max())
-    moved = table.clone()
-    moved[out0, 7] %= width
+    moved = _fold(table, 7, 9, width)
     if bool((moved[out0, 7] + moved[out0, 6] > width).any()):
         raise ValueError("a slice of the table does not start at a multiple of its width")
     return moved, width
@@ -144,17 +154,6 @@ def ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
                     "useful_gflops": rate, "mm_gflops": mm_rate, "of_mm": rate / mm_rate,
                     "linear_gflops": linear_rate, "of_linear": rate / linear_rate})
     return out
-
-
-def _fold(table: torch.Tensor, column: int, operand_field: int, width: int = 256) -> torch.Tensor:
-    """The table with operand 0's column offsets (field ``column`` of the rows whose field
-    ``operand_field`` is 0) taken modulo ``width``: every product reads the same columns of gy
-    (which then stay in the caches), same shapes, same calls. Folding only lowers an offset, so a
-    read inside the operand stays inside."""
-    moved = table.clone()
-    rows = moved[:, operand_field] == 0
-    moved[rows, column] %= width
-    return moved
 
 
 def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:

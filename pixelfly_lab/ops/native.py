@@ -63,8 +63,9 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 def build_folder(name: str) -> Path:
     """Where source ``name`` is compiled: ``<cache>/torch-<version>-<cpu key>/<name>-<source key>``,
-    the source key a hash of the source's bytes (and the headers beside it), the flags, the Python version and environment (two
-    checkouts, versions or virtual environments never share, nor wait on, nor rebuild, one build)."""
+    the source key a hash of the source's bytes (and the headers beside it), the flags, the Python
+    version and environment (two checkouts, versions or virtual environments never share, nor wait
+    on, nor rebuild, one build)."""
     root = Path(os.environ.get("PIXELFLY_NATIVE_DIR") or Path.home() / ".cache" / "pixelfly_lab" / "native")
     version = torch.__version__.replace("+", "_")
     # the environment too (its torch headers are in the build command: ninja rebuilds when they move, and

@@ -10,11 +10,11 @@ and more: accumulated per window, then streamed). Per tile the forward runs ever
 group; the backward runs dX's products per tile and the blocks' gradients (gathered side^T @ row
 side) per panel of :data:`PANEL_ROWS` rows, the panel transposed once (float32, a plan that
 gathers x: group by group, each group's dX products and then its gradients on the whole panel,
-while the columns of gy both read are in the caches: :mod:`pixelfly_lab.ops.native_stages`); threads take panels from a
-shared counter (OpenMP, torch's thread count) and sum their own gradient accumulators at the end.
-The Python side here turns a plan into two integer tables of products once per plan (cached; the C++
-side checks every entry against its operands) and packs the blocks per call (one compiled pass for
-a stacked plan).
+while the columns of gy both read are in the caches: :mod:`pixelfly_lab.ops.native_stages`);
+threads take panels from a shared counter (OpenMP, torch's thread count) and sum their own
+gradient accumulators at the end. The Python side here turns a plan into two integer tables of
+products once per plan (cached; the C++ side checks every entry against its operands) and packs the
+blocks per call (one compiled pass for a stacked plan).
 
 bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, even block sizes): the
 same tables, B operands in VNNI pairs (low-rank K padded to :data:`K_STEP_16BIT`), float32
@@ -84,8 +84,8 @@ K_STEP_16BIT = 32
 # 1568 rows of 768 -> 3072 (19 MB) and 1024 rows (16 MB), a threshold of 8 MB changed nothing.
 STREAM_BYTES = 32 * 2 ** 20
 # float32 backward of a plan that gathers x: each group's dX products, then its grams, panel by panel
-# (:mod:`pixelfly_lab.ops.native_stages`). Interleaved in one process, medians of 9 (4096 rows) and 31 (512), backward,
-# staged against the usual order: 1024 -> 4096 one thread released 116.1 -> 109.9 ms (4096 rows),
+# (:mod:`pixelfly_lab.ops.native_stages`). Interleaved in one process, medians of 9 (4096 rows) and
+# 31 (512), backward, staged against the usual order: 1024 -> 4096 one thread released 116.1 -> 109.9 ms (4096 rows),
 # 17.6 -> 17.0 (512), budget 0.1 68.7 -> 61.4, 10.8 -> 9.9; two threads 62.9 -> 59.3, 9.0 -> 8.7,
 # 36.4 -> 33.0, 5.0 -> 4.8; 768 -> 3072 two threads 3-8% less. A transposed plan's dX (a gather
 # table) measured -1% to +4%: not staged.

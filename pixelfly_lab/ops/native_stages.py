@@ -51,24 +51,28 @@ def backward_stages(plan: Plan, kind: str, table: torch.Tensor, grams: torch.Ten
     else:                   # into C_0[:, rows_g]: the group's products, its zeros and its low-rank product
         mine = table[:, 9] == 0
         at = table[:, 7].contiguous()
-    group = torch.searchsorted(r0, at, right=True) - 1
-    mine &= (group >= 0) & (at < r1[group.clamp(min=0)])
+    group = (torch.searchsorted(r0, at, right=True) - 1).clamp(min=0)
+    mine &= (r0[group] <= at) & (at < r1[group])
     if kind == "scatter":
-        mine &= r0[group.clamp(min=0)] == at
-    group = torch.where(mine, group, torch.full_like(group, -1))
-    g_group = torch.where(grams[:, 6] < n, grams[:, 6], torch.full_like(grams[:, 6], -1))
+        mine &= r0[group] == at
+    p = _starts(torch.where(mine, group, -1), n)
+    g = _starts(torch.where(grams[:, 6] < n, grams[:, 6], -1), n)
     stages = NO_STAGES
-    bounds = []
-    for ids in (group, g_group):   # every group's rows consecutive, in group order, between the others
-        rows = torch.nonzero(ids >= 0).flatten()
-        if len(rows) == 0 or not bool((ids[rows[0]:rows[-1] + 1] >= 0).all()) or \
-                not bool((ids[rows[0]:rows[-1] + 1].diff() >= 0).all()):
-            break
-        starts = torch.searchsorted(ids[rows[0]:rows[-1] + 1].contiguous(), torch.arange(n + 1)) + rows[0]
-        bounds.append(starts.tolist())
-    else:
-        (p, g), n_p, n_g = bounds, len(table), len(grams)
-        rows = [(0, p[0], 0, g[0])] + [(p[i], p[i + 1], g[i], g[i + 1]) for i in range(n)] + [(p[n], n_p, g[n], n_g)]
-        stages = torch.tensor(rows, dtype=torch.long)
+    if p is not None and g is not None:
+        rows = [(0, p[0], 0, g[0])] + [(p[i], p[i + 1], g[i], g[i + 1]) for i in range(n)]
+        stages = torch.tensor(rows + [(p[n], len(table), g[n], len(grams))], dtype=torch.long)
     _STAGES[key] = (table, grams, stages)
     return stages
+
+
+def _starts(ids: torch.Tensor, n: int) -> list[int] | None:
+    """Where group 0, 1, ..., n - 1 begin and the last ends (n + 1 row indices), from each row's
+    group (-1: none); None unless every group's rows are consecutive, in group order, with no
+    other row between them."""
+    rows = torch.nonzero(ids >= 0).flatten()
+    if len(rows) == 0:
+        return None
+    span = ids[rows[0]:rows[-1] + 1]
+    if not bool((span >= 0).all()) or not bool((span.diff() >= 0).all()):
+        return None
+    return (torch.searchsorted(span.contiguous(), torch.arange(n + 1)) + rows[0]).tolist()
