@@ -74,7 +74,7 @@ def group_products(rounds: int) -> None:
 
     def micro_kernels():
         sweep(False, rows, 64, 64, [x], rights, [y], table, [], [], no_grams, [], native_linear.STREAM_BYTES,
-              native_linear._NO_STAGES)
+              native_linear._NO_STAGES, native_linear.NO_GATHERS)
 
     ms = _median_ms({"dense torch.mm (512 x 1024 @ 1024 x 4096)": lambda: torch.mm(x, w, out=y),
                      "torch.mm on the group views": views,
@@ -177,7 +177,7 @@ def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
     dx, dw = torch.empty(rows, 1024, dtype=dtype), torch.empty(4096, 1024, dtype=dtype)
     fns = {"dX": lambda: torch.mm(gy, w, out=dx), "grams": lambda: torch.mm(gy.T, x, out=dw)}
     flops = {"dX": 2 * rows * 1024 * 4096, "grams": 2 * rows * 1024 * 4096}
-    tables, grams, stages = native_linear.product_tables, native_linear._gram_table, native_linear._stages
+    tables, grams, stages = native_linear.product_tables, native_linear.gram_table, native_linear._stages
     needs = {"dX": (True, False, False, False, False), "grams": (False, True, True, True, True), "both": (True,) * 5}
     for label, kw in (("released", RELEASED), ("budget 0.1", {"budget": 0.1, "block_size": 32})):
         layer = PixelflyLinear(1024, 4096, **kw)
@@ -203,12 +203,12 @@ def backward_ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
         def run(part, fold, values=values, u=u, v=v, z=z, plan=plan, cached=cached, original=original):
             if fold:   # gy's columns folded in the products (A operand 0) and the grams (B operand 0)
                 native_linear.product_tables = lambda *a: cached("p", (1, 0), tables, a)
-                native_linear._gram_table = lambda *a: cached("g", (4, 3), grams, a)
+                native_linear.gram_table = lambda *a: cached("g", (4, 3), grams, a)
                 native_linear._stages = lambda plan, kind, t, g: stages(plan, kind, original(t), original(g))
             try:
                 native_linear.native_backward(gy, x, values, u, v, z, plan, needs[part], True)
             finally:
-                native_linear.product_tables, native_linear._gram_table = tables, grams
+                native_linear.product_tables, native_linear.gram_table = tables, grams
                 native_linear._stages = stages
         for part in needs:
             for fold in (False, True):
@@ -245,7 +245,8 @@ def k_curve(rows: int, rounds: int, dtype: torch.dtype, ks=(32, 64, 128, 256, 51
         b = native_linear._right(torch.randn(k, n, dtype=dtype))
         table = torch.tensor([(0, 0, k, 0, 0, n, n, 0, 0, 0)])
         fns[k] = lambda b=b, table=table: sweep(sixteen, rows, tile, panel, [x], [b], [y], table, [], [], no_grams, [],
-                                                native_linear.STREAM_BYTES, native_linear._NO_STAGES)
+                                                native_linear.STREAM_BYTES, native_linear._NO_STAGES,
+                                                native_linear.NO_GATHERS)
     ms = _median_ms(fns, rounds)
     return [{"K": k, "N": n, "tile_rows": tile, "ms": t, "gflops": 2 * rows * k * n / t / 1e6} for k, t in ms.items()]
 

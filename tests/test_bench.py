@@ -254,14 +254,14 @@ def test_gemm_bench_ceiling_times_the_forward_and_backward_as_run_and_in_cache()
     table = torch.tensor([(0, 0, 4, 0, 0, 8, 8, 16, 0, 0), (1, 0, 2, 1, 0, 8, 8, 0, 0, 1), (0, 0, 4, 0, 0, 8, 8, 8, 1, 0)])
     moved, width = module._narrow(table)
     assert width == 8 and moved[:, 7].tolist() == [0, 0, 0] and torch.equal(moved[:, :7], table[:, :7])
-    shipped_grams, shipped_stages = native_linear._gram_table, native_linear._stages
+    shipped_grams, shipped_stages = native_linear.gram_table, native_linear._stages
     backward = module.backward_ceiling(rows=4, rounds=1, dtype=torch.float32)
     assert [(r["layer"], r["part"], r["gy"].split()[0]) for r in backward] == [
         (layer, part, gy) for layer in ("released", "budget 0.1") for part in ("dX", "grams", "both")
         for gy in ("as", "in")]
     assert all(r["useful_gflops"] > 0 and r["of_mm"] == pytest.approx(r["useful_gflops"] / r["mm_gflops"])
                for r in backward)
-    assert (native_linear.product_tables, native_linear._gram_table, native_linear._stages) == (
+    assert (native_linear.product_tables, native_linear.gram_table, native_linear._stages) == (
         shipped[0], shipped_grams, shipped_stages)
     grams = torch.tensor([(0, 0, 32, 0, 300, 128, 0, 0, 0), (1, 0, 5, 1, 700, 256, 1, 0, 0)])
     folded = module._fold(grams, 4, 3)   # gy (B operand 0) read at column 300 % 256; operand 1 untouched

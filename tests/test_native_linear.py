@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pixelfly_lab.nn.layers import PixelflyLinear
-from pixelfly_lab.ops import native, native_linear, torch_grouped, torch_kernels
+from pixelfly_lab.ops import native, native_linear, native_tables, torch_grouped, torch_kernels
 from pixelfly_lab.ops.matmul import blocks_to_dense
 from pixelfly_lab.structure.masks import flat_block_butterfly_layout
 
@@ -200,15 +200,18 @@ needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "
 @pytest.mark.parametrize("name", ["expanding", "contracting", "holes", "random"])
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (4, False), (5, True), (0, False)])
 @pytest.mark.parametrize("n_split", [native_linear.N_SPLIT, 8, 2])
-def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, monkeypatch):
+@pytest.mark.parametrize("gathered", [True, False])
+def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, gathered, monkeypatch):
     """bfloat16 operands (B in VNNI pairs, K padded to the AMX step, float32 accumulation): the float64
     reference to bfloat16 rounding (a few 1e-3 of the largest value), gradients in bfloat16. With
     n_split 8 or 2 a group's output is cut into pieces (2: every group's, also the holes' groups of
-    4 rows, zeroed by K = 0 products without rank and bias), each accumulated in a window of its own."""
+    4 rows, zeroed by K = 0 products without rank and bias), each accumulated in a window of its own.
+    The forward with each group's A gathered (runs and [z, 1] as one product) and without."""
+    monkeypatch.setattr(native_linear, "GATHERED", (torch.bfloat16,) if gathered else ())
     monkeypatch.setattr(native_linear, "TILE_ROWS_16BIT", 64 if rows > 64 else 4)   # panels of several tiles
     monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 128 if rows > 64 else 7)  # and an odd panel
-    monkeypatch.setattr(native_linear, "N_SPLIT", n_split)
-    monkeypatch.setattr(native_linear, "_TABLES", {})   # tables built with this split
+    monkeypatch.setattr(native_tables, "N_SPLIT", n_split)
+    monkeypatch.setattr(native_tables, "_TABLES", {})   # tables built with this split
     monkeypatch.setattr(native_linear, "STREAM_BYTES", 0 if n_split != 2 else STREAM_BYTES)   # streamed
     layout, b = LAYOUTS[name]
     ops = tuple(None if t is None else t.bfloat16() for t in _operands(layout, b, rows, rank, bias))
@@ -288,7 +291,7 @@ def test_bfloat16_threads_share_the_panels(threads, monkeypatch):
     torch.set_num_threads(threads)
     try:
         for name in ("expanding", "contracting", "random"):
-            test_bfloat16_sweep_matches_reference(name, 3, True, 130, 8, monkeypatch)
+            test_bfloat16_sweep_matches_reference(name, 3, True, 130, 8, True, monkeypatch)
     finally:
         torch.set_num_threads(previous)
 
@@ -342,8 +345,8 @@ def test_gather_tables_accumulate_in_windows_and_scatter_tables_do_not(n_split, 
     consecutive, the first writing, every column covered once); a scatter table (several groups add
     into the same columns) and a table with a slice unwritten keep the per-tile buffer. A gather table
     is the forward of a plan that gathers x, and dX of a transposed plan."""
-    monkeypatch.setattr(native_linear, "N_SPLIT", n_split)
-    monkeypatch.setattr(native_linear, "_TABLES", {})
+    monkeypatch.setattr(native_tables, "N_SPLIT", n_split)
+    monkeypatch.setattr(native_tables, "_TABLES", {})
     module = native.load("blocksparse_cpu")
     for name in ("expanding", "contracting", "holes", "random", "random-T"):
         layout, b = LAYOUTS[name]
@@ -359,16 +362,88 @@ def test_gather_tables_accumulate_in_windows_and_scatter_tables_do_not(n_split, 
         assert not module.windowed(native_linear.product_tables(plan, "scatter", low_k, scatter), scatter), name
 
 
+@pytest.mark.parametrize("name", ["expanding", "random-T", "holes", "holes-16", "square"])   # plans that gather x
+@pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (4, False), (0, False)])
+@pytest.mark.parametrize("rows", [7, 130])
+def test_gathered_forward_is_the_usual_forward(name, rank, bias, rows, monkeypatch):
+    """Each group's runs of x and [z, 1] copied side by side per tile and read by one product per
+    output slice (the gathers; float32 here, so that any CPU runs it): y and z as the usual table
+    gives them, to float32 rounding (the same products, K summed in one micro-kernel call)."""
+    monkeypatch.setattr(native_linear, "TILE_ROWS", 16)   # several tiles, the last one short
+    layout, b = LAYOUTS[name]
+    ops = _operands(layout, b, rows, rank, bias)
+    plan = torch_kernels.plan_for(layout, b)
+    assert not plan.transposed
+    runs = {}
+    for gathered in ((torch.float32,), ()):
+        monkeypatch.setattr(native_linear, "GATHERED", gathered)
+        runs[gathered] = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+    (y, z), (y_usual, z_usual) = runs.values()
+    torch.testing.assert_close(y, y_usual, rtol=1e-5, atol=1e-5)
+    assert (z is None) == (z_usual is None) and (z is None or torch.equal(z, z_usual))
+    y_ref, _ = _reference(layout, torch.zeros(rows, layout.shape[0] * b), ops)
+    _close(y, y_ref)
+
+
+def test_gathered_tables_read_each_group_once():
+    """One product per output slice; a group of several pieces (runs of x, [z, 1]) reads them from
+    the gathered A, copied in order right before its first product, K their widths together; a group
+    of one piece reads it in place. A transposed plan (its forward scatters) is refused."""
+    layout, b = LAYOUTS["random-T"]   # 2-5 runs per group, and a plan that gathers x
+    plan = torch_kernels.plan_for(layout, b)
+    low_k = 6
+    table, gathers = native_tables.gathered_products(plan, low_k, (layout.shape[1] * b, len(plan.groups) + 1, 5))
+    assert table[0, 9] == 1 and (table[1:, 9] == 0).all()   # the lead z = x V first, then output 0 only
+    slices = table[1:]
+    covered = torch.zeros(layout.shape[0] * b, dtype=torch.int)
+    for p in slices.tolist():
+        covered[p[7]:p[7] + p[6]] += 1
+    assert (covered == 1).all()
+    for i, g in enumerate(plan.groups):
+        rows_i = [j for j, p in enumerate(table.tolist()) if p[3] == i and p[9] == 0]
+        pieces = [(0, c0, c1 - c0) for c0, c1 in g.runs] + [(1, 0, low_k)]
+        mine = [h for h in gathers.tolist() if h[0] == rows_i[0]]
+        assert all(table[j, 2] == sum(w for *_, w in pieces) for j in rows_i)
+        if len(pieces) > 1:
+            assert all(table[j, 0] == -1 for j in rows_i)
+            assert [tuple(h[1:4]) for h in mine] == pieces
+            assert [h[4] for h in mine] == [sum(w for *_, w in pieces[:k]) for k in range(len(pieces))]
+        else:
+            assert not mine and table[rows_i[0], 0] == pieces[0][0]
+    with pytest.raises(ValueError, match="gathers x only"):
+        native_tables.gathered_products(torch_kernels.plan_for(*LAYOUTS["random"]), low_k)
+
+
+def test_sweep_refuses_gathers_outside_their_operands():
+    """The sweep checks every gather: in product order, inside its A operand, and a product reading
+    the gathered A inside what the gathers fill."""
+    run = native.load("blocksparse_cpu").sweep
+    x, y, b_op = torch.ones(4, 8), torch.empty(4, 4), torch.ones(8, 4)
+    table = torch.tensor([[-1, 0, 8, 0, 0, 4, 4, 0, 0, 0]])   # y = gathered (4 x 8) @ B
+
+    def sweep(gathers, product=table):
+        run(False, 4, 4, 4, [x], [b_op], [y], product, [], [], native_tables.NO_GRAMS, [], 0,
+            native_linear._NO_STAGES, torch.tensor(gathers, dtype=torch.long).reshape(-1, 5))
+    sweep([[0, 0, 4, 4, 0], [0, 0, 0, 4, 4]])   # x's halves swapped: accepted
+    torch.testing.assert_close(y, torch.full((4, 4), 8.0))
+    with pytest.raises(RuntimeError, match="A slice out of range"):
+        sweep([[0, 0, 6, 4, 0], [0, 0, 0, 4, 4]])
+    with pytest.raises(RuntimeError, match="in order"):
+        sweep([[1, 0, 0, 4, 0]])
+    with pytest.raises(RuntimeError, match="gathered A slice out of range"):
+        sweep([[0, 0, 0, 4, 0]])   # the product reads 8 columns, the gathers fill 4
+
+
 def test_scatter_tables_need_groups_that_tile_the_rows_for_a_split_lead():
     """The lead product summed group by group needs every row of A_0 in one group: a plan whose
     groups leave a gap (no plan_for plan does) is refused, not summed short."""
     from types import SimpleNamespace
     gap = SimpleNamespace(groups=[SimpleNamespace(r0=0, r1=4), SimpleNamespace(r0=8, r1=12)])
     with pytest.raises(ValueError, match="tile the rows"):
-        native_linear._scatter_products(gap, 2, 16, (12, 2, 2))
+        native_tables._scatter_products(gap, 2, 16, (12, 2, 2))
     short = SimpleNamespace(groups=[SimpleNamespace(r0=0, r1=4), SimpleNamespace(r0=4, r1=8)])
     with pytest.raises(ValueError, match="tile the rows"):
-        native_linear._scatter_products(short, 2, 16, (12, 2, 2))
+        native_tables._scatter_products(short, 2, 16, (12, 2, 2))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -422,7 +497,7 @@ def test_stages_follow_the_groups_or_are_left_out():
     assert not plan.transposed
     n, out, into = len(plan.groups), layout.shape[0] * b, layout.shape[1] * b
     table = native_linear.product_tables(plan, "scatter", 4, into, (out, n + 1, 3))
-    grams = native_linear._gram_table(plan, True, 4, ((3, into),), (2, 1, n))
+    grams = native_tables.gram_table(plan, True, 4, ((3, into),), (2, 1, n))
     stages = native_linear._stages(plan, "scatter", table, grams)
     assert stages.shape == (n + 2, 4)
     assert stages[0, 0] == 0 and stages[0, 2] == 0 and stages[-1, 1] == len(table) and stages[-1, 3] == len(grams)
@@ -436,13 +511,17 @@ def test_stages_follow_the_groups_or_are_left_out():
     assert len(native_linear._stages(plan, "scatter", swapped, grams)) == 0
     # the sweep's own checks, on a table without the low-rank term: x and gy, one accumulator per group
     table = native_linear.product_tables(plan, "scatter", 0, into)
-    grams = native_linear._gram_table(plan, True, 0, (), (1, 1, n))
+    grams = native_tables.gram_table(plan, True, 0, (), (1, 1, n))
     stages = native_linear._stages(plan, "scatter", table, grams)
     x, gy = torch.ones(4, into), torch.ones(4, out)
     accs = [torch.empty(g.width, g.r1 - g.r0) for g in plan.groups]
     values = torch.ones(int(layout.sum()), b, b)
-    b_ops = native_linear._packed(values, plan, transpose=plan.transposed)
-    run = native.load("blocksparse_cpu").sweep
+    b_ops = native_linear._packed(values, plan, plan.transposed, values.dtype)
+    module = native.load("blocksparse_cpu")
+
+    def run(*args):
+        return module.sweep(*args, native_tables.NO_GATHERS)
+
     args = ([gy], b_ops, [torch.empty(4, into)], table, [x], [gy], grams, accs, native_linear.STREAM_BYTES)
     run(False, 4, 4, 4, *args, stages)   # the stages as found: accepted
     skipped = torch.tensor([[0, len(table) - 1, 0, len(grams)]])   # in order, but the last product left out

@@ -12,9 +12,9 @@ side) per panel of :data:`PANEL_ROWS` rows, the panel transposed once (float32, 
 gathers x: group by group, each group's dX products and then its gradients on the whole panel,
 while the columns of gy both read are in the caches: :mod:`pixelfly_lab.ops.native_stages`);
 threads take panels from a shared counter (OpenMP, torch's thread count) and sum their own
-gradient accumulators at the end. The Python side here turns a plan into two integer tables of
-products once per plan (cached; the C++ side checks every entry against its operands) and packs the
-blocks per call (one compiled pass for a stacked plan).
+gradient accumulators at the end. The Python side turns a plan into integer tables of products
+once per plan (:mod:`pixelfly_lab.ops.native_tables`, cached; the C++ side checks every entry
+against its operands) and packs the blocks per call (one compiled pass for a stacked plan).
 
 bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, even block sizes): the
 same tables, B operands in VNNI pairs (low-rank K padded to :data:`K_STEP_16BIT`), float32
@@ -35,9 +35,11 @@ quiet machine), and one C++ loop has none of the per-GEMM Python and dispatch co
 
 The low-rank term and the bias ride as one more product per group: [z, 1] @ [U^T; bias], with
 z = x V computed per tile before the products that read it (by the tile's first product in a
-gather table, group by group in a scatter table: :func:`_scatter_products`); in the backward gy U
-likewise, and gy^T [z, 1] (dU, dbias) as extra rows of the blocks' gradients, or as grams of their
-own.
+gather table, group by group in a scatter table); in the backward gy U likewise, and gy^T [z, 1]
+(dU, dbias) as extra rows of the blocks' gradients, or as grams of their own. A bfloat16 forward of
+a plan that gathers x (:data:`GATHERED`) copies each group's runs of x and [z, 1] side by side per
+tile and reads them with [its blocks; U^T; bias] in one product per output slice: every product
+into a slice reads and writes its float32 window, which costs AMX about as much as its FLOPs.
 
 Tested against the float64 reference in tests/test_native_linear.py (float32 and bfloat16, 1-3
 threads), and through every float32 CPU layer in the other tests.
@@ -50,6 +52,8 @@ import torch
 from pixelfly_lab.ops import native
 from pixelfly_lab.ops.native_stages import NO_STAGES as _NO_STAGES
 from pixelfly_lab.ops.native_stages import backward_stages as _stages
+from pixelfly_lab.ops.native_tables import (N_SPLIT, NO_GATHERS, NO_GRAMS, gathered_products, gram_table, lead_product,
+                                            product_tables)
 from pixelfly_lab.ops.torch_buffers import new_output
 from pixelfly_lab.ops.torch_grouped import unpack_grads
 from pixelfly_lab.ops.torch_plan import Plan
@@ -90,9 +94,14 @@ STREAM_BYTES = 32 * 2 ** 20
 # 36.4 -> 33.0, 5.0 -> 4.8; 768 -> 3072 two threads 3-8% less. A transposed plan's dX (a gather
 # table) measured -1% to +4%: not staged.
 STAGED = True
-# Widest product of one micro-kernel call (wider ones are cut into column pieces).
-N_SPLIT = 256
-_TABLES: dict[tuple, torch.Tensor] = {}
+# The dtypes whose forward of a plan that gathers x copies each group's runs of x and [z, 1] side by
+# side per tile, for one product per output slice (csrc/blocksparse_cpu.cpp, gathers). Interleaved in
+# one process, bfloat16 forward of 1024 -> 4096, medians of 21: one thread 15.17 -> 13.37 ms released
+# and 10.66 -> 9.05 at budget 0.1 (4096 rows), 2.73 -> 2.71 and 2.33 -> 2.04 (512 rows); two threads
+# 7.75 -> 7.19, 5.81 -> 4.73, 1.77 -> 1.78, 1.32 -> 1.22; results bit for bit the same. float32 gains
+# nothing: its micro-kernels are bound by their FMAs, not by passes over the output (one K 256
+# product per slice 60.0 ms against K 192 + 64 58.2, 4096 rows of 16 slices 256 wide).
+GATHERED = (torch.bfloat16,)
 
 
 def native_takes(dtype: torch.dtype, device, block_size: int = 2) -> bool:
@@ -118,133 +127,13 @@ def native_applies(x2: torch.Tensor, values: torch.Tensor) -> bool:
             and native_takes(values.dtype, x2.device, values.shape[-1]))
 
 
-def _pieces(n: int) -> list[tuple[int, int]]:
-    """(first column, width) of n columns cut into pieces of at most :data:`N_SPLIT`."""
-    return [(n0, min(N_SPLIT, n - n0)) for n0 in range(0, n, N_SPLIT)]
 
 
-def _product(table: list, a_id, a_col, k, b_id, b_off, ldb, n, c_col, add, c_id=0) -> None:
-    """Append C_c[:, c_col:c_col+n] (+)= A_a[:, a_col:a_col+k] @ B_b (k x n at b_off, ld ldb),
-    cut into :func:`_pieces`."""
-    for n0, width in _pieces(n):
-        table.append((a_id, a_col, k, b_id, b_off + n0, ldb, width, c_col + n0, int(add), c_id))
-
-
-def _gather_products(plan: Plan, low_k: int, width: int) -> list:
-    """C[:, rows_g] = A_0[:, runs_g] @ B_g (k*b x n_g) (+ A_1[:, :low_k] @ B_low[:, rows_g]):
-    the forward of a plan that gathers x, and dX of a plan of the transposed layout."""
-    table = []
-    for i, g in enumerate(plan.groups):
-        n_g = g.r1 - g.r0
-        for n0, n in _pieces(n_g):   # piece by piece: each output slice's products consecutive (a window)
-            offset = 0
-            if not g.runs and not low_k:
-                _product(table, 0, 0, 0, i, 0, 0, n, g.r0 + n0, False)   # a group without blocks: zeros
-            for c0, c1 in g.runs:
-                _product(table, 0, c0, c1 - c0, i, offset * n_g + n0, n_g, n, g.r0 + n0, offset)
-                offset += c1 - c0
-            if low_k:   # last, added while the slice is in L1 (first, written, measured 4-11% slower)
-                _product(table, 1, 0, low_k, len(plan.groups), g.r0 + n0, width, n, g.r0 + n0, bool(g.runs))
-    return table
-
-
-def _scatter_products(plan: Plan, low_k: int, width: int, lead: tuple = ()) -> list:
-    """C[:, runs_g] (+)= A_0[:, rows_g] @ B_g (n_g x k*b) over the groups (zeros where no group
-    writes first), then C += A_1[:, :low_k] @ B_low: the forward of a plan of the transposed
-    layout, and dX of a plan that gathers x.
-
-    ``lead`` = (K, B id, N): A_1 = A_0 @ B_lead (z = x V, or gz = gy U) is summed group by group,
-    A_0[:, rows_g] @ B_lead[rows_g] right before the group's own product reads the same columns,
-    instead of one K-wide product first: that product was the first to read A_0's tile from memory
-    and ran at the memory's pace (measured, dX of 1024 -> 4096 at 4096 rows, one thread, medians of
-    7: the lead product alone 9.3 ms, the whole dX table 54.0 ms, the sum of its parts 53.5). The
-    groups' rows tile A_0's K columns (every plan row is in one group, blocks or not)."""
-    edges = [0] + [g.r1 for g in plan.groups]
-    if lead and ([(g.r0, g.r1) for g in plan.groups] != list(zip(edges, edges[1:])) or edges[-1] != lead[0]):
-        raise ValueError("the plan's groups must tile the rows of A_0 (plan_for's plans do)")
-    table = []
-    pieces, holes = plan.scatter_pieces
-    for c0, c1 in holes:
-        _product(table, 0, 0, 0, 0, 0, 0, c1 - c0, c0, False)
-    for i, (g, own) in enumerate(zip(plan.groups, pieces)):
-        if lead:
-            _, b_id, n = lead
-            _product(table, 0, g.r0, g.r1 - g.r0, b_id, g.r0 * n, n, n, 0, i > 0, 1)
-        for offset, c0, c1, write in own:
-            _product(table, 0, g.r0, g.r1 - g.r0, i, offset, g.width, c1 - c0, c0, not write)
-    if low_k:
-        _product(table, 1, 0, low_k, len(plan.groups), 0, width, width, 0, True)
-    return table
-
-
-def _gram_terms(plan: Plan, extra: int) -> list:
-    """acc_g[o:o+w] += A_0[:, run]^T @ B_0[:, rows_g] per run at offset o, and
-    acc_g[k*b:k*b+extra] += A_1[:, :extra]^T @ B_0[:, rows_g]: the blocks' gradients (and the
-    extra rows: dU and dbias, or dV)."""
-    terms = []
-    for i, g in enumerate(plan.groups):
-        offset = 0
-        for c0, c1 in g.runs:
-            terms.append((0, c0, c1 - c0, 0, g.r0, g.r1 - g.r0, i, offset, 0))
-            offset += c1 - c0
-        if extra:
-            terms.append((1, 0, extra, 0, g.r0, g.r1 - g.r0, i, g.width, 0))
-    return terms
-
-
-def product_tables(plan: Plan, kind: str, low_k: int, width: int, lead: tuple = ()) -> torch.Tensor:
-    """The integer table of ``kind`` ('gather', 'scatter' or 'gram') for the plan, cached: (n, 10)
-    int64 products or (n, 9) grams as ``csrc/blocksparse_cpu.cpp`` reads them. ``lead`` = (K, B id,
-    N), where the products read A_1 = A_0[:, :K] @ B (N columns; the low-rank z = x V or gz = gy U):
-    a gather table computes it first in each tile, a scatter table group by group
-    (:func:`_scatter_products`)."""
-    if kind == "gram":
-        return _gram_table(plan, True, low_k, (), (0, 0, 0))
-    key = (plan.signature, kind, low_k, width, lead)
-    if key not in _TABLES:
-        if kind == "gather":
-            rows = (_lead_product(*lead) if lead else []) + _gather_products(plan, low_k, width)
-        elif kind == "scatter":
-            rows = _scatter_products(plan, low_k, width, lead)
-        else:
-            raise ValueError(f"kind must be 'gather', 'scatter' or 'gram', got {kind!r}")
-        _TABLES[key] = torch.tensor(rows, dtype=torch.long).reshape(-1, 10)
-    return _TABLES[key]
-
-
-def _lead_product(k: int, b_id: int, n: int) -> list:
-    """The rows of C_1[:, :n] = A_0[:, :k] @ B_b (k x n): z = x V before the products that read it."""
-    table = []
-    _product(table, 0, 0, k, b_id, 0, n, n, 0, False, 1)
-    return table
-
-
-def _extra_grams(pairs: list, first_a: int, first_b: int, first_acc: int) -> list:
-    """Gram rows acc[:, c:c+n] += A^T B for each (a_cols, b_cols) pair, A_i and B_i numbered from
-    first_a and first_b, accumulators from first_acc; B's columns cut into N_SPLIT pieces."""
-    terms = []
-    for i, (m, n) in enumerate(pairs):
-        for c, width in _pieces(n):
-            terms.append((first_a + i, 0, m, first_b + i, c, width, first_acc + i, 0, c))
-    return terms
-
-
-def _gram_table(plan: Plan, groups: bool, extra: int, pairs: tuple, first: tuple) -> torch.Tensor:
-    """The backward's grams, cached: the groups' (:func:`_gram_terms`, with ``groups``), then
-    :func:`_extra_grams` of ``pairs`` numbered from ``first`` = (first A, first B, first accumulator)."""
-    key = (plan.signature, "grams", groups, extra, pairs, first)
-    if key not in _TABLES:
-        rows = (_gram_terms(plan, extra) if groups else []) + _extra_grams(list(pairs), *first)
-        _TABLES[key] = torch.tensor(rows, dtype=torch.long).reshape(-1, 9)
-    return _TABLES[key]
-
-
-_NO_GRAMS = torch.empty(0, 9, dtype=torch.long)
-
-
-def _right(m: torch.Tensor, pad_rows: int = 0) -> torch.Tensor:
-    """A B operand as the sweep reads it: contiguous (K, N) for float32; for bfloat16 in the VNNI
-    layout (K/2, N, 2), rows in pairs, after ``pad_rows`` zero rows (K must come out even)."""
+def _right(m: torch.Tensor, pad_rows: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A B operand as the sweep reads it, in ``dtype`` (default: m's): contiguous (K, N) for float32;
+    for bfloat16 in the VNNI layout (K/2, N, 2), rows in pairs, after ``pad_rows`` zero rows (K must
+    come out even)."""
+    m = m if dtype is None else m.to(dtype)
     if pad_rows:
         m = torch.cat([m, m.new_zeros(pad_rows, m.shape[1])])
     if m.dtype == torch.float32:
@@ -253,18 +142,29 @@ def _right(m: torch.Tensor, pad_rows: int = 0) -> torch.Tensor:
     return m.reshape(k // 2, 2, n).transpose(1, 2).contiguous()
 
 
-def _packed(values, plan: Plan, transpose: bool) -> list:
-    """Each group's packed blocks as a B operand (:func:`_right`), an empty placeholder for a
-    group without blocks. A stacked plan (every group alike: a flat block butterfly) is packed in
-    one compiled pass (``pack_blocks``: 0.3 instead of 1.3 ms for the released 1024 -> 4096)."""
-    index = plan.stacked_index
+def _packed(values, plan: Plan, transpose: bool, dtype: torch.dtype, extra: torch.Tensor | None = None) -> list:
+    """Each group's packed blocks as a B operand in ``dtype`` (:func:`_right`; float32 values
+    rounded for bfloat16), an empty placeholder for a group without blocks; with ``extra`` (e, width),
+    each group's columns of it as e more rows below its blocks (:func:`gathered_products`). A stacked
+    plan (every group alike: a flat block butterfly) is packed in one compiled pass (``pack_blocks``:
+    0.3 instead of 1.3 ms for the released 1024 -> 4096)."""
+    index, groups = plan.stacked_index, plan.groups
     if index is not None and values.is_contiguous():
-        n_rows, k = plan.groups[0].vidx.shape
-        stacked = native.load("blocksparse_cpu").pack_blocks(values, index, len(plan.groups), n_rows, k, transpose,
-                                                            plan.transposed)
+        n_rows, k = groups[0].vidx.shape
+        e = 0 if extra is None else extra.shape[0]
+        stacked = native.load("blocksparse_cpu").pack_blocks(values, index, len(groups), n_rows, k, transpose,
+                                                            plan.transposed, dtype == torch.bfloat16, e)
+        if e:   # the groups tile extra's columns in order, n_g each
+            n_g, below = groups[0].r1 - groups[0].r0, stacked.shape[1] - (e // 2 if dtype == torch.bfloat16 else e)
+            ext = _right(extra, dtype=dtype)
+            stacked[:, below:] = ext.reshape(ext.shape[0], len(groups), n_g, *ext.shape[2:]).transpose(0, 1)
         return list(stacked.unbind(0))
-    empty = values.new_empty(0, 0)
-    return [empty if m is None else _right(m) for m in plan.packed_all(values, transpose)]
+    blocks = plan.packed_all(values, transpose)
+    if extra is not None:
+        blocks = [extra[:, g.r0:g.r1] if m is None else torch.cat([m, extra[:, g.r0:g.r1].to(m.dtype)])
+                  for m, g in zip(blocks, groups)]
+    empty = values.new_empty(0, 0, dtype=dtype)
+    return [empty if m is None else _right(m, dtype=dtype) for m in blocks]
 
 
 def _unpacked(plan: Plan, values, grads, extra: int):
@@ -285,43 +185,52 @@ def _k_pad(k: int, dtype: torch.dtype) -> int:
     return -k % K_STEP_16BIT if dtype == torch.bfloat16 else 0
 
 
-def _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=_NO_GRAMS, accs=(), stages=_NO_STAGES):
+def _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=NO_GRAMS, accs=(), stages=_NO_STAGES,
+           gathers=None):
     sixteen = dtype == torch.bfloat16
     tile, panel = (TILE_ROWS_16BIT, PANEL_ROWS_16BIT) if sixteen else (TILE_ROWS, PANEL_ROWS)
     tile, panel = (max(panel, tile),) * 2 if len(stages) else (tile, max(panel, tile))   # staged: one tile per panel
     native.load("blocksparse_cpu").sweep(sixteen, rows, tile, panel, list(a_ops), list(b_ops),
                                          list(outs), table, list(g_a), list(g_b), grams, list(accs), STREAM_BYTES,
-                                         stages)
+                                         stages, NO_GATHERS if gathers is None else gathers)
 
 
-def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
+def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int, dtype: torch.dtype | None = None):
     """(y, z) of :func:`pixelfly_lab.ops.torch_grouped.grouped_forward`, by the compiled sweep:
     per tile z = x V (into [z, 1]) before the products that read it, the groups' products and
-    [z, 1] @ [U^T; bias]. Computed in values' dtype (y and z too); x2 may be float32 for bfloat16
-    values (autocast)."""
-    rows, dtype = x2.shape[0], values.dtype
-    a_ops, b_ops = [x2], _packed(values, plan, transpose=not plan.transposed)
-    y = new_output((rows, out_features), values)   # retained when large: no page faults per call
-    outs, lead, low_k, z1 = [y], (), 0, None
+    [z, 1] @ [U^T; bias]. Computed in ``dtype`` (default: values'; y and z too); x2 and the
+    parameters may be float32 for bfloat16 (autocast: rounded by the sweep and the packing). A
+    plan that gathers x reads each group's runs and [z, 1] as one gathered A in the dtypes of
+    :data:`GATHERED` (:func:`~pixelfly_lab.ops.native_tables.gathered_products`)."""
+    rows, dtype = x2.shape[0], dtype or values.dtype
+    gathered = dtype in GATHERED and not plan.transposed
+    y = new_output((rows, out_features), values.new_empty(0, dtype=dtype))   # retained when large: no page faults
+    a_ops, outs, lead, low_k, z1, low_b = [x2], [y], (), 0, None, None
     if u is not None or bias is not None:
         r = 0 if u is None else u.shape[1]
         low = r + (bias is not None)
         pad = _k_pad(low, dtype)
         low_k = low + pad
-        z1 = values.new_empty(rows, low_k)
+        z1 = x2.new_empty(rows, low_k, dtype=dtype)
         if bias is not None:
             z1[:, r] = 1
         if pad:
             z1[:, low:] = 0
         a_ops.append(z1)
-        b_ops.append(_right(torch.cat(([u.T] if u is not None else []) + ([bias[None]] if bias is not None else []), 0),
-                            pad))
-        if u is not None:
-            b_ops.append(_right(v))
-            outs.append(z1)
-            lead = (x2.shape[1], len(b_ops) - 1, r)
-    kind = "scatter" if plan.transposed else "gather"
-    _sweep(dtype, rows, a_ops, b_ops, outs, product_tables(plan, kind, low_k, out_features, lead))
+        low_b = torch.cat(([u.T.to(dtype)] if u is not None else []) + ([bias[None].to(dtype)] if bias is not None else [])
+                          + [z1.new_zeros(pad, out_features)], 0)   # [U^T; bias; 0]
+    b_ops = _packed(values, plan, not plan.transposed, dtype, low_b if gathered else None)
+    if low_b is not None and not gathered:
+        b_ops.append(_right(low_b))
+    if u is not None:
+        b_ops.append(_right(v, dtype=dtype))
+        outs.append(z1)
+        lead = (x2.shape[1], len(b_ops) - 1, r)
+    if gathered:
+        table, gathers = gathered_products(plan, low_k, lead)
+    else:
+        table, gathers = product_tables(plan, "scatter" if plan.transposed else "gather", low_k, out_features, lead), None
+    _sweep(dtype, rows, a_ops, b_ops, outs, table, gathers=gathers)
     z = None if u is None else (z1 if low_k == u.shape[1] else z1[:, :u.shape[1]].contiguous())
     return y, z
 
@@ -360,7 +269,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     # products: gz = gy U (output 1), and dX (output 0) reading gz
     a_ops, b_ops, outs, lead = [gy], [], [values.new_empty(0, 0)], ()
     if need_x:
-        b_ops = _packed(values, plan, transpose=plan.transposed)
+        b_ops = _packed(values, plan, plan.transposed, dtype)
         grad_x = outs[0] = new_output(tuple(x2.shape), x2)
     low_b = len(b_ops)
     if gz is not None:
@@ -372,7 +281,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         kind = "gather" if plan.transposed else "scatter"
         table = product_tables(plan, kind, r + pad if gz is not None else 0, in_features, lead)
     else:
-        table = torch.tensor(_lead_product(*lead) if lead else [], dtype=torch.long).reshape(-1, 10)
+        table = torch.tensor(lead_product(*lead) if lead else [], dtype=torch.long).reshape(-1, 10)
     # grams: the groups' (gathered side^T @ row side, extra rows riding along), then the others
     fold_bias = not plan.transposed and need_bias
     if plan.transposed:        # gathered side: gy (and gz: dV's rows); row side: x
@@ -396,7 +305,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         g_b.append(b)
         accs.append(torch.empty(a.shape[1], b.shape[1]))
         pairs.append((a.shape[1], b.shape[1]))
-    grams = _gram_table(plan, groups, extra, tuple(pairs), first)
+    grams = gram_table(plan, groups, extra, tuple(pairs), first)
     staged = STAGED and need_x and groups and dtype == torch.float32 and not plan.transposed
     stages = _stages(plan, kind, table, grams) if staged else _NO_STAGES
     _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs, stages)

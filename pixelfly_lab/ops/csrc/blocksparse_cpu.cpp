@@ -27,6 +27,14 @@
 // grams is transposed on its first use in a panel, after the products of the stages before; a gram
 // reading an output of the products (gz) must sit in or after the stage of its last writer (checked).
 //
+// Gathered A (`gathers`, bfloat16 forward of a plan that gathers x): per tile, right before a product
+// with A id -1, the listed column ranges of A operands (a group's runs of x, then [z, 1]) are copied
+// side by side into a thread's scratch, and the product reads that: one micro-kernel call per output
+// slice (K = the runs' and the low-rank factor's together, B packed alike) instead of one per run and
+// one for [z, 1] @ [U^T; bias], each of which reads and writes the slice's float32 window again
+// (AMX: a K-32 pass over the window cost half a K-256 product; measured, 1024 -> 4096 at 4096 rows,
+// one thread: products K 192 + 64 12.9 ms, 128 + 64 + 64 15.1, one K 256 11.1).
+//
 // Large outputs (at least `stream_bytes`, chosen by the Python side) whose products form windows
 // (find_windows: a gather plan's groups, each output slice's products consecutive) are accumulated
 // per window in a small float32 buffer and written once by non-temporal stores: no line of the
@@ -68,6 +76,7 @@ namespace {
 
 constexpr int kProductFields = 10;  // a_id, a_col, K, b_id, b_off, ldb, N, c_col, add, c_id
 constexpr int kGramFields = 9;      // a_id, a_col, M, b_id, b_col, N, acc_id, acc_row, acc_col
+constexpr int kGatherFields = 5;    // product, a_id, a_col, width, scratch column
 
 // dst (ceil(rows/2), cols, 2) = src (rows x cols, ld lds) in the VNNI layout, dst's pairs of rows
 // ldd columns apart (default: cols); an odd last row is paired with zeros. With AVX512-BW, 16
@@ -220,7 +229,8 @@ template <typename T>
 void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at::Tensor>& a_ops,
                 const std::vector<at::Tensor>& b_ops, const std::vector<at::Tensor>& outs, const at::Tensor& products,
                 const std::vector<at::Tensor>& g_a, const std::vector<at::Tensor>& g_b, const at::Tensor& grams,
-                std::vector<at::Tensor>& accs, int64_t stream_bytes, const at::Tensor& stages) {
+                std::vector<at::Tensor>& accs, int64_t stream_bytes, const at::Tensor& stages,
+                const at::Tensor& gathers) {
   constexpr bool kF32 = std::is_same<T, float>::value;
   const int64_t n_stages = stages.numel() ? stages.size(0) : 0;
   const int64_t* S = stages.data_ptr<int64_t>();
@@ -228,6 +238,16 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
   const int64_t n_grams = grams.numel() ? grams.size(0) : 0;
   const int64_t* P = products.data_ptr<int64_t>();
   const int64_t* G = grams.data_ptr<int64_t>();
+  // the gathers before product i: rows [g_first[i], g_first[i + 1]) of `gathers` (sorted by product)
+  const int64_t n_gathers = gathers.numel() ? gathers.size(0) : 0;
+  const int64_t* GA = gathers.data_ptr<int64_t>();
+  std::vector<int64_t> g_first(n_products + 1);
+  int64_t gather_width = 0;
+  for (int64_t i = 0, j = 0; i <= n_products; ++i) {
+    for (; j < n_gathers && GA[j * kGatherFields] < i; ++j)
+      gather_width = std::max(gather_width, GA[j * kGatherFields + 4] + GA[j * kGatherFields + 3]);
+    g_first[i] = j;
+  }
 
   // which gram operands a panel must transpose (A) or repack whole (B: a float32 operand of a bfloat16
   // sweep; bfloat16 ones are packed slice by slice), and how wide they are
@@ -301,6 +321,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
     std::vector<T> t_buffer(n_grams ? t_width * k_panel : 0), v_buffer(n_grams ? v_width * k_panel : 0);
     std::vector<T> s_buffer(slice_n * k_panel);   // one gram's B slice in VNNI (L2-resident)
     std::vector<T> a_scratch(tile * a_width), g_scratch(n_grams ? kStrip * g_width : 0);
+    std::vector<T> gathered(tile * gather_width);   // a tile's gathered A (`gathers`)
     std::vector<const T*> a_base(a_ops.size(), nullptr);   // a tile's rounded rows, for wide A operands
     // float32 accumulators, stored once: output 0's window (windowed) or, bfloat16, the tile's rows of each output
     std::vector<std::vector<float>> c_buffer(kF32 ? windowed : outs.size());
@@ -332,7 +353,15 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
     auto run_products = [&](int64_t i0, int64_t i1, int64_t r0, int64_t m) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t* p = P + i * kProductFields;
-        const at::Tensor& a = a_ops[p[0]];
+        for (int64_t j = g_first[i]; j < g_first[i + 1]; ++j) {   // this product's gathered A
+          const int64_t* h = GA + j * kGatherFields;
+          const at::Tensor& src = a_ops[h[1]];
+          const bool rounded = a_base[h[1]] != nullptr;
+          const T* from = (rounded ? a_base[h[1]] : src.data_ptr<T>() + r0 * src.stride(0)) + h[2];
+          const int64_t lds = rounded ? src.size(1) : src.stride(0);
+          for (int64_t r = 0; r < m; ++r)
+            std::memcpy(gathered.data() + r * gather_width + h[4], from + r * lds, h[3] * sizeof(T));
+        }
         const int64_t K = p[2], N = p[6], cid = p[9];
         const at::Tensor& out = outs[cid];
         const bool local = windowed && cid == 0;   // output 0 in windows (find_windows)
@@ -342,7 +371,11 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
         const int64_t ldc = in_place ? out.stride(0) : local ? N : out.size(1);
         if (K == 0) {
           for (int64_t r = 0; r < m; ++r) std::memset(c + r * ldc, 0, N * sizeof(float));
+        } else if (p[0] < 0) {   // the gathered A
+          product(m, N, K, gather_width, p[5], ldc, p[8] != 0, gathered.data() + p[1], b_ops[p[3]].data_ptr<T>(),
+                  p[4], c);
         } else {
+          const at::Tensor& a = a_ops[p[0]];
           const bool rounded = a_base[p[0]] != nullptr;
           product(m, N, K, rounded ? a.size(1) : a.stride(0), p[5], ldc, p[8] != 0,
                   (rounded ? a_base[p[0]] : a.data_ptr<T>() + r0 * a.stride(0)) + p[1], b_ops[p[3]].data_ptr<T>(),
@@ -464,7 +497,7 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
 void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
            std::vector<at::Tensor> a_ops, std::vector<at::Tensor> b_ops, std::vector<at::Tensor> outs, at::Tensor products,
            std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs,
-           int64_t stream_bytes, at::Tensor stages) {
+           int64_t stream_bytes, at::Tensor stages, at::Tensor gathers) {
   TORCH_CHECK(tile > 0 && panel > 0, "tile and panel must be positive");
   TORCH_CHECK(products.scalar_type() == at::kLong && products.is_contiguous() &&
               (products.numel() == 0 || products.size(1) == kProductFields), "products: (n, 10) contiguous int64");
@@ -488,17 +521,36 @@ void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
   const int64_t n_p = products.numel() ? products.size(0) : 0, n_g = grams.numel() ? grams.size(0) : 0;
   const int64_t* PT = products.data_ptr<int64_t>();
   const int64_t* GT = grams.data_ptr<int64_t>();
+  // gathers: (product, A id, first column, width, scratch column), sorted by product; the scratch is
+  // as wide as the widest gather reaches, and a product reading it (A id -1) stays inside it
+  TORCH_CHECK(gathers.scalar_type() == at::kLong && gathers.is_contiguous() &&
+              (gathers.numel() == 0 || (gathers.dim() == 2 && gathers.size(1) == kGatherFields)),
+              "gathers: (n, 5) contiguous int64");
+  const int64_t n_h = gathers.numel() ? gathers.size(0) : 0;
+  const int64_t* HT = gathers.data_ptr<int64_t>();
+  int64_t gather_width = 0;
+  for (int64_t j = 0; j < n_h; ++j) {
+    const int64_t* h = HT + j * kGatherFields;
+    TORCH_CHECK(h[0] >= 0 && h[0] < n_p && (j == 0 || h[0] >= HT[(j - 1) * kGatherFields]),
+                "gathers: products in range and in order");
+    TORCH_CHECK(h[1] >= 0 && h[1] < (int64_t)a_ops.size() && a_ops[h[1]].size(0) >= rows && h[2] >= 0 && h[3] > 0 &&
+                h[2] + h[3] <= a_ops[h[1]].size(1) && h[4] >= 0, "gathers: A slice out of range");
+    gather_width = std::max(gather_width, h[4] + h[3]);
+  }
   for (int64_t i = 0; i < n_p; ++i) {
     const int64_t* p = PT + i * kProductFields;
-    TORCH_CHECK(p[0] >= 0 && p[0] < (int64_t)a_ops.size() && p[9] >= 0 && p[9] < (int64_t)outs.size() &&
+    TORCH_CHECK(p[0] >= -1 && p[0] < (int64_t)a_ops.size() && p[9] >= 0 && p[9] < (int64_t)outs.size() &&
                 p[2] >= 0 && p[6] > 0, "products: operand out of range");
-    const at::Tensor &a = a_ops[p[0]], &c = outs[p[9]];
+    const at::Tensor& c = outs[p[9]];
     TORCH_CHECK(c.size(0) >= rows && p[7] >= 0 && p[7] + p[6] <= c.size(1), "products: output slice out of range");
     if (p[2] == 0) continue;
+    TORCH_CHECK(p[0] >= 0 || (p[1] >= 0 && p[1] + p[2] <= gather_width), "products: gathered A slice out of range");
+    const at::Tensor& a = p[0] >= 0 ? a_ops[p[0]] : a_ops[0];
     TORCH_CHECK(p[3] >= 0 && p[3] < (int64_t)b_ops.size(), "products: B out of range");
     const at::Tensor& b = b_ops[p[3]];
     const int64_t k0 = p[5] > 0 ? p[4] / p[5] : -1, n0 = p[5] > 0 ? p[4] % p[5] : -1;
-    TORCH_CHECK(a.size(0) >= rows && p[1] >= 0 && p[1] + p[2] <= a.size(1), "products: A slice out of range");
+    TORCH_CHECK(p[0] < 0 || (a.size(0) >= rows && p[1] >= 0 && p[1] + p[2] <= a.size(1)),
+                "products: A slice out of range");
     TORCH_CHECK(k0 >= 0 && n0 + p[6] <= p[5] && (k0 + p[2]) * p[5] <= b.numel(), "products: B slice out of range");
   }
   for (int64_t i = 0; i < n_g; ++i) {
@@ -551,10 +603,11 @@ void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
       }
   }
   if (!bfloat16)
-    sweep_impl<float>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes, stages);
+    sweep_impl<float>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes, stages,
+                      gathers);
   else
     sweep_impl<at::BFloat16>(rows, tile, panel, a_ops, b_ops, outs, products, g_a, g_b, grams, accs, stream_bytes,
-                             stages);
+                             stages, gathers);
 }
 
 // Whether a product table's output 0 can be accumulated in windows (find_windows): by the sweep for
@@ -579,17 +632,26 @@ bool bfloat16_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
 // ----------------------------------------------------------------------------- packing
 
 // One block per (group c, block row r, block kk) of pack_blocks below: float32 rows copied (the
-// block transposed 16 x 16 at a time where `swap`, transpose16.h), bfloat16 in VNNI pairs of rows.
-template <typename T>
-void pack_into(const T* src, const int64_t* idx, T* dst, int64_t count, int64_t n_rows, int64_t k, int64_t b,
-               bool transpose, bool swap) {
-  const int64_t rows = (transpose ? k : n_rows) * b, cols = (transpose ? n_rows : k) * b;
+// block transposed 16 x 16 at a time where `swap`, transpose16.h), bfloat16 in VNNI pairs of rows;
+// float32 blocks packed as bfloat16 (S float, T bfloat16) rounded first, as store_rows rounds.
+// Each group's matrix has `rows` rows of blocks and `pitch` rows in all (extra rows below: the caller's).
+template <typename S, typename T>
+void pack_into(const S* src, const int64_t* idx, T* dst, int64_t count, int64_t n_rows, int64_t k, int64_t b,
+               bool transpose, bool swap, int64_t pitch) {
+  const int64_t cols = (transpose ? n_rows : k) * b;
   at::parallel_for(0, count * n_rows * k, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> rounded(std::is_same<S, T>::value ? 0 : b * b);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i / (n_rows * k), r = (i / k) % n_rows, kk = i % k;
       const int64_t row0 = (transpose ? kk : r) * b, col0 = (transpose ? r : kk) * b;
-      const T* blk = src + idx[i] * b * b;
-      T* base = dst + c * rows * cols;
+      const T* blk;
+      if constexpr (std::is_same<S, T>::value) {
+        blk = src + idx[i] * b * b;
+      } else {
+        store_rows(src + idx[i] * b * b, b, b, b, rounded.data(), b, false);
+        blk = rounded.data();
+      }
+      T* base = dst + c * pitch * cols;
       if constexpr (std::is_same<T, at::BFloat16>::value) {   // rows row0.. (even, as b is) in pairs
         T* out = base + (row0 / 2) * cols * 2 + col0 * 2;
         if (!swap) {
@@ -610,29 +672,38 @@ void pack_into(const T* src, const int64_t* idx, T* dst, int64_t count, int64_t 
 // The groups' blocks as B operands, in one pass: out[c] is group c's blocks as one dense matrix
 // (the layout of pixelfly_lab/ops/torch_plan.py's Plan.packed_all): with `transpose`, block (r, kk)
 // of the group at rows kk*b.., columns r*b.. (M_g^T), else at rows r*b.., columns kk*b.. (M_g);
-// each block transposed where `transpose` differs from `plan_transposed`; bfloat16 in the VNNI
-// layout (pairs of rows interleaved). index: (count * n_rows * k) storage indices of the blocks.
+// each block transposed where `transpose` differs from `plan_transposed`; `bfloat16`: in the VNNI
+// layout (pairs of rows interleaved), float32 values rounded. `extra_rows` more rows per group are
+// left uninitialised below the blocks (the caller's: [U^T; bias] of a gathered forward).
+// index: (count * n_rows * k) storage indices of the blocks.
 at::Tensor pack_blocks(at::Tensor values, at::Tensor index, int64_t count, int64_t n_rows, int64_t k,
-                       bool transpose, bool plan_transposed) {
+                       bool transpose, bool plan_transposed, bool bfloat16, int64_t extra_rows) {
   TORCH_CHECK(values.dim() == 3 && values.size(1) == values.size(2) && values.is_contiguous(),
               "values: contiguous (nnz, b, b)");
   TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == count * n_rows * k,
               "index: count * n_rows * k int64 indices");
-  const bool vnni = values.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(vnni || values.scalar_type() == at::kFloat, "values: float32 or bfloat16");
+  const bool from_float = values.scalar_type() == at::kFloat;
+  TORCH_CHECK(from_float || (bfloat16 && values.scalar_type() == at::kBFloat16),
+              "values: float32, or bfloat16 packed as bfloat16");
   const int64_t b = values.size(1), nnz = values.size(0);
   const int64_t rows = (transpose ? k : n_rows) * b, cols = (transpose ? n_rows : k) * b;
-  TORCH_CHECK(!vnni || b % 2 == 0, "bfloat16 packing pairs rows: an even block size only");
+  TORCH_CHECK(!bfloat16 || (b % 2 == 0 && extra_rows % 2 == 0),
+              "bfloat16 packing pairs rows: an even block size and extra_rows only");
+  TORCH_CHECK(extra_rows >= 0, "extra_rows: not negative");
   const bool swap = transpose != plan_transposed;
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i)
     TORCH_CHECK(idx[i] >= 0 && idx[i] < nnz, "index: out of range");
-  at::Tensor out = vnni ? at::empty({count, rows / 2, cols, 2}, values.options())
-                        : at::empty({count, rows, cols}, values.options());
-  if (vnni)
-    pack_into(values.data_ptr<at::BFloat16>(), idx, out.data_ptr<at::BFloat16>(), count, n_rows, k, b, transpose, swap);
+  const int64_t pitch = rows + extra_rows;
+  at::Tensor out = bfloat16 ? at::empty({count, pitch / 2, cols, 2}, values.options().dtype(at::kBFloat16))
+                            : at::empty({count, pitch, cols}, values.options());
+  if (!bfloat16)
+    pack_into(values.data_ptr<float>(), idx, out.data_ptr<float>(), count, n_rows, k, b, transpose, swap, pitch);
+  else if (from_float)
+    pack_into(values.data_ptr<float>(), idx, out.data_ptr<at::BFloat16>(), count, n_rows, k, b, transpose, swap, pitch);
   else
-    pack_into(values.data_ptr<float>(), idx, out.data_ptr<float>(), count, n_rows, k, b, transpose, swap);
+    pack_into(values.data_ptr<at::BFloat16>(), idx, out.data_ptr<at::BFloat16>(), count, n_rows, k, b, transpose, swap,
+              pitch);
   return out;
 }
 
