@@ -236,15 +236,15 @@ def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, gathe
 @needs_bf16
 def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypatch):
     """Under torch.autocast('cpu', bfloat16) a PixelflyLinear runs the bfloat16 sweep on the plan
-    of the layout itself (no zero blocks), with the gradients the float64 layer has, to bfloat16
-    rounding of the operands it was given."""
+    of the layout itself (no zero blocks), x and the parameters uncast (float32, rounded inside),
+    with the gradients the float64 layer has, to bfloat16 rounding of the operands it was given."""
     torch.manual_seed(0)
     layer = PixelflyLinear(256, 512, budget=0.25, block_size=16, backend="torch")
     x = torch.randn(96, 256, requires_grad=True)
     seen = []
     real = native_linear.native_forward
     monkeypatch.setattr(torch_kernels, "native_forward",
-                        lambda *a: seen.append((a[0].dtype, a[1].dtype, a[5])) or real(*a))
+                        lambda *a: seen.append((a[0].dtype, a[1].dtype, a[5], a[7])) or real(*a))
     monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *a: False)
     with torch.autocast("cpu", torch.bfloat16):
         y = layer(x)
@@ -252,9 +252,10 @@ def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypat
     y.float().backward(gy)
     grads_bf16 = [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
-    assert seen and seen[0][:2] == (torch.float32, torch.bfloat16)   # x as it came, rounded inside the sweep
+    assert seen and seen[0][:2] == (torch.float32, torch.float32)    # x and the blocks as they came: rounded
+    assert seen[0][-1] == torch.bfloat16                              # inside the sweep, which computes in bf16
     assert all(g.zero_at is None for g in seen[0][2].groups)         # the unpadded plan
-    assert x.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads_bf16)
     # the float64 layer on the operands the sweep saw (x, parameters and gy rounded to bfloat16):
     # what is left is the sweep's own rounding (float32 sums, bfloat16 outputs)
     ref = copy.deepcopy(layer).to(torch.bfloat16).double()
@@ -265,6 +266,32 @@ def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypat
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-2 * x64.grad.abs().max().item())
     for got, want in zip(grads_bf16, [p.grad for p in ref.parameters()]):   # values, bias, u, v
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("sweep", [True, False])
+def test_float32_parameters_of_a_bfloat16_product_take_every_route(sweep, monkeypatch):
+    """The 'torch' path asked to compute in bfloat16 from float32 x and parameters: the compiled
+    sweep rounds them itself (AMX CPUs), the PyTorch grouped GEMMs get them cast; either way y in
+    bfloat16 as from the operands rounded first, and the gradients in float32."""
+    if sweep and not native_linear.native_takes(torch.bfloat16, "cpu", 4):
+        pytest.skip("this CPU has no bfloat16 VNNI micro-kernels (AMX)")
+    if not sweep:
+        monkeypatch.setattr(torch_kernels, "native_applies", lambda *a: False)
+    layout, b = LAYOUTS["expanding"]
+    ops = _operands(layout, b, 70, 3, True)
+    plan = torch_kernels.plan_for(layout, b)
+    y, z = torch_kernels.sparse_lowrank_forward(*ops, plan, layout.shape[0] * b, torch.bfloat16)
+    rounded = tuple(t.bfloat16() for t in ops)
+    y_bf16, z_bf16 = torch_kernels.sparse_lowrank_forward(*rounded, plan, layout.shape[0] * b)
+    assert y.dtype == z.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_bf16.float(), rtol=0, atol=1e-2 * y_bf16.abs().max().item())
+    gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).bfloat16()
+    x, values, _, u, v = ops
+    grads = torch_kernels.sparse_lowrank_backward(gy, x, values, u, v, z, plan, (True,) * 5, True, torch.bfloat16)
+    want = torch_kernels.sparse_lowrank_backward(gy, *rounded[:2], *rounded[3:], z_bf16, plan, (True,) * 5, True)
+    for got, ref in zip(grads, want):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref.float(), rtol=0, atol=2e-2 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -47,8 +47,9 @@ autotune with a config pruner and look their index tables up by key, which trito
 
 Under ``torch.autocast`` every path computes in the autocast dtype. Where the compiled bfloat16
 sweep takes the product (CPU, AMX, even block size: :func:`~pixelfly_lab.ops.native_linear.native_takes`)
-a float32 x goes in uncast and its gradient comes back unrounded (float32 sums); on the other
-paths, as with ``F.linear``, x is cast and its gradient is rounded to the autocast dtype first.
+float32 x and parameters go in uncast (the sweep rounds x tile by tile and the parameters as it
+packs them) and their gradients come back unrounded (float32 sums); on the other paths, as with
+``F.linear``, they are cast and their gradients are rounded to the autocast dtype first.
 
 Example:
     >>> layout = torch.tensor([[True, False], [True, True]])
@@ -290,21 +291,21 @@ def sparse_lowrank_matmul(x: torch.Tensor, values: torch.Tensor, layout: torch.T
         return _dispatch(chosen, backend, entry, x, values, layout, bias, u, v)
     # compute in the autocast dtype, as F.linear would: cast once, dispatch once (the casts are
     # differentiable, so gradients come back in the parameters' dtypes), and autocast is off inside
-    # the kernels so that nothing is cast again. A float32 x stays uncast where the compiled
-    # bfloat16 sweep runs the 'torch' op: the sweep rounds it tile by tile and returns dX in float32
-    # (see pixelfly_lab.ops.native_linear)
+    # the kernels so that nothing is cast again. Float32 operands stay uncast where the compiled
+    # bfloat16 sweep runs the 'torch' op: it rounds x tile by tile and the parameters as it packs
+    # them, and returns their gradients in float32 (see pixelfly_lab.ops.native_linear)
     dtype = torch.get_autocast_dtype(x.device.type)
-    values, bias, u, v = (t if t is None else t.to(dtype) for t in (values, bias, u, v))
-    uncast = (chosen == "torch" and x.dtype == torch.float32 and dtype == torch.bfloat16
-              and _sweep_rounds_x(x.device.type, entry.block_size))
-    x = x if uncast else x.to(dtype)
+    uncast = (chosen == "torch" and dtype == torch.bfloat16 and _sweep_rounds_x(x.device.type, entry.block_size))
+    x, values, bias, u, v = (t if t is None or (uncast and t.dtype == torch.float32) else t.to(dtype)
+                             for t in (x, values, bias, u, v))
     with torch.autocast(x.device.type, enabled=False):
-        return _dispatch(chosen, backend, entry, x, values, layout, bias, u, v)
+        return _dispatch(chosen, backend, entry, x, values, layout, bias, u, v, dtype)
 
 
-def _dispatch(chosen: str, backend: str, entry: RegisteredLayout, x, values, layout, bias, u, v) -> torch.Tensor:
-    """Run the chosen backend on checked operands of one dtype (x may be float32 with bfloat16
-    parameters for the 'torch' op: see :func:`sparse_lowrank_matmul`)."""
+def _dispatch(chosen: str, backend: str, entry: RegisteredLayout, x, values, layout, bias, u, v,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Run the chosen backend on checked operands of one dtype (the 'torch' op computes in ``dtype``
+    from float32 operands too: see :func:`sparse_lowrank_matmul`)."""
     if chosen == "reference":
         return _reference(x, values, layout, bias, u, v)
     if entry.key < 0:
@@ -314,7 +315,8 @@ def _dispatch(chosen: str, backend: str, entry: RegisteredLayout, x, values, lay
         from pixelfly_lab.ops.triton_kernels import DTYPES
         if x.dtype not in DTYPES:
             raise TypeError(f"backend='triton' supports dtypes {DTYPES}, got {x.dtype}")
-    y, _ = op(x.reshape(-1, x.shape[-1]), values, bias, u, v, entry.key)
+    extra = (dtype,) if chosen == "torch" and dtype is not None else ()
+    y, _ = op(x.reshape(-1, x.shape[-1]), values, bias, u, v, entry.key, *extra)
     return y.reshape(*x.shape[:-1], entry.out_features)
 
 

@@ -66,23 +66,26 @@ def _grad_shapes(gy, x2, values, u, v, entry: RegisteredLayout, needed) -> list:
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_torch", mutates_args=())
 def torch_forward_op(x2: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
                       u: Optional[torch.Tensor], v: Optional[torch.Tensor],
-                      layout_key: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, z = x2 V or (N, 0)) of the 'torch' path (:func:`torch_kernels.sparse_lowrank_forward`), in
-    values' dtype; x2 may be wider (float32 under autocast), and its gradient comes back in its dtype."""
+                      layout_key: int, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, z = x2 V or (N, 0)) of the 'torch' path (:func:`torch_kernels.sparse_lowrank_forward`),
+    computed in ``dtype`` (default: values'); x2 and the parameters may be wider (float32 under
+    autocast), and their gradients come back in their dtypes."""
     entry = registered_layout(layout_key)
+    dtype = dtype or values.dtype
     y, z = torch_kernels.sparse_lowrank_forward(x2.contiguous(), values.contiguous(), bias, u, v,
-                                                _plan(layout_key, x2.device, values.dtype), entry.out_features)
-    return y, values.new_empty(x2.shape[0], 0) if z is None else z
+                                                _plan(layout_key, x2.device, dtype), entry.out_features, dtype)
+    return y, y.new_empty(x2.shape[0], 0) if z is None else z
 
 
-def _forward_fake(x2, values, bias, u, v, layout_key):
-    """Shapes of a forward op's outputs (what torch.compile and the meta device see), in values' dtype."""
+def _forward_fake(x2, values, bias, u, v, layout_key, dtype=None):
+    """Shapes of a forward op's outputs (what torch.compile and the meta device see), in the
+    compute dtype (default: values')."""
     rank = 0 if u is None else u.shape[1]
-    return (values.new_empty(x2.shape[0], registered_layout(layout_key).out_features),
-            values.new_empty(x2.shape[0], rank))
+    like = values.new_empty(0, dtype=dtype or values.dtype)
+    return (like.new_empty(x2.shape[0], registered_layout(layout_key).out_features), like.new_empty(x2.shape[0], rank))
 
 
-def _backward_fake(gy, x2, values, u, v, z, layout_key, needed):
+def _backward_fake(gy, x2, values, u, v, z, layout_key, needed, dtype=None):
     return _grad_shapes(gy, x2, values, u, v, registered_layout(layout_key), needed)
 
 
@@ -92,10 +95,11 @@ torch_forward_op.register_fake(_forward_fake)
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_torch_backward", mutates_args=())
 def _torch_backward_op(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, u: Optional[torch.Tensor],
                        v: Optional[torch.Tensor], z: Optional[torch.Tensor], layout_key: int,
-                       needed: Sequence[bool]) -> List[torch.Tensor]:
+                       needed: Sequence[bool], dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """(dx2, dvalues, dbias, du, dv) of the 'torch' path; an empty tensor where not ``needed``."""
+    dtype = dtype or values.dtype
     grads = torch_kernels.sparse_lowrank_backward(gy, x2.contiguous(), values.contiguous(), u, v, z,
-                                                  _plan(layout_key, x2.device, values.dtype), tuple(needed), needed[2])
+                                                  _plan(layout_key, x2.device, dtype), tuple(needed), needed[2], dtype)
     return [_own(g if need else None, gy) for g, need in zip(grads, needed)]
 
 
@@ -103,8 +107,8 @@ _torch_backward_op.register_fake(_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x2, values, bias, u, v, layout_key = inputs
-    ctx.layout_key, ctx.has_bias = layout_key, bias is not None
+    x2, values, bias, u, v, layout_key, *dtype = inputs   # the 'torch' op also takes the compute dtype
+    ctx.layout_key, ctx.has_bias, ctx.dtype = layout_key, bias is not None, tuple(dtype)
     ctx.save_for_backward(x2, values, u, v, output[1] if u is not None else None)
 
 
@@ -112,8 +116,8 @@ def _backward_with(op):
     def backward(ctx, gy, _grad_z):
         x2, values, u, v, z = ctx.saved_tensors
         needed = _needed(ctx.needs_input_grad, ctx.has_bias)
-        grads = op(gy, x2, values, u, v, z, ctx.layout_key, needed)
-        return (*[g if need else None for g, need in zip(grads, needed)], None)
+        grads = op(gy, x2, values, u, v, z, ctx.layout_key, needed, *ctx.dtype)
+        return (*[g if need else None for g, need in zip(grads, needed)], None, *(None for _ in ctx.dtype))
     return backward
 
 

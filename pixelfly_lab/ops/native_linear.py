@@ -22,7 +22,10 @@ accumulation rounded once (per output slice of a group in a gather table, per ti
 blocks' gradients summed in float32 (:func:`native_takes`). x may stay float32 (what autocast hands
 over): the sweep rounds each tile of it into a scratch buffer (and the grams' panels 16 rows at a
 time, into a strip kept in L1), and dX comes back in float32, unrounded: no bfloat16 copy of x is
-made, kept for the backward or cast back. Measured (released configuration, 1024 -> 4096, one
+made, kept for the backward or cast back. So may the parameters: rounded as they are packed, their
+gradients the float32 sums (no bfloat16 copies cast by autocast, rounded gradients cast back:
+layer fwd+bwd of the released 1024 -> 4096 under autocast, one thread, medians of 41 in alternating
+processes, 3.90 -> 3.45 ms at 16 rows, 9.78 -> 8.70 at 512). Measured (released configuration, 1024 -> 4096, one
 thread, autocast, a dense layer's step before each timed call, medians of 9-41 interleaved
 rounds), x cast by autocast first / x float32 into the sweep: fwd+bwd 67.6 / 66.5 ms at 4096
 rows, 11.2 / 10.8 ms at 512 rows; forward 17.6 / 16.5 and 4.3 / 4.1 ms.
@@ -118,15 +121,17 @@ def native_takes(dtype: torch.dtype, device, block_size: int = 2) -> bool:
     return dtype == torch.float32 or (block_size % 2 == 0 and bool(module.bfloat16_ready()))
 
 
-def native_applies(x2: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the compiled sweep takes this product (:func:`native_takes` for values' dtype and
-    block size, x2's rows with unit column stride): x2 of values' dtype, or float32 x2 with
-    bfloat16 values (autocast: x2 rounded tile by tile inside the sweep, dX returned in float32)."""
-    mixed = x2.dtype == torch.float32 and values.dtype == torch.bfloat16
-    return ((x2.dtype == values.dtype or mixed) and x2.dim() == 2 and x2.stride(1) == 1 and values.dim() == 3
-            and native_takes(values.dtype, x2.device, values.shape[-1]))
+def native_applies(x2: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the compiled sweep takes this product in ``dtype`` (default: values'):
+    :func:`native_takes` for that dtype and values' block size, x2's rows with unit column stride;
+    x2 and values of that dtype, or float32 for bfloat16 (autocast: x2 rounded tile by tile inside
+    the sweep and dX returned in float32, values rounded as they are packed)."""
+    dtype = dtype or values.dtype
 
-
+    def fits(t):
+        return t.dtype == dtype or (t.dtype == torch.float32 and dtype == torch.bfloat16)
+    return (fits(x2) and fits(values) and x2.dim() == 2 and x2.stride(1) == 1 and values.dim() == 3
+            and native_takes(dtype, x2.device, values.shape[-1]))
 
 
 def _right(m: torch.Tensor, pad_rows: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -246,28 +251,30 @@ def _accumulators(plan: Plan, extra: int) -> tuple[object, list]:
     return accs, accs
 
 
-def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
+def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool,
+                    dtype: torch.dtype | None = None):
     """The gradients of :func:`native_forward` (what :func:`pixelfly_lab.ops.torch_grouped.grouped_backward`
     returns), by one compiled sweep: per tile gz = gy U and dX's products (gz before the products
     that read it), then per panel the blocks' gradients and the low-rank factors' and bias's
     (grams over the panel, transposed once; summed in float32 also for bfloat16 operands, rounded
     to the operands' dtype at the end); float32 with a plan that gathers x (:data:`STAGED`): per
-    panel, group by group, the group's dX products and then its grams. Computed in values' dtype;
-    dX in x2's (float32 x2 with bfloat16 values: stored unrounded)."""
+    panel, group by group, the group's dX products and then its grams. Computed in ``dtype``
+    (default: values'; gy, z of it); dX in x2's (float32 x2 of a bfloat16 product: stored
+    unrounded), the other gradients in the parameters' (float32 parameters: the float32 sums)."""
     gy = gy.contiguous()
-    dtype = values.dtype
+    dtype = dtype or values.dtype
     rows, in_features, out_features = x2.shape[0], x2.shape[1], gy.shape[1]
     need_x, need_values, need_bias, need_u, need_v = needs_input_grad
     need_bias = need_bias and has_bias
     grad_x = grad_values = grad_bias = grad_u = grad_v = None
     r = 0 if u is None else u.shape[1]
     pad = _k_pad(r, dtype)
-    gz_full = values.new_empty(rows, r + pad) if u is not None and (need_x or need_v) else None
+    gz_full = gy.new_empty(rows, r + pad) if u is not None and (need_x or need_v) else None
     if gz_full is not None and pad:
         gz_full[:, r:] = 0
     gz = None if gz_full is None else gz_full[:, :r]
     # products: gz = gy U (output 1), and dX (output 0) reading gz
-    a_ops, b_ops, outs, lead = [gy], [], [values.new_empty(0, 0)], ()
+    a_ops, b_ops, outs, lead = [gy], [], [gy.new_empty(0, 0)], ()
     if need_x:
         b_ops = _packed(values, plan, plan.transposed, dtype)
         grad_x = outs[0] = new_output(tuple(x2.shape), x2)
@@ -275,7 +282,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     if gz is not None:
         a_ops.append(gz_full)
         outs.append(gz_full)
-        b_ops += [_right(v.T, pad), _right(u)]
+        b_ops += [_right(v.T, pad, dtype), _right(u, dtype=dtype)]
         lead = (out_features, low_b + 1, r)
     if need_x:
         kind = "gather" if plan.transposed else "scatter"
@@ -289,7 +296,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         g_a, g_b = [gy], [x2]
         others = ([(z, gy, "u")] if need_u else []) + ([(None, gy, "bias")] if need_bias else [])
     else:                      # gathered side: x (and [z, 1]: dU's and dbias's rows); row side: gy
-        parts = ([z] if need_u else []) + ([values.new_ones(rows, 1)] if fold_bias else [])
+        parts = ([z] if need_u else []) + ([gy.new_ones(rows, 1)] if fold_bias else [])
         extra_a = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         g_a, g_b = [x2], [gy]
         others = [(gz, x2, "v")] if need_v else []
@@ -300,7 +307,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     grads, accs = _accumulators(plan, extra) if groups else (None, [])
     pairs, first = [], (len(g_a), len(g_b), len(accs))
     for a, b, _ in others:
-        a = values.new_ones(rows, 1) if a is None else a
+        a = gy.new_ones(rows, 1) if a is None else a
         g_a.append(a)
         g_b.append(b)
         accs.append(torch.empty(a.shape[1], b.shape[1]))
@@ -325,7 +332,10 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
             grad_v = acc.T
     if not need_values:
         grad_values = None
-    # the operands' dtype, and storage of their own: gradients that share storage may not leave a
-    # custom op, and the strided slices above are the only ones that do (views are not tracked here)
+    # the parameters' dtypes (the bias's is values'), and storage of their own: gradients that share
+    # storage may not leave a custom op, and the strided slices above are the only ones that do
+    # (views are not tracked here)
+    like = (values, values, u, v)
     return (None if grad_x is None else grad_x.contiguous(),
-            *(None if g is None else g.contiguous().to(dtype) for g in (grad_values, grad_bias, grad_u, grad_v)))
+            *(None if g is None else g.contiguous().to(t.dtype) for g, t in zip((grad_values, grad_bias, grad_u, grad_v),
+                                                                                like)))

@@ -82,21 +82,22 @@ __all__ = ["Plan", "plan_for", "PAD_FILL", "release_buffers", "ROUTE_MIN_MACS", 
 
 def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                            u: torch.Tensor | None, v: torch.Tensor | None, plan: Plan,
-                           out_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           out_features: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = x2 W^T + (x2 V) U^T + bias with W block-sparse on ``plan``'s layout; no autograd.
 
     Grouped GEMMs (the module docstring), or one dense GEMM on the materialised weight where
     :func:`dense_gemm_wins` measured that faster for this shape.
 
     Args:
-        x2: (N, in_features), contiguous rows; of values' dtype, or wider (float32 under autocast:
-            the product is computed in values' dtype; the compiled sweep rounds x2 itself, the
-            other routes cast it first).
+        x2: (N, in_features), contiguous rows; of the compute dtype, or wider (float32 under
+            autocast: the compiled sweep rounds x2 itself, the other routes cast it first).
         values: (nnz, b, b), W's blocks in row-major layout order (see :mod:`pixelfly_lab.ops.matmul`).
         bias: (out_features,) or None.
         u: (out_features, r) or None; v: (in_features, r) or None (both or neither).
         plan: :func:`plan_for` of the layout and block size.
         out_features: rows of W.
+        dtype: the compute dtype (default: values'); float32 parameters of a bfloat16 product
+            are rounded by the compiled sweep as it packs them, cast first by the other routes.
 
     Returns:
         (y (N, out_features), z = x2 V (N, r) or None): z is what :func:`sparse_lowrank_backward`
@@ -109,15 +110,16 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
         >>> y.shape, z
         (torch.Size([3, 8]), None)
     """
-    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], values):
-        return _dense_forward(x2.to(values.dtype), values, bias, u, v, plan, out_features)
-    return _grouped_forward(x2, values, bias, u, v, plan, out_features)
+    dtype = dtype or values.dtype
+    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], _like(values, dtype)):
+        return _dense_forward(x2.to(dtype), *_cast(dtype, values, bias, u, v), plan, out_features)
+    return _grouped_forward(x2, values, bias, u, v, plan, out_features, dtype)
 
 
 def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Tensor,
                             u: torch.Tensor | None, v: torch.Tensor | None, z: torch.Tensor | None,
                             plan: Plan, needs_input_grad: tuple[bool, bool, bool, bool, bool],
-                            has_bias: bool):
+                            has_bias: bool, dtype: torch.dtype | None = None):
     """Gradients of :func:`sparse_lowrank_forward` for the output gradient ``gy`` (N, out).
 
     dX = gy S + (gy U) V^T, dS_g = (row side)^T (gathered column side) on the layout's blocks,
@@ -128,43 +130,51 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
         plan: the forward's plan.
         needs_input_grad: which of (x2, values, bias, u, v) need a gradient.
         has_bias: whether the forward had a bias.
+        dtype: the forward's compute dtype (default: values').
 
     Returns:
         (grad_x2, grad_values, grad_bias, grad_u, grad_v), None where not needed; grad_x2 in x2's
-        dtype, the others in values'; no two share storage, and none shares it with an input.
+        dtype, the others in their parameter's (the bias's: values'); no two share storage, and
+        none shares it with an input.
     """
+    dtype = dtype or values.dtype
     # the forward's route: decisions are cached for the life of the process, never evicted
-    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], values):
-        grads = _dense_backward(gy, x2.to(values.dtype), values, u, v, plan, needs_input_grad, has_bias)
+    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], _like(values, dtype)):
+        grads = _dense_backward(gy, x2.to(dtype), *_cast(dtype, values, u, v), plan, needs_input_grad, has_bias)
     else:
-        grads = _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
-    return _in_dtype_of(x2, grads)
+        grads = _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias, dtype)
+    return tuple(g if g is None or t is None or g.dtype == t.dtype else g.to(t.dtype)
+                 for g, t in zip(grads, (x2, values, values, u, v)))
 
 
-def _in_dtype_of(x2: torch.Tensor, grads: tuple) -> tuple:
-    """The gradients with grad_x2 in x2's dtype (x2 may be float32 where values are 16-bit: autocast)."""
-    grad_x = grads[0]
-    return (grad_x if grad_x is None or grad_x.dtype == x2.dtype else grad_x.to(x2.dtype), *grads[1:])
+def _like(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """values, or an empty tensor of ``dtype`` beside it: what :func:`dense_gemm_wins` keys on."""
+    return values if values.dtype == dtype else values.new_empty(0, dtype=dtype)
 
 
-def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
+def _cast(dtype: torch.dtype, *tensors) -> tuple:
+    """The tensors in ``dtype`` (None stays None): parameters for a route that computes in one dtype."""
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
+def _grouped_forward(x2, values, bias, u, v, plan: Plan, out_features: int, dtype: torch.dtype):
     """The grouped GEMMs: compiled (:mod:`pixelfly_lab.ops.native_linear`) where it takes the
     product (:func:`~pixelfly_lab.ops.native_linear.native_applies`), else in PyTorch
     (:mod:`pixelfly_lab.ops.torch_grouped`)."""
-    if native_applies(x2, values):
-        return native_forward(x2, values, bias, u, v, plan, out_features)
-    x2 = x2.to(values.dtype)   # before torch_serial: the cast runs on every thread
+    if native_applies(x2, values, dtype):
+        return native_forward(x2, values, bias, u, v, plan, out_features, dtype)
+    x2 = x2.to(dtype)   # before torch_serial: the cast runs on every thread
     with torch_serial(x2):
-        return grouped_forward(x2, values, bias, u, v, plan, out_features)
+        return grouped_forward(x2, *_cast(dtype, values, bias, u, v), plan, out_features)
 
 
-def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool):
+def _grouped_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_bias: bool, dtype: torch.dtype):
     """The gradients of :func:`_grouped_forward`, by the same route."""
-    if native_applies(x2, values):
-        return native_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
-    x2 = x2.to(values.dtype)
+    if native_applies(x2, values, dtype):
+        return native_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias, dtype)
+    x2 = x2.to(dtype)
     with torch_serial(x2):
-        return grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias)
+        return grouped_backward(gy, x2, *_cast(dtype, values, u, v), z, plan, needs_input_grad, has_bias)
 
 
 # ----------------------------------------------------------------------------- the dense route
@@ -276,8 +286,8 @@ def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, 
     needs = (True, True, True, rank > 0, rank > 0)
 
     def grouped():   # the route sparse_lowrank_forward/backward take
-        _, z = _grouped_forward(x2, values, bias, u, v, plan, out_features)
-        _grouped_backward(gy, x2, values, u, v, z, plan, needs, True)
+        _, z = _grouped_forward(x2, values, bias, u, v, plan, out_features, dtype)
+        _grouped_backward(gy, x2, values, u, v, z, plan, needs, True, dtype)
 
     def dense():
         _dense_forward(x2, values, bias, u, v, plan, out_features)
