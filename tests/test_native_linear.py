@@ -389,33 +389,42 @@ def test_gather_tables_accumulate_in_windows_and_scatter_tables_do_not(n_split, 
         assert not module.windowed(native_linear.product_tables(plan, "scatter", low_k, scatter), scatter), name
 
 
-@pytest.mark.parametrize("name", ["expanding", "random-T", "holes", "holes-16", "square"])   # plans that gather x
+@pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (4, False), (0, False)])
 @pytest.mark.parametrize("rows", [7, 130])
-def test_gathered_forward_is_the_usual_forward(name, rank, bias, rows, monkeypatch):
-    """Each group's runs of x and [z, 1] copied side by side per tile and read by one product per
-    output slice (the gathers; float32 here, so that any CPU runs it): y and z as the usual table
-    gives them, to float32 rounding (the same products, K summed in one micro-kernel call)."""
+def test_gathered_products_are_the_usual_ones(name, rank, bias, rows, monkeypatch):
+    """Each group's runs and its low-rank operand copied side by side per tile and read by one
+    product per output slice (the gathers; float32 here, so that any CPU runs it), in a gather
+    table: the forward of a plan that gathers x, dX of a transposed plan. y, z and dX as the usual
+    table gives them, to float32 rounding (the same products, K summed in one micro-kernel call)."""
     monkeypatch.setattr(native_linear, "TILE_ROWS", 16)   # several tiles, the last one short
     layout, b = LAYOUTS[name]
     ops = _operands(layout, b, rows, rank, bias)
     plan = torch_kernels.plan_for(layout, b)
-    assert not plan.transposed
+    gy = torch.linspace(-1, 1, rows * layout.shape[0] * b).reshape(rows, -1)
     runs = {}
     for gathered in ((torch.float32,), ()):
         monkeypatch.setattr(native_linear, "GATHERED", gathered)
-        runs[gathered] = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
-    (y, z), (y_usual, z_usual) = runs.values()
+        y, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+        grads = native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan,
+                                              tuple(t is not None for t in ops), bias)
+        runs[gathered] = (y, z, grads)
+    (y, z, grads), (y_usual, z_usual, grads_usual) = runs.values()
     torch.testing.assert_close(y, y_usual, rtol=1e-5, atol=1e-5)
     assert (z is None) == (z_usual is None) and (z is None or torch.equal(z, z_usual))
-    y_ref, _ = _reference(layout, torch.zeros(rows, layout.shape[0] * b), ops)
+    for got, want in zip(grads, grads_usual):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    y_ref, g_ref = _reference(layout, gy, ops)
     _close(y, y_ref)
+    _close(grads[0], g_ref[0])
 
 
 def test_gathered_tables_read_each_group_once():
     """One product per output slice; a group of several pieces (runs of x, [z, 1]) reads them from
     the gathered A, copied in order right before its first product, K their widths together; a group
-    of one piece reads it in place. A transposed plan (its forward scatters) is refused."""
+    of one piece reads it in place."""
     layout, b = LAYOUTS["random-T"]   # 2-5 runs per group, and a plan that gathers x
     plan = torch_kernels.plan_for(layout, b)
     low_k = 6
@@ -437,8 +446,6 @@ def test_gathered_tables_read_each_group_once():
             assert [h[4] for h in mine] == [sum(w for *_, w in pieces[:k]) for k in range(len(pieces))]
         else:
             assert not mine and table[rows_i[0], 0] == pieces[0][0]
-    with pytest.raises(ValueError, match="gathers x only"):
-        native_tables.gathered_products(torch_kernels.plan_for(*LAYOUTS["random"]), low_k)
 
 
 def test_sweep_refuses_gathers_outside_their_operands():

@@ -41,8 +41,9 @@ z = x V computed per tile before the products that read it (by the tile's first 
 gather table, group by group in a scatter table); in the backward gy U likewise, and gy^T [z, 1]
 (dU, dbias) as extra rows of the blocks' gradients, or as grams of their own. A bfloat16 forward of
 a plan that gathers x (:data:`GATHERED`) copies each group's runs of x and [z, 1] side by side per
-tile and reads them with [its blocks; U^T; bias] in one product per output slice: every product
-into a slice reads and writes its float32 window, which costs AMX about as much as its FLOPs.
+tile and reads them with [its blocks; U^T; bias] in one product per output slice (and dX of a
+transposed plan, gy's runs and gz with [its blocks; V^T]): every product into a slice reads and
+writes its float32 window, which costs AMX about as much as its FLOPs.
 
 Tested against the float64 reference in tests/test_native_linear.py (float32 and bfloat16, 1-3
 threads), and through every float32 CPU layer in the other tests.
@@ -97,13 +98,17 @@ STREAM_BYTES = 32 * 2 ** 20
 # 36.4 -> 33.0, 5.0 -> 4.8; 768 -> 3072 two threads 3-8% less. A transposed plan's dX (a gather
 # table) measured -1% to +4%: not staged.
 STAGED = True
-# The dtypes whose forward of a plan that gathers x copies each group's runs of x and [z, 1] side by
-# side per tile, for one product per output slice (csrc/blocksparse_cpu.cpp, gathers). Interleaved in
-# one process, bfloat16 forward of 1024 -> 4096, medians of 21: one thread 15.17 -> 13.37 ms released
-# and 10.66 -> 9.05 at budget 0.1 (4096 rows), 2.73 -> 2.71 and 2.33 -> 2.04 (512 rows); two threads
-# 7.75 -> 7.19, 5.81 -> 4.73, 1.77 -> 1.78, 1.32 -> 1.22; results bit for bit the same. float32 gains
-# nothing: its micro-kernels are bound by their FMAs, not by passes over the output (one K 256
-# product per slice 60.0 ms against K 192 + 64 58.2, 4096 rows of 16 slices 256 wide).
+# The dtypes whose gather tables (the forward of a plan that gathers x, dX of a transposed plan) copy
+# each group's runs and its low-rank operand side by side per tile, for one product per output slice
+# (csrc/blocksparse_cpu.cpp, gathers). Interleaved in one process, bfloat16, medians of 11-21, one
+# thread: forward of 1024 -> 4096 15.17 -> 13.37 ms released and 10.66 -> 9.05 at budget 0.1 (4096
+# rows), 2.73 -> 2.71 and 2.33 -> 2.04 (512 rows), two threads 7.75 -> 7.19, 5.81 -> 4.73, 1.77 -> 1.78,
+# 1.32 -> 1.22; dX of 4096 -> 1024 13.63 -> 11.95, 10.96 -> 9.80, 2.81 -> 2.79, 2.91 -> 2.62; results bit
+# for bit the same. float32 gains nothing: its micro-kernels are bound by their FMAs, not by passes
+# over the output (one K 256 product per slice 60.0 ms against K 192 + 64 58.2, 4096 rows of 16
+# slices 256 wide). dX of a plan that gathers x through its layout's other orientation (a gather
+# table of narrower slices and more runs): 12.3 -> 13.3 ms scattered / gathered plain, 13.4 -> 18.5
+# with the gathers (released, 4096 rows): it stays a scatter table.
 GATHERED = (torch.bfloat16,)
 
 
@@ -206,7 +211,8 @@ def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int, dtype:
     [z, 1] @ [U^T; bias]. Computed in ``dtype`` (default: values'; y and z too); x2 and the
     parameters may be float32 for bfloat16 (autocast: rounded by the sweep and the packing). A
     plan that gathers x reads each group's runs and [z, 1] as one gathered A in the dtypes of
-    :data:`GATHERED` (:func:`~pixelfly_lab.ops.native_tables.gathered_products`)."""
+    :data:`GATHERED` (:func:`~pixelfly_lab.ops.native_tables.gathered_products`; so does dX of a
+    transposed plan, in :func:`native_backward`)."""
     rows, dtype = x2.shape[0], dtype or values.dtype
     gathered = dtype in GATHERED and not plan.transposed
     y = new_output((rows, out_features), values.new_empty(0, dtype=dtype))   # retained when large: no page faults
@@ -273,19 +279,23 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     if gz_full is not None and pad:
         gz_full[:, r:] = 0
     gz = None if gz_full is None else gz_full[:, :r]
-    # products: gz = gy U (output 1), and dX (output 0) reading gz
-    a_ops, b_ops, outs, lead = [gy], [], [gy.new_empty(0, 0)], ()
+    # products: gz = gy U (output 1), and dX (output 0) reading gz; a gather table (a transposed
+    # plan's) in the dtypes of GATHERED with each group's runs of gy and gz as one gathered A
+    kind = "gather" if plan.transposed else "scatter"
+    gathered = need_x and kind == "gather" and dtype in GATHERED
+    low_t = None if gz is None else torch.cat([v.T.to(dtype), v.new_zeros(pad, in_features, dtype=dtype)])   # [V^T; 0]
+    a_ops, b_ops, outs, lead, gathers = [gy], [], [gy.new_empty(0, 0)], (), None
     if need_x:
-        b_ops = _packed(values, plan, plan.transposed, dtype)
+        b_ops = _packed(values, plan, plan.transposed, dtype, low_t if gathered else None)
         grad_x = outs[0] = new_output(tuple(x2.shape), x2)
-    low_b = len(b_ops)
     if gz is not None:
         a_ops.append(gz_full)
         outs.append(gz_full)
-        b_ops += [_right(v.T, pad, dtype), _right(u, dtype=dtype)]
-        lead = (out_features, low_b + 1, r)
-    if need_x:
-        kind = "gather" if plan.transposed else "scatter"
+        b_ops += ([] if gathered else [_right(low_t)]) + [_right(u, dtype=dtype)]
+        lead = (out_features, len(b_ops) - 1, r)
+    if gathered:
+        table, gathers = gathered_products(plan, r + pad if gz is not None else 0, lead)
+    elif need_x:
         table = product_tables(plan, kind, r + pad if gz is not None else 0, in_features, lead)
     else:
         table = torch.tensor(lead_product(*lead) if lead else [], dtype=torch.long).reshape(-1, 10)
@@ -315,7 +325,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     grams = gram_table(plan, groups, extra, tuple(pairs), first)
     staged = STAGED and need_x and groups and dtype == torch.float32 and not plan.transposed
     stages = _stages(plan, kind, table, grams) if staged else _NO_STAGES
-    _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs, stages)
+    _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs, stages, gathers)
     if grads is not None:
         grad_values, grad_extra = _unpacked(plan, values, grads, extra)
         if plan.transposed:

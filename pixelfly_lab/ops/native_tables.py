@@ -155,14 +155,13 @@ def gram_table(plan: Plan, groups: bool, extra: int, pairs: tuple, first: tuple)
 
 
 def gathered_products(plan: Plan, low_k: int, lead: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(products, gathers) of a plan that gathers x, each output slice one product: the forward of
-    :func:`product_tables` ('gather'), but a group whose A is more than one piece (runs of x, and
-    [z, 1] where ``low_k``) has its pieces copied side by side into the tile's gathered A before its
-    first product, which then reads K = runs + low_k at once; B_i is then the group's packed blocks
-    with the rows of [U^T; bias] for its columns below them ((K_g + low_k) x n_g). A group of one
-    piece reads it in place. Cached."""
-    if plan.transposed:
-        raise ValueError("gathered_products: a plan that gathers x only (its forward is a gather table)")
+    """(products, gathers) of the plan's gather table (the forward of a plan that gathers x, dX of a
+    transposed plan), each output slice one product: :func:`product_tables` ('gather'), but a group
+    whose A is more than one piece (runs of A_0, and A_1[:, :low_k]: [z, 1] or gz) has its pieces
+    copied side by side into the tile's gathered A before its first product, which then reads
+    K = runs + low_k at once; B_i is then the group's packed blocks with the rows of the low-rank
+    factor ([U^T; bias], or V^T) for its columns below them ((K_g + low_k) x n_g). A group of one
+    piece reads it in place. ``lead`` as for :func:`product_tables`. Cached."""
     key = (plan.signature, "gathered", low_k, lead)
     if key not in _TABLES:
         table, gathers = lead_product(*lead) if lead else [], []
