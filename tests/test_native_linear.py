@@ -421,6 +421,31 @@ def test_gathered_products_are_the_usual_ones(name, rank, bias, rows, monkeypatc
     _close(grads[0], g_ref[0])
 
 
+@pytest.mark.parametrize("name", ["expanding", "contracting", "square", "holes-16"])
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_in_one_pass_is_the_plans_packing(name, transpose, dtype):
+    """pack_blocks (a stacked plan's blocks in one compiled pass: rows copied or 16 x 16 transposes,
+    bfloat16 in VNNI pairs, float32 values rounded on the way; with extra rows below each group's
+    blocks) bit for bit what the plan's own packing and a cast give, in both orientations."""
+    layout, b = LAYOUTS[name]
+    plan = torch_kernels.plan_for(layout, b)
+    values = torch.randn(int(layout.sum()), b, b)
+    for source in {values, values.to(dtype)}:
+        got = native_linear._packed(source, plan, transpose, dtype)
+        want = [None if m is None else native_linear._right(m, dtype=dtype)   # a group without blocks
+                for m in plan.packed_all(values.to(dtype), transpose)]
+        assert len(got) == len(want) and all(g.numel() == 0 if w is None else torch.equal(g, w)
+                                             for g, w in zip(got, want)), (name, source.dtype)
+    if transpose:   # (K_g x n_g) B operands: [U^T; bias]-like rows below each group's blocks
+        width = len(plan.groups) * (plan.groups[0].r1 - plan.groups[0].r0)
+        extra = torch.randn(4, width)
+        got = native_linear._packed(values, plan, transpose, dtype, extra)
+        want = [native_linear._right(extra[:, g.r0:g.r1] if m is None else torch.cat([m, extra[:, g.r0:g.r1]]),
+                                     dtype=dtype) for m, g in zip(plan.packed_all(values, transpose), plan.groups)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), name
+
+
 def test_gathered_tables_read_each_group_once():
     """One product per output slice; a group of several pieces (runs of x, [z, 1]) reads them from
     the gathered A, copied in order right before its first product, K their widths together; a group
