@@ -118,7 +118,7 @@ def ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
     y = torch.empty(rows, 4096, dtype=dtype)
     fns = {"mm": lambda: torch.mm(x, w, out=y), "linear": lambda: torch.nn.functional.linear(x, weight, bias)}
     flops = {"mm": 2 * rows * 1024 * 4096, "linear": 2 * rows * 1024 * 4096}
-    tables, output = native_linear.product_tables, native_linear.new_output
+    tables, output, gathered = native_linear.product_tables, native_linear.new_output, native_linear.gathered_products
     for label, kw in (("released", RELEASED), ("budget 0.1", {"budget": 0.1, "block_size": 32})):
         layer = PixelflyLinear(1024, 4096, **kw)
         plan = plan_for(layer.sparse.layout, 32)
@@ -131,14 +131,22 @@ def ceiling(rows: int, rounds: int, dtype: torch.dtype) -> list[dict]:
                 narrowed[args] = _narrow(tables(*args))[0]
             return narrowed[args]
 
-        def run(narrow, operands=operands, plan=plan, narrow_y=narrow_y, narrow_tables=narrow_tables):
+        def narrow_gathered(*args, narrowed=narrowed):   # the gathers name products, not columns: kept
+            if ("gathered",) + args not in narrowed:
+                table, gathers = gathered(*args)
+                narrowed[("gathered",) + args] = (_narrow(table)[0], gathers)
+            return narrowed[("gathered",) + args]
+
+        def run(narrow, operands=operands, plan=plan, narrow_y=narrow_y, narrow_tables=narrow_tables,
+                narrow_gathered=narrow_gathered):
             if narrow:   # native_forward's own set-up, with y narrow and the slices moved into it
-                native_linear.product_tables = narrow_tables
+                native_linear.product_tables, native_linear.gathered_products = narrow_tables, narrow_gathered
                 native_linear.new_output = lambda shape, like: narrow_y if shape[1] == 4096 else output(shape, like)
             try:
                 native_linear.native_forward(x, *operands, plan, 4096)
             finally:
                 native_linear.product_tables, native_linear.new_output = tables, output
+                native_linear.gathered_products = gathered
         for narrow in (False, True):
             fns[(label, narrow)] = lambda run=run, narrow=narrow: run(narrow)
         flops[label] = 2 * rows * 1024 * 4096 * layer.budget   # useful: the stored entries' products

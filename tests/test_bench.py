@@ -228,11 +228,12 @@ def test_stream_bench_times_both_settings_and_restores_the_threshold():
         module.main(["--rows", "0"])
 
 
-def test_gemm_bench_ceiling_times_the_forward_and_backward_as_run_and_in_cache():
+def test_gemm_bench_ceiling_times_the_forward_and_backward_as_run_and_in_cache(monkeypatch):
     """bench/native_gemm_bench.py --ceiling at a toy size: both configurations, the forward as run
-    and narrow, positive rates against one dense rate; the narrow table keeps every product and moves
-    output 0's slices inside [0, N); the backward's parts as run and with gy folded (only operand 0's
-    columns move), the shipped tables restored; bad arguments named."""
+    and narrow (also through the gathered tables bfloat16 takes), positive rates against one dense
+    rate; the narrow table keeps every product and moves output 0's slices inside [0, N); the
+    backward's parts as run and with gy folded (only operand 0's columns move), the shipped tables
+    restored; bad arguments named."""
     import importlib.util
     from pathlib import Path
 
@@ -251,6 +252,12 @@ def test_gemm_bench_ceiling_times_the_forward_and_backward_as_run_and_in_cache()
     assert len({(r["mm_gflops"], r["linear_gflops"]) for r in rows}) == 1
     assert all(r["of_mm"] == pytest.approx(r["useful_gflops"] / r["mm_gflops"]) for r in rows)
     assert (native_linear.product_tables, native_linear.new_output) == shipped
+    shipped_gathered, narrowed = native_linear.gathered_products, []
+    monkeypatch.setattr(native_linear, "GATHERED", (torch.float32,))   # the gathered forward, on any CPU
+    monkeypatch.setattr(module, "_narrow", lambda t, real=module._narrow: narrowed.append(len(t)) or real(t))
+    assert len(module.ceiling(rows=4, rounds=1, dtype=torch.float32)) == 4
+    assert native_linear.gathered_products is shipped_gathered and len(narrowed) == 4   # 2 widths + 2 gathered
+    monkeypatch.undo()
     table = torch.tensor([(0, 0, 4, 0, 0, 8, 8, 16, 0, 0), (1, 0, 2, 1, 0, 8, 8, 0, 0, 1), (0, 0, 4, 0, 0, 8, 8, 8, 1, 0)])
     moved, width = module._narrow(table)
     assert width == 8 and moved[:, 7].tolist() == [0, 0, 0] and torch.equal(moved[:, :7], table[:, :7])

@@ -556,7 +556,7 @@ def test_stages_follow_the_groups_or_are_left_out():
     assert not plan.transposed
     n, out, into = len(plan.groups), layout.shape[0] * b, layout.shape[1] * b
     table = native_linear.product_tables(plan, "scatter", 4, into, (out, n + 1, 3))
-    grams = native_tables.gram_table(plan, True, 4, ((3, into),), (2, 1, n))
+    grams = native_tables.gram_table(plan, True, 4, ((0, into, 3),), (1, n))
     stages = native_linear._stages(plan, "scatter", table, grams)
     assert stages.shape == (n + 2, 4)
     assert stages[0, 0] == 0 and stages[0, 2] == 0 and stages[-1, 1] == len(table) and stages[-1, 3] == len(grams)
@@ -570,7 +570,7 @@ def test_stages_follow_the_groups_or_are_left_out():
     assert len(native_linear._stages(plan, "scatter", swapped, grams)) == 0
     # the sweep's own checks, on a table without the low-rank term: x and gy, one accumulator per group
     table = native_linear.product_tables(plan, "scatter", 0, into)
-    grams = native_tables.gram_table(plan, True, 0, (), (1, 1, n))
+    grams = native_tables.gram_table(plan, True, 0, (), (1, n))
     stages = native_linear._stages(plan, "scatter", table, grams)
     x, gy = torch.ones(4, into), torch.ones(4, out)
     accs = [torch.empty(g.width, g.r1 - g.r0) for g in plan.groups]

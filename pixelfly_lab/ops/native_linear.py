@@ -302,29 +302,30 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         table = product_tables(plan, kind, r + pad if gz is not None else 0, in_features, lead)
     else:
         table = torch.tensor(lead_product(*lead) if lead else [], dtype=torch.long).reshape(-1, 10)
-    # grams: the groups' (gathered side^T @ row side, extra rows riding along), then the others
+    # grams: the groups' (gathered side^T @ row side, extra rows riding along), then the others:
+    # gathered side^T @ a narrow operand, reading the gathered side as the groups' grams transposed it
+    # (so no wide operand is packed for them: bfloat16 dV of 1024 -> 4096 repacked x whole per panel)
     fold_bias = not plan.transposed and need_bias
     if plan.transposed:        # gathered side: gy (and gz: dV's rows); row side: x
         extra_a = gz if need_v else None
         g_a, g_b = [gy], [x2]
-        others = ([(z, gy, "u")] if need_u else []) + ([(None, gy, "bias")] if need_bias else [])
+        others = ([(z, "u")] if need_u else []) + ([(None, "bias")] if need_bias else [])   # gy^T z, gy^T 1
     else:                      # gathered side: x (and [z, 1]: dU's and dbias's rows); row side: gy
         parts = ([z] if need_u else []) + ([gy.new_ones(rows, 1)] if fold_bias else [])
         extra_a = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         g_a, g_b = [x2], [gy]
-        others = [(gz, x2, "v")] if need_v else []
+        others = [(gz, "v")] if need_v else []                                               # x^T gz
     if extra_a is not None:
         g_a.append(extra_a)
     extra = 0 if extra_a is None else extra_a.shape[1]
     groups = bool(need_values or extra)
     grads, accs = _accumulators(plan, extra) if groups else (None, [])
-    pairs, first = [], (len(g_a), len(g_b), len(accs))
-    for a, b, _ in others:
-        a = gy.new_ones(rows, 1) if a is None else a
-        g_a.append(a)
+    pairs, first = [], (len(g_b), len(accs))
+    for b, _ in others:
+        b = gy.new_ones(rows, 1) if b is None else b
         g_b.append(b)
-        accs.append(torch.empty(a.shape[1], b.shape[1]))
-        pairs.append((a.shape[1], b.shape[1]))
+        accs.append(torch.empty(g_a[0].shape[1], b.shape[1]))
+        pairs.append((0, g_a[0].shape[1], b.shape[1]))
     grams = gram_table(plan, groups, extra, tuple(pairs), first)
     staged = STAGED and need_x and groups and dtype == torch.float32 and not plan.transposed
     stages = _stages(plan, kind, table, grams) if staged else _NO_STAGES
@@ -336,13 +337,13 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         else:
             grad_u = grad_extra[:, :r] if need_u else None
             grad_bias = grad_extra[:, -1] if fold_bias else None
-    for (_, _, name), acc in zip(others, accs[len(accs) - len(others):]):
+    for (_, name), acc in zip(others, accs[len(accs) - len(others):]):
         if name == "bias":
-            grad_bias = acc[0]
+            grad_bias = acc[:, 0]
         elif name == "u":
-            grad_u = acc.T
+            grad_u = acc
         else:
-            grad_v = acc.T
+            grad_v = acc
     if not need_values:
         grad_values = None
     # the parameters' dtypes (the bias's is values'), and storage of their own: gradients that share

@@ -112,7 +112,7 @@ def product_tables(plan: Plan, kind: str, low_k: int, width: int, lead: tuple = 
     a gather table computes it first in each tile, a scatter table group by group
     (:func:`_scatter_products`)."""
     if kind == "gram":
-        return gram_table(plan, True, low_k, (), (0, 0, 0))
+        return gram_table(plan, True, low_k, (), (0, 0))
     key = (plan.signature, kind, low_k, width, lead)
     if key not in _TABLES:
         if kind == "gather":
@@ -132,19 +132,21 @@ def lead_product(k: int, b_id: int, n: int) -> list:
     return table
 
 
-def _extra_grams(pairs: list, first_a: int, first_b: int, first_acc: int) -> list:
-    """Gram rows acc[:, c:c+n] += A^T B for each (a_cols, b_cols) pair, A_i and B_i numbered from
-    first_a and first_b, accumulators from first_acc; B's columns cut into N_SPLIT pieces."""
+def _extra_grams(pairs: list, first_b: int, first_acc: int) -> list:
+    """Gram rows acc_i[r:r+m, c:c+n] += A_a[:, r:r+m]^T B_i[:, c:c+n] for each (a, m, n) of ``pairs``:
+    A_a an operand the groups' grams read already (transposed once per panel), B_i and the
+    accumulators numbered from first_b and first_acc; A's and B's columns cut into N_SPLIT pieces."""
     terms = []
-    for i, (m, n) in enumerate(pairs):
-        for c, width in _pieces(n):
-            terms.append((first_a + i, 0, m, first_b + i, c, width, first_acc + i, 0, c))
+    for i, (a, m, n) in enumerate(pairs):
+        for r, height in _pieces(m):
+            for c, width in _pieces(n):
+                terms.append((a, r, height, first_b + i, c, width, first_acc + i, r, c))
     return terms
 
 
 def gram_table(plan: Plan, groups: bool, extra: int, pairs: tuple, first: tuple) -> torch.Tensor:
     """The backward's grams, cached: the groups' (:func:`_gram_terms`, with ``groups``), then
-    :func:`_extra_grams` of ``pairs`` numbered from ``first`` = (first A, first B, first accumulator)."""
+    :func:`_extra_grams` of ``pairs`` numbered from ``first`` = (first B, first accumulator)."""
     key = (plan.signature, "grams", groups, extra, pairs, first)
     if key not in _TABLES:
         rows = (_gram_terms(plan, extra) if groups else []) + _extra_grams(list(pairs), *first)
