@@ -199,7 +199,7 @@ needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "
 @pytest.mark.parametrize("rows", [7, 130])
 @pytest.mark.parametrize("name", ["expanding", "contracting", "holes", "random"])
 @pytest.mark.parametrize("rank,bias", [(0, True), (3, True), (4, False), (5, True), (0, False)])
-@pytest.mark.parametrize("n_split", [native_linear.N_SPLIT, 8, 2])
+@pytest.mark.parametrize("n_split", [native_tables.N_SPLIT, 8, 2])
 @pytest.mark.parametrize("gathered", [True, False])
 def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, gathered, monkeypatch):
     """bfloat16 operands (B in VNNI pairs, K padded to the AMX step, float32 accumulation): the float64
@@ -256,6 +256,8 @@ def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypat
     assert seen[0][-1] == torch.bfloat16                              # inside the sweep, which computes in bf16
     assert all(g.zero_at is None for g in seen[0][2].groups)         # the unpadded plan
     assert x.grad.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads_bf16)
+    # the float32 sums themselves, not bfloat16 results cast back (autograd casts either way)
+    assert all(not torch.equal(g, g.bfloat16().float()) for g in [x.grad, *grads_bf16])
     # the float64 layer on the operands the sweep saw (x, parameters and gy rounded to bfloat16):
     # what is left is the sweep's own rounding (float32 sums, bfloat16 outputs)
     ref = copy.deepcopy(layer).to(torch.bfloat16).double()
@@ -268,15 +270,16 @@ def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypat
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-2 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("sweep", [True, False])
-def test_float32_parameters_of_a_bfloat16_product_take_every_route(sweep, monkeypatch):
+@pytest.mark.parametrize("route", ["sweep", "grouped", "dense"])
+def test_float32_parameters_of_a_bfloat16_product_take_every_route(route, monkeypatch):
     """The 'torch' path asked to compute in bfloat16 from float32 x and parameters: the compiled
-    sweep rounds them itself (AMX CPUs), the PyTorch grouped GEMMs get them cast; either way y in
-    bfloat16 as from the operands rounded first, and the gradients in float32."""
-    if sweep and not native_linear.native_takes(torch.bfloat16, "cpu", 4):
+    sweep rounds them itself (AMX CPUs), the PyTorch grouped GEMMs and the dense GEMM get them
+    cast; either way y in bfloat16 as from the operands rounded first, and the gradients in float32."""
+    if route == "sweep" and not native_linear.native_takes(torch.bfloat16, "cpu", 4):
         pytest.skip("this CPU has no bfloat16 VNNI micro-kernels (AMX)")
-    if not sweep:
+    if route != "sweep":
         monkeypatch.setattr(torch_kernels, "native_applies", lambda *a: False)
+    monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *a: route == "dense")
     layout, b = LAYOUTS["expanding"]
     ops = _operands(layout, b, 70, 3, True)
     plan = torch_kernels.plan_for(layout, b)
@@ -365,7 +368,7 @@ def test_float32_x_with_bfloat16_values_is_the_bfloat16_sweep_on_rounded_x(name,
         assert got is None or (got.dtype == torch.bfloat16 and torch.equal(got, want))
 
 
-@pytest.mark.parametrize("n_split", [native_linear.N_SPLIT, 2])
+@pytest.mark.parametrize("n_split", [native_tables.N_SPLIT, 2])
 @pytest.mark.parametrize("low_k", [0, 32])
 def test_gather_tables_accumulate_in_windows_and_scatter_tables_do_not(n_split, low_k, monkeypatch):
     """The bfloat16 sweep rounds a gather table's products per output window (each slice's products
@@ -474,8 +477,9 @@ def test_gathered_tables_read_each_group_once():
 
 
 def test_sweep_refuses_gathers_outside_their_operands():
-    """The sweep checks every gather: in product order, inside its A operand, and a product reading
-    the gathered A inside what the gathers fill."""
+    """The sweep checks every gather: in product order, inside its A operand, a product's pieces side
+    by side from column 0, none reading an output before the last product that writes it; and a
+    product reading the gathered A inside what the gathers before it (in table order) filled."""
     run = native.load("blocksparse_cpu").sweep
     x, y, b_op = torch.ones(4, 8), torch.empty(4, 4), torch.ones(8, 4)
     table = torch.tensor([[-1, 0, 8, 0, 0, 4, 4, 0, 0, 0]])   # y = gathered (4 x 8) @ B
@@ -491,6 +495,19 @@ def test_sweep_refuses_gathers_outside_their_operands():
         sweep([[1, 0, 0, 4, 0]])
     with pytest.raises(RuntimeError, match="gathered A slice out of range"):
         sweep([[0, 0, 0, 4, 0]])   # the product reads 8 columns, the gathers fill 4
+    with pytest.raises(RuntimeError, match="side by side"):
+        sweep([[0, 0, 0, 4, 0], [0, 0, 4, 4, 6]])   # a gap: columns 4 and 5 never filled
+    with pytest.raises(RuntimeError, match="side by side"):
+        sweep([[0, 0, 0, 8, 2]])
+    twice = torch.cat([table, table])   # a second product reading the gathered A: the first one's gathers
+    sweep([[0, 0, 0, 8, 0]], twice)
+    with pytest.raises(RuntimeError, match="gathered A slice out of range"):
+        sweep([[1, 0, 0, 8, 0]], twice)   # the first product would read what no gather filled yet
+    z = torch.empty(4, 8)   # an output read by a gather before the product that writes it
+    late = torch.tensor([[-1, 0, 8, 0, 0, 4, 4, 0, 0, 0], [0, 0, 8, 1, 0, 8, 8, 0, 0, 1]])
+    with pytest.raises(RuntimeError, match="before the last product that writes it"):
+        run(False, 4, 4, 4, [x, z], [b_op, torch.ones(8, 8)], [y, z], late, [], [], native_tables.NO_GRAMS, [], 0,
+            native_linear._NO_STAGES, torch.tensor([[0, 1, 0, 8, 0]]))
 
 
 def test_scatter_tables_need_groups_that_tile_the_rows_for_a_split_lead():

@@ -198,10 +198,13 @@ def test_route_is_measured_once_per_shape_and_only_in_its_size_band(monkeypatch)
     assert calls == [128, 512]                                                      # 404 rows: bucket 512
 
 
-def test_route_measurement_runs_both_routes():
+@pytest.mark.parametrize("dtype,params", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                          (torch.bfloat16, torch.bfloat16)])
+def test_route_measurement_runs_both_routes(dtype, params):
+    """Both routes timed as the call runs them, also float32 parameters of a bfloat16 product."""
     layout, b = LAYOUTS["expanding"]
     plan = torch_kernels.plan_for(layout, b)
-    assert torch_kernels._measure_routes(plan, 64, 64, 256, 2, torch.float32) in (True, False)
+    assert torch_kernels._measure_routes(plan, 64, 64, 256, 2, dtype, params) in (True, False)
 
 
 def test_route_measurement_is_hidden_from_dispatch_modes(monkeypatch):
@@ -211,7 +214,7 @@ def test_route_measurement_is_hidden_from_dispatch_modes(monkeypatch):
     layout, b = LAYOUTS["expanding"]
     plan = torch_kernels.plan_for(layout, b)
     with FlopCounterMode(display=False) as counter:
-        torch_kernels._measure_routes(plan, 64, 64, 256, 2, torch.float32)
+        torch_kernels._measure_routes(plan, 64, 64, 256, 2, torch.float32, torch.float32)
     assert counter.get_total_flops() == 0
 
 

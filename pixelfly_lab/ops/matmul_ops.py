@@ -55,8 +55,8 @@ def _needed(needs, has_bias: bool) -> list[bool]:
 
 
 def _grad_shapes(gy, x2, values, u, v, entry: RegisteredLayout, needed) -> list:
-    """Empty gradients of the backward's shapes and dtypes: x2's own, the others' values' (the
-    compute dtype; the bias is cast to it); an empty tensor like gy's where not needed (as the op)."""
+    """Empty gradients of the backward's shapes and dtypes: x2's, values', the bias's in values',
+    u's and v's own; an empty tensor like gy's where not needed (as the op)."""
     likes = [(x2, x2.shape), (values, values.shape), (values, (entry.out_features,)),
              (u, None if u is None else u.shape), (v, None if v is None else v.shape)]
     return [like.new_empty(shape) if need and shape is not None else _empty(gy)

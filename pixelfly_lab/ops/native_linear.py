@@ -17,7 +17,7 @@ once per plan (:mod:`pixelfly_lab.ops.native_tables`, cached; the C++ side check
 against its operands) and packs the blocks per call (one compiled pass for a stacked plan).
 
 bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, even block sizes): the
-same tables, B operands in VNNI pairs (low-rank K padded to :data:`K_STEP_16BIT`), float32
+same tables (gathered ones for gather tables: :data:`GATHERED`), B operands in VNNI pairs (low-rank K padded to :data:`K_STEP_16BIT`), float32
 accumulation rounded once (per output slice of a group in a gather table, per tile otherwise), the
 blocks' gradients summed in float32 (:func:`native_takes`). x may stay float32 (what autocast hands
 over): the sweep rounds each tile of it into a scratch buffer (and the grams' panels 16 rows at a
@@ -56,13 +56,13 @@ import torch
 from pixelfly_lab.ops import native
 from pixelfly_lab.ops.native_stages import NO_STAGES as _NO_STAGES
 from pixelfly_lab.ops.native_stages import backward_stages as _stages
-from pixelfly_lab.ops.native_tables import (N_SPLIT, NO_GATHERS, NO_GRAMS, gathered_products, gram_table, lead_product,
+from pixelfly_lab.ops.native_tables import (NO_GATHERS, NO_GRAMS, gathered_products, gram_table, lead_product,
                                             product_tables)
 from pixelfly_lab.ops.torch_buffers import new_output
 from pixelfly_lab.ops.torch_grouped import unpack_grads
 from pixelfly_lab.ops.torch_plan import Plan
 
-__all__ = ["TILE_ROWS", "PANEL_ROWS", "TILE_ROWS_16BIT", "PANEL_ROWS_16BIT", "N_SPLIT", "K_STEP_16BIT", "STREAM_BYTES",
+__all__ = ["TILE_ROWS", "PANEL_ROWS", "TILE_ROWS_16BIT", "PANEL_ROWS_16BIT", "K_STEP_16BIT", "STREAM_BYTES",
            "native_takes", "native_applies", "native_forward", "native_backward", "product_tables"]
 
 # Rows per tile of the products, and per panel of the grams (the blocks' gradients, summed over
@@ -278,7 +278,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     grad_x = grad_values = grad_bias = grad_u = grad_v = None
     r = 0 if u is None else u.shape[1]
     pad = _k_pad(r, dtype)
-    gz_full = gy.new_empty(rows, r + pad) if u is not None and (need_x or need_v) else None
+    gz_full = gy.new_empty(rows, r + pad, dtype=dtype) if u is not None and (need_x or need_v) else None
     if gz_full is not None and pad:
         gz_full[:, r:] = 0
     gz = None if gz_full is None else gz_full[:, :r]
@@ -311,7 +311,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
         g_a, g_b = [gy], [x2]
         others = ([(z, "u")] if need_u else []) + ([(None, "bias")] if need_bias else [])   # gy^T z, gy^T 1
     else:                      # gathered side: x (and [z, 1]: dU's and dbias's rows); row side: gy
-        parts = ([z] if need_u else []) + ([gy.new_ones(rows, 1)] if fold_bias else [])
+        parts = ([z] if need_u else []) + ([gy.new_ones(rows, 1, dtype=dtype)] if fold_bias else [])
         extra_a = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         g_a, g_b = [x2], [gy]
         others = [(gz, "v")] if need_v else []                                               # x^T gz
@@ -322,7 +322,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     grads, accs = _accumulators(plan, extra) if groups else (None, [])
     pairs, first = [], (len(g_b), len(accs))
     for b, _ in others:
-        b = gy.new_ones(rows, 1) if b is None else b
+        b = gy.new_ones(rows, 1, dtype=dtype) if b is None else b
         g_b.append(b)
         accs.append(torch.empty(g_a[0].shape[1], b.shape[1]))
         pairs.append((0, g_a[0].shape[1], b.shape[1]))

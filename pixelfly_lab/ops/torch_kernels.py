@@ -111,7 +111,7 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
         (torch.Size([3, 8]), None)
     """
     dtype = dtype or values.dtype
-    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], _like(values, dtype)):
+    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], values, dtype):
         return _dense_forward(x2.to(dtype), *_cast(dtype, values, bias, u, v), plan, out_features)
     return _grouped_forward(x2, values, bias, u, v, plan, out_features, dtype)
 
@@ -139,17 +139,12 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
     """
     dtype = dtype or values.dtype
     # the forward's route: decisions are cached for the life of the process, never evicted
-    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], _like(values, dtype)):
+    if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], values, dtype):
         grads = _dense_backward(gy, x2.to(dtype), *_cast(dtype, values, u, v), plan, needs_input_grad, has_bias)
     else:
         grads = _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias, dtype)
     return tuple(g if g is None or t is None or g.dtype == t.dtype else g.to(t.dtype)
                  for g, t in zip(grads, (x2, values, values, u, v)))
-
-
-def _like(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """values, or an empty tensor of ``dtype`` beside it: what :func:`dense_gemm_wins` keys on."""
-    return values if values.dtype == dtype else values.new_empty(0, dtype=dtype)
 
 
 def _cast(dtype: torch.dtype, *tensors) -> tuple:
@@ -238,7 +233,7 @@ def _row_bucket(rows: int) -> int:
 
 
 def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, rank: int,
-                    like: torch.Tensor) -> bool:
+                    like: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether one dense GEMM beats the grouped GEMMs for this product (measured once, cached).
 
     Measured on the CPU for products of at least :data:`ROUTE_MIN_MACS` multiply-adds with
@@ -252,36 +247,41 @@ def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, 
 
     Args:
         plan: the layout's plan; rows: rows of x; in_features, out_features: W's shape;
-        rank: r of the low-rank term (0 for none); like: a tensor with the dtype and device.
+        rank: r of the low-rank term (0 for none); like: a tensor with the parameters' dtype and
+        the device; dtype: the compute dtype (default: like's; float32 parameters of a bfloat16
+        product are timed as the call runs them: the sweep rounds them, the dense route casts).
 
     Example:
         >>> plan = plan_for(torch.eye(4, dtype=torch.bool), 8)
         >>> dense_gemm_wins(plan, 16, 32, 32, 0, torch.zeros(1))   # too small to measure
         False
     """
-    weight = in_features * out_features
-    small_16bit = like.dtype in (torch.bfloat16, torch.float16) and rows * weight <= ROUTE_MAX_MACS_16BIT
+    weight, dtype = in_features * out_features, dtype or like.dtype
+    small_16bit = dtype in (torch.bfloat16, torch.float16) and rows * weight <= ROUTE_MAX_MACS_16BIT
     if (like.device.type != "cpu" or rows * weight < ROUTE_MIN_MACS or (weight >= ROUTE_MAX_WEIGHT and not small_16bit)
-            or like.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
+            or dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         return False
-    key = (plan.signature, _row_bucket(rows), rank, like.dtype, torch.get_num_threads())
+    key = (plan.signature, _row_bucket(rows), rank, like.dtype, dtype, torch.get_num_threads())
     if key not in _ROUTES:
         # at most 2048 rows timed: the grouped route's advantage grows with rows, and a
         # one-time measurement should cost well under a second on an idle core
         _ROUTES[key] = _measure_routes(plan, min(_row_bucket(rows), 2048), in_features, out_features, rank,
-                                       like.dtype)
+                                       dtype, like.dtype)
     return _ROUTES[key]
 
 
-def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, rank: int, dtype) -> bool:
-    """True when the dense route's best forward+backward time beats the grouped route's."""
+def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, rank: int, dtype,
+                    params: torch.dtype) -> bool:
+    """True when the dense route's best forward+backward time beats the grouped route's, each as
+    :func:`sparse_lowrank_forward` and :func:`sparse_lowrank_backward` run it: x and the parameters
+    in ``params`` (float32 into a bfloat16 product: autocast), computed in ``dtype``."""
     gen = torch.Generator().manual_seed(0)
     nnz = sum(int((g.vidx >= 0).sum()) for g in plan.groups)
     b = plan.block_size
 
-    def rand(*shape):
+    def rand(*shape, dtype=params):
         return torch.randn(*shape, generator=gen).to(dtype)
-    x2, gy, values, bias = rand(rows, in_features), rand(rows, out_features), rand(nnz, b, b), rand(out_features)
+    x2, gy, values, bias = rand(rows, in_features), rand(rows, out_features, dtype=dtype), rand(nnz, b, b), rand(out_features)
     u, v = (rand(out_features, rank), rand(in_features, rank)) if rank else (None, None)
     needs = (True, True, True, rank > 0, rank > 0)
 
@@ -289,9 +289,10 @@ def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, 
         _, z = _grouped_forward(x2, values, bias, u, v, plan, out_features, dtype)
         _grouped_backward(gy, x2, values, u, v, z, plan, needs, True, dtype)
 
-    def dense():
-        _dense_forward(x2, values, bias, u, v, plan, out_features)
-        _dense_backward(gy, x2, values, u, v, plan, needs, True)
+    def dense():     # its casts included, as there
+        _dense_forward(x2.to(dtype), *_cast(dtype, values, bias, u, v), plan, out_features)
+        grads = _dense_backward(gy, x2.to(dtype), *_cast(dtype, values, u, v), plan, needs, True)
+        _cast(params, *grads)
 
     best = {grouped: float("inf"), dense: float("inf")}
     # the measurement is no part of the caller's computation: hidden from dispatch modes such as

@@ -27,11 +27,12 @@
 // grams is transposed on its first use in a panel, after the products of the stages before; a gram
 // reading an output of the products (gz) must sit in or after the stage of its last writer (checked).
 //
-// Gathered A (`gathers`, bfloat16 forward of a plan that gathers x): per tile, right before a product
-// with A id -1, the listed column ranges of A operands (a group's runs of x, then [z, 1]) are copied
-// side by side into a thread's scratch, and the product reads that: one micro-kernel call per output
-// slice (K = the runs' and the low-rank factor's together, B packed alike) instead of one per run and
-// one for [z, 1] @ [U^T; bias], each of which reads and writes the slice's float32 window again
+// Gathered A (`gathers`, bfloat16 gather tables: the forward of a plan that gathers x, dX of a transposed
+// plan): per tile, right before a product with A id -1, the listed column ranges of A operands (a
+// group's runs of x, then [z, 1]; or of gy, then gz) are copied side by side into a thread's scratch,
+// and the products read that: one micro-kernel call per output slice (K = the runs' and the low-rank
+// factor's together, B packed alike) instead of one per run and one for the low-rank term, each of
+// which reads and writes the slice's float32 window again
 // (AMX: a K-32 pass over the window cost half a K-256 product; measured, 1024 -> 4096 at 4096 rows,
 // one thread: products K 192 + 64 12.9 ms, 128 + 64 + 64 15.1, one K 256 11.1).
 //
@@ -77,6 +78,8 @@ namespace {
 constexpr int kProductFields = 10;  // a_id, a_col, K, b_id, b_off, ldb, N, c_col, add, c_id
 constexpr int kGramFields = 9;      // a_id, a_col, M, b_id, b_col, N, acc_id, acc_row, acc_col
 constexpr int kGatherFields = 5;    // product, a_id, a_col, width, scratch column
+// 32 bits of any type (a VNNI pair of bfloat16s), read and written without breaking aliasing rules
+typedef uint32_t __attribute__((may_alias)) word32;
 
 // dst (ceil(rows/2), cols, 2) = src (rows x cols, ld lds) in the VNNI layout, dst's pairs of rows
 // ldd columns apart (default: cols); an odd last row is paired with zeros. With AVX512-BW, 16
@@ -494,6 +497,8 @@ void sweep_impl(int64_t rows, int64_t tile, int64_t panel, const std::vector<at:
 // form windows (find_windows) is accumulated per window and written by streaming stores (store_rows).
 // `stages` (n, 4) int64: empty for the usual order, or consecutive (product, gram) ranges covering
 // both lists, run stage by stage on each panel (one tile per panel; see the file's header).
+// `gathers` (n, 5) int64: empty, or the column ranges copied side by side into a tile's gathered A
+// before the products that read it (A id -1; see the file's header).
 void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
            std::vector<at::Tensor> a_ops, std::vector<at::Tensor> b_ops, std::vector<at::Tensor> outs, at::Tensor products,
            std::vector<at::Tensor> g_a, std::vector<at::Tensor> g_b, at::Tensor grams, std::vector<at::Tensor> accs,
@@ -503,6 +508,8 @@ void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
               (products.numel() == 0 || products.size(1) == kProductFields), "products: (n, 10) contiguous int64");
   TORCH_CHECK(grams.scalar_type() == at::kLong && grams.is_contiguous() &&
               (grams.numel() == 0 || grams.size(1) == kGramFields), "grams: (n, 9) contiguous int64");
+  TORCH_CHECK(products.device().is_cpu() && grams.device().is_cpu() && stages.device().is_cpu() &&
+              gathers.device().is_cpu(), "products, grams, stages and gathers: CPU tensors");
   TORCH_CHECK(!a_ops.empty(), "a_ops: at least one operand");
   const at::ScalarType dtype = bfloat16 ? at::kBFloat16 : at::kFloat;
   check_operands(a_ops, dtype, "a_ops", bfloat16);
@@ -528,23 +535,37 @@ void sweep(bool bfloat16, int64_t rows, int64_t tile, int64_t panel,
               "gathers: (n, 5) contiguous int64");
   const int64_t n_h = gathers.numel() ? gathers.size(0) : 0;
   const int64_t* HT = gathers.data_ptr<int64_t>();
-  int64_t gather_width = 0;
-  for (int64_t j = 0; j < n_h; ++j) {
+  // each product's gathers fill columns [0, filled) side by side, from operands no later product
+  // writes (z = x V before them); a product reading the gathered A stays inside what the last gathers
+  // filled (in table order, which every tile and stage follows)
+  std::vector<int64_t> last_write(outs.size(), -1);   // the last product writing each output
+  for (int64_t i = 0; i < n_p; ++i) {
+    const int64_t c = PT[i * kProductFields + 9];
+    TORCH_CHECK(c >= 0 && c < (int64_t)outs.size(), "products: operand out of range");
+    last_write[c] = i;
+  }
+  std::vector<int64_t> filled_at(n_p, -1);   // columns of the gathered A filled once product i's gathers ran
+  for (int64_t j = 0, filled = -1; j < n_h; ++j) {
     const int64_t* h = HT + j * kGatherFields;
     TORCH_CHECK(h[0] >= 0 && h[0] < n_p && (j == 0 || h[0] >= HT[(j - 1) * kGatherFields]),
                 "gathers: products in range and in order");
     TORCH_CHECK(h[1] >= 0 && h[1] < (int64_t)a_ops.size() && a_ops[h[1]].size(0) >= rows && h[2] >= 0 && h[3] > 0 &&
-                h[2] + h[3] <= a_ops[h[1]].size(1) && h[4] >= 0, "gathers: A slice out of range");
-    gather_width = std::max(gather_width, h[4] + h[3]);
+                h[2] + h[3] <= a_ops[h[1]].size(1), "gathers: A slice out of range");
+    const bool first = j == 0 || h[0] != HT[(j - 1) * kGatherFields];
+    TORCH_CHECK(h[4] == (first ? 0 : filled), "gathers: a product's pieces side by side from column 0");
+    for (size_t c = 0; c < outs.size(); ++c)
+      TORCH_CHECK(!outs[c].numel() || !a_ops[h[1]].is_alias_of(outs[c]) || last_write[c] < h[0],
+                  "gathers: an operand read before the last product that writes it");
+    filled = filled_at[h[0]] = h[4] + h[3];
   }
-  for (int64_t i = 0; i < n_p; ++i) {
+  for (int64_t i = 0, filled = 0; i < n_p; ++i) {
     const int64_t* p = PT + i * kProductFields;
-    TORCH_CHECK(p[0] >= -1 && p[0] < (int64_t)a_ops.size() && p[9] >= 0 && p[9] < (int64_t)outs.size() &&
-                p[2] >= 0 && p[6] > 0, "products: operand out of range");
+    TORCH_CHECK(p[0] >= -1 && p[0] < (int64_t)a_ops.size() && p[2] >= 0 && p[6] > 0, "products: operand out of range");
     const at::Tensor& c = outs[p[9]];
     TORCH_CHECK(c.size(0) >= rows && p[7] >= 0 && p[7] + p[6] <= c.size(1), "products: output slice out of range");
+    filled = filled_at[i] >= 0 ? filled_at[i] : filled;
     if (p[2] == 0) continue;
-    TORCH_CHECK(p[0] >= 0 || (p[1] >= 0 && p[1] + p[2] <= gather_width), "products: gathered A slice out of range");
+    TORCH_CHECK(p[0] >= 0 || (p[1] >= 0 && p[1] + p[2] <= filled), "products: gathered A slice out of range");
     const at::Tensor& a = p[0] >= 0 ? a_ops[p[0]] : a_ops[0];
     TORCH_CHECK(p[3] >= 0 && p[3] < (int64_t)b_ops.size(), "products: B out of range");
     const at::Tensor& b = b_ops[p[3]];
@@ -659,7 +680,7 @@ void pack_into(const S* src, const int64_t* idx, T* dst, int64_t count, int64_t 
         } else {   // transposed: the pair (rows q, q+1; column p) is blk[p][q..q+1], one 32-bit word, so
           // the VNNI rows are the columns of blk read as a (b x b/2) matrix of 32-bit words (0.44 -> 0.24
           // ms for the released 1024 -> 4096's forward operands, one thread, from float32)
-          pixelfly::transpose(reinterpret_cast<const float*>(blk), b / 2, b, b / 2, reinterpret_cast<float*>(out), cols);
+          pixelfly::transpose(reinterpret_cast<const word32*>(blk), b / 2, b, b / 2, reinterpret_cast<word32*>(out), cols);
         }
       } else if (!swap) {   // output rows written contiguously
         for (int64_t p = 0; p < b; ++p) std::memcpy(base + (row0 + p) * cols + col0, blk + p * b, b * sizeof(T));
@@ -688,9 +709,9 @@ at::Tensor pack_blocks(at::Tensor values, at::Tensor index, int64_t count, int64
               "values: float32, or bfloat16 packed as bfloat16");
   const int64_t b = values.size(1), nnz = values.size(0);
   const int64_t rows = (transpose ? k : n_rows) * b, cols = (transpose ? n_rows : k) * b;
+  TORCH_CHECK(extra_rows >= 0, "extra_rows: not negative");
   TORCH_CHECK(!bfloat16 || (b % 2 == 0 && extra_rows % 2 == 0),
               "bfloat16 packing pairs rows: an even block size and extra_rows only");
-  TORCH_CHECK(extra_rows >= 0, "extra_rows: not negative");
   const bool swap = transpose != plan_transposed;
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i)
