@@ -174,19 +174,26 @@ def test_operands_on_another_device_are_refused():
 
 
 def test_compiled_under_cpu_autocast_matches_eager():
+    """Forward and backward under bf16 autocast, compiled (AOT autograd through the custom op and its
+    compute-dtype argument) and eager: the same output and parameter gradients."""
     torch._dynamo.reset()
     model = pixelfly_mlp("torch").float()
     x = torch.randn(6, 64)
 
     def run(m):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return m(x)
-    y = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = y(x)
-    want = run(model)
+            y = m(x)
+        y.float().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return y, grads
+    got, got_grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    want, want_grads = run(model)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want)
+    assert all(g.dtype == torch.float32 for g in got_grads)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
 
 
 TRITON_OP_COMPILED = """
