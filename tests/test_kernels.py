@@ -140,6 +140,8 @@ def test_backend_resolution_on_cpu(monkeypatch):
     assert resolve_backend(x, "auto") == "torch"
     assert resolve_backend(x, "auto", 2, out_features=8) == "reference"          # tiny: one dense GEMM
     assert resolve_backend(torch.zeros(1).expand(4096, 1024), "auto", 32, 4096) == "torch"
+    # one row of a large layer: the reference would materialise its 4M-entry weight on every call
+    assert resolve_backend(torch.zeros(1, 1024), "auto", 32, 4096) == "torch"
     assert resolve_backend(x, "reference") == "reference"
     with pytest.raises(ValueError, match="CUDA"):
         resolve_backend(x, "triton")

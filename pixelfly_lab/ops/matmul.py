@@ -31,8 +31,9 @@ Backends (``backend=``):
   it beats cuBLAS: bfloat16 and float16 on compute capability >= 8.0 (tensor cores), float32 only
   when TF32 is allowed
   (:func:`tf32_allowed`; without TF32, Triton's fp32 FMA path is slower than cuBLAS) and never
-  float64; else 'reference' for small products (below :data:`AUTO_MIN_MACS` multiply-adds, where
-  per-call overhead dominates) and 'torch' for the rest.
+  float64; else 'reference' for small products of small weights (below :data:`AUTO_MIN_MACS`
+  multiply-adds and :data:`AUTO_MAX_REFERENCE_WEIGHT` weight entries, where per-call set-up
+  dominates) and 'torch' for the rest.
 
 torch.compile: the 'torch' and 'triton' paths are torch custom ops (``torch.ops.pixelfly_lab.*``,
 in :mod:`pixelfly_lab.ops.matmul_ops`, registered with ``torch.library.custom_op`` and their autograd formula), so
@@ -75,8 +76,8 @@ from pixelfly_lab.ops.native_linear import native_takes
 from pixelfly_lab.ops.registry import BLOCK_SIZES, RegisteredLayout, register_layout, registered_layout
 from pixelfly_lab.ops.torch_kernels import plan_for  # re-exported: tests and callers import it from here
 
-__all__ = ["BACKENDS", "AUTO_MIN_MACS", "block_sparse_matmul", "sparse_lowrank_matmul", "blocks_to_dense",
-           "dense_to_blocks", "check_input_width", "resolve_backend", "plan_for", "register_layout",
+__all__ = ["BACKENDS", "AUTO_MIN_MACS", "AUTO_MAX_REFERENCE_WEIGHT", "block_sparse_matmul", "sparse_lowrank_matmul",
+           "blocks_to_dense", "dense_to_blocks", "check_input_width", "resolve_backend", "plan_for", "register_layout",
            "registered_layout", "RegisteredLayout", "tf32_allowed"]
 
 BACKENDS = ("auto", "torch", "reference", "triton")
@@ -217,11 +218,16 @@ def _triton_wins(device_index: int, dtype: torch.dtype, block_size: int | None) 
     return _triton_module() is not None
 
 
-# Below this many multiply-adds of the dense product (rows of x * in * out) 'auto' uses the
-# reference: one dense GEMM beats a dozen small ones plus their per-call overhead. Measured on a
-# 2-core CPU at one thread: the grouped path wins from about 1e8 (512 x 256 -> 1024), loses at
-# 3e7 (128 x 256 -> 1024), and is 4-5x slower on tiny layers (128 x 64 -> 256).
+# Below this many multiply-adds of the dense product (rows of x * in * out), of a weight below
+# AUTO_MAX_REFERENCE_WEIGHT entries, 'auto' uses the reference: one dense GEMM beats the grouped
+# path's per-call set-up there. The reference materialises the dense weight on every call, so a
+# large layer at a few rows takes the grouped path whatever the product's size. Measured (Xeon with
+# AMX, one thread, Pixelfly layers with blocks of 32 and rank 8, fwd+bwd, medians of 15; reference /
+# 'torch' with the compiled sweep): 1024 -> 4096 at 1 row 26.1 / 3.8 ms, at 64 rows 43.7 / 5.0;
+# 512 -> 2048 at 1 row 4.0 / 1.3; 256 -> 1024 at 1 row 1.10 / 0.81, at 64 rows 1.74 / 1.22;
+# 128 -> 512 at 1 row 0.42 / 0.56, at 64 rows 0.60 / 0.70.
 AUTO_MIN_MACS = 2 ** 26
+AUTO_MAX_REFERENCE_WEIGHT = 2 ** 17
 
 
 def resolve_backend(x: torch.Tensor, backend: str = "auto", block_size: int | None = None,
@@ -230,9 +236,10 @@ def resolve_backend(x: torch.Tensor, backend: str = "auto", block_size: int | No
 
     'auto' picks 'reference' inside torch.func transforms; 'triton' for CUDA tensors where it
     beats cuBLAS (bfloat16/float16 on sm_80+, float32 only with TF32 allowed; block size in
-    16..128; see the module docstring); 'reference' when the dense product is small
-    (x.numel() * out_features < :data:`AUTO_MIN_MACS`); else 'torch' (which also runs on CUDA, as
-    plain PyTorch). Asking for 'triton' where it cannot run raises a ValueError.
+    16..128; see the module docstring); 'reference' when the dense product and the weight are small
+    (x.numel() * out_features < :data:`AUTO_MIN_MACS`, in * out < :data:`AUTO_MAX_REFERENCE_WEIGHT`);
+    else 'torch' (which also runs on CUDA, as plain PyTorch). Asking for 'triton' where it cannot run
+    raises a ValueError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -244,7 +251,8 @@ def resolve_backend(x: torch.Tensor, backend: str = "auto", block_size: int | No
             index = x.device.index if x.device.index is not None else torch.cuda.current_device()
             if _triton_wins(index, dtype, block_size):
                 return "triton"
-        if out_features is not None and x.numel() * out_features < AUTO_MIN_MACS:
+        if (out_features is not None and x.numel() * out_features < AUTO_MIN_MACS
+                and x.shape[-1] * out_features < AUTO_MAX_REFERENCE_WEIGHT):
             return "reference"
         return "torch"
     if backend == "triton":
