@@ -17,18 +17,19 @@ once per plan (:mod:`pixelfly_lab.ops.native_tables`, cached; the C++ side check
 against its operands) and packs the blocks per call (one compiled pass for a stacked plan).
 
 bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, even block sizes): the
-same tables (gathered ones for gather tables: :data:`GATHERED`), B operands in VNNI pairs (low-rank K padded to :data:`K_STEP_16BIT`), float32
-accumulation rounded once (per output slice of a group in a gather table, per tile otherwise), the
-blocks' gradients summed in float32 (:func:`native_takes`). x may stay float32 (what autocast hands
-over): the sweep rounds each tile of it into a scratch buffer (and the grams' panels 16 rows at a
-time, into a strip kept in L1), and dX comes back in float32, unrounded: no bfloat16 copy of x is
-made, kept for the backward or cast back. So may the parameters: rounded as they are packed, their
-gradients the float32 sums (no bfloat16 copies cast by autocast, rounded gradients cast back:
-layer fwd+bwd of the released 1024 -> 4096 under autocast, one thread, medians of 41 in alternating
-processes, 3.90 -> 3.45 ms at 16 rows, 9.78 -> 8.70 at 512). Measured (released configuration, 1024 -> 4096, one
-thread, autocast, a dense layer's step before each timed call, medians of 9-41 interleaved
-rounds), x cast by autocast first / x float32 into the sweep: fwd+bwd 67.6 / 66.5 ms at 4096
-rows, 11.2 / 10.8 ms at 512 rows; forward 17.6 / 16.5 and 4.3 / 4.1 ms.
+same tables (gathered ones for gather tables: :data:`GATHERED`), B operands in VNNI pairs (low-rank
+K padded to :data:`K_STEP_16BIT`), float32 accumulation rounded once (per output slice of a group in
+a gather table, per tile otherwise), the blocks' gradients summed in float32 (:func:`native_takes`).
+x may stay float32 (what autocast hands over): the sweep rounds each tile of it into a scratch
+buffer (and the grams' panels 16 rows at a time, into a strip kept in L1), and dX comes back in
+float32, unrounded: no bfloat16 copy of x is made, kept for the backward or cast back. Measured
+(released configuration, 1024 -> 4096, one thread, autocast, a dense layer's step before each timed
+call, medians of 9-41 interleaved rounds), x cast by autocast first / x float32 into the sweep:
+fwd+bwd 67.6 / 66.5 ms at 4096 rows, 11.2 / 10.8 ms at 512 rows; forward 17.6 / 16.5 and 4.3 / 4.1
+ms. So may the parameters: rounded as they are packed, their gradients the float32 sums (no
+bfloat16 copies made by autocast, no rounded gradients cast back: layer fwd+bwd of the released
+1024 -> 4096 under autocast, one thread, medians of 41 in alternating processes, 3.90 -> 3.45 ms at
+16 rows, 9.78 -> 8.70 at 512).
 
 Why: on one AVX-512 core (Xeon with AMX) ``torch.mm`` on a group's strided views, (512 x 96) @
 (96 x 128) into a 4096-wide output, ran at ~117-140 GFLOP/s while nn.Linear's whole GEMM ran at

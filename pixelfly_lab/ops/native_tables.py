@@ -154,8 +154,6 @@ def gram_table(plan: Plan, groups: bool, extra: int, pairs: tuple, first: tuple)
     return _TABLES[key]
 
 
-
-
 def gathered_products(plan: Plan, low_k: int, lead: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """(products, gathers) of the plan's gather table (the forward of a plan that gathers x, dX of a
     transposed plan), each output slice one product: :func:`product_tables` ('gather'), but a group
