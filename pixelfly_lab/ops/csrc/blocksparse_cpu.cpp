@@ -33,8 +33,9 @@
 // and the products read that: one micro-kernel call per output slice (K = the runs' and the low-rank
 // factor's together, B packed alike) instead of one per run and one for the low-rank term, each of
 // which reads and writes the slice's float32 window again
-// (AMX: a K-32 pass over the window cost half a K-256 product; measured, 1024 -> 4096 at 4096 rows,
-// one thread: products K 192 + 64 12.9 ms, 128 + 64 + 64 15.1, one K 256 11.1).
+// (AMX: each extra pass over the windows cost 1.9-2.2 ms where the whole product took 11.1; measured,
+// 16 slices 256 wide into a 4096-wide output at 4096 rows, one thread: products K 256 11.1 ms,
+// K 192 + 64 12.9, 128 + 64 + 64 15.1; K 64 alone 5.3).
 //
 // Large outputs (at least `stream_bytes`, chosen by the Python side) whose products form windows
 // (find_windows: a gather plan's groups, each output slice's products consecutive) are accumulated
