@@ -140,17 +140,20 @@ def native_applies(x2: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | 
             and native_takes(dtype, x2.device, values.shape[-1]))
 
 
-def _right(m: torch.Tensor, pad_rows: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _right(m: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A B operand as the sweep reads it, in ``dtype`` (default: m's): contiguous (K, N) for float32;
-    for bfloat16 in the VNNI layout (K/2, N, 2), rows in pairs, after ``pad_rows`` zero rows (K must
-    come out even)."""
+    for bfloat16 in the VNNI layout (K/2, N, 2), rows in pairs (K must be even)."""
     m = m if dtype is None else m.to(dtype)
-    if pad_rows:
-        m = torch.cat([m, m.new_zeros(pad_rows, m.shape[1])])
     if m.dtype == torch.float32:
         return m.contiguous()
     k, n = m.shape
     return m.reshape(k // 2, 2, n).transpose(1, 2).contiguous()
+
+
+def _stacked(parts: list, pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """The rows of ``parts`` (each (k_i, n)) in ``dtype``, then ``pad`` zero rows: a low-rank B operand
+    ([U^T; bias] or V^T) with K padded for the micro-kernels (:func:`_k_pad`)."""
+    return torch.cat([p.to(dtype) for p in parts] + [parts[0].new_zeros(pad, parts[0].shape[1], dtype=dtype)])
 
 
 def _packed(values, plan: Plan, transpose: bool, dtype: torch.dtype, extra: torch.Tensor | None = None) -> list:
@@ -232,8 +235,7 @@ def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int, dtype:
         if pad:
             z1[:, low:] = 0
         a_ops.append(z1)
-        low_b = torch.cat(([u.T.to(dtype)] if u is not None else []) + ([bias[None].to(dtype)] if bias is not None else [])
-                          + [z1.new_zeros(pad, out_features)], 0)   # [U^T; bias; 0]
+        low_b = _stacked(([u.T] if u is not None else []) + ([bias[None]] if bias is not None else []), pad, dtype)
     b_ops = _packed(values, plan, not plan.transposed, dtype, low_b if gathered else None)
     if low_b is not None and not gathered:
         b_ops.append(_right(low_b))
@@ -287,7 +289,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     # plan's) in the dtypes of GATHERED with each group's runs of gy and gz as one gathered A
     kind = "gather" if plan.transposed else "scatter"
     gathered = need_x and kind == "gather" and dtype in GATHERED
-    low_t = None if gz is None else torch.cat([v.T.to(dtype), v.new_zeros(pad, in_features, dtype=dtype)])   # [V^T; 0]
+    low_t = None if gz is None else _stacked([v.T], pad, dtype)
     a_ops, b_ops, outs, lead, gathers = [gy], [], [gy.new_empty(0, 0)], (), None
     if need_x:
         b_ops = _packed(values, plan, plan.transposed, dtype, low_t if gathered else None)

@@ -112,7 +112,7 @@ def sparse_lowrank_forward(x2: torch.Tensor, values: torch.Tensor, bias: torch.T
     """
     dtype = dtype or values.dtype
     if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], out_features, 0 if u is None else u.shape[1], values, dtype):
-        return _dense_forward(x2.to(dtype), *_cast(dtype, values, bias, u, v), plan, out_features)
+        return _dense_forward(x2, values, bias, u, v, plan, out_features, dtype)
     return _grouped_forward(x2, values, bias, u, v, plan, out_features, dtype)
 
 
@@ -140,9 +140,15 @@ def sparse_lowrank_backward(gy: torch.Tensor, x2: torch.Tensor, values: torch.Te
     dtype = dtype or values.dtype
     # the forward's route: decisions are cached for the life of the process, never evicted
     if dense_gemm_wins(plan, x2.shape[0], x2.shape[1], gy.shape[1], 0 if u is None else u.shape[1], values, dtype):
-        grads = _dense_backward(gy, x2.to(dtype), *_cast(dtype, values, u, v), plan, needs_input_grad, has_bias)
+        grads = _dense_backward(gy, x2, values, u, v, plan, needs_input_grad, has_bias, dtype)
     else:
         grads = _grouped_backward(gy, x2, values, u, v, z, plan, needs_input_grad, has_bias, dtype)
+    return _in_dtypes(grads, x2, values, u, v)
+
+
+def _in_dtypes(grads: tuple, x2, values, u, v) -> tuple:
+    """(dx2, dvalues, dbias, du, dv) in x2's, values', values', u's and v's dtypes (a route may
+    compute them in another: the compute dtype)."""
     return tuple(g if g is None or t is None or g.dtype == t.dtype else g.to(t.dtype)
                  for g, t in zip(grads, (x2, values, values, u, v)))
 
@@ -185,14 +191,18 @@ def _dense_weight(values, plan: Plan, u, v, out_features: int, in_features: int)
     return weight if u is None else torch.addmm(weight, u, v.T)
 
 
-def _dense_forward(x2, values, bias, u, v, plan: Plan, out_features: int):
-    """(y, z) of :func:`sparse_lowrank_forward` by one GEMM on the materialised weight."""
+def _dense_forward(x2, values, bias, u, v, plan: Plan, out_features: int, dtype: torch.dtype):
+    """(y, z) of :func:`sparse_lowrank_forward` by one GEMM on the materialised weight, the operands
+    cast to ``dtype`` first."""
+    x2, values, bias, u, v = _cast(dtype, x2, values, bias, u, v)
     y = torch.nn.functional.linear(x2, _dense_weight(values, plan, u, v, out_features, x2.shape[1]), bias)
     return y, None if u is None else times_narrow(x2, v)
 
 
-def _dense_backward(gy, x2, values, u, v, plan: Plan, needs_input_grad, has_bias: bool):
-    """Gradients by dense GEMMs: dW = gy^T x2, then S's blocks, dU = dW V, dV = dW^T U."""
+def _dense_backward(gy, x2, values, u, v, plan: Plan, needs_input_grad, has_bias: bool, dtype: torch.dtype):
+    """Gradients by dense GEMMs in ``dtype`` (the operands cast first): dW = gy^T x2, then S's blocks,
+    dU = dW V, dV = dW^T U."""
+    x2, values, u, v = _cast(dtype, x2, values, u, v)
     need_x, need_values, need_bias, need_u, need_v = needs_input_grad
     grad_x = grad_values = grad_bias = grad_u = grad_v = None
     if need_x:
@@ -290,9 +300,8 @@ def _measure_routes(plan: Plan, rows: int, in_features: int, out_features: int, 
         _grouped_backward(gy, x2, values, u, v, z, plan, needs, True, dtype)
 
     def dense():     # its casts included, as there
-        _dense_forward(x2.to(dtype), *_cast(dtype, values, bias, u, v), plan, out_features)
-        grads = _dense_backward(gy, x2.to(dtype), *_cast(dtype, values, u, v), plan, needs, True)
-        _cast(params, *grads)
+        _dense_forward(x2, values, bias, u, v, plan, out_features, dtype)
+        _in_dtypes(_dense_backward(gy, x2, values, u, v, plan, needs, True, dtype), x2, values, u, v)
 
     best = {grouped: float("inf"), dense: float("inf")}
     # the measurement is no part of the caller's computation: hidden from dispatch modes such as
