@@ -28,6 +28,8 @@ def test_step_table_counts_matmul_macs_exactly_and_names_the_baseline():
     assert table.loc[0, "ratio"] == 1.0 and (table["step_ms"] > 0).all()
     assert table["fraction_of_limit"].tolist() == pytest.approx((table["ratio"] / table["flop_limit"]).tolist())
     assert table.loc[1, "params"] == 2 * 64 * 128 + 128 + 64
+    assert (table["matmul_ms"] > 0).all() and table.loc[0, "matmul_fraction"] == 1.0
+    assert table.loc[0, "attainable_ratio"] == 1.0 and (table["attainable_ratio"] > 0).all()
 
 
 def test_step_table_reports_the_system_time_inside_steps(monkeypatch):
@@ -73,6 +75,56 @@ def test_attention_macs_count_both_products_and_halve_causal():
     table = time_training_steps({"full": Attend(False), "causal": Attend(True)}, x, steps=1, rounds=1, warmup=0)
     full = (2 + 5) * 2 * 3 * 16 * 16 * 8    # forward QK^T and PV; backward with the recompute
     assert table["gmacs"].tolist() == pytest.approx([full / 1e9, full / 2e9], rel=0, abs=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_attention_counts_the_kept_pairs_of_its_layout(causal):
+    """Against the (T, T) element mask of the layout (j <= i too when causal): D + Dv per kept pair
+    forward, 3 D + 2 Dv backward, per batch and head, as scaled dot-product attention counts."""
+    from pixelfly_lab.ops.attention import block_sparse_attention
+    from pixelfly_lab.ops.registry import register_layout
+    from pixelfly_lab.speed.timer import _MacCounter
+    from pixelfly_lab.structure.masks import layout_to_mask
+
+    torch.manual_seed(0)
+    layout = torch.rand(4, 4) < 0.5
+    layout |= torch.eye(4, dtype=torch.bool)
+    key, b, (B, H, D, Dv) = register_layout(layout, 8), 8, (2, 3, 16, 4)
+    q, k = (torch.randn(B, H, 32, D, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, H, 32, Dv, requires_grad=True)
+    mask = layout_to_mask(layout, b)
+    pairs = int((mask.tril() if causal else mask).sum())
+    with _MacCounter() as forward:
+        out = block_sparse_attention(q, k, v, key, b, causal=causal)
+    with _MacCounter() as backward:
+        out.sum().backward()
+    assert forward.macs == B * H * pairs * (D + Dv)
+    assert backward.macs == B * H * pairs * (3 * D + 2 * Dv)
+
+
+def test_matmul_time_counts_only_the_calls_that_multiply():
+    """A clock that ticks once per reading: each timed call reads it twice, so seconds = calls with
+    multiply-adds (forward 2 addmm; backward dW2, the hidden layer's dX, dW1); the activation,
+    the loss and the bias gradients are not timed."""
+    from pixelfly_lab.speed.timer import _MacCounter
+
+    ticks = iter(range(1000))
+    model, x = _mlp(32), torch.randn(8, 64)
+    with _MacCounter(lambda: next(ticks)) as meter:
+        model(x).square().sum().backward()
+    assert meter.seconds == 5 and meter.macs == 5 * 8 * 64 * 32
+
+
+def test_matmul_columns_put_the_model_at_the_baselines_matmul_rate():
+    from pixelfly_lab.speed.timer import _matmul_columns
+
+    steps, matmul, macs = {"dense": 10.0, "sparse": 5.0}, {"dense": 8.0, "sparse": 3.0}, {"dense": 400, "sparse": 100}
+    got = _matmul_columns(steps, matmul, macs, "dense", "sparse")
+    # at the dense rate the sparse matmuls take 8 * 100 / 400 = 2 s of their 3; the other 2 s stay
+    assert got == {"matmul_fraction": pytest.approx(2 / 3), "attainable_ratio": pytest.approx(10 / 4)}
+    assert _matmul_columns(steps, matmul, macs, "dense", "dense") == {"matmul_fraction": 1.0, "attainable_ratio": 1.0}
+    none = _matmul_columns(steps, {"dense": 8.0, "sparse": 0.0}, macs, "dense", "sparse")
+    assert all(v != v for v in none.values())   # NaN: nothing to compare
 
 
 def test_step_table_refuses_bad_arguments_by_name():

@@ -5,7 +5,11 @@ the studies' step speeds, the GPU training script) uses :func:`time_training_ste
 runs ``steps`` timed steps per round, rounds rotate which model goes first so that a shared
 machine's load drifts onto all of them alike, and medians are reported with the ratio to the
 first model. The multiply-adds that actually run are counted once with a dispatch mode, so the
-FLOP limit of a sparse model is measured, not assumed.
+FLOP limit of a sparse model is measured, not assumed; the same mode times the matmuls of one
+forward+backward per model and round, so a table also says at what fraction of the baseline's matmul
+rate a model's matmuls ran, and what ratio its step could reach with its other work as it is
+(``attainable_ratio``): a FLOP limit that the non-matmul work (optimizer, normalisations, softmax,
+the loss) puts out of reach shows there, on the machine that runs it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pixelfly_lab.ops.registry import registered_layout
 from pixelfly_lab.threads import num_threads
 from pixelfly_lab.outputs import check_output_fn, model_output
 from pixelfly_lab.speed.machine import load_average
@@ -66,19 +71,46 @@ def _matmul_macs(name: str, args) -> int:
         flags = [a for a in args if isinstance(a, bool)]
         macs = (5 if backward else 2) * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
         return macs // 2 if flags and flags[-1] else macs
+    if name.startswith("block_attention_"):
+        return _block_attention_macs(name.endswith("bwd"), args)
     return 0
 
 
-class _MacCounter(TorchDispatchMode):
-    """Counts the multiply-adds of the matmuls (and attention) that actually run."""
+def _block_attention_macs(backward: bool, args) -> int:
+    """Multiply-adds of a ``pixelfly_lab::block_attention_fwd`` / ``_bwd`` call: per kept (query,
+    key) pair of its registered layout (causal: j <= i only), D for Q K^T and Dv for P V in the
+    forward; the backward recomputes the scores and forms dV, dP, dQ and dK (3 D + 2 Dv), as
+    scaled dot-product attention is counted above."""
+    q, v = (args[2], args[4]) if backward else (args[0], args[2])
+    key, causal = (args[7], args[8]) if backward else (args[3], args[4])
+    entry = registered_layout(key)
+    b, layout = entry.block_size, entry.layout
+    pairs = int(layout.sum()) * b * b
+    if causal:   # above the diagonal nothing; a diagonal block keeps b (b + 1) / 2 pairs
+        upper, diagonal = int(layout.triu(1).sum()), int(layout.diagonal().sum())
+        pairs -= upper * b * b + diagonal * b * (b - 1) // 2
+    d, dv = q.shape[-1], v.shape[-1]
+    return q.shape[:-2].numel() * pairs * ((3 * d + 2 * dv) if backward else (d + dv))
 
-    def __init__(self):
+
+class _MacCounter(TorchDispatchMode):
+    """Counts the multiply-adds of the matmuls (and attention) that actually run; with a ``clock``
+    (seconds, synchronised on a GPU) also the time spent in them (``seconds``): each call that does
+    multiply-adds is timed whole, its own kernels and set-up included (a custom op's packing, say)."""
+
+    def __init__(self, clock=None):
         super().__init__()
-        self.macs = 0
+        self.macs, self.seconds, self._clock = 0, 0.0, clock
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.macs += _matmul_macs(func.overloadpacket.__name__, args)
-        return func(*args, **(kwargs or {}))
+        macs = _matmul_macs(func.overloadpacket.__name__, args)
+        self.macs += macs
+        if not macs or self._clock is None:
+            return func(*args, **(kwargs or {}))
+        tick = self._clock()
+        out = func(*args, **(kwargs or {}))
+        self.seconds += self._clock() - tick
+        return out
 
 
 def _os_counters() -> tuple[float, float]:
@@ -95,9 +127,47 @@ def _ratios_without_system(times: dict, system: dict, base: str, one_thread: boo
     the operating system's time (page faults of fresh allocations) taken out of every step. NaN
     with several threads (their system time is summed over threads, wall time is not) and where a
     model's median is not positive."""
-    own = {name: statistics.median(w - s for w, s in zip(times[name], system[name])) for name in times}
+    own = _own_medians(times, system, one_thread=True)
     usable = one_thread and own[base] > 0
     return {name: own[base] / own[name] if usable and own[name] > 0 else float("nan") for name in times}
+
+
+def _own_medians(times: dict, system: dict, one_thread: bool) -> dict:
+    """{model: median seconds per step}: of wall - system time on one thread (as
+    :func:`_ratios_without_system`), of wall time otherwise."""
+    if one_thread:
+        return {name: statistics.median(w - s for w, s in zip(times[name], system[name])) for name in times}
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _matmul_seconds(model: nn.Module, loss_of, cuda: bool) -> float:
+    """Seconds spent in the matmuls (and attention) of one forward+backward of ``model``
+    (:class:`_MacCounter` with a clock, synchronised on a GPU); the gradients are cleared before
+    and after."""
+    def clock():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    with _MacCounter(clock) as meter:
+        loss_of(model).backward()
+    model.zero_grad(set_to_none=True)
+    return meter.seconds
+
+
+def _matmul_columns(steps: dict, matmul: dict, macs: dict, base: str, name: str) -> dict:
+    """matmul_fraction: ``name``'s multiply-adds per matmul second over the baseline's (the rate of
+    its matmuls as a fraction of the baseline's, as ``fraction_of_dense_rate`` is for one layer);
+    attainable_ratio: the baseline's step over ``name``'s with its matmuls at the baseline's rate,
+    its other work (optimizer, normalisations, softmax, loss) as measured, steps as
+    :func:`_own_medians` gives them. NaN where a model has no matmul time or multiply-adds."""
+    nan = float("nan")
+    if min(matmul[base], matmul[name]) <= 0 or min(macs[base], macs[name]) <= 0:
+        return {"matmul_fraction": nan, "attainable_ratio": nan}
+    at_base_rate = matmul[base] * macs[name] / macs[base]
+    rest = steps[name] - matmul[name] + at_base_rate
+    return {"matmul_fraction": at_base_rate / matmul[name],
+            "attainable_ratio": steps[base] / rest if rest > 0 else nan}
 
 
 def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
@@ -147,7 +217,13 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         out, median of wall - system per model; what the steps' own work gives, where page faults
         swing the wall ratio; NaN with several threads, whose system time is summed over threads),
         flop_limit (baseline's multiply-adds / this), fraction_of_limit (ratio / flop_limit),
-        gmacs (multiply-adds of one forward+backward, 1e9), params, threads, load_avg.
+        matmul_ms (median over rounds of the time in the matmuls of one forward+backward, timed
+        call by call in a pass of its own after each round's steps), matmul_fraction (this
+        model's multiply-adds per matmul second over the baseline's: 1 for the baseline),
+        attainable_ratio (the baseline's step over this one's with its matmuls at the baseline's
+        rate and its other work as measured: the ratio sparse matmuls at full efficiency would
+        give; steps without system time on one thread, wall time otherwise), gmacs (multiply-adds
+        of one forward+backward, 1e9), params, threads, load_avg.
 
     Example:
         >>> dense = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
@@ -204,6 +280,7 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         times = {name: [] for name in models}
         system = {name: [] for name in models}   # operating-system CPU time per step
         faults = {name: [] for name in models}
+        matmul = {name: [] for name in models}   # seconds in the matmuls of one forward+backward
         names = list(models)
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -218,10 +295,13 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                     kernel_after, faulted_after = _os_counters()
                     system[name].append(kernel_after - kernel)
                     faults[name].append(faulted_after - faulted)
+                matmul[name].append(_matmul_seconds(models[name], loss_of, cuda))
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
     used_threads = threads if threads is not None else previous
     without_system = _ratios_without_system(times, system, base, used_threads == 1)
+    own = _own_medians(times, system, used_threads == 1)
+    matmul = {name: statistics.median(m) for name, m in matmul.items()}
     load = load_average()[0]
     rows = []
     for name, model in models.items():
@@ -230,7 +310,8 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                      "page_faults": statistics.median(faults[name]), "ratio": ratio,
                      "ratio_without_system": without_system[name],
                      "flop_limit": limit,
-                     "fraction_of_limit": ratio / limit, "gmacs": macs[name] / 1e9,
+                     "fraction_of_limit": ratio / limit, "matmul_ms": 1e3 * matmul[name],
+                     **_matmul_columns(own, matmul, macs, base, name), "gmacs": macs[name] / 1e9,
                      "params": sum(p.numel() for p in model.parameters()),
                      "threads": used_threads, "load_avg": load})
     return pd.DataFrame(rows)
