@@ -9,9 +9,9 @@ row count, each under a line naming the CPU, its GEMM flags and the load
 (``fraction_q25``, ``fraction_q75``); then whole-model training steps
 (:func:`pixelfly_lab.speed.model_speed.model_speed_table`, with ``ratio_without_system``: the step
 ratio without the operating system's page-fault time, which swings the wall ratio on some
-machines; ``matmul_fraction``: the sparse model's matmul rate as a fraction of the dense model's, the
-model's analogue of ``fraction_of_dense_rate``; ``attainable_ratio``: the ratio with the sparse matmuls
-at the dense rate and the rest of the step as measured); :func:`plot_speed` draws speed-up against budget. The speed targets are fractions of the same machine's dense rate (the README's
+machines; ``sparse_fraction``: the rate of the sparse model's Pixelfly ops as a fraction of the dense
+model's matmul rate, the model's analogue of ``fraction_of_dense_rate``; ``attainable_ratio``: the
+ratio with those ops at the dense rate and the rest of the step as measured); :func:`plot_speed` draws speed-up against budget. The speed targets are fractions of the same machine's dense rate (the README's
 Notes): the released configuration (butterfly_size 16, n_factors 2, rank 32, block 32) at
 1024 -> 4096 forward and forward+backward at 0.9 of its FLOP limit, budget 0.1 at 0.75, bf16
 autocast at 0.75 against dense bf16. The Pixelfly paper (Dao, Chen et al., ICLR 2022, arXiv
@@ -224,8 +224,8 @@ def run(args, *, isolate: bool = True) -> int:
         models.to_csv(out / f"models_threads{threads}.csv" if len(args.threads) > 1 else out / "models.csv",
                       index=False)
         columns = ["case", "model", "depth", "batch", "budget", "attention", "step_ms", "system_ms", "page_faults",
-                   "ratio", "ratio_without_system", "flop_limit", "fraction_of_limit", "matmul_ms", "matmul_fraction",
-                   "attainable_ratio", "gmacs", "params"]
+                   "ratio", "ratio_without_system", "flop_limit", "fraction_of_limit", "matmul_ms", "other_ms",
+                   "sparse_ms", "sparse_fraction", "attainable_ratio", "gmacs", "params"]
         with pd.option_context("display.width", 220, "display.precision", 3):
             print(models[columns].to_string(index=False))
         print(f"model table: {out / 'models.csv'} ({threads} thread(s); load average "

@@ -93,12 +93,13 @@ def _model_pair(case: ModelCase, seed: int):
 
 
 def model_speed_table(cases=MODEL_CASES, *, steps: int = 1, rounds: int = 3, threads: int = 1,
-                      seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                      seed: int = 0, progress: bool = True, time_matmuls: bool = True) -> pd.DataFrame:
     """Training-step speed of whole models against their dense versions (:func:`time_training_steps`).
 
     Args:
         cases: :class:`ModelCase` s; default Mixer-B/16 (batch 8) and GPT-2 small (batch 4).
-        steps, rounds, threads: as :func:`time_training_steps` (one thread: the CPU target).
+        steps, rounds, threads, time_matmuls: as :func:`time_training_steps` (one thread: the
+            CPU target; the matmuls timed by default: sparse_fraction and attainable_ratio).
         seed: seeds the weights and the batch.
         progress: a progress bar over cases.
 
@@ -116,7 +117,7 @@ def model_speed_table(cases=MODEL_CASES, *, steps: int = 1, rounds: int = 3, thr
     for case in tqdm(cases, desc="models", disable=not progress):
         dense, sparse, batch, target = _model_pair(case, seed)
         table = time_training_steps({"dense": dense, "pixelfly": sparse}, batch, target, steps=steps,
-                                    rounds=rounds, threads=threads)
+                                    rounds=rounds, threads=threads, time_matmuls=time_matmuls)
         table.insert(0, "case", case.name)
         for column in ("depth", "dim", "batch", "budget", "block_size", "attention"):
             table.insert(len(table.columns) - 1, column, getattr(case, column))

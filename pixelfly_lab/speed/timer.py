@@ -5,11 +5,12 @@ the studies' step speeds, the GPU training script) uses :func:`time_training_ste
 runs ``steps`` timed steps per round, rounds rotate which model goes first so that a shared
 machine's load drifts onto all of them alike, and medians are reported with the ratio to the
 first model. The multiply-adds that actually run are counted once with a dispatch mode, so the
-FLOP limit of a sparse model is measured, not assumed; the same mode times the matmuls of one
-forward+backward per model and round, so a table also says at what fraction of the baseline's matmul
-rate a model's matmuls ran, and what ratio its step could reach with its other work as it is
-(``attainable_ratio``): a FLOP limit that the non-matmul work (optimizer, normalisations, softmax,
-the loss) puts out of reach shows there, on the machine that runs it.
+FLOP limit of a sparse model is measured, not assumed. On request (``time_matmuls``) the same mode
+times the matmuls of one forward+backward per model and round, so a table also says at what
+fraction of the baseline's matmul rate the toolkit's sparse ops ran inside the model, and what ratio
+the step could reach with them at that rate and the rest of it as it is (``attainable_ratio``): the
+part of a FLOP limit that the non-matmul work (optimizer, normalisations, softmax, the loss) puts
+out of reach of faster sparse kernels shows there, on the machine that runs it.
 """
 
 from __future__ import annotations
@@ -94,22 +95,28 @@ def _block_attention_macs(backward: bool, args) -> int:
 
 
 class _MacCounter(TorchDispatchMode):
-    """Counts the multiply-adds of the matmuls (and attention) that actually run; with a ``clock``
-    (seconds, synchronised on a GPU) also the time spent in them (``seconds``): each call that does
-    multiply-adds is timed whole, its own kernels and set-up included (a custom op's packing, say)."""
+    """Counts the multiply-adds of the matmuls (and attention) that actually run (``macs``; those of
+    the toolkit's own ops, namespace ``pixelfly_lab``, also in ``own_macs``); with a ``clock`` (seconds)
+    also the time spent in them (``seconds``, ``own_seconds``): each call that does multiply-adds is
+    timed whole, its own kernels and set-up included (a custom op's packing, say); nothing inside a
+    call is seen (or timed) again."""
 
     def __init__(self, clock=None):
         super().__init__()
-        self.macs, self.seconds, self._clock = 0, 0.0, clock
+        self.macs, self.own_macs, self.seconds, self.own_seconds, self._clock = 0, 0, 0.0, 0.0, clock
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         macs = _matmul_macs(func.overloadpacket.__name__, args)
+        own = func.namespace == "pixelfly_lab"
         self.macs += macs
+        self.own_macs += macs if own else 0
         if not macs or self._clock is None:
             return func(*args, **(kwargs or {}))
         tick = self._clock()
         out = func(*args, **(kwargs or {}))
-        self.seconds += self._clock() - tick
+        elapsed = self._clock() - tick
+        self.seconds += elapsed
+        self.own_seconds += elapsed if own else 0.0
         return out
 
 
@@ -140,34 +147,46 @@ def _own_medians(times: dict, system: dict, one_thread: bool) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _matmul_seconds(model: nn.Module, loss_of, cuda: bool) -> float:
-    """Seconds spent in the matmuls (and attention) of one forward+backward of ``model``
-    (:class:`_MacCounter` with a clock, synchronised on a GPU); the gradients are cleared before
-    and after."""
-    def clock():
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+def _thread_clock():
+    """Seconds of wall time less this thread's operating-system time (Linux; plain wall time
+    elsewhere): a matmul's page faults (the first write into a fresh output) are left out, as the
+    steps' system time is on one thread."""
+    if resource is None or not hasattr(resource, "RUSAGE_THREAD"):
+        return time.perf_counter
+    return lambda: time.perf_counter() - resource.getrusage(resource.RUSAGE_THREAD).ru_stime
+
+
+def _matmul_pass(model: nn.Module, loss_of, one_thread: bool) -> _MacCounter:
+    """One forward+backward of ``model`` under a timing :class:`_MacCounter` (:func:`_thread_clock`
+    on one thread, wall time otherwise); the gradients are cleared before and after."""
     model.zero_grad(set_to_none=True)
-    with _MacCounter(clock) as meter:
+    with _MacCounter(_thread_clock() if one_thread else time.perf_counter) as meter:
         loss_of(model).backward()
     model.zero_grad(set_to_none=True)
-    return meter.seconds
+    return meter
 
 
-def _matmul_columns(steps: dict, matmul: dict, macs: dict, base: str, name: str) -> dict:
-    """matmul_fraction: ``name``'s multiply-adds per matmul second over the baseline's (the rate of
-    its matmuls as a fraction of the baseline's, as ``fraction_of_dense_rate`` is for one layer);
-    attainable_ratio: the baseline's step over ``name``'s with its matmuls at the baseline's rate,
-    its other work (optimizer, normalisations, softmax, loss) as measured, steps as
-    :func:`_own_medians` gives them. NaN where a model has no matmul time or multiply-adds."""
+def _matmul_columns(steps: dict, passes: dict, base: str, name: str) -> dict:
+    """The matmul columns of ``name`` from its steps (:func:`_own_medians`) and its timing passes
+    (:func:`_matmul_pass`, medians over them): matmul_ms and other_ms (the step less it); sparse_ms
+    and sparse_fraction (the toolkit's own ops: their multiply-adds per second over the baseline's
+    matmul rate, what ``fraction_of_dense_rate`` is for one layer); attainable_ratio (the baseline's
+    step over ``name``'s with its own ops at the baseline's matmul rate, everything else as
+    measured). NaN without passes (or where a rate has no time); the baseline's ratio is 1."""
     nan = float("nan")
-    if min(matmul[base], matmul[name]) <= 0 or min(macs[base], macs[name]) <= 0:
-        return {"matmul_fraction": nan, "attainable_ratio": nan}
-    at_base_rate = matmul[base] * macs[name] / macs[base]
-    rest = steps[name] - matmul[name] + at_base_rate
-    return {"matmul_fraction": at_base_rate / matmul[name],
-            "attainable_ratio": steps[base] / rest if rest > 0 else nan}
+    if not passes[name] or not passes[base]:
+        return dict.fromkeys(("matmul_ms", "other_ms", "sparse_ms", "sparse_fraction", "attainable_ratio"), nan)
+
+    def median(model, what):
+        return statistics.median(getattr(m, what) for m in passes[model])
+    matmul, sparse, base_matmul = median(name, "seconds"), median(name, "own_seconds"), median(base, "seconds")
+    own_macs, base_macs = passes[name][0].own_macs, passes[base][0].macs
+    rate = base_macs / base_matmul if base_matmul > 0 else nan          # the baseline's multiply-adds per second
+    at_rate = own_macs / rate if own_macs else 0.0
+    rest = steps[name] - sparse + at_rate
+    return {"matmul_ms": 1e3 * matmul, "other_ms": 1e3 * (steps[name] - matmul), "sparse_ms": 1e3 * sparse,
+            "sparse_fraction": at_rate / sparse if own_macs and sparse > 0 else nan,
+            "attainable_ratio": 1.0 if name == base else steps[base] / rest if rest > 0 else nan}
 
 
 def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
@@ -179,16 +198,21 @@ def _default_loss(output: torch.Tensor, target) -> torch.Tensor:
 
 def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None = None, *,
                         loss_fn=None, output_fn=None, optimizer=None, steps: int = 3, warmup: int = 1,
-                        rounds: int = 3, threads: int | None = 1, autocast: torch.dtype | None = None) -> pd.DataFrame:
+                        rounds: int = 3, threads: int | None = 1, autocast: torch.dtype | None = None,
+                        time_matmuls: bool = False) -> pd.DataFrame:
     """Median wall time of one training step of each model on one batch, interleaved.
 
     A step is forward, loss, backward and ``optimizer.step()``. Every model first runs
     ``warmup`` untimed steps; then ``rounds`` times, each model in turn (rotating which goes
     first) runs ``steps`` timed steps, so that a shared machine's load drifts onto all alike.
     The FLOP limit of a model is the baseline's matmul multiply-adds in one forward+backward
-    over its own: the matmuls (``mm``, ``addmm``, ``bmm``, scaled dot-product attention) that
-    actually run, counted once with a dispatch mode; elementwise work, normalisations and the
-    optimizer are not counted, so the limit bounds what sparsifying the matmuls can give.
+    over its own: the matmuls (``mm``, ``addmm``, ``bmm``, scaled dot-product attention, the
+    toolkit's block-sparse layers and attention) that actually run, counted once with a dispatch
+    mode; elementwise work, normalisations and the optimizer are not counted, so the limit bounds
+    what sparsifying the matmuls can give. With ``time_matmuls`` each round also runs one
+    forward+backward per model with every matmul call timed on its own (CPU only): what the
+    toolkit's sparse ops reach of the baseline's matmul rate, and the ratio the step would reach
+    with them at that rate and everything else as it is.
 
     Args:
         models: {name: nn.Module} (or a sequence, named 'model 0', 'model 1', ...); the first
@@ -206,6 +230,8 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         threads: torch CPU threads while timing (restored after); None leaves them as they are.
         autocast: a dtype (``torch.bfloat16``) to run forward and loss under ``torch.autocast`` on
             the batch's device, as mixed-precision training does; None: no autocast.
+        time_matmuls: also time the matmuls (one more forward+backward per model and round; the
+            columns below are NaN without it, and on a GPU).
 
     Returns:
         DataFrame, one row per model: model, step_ms (median), system_ms (median of the operating
@@ -217,13 +243,15 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         out, median of wall - system per model; what the steps' own work gives, where page faults
         swing the wall ratio; NaN with several threads, whose system time is summed over threads),
         flop_limit (baseline's multiply-adds / this), fraction_of_limit (ratio / flop_limit),
-        matmul_ms (median over rounds of the time in the matmuls of one forward+backward, timed
-        call by call in a pass of its own after each round's steps), matmul_fraction (this
-        model's multiply-adds per matmul second over the baseline's: 1 for the baseline),
-        attainable_ratio (the baseline's step over this one's with its matmuls at the baseline's
-        rate and its other work as measured: the ratio sparse matmuls at full efficiency would
-        give; steps without system time on one thread, wall time otherwise), gmacs (multiply-adds
-        of one forward+backward, 1e9), params, threads, load_avg.
+        with ``time_matmuls`` (medians over rounds; on one thread without the operating
+        system's time, as the steps): matmul_ms (the matmuls of one forward+backward) and
+        other_ms (the step less them: optimizer, normalisations, softmax, loss), sparse_ms (the
+        toolkit's own ops among them: Pixelfly layers, block-sparse attention) and
+        sparse_fraction (their multiply-adds per second over the baseline's matmul rate: what
+        ``fraction_of_dense_rate`` is for one layer), attainable_ratio (the baseline's step over
+        this one's with its own ops at the baseline's matmul rate, all else as measured: what
+        faster sparse kernels alone could give); gmacs (multiply-adds of one forward+backward,
+        1e9), params, threads, load_avg.
 
     Example:
         >>> dense = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
@@ -280,7 +308,7 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         times = {name: [] for name in models}
         system = {name: [] for name in models}   # operating-system CPU time per step
         faults = {name: [] for name in models}
-        matmul = {name: [] for name in models}   # seconds in the matmuls of one forward+backward
+        passes = {name: [] for name in models}   # a timed forward+backward per round (time_matmuls)
         names = list(models)
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -295,13 +323,13 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                     kernel_after, faulted_after = _os_counters()
                     system[name].append(kernel_after - kernel)
                     faults[name].append(faulted_after - faulted)
-                matmul[name].append(_matmul_seconds(models[name], loss_of, cuda))
+                if time_matmuls and not cuda:
+                    passes[name].append(_matmul_pass(models[name], loss_of, torch.get_num_threads() == 1))
     base = names[0]
     medians = {name: statistics.median(t) for name, t in times.items()}
     used_threads = threads if threads is not None else previous
     without_system = _ratios_without_system(times, system, base, used_threads == 1)
     own = _own_medians(times, system, used_threads == 1)
-    matmul = {name: statistics.median(m) for name, m in matmul.items()}
     load = load_average()[0]
     rows = []
     for name, model in models.items():
@@ -310,8 +338,8 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
                      "page_faults": statistics.median(faults[name]), "ratio": ratio,
                      "ratio_without_system": without_system[name],
                      "flop_limit": limit,
-                     "fraction_of_limit": ratio / limit, "matmul_ms": 1e3 * matmul[name],
-                     **_matmul_columns(own, matmul, macs, base, name), "gmacs": macs[name] / 1e9,
+                     "fraction_of_limit": ratio / limit, **_matmul_columns(own, passes, base, name),
+                     "gmacs": macs[name] / 1e9,
                      "params": sum(p.numel() for p in model.parameters()),
                      "threads": used_threads, "load_avg": load})
     return pd.DataFrame(rows)
