@@ -60,6 +60,16 @@ def test_ratio_without_system_takes_each_steps_system_time_out():
     assert all_system != all_system   # NaN
 
 
+def test_own_step_medians_fall_back_to_wall_time():
+    """wall - system on one thread; wall time with several threads or where system time is NaN
+    (no resource module), so the matmul columns stay defined there."""
+    from pixelfly_lab.speed.timer import _own_medians
+    times, system = {"a": [1.0, 3.0, 2.0]}, {"a": [0.5, 0.5, 1.0]}
+    assert _own_medians(times, system, one_thread=True) == {"a": 1.0}
+    assert _own_medians(times, system, one_thread=False) == {"a": 2.0}
+    assert _own_medians(times, {"a": [float("nan")] * 3}, one_thread=True) == {"a": 2.0}
+
+
 def test_attention_macs_count_both_products_and_halve_causal():
     class Attend(nn.Module):
         def __init__(self, causal):

@@ -141,8 +141,9 @@ def _ratios_without_system(times: dict, system: dict, base: str, one_thread: boo
 
 def _own_medians(times: dict, system: dict, one_thread: bool) -> dict:
     """{model: median seconds per step}: of wall - system time on one thread (as
-    :func:`_ratios_without_system`), of wall time otherwise."""
-    if one_thread:
+    :func:`_ratios_without_system`), of wall time otherwise or where the platform does not report
+    system time (NaN)."""
+    if one_thread and not any(math.isnan(s) for per_step in system.values() for s in per_step):
         return {name: statistics.median(w - s for w, s in zip(times[name], system[name])) for name in times}
     return {name: statistics.median(t) for name, t in times.items()}
 
