@@ -10,7 +10,8 @@ row count, each under a line naming the CPU, its GEMM flags and the load
 (:func:`pixelfly_lab.speed.model_speed.model_speed_table`, with ``ratio_without_system``: the step
 ratio without the operating system's page-fault time, which swings the wall ratio on some
 machines; ``sparse_fraction``: the rate of the sparse model's Pixelfly ops as a fraction of the dense
-model's matmul rate, the model's analogue of ``fraction_of_dense_rate``; ``attainable_ratio``: the
+model's average matmul rate (the model's counterpart of ``fraction_of_dense_rate``, against all the
+dense model's matmuls rather than nn.Linear at one shape); ``attainable_ratio``: the
 ratio with those ops at the dense rate and the rest of the step as measured); :func:`plot_speed` draws speed-up against budget. The speed targets are fractions of the same machine's dense rate (the README's
 Notes): the released configuration (butterfly_size 16, n_factors 2, rank 32, block 32) at
 1024 -> 4096 forward and forward+backward at 0.9 of its FLOP limit, budget 0.1 at 0.75, bf16

@@ -171,7 +171,8 @@ def _matmul_columns(steps: dict, passes: dict, base: str, name: str) -> dict:
     """The matmul columns of ``name`` from its steps (:func:`_own_medians`) and its timing passes
     (:func:`_matmul_pass`, medians over them): matmul_ms and other_ms (the step less it); sparse_ms
     and sparse_fraction (the toolkit's own ops: their multiply-adds per second over the baseline's
-    matmul rate, what ``fraction_of_dense_rate`` is for one layer); attainable_ratio (the baseline's
+    average matmul rate, all its matmuls together: a layer's ``fraction_of_dense_rate`` divides by
+    nn.Linear at the same shape instead); attainable_ratio (the baseline's
     step over ``name``'s with its own ops at the baseline's matmul rate, everything else as
     measured). NaN without passes (or where a rate has no time); the baseline's ratio is 1."""
     nan = float("nan")
@@ -248,8 +249,8 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         system's time, as the steps): matmul_ms (the matmuls of one forward+backward) and
         other_ms (the step less them: optimizer, normalisations, softmax, loss), sparse_ms (the
         toolkit's own ops among them: Pixelfly layers, block-sparse attention) and
-        sparse_fraction (their multiply-adds per second over the baseline's matmul rate: what
-        ``fraction_of_dense_rate`` is for one layer), attainable_ratio (the baseline's step over
+        sparse_fraction (their multiply-adds per second over the baseline's average matmul rate, all
+        its matmuls together), attainable_ratio (the baseline's step over
         this one's with its own ops at the baseline's matmul rate, all else as measured: what
         faster sparse kernels alone could give); gmacs (multiply-adds of one forward+backward,
         1e9), params, threads, load_avg.
