@@ -252,7 +252,7 @@ def _model_claims(models: pd.DataFrame, out: Path) -> list[Claim]:
             measured=(f"{row['ratio']:.2f}x (dense {rows['step_ms'].iloc[0] / 1e3:.1f} s, sparse "
                       f"{row['step_ms'] / 1e3:.1f} s per step); FLOP limit {row['flop_limit']:.2f}x, "
                       f"{row['fraction_of_limit']:.0%} of it; its Pixelfly ops at {row['sparse_fraction']:.0%} of the "
-                      f"dense model's matmul rate, {row['attainable_ratio']:.2f}x with them at that rate and the rest "
+                      f"dense model's average matmul rate, {row['attainable_ratio']:.2f}x with them at that rate and the rest "
                       f"of the step as measured; load average {row['load_avg']:.1f}"),
             held=bool(row["ratio"] >= 2.0) if full_mixer else None,
             kind="target" if full_mixer else "info", table=csv))
