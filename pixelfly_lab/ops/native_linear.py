@@ -57,7 +57,7 @@ import torch
 from pixelfly_lab.ops import native
 from pixelfly_lab.ops.native_stages import NO_STAGES as _NO_STAGES
 from pixelfly_lab.ops.native_stages import backward_stages as _stages
-from pixelfly_lab.ops.native_tables import (NO_GATHERS, NO_GRAMS, gathered_products, gram_table, lead_product,
+from pixelfly_lab.ops.native_tables import (NO_GATHERS, NO_GRAMS, gathered_products, gram_table, lead_table,
                                             product_tables)
 from pixelfly_lab.ops.torch_buffers import new_output
 from pixelfly_lab.ops.torch_grouped import unpack_grads
@@ -304,7 +304,7 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     elif need_x:
         table = product_tables(plan, kind, r + pad if gz is not None else 0, in_features, lead)
     else:
-        table = torch.tensor(lead_product(*lead) if lead else [], dtype=torch.long).reshape(-1, 10)
+        table = lead_table(lead)
     # grams: the groups' (gathered side^T @ row side, extra rows riding along), then the others: with the
     # groups' grams, gathered side^T @ a narrow operand, reading the gathered side as those transposed
     # it (no wide operand packed for them: bfloat16 dV of 1024 -> 4096 repacked x whole per panel);

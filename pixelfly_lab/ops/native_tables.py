@@ -22,7 +22,7 @@ import torch
 
 from pixelfly_lab.ops.torch_plan import Plan
 
-__all__ = ["N_SPLIT", "product_tables", "gathered_products", "gram_table", "lead_product", "NO_GRAMS", "NO_GATHERS"]
+__all__ = ["N_SPLIT", "product_tables", "gathered_products", "gram_table", "lead_table", "NO_GRAMS", "NO_GATHERS"]
 
 # Widest product of one micro-kernel call (wider ones are cut into column pieces).
 N_SPLIT = 256
@@ -116,7 +116,7 @@ def product_tables(plan: Plan, kind: str, low_k: int, width: int, lead: tuple = 
     key = (plan.signature, kind, low_k, width, lead)
     if key not in _TABLES:
         if kind == "gather":
-            rows = (lead_product(*lead) if lead else []) + _gather_products(plan, low_k, width)
+            rows = _lead_rows(lead) + _gather_products(plan, low_k, width)
         elif kind == "scatter":
             rows = _scatter_products(plan, low_k, width, lead)
         else:
@@ -125,11 +125,22 @@ def product_tables(plan: Plan, kind: str, low_k: int, width: int, lead: tuple = 
     return _TABLES[key]
 
 
-def lead_product(k: int, b_id: int, n: int) -> list:
-    """The rows of C_1[:, :n] = A_0[:, :k] @ B_b (k x n): z = x V before the products that read it."""
+def _lead_rows(lead: tuple) -> list:
+    """The rows of C_1[:, :n] = A_0[:, :k] @ B_b (k x n) for ``lead`` = (k, b, n), none for ():
+    z = x V (or gz = gy U) before the products that read it."""
     table = []
-    _product(table, 0, 0, k, b_id, 0, n, n, 0, False, 1)
+    if lead:
+        k, b_id, n = lead
+        _product(table, 0, 0, k, b_id, 0, n, n, 0, False, 1)
     return table
+
+
+def lead_table(lead: tuple) -> torch.Tensor:
+    """The product table of :func:`_lead_rows` alone (the backward's gz = gy U without dX), cached."""
+    key = ("lead", lead)
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(_lead_rows(lead), dtype=torch.long).reshape(-1, 10)
+    return _TABLES[key]
 
 
 def _extra_grams(pairs: list, first_b: int, first_acc: int) -> list:
@@ -164,7 +175,7 @@ def gathered_products(plan: Plan, low_k: int, lead: tuple = ()) -> tuple[torch.T
     piece reads it in place. ``lead`` as for :func:`product_tables`. Cached."""
     key = (plan.signature, "gathered", low_k, lead)
     if key not in _TABLES:
-        table, gathers = lead_product(*lead) if lead else [], []
+        table, gathers = _lead_rows(lead), []
         for i, g in enumerate(plan.groups):
             n_g = g.r1 - g.r0
             pieces = [(0, c0, c1 - c0) for c0, c1 in g.runs] + ([(1, 0, low_k)] if low_k else [])
