@@ -68,6 +68,9 @@ def test_own_step_medians_fall_back_to_wall_time():
     assert _own_medians(times, system, one_thread=True) == {"a": 1.0}
     assert _own_medians(times, system, one_thread=False) == {"a": 2.0}
     assert _own_medians(times, {"a": [float("nan")] * 3}, one_thread=True) == {"a": 2.0}
+    from pixelfly_lab.speed.timer import _ratios_without_system
+    unknown = _ratios_without_system({"a": [1.0], "b": [2.0]}, {"a": [float("nan")], "b": [float("nan")]}, "a", True)
+    assert all(r != r for r in unknown.values())   # NaN, not the wall ratio under another name
 
 
 def test_attention_macs_count_both_products_and_halve_causal():
@@ -179,6 +182,8 @@ def test_step_table_refuses_bad_arguments_by_name():
         time_training_steps([_mlp(8)], [[0.0] * 64])
     with pytest.raises(ValueError, match="rounds"):
         time_training_steps([_mlp(8)], torch.randn(2, 64), rounds=0)
+    with pytest.raises(TypeError, match="time_matmuls"):
+        time_training_steps([_mlp(8)], torch.randn(2, 64), time_matmuls="yes")
 
 
 def test_model_table_times_a_one_block_mixer_against_its_sparsified_copy():

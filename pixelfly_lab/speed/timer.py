@@ -134,8 +134,8 @@ def _ratios_without_system(times: dict, system: dict, base: str, one_thread: boo
     the operating system's time (page faults of fresh allocations) taken out of every step. NaN
     with several threads (their system time is summed over threads, wall time is not) and where a
     model's median is not positive."""
-    own = _own_medians(times, system, one_thread=True)
-    usable = one_thread and own[base] > 0
+    own = _own_medians(times, system, one_thread=True)   # wall medians where system time is unknown:
+    usable = one_thread and _system_known(system) and own[base] > 0   # then NaN here
     return {name: own[base] / own[name] if usable and own[name] > 0 else float("nan") for name in times}
 
 
@@ -143,9 +143,14 @@ def _own_medians(times: dict, system: dict, one_thread: bool) -> dict:
     """{model: median seconds per step}: of wall - system time on one thread (as
     :func:`_ratios_without_system`), of wall time otherwise or where the platform does not report
     system time (NaN)."""
-    if one_thread and not any(math.isnan(s) for per_step in system.values() for s in per_step):
+    if one_thread and _system_known(system):
         return {name: statistics.median(w - s for w, s in zip(times[name], system[name])) for name in times}
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _system_known(system: dict) -> bool:
+    """Whether the platform reported the steps' system time (no NaN among them)."""
+    return not any(math.isnan(s) for per_step in system.values() for s in per_step)
 
 
 def _thread_clock():
@@ -268,6 +273,8 @@ def time_training_steps(models, batch: torch.Tensor, target: torch.Tensor | None
         raise TypeError("models must be a non-empty {name: nn.Module} mapping or sequence of nn.Modules")
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
+    if not isinstance(time_matmuls, bool):
+        raise TypeError(f"time_matmuls must be a bool, got {type(time_matmuls).__name__}")
     for name, value in (("steps", steps), ("rounds", rounds), ("warmup", warmup)):
         if not isinstance(value, int) or value < (0 if name == "warmup" else 1):
             raise ValueError(f"{name} must be an int >= {0 if name == 'warmup' else 1}, got {value!r}")
