@@ -246,8 +246,9 @@ def k_curve(rows: int, rounds: int, dtype: torch.dtype, ks=(32, 64, 128, 256, 51
     x, y = torch.randn(rows, 1024, dtype=dtype), torch.empty(rows, n, dtype=dtype)
     no_grams = torch.empty(0, 9, dtype=torch.long)
     sixteen = dtype == torch.bfloat16
-    tile = native_linear.TILE_ROWS_16BIT if sixteen else native_linear.TILE_ROWS
-    panel = max(tile, native_linear.PANEL_ROWS_16BIT if sixteen else native_linear.PANEL_ROWS)
+    isa = native_linear.bfloat16_isa()
+    tile = native_linear.TILE_ROWS_16BIT[isa] if sixteen else native_linear.TILE_ROWS
+    panel = max(tile, native_linear.PANEL_ROWS_16BIT[isa] if sixteen else native_linear.PANEL_ROWS)
     fns = {}
     for k in ks:
         b = native_linear._right(torch.randn(k, n, dtype=dtype))
@@ -263,7 +264,6 @@ def tiles(rounds: int, rows: int, dtype: torch.dtype) -> None:
     """Forward and backward ms per (tile, panel) rows, medians of interleaved rounds, both configurations."""
     x, gy = torch.randn(rows, 1024, dtype=dtype), torch.randn(rows, 4096, dtype=dtype)
     sixteen = dtype != torch.float32
-    names = ("TILE_ROWS_16BIT", "PANEL_ROWS_16BIT") if sixteen else ("TILE_ROWS", "PANEL_ROWS")
     for label, kw in (("released", RELEASED), ("budget 0.1", {"budget": 0.1, "block_size": 32})):
         layer = PixelflyLinear(1024, 4096, **kw)
         plan = plan_for(layer.sparse.layout, 32)
@@ -273,8 +273,11 @@ def tiles(rounds: int, rows: int, dtype: torch.dtype) -> None:
         for _ in range(rounds):
             for tile in (32, 64, 128, 256):
                 for panel in sorted({tile, 2 * tile, 256, 512} - {p for p in (256, 512) if p < tile}):
-                    setattr(native_linear, names[0], tile)
-                    setattr(native_linear, names[1], panel)
+                    if sixteen:   # this CPU's bfloat16 micro-kernels' entry
+                        native_linear.TILE_ROWS_16BIT[native_linear.bfloat16_isa()] = tile
+                        native_linear.PANEL_ROWS_16BIT[native_linear.bfloat16_isa()] = panel
+                    else:
+                        native_linear.TILE_ROWS, native_linear.PANEL_ROWS = tile, panel
                     tick = time.perf_counter()
                     _, z = native_linear.native_forward(x, values, bias, u, v, plan, 4096)
                     mid = time.perf_counter()
@@ -303,7 +306,7 @@ def main(argv=None) -> None:
     if args.rows < 1 or args.rounds < 1:
         raise ValueError(f"--rows and --rounds must be positive, got {args.rows} and {args.rounds}")
     if args.dtype == "bfloat16" and not native_linear.native_takes(torch.bfloat16, "cpu", 32):
-        raise SystemExit("bfloat16: the compiled sweep needs AMX here (native_linear.native_takes)")
+        raise SystemExit("bfloat16: the compiled sweep needs AMX or AVX512-BF16 here (native_linear.native_takes)")
     if args.ceiling:
         dtype = getattr(torch, args.dtype)
         print(pd.DataFrame(ceiling(args.rows, args.rounds, dtype)).to_string(index=False))

@@ -282,7 +282,7 @@ def test_training_steps_plan_nothing_after_the_first(autocast):
 
 def test_autocast_casts_once_and_runs_one_op():
     """Under autocast the product casts each operand at most once and calls the custom op once (no
-    second pass through the checks and dispatch): where the compiled bfloat16 sweep runs (AMX),
+    second pass through the checks and dispatch): where the compiled bfloat16 sweep runs (AMX, AVX512-BF16),
     nothing is cast (the op computes in bfloat16 and rounds x and the parameters itself), elsewhere
     x and the four parameters are; values as the reference's under the same autocast."""
     torch.manual_seed(0)

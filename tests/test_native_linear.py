@@ -1,4 +1,5 @@
-"""The compiled row sweep of the 'torch' path (float32, and bfloat16 on AMX CPUs) against the float64 reference.
+"""The compiled row sweep of the 'torch' path (float32; bfloat16 on CPUs with AMX or AVX512-BF16) against
+the float64 reference.
 
 Skipped where the kernel cannot be built (no compiler), except under CI=true: the CI machine has one,
 and a kernel that silently stopped building would leave users on the slower path.
@@ -191,8 +192,46 @@ def test_tables_are_cached_per_plan():
     assert torch_grouped.unpack_grads is native_linear.unpack_grads
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(native.load("blocksparse_cpu") is None, reason="the kernel cannot be built here")
+def test_bfloat16_isa_names_this_cpus_micro_kernels():
+    """'amx' where oneDNN packs for AMX tiles, 'avx512_bf16' where the CPU has AVX512-BF16 and the
+    probe's product came out exact, '' where the CPU has neither or oneDNN is switched off: a CPU
+    with either flag (and oneDNN on) must not lose the bfloat16 sweep to a failing probe."""
+    isa, flags = native_linear.bfloat16_isa(), _cpu_flags()
+    assert isa in ("amx", "avx512_bf16", "")
+    if isa == "amx":
+        assert "amx_bf16" in flags
+    if isa == "avx512_bf16":
+        assert "avx512_bf16" in flags
+    if flags & {"amx_bf16", "avx512_bf16"} and torch.backends.mkldnn.is_available():
+        assert isa
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert native_linear.bfloat16_isa() == "" and not native_linear.native_takes(torch.bfloat16, "cpu")
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert native_linear.bfloat16_isa() == isa
+
+
 needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "cpu"),
-                                reason="this CPU has no bfloat16 VNNI micro-kernels (AMX)")
+                                reason="this CPU has no bfloat16 VNNI micro-kernels (AMX or AVX512-BF16)")
+
+
+def _bfloat16_rows(monkeypatch, tile: int | None = None, panel: int | None = None) -> None:
+    """The bfloat16 sweep's tile and panel rows for this CPU's micro-kernels, for one test."""
+    isa = native_linear.bfloat16_isa()
+    if tile is not None:
+        monkeypatch.setitem(native_linear.TILE_ROWS_16BIT, isa, tile)
+    if panel is not None:
+        monkeypatch.setitem(native_linear.PANEL_ROWS_16BIT, isa, panel)
 
 
 @needs_bf16
@@ -202,14 +241,14 @@ needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "
 @pytest.mark.parametrize("n_split", [native_tables.N_SPLIT, 8, 2])
 @pytest.mark.parametrize("gathered", [True, False])
 def test_bfloat16_sweep_matches_reference(name, rank, bias, rows, n_split, gathered, monkeypatch):
-    """bfloat16 operands (B in VNNI pairs, K padded to the AMX step, float32 accumulation): the float64
+    """bfloat16 operands (B in VNNI pairs, K padded to the micro-kernels' step, float32 accumulation): the float64
     reference to bfloat16 rounding (a few 1e-3 of the largest value), gradients in bfloat16. With
     n_split 8 or 2 a group's output is cut into pieces (2: every group's, also the holes' groups of
     4 rows, zeroed by K = 0 products without rank and bias), each accumulated in a window of its own.
     The forward with each group's A gathered (runs and [z, 1] as one product) and without."""
     monkeypatch.setattr(native_linear, "GATHERED", (torch.bfloat16,) if gathered else ())
-    monkeypatch.setattr(native_linear, "TILE_ROWS_16BIT", 64 if rows > 64 else 4)   # panels of several tiles
-    monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 128 if rows > 64 else 7)  # and an odd panel
+    _bfloat16_rows(monkeypatch, tile=64 if rows > 64 else 4, panel=128 if rows > 64 else 7)   # panels of several
+    # tiles, and an odd panel
     monkeypatch.setattr(native_tables, "N_SPLIT", n_split)
     monkeypatch.setattr(native_tables, "_TABLES", {})   # tables built with this split
     monkeypatch.setattr(native_linear, "STREAM_BYTES", 0 if n_split != 2 else STREAM_BYTES)   # streamed
@@ -273,10 +312,10 @@ def test_autocast_layer_takes_the_compiled_sweep_with_an_unpadded_plan(monkeypat
 @pytest.mark.parametrize("route", ["sweep", "grouped", "dense"])
 def test_float32_parameters_of_a_bfloat16_product_take_every_route(route, monkeypatch):
     """The 'torch' path asked to compute in bfloat16 from float32 x and parameters: the compiled
-    sweep rounds them itself (AMX CPUs), the PyTorch grouped GEMMs and the dense GEMM get them
-    cast; either way y in bfloat16 as from the operands rounded first, and the gradients in float32."""
+    sweep rounds them itself (CPUs with AMX or AVX512-BF16), the PyTorch grouped GEMMs and the dense
+    GEMM get them cast; either way y in bfloat16 as from the operands rounded first, and the gradients in float32."""
     if route == "sweep" and not native_linear.native_takes(torch.bfloat16, "cpu", 4):
-        pytest.skip("this CPU has no bfloat16 VNNI micro-kernels (AMX)")
+        pytest.skip("this CPU has no bfloat16 VNNI micro-kernels (AMX or AVX512-BF16)")
     if route != "sweep":
         monkeypatch.setattr(torch_kernels, "native_applies", lambda *a: False)
     monkeypatch.setattr(torch_kernels, "dense_gemm_wins", lambda *a: route == "dense")
@@ -316,7 +355,7 @@ def test_gradients_share_no_storage(name, rank, bias):
 @needs_bf16
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bfloat16_threads_share_the_panels(threads, monkeypatch):
-    monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", 4)
+    _bfloat16_rows(monkeypatch, panel=4)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -339,8 +378,7 @@ def test_float32_x_with_bfloat16_values_is_the_bfloat16_sweep_on_rounded_x(name,
     the vector rounding flushes): y, z and the parameters' gradients equal, dX equal after
     rounding; rows that are not a multiple of the tile, odd panels (35: strips of 16, 16 and 3),
     1-2 threads."""
-    monkeypatch.setattr(native_linear, "TILE_ROWS_16BIT", 4)
-    monkeypatch.setattr(native_linear, "PANEL_ROWS_16BIT", panel)
+    _bfloat16_rows(monkeypatch, tile=4, panel=panel)
     monkeypatch.setattr(native_linear, "STREAM_BYTES", 0)   # output windows, streamed
     layout, b = LAYOUTS[name]
     x, *params = _operands(layout, b, rows, rank, bias)
@@ -636,7 +674,7 @@ def test_native_applies_to_float32_x_with_bfloat16_values_only():
 @pytest.mark.parametrize("block", [3, 4])
 def test_autocast_gives_x_a_float32_gradient_on_every_route(block, monkeypatch):
     """Under bfloat16 autocast x.grad is float32 whether the sweep takes float32 x (even blocks on
-    AMX) or x is cast first (odd blocks, the PyTorch path; or PIXELFLY_NATIVE=0): the op hands dX back
+    AMX or AVX512-BF16) or x is cast first (odd blocks, the PyTorch path; or PIXELFLY_NATIVE=0): the op hands dX back
     in x's dtype on every route, and the forward sees x uncast exactly where the sweep runs."""
     torch.manual_seed(0)
     layer = PixelflyLinear(48, 96, budget=0.5, block_size=block, backend="torch") if block == 3 else \

@@ -47,7 +47,7 @@ autotune with a config pruner and look their index tables up by key, which trito
 (fake tensors, restricted autotuner support in torch 2.4-2.6) does not cover.
 
 Under ``torch.autocast`` every path computes in the autocast dtype. Where the compiled bfloat16
-sweep takes the product (CPU, AMX, even block size: :func:`~pixelfly_lab.ops.native_linear.native_takes`)
+sweep takes the product (CPU, AMX or AVX512-BF16, even block size: :func:`~pixelfly_lab.ops.native_linear.native_takes`)
 float32 x and parameters go into its custom op uncast: where the sweep runs the product it rounds x
 tile by tile and the parameters as it packs them, and their gradients come back unrounded (float32
 sums); on the other paths (and the op's dense route), as with ``F.linear``, they are cast and their

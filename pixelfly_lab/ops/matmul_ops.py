@@ -30,7 +30,7 @@ def _plan(key: int, device: torch.device, dtype: torch.dtype) -> torch_kernels.P
     """The 'torch' path's plan of a registered layout for ``dtype``, its indices on ``device``
     (built once per layout and device): padded groups for 16-bit dtypes that the PyTorch grouped
     GEMMs run (see :func:`pixelfly_lab.ops.torch_kernels.plan_for`)."""
-    # the compiled sweep (bfloat16 on AMX CPUs, even blocks) reads views in place: no padding
+    # the compiled sweep (bfloat16 with AMX or AVX512-BF16, even blocks) reads views in place: no padding
     if dtype in (torch.bfloat16, torch.float16) and not native_takes(dtype, device, registered_layout(key).block_size):
         return derived(key, "torch_plan_padded", lambda entry, dev: plan_for(
             entry.layout, entry.block_size, dev, fill=torch_kernels.PAD_FILL), device)

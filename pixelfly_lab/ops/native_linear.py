@@ -1,4 +1,5 @@
-"""The 'torch' path's grouped GEMMs as one compiled row sweep on the CPU (float32; bfloat16 on AMX).
+"""The 'torch' path's grouped GEMMs as one compiled row sweep on the CPU (float32; bfloat16 on AMX and
+AVX512-BF16 CPUs).
 
 Same products as :mod:`pixelfly_lab.ops.torch_grouped` (the plan of
 :mod:`pixelfly_lab.ops.torch_plan`: per group of block rows, its blocks packed as one dense matrix),
@@ -16,8 +17,8 @@ gradient accumulators at the end. The Python side turns a plan into integer tabl
 once per plan (:mod:`pixelfly_lab.ops.native_tables`, cached; the C++ side checks every entry
 against its operands) and packs the blocks per call (one compiled pass for a stacked plan).
 
-bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, on CPUs with AMX, even block sizes): the
-same tables (gathered ones for gather tables: :data:`GATHERED`), B operands in VNNI pairs (low-rank
+bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, even block sizes, on CPUs with AMX or
+AVX512-BF16: :func:`bfloat16_isa`; tiles, panels and K steps per kind of micro-kernel): the same tables (gathered ones for gather tables: :data:`GATHERED`), B operands in VNNI pairs (low-rank
 K padded to :data:`K_STEP_16BIT`), float32 accumulation rounded once (per output slice of a group in
 a gather table, per tile otherwise), the blocks' gradients summed in float32 (:func:`native_takes`).
 x may stay float32 (what autocast hands over): the sweep rounds each tile of it into a scratch
@@ -64,7 +65,7 @@ from pixelfly_lab.ops.torch_grouped import unpack_grads
 from pixelfly_lab.ops.torch_plan import Plan
 
 __all__ = ["TILE_ROWS", "PANEL_ROWS", "TILE_ROWS_16BIT", "PANEL_ROWS_16BIT", "K_STEP_16BIT", "STREAM_BYTES",
-           "native_takes", "native_applies", "native_forward", "native_backward", "product_tables"]
+           "bfloat16_isa", "native_takes", "native_applies", "native_forward", "native_backward", "product_tables"]
 
 # Rows per tile of the products, and per panel of the grams (the blocks' gradients, summed over
 # rows). Measured on one AVX-512 core with AMX (Xeon), 1024 -> 4096 at 4096 rows, fwd+bwd, medians of 5
@@ -79,10 +80,18 @@ __all__ = ["TILE_ROWS", "PANEL_ROWS", "TILE_ROWS_16BIT", "PANEL_ROWS_16BIT", "K_
 # the tiles to share among threads at small batches).
 TILE_ROWS = 64
 PANEL_ROWS = 128
-TILE_ROWS_16BIT = 128
-PANEL_ROWS_16BIT = 256
-# bfloat16 K (the low-rank factors' products) padded with zeros to a multiple of this (see _k_pad).
-K_STEP_16BIT = 32
+# bfloat16, per micro-kernel kind (:func:`bfloat16_isa`). AVX512-BF16 without AMX (AMD EPYC, Zen 4):
+# interleaved in one process, one thread, 1024 -> 4096 fwd+bwd under autocast, medians of 7 (4096
+# rows) and 31 (512), K step 2 with (tile, panel) (128, 256) against (64, 256): released 133.0 / 130.6
+# ms at 4096 rows, 19.8 / 20.1 at 512; budget 0.1 79.8 / 72.5, 12.1 / 11.5; two threads 68.2 / 69.7,
+# 11.5 / 11.3, 41.2 / 38.0, 7.4 / 7.2. (64, 128) and (32, 128) were no better than (64, 256).
+TILE_ROWS_16BIT = {"amx": 128, "avx512_bf16": 64}
+PANEL_ROWS_16BIT = {"amx": 256, "avx512_bf16": 256}
+# bfloat16 K (the low-rank factors' products) padded with zeros to a multiple of this (see _k_pad):
+# AMX tiles read K in steps of 32; AVX512-BF16's dot products in pairs. On AVX512-BF16 (as above),
+# steps of 32 against 2: released 147.2 / 140.1 ms (4096 rows), 20.8 / 20.0 (512); budget 0.1
+# 95.6 / 88.9, 13.1 / 12.2 (the released rank 32 and its bias make K 33: 64 with steps of 32).
+K_STEP_16BIT = {"amx": 32, "avx512_bf16": 2}
 # Outputs of at least this many bytes are accumulated per window and written by streaming
 # (non-temporal) stores where a gather table's products form windows (csrc/blocksparse_cpu.cpp,
 # find_windows, store_rows): y's lines are not read from memory before they are written, and y
@@ -113,18 +122,26 @@ STAGED = True
 GATHERED = (torch.bfloat16,)
 
 
+def bfloat16_isa() -> str:
+    """The bfloat16 micro-kernels of this CPU that the sweep can run: ``'amx'`` (Xeon Sapphire
+    Rapids and later), ``'avx512_bf16'`` (AVX512-BF16 dot products without AMX: AMD Zen 4 and later,
+    Xeon Cooper Lake; found by one small product checked exactly) or ``''`` (none, or the compiled
+    kernels off or not built). Asked of oneDNN on every call, as torch's oneDNN switch may change."""
+    module = native.load("blocksparse_cpu") if native.enabled() else None
+    return "" if module is None else module.bfloat16_isa()
+
+
 def native_takes(dtype: torch.dtype, device, block_size: int = 2) -> bool:
     """Whether the compiled sweep takes products of ``dtype`` on ``device`` with blocks of
     ``block_size``: float32 on the CPU, and bfloat16 with an even block size (its micro-kernels read
-    K in pairs) where the CPU has AMX (oneDNN's bfloat16 micro-kernels on VNNI-packed operands:
-    ``could_pack``, asked on every call, as torch's oneDNN switch may change); the kernel built
-    (:func:`pixelfly_lab.ops.native.load`) and not turned off (``PIXELFLY_NATIVE=0``)."""
+    K in pairs) where the CPU has bfloat16 micro-kernels on VNNI-packed operands (AMX or
+    AVX512-BF16: :func:`bfloat16_isa`); the kernel built (:func:`pixelfly_lab.ops.native.load`) and
+    not turned off (``PIXELFLY_NATIVE=0``)."""
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not native.enabled():
         return False
-    module = native.load("blocksparse_cpu")
-    if module is None:
+    if native.load("blocksparse_cpu") is None:
         return False
-    return dtype == torch.float32 or (block_size % 2 == 0 and bool(module.bfloat16_ready()))
+    return dtype == torch.float32 or (block_size % 2 == 0 and bool(bfloat16_isa()))
 
 
 def native_applies(x2: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
@@ -199,13 +216,14 @@ def _k_pad(k: int, dtype: torch.dtype) -> int:
     """Zero columns to add to a K of k: bfloat16 micro-kernels read K in pairs, and oneDNN's AMX
     ones in steps of :data:`K_STEP_16BIT` (a K of 34 ran at 74 GFLOP/s, one of 64 at 230, one thread,
     y 4096 wide)."""
-    return -k % K_STEP_16BIT if dtype == torch.bfloat16 else 0
+    return -k % K_STEP_16BIT.get(bfloat16_isa(), 2) if dtype == torch.bfloat16 else 0
 
 
 def _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=NO_GRAMS, accs=(), stages=_NO_STAGES,
            gathers=None):
     sixteen = dtype == torch.bfloat16
-    tile, panel = (TILE_ROWS_16BIT, PANEL_ROWS_16BIT) if sixteen else (TILE_ROWS, PANEL_ROWS)
+    isa = bfloat16_isa() if sixteen else ""
+    tile, panel = (TILE_ROWS_16BIT[isa], PANEL_ROWS_16BIT[isa]) if sixteen else (TILE_ROWS, PANEL_ROWS)
     tile, panel = (max(panel, tile),) * 2 if len(stages) else (tile, max(panel, tile))   # staged: one tile per panel
     native.load("blocksparse_cpu").sweep(sixteen, rows, tile, panel, list(a_ops), list(b_ops),
                                          list(outs), table, list(g_a), list(g_b), grams, list(accs), STREAM_BYTES,

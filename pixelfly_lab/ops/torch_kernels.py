@@ -2,7 +2,7 @@
 
 y = x W^T + (x V) U^T + bias for W stored as its nonzero (b x b) blocks on a block layout
 (storage convention in :mod:`pixelfly_lab.ops.matmul`). On the CPU, float32 products (and bfloat16
-ones on AMX CPUs) run the plan's GEMMs as one compiled row sweep of oneDNN micro-kernels
+ones on AMX and AVX512-BF16 CPUs) run the plan's GEMMs as one compiled row sweep of oneDNN micro-kernels
 (:mod:`pixelfly_lab.ops.native_linear`) where its kernel is built; everything below describes the
 plain-PyTorch path, which runs the same plan everywhere else (no compiler, ``PIXELFLY_NATIVE=0``,
 float64, fp16, other devices):

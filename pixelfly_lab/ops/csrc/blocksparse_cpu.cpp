@@ -68,6 +68,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "transpose16.h"
@@ -659,9 +660,40 @@ bool windowed(at::Tensor products, int64_t width) {
   return n > 0 && find_windows(P, n, width, last) > 0;
 }
 
-// Whether bfloat16 products run on micro-kernels that read VNNI-packed B (oneDNN: AMX CPUs only):
-// the sweep's bfloat16 path needs them.
-bool bfloat16_ready() { return at::native::cpublas::could_pack(at::kBFloat16); }
+// Which micro-kernels run bfloat16 products on VNNI-packed B here, as the sweep's bfloat16 path
+// needs: "amx" (oneDNN packs for AMX tiles: Xeon Sapphire Rapids and later), "avx512_bf16" (no AMX,
+// but the CPU has AVX512-BF16's pair dot products, which oneDNN's brgemm uses: AMD Zen 4 and later,
+// Xeon Cooper Lake; confirmed once by a small product checked exactly), or "" (none: the sweep's
+// bfloat16 path is off). torch's brgemm takes VNNI bfloat16 wherever oneDNN's ISA is at least
+// avx512_core, but without BF16 instructions its kernels would emulate them.
+bool bfloat16_probe() {
+  constexpr int64_t m = 2, n = 16, k = 4;
+  at::BFloat16 a[m * k], b[k * n];   // b in VNNI pairs: row pair p, column j -> b[(p * n + j) * 2 + q]
+  float c[m * n], expect[m * n];
+  for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<float>(i % 5 - 2);
+  for (int64_t p = 0; p < k / 2; ++p)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t q = 0; q < 2; ++q) b[(p * n + j) * 2 + q] = static_cast<float>((2 * p + q + j) % 3 - 1);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0;
+      for (int64_t kk = 0; kk < k; ++kk) sum += float(a[i * k + kk]) * float(b[((kk / 2) * n + j) * 2 + kk % 2]);
+      expect[i * n + j] = sum;
+    }
+  try {
+    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b, c, true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return std::equal(c, c + m * n, expect);
+}
+
+std::string bfloat16_isa() {
+  if (at::native::cpublas::could_pack(at::kBFloat16)) return "amx";
+  static const bool dot_products = __builtin_cpu_supports("avx512bf16") && bfloat16_probe();
+  return dot_products && at::globalContext().userEnabledMkldnn() ? "avx512_bf16" : "";
+}
 
 
 // ----------------------------------------------------------------------------- packing
@@ -779,5 +811,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_blocks", &pack_blocks, "The groups' blocks as B operands (see blocksparse_cpu.cpp)");
   m.def("unpack_blocks", &unpack_blocks, "The blocks' gradients from the groups' accumulators");
   m.def("windowed", &windowed, "Whether the bfloat16 sweep accumulates a table's output 0 in windows");
-  m.def("bfloat16_ready", &bfloat16_ready, "Whether the bfloat16 micro-kernels (VNNI) are available");
+  m.def("bfloat16_isa", &bfloat16_isa, "Which bfloat16 micro-kernels (VNNI B) run here: 'amx', 'avx512_bf16' or ''");
 }
