@@ -600,6 +600,75 @@ def test_staged_backward_is_the_usual_one_bit_for_bit(name, rank, bias, threads,
     assert taken and all(len(t) == len(plan.groups) + 2 for t in taken)
 
 
+class _Clock:
+    """A perf_counter whose runs take what the test says: ``cost[staged]`` seconds each."""
+
+    def __init__(self, cost: dict):
+        self.now, self.cost, self.runs = 0.0, cost, []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def run(self, stages: torch.Tensor) -> None:
+        self.runs.append(len(stages) > 0)
+        self.now += self.cost[len(stages) > 0]
+
+
+@pytest.mark.parametrize("staged_faster", [True, False])
+def test_staging_is_measured_once_per_plan_rows_bucket_and_threads(staged_faster, monkeypatch):
+    """staging_pays runs the backward both ways three rounds interleaved, picks the faster, and asks
+    no more for the same plan, rows bucket (64 and 100 rows: one bucket each) and threads."""
+    from pixelfly_lab.ops import native_stages
+    clock = _Clock({True: 1.0 if staged_faster else 2.0, False: 1.5})
+    monkeypatch.setattr(native_stages, "time", clock)
+    monkeypatch.setattr(native_stages, "_PAYS", {})
+    plan = torch_kernels.plan_for(*LAYOUTS["expanding"])
+    stages = torch.zeros(3, 4, dtype=torch.long)
+    assert native_stages.staging_pays(plan, 100, clock.run, stages) is staged_faster
+    assert clock.runs == [True, False] * 3
+    assert native_stages.staging_pays(plan, 128, clock.run, stages) is staged_faster and len(clock.runs) == 6
+    native_stages.staging_pays(plan, 64, clock.run, stages)                  # another bucket: measured
+    assert len(clock.runs) == 12
+
+
+@pytest.mark.parametrize("staged_faster", [True, False])
+def test_measured_staging_leaves_the_backward_right(staged_faster, monkeypatch):
+    """STAGED 'measured' (the default): the backward that measures runs its sweep both ways on its own
+    outputs, and what it returns is what the chosen order gives alone, bit for bit (one thread);
+    the choice is the one the clock made."""
+    from pixelfly_lab.ops import native_stages
+    monkeypatch.setattr(native_linear, "PANEL_ROWS", 5)
+    monkeypatch.setattr(native_linear, "TILE_ROWS", 5)
+    layout, b = LAYOUTS["expanding"]
+    plan = torch_kernels.plan_for(layout, b)
+    ops = _operands(layout, b, 23, 3, True)
+    _, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+    gy = torch.linspace(-1, 1, 23 * layout.shape[0] * b, dtype=F32).reshape(23, -1)
+    needs = tuple(t is not None for t in ops)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(native_linear, "STAGED", staged_faster)
+        alone = native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan, needs, True)
+        clock = _Clock({True: 1.0 if staged_faster else 2.0, False: 1.5})
+        sweep = native_linear._sweep
+
+        def timed(*args):   # the real sweep, its time set by the clock (args[10]: the stages)
+            sweep(*args)
+            clock.run(args[10])
+        monkeypatch.setattr(native_linear, "_sweep", timed)
+        monkeypatch.setattr(native_stages, "time", clock)
+        monkeypatch.setattr(native_stages, "_PAYS", {})
+        monkeypatch.setattr(native_linear, "STAGED", "measured")
+        measured = native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan, needs, True)
+    finally:
+        torch.set_num_threads(previous)
+    assert list(native_stages._PAYS.values()) == [staged_faster]
+    assert clock.runs == [True, False] * 3 + [staged_faster]
+    for a, c in zip(alone, measured):
+        assert (a is None) == (c is None) and (a is None or torch.equal(a, c))
+
+
 def test_stages_follow_the_groups_or_are_left_out():
     """native_stages.backward_stages: one stage per group between what runs before and after,
     consecutive ranges covering both tables, each group's products reading its rows of gy and its

@@ -58,6 +58,7 @@ import torch
 from pixelfly_lab.ops import native
 from pixelfly_lab.ops.native_stages import NO_STAGES as _NO_STAGES
 from pixelfly_lab.ops.native_stages import backward_stages as _stages
+from pixelfly_lab.ops.native_stages import staging_pays
 from pixelfly_lab.ops.native_tables import (NO_GATHERS, NO_GRAMS, gathered_products, gram_table, lead_table,
                                             product_tables)
 from pixelfly_lab.ops.torch_buffers import new_output
@@ -106,8 +107,12 @@ STREAM_BYTES = 32 * 2 ** 20
 # 31 (512), backward, staged against the usual order: 1024 -> 4096 one thread released 116.1 -> 109.9 ms (4096 rows),
 # 17.6 -> 17.0 (512), budget 0.1 68.7 -> 61.4, 10.8 -> 9.9; two threads 62.9 -> 59.3, 9.0 -> 8.7,
 # 36.4 -> 33.0, 5.0 -> 4.8; 768 -> 3072 two threads 3-8% less. A transposed plan's dX (a gather
-# table) measured -1% to +4%: not staged.
-STAGED = True
+# table) measured -1% to +4%: not staged. On an AMD EPYC (Zen 4), interleaved in one process, one thread,
+# layer fwd+bwd, medians of 7 (4096 rows) and 31-41 (512), staged against the usual order: released 247.8 /
+# 251.0 ms (4096 rows), 36.8 / 37.0 (512); budget 0.1 131.0 / 124.2, 21.7 / 19.2; two threads at 512 rows
+# 18.6 / 18.7, 11.4 / 10.5. So the order is measured on each machine ('measured': once per plan, rows
+# bucket and threads, :func:`~pixelfly_lab.ops.native_stages.staging_pays`); True stages always, False never.
+STAGED = "measured"
 # The dtypes whose gather tables (the forward of a plan that gathers x, dX of a transposed plan) copy
 # each group's runs and its low-rank operand side by side per tile, for one product per output slice
 # (csrc/blocksparse_cpu.cpp, gathers). Interleaved in one process, bfloat16, medians of 11-21, one
@@ -287,10 +292,11 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     returns), by one compiled sweep: per tile gz = gy U and dX's products (gz before the products
     that read it), then per panel the blocks' gradients and the low-rank factors' and bias's
     (grams over the panel, transposed once; summed in float32 also for bfloat16 operands, rounded
-    to the operands' dtype at the end); float32 with a plan that gathers x (:data:`STAGED`): per
-    panel, group by group, the group's dX products and then its grams. Computed in ``dtype``
-    (default: values'; gy, z of it); dX in x2's (float32 x2 of a bfloat16 product: stored
-    unrounded), the other gradients in the parameters' (float32 parameters: the float32 sums)."""
+    to the operands' dtype at the end); float32 with a plan that gathers x (:data:`STAGED`, where
+    that measured faster): per panel, group by group, the group's dX products and then its grams.
+    Computed in ``dtype`` (default: values'; gy, z of it); dX in x2's (float32 x2 of a bfloat16
+    product: stored unrounded), the other gradients in the parameters' (float32 parameters: the
+    float32 sums)."""
     gy = gy.contiguous()
     dtype = dtype or values.dtype
     rows, in_features, out_features = x2.shape[0], x2.shape[1], gy.shape[1]
@@ -357,7 +363,12 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     grams = gram_table(plan, groups, extra, tuple(pairs), first)
     staged = STAGED and need_x and groups and dtype == torch.float32 and not plan.transposed
     stages = _stages(plan, kind, table, grams) if staged else _NO_STAGES
-    _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs, stages, gathers)
+
+    def run(stages):
+        _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs, stages, gathers)
+    if len(stages) and STAGED == "measured" and not staging_pays(plan, rows, run, stages):
+        stages = _NO_STAGES
+    run(stages)
     if grads is not None:
         grad_values, grad_extra = _unpacked(plan, values, grads, extra)
         if plan.transposed:

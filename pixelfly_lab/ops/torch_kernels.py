@@ -64,7 +64,7 @@ from pixelfly_lab.ops.native_linear import native_applies, native_backward, nati
 from pixelfly_lab.ops.torch_buffers import release_buffers
 from pixelfly_lab.ops.torch_grouped import (gather_columns, grouped_backward, grouped_forward, scatter_columns,
                                             times_narrow)
-from pixelfly_lab.ops.torch_plan import PAD_FILL, Plan, plan_for
+from pixelfly_lab.ops.torch_plan import PAD_FILL, Plan, plan_for, row_bucket
 from pixelfly_lab.ops.torch_sweep import torch_serial
 
 try:   # hides a measurement from dispatch modes (FLOP counters, profilers); private in torch since 2.0
@@ -237,11 +237,6 @@ ROUTE_MAX_MACS_16BIT = 2 ** 31
 _ROUTES: dict[tuple, bool] = {}
 
 
-def _row_bucket(rows: int) -> int:
-    """Rows rounded up to a power of two in [64, 4096]: decisions are made per bucket."""
-    return min(max(64, 1 << max(rows - 1, 0).bit_length()), 4096)
-
-
 def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, rank: int,
                     like: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether one dense GEMM beats the grouped GEMMs for this product (measured once, cached).
@@ -271,11 +266,11 @@ def dense_gemm_wins(plan: Plan, rows: int, in_features: int, out_features: int, 
     if (like.device.type != "cpu" or rows * weight < ROUTE_MIN_MACS or (weight >= ROUTE_MAX_WEIGHT and not small_16bit)
             or dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         return False
-    key = (plan.signature, _row_bucket(rows), rank, like.dtype, dtype, torch.get_num_threads())
+    key = (plan.signature, row_bucket(rows), rank, like.dtype, dtype, torch.get_num_threads())
     if key not in _ROUTES:
         # at most 2048 rows timed: the grouped route's advantage grows with rows, and a
         # one-time measurement should cost well under a second on an idle core
-        _ROUTES[key] = _measure_routes(plan, min(_row_bucket(rows), 2048), in_features, out_features, rank,
+        _ROUTES[key] = _measure_routes(plan, min(row_bucket(rows), 2048), in_features, out_features, rank,
                                        dtype, like.dtype)
     return _ROUTES[key]
 

@@ -19,7 +19,7 @@ from functools import cached_property
 
 import torch
 
-__all__ = ["Plan", "plan_for", "PAD_FILL"]
+__all__ = ["Plan", "plan_for", "PAD_FILL", "row_bucket"]
 
 
 @dataclass(frozen=True)
@@ -265,3 +265,8 @@ def plan_for(layout: torch.Tensor, block_size: int, device: torch.device | str =
     candidates = [_build_plan(cpu_layout, block_size, transposed, device, fill) for transposed in (False, True)]
     return min(candidates, key=lambda p: (sum(g.vidx.shape[1] for g in p.groups), len(p.groups)))
 
+
+def row_bucket(rows: int) -> int:
+    """Rows rounded up to a power of two in [64, 4096]: the kernels' measured choices (a route, an
+    order of the backward) are made once per bucket."""
+    return min(max(64, 1 << max(rows - 1, 0).bit_length()), 4096)
