@@ -7,6 +7,8 @@ and a kernel that silently stopped building would leave users on the slower path
 
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -211,14 +213,29 @@ def test_bfloat16_isa_names_this_cpus_micro_kernels():
         assert "amx_bf16" in flags
     if isa == "avx512_bf16":
         assert "avx512_bf16" in flags
-    if flags & {"amx_bf16", "avx512_bf16"} and torch.backends.mkldnn.is_available():
+    if flags & {"amx_bf16", "avx512_bf16"} and torch.backends.mkldnn.is_available() and \
+            "ONEDNN_MAX_CPU_ISA" not in os.environ and torch.backends.mkldnn.enabled:
         assert isa
+    previous = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
         assert native_linear.bfloat16_isa() == "" and not native_linear.native_takes(torch.bfloat16, "cpu")
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            native_linear._kernels(torch.bfloat16)
     finally:
-        torch.backends.mkldnn.enabled = True
-    assert native_linear.bfloat16_isa() == isa
+        torch.backends.mkldnn.enabled = previous
+    assert native_linear.bfloat16_isa() == isa and native_linear._kernels(torch.float32) == ""
+
+
+@pytest.mark.skipif(not native_linear.bfloat16_isa(), reason="no bfloat16 micro-kernels here")
+def test_bfloat16_isa_asked_first_with_onednn_off_comes_back():
+    """A process whose first question comes while oneDNN is switched off gets '' then, and the
+    kernels once it is back on (a probe refused while off must not stick for the process)."""
+    code = ("import torch; from pixelfly_lab.ops import native_linear as nl; torch.backends.mkldnn.enabled = False; "
+            "off = nl.bfloat16_isa(); torch.backends.mkldnn.enabled = True; print(repr(off), repr(nl.bfloat16_isa()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["''", repr(native_linear.bfloat16_isa())]
 
 
 needs_bf16 = pytest.mark.skipif(not native_linear.native_takes(torch.bfloat16, "cpu"),
@@ -609,26 +626,73 @@ class _Clock:
     def perf_counter(self) -> float:
         return self.now
 
-    def run(self, stages: torch.Tensor) -> None:
+    def run(self, stages: torch.Tensor, rows: int | None = None) -> None:
         self.runs.append(len(stages) > 0)
+        self.rows = rows
         self.now += self.cost[len(stages) > 0]
 
 
 @pytest.mark.parametrize("staged_faster", [True, False])
-def test_staging_is_measured_once_per_plan_rows_bucket_and_threads(staged_faster, monkeypatch):
-    """staging_pays runs the backward both ways three rounds interleaved, picks the faster, and asks
-    no more for the same plan, rows bucket (64 and 100 rows: one bucket each) and threads."""
+def test_staging_is_measured_once_per_plan_config_rows_bucket_and_threads(staged_faster, monkeypatch):
+    """staging_pays runs the backward both ways three rounds (order alternating) on at most
+    MEASURE_MAX_ROWS rows, picks the faster, and asks no more for the same plan, config, rows bucket
+    (100 and 128 rows: one bucket) and threads; another bucket, config or thread count is measured
+    anew; below MEASURE_MIN_ROWS rows and under deterministic algorithms nothing is measured."""
     from pixelfly_lab.ops import native_stages
     clock = _Clock({True: 1.0 if staged_faster else 2.0, False: 1.5})
     monkeypatch.setattr(native_stages, "time", clock)
     monkeypatch.setattr(native_stages, "_PAYS", {})
     plan = torch_kernels.plan_for(*LAYOUTS["expanding"])
     stages = torch.zeros(3, 4, dtype=torch.long)
-    assert native_stages.staging_pays(plan, 100, clock.run, stages) is staged_faster
-    assert clock.runs == [True, False] * 3
-    assert native_stages.staging_pays(plan, 128, clock.run, stages) is staged_faster and len(clock.runs) == 6
-    native_stages.staging_pays(plan, 64, clock.run, stages)                  # another bucket: measured
-    assert len(clock.runs) == 12
+    pays = native_stages.staging_pays
+    assert pays(plan, 100, clock.run, stages) is staged_faster and clock.rows == 100
+    assert clock.runs == [True, False, False, True, True, False]
+    assert pays(plan, 128, clock.run, stages) is staged_faster and len(clock.runs) == 6
+    pays(plan, 10 ** 5, clock.run, stages)                          # another bucket, on MEASURE_MAX_ROWS rows
+    assert len(clock.runs) == 12 and clock.rows == native_stages.MEASURE_MAX_ROWS
+    pays(plan, 100, clock.run, stages, (3, (True,) * 5, True))      # another config
+    assert len(clock.runs) == 18
+    previous = torch.get_num_threads()
+    torch.set_num_threads(previous + 1)
+    try:
+        pays(plan, 100, clock.run, stages)                          # other threads
+    finally:
+        torch.set_num_threads(previous)
+    assert len(clock.runs) == 24
+    assert pays(plan, native_stages.MEASURE_MIN_ROWS - 1, clock.run, stages) is True
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert pays(plan, 3000, clock.run, stages) is True
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert len(clock.runs) == 24
+
+
+@pytest.mark.parametrize("name,need_x", [("contracting", True), ("holes-T", True), ("expanding", False)])
+def test_backwards_that_cannot_stage_are_not_measured(name, need_x, monkeypatch):
+    """A transposed plan's dX (a gather table), and a backward without dX, never stage: nothing
+    measured for them (a plan that gathers x with dX is: the control); an unknown STAGED is refused
+    by name."""
+    asked = []
+    monkeypatch.setattr(native_linear, "staging_pays", lambda *a: asked.append(a) or True)
+    layout, b = LAYOUTS[name]
+    plan = torch_kernels.plan_for(layout, b)
+    ops = _operands(layout, b, 70, 3, True)
+    _, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
+    gy = torch.ones(70, layout.shape[0] * b)
+    needs = (need_x, True, True, True, True)
+    native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan, needs, True)
+    assert asked == []
+    (layout, b), out = LAYOUTS["expanding"], LAYOUTS["expanding"][0].shape[0] * LAYOUTS["expanding"][1]
+    control, c_ops = torch_kernels.plan_for(layout, b), _operands(layout, b, 70, 3, True)
+    _, c_z = native_linear.native_forward(*c_ops, control, out)
+    native_linear.native_backward(torch.ones(70, out), c_ops[0], c_ops[1], c_ops[3], c_ops[4], c_z, control,
+                                  (True,) * 5, True)
+    assert len(asked) == 1
+    monkeypatch.setattr(native_linear, "STAGED", "sometimes")
+    with pytest.raises(ValueError, match="STAGED"):
+        native_linear.native_backward(gy, ops[0], ops[1], ops[3], ops[4], z, plan, needs, True)
 
 
 @pytest.mark.parametrize("staged_faster", [True, False])
@@ -641,9 +705,10 @@ def test_measured_staging_leaves_the_backward_right(staged_faster, monkeypatch):
     monkeypatch.setattr(native_linear, "TILE_ROWS", 5)
     layout, b = LAYOUTS["expanding"]
     plan = torch_kernels.plan_for(layout, b)
-    ops = _operands(layout, b, 23, 3, True)
+    rows = 70   # measured: at least MEASURE_MIN_ROWS
+    ops = _operands(layout, b, rows, 3, True)
     _, z = native_linear.native_forward(*ops, plan, layout.shape[0] * b)
-    gy = torch.linspace(-1, 1, 23 * layout.shape[0] * b, dtype=F32).reshape(23, -1)
+    gy = torch.linspace(-1, 1, rows * layout.shape[0] * b, dtype=F32).reshape(rows, -1)
     needs = tuple(t is not None for t in ops)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -664,7 +729,7 @@ def test_measured_staging_leaves_the_backward_right(staged_faster, monkeypatch):
     finally:
         torch.set_num_threads(previous)
     assert list(native_stages._PAYS.values()) == [staged_faster]
-    assert clock.runs == [True, False] * 3 + [staged_faster]
+    assert clock.runs == [True, False, False, True, True, False, staged_faster]
     for a, c in zip(alone, measured):
         assert (a is None) == (c is None) and (a is None or torch.equal(a, c))
 

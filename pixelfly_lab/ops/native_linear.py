@@ -18,8 +18,9 @@ once per plan (:mod:`pixelfly_lab.ops.native_tables`, cached; the C++ side check
 against its operands) and packs the blocks per call (one compiled pass for a stacked plan).
 
 bfloat16 (under ``torch.autocast('cpu', torch.bfloat16)``, even block sizes, on CPUs with AMX or
-AVX512-BF16: :func:`bfloat16_isa`; tiles, panels and K steps per kind of micro-kernel): the same tables (gathered ones for gather tables: :data:`GATHERED`), B operands in VNNI pairs (low-rank
-K padded to :data:`K_STEP_16BIT`), float32 accumulation rounded once (per output slice of a group in
+AVX512-BF16: :func:`bfloat16_isa`; tiles, panels and K steps per kind of micro-kernel): the same
+tables (gathered ones for gather tables: :data:`GATHERED`), B operands in VNNI pairs (low-rank K
+padded to :data:`K_STEP_16BIT`), float32 accumulation rounded once (per output slice of a group in
 a gather table, per tile otherwise), the blocks' gradients summed in float32 (:func:`native_takes`).
 x may stay float32 (what autocast hands over): the sweep rounds each tile of it into a scratch
 buffer (and the grams' panels 16 rows at a time, into a strip kept in L1), and dX comes back in
@@ -217,18 +218,30 @@ def _unpacked(plan: Plan, values, grads, extra: int):
     return unpack_grads(plan, like, grads, extra, store)
 
 
-def _k_pad(k: int, dtype: torch.dtype) -> int:
-    """Zero columns to add to a K of k: bfloat16 micro-kernels read K in pairs, and oneDNN's AMX
-    ones in steps of :data:`K_STEP_16BIT` (a K of 34 ran at 74 GFLOP/s, one of 64 at 230, one thread,
-    y 4096 wide)."""
-    return -k % K_STEP_16BIT.get(bfloat16_isa(), 2) if dtype == torch.bfloat16 else 0
+def _kernels(dtype: torch.dtype) -> str:
+    """The micro-kernels a call of the sweep in ``dtype`` runs on, read once per call: '' for
+    float32, :func:`bfloat16_isa` for bfloat16 (an error where it names none: callers ask
+    :func:`native_takes` first, and oneDNN may have been switched off since)."""
+    if dtype != torch.bfloat16:
+        return ""
+    isa = bfloat16_isa()
+    if isa not in TILE_ROWS_16BIT:
+        raise RuntimeError(f"the bfloat16 sweep needs AMX or AVX512-BF16 micro-kernels, and bfloat16_isa() is {isa!r} "
+                           "(oneDNN switched off, or none on this CPU)")
+    return isa
 
 
-def _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=NO_GRAMS, accs=(), stages=_NO_STAGES,
+def _k_pad(k: int, kernels: str) -> int:
+    """Zero columns to add to a K of k for the micro-kernels of :func:`_kernels`: bfloat16 ones read
+    K in pairs, and oneDNN's AMX ones in steps of :data:`K_STEP_16BIT` (a K of 34 ran at 74 GFLOP/s,
+    one of 64 at 230, one thread, y 4096 wide)."""
+    return -k % K_STEP_16BIT[kernels] if kernels else 0
+
+
+def _sweep(kernels, rows, a_ops, b_ops, outs, table, g_a=(), g_b=(), grams=NO_GRAMS, accs=(), stages=_NO_STAGES,
            gathers=None):
-    sixteen = dtype == torch.bfloat16
-    isa = bfloat16_isa() if sixteen else ""
-    tile, panel = (TILE_ROWS_16BIT[isa], PANEL_ROWS_16BIT[isa]) if sixteen else (TILE_ROWS, PANEL_ROWS)
+    sixteen = bool(kernels)   # bfloat16: its micro-kernels' tiles and panels
+    tile, panel = (TILE_ROWS_16BIT[kernels], PANEL_ROWS_16BIT[kernels]) if sixteen else (TILE_ROWS, PANEL_ROWS)
     tile, panel = (max(panel, tile),) * 2 if len(stages) else (tile, max(panel, tile))   # staged: one tile per panel
     native.load("blocksparse_cpu").sweep(sixteen, rows, tile, panel, list(a_ops), list(b_ops),
                                          list(outs), table, list(g_a), list(g_b), grams, list(accs), STREAM_BYTES,
@@ -244,13 +257,14 @@ def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int, dtype:
     :data:`GATHERED` (:func:`~pixelfly_lab.ops.native_tables.gathered_products`; so does dX of a
     transposed plan, in :func:`native_backward`)."""
     rows, dtype = x2.shape[0], dtype or values.dtype
+    kernels = _kernels(dtype)
     gathered = dtype in GATHERED and not plan.transposed
     y = new_output((rows, out_features), values.new_empty(0, dtype=dtype))   # retained when large: no page faults
     a_ops, outs, lead, low_k, z1, low_b = [x2], [y], (), 0, None, None
     if u is not None or bias is not None:
         r = 0 if u is None else u.shape[1]
         low = r + (bias is not None)
-        pad = _k_pad(low, dtype)
+        pad = _k_pad(low, kernels)
         low_k = low + pad
         z1 = x2.new_empty(rows, low_k, dtype=dtype)
         if bias is not None:
@@ -270,7 +284,7 @@ def native_forward(x2, values, bias, u, v, plan: Plan, out_features: int, dtype:
         table, gathers = gathered_products(plan, low_k, lead)
     else:
         table, gathers = product_tables(plan, "scatter" if plan.transposed else "gather", low_k, out_features, lead), None
-    _sweep(dtype, rows, a_ops, b_ops, outs, table, gathers=gathers)
+    _sweep(kernels, rows, a_ops, b_ops, outs, table, gathers=gathers)
     z = None if u is None else (z1 if low_k == u.shape[1] else z1[:, :u.shape[1]].contiguous())
     return y, z
 
@@ -299,12 +313,13 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
     float32 sums)."""
     gy = gy.contiguous()
     dtype = dtype or values.dtype
+    kernels = _kernels(dtype)
     rows, in_features, out_features = x2.shape[0], x2.shape[1], gy.shape[1]
     need_x, need_values, need_bias, need_u, need_v = needs_input_grad
     need_bias = need_bias and has_bias
     grad_x = grad_values = grad_bias = grad_u = grad_v = None
     r = 0 if u is None else u.shape[1]
-    pad = _k_pad(r, dtype)
+    pad = _k_pad(r, kernels)
     gz_full = gy.new_empty(rows, r + pad, dtype=dtype) if u is not None and (need_x or need_v) else None
     if gz_full is not None and pad:
         gz_full[:, r:] = 0
@@ -361,12 +376,15 @@ def native_backward(gy, x2, values, u, v, z, plan: Plan, needs_input_grad, has_b
             pairs.append((len(g_a) - 1, b.shape[1], wide.shape[1]))
         accs.append(torch.empty(pairs[-1][1], pairs[-1][2]))
     grams = gram_table(plan, groups, extra, tuple(pairs), first)
+    if STAGED not in (True, False, "measured"):
+        raise ValueError(f"native_linear.STAGED must be True, False or 'measured', got {STAGED!r}")
     staged = STAGED and need_x and groups and dtype == torch.float32 and not plan.transposed
     stages = _stages(plan, kind, table, grams) if staged else _NO_STAGES
 
-    def run(stages):
-        _sweep(dtype, rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs, stages, gathers)
-    if len(stages) and STAGED == "measured" and not staging_pays(plan, rows, run, stages):
+    def run(stages, rows=rows):   # the sweep writes (never adds into) its outputs: run again, they are right
+        _sweep(kernels, rows, a_ops, b_ops, outs, table, g_a, g_b, grams, accs, stages, gathers)
+    config = (r, tuple(needs_input_grad), has_bias)
+    if len(stages) and STAGED == "measured" and not staging_pays(plan, rows, run, stages, config):
         stages = _NO_STAGES
     run(stages)
     if grads is not None:

@@ -4,7 +4,8 @@ A plan that gathers x (:mod:`pixelfly_lab.ops.torch_plan`) has its dX as a scatt
 blocks' gradients as grams (:mod:`pixelfly_lab.ops.native_linear`): group g's dX products read
 gy[:, rows_g], and so do its grams. Cut into one stage per group, the sweep
 (``csrc/blocksparse_cpu.cpp``) runs on each panel every stage's products and then its grams, so the
-second read of those columns comes from the caches (measured in ``native_linear.STAGED``'s comment).
+second read of those columns comes from the caches (measured in ``native_linear.STAGED``'s comment);
+whether that is faster depends on the machine, so it is measured there once (:func:`staging_pays`).
 Same products and grams in the same table order: on one thread and with the same tiles the results
 are bit for bit those of the usual order (tests/test_native_linear.py; staged, the sweep runs one
 tile per panel, which the usual order does not: dX's products then have more rows per call).
@@ -19,11 +20,14 @@ import torch
 
 from pixelfly_lab.ops.torch_plan import Plan, row_bucket
 
-__all__ = ["NO_STAGES", "backward_stages", "staging_pays"]
+__all__ = ["NO_STAGES", "MEASURE_MIN_ROWS", "MEASURE_MAX_ROWS", "backward_stages", "staging_pays"]
 
 NO_STAGES = torch.empty(0, 4, dtype=torch.long)
 _STAGES: dict[tuple, tuple] = {}
 _PAYS: dict[tuple, bool] = {}
+# staging_pays measures calls of at least MEASURE_MIN_ROWS rows, on at most MEASURE_MAX_ROWS of them
+MEASURE_MIN_ROWS = 64
+MEASURE_MAX_ROWS = 2048
 
 
 def backward_stages(plan: Plan, kind: str, table: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
@@ -82,21 +86,28 @@ def _starts(ids: torch.Tensor, n: int) -> list[int] | None:
     return (torch.searchsorted(span.contiguous(), torch.arange(n + 1)) + rows[0]).tolist()
 
 
-def staging_pays(plan: Plan, rows: int, run: Callable[[torch.Tensor], None], stages: torch.Tensor) -> bool:
+def staging_pays(plan: Plan, rows: int, run: Callable[..., None], stages: torch.Tensor, config: tuple = ()) -> bool:
     """Whether the sweep runs this backward faster with ``stages`` than in the usual order, measured
-    once per (plan, rows bucket (:func:`~pixelfly_lab.ops.torch_plan.row_bucket`), threads) and
-    cached for the life of the process: ``run(stages)`` and ``run(NO_STAGES)`` (the caller's sweep on
-    the call's own operands; both write the same outputs, so the last run leaves them right) three
-    rounds interleaved, the best time of each. Which order pays depends on the CPU's caches: on a Xeon
-    with AMX staging took 5-11% off the float32 backward, on an AMD EPYC (Zen 4) it added 5-12% at
-    budget 0.1 (``native_linear.STAGED``'s comment)."""
-    key = (plan.signature, row_bucket(rows), torch.get_num_threads())
+    once per (plan, ``config`` (what else shapes the tables: rank, gradients needed, bias), rows
+    bucket (:func:`~pixelfly_lab.ops.torch_plan.row_bucket`), threads) and cached for the life of the
+    process: ``run(stages, m)`` and ``run(NO_STAGES, m)`` (the caller's sweep on the first m =
+    min(rows, :data:`MEASURE_MAX_ROWS`) rows of the call's own operands; both write the same
+    outputs, and the caller's own run after this leaves them right), three rounds, the order
+    alternating, the best time of each. Which order pays depends on the CPU's caches: on a Xeon with
+    AMX staging took 5-11% off the float32 backward, on an AMD EPYC (Zen 4) it added 5-12% at budget
+    0.1 (``native_linear.STAGED``'s comment). Below :data:`MEASURE_MIN_ROWS` rows (timings of mostly
+    fixed costs) and under ``torch.use_deterministic_algorithms`` (the two orders differ in rounding
+    where their tiles differ) nothing is measured: staged, as before measuring existed."""
+    if rows < MEASURE_MIN_ROWS or torch.are_deterministic_algorithms_enabled():
+        return True
+    key = (plan.signature, config, row_bucket(rows), torch.get_num_threads())
     if key not in _PAYS:
+        m = min(rows, MEASURE_MAX_ROWS)
         best = {True: float("inf"), False: float("inf")}
-        for _ in range(3):
-            for staged in best:
+        for order in ((True, False), (False, True), (True, False)):
+            for staged in order:
                 tick = time.perf_counter()
-                run(stages if staged else NO_STAGES)
+                run(stages if staged else NO_STAGES, m)
                 best[staged] = min(best[staged], time.perf_counter() - tick)
         _PAYS[key] = best[True] < best[False]
     return _PAYS[key]

@@ -21,9 +21,10 @@
 //
 // Staged (`stages`, one tile per panel): the lists cut into consecutive ranges, and per panel each
 // range's products run and then its grams. The float32 backward of a plan that gathers x passes one
-// stage per group (native_stages.backward_stages): a group's dX products read its columns of gy, and
-// its grams read them again right after, from the caches (measured, 1024 -> 4096 at 4096 rows, one
-// thread: backward 116.1 -> 109.9 ms released, 68.7 -> 61.4 at budget 0.1). Each operand of the
+// stage per group (native_stages.backward_stages) where that measured faster on the machine
+// (native_stages.staging_pays): a group's dX products read its columns of gy, and its grams read
+// them again right after, from the caches (Xeon with AMX, 1024 -> 4096 at 4096 rows, one thread:
+// backward 116.1 -> 109.9 ms released, 68.7 -> 61.4 at budget 0.1; on an AMD EPYC it was slower). Each operand of the
 // grams is transposed on its first use in a panel, after the products of the stages before; a gram
 // reading an output of the products (gz) must sit in or after the stage of its last writer (checked).
 //
@@ -43,8 +44,9 @@
 // output is read from memory before it is written, and none is kept in the caches.
 //
 // bfloat16 (what torch.autocast gives on the CPU): the same lists, with B operands in the VNNI
-// layout (pairs of rows interleaved: (K/2, N, 2), what oneDNN's AMX micro-kernels read;
-// the Python side packs them, every K even, the low-rank ones padded to AMX's K step of 32),
+// layout (pairs of rows interleaved: (K/2, N, 2), what oneDNN's AMX and AVX512-BF16 micro-kernels
+// read; the Python side packs them, every K even, the low-rank ones padded to the kernels' K step:
+// 32 for AMX, 2 for AVX512-BF16, native_linear.K_STEP_16BIT),
 // products accumulated in float32 and rounded to bfloat16 once: per output window where the
 // table has them (find_windows: a gather plan's groups, each slice's products consecutive),
 // else per tile in a float32 copy of the tile's rows (the scatter plans, where several groups add
@@ -665,8 +667,9 @@ bool windowed(at::Tensor products, int64_t width) {
 // but the CPU has AVX512-BF16's pair dot products, which oneDNN's brgemm uses: AMD Zen 4 and later,
 // Xeon Cooper Lake; confirmed once by a small product checked exactly), or "" (none: the sweep's
 // bfloat16 path is off). torch's brgemm takes VNNI bfloat16 wherever oneDNN's ISA is at least
-// avx512_core, but without BF16 instructions its kernels would emulate them.
-bool bfloat16_probe() {
+// avx512_core, but without BF16 instructions its kernels would emulate them. The probe cannot tell: a
+// oneDNN limited by ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 on such a CPU passes it, emulating.
+static bool bfloat16_probe() {
   constexpr int64_t m = 2, n = 16, k = 4;
   at::BFloat16 a[m * k], b[k * n];   // b in VNNI pairs: row pair p, column j -> b[(p * n + j) * 2 + q]
   float c[m * n], expect[m * n];
@@ -690,9 +693,16 @@ bool bfloat16_probe() {
 }
 
 std::string bfloat16_isa() {
+  // oneDNN switched off (torch.backends.mkldnn): torch's brgemm refuses VNNI operands. Not probed then,
+  // so that a probe made while it is off cannot stick.
+  if (!at::globalContext().userEnabledMkldnn()) return "";
   if (at::native::cpublas::could_pack(at::kBFloat16)) return "amx";
-  static const bool dot_products = __builtin_cpu_supports("avx512bf16") && bfloat16_probe();
-  return dot_products && at::globalContext().userEnabledMkldnn() ? "avx512_bf16" : "";
+#if defined(__AVX512BF16__)   // built with -march=native: this CPU has AVX512-BF16
+  static const bool dot_products = bfloat16_probe();
+#else
+  constexpr bool dot_products = false;
+#endif
+  return dot_products ? "avx512_bf16" : "";
 }
 
 
