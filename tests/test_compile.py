@@ -299,3 +299,50 @@ def test_autocast_casts_once_and_runs_one_op():
         want = layer(x)
     assert y.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def _graph_names(tensor: torch.Tensor, depth: int = 4) -> set[str]:
+    """The names of the autograd nodes within ``depth`` steps of ``tensor``'s grad_fn."""
+    names, frontier = set(), [tensor.grad_fn]
+    for _ in range(depth):
+        frontier = [f for f in frontier if f is not None]
+        names |= {type(f).__name__ for f in frontier}
+        frontier = [g for f in frontier for g, _ in f.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_eager_calls_take_the_ops_functions_without_the_op(autocast):
+    """An eager call runs the 'torch' op's own forward and backward without its dispatch
+    (EagerTorchProduct); under a dispatch mode (what FLOP counters, fake tensors and the toolkit's
+    timers use) the op runs. Values and every gradient bit for bit the same (one thread), with
+    bfloat16 autocast too; the eager backward refuses a second derivative, as the op."""
+    torch.manual_seed(0)
+    layer = PixelflyLinear(256, 1024, butterfly_size=8, n_factors=2, rank=4, block_size=32, backend="torch")
+    x = torch.randn(40, 256, requires_grad=True)
+    gy = torch.randn(40, 1024)
+
+    def run():
+        for t in (x, *layer.parameters()):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        y.backward(gy.to(y.dtype))
+        return y.detach(), [t.grad.clone() for t in (x, *layer.parameters())], _graph_names(y)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y_eager, g_eager, eager_names = run()
+        with _OpCounter() as counter:
+            y_op, g_op, op_names = run()
+    finally:
+        torch.set_num_threads(previous)
+    assert "EagerTorchProductBackward" in eager_names and "EagerTorchProductBackward" not in op_names
+    assert "pixelfly_lab.sparse_lowrank_torch" in counter.names
+    assert torch.equal(y_eager, y_op)
+    for a, b in zip(g_eager, g_op):
+        assert torch.equal(a, b)
+    y = layer(x)
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)   # a graph that needs d2: refused
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
