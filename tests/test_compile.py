@@ -316,7 +316,7 @@ def test_eager_calls_take_the_ops_functions_without_the_op(autocast):
     """An eager call runs the 'torch' op's own forward and backward without its dispatch
     (EagerTorchProduct); under a dispatch mode (what FLOP counters, fake tensors and the toolkit's
     timers use) the op runs. Values and every gradient bit for bit the same (one thread), with
-    bfloat16 autocast too; the eager backward refuses a second derivative, as the op."""
+    bfloat16 autocast too; a backward that builds a graph refuses a second derivative, as the op's."""
     torch.manual_seed(0)
     layer = PixelflyLinear(256, 1024, butterfly_size=8, n_factors=2, rank=4, block_size=32, backend="torch")
     x = torch.randn(40, 256, requires_grad=True)
@@ -342,7 +342,26 @@ def test_eager_calls_take_the_ops_functions_without_the_op(autocast):
     assert torch.equal(y_eager, y_op)
     for a, b in zip(g_eager, g_op):
         assert torch.equal(a, b)
-    y = layer(x)
-    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)   # a graph that needs d2: refused
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
+    for loss in (lambda y: (y * y).sum(), lambda y: y.sum()):   # a second derivative: refused, as by the op
+        (g,) = torch.autograd.grad(loss(layer(x)), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="autograd formula"):
+            (g * g).sum().backward()
+
+
+def test_eager_calls_step_aside_for_modes_and_partial_gradients():
+    """Under a function mode (``torch.device`` as a context) the op runs, and gives what the eager
+    path gives; frozen blocks and an x without gradient take the eager path with the gradients
+    that are asked for only."""
+    torch.manual_seed(1)
+    layer = PixelflyLinear(256, 1024, butterfly_size=8, n_factors=2, rank=4, block_size=32, backend="torch")
+    x = torch.randn(24, 256)
+    eager_y = layer(x)
+    assert "EagerTorchProductBackward" in _graph_names(eager_y)
+    with torch.device("meta"):
+        moded = layer(x)
+    assert moded.device.type == "cpu" and "EagerTorchProductBackward" not in _graph_names(moded)
+    torch.testing.assert_close(moded, eager_y, rtol=0, atol=0)
+    layer.sparse.values.requires_grad_(False)
+    layer(x).sum().backward()
+    assert layer.sparse.values.grad is None and x.grad is None
+    assert all(p.grad is not None for p in (layer.bias, layer.lowrank.u, layer.lowrank.v))

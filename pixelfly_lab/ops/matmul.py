@@ -42,7 +42,7 @@ without graph breaks. A custom op cannot take a Python object, so a layout is re
 (:func:`register_layout`, which reads it to the host and validates it) and the ops get its int
 key; layers do that at construction, so their forward and backward never read a tensor back to
 the host. The plans and index tables of a key are cached per device. Eager calls of the 'torch'
-path (nothing tracing, no dispatch mode active: :func:`~pixelfly_lab.ops.matmul_ops.eager`) run the
+path (nothing tracing, no mode active, plain tensors: :func:`~pixelfly_lab.ops.matmul_ops.eager`) run the
 op's own forward and backward through a plain autograd.Function instead, without the op's dispatch
 (:class:`~pixelfly_lab.ops.matmul_ops.EagerTorchProduct`: ~0.15 ms less per forward+backward).
 The Triton path is an opaque custom op rather than ``torch.library.triton_op``: its launchers
@@ -328,7 +328,7 @@ def _dispatch(chosen: str, backend: str, entry: RegisteredLayout, x, values, lay
         if x.dtype not in DTYPES:
             raise TypeError(f"backend='triton' supports dtypes {DTYPES}, got {x.dtype}")
     x2 = x.reshape(-1, x.shape[-1])
-    if chosen == "torch" and eager(x2):   # the op's functions without its dispatch (eager calls only)
+    if chosen == "torch" and eager(x2, values, bias, u, v):   # the op's functions without its dispatch
         y, _ = EagerTorchProduct.apply(x2, values, bias, u, v, entry.key, dtype)
     else:
         extra = (dtype,) if chosen == "torch" and dtype is not None else ()

@@ -14,7 +14,6 @@ tests/test_triton.py).
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from pixelfly_lab.ops import torch_kernels
 from pixelfly_lab.ops.native_linear import native_takes
@@ -138,6 +137,7 @@ torch.library.register_autograd("pixelfly_lab::sparse_lowrank_torch", _backward_
 
 
 _eager_backward = _backward_with(_torch_backward)
+_op_backward = _backward_with(_torch_backward_op)
 
 
 class EagerTorchProduct(torch.autograd.Function):
@@ -145,8 +145,10 @@ class EagerTorchProduct(torch.autograd.Function):
     for eager calls: :func:`eager` says when. The op's dispatch through ``torch.library`` (its
     autograd wrapper, redispatch, the compile-disable wrapper, then the backward op's) costs about
     0.15 ms per forward+backward, 1.5% of a 512-row call of the 1024 -> 4096 layer at budget 0.1 on
-    two threads (an AMD EPYC: 10.37 against 10.05 ms, medians of 80). Once differentiable, as the op.
-    ``apply(x2, values, bias, u, v, layout_key, dtype)`` returns (y, z) as the op does."""
+    two threads (an AMD EPYC: 10.37 against 10.05 ms, medians of 80). A backward that builds a
+    graph (``create_graph``) runs the op's backward op, which refuses a second derivative as the op
+    does. ``apply(x2, values, bias, u, v, layout_key, dtype)`` returns (y, z) as the op does;
+    profilers show this class's name instead of the op's."""
 
     @staticmethod
     def forward(ctx, x2, values, bias, u, v, layout_key, dtype):
@@ -156,17 +158,21 @@ class EagerTorchProduct(torch.autograd.Function):
         return y, z
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy, grad_z):
-        return _eager_backward(ctx, gy, grad_z)
+        return (_op_backward if torch.is_grad_enabled() else _eager_backward)(ctx, gy, grad_z)
 
 
-def eager(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` may take :class:`EagerTorchProduct` instead of the op: not while
-    torch.compile traces, not under a dispatch mode (FLOP counters, fake tensors, the toolkit's own
-    timers: they see the op), not on the meta device."""
-    return (x.device.type != "meta" and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0)
+def eager(*operands) -> bool:
+    """Whether a call on these operands may take :class:`EagerTorchProduct` instead of the op: plain
+    tensors (no subclass, the first not on the meta device), and nothing that must see the op:
+    torch.compile or torch.jit tracing, a dispatch mode (FLOP counters, fake tensors, the toolkit's
+    timers), a function mode (``torch.device`` as a context, ``set_default_device``), torch.func
+    transforms."""
+    return (all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in operands)
+            and operands[0].device.type != "meta" and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
+            and torch._ops._len_torch_dispatch_stack_pre_dispatch() == 0
+            and torch._C._len_torch_function_stack() == 0 and not torch._C._are_functorch_transforms_active())
 
 
 @torch.library.custom_op("pixelfly_lab::sparse_lowrank_triton", mutates_args=())
