@@ -44,7 +44,7 @@ key; layers do that at construction, so their forward and backward never read a 
 the host. The plans and index tables of a key are cached per device. Eager calls of the 'torch'
 path (nothing tracing, no mode active, plain tensors: :func:`~pixelfly_lab.ops.matmul_ops.eager`) run the
 op's own forward and backward through a plain autograd.Function instead, without the op's dispatch
-(:class:`~pixelfly_lab.ops.matmul_ops.EagerTorchProduct`: ~0.15 ms less per forward+backward).
+(:class:`~pixelfly_lab.ops.matmul_ops.EagerTorchProduct`: 0.15-0.3 ms less per forward+backward).
 The Triton path is an opaque custom op rather than ``torch.library.triton_op``: its launchers
 autotune with a config pruner and look their index tables up by key, which triton_op's tracing
 (fake tensors, restricted autotuner support in torch 2.4-2.6) does not cover.

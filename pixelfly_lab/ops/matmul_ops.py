@@ -143,9 +143,10 @@ _op_backward = _backward_with(_torch_backward_op)
 class EagerTorchProduct(torch.autograd.Function):
     """The 'torch' op's forward and backward (the same functions) without the custom-op machinery,
     for eager calls: :func:`eager` says when. The op's dispatch through ``torch.library`` (its
-    autograd wrapper, redispatch, the compile-disable wrapper, then the backward op's) costs about
-    0.15 ms per forward+backward, 1.5% of a 512-row call of the 1024 -> 4096 layer at budget 0.1 on
-    two threads (an AMD EPYC: 10.37 against 10.05 ms, medians of 80). A backward that builds a
+    autograd wrapper, redispatch, the compile-disable wrapper, then the backward op's) cost 0.15-0.3 ms
+    per forward+backward of the 1024 -> 4096 layer at budget 0.1 on two threads (an AMD EPYC, op
+    against this class: 1.309 / 1.155 ms at 8 rows, medians of 400; 10.37 / 10.05 at 512 rows,
+    medians of 80: 3% of that call). A backward that builds a
     graph (``create_graph``) runs the op's backward op, which refuses a second derivative as the op
     does. ``apply(x2, values, bias, u, v, layout_key, dtype)`` returns (y, z) as the op does;
     profilers show this class's name instead of the op's."""
