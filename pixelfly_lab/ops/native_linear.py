@@ -111,7 +111,7 @@ STREAM_BYTES = 32 * 2 ** 20
 # table) measured -1% to +4%: not staged. On an AMD EPYC (Zen 4), interleaved in one process, one thread,
 # layer fwd+bwd, medians of 7 (4096 rows) and 31-41 (512), staged against the usual order: released 247.8 /
 # 251.0 ms (4096 rows), 36.8 / 37.0 (512); budget 0.1 131.0 / 124.2, 21.7 / 19.2; two threads at 512 rows
-# 18.6 / 18.7, 11.4 / 10.5. So the order is measured on each machine ('measured': once per plan, rows
+# 18.6 / 18.7, 11.4 / 10.5. So the order is measured on each machine ('measured': once per plan, config, rows
 # bucket and threads, :func:`~pixelfly_lab.ops.native_stages.staging_pays`); True stages always, False never.
 STAGED = "measured"
 # The dtypes whose gather tables (the forward of a plan that gathers x, dX of a transposed plan) copy
