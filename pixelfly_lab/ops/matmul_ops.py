@@ -146,9 +146,8 @@ class EagerTorchProduct(torch.autograd.Function):
     autograd wrapper, redispatch, the compile-disable wrapper, then the backward op's) cost 0.15-0.3 ms
     per forward+backward of the 1024 -> 4096 layer at budget 0.1 on two threads (an AMD EPYC, op
     against this class: 1.309 / 1.155 ms at 8 rows, medians of 400; 10.37 / 10.05 at 512 rows,
-    medians of 80: 3% of that call). A backward that builds a
-    graph (``create_graph``) runs the op's backward op, which refuses a second derivative as the op
-    does. ``apply(x2, values, bias, u, v, layout_key, dtype)`` returns (y, z) as the op does;
+    medians of 80: 3% of that call). A backward that builds a graph (``create_graph``) runs the op's
+    backward op, which refuses a second derivative as the op does. ``apply(x2, values, bias, u, v, layout_key, dtype)`` returns (y, z) as the op does;
     profilers show this class's name instead of the op's."""
 
     @staticmethod

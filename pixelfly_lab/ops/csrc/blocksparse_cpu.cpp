@@ -24,9 +24,10 @@
 // stage per group (native_stages.backward_stages) where that measured faster on the machine
 // (native_stages.staging_pays): a group's dX products read its columns of gy, and its grams read
 // them again right after, from the caches (Xeon with AMX, 1024 -> 4096 at 4096 rows, one thread:
-// backward 116.1 -> 109.9 ms released, 68.7 -> 61.4 at budget 0.1; on an AMD EPYC it was slower). Each operand of the
-// grams is transposed on its first use in a panel, after the products of the stages before; a gram
-// reading an output of the products (gz) must sit in or after the stage of its last writer (checked).
+// backward 116.1 -> 109.9 ms released, 68.7 -> 61.4 at budget 0.1; on an AMD EPYC it was slower).
+// Each operand of the grams is transposed on its first use in a panel, after the products of the
+// stages before; a gram reading an output of the products (gz) must sit in or after the stage of its
+// last writer (checked).
 //
 // Gathered A (`gathers`, bfloat16 gather tables: the forward of a plan that gathers x, dX of a transposed
 // plan): per tile, right before a product with A id -1, the listed column ranges of A operands (a
@@ -669,6 +670,7 @@ bool windowed(at::Tensor products, int64_t width) {
 // bfloat16 path is off). torch's brgemm takes VNNI bfloat16 wherever oneDNN's ISA is at least
 // avx512_core, but without BF16 instructions its kernels would emulate them. The probe cannot tell: a
 // oneDNN limited by ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 on such a CPU passes it, emulating.
+#if defined(__AVX512BF16__)   // built with -march=native: this CPU has AVX512-BF16
 static bool bfloat16_probe() {
   constexpr int64_t m = 2, n = 16, k = 4;
   at::BFloat16 a[m * k], b[k * n];   // b in VNNI pairs: row pair p, column j -> b[(p * n + j) * 2 + q]
@@ -691,13 +693,14 @@ static bool bfloat16_probe() {
   }
   return std::equal(c, c + m * n, expect);
 }
+#endif
 
 std::string bfloat16_isa() {
   // oneDNN switched off (torch.backends.mkldnn): torch's brgemm refuses VNNI operands. Not probed then,
   // so that a probe made while it is off cannot stick.
   if (!at::globalContext().userEnabledMkldnn()) return "";
   if (at::native::cpublas::could_pack(at::kBFloat16)) return "amx";
-#if defined(__AVX512BF16__)   // built with -march=native: this CPU has AVX512-BF16
+#if defined(__AVX512BF16__)
   static const bool dot_products = bfloat16_probe();
 #else
   constexpr bool dot_products = false;
